@@ -1,0 +1,45 @@
+"""attnsurgeon: insert attention blocks into any torchvision/timm model and measure what they cost.
+
+The public API (imported lazily, so that ``import attnsurgeon`` and the CLI's ``--help`` do not
+import torch):
+
+* :func:`insert` / :func:`apply_plan` — rewrite a model (``attnsurgeon.surgery``);
+* :func:`inspect_model` — its stages, blocks and insertion positions (``attnsurgeon.anatomy``);
+* :func:`load_model` — build a model by name and load weights (``attnsurgeon.models``);
+* :class:`InsertionSpec`, :class:`AttnSurgeonError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import AttnSurgeonError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "insert": ("surgery", "insert"),
+    "apply_plan": ("surgery", "apply_plan"),
+    "InsertionSpec": ("surgery", "InsertionSpec"),
+    "SurgeryReport": ("surgery", "SurgeryReport"),
+    "inspect_model": ("api", "inspect_model"),
+    "load_model": ("models", "load_model"),
+    "list_models": ("models", "list_models"),
+}
+
+__all__ = ["AttnSurgeonError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'attnsurgeon' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

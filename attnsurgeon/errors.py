@@ -1,0 +1,29 @@
+"""The one exception type users see.
+
+Anything the user can fix (a wrong name, a bad file, an option out of range) is raised as
+:class:`AttnSurgeonError` with a message that says what was wrong and what to do. The CLI prints
+that message alone; any other exception is a bug and is reported as one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class AttnSurgeonError(Exception):
+    """A problem with the user's input or environment, explained in the message."""
+
+
+def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
+    """The ``n`` choices closest to ``word`` (case-insensitive), best first."""
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    hits = difflib.get_close_matches(word.lower(), list(lowered), n=n, cutoff=0.6)
+    return [lowered[h] for h in hits]
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` Did you mean: a, b?`` or an empty string."""
+    hits = closest(word, choices)
+    return f" Did you mean: {', '.join(hits)}?" if hits else ""

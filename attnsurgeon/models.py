@@ -1,0 +1,412 @@
+"""Resolve a model name, build the model, load its weights.
+
+Names, in the order they are tried:
+
+* ``tv:NAME`` / ``timm:NAME`` force the library;
+* ``path/to/file.py:factory`` and ``package.module:factory`` call a user's factory;
+* a bare ``NAME`` is looked up in ``torchvision.models.list_models()`` first, then
+  ``timm.list_models()`` (a name present in both resolves to torchvision).
+
+Weights come from the library (``pretrained=True``) or from a file (``weights=PATH``): a
+``.safetensors`` file, or a ``.pt``/``.pth``/``.bin`` state dict read with
+``torch.load(weights_only=True)`` so that a pickle holding anything but tensors is refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import AttnSurgeonError, did_you_mean
+
+SOURCES = ("torchvision", "timm", "file", "module", "object")
+_PREFIXES = {"tv": "torchvision", "torchvision": "torchvision", "timm": "timm"}
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class LoadedModel:
+    """A built model and what was used to build it."""
+
+    model: Any  # torch.nn.Module
+    name: str  # the name without a source prefix (``resnet50``, ``my.py:build``)
+    source: str  # one of SOURCES
+    input_size: tuple[int, int, int]  # (C, H, W) the model expects by default
+    weights: str | None = None  # "pretrained", a file path, or None (random init)
+
+    @property
+    def spec(self) -> str:
+        """A name that resolves to the same model again (``tv:resnet50``)."""
+        if self.source == "torchvision":
+            return f"tv:{self.name}"
+        if self.source == "timm":
+            return f"timm:{self.name}"
+        return self.name
+
+
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models())
+
+
+def timm_names() -> list[str]:
+    import timm
+
+    return list(timm.list_models())
+
+
+def list_models(pattern: str | None = None) -> list[tuple[str, str]]:
+    """``(name, source)`` for every model matching ``pattern`` (a glob, or a substring)."""
+    rows = [(n, "torchvision") for n in torchvision_names()]
+    rows += [(n, "timm") for n in timm_names()]
+    if pattern:
+        pat = pattern.lower()
+        if not any(ch in pat for ch in "*?["):
+            pat = f"*{pat}*"
+        rows = [r for r in rows if fnmatch.fnmatchcase(r[0].lower(), pat)]
+    return sorted(rows, key=lambda r: (r[0], r[1]))
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """Split a model spec into ``(source, name)`` without importing any library.
+
+    ``source`` is ``torchvision``, ``timm``, ``file``, ``module`` or ``auto`` (a bare name).
+    """
+    spec = spec.strip()
+    if not spec:
+        raise AttnSurgeonError("the model name is empty")
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix.lower() in _PREFIXES:
+        if not rest:
+            raise AttnSurgeonError(f"'{spec}' names no model after '{prefix}:'")
+        return _PREFIXES[prefix.lower()], rest
+    if sep:
+        # ``path/file.py:factory`` or ``pkg.mod:factory``; a Windows drive letter never reaches here
+        path, _, factory = spec.rpartition(":")
+        if not factory.isidentifier():
+            raise AttnSurgeonError(f"'{spec}': expected FILE.py:FACTORY or package.module:FACTORY")
+        if path.endswith(".py") or os.sep in path or "/" in path:
+            return "file", spec
+        return "module", spec
+    return "auto", spec
+
+
+def resolve_source(spec: str) -> tuple[str, str]:
+    """``(source, name)`` with a bare name looked up; an unknown name is an error with suggestions."""
+    source, name = parse_model_spec(spec)
+    if source == "auto":
+        if name in set(torchvision_names()):
+            return "torchvision", name
+        if name in set(timm_names()):
+            return "timm", name
+        raise AttnSurgeonError(
+            f"unknown model '{name}' (not in torchvision or timm)."
+            + did_you_mean(name, torchvision_names() + timm_names())
+            + " `attnsurgeon list models PATTERN` lists the names."
+        )
+    if source == "torchvision" and name not in set(torchvision_names()):
+        raise AttnSurgeonError(f"unknown torchvision model '{name}'." + did_you_mean(name, torchvision_names()))
+    if source == "timm" and name not in set(timm_names()):
+        raise AttnSurgeonError(f"unknown timm model '{name}'." + did_you_mean(name, timm_names()))
+    return source, name
+
+
+def load_model(
+    spec: str,
+    *,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    **model_kwargs: Any,
+) -> LoadedModel:
+    """Build the model named by ``spec`` and load its weights.
+
+    Args:
+        spec: a model name (see the module docstring).
+        pretrained: load the library's published weights (network or local cache).
+        weights: a ``.safetensors`` / ``.pt`` / ``.pth`` state dict loaded into the model.
+        **model_kwargs: passed to the library's constructor (``num_classes=10``).
+
+    Example:
+        >>> loaded = load_model("tv:resnet18", num_classes=10)
+        >>> loaded.source, loaded.input_size
+        ('torchvision', (3, 224, 224))
+    """
+    if pretrained and weights is not None:
+        raise AttnSurgeonError("give either --pretrained or --weights, not both")
+    if weights is not None:
+        _check_weights_path(weights)  # before building: a typo should not cost a model build
+    source, name = resolve_source(spec)
+    if source == "torchvision":
+        model = _build_torchvision(name, pretrained, model_kwargs)
+        input_size = _torchvision_input_size(name)
+    elif source == "timm":
+        model = _build_timm(name, pretrained, model_kwargs)
+        input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+    else:
+        if pretrained:
+            raise AttnSurgeonError(f"--pretrained needs a torchvision or timm model; load '{name}' weights with --weights FILE")
+        model = _build_user(source, name, model_kwargs)
+        input_size = tuple(getattr(model, "default_input_size", (3, 224, 224)))
+    loaded = LoadedModel(model, name, source, input_size, "pretrained" if pretrained else None)
+    if weights is not None:
+        load_weights(model, weights)
+        loaded.weights = str(weights)
+    return loaded
+
+
+def as_loaded(model_or_spec: Any, **load_kwargs: Any) -> LoadedModel:
+    """Accept a spec string, a :class:`LoadedModel` or an ``nn.Module``; return a LoadedModel."""
+    if isinstance(model_or_spec, LoadedModel):
+        return model_or_spec
+    if isinstance(model_or_spec, (str, os.PathLike)):
+        return load_model(str(model_or_spec), **load_kwargs)
+    import torch
+
+    if isinstance(model_or_spec, torch.nn.Module):
+        if load_kwargs.get("pretrained"):
+            raise AttnSurgeonError("pretrained=True needs a model name, not a module")
+        if load_kwargs.get("weights") is not None:
+            load_weights(model_or_spec, load_kwargs["weights"])
+        cfg = getattr(model_or_spec, "pretrained_cfg", None) or {}
+        size = tuple(cfg.get("input_size", getattr(model_or_spec, "default_input_size", (3, 224, 224))))
+        return LoadedModel(model_or_spec, type(model_or_spec).__name__, "object", size)
+    raise AttnSurgeonError(f"expected a model name or an nn.Module, got {type(model_or_spec).__name__}")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _build_torchvision(name: str, pretrained: bool, kwargs: Mapping[str, Any]):
+    import torch
+    import torchvision
+
+    if not pretrained:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except Exception as exc:
+        raise AttnSurgeonError(f"torchvision publishes no weights for '{name}'; pass --weights FILE") from exc
+    url = enum.DEFAULT.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    tried = f"the local cache ({cached}) and {url}"
+    if not cached.is_file():
+        _require_network(url, tried)
+    try:
+        return torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
+    except Exception as exc:  # a broken download, a corrupt cache entry
+        raise AttnSurgeonError(
+            f"could not get torchvision's pretrained weights for '{name}' (tried {tried}): {_one_line(exc)}. "
+            "Download them where the network is reachable and pass --weights FILE."
+        ) from exc
+
+
+def _build_timm(name: str, pretrained: bool, kwargs: Mapping[str, Any]):
+    import timm
+
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise AttnSurgeonError(f"timm publishes no weights for '{name}'; pass --weights FILE")
+    overlay = {}
+    cached = _hf_cached_file(cfg.hf_hub_id, cfg.hf_hub_filename) if cfg.hf_hub_id else None
+    where = f"huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
+    tried = f"the local Hugging Face cache and {where}"
+    if cached:
+        overlay = {"file": cached}  # no network round trip (and no retry loop) when the file is here
+    else:
+        _require_network(f"https://{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').split('://')[-1]}"
+                         if cfg.hf_hub_id else cfg.url, tried)
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
+    except Exception as exc:
+        raise AttnSurgeonError(
+            f"could not get timm's pretrained weights for '{name}' (tried {tried}): {_one_line(exc)}. "
+            "Download them where the network is reachable and pass --weights FILE."
+        ) from exc
+
+
+def _hf_cached_file(repo_id: str, filename: str | None) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for fn in [filename] if filename else ["model.safetensors", "pytorch_model.bin"]:
+        path = try_to_load_from_cache(repo_id, fn)
+        if isinstance(path, str) and os.path.isfile(path):
+            return path
+    return None
+
+
+def _require_network(url: str, tried: str) -> None:
+    """Fail at once, not after minutes of retries, when the weights' host cannot be reached."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        raise AttnSurgeonError(
+            f"pretrained weights are not in the local cache and {host} cannot be reached ({exc}); tried {tried}. "
+            "Download them where the network is reachable and pass --weights FILE."
+        ) from exc
+
+
+def _build_user(source: str, spec: str, kwargs: Mapping[str, Any]):
+    import torch
+
+    target, _, factory_name = spec.rpartition(":")
+    if source == "file":
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise AttnSurgeonError(f"model file '{target}' does not exist")
+        mod_name = f"_attnsurgeon_user_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise AttnSurgeonError(f"cannot import '{target}' as Python")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module  # dataclasses and pickling look the module up by name
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(mod_name, None)
+            raise AttnSurgeonError(f"importing '{target}' failed: {_one_line(exc)}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise AttnSurgeonError(f"cannot import module '{target}': {_one_line(exc)}") from exc
+    factory = getattr(module, factory_name, None)
+    if factory is None or not callable(factory):
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise AttnSurgeonError(f"'{target}' has no callable '{factory_name}'." + did_you_mean(factory_name, names))
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise AttnSurgeonError(f"'{spec}' raised while building the model: {_one_line(exc)}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise AttnSurgeonError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _torchvision_input_size(name: str) -> tuple[int, int, int]:
+    """The crop size of the model's default weights' transforms; 224 where there is none."""
+    try:
+        import torchvision
+
+        transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        crop = transforms.crop_size
+        h = w = int(crop[0]) if isinstance(crop, (list, tuple)) else int(crop)
+        if isinstance(crop, (list, tuple)) and len(crop) == 2:
+            h, w = int(crop[0]), int(crop[1])
+        return (3, h, w)
+    except Exception:  # models without weights, or transforms without a crop size
+        return (3, 224, 224)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _check_weights_path(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise AttnSurgeonError(f"weights file '{path}' does not exist")
+    if p.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise AttnSurgeonError(
+            f"weights file '{path}': unknown extension '{p.suffix}' (expected {', '.join(WEIGHT_SUFFIXES)})"
+        )
+    return p
+
+
+def read_state_dict(path: str | os.PathLike) -> dict:
+    """Read a state dict safely: safetensors, or ``torch.load(weights_only=True)``."""
+    import torch
+
+    p = _check_weights_path(path)
+    if p.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(p)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AttnSurgeonError(f"'{path}' is not a readable safetensors file: {_one_line(exc)}") from exc
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        # torch names the offending global; junk bytes fail with "Unsupported operand" instead
+        if "Unsupported global" in text or "was not an allowed global" in text:
+            import re
+
+            culprit = re.search(r"GLOBAL ([\w.]+)", text)
+            raise AttnSurgeonError(
+                f"refused to load '{path}': it holds Python objects other than tensors"
+                + (f" ({culprit.group(1)})" if culprit else "")
+                + ", and unpickling them could run code. Save a plain state dict "
+                "(torch.save(model.state_dict(), f)) or use .safetensors."
+            ) from exc
+        raise AttnSurgeonError(f"'{path}' is not a readable PyTorch weights file: {_one_line(exc)}") from exc
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj: Any, path: Any) -> dict:
+    import torch
+
+    # Checkpoints from training scripts nest the weights one level down.
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise AttnSurgeonError(f"'{path}' does not hold a state dict (a mapping of names to tensors)")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(model: Any, path: str | os.PathLike) -> None:
+    """Load a weights file into ``model`` strictly; mismatches are an error that lists them."""
+    state = read_state_dict(path)
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_dict(model: Any, state: Mapping[str, Any], what: str) -> None:
+    """Raise, listing them, if ``state`` has missing, unexpected or wrongly shaped tensors."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_few(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatches ({len(wrong)}): {_few(wrong)}")
+    if problems:
+        raise AttnSurgeonError(f"weights in {what} do not fit the model: " + "; ".join(problems))
+
+
+def _few(items: list[str], n: int = 8) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", … and {len(items) - n} more" if len(items) > n else "")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

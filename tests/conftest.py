@@ -1,0 +1,48 @@
+import os
+import sys
+
+import pytest
+
+# Nothing in the suite may reach a network: make any accidental hub access fail fast and locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), ".torch_home_unused"))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SMALL = (3, 64, 64)  # input size for tests where the resolution does not matter
+
+
+@pytest.fixture
+def x_small():
+    torch.manual_seed(0)
+    return torch.randn(2, *SMALL)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process; returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from attnsurgeon import cli as cli_mod
+
+    def run(*args):
+        runner = CliRunner()
+        cli_mod._state["debug"] = False
+        result = runner.invoke(cli_mod.app, [str(a) for a in args])
+        return result.exit_code, result.stdout, result.stderr
+
+    return run
+
+
+sys.dont_write_bytecode = True
