@@ -1,0 +1,928 @@
+"""Trace a model with torch.fx and find where attention blocks can go.
+
+The graph is traced once (:func:`trace`), shapes are propagated on the meta device (no real
+compute; a real batch-1 pass only where an op has no meta kernel), and :func:`find_blocks` reads
+the graph:
+
+* a **residual block** is a residual merge: an add whose two inputs fork from one node, one of
+  them through a branch with more weighted ops (convs, linears) than the other. The other is the
+  skip: the fork itself (identity) or a short projection. The block is named after the module
+  whose ``forward`` does the add (``layer3.0``), as in ``named_modules()``;
+* modules of the same class as a residual block's that have no merge of their own (the first
+  inverted residual of a MobileNet stage) are **plain blocks**;
+* in a model with no residual merge at all (VGG, DenseNet), a **unit** is a convolution followed
+  by an optional norm and an activation, named after its conv.
+
+Blocks are grouped into stages by the model's own containers (``layer1``..``layer4``,
+``stages.N``), or, where it has none, by runs of equal output resolution; stages are numbered from 1
+in forward order. Each block offers :data:`POSITIONS` as :class:`Site` objects: a producer node and
+the consumer nodes that should see the attention block's output instead.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import heapq
+import inspect as _inspect
+import operator
+import re
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Node
+
+from .errors import AttnSurgeonError
+
+from .positions import POSITION_HELP, POSITIONS  # noqa: E402  (torch-free, for the CLI)
+
+# --------------------------------------------------------------------------- op tables
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+_ACT_FUNCTIONS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu,
+    F.elu, F.mish, F.selu, F.celu, F.hardtanh, torch.tanh, F.softplus,
+}
+_NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}
+_PASS_FUNCTIONS = {F.dropout, F.dropout2d, F.alpha_dropout}
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "gelu"}
+_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+_PASS_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd)
+_CONV_MODULES = (nn.modules.conv._ConvNd,)
+_WEIGHTED_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
+_WEIGHTED_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.matmul, torch.bmm, F.scaled_dot_product_attention}
+_CHANNEL_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                          nn.modules.instancenorm._InstanceNorm)
+_CHANNEL_LAST_MODULES = (nn.Linear, nn.LayerNorm)
+
+# Attention a model already has, found by class name (SE in MobileNetV3/EfficientNet/RegNetY, ...).
+_ATTENTION_CLASS = re.compile(
+    r"SqueezeExcit|SEModule|SELayer|^SE$|Eca|Cbam|GatherExcite|GlobalContext|SelectiveKernel|SplitAttn"
+    r"|CoordAttn|NonLocal|Attention$|^Attention|MultiheadAttention|WindowAttention|Attn$"
+)
+
+
+def _is_activation_module(m: nn.Module) -> bool:
+    mod = type(m).__module__
+    if isinstance(m, (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax)):
+        return False
+    return mod.startswith("torch.nn.modules.activation") or mod.startswith("timm.layers.activations")
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx tracer with timm's leaf modules and autowrapped functions, plus training-aware leaves.
+
+    A parameter-free module whose ``forward`` reads ``self.training`` (DropPath, StochasticDepth,
+    DropBlock, timm's BatchNormAct2d) is kept whole, so the traced graph still honours
+    ``model.train()``; tracing through it would bake in the mode it was traced in.
+    """
+
+    def __init__(self, leaf_types: tuple[type, ...], autowrap_functions: tuple):
+        super().__init__(autowrap_functions=autowrap_functions)
+        self.leaf_types = leaf_types
+        self.scope_stack: list[tuple[str, str]] = []
+        self.failed_in: tuple[str, str] | None = None  # the innermost module being traced when it broke
+        self._training_leaf: dict[type, bool] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, self.leaf_types):
+            return True
+        if isinstance(m, nn.Sequential) or isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            return False
+        if super().is_leaf_module(m, qualname):
+            return True
+        return self._reads_training(m)
+
+    def _reads_training(self, m: nn.Module) -> bool:
+        cls = type(m)
+        if cls not in self._training_leaf:
+            try:
+                src = _inspect.getsource(cls.forward)
+            except (OSError, TypeError):
+                src = ""
+            self._training_leaf[cls] = "self.training" in src
+        if not self._training_leaf[cls]:
+            return False
+        return not any(True for c in m.children() for _ in c.parameters())
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        self.scope_stack.append((qualname, type(m).__name__))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.scope_stack[-1]
+            raise
+        finally:
+            self.scope_stack.pop()
+
+
+def _leaf_types() -> tuple[type, ...]:
+    from timm.layers._fx import get_notrace_modules
+
+    from .blocks import block_classes
+
+    return tuple(set(get_notrace_modules()) | set(block_classes()))
+
+
+def _autowrap_functions() -> tuple:
+    from timm.layers._fx import get_notrace_functions
+
+    return tuple(f for f in get_notrace_functions() if callable(f))
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """Trace ``model`` (in eval mode) into a GraphModule that keeps every parameter and buffer name.
+
+    Raises AttnSurgeonError naming the module and the source line where tracing stopped.
+    """
+    if isinstance(model, torch.fx.GraphModule):
+        return _copy_graph_module(model)
+    was_training = model.training
+    model.eval()
+    tracer = _Tracer(_leaf_types(), _autowrap_functions())
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        raise AttnSurgeonError(_trace_failure(model, tracer, exc)) from exc
+    finally:
+        model.train(was_training)
+    gm = torch.fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    _restore_unused_state(model, gm)
+    for attr in ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size"):
+        if hasattr(model, attr) and not hasattr(gm, attr):
+            setattr(gm, attr, getattr(model, attr))
+    gm.train(was_training)
+    return gm
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A rewritten model is not traced again (its flat forward has lost the module scopes that
+    name blocks): its graph is copied with each node's metadata, sharing the modules."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    for n in graph.nodes:
+        n.meta.pop("as_unit", None)  # links to the old graph's nodes
+    copy = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    _restore_unused_state(gm, copy)
+    for attr in ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size", "attnsurgeon_report"):
+        if hasattr(gm, attr):
+            setattr(copy, attr, getattr(gm, attr))
+    copy.train(gm.training)
+    return copy
+
+
+def _trace_failure(model: nn.Module, tracer: _Tracer, exc: Exception) -> str:
+    where = ""
+    if tracer.failed_in:
+        qual, cls = tracer.failed_in
+        where = f" in module '{qual or '(root)'}' ({cls})"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    line = ""
+    if frames:
+        f = frames[-1]
+        line = f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno}" + (f" `{f.line.strip()}`" if f.line else "")
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot trace {type(model).__name__} with torch.fx: tracing stopped{where}{line}: {msg}. "
+        "Data-dependent control flow cannot be traced; wrap that code in a module and register "
+        "it with timm.layers.register_notrace_module, or make the model traceable."
+    )
+
+
+def _restore_unused_state(model: nn.Module, gm: torch.fx.GraphModule) -> None:
+    """GraphModule only copies what forward uses; keep every original name (unused heads, too)."""
+    have = set(gm.state_dict(keep_vars=True))
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in have:
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        target = gm
+        for part in owner_path.split(".") if owner_path else []:
+            if not hasattr(target, part):
+                target.add_module(part, nn.Module())
+            target = getattr(target, part)
+        if isinstance(getattr(owner, leaf), nn.Parameter):
+            target.register_parameter(leaf, getattr(owner, leaf))
+        else:
+            persistent = leaf not in getattr(owner, "_non_persistent_buffers_set", set())
+            target.register_buffer(leaf, getattr(owner, leaf), persistent=persistent)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+class _MetaProp(torch.fx.Interpreter):
+    """Run the graph on meta tensors: module parameters are swapped for meta stand-ins."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self._meta: dict[int, torch.Tensor] = {}
+
+    def _m(self, t: torch.Tensor) -> torch.Tensor:
+        key = id(t)
+        if key not in self._meta:
+            self._meta[key] = torch.empty_like(t, device="meta")
+        return self._meta[key]
+
+    def call_module(self, target, args, kwargs):
+        from torch.func import functional_call
+
+        mod = self.fetch_attr(target)
+        state = {n: self._m(p) for n, p in mod.named_parameters()}
+        state.update({n: self._m(b) for n, b in mod.named_buffers()})
+        return functional_call(mod, state, args, kwargs)
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return self._m(value) if isinstance(value, torch.Tensor) else value
+
+    def run_node(self, n: Node):
+        result = super().run_node(n)
+        _record_shape(n, result)
+        return result
+
+
+class _RealProp(torch.fx.Interpreter):
+    def run_node(self, n: Node):
+        result = super().run_node(n)
+        _record_shape(n, result)
+        return result
+
+
+def _record_shape(n: Node, result: Any) -> None:
+    n.meta["as_shape"] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, input_size: tuple[int, ...], batch: int = 1) -> str:
+    """Record each node's output shape in ``node.meta['as_shape']``; returns 'meta' or 'real'."""
+    shape = (batch, *input_size)
+    was_training = gm.training
+    gm.eval()
+    try:
+        try:
+            with torch.no_grad():
+                _MetaProp(gm).run(torch.empty(shape, device="meta"))
+            return "meta"
+        except Exception:
+            pass  # an op without a meta kernel: pay for one real pass
+        dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        try:
+            with torch.no_grad():
+                _RealProp(gm).run(torch.randn(shape, dtype=dtype, device=device))
+        except Exception as exc:
+            raise AttnSurgeonError(
+                f"the model does not run on an input of shape {tuple(shape)}: {str(exc).strip().splitlines()[0]}"
+                " (set --input-size to what the model expects)"
+            ) from exc
+        return "real"
+    finally:
+        gm.train(was_training)
+
+
+def _shape(n: Any) -> tuple[int, ...] | None:
+    return n.meta.get("as_shape") if isinstance(n, Node) else None
+
+
+# --------------------------------------------------------------------------- channel axis
+
+
+def _module(gm: torch.fx.GraphModule, n: Node) -> nn.Module | None:
+    if n.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(n.target)
+    except AttributeError:
+        return None
+
+
+def propagate_channel_axis(gm: torch.fx.GraphModule) -> None:
+    """Record in ``node.meta['as_caxis']`` which axis holds channels (None where unknown).
+
+    Convolutions and batch norms put channels at axis 1, linears and layer norms at the last
+    axis; permutes and transposes move the axis; other ops inherit it from their first tensor
+    input whose size along the axis they keep.
+    """
+    for n in gm.graph.nodes:
+        out = _shape(n)
+        axis: int | None = None
+        if out is not None and len(out) >= 2:
+            m = _module(gm, n)
+            if n.op == "placeholder":
+                axis = 1 if len(out) >= 3 else None
+            elif m is not None and isinstance(m, _CHANNEL_FIRST_MODULES):
+                axis = 1
+            elif m is not None and isinstance(m, _CHANNEL_LAST_MODULES) and not type(m).__name__.endswith("2d"):
+                axis = len(out) - 1
+            elif n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.conv3d, F.batch_norm):
+                axis = 1
+            elif n.op == "call_function" and n.target in (F.linear, F.layer_norm):
+                axis = len(out) - 1
+            else:
+                axis = _moved_axis(n, out)
+        n.meta["as_caxis"] = axis
+
+
+def _moved_axis(n: Node, out: tuple[int, ...]) -> int | None:
+    src = next((a for a in n.all_input_nodes if a.meta.get("as_caxis") is not None), None)
+    if src is None:
+        return None
+    ax, ins = src.meta["as_caxis"], _shape(src)
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    if name == "permute":
+        dims = [d for d in n.args[1:]] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else list(n.args[1])
+        dims = [d % len(ins) for d in dims]
+        return dims.index(ax) if ax in dims else None
+    if name in ("transpose", "swapaxes"):
+        a, b = (d % len(ins) for d in n.args[1:3])
+        return b if ax == a else a if ax == b else ax
+    if len(out) == len(ins) and out[ax] == ins[ax]:
+        return ax
+    if ax == len(ins) - 1 and out[-1] == ins[-1]:  # channels-last through a reshape/flatten
+        return len(out) - 1
+    if ax < len(out) and out[: ax + 1] == ins[: ax + 1]:  # leading dims kept (flatten(2))
+        return ax
+    return None
+
+
+LAYOUTS = {(4, 1): "NCHW", (4, 3): "NHWC", (3, 2): "NLC", (3, 1): "NCL"}
+
+
+def layout_of(n: Node) -> str | None:
+    """NCHW/NHWC/NLC/NCL for an insertable tensor, else None."""
+    shape = _shape(n)
+    if shape is None:
+        return None
+    axis = n.meta.get("as_caxis")
+    if axis is None:  # unknown: the common conventions
+        axis = {4: 1, 3: 2}.get(len(shape))
+    return LAYOUTS.get((len(shape), axis))
+
+
+# --------------------------------------------------------------------------- data model
+
+
+@dataclass
+class Site:
+    """A place to insert: after ``producer``, seen only by ``consumers``."""
+
+    position: str
+    producer: Node
+    consumers: tuple[Node, ...]
+    channels: int
+    layout: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Block:
+    name: str  # qualified module name (``layer3.0``), ``#k`` for the k-th merge in one module
+    module: str  # the module path the inserted modules hang under ("" for the root)
+    type: str  # class name of that module (or the op)
+    kind: str  # "residual" | "plain" | "unit"
+    skip: str | None  # "identity" | "projection" | None
+    channels: int
+    resolution: tuple[int, ...]
+    layout: str
+    order: int  # forward order (topological index of its output)
+    stage: int = 0
+    sites: dict[str, Site] = field(default_factory=dict)
+    nodes: frozenset = field(default_factory=frozenset, repr=False)
+    scope: dict = field(default_factory=dict, repr=False)  # nn_module_stack down to the block's module
+
+    @property
+    def positions(self) -> list[str]:
+        return [p for p in POSITIONS if p in self.sites]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "stage": self.stage,
+            "type": self.type,
+            "kind": self.kind,
+            "skip": self.skip,
+            "channels": self.channels,
+            "resolution": list(self.resolution),
+            "layout": self.layout,
+            "positions": self.positions,
+            "site_channels": {p: s.channels for p, s in self.sites.items()},
+        }
+
+
+@dataclass
+class Stage:
+    index: int  # 1-based
+    name: str  # the container (``layer3``) or ``28x28`` where grouped by resolution
+    blocks: list[Block]
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.blocks[0]
+        return {
+            "index": self.index,
+            "name": self.name,
+            "blocks": [b.name for b in self.blocks],
+            "channels": sorted({b.channels for b in self.blocks}),
+            "resolution": list(first.resolution),
+        }
+
+
+@dataclass
+class Anatomy:
+    gm: torch.fx.GraphModule
+    blocks: list[Block]
+    stages: list[Stage]
+    input_size: tuple[int, ...]
+    grouping: str  # "containers" | "resolution"
+    shape_mode: str  # "meta" | "real"
+    existing_attention: list[tuple[str, str]]
+    notes: list[str] = field(default_factory=list)
+
+    def block(self, name: str) -> Block:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_size": list(self.input_size),
+            "stage_grouping": self.grouping,
+            "shape_propagation": self.shape_mode,
+            "stages": [s.to_dict() for s in self.stages],
+            "blocks": [b.to_dict() for b in self.blocks],
+            "existing_attention": [{"module": n, "type": t} for n, t in self.existing_attention],
+            "notes": self.notes,
+        }
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyse(gm: torch.fx.GraphModule, input_size: tuple[int, ...]) -> Anatomy:
+    """Propagate shapes and channel axes through ``gm`` and find its blocks, stages and sites."""
+    shape_mode = propagate_shapes(gm, input_size)
+    propagate_channel_axis(gm)
+    blocks = find_blocks(gm)
+    if not blocks:
+        raise AttnSurgeonError(
+            "found no blocks: the model has no residual merges and no conv+activation units "
+            "on tensors of 3 or 4 dimensions"
+        )
+    stages, grouping = _group_stages(blocks)
+    notes = []
+    if shape_mode == "real":
+        notes.append("shapes were propagated with one real batch-1 pass (an op had no meta kernel)")
+    return Anatomy(gm, blocks, stages, tuple(input_size), grouping, shape_mode, existing_attention(gm), notes)
+
+
+def existing_attention(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
+    """Attention modules already in the model (outermost only), from the traced module scopes.
+
+    A GraphModule keeps only leaf modules, so the classes of traced-through containers (torchvision's
+    SqueezeExcitation) are read from the scopes the tracer recorded on each node.
+    """
+    seen: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        for qual, cls in _scope(n):
+            seen.setdefault(qual, cls)
+        m = _module(gm, n)
+        if m is not None:
+            seen.setdefault(n.target, type(m).__name__)
+    found: list[tuple[str, str]] = []
+    for name, cls in seen.items():
+        if name and _ATTENTION_CLASS.search(cls) and not any(name.startswith(p + ".") for p, _ in found):
+            found.append((name, cls))
+    return found
+
+
+class _Graph:
+    """Index helpers over a graph: topological order, ancestors, branches."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+
+    def latest_common_ancestor(self, a: Node, b: Node) -> Node | None:
+        """The common ancestor (or a/b itself) latest in topological order."""
+        marks: dict[Node, int] = {a: 1}
+        marks[b] = marks.get(b, 0) | 2
+        heap = [(-self.index[n], id(n), n) for n in marks]
+        heapq.heapify(heap)
+        seen: set[Node] = set()
+        while heap:
+            _, _, n = heapq.heappop(heap)
+            if n in seen:
+                continue
+            seen.add(n)
+            if marks[n] == 3:
+                return n
+            for p in n.all_input_nodes:
+                before = marks.get(p, 0)
+                marks[p] = before | marks[n]
+                if p not in seen:
+                    heapq.heappush(heap, (-self.index[p], id(p), p))
+        return None
+
+    def branch(self, fork: Node, end: Node) -> set[Node]:
+        """Nodes on paths from ``fork`` (exclusive) to ``end`` (inclusive)."""
+        if end is fork:
+            return set()
+        lo = self.index[fork]
+        back: set[Node] = set()
+        stack = [end]
+        while stack:
+            n = stack.pop()
+            if n in back or self.index[n] <= lo:
+                continue
+            back.add(n)
+            stack.extend(n.all_input_nodes)
+        on_path = {fork}
+        for n in sorted(back, key=self.index.__getitem__):
+            if any(p in on_path for p in n.all_input_nodes):
+                on_path.add(n)
+        on_path.discard(fork)
+        return on_path
+
+    def is_weighted(self, n: Node) -> bool:
+        m = _module(self.gm, n)
+        if m is not None:
+            if _ATTENTION_CLASS.search(type(m).__name__) and not isinstance(m, nn.MultiheadAttention):
+                return False  # attention gates (ours or the model's) are not the branch's own work
+            return isinstance(m, _WEIGHTED_MODULES) or (any(True for _ in m.parameters()) and not _is_chain_op(self.gm, n))
+        return n.op == "call_function" and n.target in _WEIGHTED_FUNCTIONS
+
+    def weight(self, nodes: Iterable[Node]) -> int:
+        return sum(1 for n in nodes if self.is_weighted(n))
+
+
+def _is_add(n: Node) -> bool:
+    return (n.op == "call_function" and n.target in _ADD_FUNCTIONS) or (n.op == "call_method" and n.target in _ADD_METHODS)
+
+
+def _is_chain_op(gm: torch.fx.GraphModule, n: Node) -> bool:
+    """Norms, activations and pass-through ops that close a conv unit."""
+    m = _module(gm, n)
+    if m is not None:
+        return isinstance(m, _NORM_MODULES + _PASS_MODULES) or _is_activation_module(m) or _is_stochastic_leaf(m)
+    if n.op == "call_function":
+        return n.target in _ACT_FUNCTIONS | _NORM_FUNCTIONS | _PASS_FUNCTIONS
+    if n.op == "call_method":
+        return n.target in _ACT_METHODS - {"sigmoid"}
+    return False
+
+
+def _is_activation(gm: torch.fx.GraphModule, n: Node) -> bool:
+    m = _module(gm, n)
+    if m is not None:
+        return _is_activation_module(m) or (isinstance(m, _NORM_MODULES) and type(m).__name__.endswith("Act2d")
+                                            and not isinstance(getattr(m, "act", None), nn.Identity))
+    if n.op == "call_function":
+        return n.target in _ACT_FUNCTIONS
+    return n.op == "call_method" and n.target in (_ACT_METHODS - {"sigmoid"})
+
+
+def _is_stochastic_leaf(m: nn.Module) -> bool:
+    return not any(True for _ in m.parameters()) and type(m).__name__ in (
+        "DropPath", "StochasticDepth", "DropBlock2d", "DropBlockFast2d")
+
+
+def _spatial_kernel(gm: torch.fx.GraphModule, n: Node) -> bool:
+    m = _module(gm, n)
+    if m is not None and isinstance(m, _CONV_MODULES):
+        return any(k > 1 for k in m.kernel_size)
+    if n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.conv3d):
+        w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+        ws = _shape(w)
+        return bool(ws and any(k > 1 for k in ws[2:]))
+    return False
+
+
+def _scope(n: Node) -> list[tuple[str, str]]:
+    """(qualified name, class name) of the modules whose forward holds ``n``, outermost first."""
+    stack = n.meta.get("nn_module_stack") or {}
+    out = []
+    for value in stack.values():
+        qual, cls = value if isinstance(value, tuple) else (value, None)
+        out.append((qual, cls.__name__ if isinstance(cls, type) else str(cls)))
+    return out
+
+
+def _scope_upto(n: Node, module: str) -> dict:
+    """``n``'s nn_module_stack cut after ``module`` (all of it where ``module`` is not in it)."""
+    out: dict = {}
+    for key, value in (n.meta.get("nn_module_stack") or {}).items():
+        qual = value[0] if isinstance(value, tuple) else value
+        if module and not (module == qual or module.startswith(qual + ".")):
+            break
+        out[key] = value
+        if qual == module:
+            break
+    return out if module else {}
+
+
+def _innermost_container(n: Node) -> tuple[str, str]:
+    """The innermost non-leaf module whose forward holds ``n`` (``("", root)`` at the top)."""
+    scope = _scope(n)
+    if n.op == "call_module" and scope and scope[-1][0] == n.target:
+        scope = scope[:-1]  # a leaf module's own entry
+    return scope[-1] if scope else ("", "")
+
+
+def _site(position: str, producer: Node, consumers: Iterable[Node]) -> Site | None:
+    shape = _shape(producer)
+    layout = layout_of(producer)
+    consumers = tuple(dict.fromkeys(consumers))
+    if shape is None or layout is None or not consumers:
+        return None
+    axis = {"NCHW": 1, "NHWC": 3, "NLC": 2, "NCL": 1}[layout]
+    return Site(position, producer, consumers, int(shape[axis]), layout, shape)
+
+
+def _resolution(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    return {"NCHW": shape[2:], "NHWC": shape[1:3], "NLC": shape[1:2], "NCL": shape[2:]}[layout]
+
+
+def _spatial_site(g: _Graph, region: set[Node], inside: set[Node]) -> Site | None:
+    """After the first spatial conv in ``region`` and the norm/act ops that follow it."""
+    convs = sorted((n for n in region if _spatial_kernel(g.gm, n)), key=g.index.__getitem__)
+    if not convs:
+        return None
+    end = convs[0]
+    while True:
+        users = list(end.users)
+        if len(users) == 1 and users[0] in inside and _is_chain_op(g.gm, users[0]):
+            end = users[0]
+        else:
+            break
+    return _site("3x3", end, [u for u in end.users if u in inside])
+
+
+def _closing_activation(g: _Graph, merge: Node, module: str) -> Node:
+    out = merge
+    while len(out.users) == 1:
+        user = next(iter(out.users))
+        in_block = any(q == module for q, _ in _scope(user)) or module == ""
+        if in_block and (_is_activation(g.gm, user) or _is_stochastic_leaf(_module(g.gm, user) or nn.Module())):
+            out = user
+        else:
+            break
+    return out
+
+
+def find_blocks(gm: torch.fx.GraphModule) -> list[Block]:
+    """Residual blocks, plain blocks of the same classes, or conv units (see the module docstring)."""
+    g = _Graph(gm)
+    blocks = _residual_blocks(g)
+    if blocks:
+        blocks += _plain_blocks(g, blocks)
+    else:
+        blocks = _conv_units(g)
+    blocks.sort(key=lambda b: b.order)
+    return blocks
+
+
+def _residual_blocks(g: _Graph) -> list[Block]:
+    found: list[tuple[Node, str, str, Block]] = []
+    for n in g.nodes:
+        if not _is_add(n):
+            continue
+        args = [a for a in n.args[:2] if isinstance(a, Node)]
+        out = _shape(n)
+        if len(args) != 2 or out is None or len(out) < 3 or any(_shape(a) != out for a in args):
+            continue
+        fork = g.latest_common_ancestor(args[0], args[1])
+        if fork is None or _shape(fork) is None:
+            continue
+        branches = [g.branch(fork, a) for a in args]
+        weights = [g.weight(b) for b in branches]
+        if weights[0] == weights[1]:
+            continue  # two alike branches (a split-attention sum), not a residual merge
+        r = 0 if weights[0] > weights[1] else 1
+        s = 1 - r
+        res_in, skip_in = args[r], args[s]
+        module, cls = _innermost_container(n)
+        block = Block(
+            name=module or n.name,
+            module=module,
+            type=cls or "add",
+            kind="residual",
+            skip="identity" if skip_in is fork or weights[s] == 0 else "projection",
+            channels=0,
+            resolution=(),
+            layout="",
+            order=0,
+        )
+        region = branches[r]
+        output = _closing_activation(g, n, module)
+        block.order = g.index[output]
+        sites = [
+            _site("standard", res_in, [n]),
+            _site("pre", fork, [u for u in fork.users if u in region]),
+            _site("post", output, list(output.users)),
+            _site("identity", skip_in, [n]),
+            _spatial_site(g, region, region | {n}),
+        ]
+        block.sites = {s.position: s for s in sites if s is not None}
+        if "standard" not in block.sites:
+            continue
+        std = block.sites["standard"]
+        block.channels, block.layout = std.channels, std.layout
+        block.resolution = _resolution(std.shape, std.layout)
+        block.nodes = frozenset(region | branches[s] | {n, output})
+        block.scope = _scope_upto(n, module)
+        found.append((n, module, cls, block))
+    # several merges in one module's forward (a ViT block): number them
+    per_module: dict[str, int] = {}
+    for _, module, _, _ in found:
+        per_module[module] = per_module.get(module, 0) + 1
+    counter: dict[str, int] = {}
+    blocks = []
+    for n, module, _, block in found:
+        if module and per_module[module] > 1:
+            counter[module] = counter.get(module, 0) + 1
+            block.name = f"{module}#{counter[module]}"
+        blocks.append(block)
+    return blocks
+
+
+def _plain_blocks(g: _Graph, residual: list[Block]) -> list[Block]:
+    """Blocks with no merge of their own, found beside the residual ones.
+
+    Two rules: a module of a residual block's class (the first inverted residual of a MobileNet
+    stage), or a child of a stage container that sits beside the residual blocks' containers
+    (timm EfficientNet's first, depthwise-separable stage). A stage container is one whose
+    children are all containers themselves, so a stem ``Sequential(conv, bn, act)`` is not one.
+    """
+    classes = {b.type for b in residual if b.module}
+    taken = {b.module for b in residual}
+    scope_class: dict[str, str] = {}
+    members: dict[str, list[Node]] = {}
+    for n in g.nodes:
+        for qual, cls in _scope(n):
+            scope_class.setdefault(qual, cls)
+            if not (n.op == "call_module" and n.target == qual):
+                members.setdefault(qual, []).append(n)
+    children: dict[str, set[str]] = {}
+    for qual in scope_class:
+        if qual:
+            parent = qual.rsplit(".", 1)[0] if "." in qual else ""
+            children.setdefault(parent, set()).add(qual)
+    leaf_targets = {n.target for n in g.nodes if n.op == "call_module"}
+    stage_parents = {b.module.rsplit(".", 1)[0] for b in residual if b.module.count(".") >= 2}
+    grandparents = {p.rsplit(".", 1)[0] for p in stage_parents}
+    candidates = {q for q, cls in scope_class.items() if cls in classes and q not in taken}
+    for gp in grandparents:
+        for container in children.get(gp, ()):
+            kids = children.get(container, set()) | {t for t in leaf_targets if t.rsplit(".", 1)[0] == container}
+            if kids and all(k in members and k not in leaf_targets for k in kids):
+                candidates |= {k for k in kids if k not in taken}
+    blocks = []
+    for qual in sorted(candidates):
+        nodes = members.get(qual, [])
+        inside = set(nodes)
+        if not any(_spatial_kernel(g.gm, n) or g.is_weighted(n) for n in nodes):
+            continue
+        inputs = {a for n in nodes for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        if len(inputs) != 1 or len(outputs) != 1:
+            continue
+        (inp,), out = tuple(inputs), outputs[0]
+        block = Block(qual, qual, scope_class[qual], "plain", None, 0, (), "", g.index[out])
+        sites = [
+            _site("standard", out, list(out.users)),
+            _site("pre", inp, [u for u in inp.users if u in inside]),
+            _site("post", out, list(out.users)),
+            _spatial_site(g, inside, inside),
+        ]
+        block.sites = {s.position: s for s in sites if s is not None}
+        if "standard" not in block.sites:
+            continue
+        std = block.sites["standard"]
+        block.channels, block.layout = std.channels, std.layout
+        block.resolution = _resolution(std.shape, std.layout)
+        block.nodes = frozenset(inside)
+        block.scope = _scope_upto(nodes[0], qual)
+        blocks.append(block)
+    return blocks
+
+
+def _conv_units(g: _Graph) -> list[Block]:
+    """conv [+ norm] + activation, in models without residual merges."""
+    blocks = []
+    for n in g.nodes:
+        m = _module(g.gm, n)
+        is_conv = (m is not None and isinstance(m, _CONV_MODULES)) or (
+            n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.conv3d))
+        if not is_conv:
+            continue
+        chain, end, has_act = [n], n, False
+        while len(end.users) == 1 and _is_chain_op(g.gm, next(iter(end.users))):
+            end = next(iter(end.users))
+            chain.append(end)
+            has_act = has_act or _is_activation(g.gm, end)
+        if not has_act:
+            continue
+        name = n.target if n.op == "call_module" else n.name
+        inp = n.args[0] if isinstance(n.args[0], Node) else None
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        block = Block(name, parent, type(m).__name__ if m is not None else "conv", "unit", None, 0, (), "", g.index[end])
+        sites = [
+            _site("standard", end, list(end.users)),
+            _site("pre", inp, [n]) if inp is not None else None,
+            _site("post", end, list(end.users)),
+            _site("3x3", end, list(end.users)) if _spatial_kernel(g.gm, n) else None,
+        ]
+        block.sites = {s.position: s for s in sites if s is not None}
+        if "standard" not in block.sites:
+            continue
+        std = block.sites["standard"]
+        block.channels, block.layout = std.channels, std.layout
+        block.resolution = _resolution(std.shape, std.layout)
+        block.nodes = frozenset(chain)
+        block.scope = _scope_upto(n, parent)
+        blocks.append(block)
+    return blocks
+
+
+def _stage_key(block: Block) -> str | None:
+    if not block.module or "." not in block.module:
+        return None
+    parent = block.module.rsplit(".", 1)[0]
+    if parent.endswith(".blocks"):  # timm's stages.N.blocks.M
+        parent = parent[: -len(".blocks")]
+    return parent
+
+
+def _group_stages(blocks: list[Block]) -> tuple[list[Stage], str]:
+    keys = [_stage_key(b) if b.kind != "unit" else None for b in blocks]
+    distinct = list(dict.fromkeys(keys))
+    contiguous = all(keys[i] == keys[i - 1] or keys[i] not in keys[:i] for i in range(1, len(keys)))
+    if None not in distinct and 1 < len(distinct) < len(blocks) and contiguous:
+        stages = [Stage(i + 1, key, [b for b, k in zip(blocks, keys) if k == key]) for i, key in enumerate(distinct)]
+        grouping = "containers"
+    else:
+        stages = []
+        for b in blocks:
+            if stages and stages[-1].blocks[-1].resolution == b.resolution:
+                stages[-1].blocks.append(b)
+            else:
+                stages.append(Stage(len(stages) + 1, "x".join(map(str, b.resolution)) or "-", [b]))
+        grouping = "resolution"
+    for s in stages:
+        for b in s.blocks:
+            b.stage = s.index
+    return stages, grouping
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select_blocks(anatomy: Anatomy, stages: Iterable[int] | None = None, blocks: Iterable[str] | None = None) -> list[Block]:
+    """Blocks in ``stages`` (1-based) whose names match any of the ``blocks`` globs; all by default."""
+    chosen = list(anatomy.blocks)
+    n = len(anatomy.stages)
+    if stages:
+        stages = list(stages)
+        bad = [s for s in stages if not isinstance(s, int) or s < 1 or s > n]
+        if bad:
+            raise AttnSurgeonError(
+                f"stage {', '.join(map(str, bad))} out of range: the model has {n} stage{'s' if n != 1 else ''} (1-{n}); "
+                "`attnsurgeon inspect MODEL` lists them"
+            )
+        wanted = set(stages)
+        chosen = [b for b in chosen if b.stage in wanted]
+    if blocks:
+        globs = [g.strip() for g in blocks if g.strip()]
+        matched: list[Block] = []
+        for pattern in globs:
+            hits = [b for b in chosen if _block_matches(b, pattern)]
+            if not hits:
+                from .errors import did_you_mean
+
+                where = " in the selected stages" if stages else ""
+                raise AttnSurgeonError(
+                    f"block pattern '{pattern}' matches no block{where}."
+                    + did_you_mean(pattern, [b.name for b in chosen])
+                    + " `attnsurgeon inspect MODEL` lists the block names"
+                )
+            matched.extend(h for h in hits if h not in matched)
+        chosen = [b for b in chosen if b in matched]
+    return chosen
+
+
+def _block_matches(block: Block, pattern: str) -> bool:
+    names = {block.name, block.module} if block.module else {block.name}
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)

@@ -1,0 +1,22 @@
+"""Small entry points that combine loading and anatomy (the CLI's `inspect` goes through here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .anatomy import Anatomy, analyse, trace
+from .models import LoadedModel, as_loaded
+from .surgery import resolve_input_size
+
+
+def inspect_model(model: Any, *, input_size: Any = None, pretrained: bool = False, weights: Any = None) -> tuple[LoadedModel, Anatomy]:
+    """Trace a model and find its stages, blocks, positions and existing attention.
+
+    Example:
+        >>> loaded, anatomy = inspect_model("resnet18")
+        >>> [s.name for s in anatomy.stages]
+        ['layer1', 'layer2', 'layer3', 'layer4']
+    """
+    loaded = as_loaded(model, pretrained=pretrained, weights=weights)
+    size = resolve_input_size(input_size, loaded.input_size)
+    return loaded, analyse(trace(loaded.model), size)

@@ -1,0 +1,65 @@
+"""Helpers shared by the blocks: option checks and the identity-init machinery."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import AttnSurgeonError
+
+
+class ScaledSigmoid(nn.Module):
+    """``scale * sigmoid(x)``.
+
+    With ``scale=2`` (the gate NFNets use in their SE blocks) an input of exactly zero gates at
+    exactly 1, and the gate's slope there is 0.5, so a block whose gate input starts at zero is an
+    exact identity that still passes gradient. A plain sigmoid reaches 1 only where its gradient
+    has vanished.
+    """
+
+    def __init__(self, scale: float = 2.0):
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+def reduced_channels(block: str, channels: int, reduction: float, divisor: int) -> int:
+    """timm's ``make_divisible(channels / reduction, divisor, round_limit=0)``, with clear errors."""
+    from timm.layers import make_divisible
+
+    if not reduction or reduction <= 0:
+        raise AttnSurgeonError(f"{block}: reduction must be > 0, got {reduction}")
+    if reduction > channels:
+        raise AttnSurgeonError(
+            f"{block}: reduction {reduction:g} is larger than the {channels} channels here "
+            f"(it would leave {channels / reduction:.2f} hidden units); use a reduction ≤ {channels}"
+        )
+    if divisor is None or divisor < 1:
+        raise AttnSurgeonError(f"{block}: rd_divisor must be ≥ 1, got {divisor}")
+    return int(make_divisible(channels / reduction, divisor, round_limit=0.0))
+
+
+@torch.no_grad()
+def zero_gate_input_mlp(fc1: nn.Conv2d, fc2: nn.Conv2d) -> None:
+    """Make ``fc2(relu(fc1(p)))`` exactly zero for every ``p`` while every weight still learns.
+
+    With biases: ``fc1`` outputs the constant 1 (zero weight, unit bias), and ``fc2``'s bias
+    cancels its row sums exactly (dyadic weights make the sum exact in any order), so gradients
+    reach ``fc1`` through ``fc2``'s non-zero weights. Without biases ``fc2`` is zeroed: ``fc1``
+    then learns from the second step on.
+    """
+    if fc1.bias is not None and fc2.bias is not None:
+        fc1.weight.zero_()
+        fc1.bias.fill_(1.0)
+        w = torch.randn_like(fc2.weight) * 0.01
+        fc2.weight.copy_(torch.round(w * 2**16) / 2**16)  # exact sums: few significant bits
+        fc2.bias.copy_(-fc2.weight.sum(dim=(1, 2, 3)))
+    else:
+        fc2.weight.zero_()
+        if fc2.bias is not None:
+            fc2.bias.zero_()
