@@ -1,0 +1,392 @@
+"""The `attnsurgeon` command line: a thin layer over the Python API.
+
+Heavy imports (torch, torchvision, timm) happen inside the commands, so ``--help`` and
+``attnsurgeon list attn`` answer at once. Output for people is a Rich table on stdout; ``--json``
+prints exactly one JSON object on stdout; progress and errors go to stderr. A wrong argument exits
+with status 2 and one line of explanation (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from .errors import AttnSurgeonError
+
+app = typer.Typer(
+    name="attnsurgeon",
+    help="Insert attention blocks (SE, ECA, CBAM) into any torchvision or timm model by torch.fx surgery, "
+    "and measure what they cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+list_app = typer.Typer(help="List attention blocks, positions or models.", no_args_is_help=True)
+app.add_typer(list_app, name="list")
+
+_state = {"debug": False}
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
+
+
+def _stdout():
+    from rich.console import Console
+
+    # Piped output (logs, `| less`) gets room for whole names instead of an 80-column cut.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def command(fn: Callable) -> Callable:
+    """Turn AttnSurgeonError into one red line and exit 2; anything else is a bug (exit 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except AttnSurgeonError as exc:
+            if _state["debug"]:
+                raise
+            _stderr().print(f"[bold red]error:[/] {_escape(str(exc))}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _stderr().print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # a bug: say so, briefly
+            if _state["debug"]:
+                raise
+            _stderr().print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {_escape(str(exc).splitlines()[0] if str(exc) else '')}\n"
+                "Run again with --debug for the traceback, and please report it."
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"attnsurgeon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """Rewrite a model, inspect it, profile it, export it."""
+    if debug:
+        _state["debug"] = True
+
+
+# --------------------------------------------------------------------------- shared options
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="A torchvision or timm name (resnet50; tv:NAME / timm:NAME force the library), "
+        "path/to/file.py:factory or package.module:factory.",
+        show_default=False,
+    ),
+]
+AttnOpt = Annotated[str, typer.Option("--attn", "-a", help="Attention block: se, eca, cbam (see `attnsurgeon list attn`).")]
+PositionOpt = Annotated[
+    str, typer.Option("--position", "-p", help="standard, pre, post, identity or 3x3 (see `attnsurgeon list positions`).")
+]
+StagesOpt = Annotated[
+    Optional[str], typer.Option("--stages", "-s", help="Stages to modify, 1-based as `inspect` numbers them: 3,4 or 2-4. Default: all.")
+]
+BlocksOpt = Annotated[
+    Optional[str], typer.Option("--blocks", "-b", help="Comma-separated globs over block names: 'layer3.*,layer4.2'. Default: all.")
+]
+InitOpt = Annotated[str, typer.Option("--init", help="default, or identity: every inserted block starts as an exact identity.")]
+ReductionOpt = Annotated[
+    Optional[str], typer.Option("--reduction", "-r", help="SE/CBAM reduction ratio r (hidden = C/r); one value or one per selected stage.")
+]
+BiasOpt = Annotated[
+    Optional[bool], typer.Option("--bias/--no-bias", help="Biases in the SE/CBAM FC layers. Default: the block's own (SE yes, CBAM no).")
+]
+KernelOpt = Annotated[
+    Optional[str],
+    typer.Option("--kernel-size", "-k", help="ECA kernel (or CBAM spatial kernel): one value or one per selected stage, e.g. 3,5,5,7. "
+                 "Default for ECA: the adaptive rule (gamma=2, b=1)."),
+]
+DivisorOpt = Annotated[
+    Optional[int], typer.Option("--rd-divisor", help="Round SE/CBAM hidden widths to a multiple of this (timm: SE 8, CBAM 1).")
+]
+InputSizeOpt = Annotated[
+    Optional[str], typer.Option("--input-size", help="Sample input: S, H,W or C,H,W. Default: the model's own config, else 224.")
+]
+PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Load the library's published weights (network or local cache).")]
+WeightsOpt = Annotated[
+    Optional[Path], typer.Option("--weights", help="Load a .safetensors or .pt/.pth state dict into the base model before surgery.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+
+
+def parse_ints(text: str | None, what: str) -> list[int] | None:
+    """'3,4' / '2-4' / '3' -> [3, 4] / [2, 3, 4] / [3]."""
+    if text is None or not text.strip():
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise AttnSurgeonError(f"{what}: '{text}' is not a list of integers (e.g. 3,4 or 2-4)") from None
+    return out
+
+
+def parse_numbers(text: str | None, what: str) -> Any:
+    """'16' -> 16; '3,5,5,7' -> [3, 5, 5, 7]; floats allowed ('8.5')."""
+    if text is None or not text.strip():
+        return None
+    values: list[Any] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            number = float(part)
+        except ValueError:
+            raise AttnSurgeonError(f"{what}: '{part}' is not a number") from None
+        values.append(int(number) if number.is_integer() else number)
+    return values[0] if len(values) == 1 else values
+
+
+def block_options(reduction: str | None, bias: bool | None, kernel_size: str | None, rd_divisor: int | None) -> dict[str, Any]:
+    opts = {
+        "reduction": parse_numbers(reduction, "--reduction"),
+        "bias": bias,
+        "kernel_size": parse_numbers(kernel_size, "--kernel-size"),
+        "rd_divisor": rd_divisor,
+    }
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def progress(message: str):
+    """A spinner on stderr while heavy work runs (silent where stderr is not a terminal)."""
+    return _stderr().status(message, spinner="dots")
+
+
+# --------------------------------------------------------------------------- insert
+
+
+@app.command()
+@command
+def insert(
+    model: ModelArg,
+    attn: AttnOpt = "se",
+    position: PositionOpt = "standard",
+    stages: StagesOpt = None,
+    blocks: BlocksOpt = None,
+    init: InitOpt = "default",
+    reduction: ReductionOpt = None,
+    bias: BiasOpt = None,
+    kernel_size: KernelOpt = None,
+    rd_divisor: DivisorOpt = None,
+    input_size: InputSizeOpt = None,
+    pretrained: PretrainedOpt = False,
+    weights: WeightsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Insert attention blocks into MODEL and report what was added.
+
+    Example: attnsurgeon insert resnet50 --attn eca --stages 3,4
+    """
+    from .blocks import check_options, get_block
+
+    get_block(attn)  # fail on a typo before loading anything
+    options = block_options(reduction, bias, kernel_size, rd_divisor)
+    check_options(attn, options)
+    stage_list = parse_ints(stages, "--stages")
+    block_list = [b.strip() for b in blocks.split(",")] if blocks else None
+    with progress(f"Loading {model} …"):
+        from .models import load_model
+
+        loaded = load_model(model, pretrained=pretrained, weights=weights)
+    with progress("Tracing and inserting …"):
+        from .surgery import insert as do_insert
+
+        _, report = do_insert(loaded, attn, position, stage_list, block_list, init, input_size=input_size, **options)
+    if json_out:
+        emit_json(report.to_dict())
+    else:
+        print_report(report)
+
+
+def print_report(report: Any) -> None:
+    from rich.table import Table
+
+    out = _stdout()
+    size = "×".join(map(str, report.input_size))
+    weights = f" · weights: {report.weights}" if report.weights else ""
+    table = Table(title=f"{report.model} ({report.source}) · input {size}{weights}", title_justify="left")
+    for col, kw in [("block", {}), ("stage", {"justify": "right"}), ("position", {}), ("attn", {}),
+                    ("channels", {"justify": "right"}), ("params", {"justify": "right"}), ("module", {}), ("options", {})]:
+        table.add_column(col, overflow="fold", **kw)
+    for i in report.insertions:
+        opts = ", ".join(f"{k}={v}" for k, v in i.options.items())
+        table.add_row(i.block, str(i.stage), i.position, i.attn, str(i.channels), f"{i.params:,}", i.module, opts)
+    out.print(table)
+    p = report.params
+    out.print(
+        f"{len(report.insertions)} block{'s' if len(report.insertions) != 1 else ''} inserted · parameters "
+        f"{p['base']:,} → {p['modified']:,} ([bold]{p['delta']:+,}[/], {p['percent']:+.2f}%)"
+    )
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@app.command()
+@command
+def inspect(
+    model: ModelArg,
+    input_size: InputSizeOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show MODEL's stages, blocks, the positions each block offers, and attention it already has."""
+    with progress(f"Loading {model} …"):
+        from .models import load_model
+
+        loaded = load_model(model)
+    with progress("Tracing …"):
+        from .api import inspect_model
+
+        _, anatomy = inspect_model(loaded, input_size=input_size)
+    if json_out:
+        emit_json({"model": loaded.spec, "source": loaded.source, **anatomy.to_dict()})
+        return
+    from rich.table import Table
+
+    out = _stdout()
+    size = "×".join(map(str, anatomy.input_size))
+    out.print(f"[bold]{loaded.spec}[/] ({loaded.source}) · input {size} · {len(anatomy.blocks)} blocks in "
+              f"{len(anatomy.stages)} stages (grouped by {anatomy.grouping})")
+    table = Table(show_lines=False)
+    for col in ("stage", "block", "type", "kind", "skip", "channels", "resolution", "layout", "positions"):
+        table.add_column(col, justify="right" if col in ("stage", "channels") else "left")
+    for stage in anatomy.stages:
+        for i, b in enumerate(stage.blocks):
+            table.add_row(
+                f"{stage.index} {stage.name}" if i == 0 else "",
+                b.name, b.type, b.kind, b.skip or "-", str(b.channels), "×".join(map(str, b.resolution)), b.layout,
+                " ".join(b.positions),
+                end_section=i == len(stage.blocks) - 1,
+            )
+    out.print(table)
+    if anatomy.existing_attention:
+        out.print("Attention already in the model: " + ", ".join(f"{n} ({t})" for n, t in anatomy.existing_attention))
+    for note in anatomy.notes:
+        out.print(f"[dim]note: {note}[/]")
+
+
+# --------------------------------------------------------------------------- list
+
+
+@list_app.command("attn")
+@command
+def list_attn(json_out: JsonOpt = False) -> None:
+    """The attention blocks that can be inserted, with their options and papers."""
+    from .blocks import REGISTRY
+
+    if json_out:
+        emit_json([{"name": i.name, "summary": i.summary, "options": list(i.options), "paper": i.paper} for i in REGISTRY.values()])
+        return
+    from rich.table import Table
+
+    table = Table()
+    for col in ("name", "what it does", "options", "paper"):
+        table.add_column(col)
+    for info in REGISTRY.values():
+        table.add_row(info.name, info.summary, ", ".join(info.options), info.paper)
+    _stdout().print(table)
+
+
+@list_app.command("positions")
+@command
+def list_positions() -> None:
+    """The insertion positions (the SENet paper's integration study)."""
+    from rich.table import Table
+
+    from .positions import POSITION_HELP
+
+    table = Table()
+    table.add_column("position")
+    table.add_column("where the block goes")
+    for name, text in POSITION_HELP.items():
+        table.add_row(name, text)
+    _stdout().print(table)
+
+
+@list_app.command("models")
+@command
+def list_models_cmd(
+    pattern: Annotated[Optional[str], typer.Argument(help="A glob (resnet*) or a substring (convnext).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Model names from torchvision and timm, with their source. A bare name in both resolves to torchvision."""
+    from .models import list_models
+
+    rows = list_models(pattern)
+    if json_out:
+        emit_json([{"name": n, "source": s} for n, s in rows])
+        return
+    if not rows:
+        raise AttnSurgeonError(f"no model matches '{pattern}'")
+    from rich.table import Table
+
+    table = Table(caption=f"{len(rows)} models")
+    table.add_column("name")
+    table.add_column("source")
+    for name, source in rows:
+        table.add_row(name, source)
+    _stdout().print(table)
+
+
+def main() -> None:
+    """Console-script entry point; ``--debug`` is honoured anywhere on the command line."""
+    argv = sys.argv[1:]
+    if "--debug" in argv:
+        _state["debug"] = True
+        argv = [a for a in argv if a != "--debug"]
+    app(args=argv, prog_name="attnsurgeon")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The command line: the same API underneath, clean errors, JSON on stdout, no torch for --help."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import attnsurgeon
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def _imports_torch(args):
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from attnsurgeon.cli import app\n"
+        f"r = CliRunner().invoke(app, {args!r})\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["insert", "--help"], ["list", "attn"], ["list", "positions"], ["inspect", "--help"]])
+def test_help_and_lists_do_not_import_torch(args):
+    assert _imports_torch(args) == "[]"
+
+
+def test_insert_json_schema_matches_the_api(cli):
+    code, out, err = cli("insert", "resnet18", "--attn", "eca", "--stages", "3,4", "--input-size", "64", "--json")
+    assert code == 0, err
+    data = json.loads(out)  # exactly one JSON object on stdout
+    assert data["model"] == "tv:resnet18" and data["source"] == "torchvision"
+    assert set(data["params"]) >= {"base", "modified", "delta"}
+    assert len(data["insertions"]) == 4
+    for ins in data["insertions"]:
+        assert set(ins) >= {"block", "stage", "position", "attn", "channels", "params", "module"}
+        assert ins["stage"] in (3, 4) and ins["attn"] == "eca" and ins["module"] == f"{ins['block']}.eca"
+    _, report = attnsurgeon.insert("resnet18", "eca", stages=[3, 4], input_size=64)
+    assert data["params"] == report.params
+    assert data["params"]["delta"] == sum(i["params"] for i in data["insertions"])
+
+
+def test_insert_table_names_modules_and_totals(cli):
+    code, out, _ = cli("insert", "timm:resnet18", "--attn", "se", "--blocks", "layer4.*", "--input-size", "64")
+    assert code == 0
+    assert "layer4.0.se" in out and "layer4.1.se" in out and "timm:resnet18 (timm)" in out
+    per_block = 512 * 32 + 32 + 32 * 512 + 512  # fc1 + bias, fc2 + bias; hidden = 512 / 16
+    assert f"11,689,512 → {11_689_512 + 2 * per_block:,} ({2 * per_block:+,}," in out
+
+
+def test_per_stage_kernel_sizes_and_bias_flags(cli):
+    code, out, err = cli("insert", "resnet50", "--attn", "eca", "-k", "3,5,5,7", "--input-size", "64", "--json")
+    assert code == 0, err
+    ks = {i["stage"]: i["options"]["kernel_size"] for i in json.loads(out)["insertions"]}
+    assert ks == {1: 3, 2: 5, 3: 5, 4: 7}
+    code, out, _ = cli("insert", "resnet18", "--no-bias", "--reduction", "8", "--stages", "4", "--input-size", "64", "--json")
+    assert {i["params"] for i in json.loads(out)["insertions"]} == {2 * 512 * 64}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["insert", "resnet5O"], "unknown model 'resnet5O'"),
+        (["insert", "resnet18", "--attn", "sse"], "unknown attention block 'sse'"),
+        (["insert", "resnet18", "--stages", "5"], "the model has 4 stages"),
+        (["insert", "resnet18", "--stages", "three"], "--stages"),
+        (["insert", "resnet18", "--blocks", "layer9.*"], "matches no block"),
+        (["insert", "vgg11", "--position", "identity"], "not available"),
+        (["insert", "resnet18", "--reduction", "0"], "reduction must be > 0"),
+        (["insert", "resnet18", "--reduction", "1000"], "larger than the 64 channels"),
+        (["insert", "resnet18", "--weights", "missing.pt"], "does not exist"),
+        (["insert", "resnet18", "--input-size", "big"], "input size"),
+    ],
+)
+def test_wrong_input_is_one_line_and_exit_2(cli, args, message):
+    code, out, err = cli(*args, "--input-size", "64") if "--input-size" not in args else cli(*args)
+    assert code == 2
+    assert message in err and "Traceback" not in err + out
+    assert out == ""
+
+
+def test_debug_anywhere_shows_the_traceback():
+    exe = [sys.executable, "-c", "from attnsurgeon.cli import main; main()"]
+    plain = subprocess.run([*exe, "insert", "resnet5O"], capture_output=True, text=True, env=ENV)
+    debug = subprocess.run([*exe, "insert", "resnet5O", "--debug"], capture_output=True, text=True, env=ENV)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr and "error: unknown model" in plain.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "AttnSurgeonError" in debug.stderr
+
+
+def test_inspect_json_and_table(cli):
+    code, out, err = cli("inspect", "mobilenet_v3_large", "--input-size", "64", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["source"] == "torchvision" and len(data["stages"]) == 5
+    assert {"module": "features.4.block.2", "type": "SqueezeExcitation"} in data["existing_attention"]
+    blk = next(b for b in data["blocks"] if b["name"] == "features.2")
+    assert blk["kind"] == "plain" and "identity" not in blk["positions"]
+    code, out, _ = cli("inspect", "resnet18", "--input-size", "64")
+    assert code == 0 and "layer4.1" in out and "standard pre post identity 3x3" in out
+
+
+def test_list_models(cli):
+    code, out, _ = cli("list", "models", "seresnet5*", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert {"name": "seresnet50", "source": "timm"} in rows and all(r["name"].startswith("seresnet5") for r in rows)
+    code, _, err = cli("list", "models", "no_such_model_xyz")
+    assert code == 2 and "no model matches" in err
