@@ -80,28 +80,42 @@ def _is_activation_module(m: nn.Module) -> bool:
 class _Tracer(torch.fx.Tracer):
     """fx tracer with timm's leaf modules and autowrapped functions, plus training-aware leaves.
 
-    A parameter-free module whose ``forward`` reads ``self.training`` (DropPath, StochasticDepth,
-    DropBlock, timm's BatchNormAct2d) is kept whole, so the traced graph still honours
-    ``model.train()``; tracing through it would bake in the mode it was traced in.
+    * A parameter-free module whose ``forward`` reads ``self.training`` (DropPath, StochasticDepth,
+      DropBlock, timm's BatchNormAct2d) is kept whole, so the traced graph still honours
+      ``model.train()``; tracing through it would bake in the mode it was traced in.
+    * timm marks some whole blocks as not traceable (NormFreeBlock, MobileVitBlock). A container
+      with weights among them is traced through when that works (``through``), so its residual
+      merge can be found; :func:`trace` keeps it whole again if tracing it fails or leaves an
+      in-place op the graph cannot see (``kept_whole``).
     """
 
-    def __init__(self, leaf_types: tuple[type, ...], autowrap_functions: tuple):
+    def __init__(self, leaf_types: tuple[type, ...], notrace: frozenset, kept_whole: set, autowrap_functions: tuple):
         super().__init__(autowrap_functions=autowrap_functions)
         self.leaf_types = leaf_types
+        self.notrace = notrace
+        self.kept_whole = kept_whole
+        self.through: set[type] = set()
         self.scope_stack: list[tuple[str, str]] = []
         self.failed_in: tuple[str, str] | None = None  # the innermost module being traced when it broke
+        self.failed_through: type | None = None  # ... of the classes in ``through``
         self._training_leaf: dict[type, bool] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types):
             return True
+        cls = type(m)
+        if cls in self.notrace:
+            if cls in self.kept_whole or not _opens_up(m) or self._reads_training(m, any_children=True):
+                return True
+            self.through.add(cls)
+            return False
         if isinstance(m, nn.Sequential) or isinstance(m, (nn.ModuleList, nn.ModuleDict)):
             return False
         if super().is_leaf_module(m, qualname):
             return True
         return self._reads_training(m)
 
-    def _reads_training(self, m: nn.Module) -> bool:
+    def _reads_training(self, m: nn.Module, any_children: bool = False) -> bool:
         cls = type(m)
         if cls not in self._training_leaf:
             try:
@@ -111,7 +125,7 @@ class _Tracer(torch.fx.Tracer):
             self._training_leaf[cls] = "self.training" in src
         if not self._training_leaf[cls]:
             return False
-        return not any(True for c in m.children() for _ in c.parameters())
+        return any_children or not any(True for c in m.children() for _ in c.parameters())
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
@@ -121,23 +135,51 @@ class _Tracer(torch.fx.Tracer):
         except Exception:
             if self.failed_in is None:
                 self.failed_in = self.scope_stack[-1]
+            if self.failed_through is None and type(m) in self.through:
+                self.failed_through = type(m)
             raise
         finally:
             self.scope_stack.pop()
 
 
-def _leaf_types() -> tuple[type, ...]:
-    from timm.layers._fx import get_notrace_modules
+def _opens_up(m: nn.Module) -> bool:
+    """A not-traceable container worth opening: it holds weighted layers and is no attention op."""
+    if _ATTENTION_CLASS.search(type(m).__name__):
+        return False
+    return any(isinstance(c, _WEIGHTED_MODULES) for name, c in m.named_modules() if name)
 
+
+def _leaf_types() -> tuple[type, ...]:
     from .blocks import block_classes
 
-    return tuple(set(get_notrace_modules()) | set(block_classes()))
+    return tuple(block_classes())
+
+
+def _notrace_types() -> frozenset:
+    from timm.layers._fx import get_notrace_modules
+
+    return frozenset(get_notrace_modules())
 
 
 def _autowrap_functions() -> tuple:
     from timm.layers._fx import get_notrace_functions
 
     return tuple(f for f in get_notrace_functions() if callable(f))
+
+
+def _unseen_inplace(graph: torch.fx.Graph, classes: set[type]) -> set[type]:
+    """Classes in ``classes`` whose traced forward holds an in-place op nothing reads: the graph's
+    dataflow would not show its effect (timm's reason for marking NormFreeBlock not traceable)."""
+    found: set[type] = set()
+    for n in graph.nodes:
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if n.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") \
+                and not name.startswith("_") and not n.users:
+            for value in (n.meta.get("nn_module_stack") or {}).values():
+                cls = value[1] if isinstance(value, tuple) else None
+                if cls in classes:
+                    found.add(cls)
+    return found
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:
@@ -149,11 +191,21 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
         return _copy_graph_module(model)
     was_training = model.training
     model.eval()
-    tracer = _Tracer(_leaf_types(), _autowrap_functions())
+    notrace, kept_whole = _notrace_types(), set()
     try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        raise AttnSurgeonError(_trace_failure(model, tracer, exc)) from exc
+        while True:
+            tracer = _Tracer(_leaf_types(), notrace, kept_whole, _autowrap_functions())
+            try:
+                graph = tracer.trace(model)
+            except Exception as exc:
+                if tracer.failed_through is not None and tracer.failed_through not in kept_whole:
+                    kept_whole.add(tracer.failed_through)  # its library was right: keep it whole
+                    continue
+                raise AttnSurgeonError(_trace_failure(model, tracer, exc)) from exc
+            hidden = _unseen_inplace(graph, tracer.through) - kept_whole
+            if not hidden:
+                break
+            kept_whole |= hidden
     finally:
         model.train(was_training)
     gm = torch.fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
@@ -348,14 +400,16 @@ def _moved_axis(n: Node, out: tuple[int, ...]) -> int | None:
     if name in ("transpose", "swapaxes"):
         a, b = (d % len(ins) for d in n.args[1:3])
         return b if ax == a else a if ax == b else ax
-    if len(out) == len(ins) and out[ax] == ins[ax]:
-        return ax
+    if len(out) == len(ins) and (out[ax] == ins[ax] or name not in _RESHAPES):
+        return ax  # slicing, cat, pooling keep the channel axis where it is
     if ax == len(ins) - 1 and out[-1] == ins[-1]:  # channels-last through a reshape/flatten
         return len(out) - 1
     if ax < len(out) and out[: ax + 1] == ins[: ax + 1]:  # leading dims kept (flatten(2))
         return ax
     return None
 
+
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "unsqueeze", "squeeze"}
 
 LAYOUTS = {(4, 1): "NCHW", (4, 3): "NHWC", (3, 2): "NLC", (3, 1): "NCL"}
 
@@ -562,7 +616,11 @@ class _Graph:
             if _ATTENTION_CLASS.search(type(m).__name__) and not isinstance(m, nn.MultiheadAttention):
                 return False  # attention gates (ours or the model's) are not the branch's own work
             return isinstance(m, _WEIGHTED_MODULES) or (any(True for _ in m.parameters()) and not _is_chain_op(self.gm, n))
-        return n.op == "call_function" and n.target in _WEIGHTED_FUNCTIONS
+        if n.op == "call_function" and n.target in _WEIGHTED_FUNCTIONS:
+            return True
+        # a function fed a weight matrix does the branch's work (torchvision's shifted_window_attention)
+        return n.op in ("call_function", "call_method") and any(
+            a.op == "get_attr" and len(_shape(a) or ()) >= 2 for a in n.all_input_nodes)
 
     def weight(self, nodes: Iterable[Node]) -> int:
         return sum(1 for n in nodes if self.is_weighted(n))
@@ -690,6 +748,7 @@ def find_blocks(gm: torch.fx.GraphModule) -> list[Block]:
         blocks += _plain_blocks(g, blocks)
     else:
         blocks = _conv_units(g)
+    blocks += _opaque_blocks(g, blocks)
     blocks.sort(key=lambda b: b.order)
     return blocks
 
@@ -703,6 +762,8 @@ def _residual_blocks(g: _Graph) -> list[Block]:
         out = _shape(n)
         if len(args) != 2 or out is None or len(out) < 3 or any(_shape(a) != out for a in args):
             continue
+        if n.meta.get("as_caxis") is None:
+            continue  # no conv/linear fixes the channels here (e.g. per-head tensors inside attention)
         fork = g.latest_common_ancestor(args[0], args[1])
         if fork is None or _shape(fork) is None:
             continue
@@ -815,6 +876,32 @@ def _plain_blocks(g: _Graph, residual: list[Block]) -> list[Block]:
         block.resolution = _resolution(std.shape, std.layout)
         block.nodes = frozenset(inside)
         block.scope = _scope_upto(nodes[0], qual)
+        blocks.append(block)
+    return blocks
+
+
+def _opaque_blocks(g: _Graph, found: list[Block]) -> list[Block]:
+    """Whole blocks the tracer keeps as leaves (timm registers NormFreeBlock, MobileVitBlock... as
+    not traceable): only their input and output can be reached, so they offer pre and post."""
+    inside = set().union(*(b.nodes for b in found)) if found else set()
+    blocks = []
+    for n in g.nodes:
+        m = _module(g.gm, n)
+        if m is None or n in inside or type(m).__module__.startswith("torch.nn") or "." not in n.target:
+            continue  # a root-level module (a head, a stem) is no block
+        if _ATTENTION_CLASS.search(type(m).__name__) or not any(isinstance(c, _WEIGHTED_MODULES) for c in m.modules()):
+            continue
+        block = Block(n.target, n.target, type(m).__name__, "opaque", None, 0, (), "", g.index[n])
+        inp = next((a for a in n.all_input_nodes if a.op != "get_attr"), None)
+        sites = [_site("pre", inp, [n]) if inp is not None else None, _site("post", n, list(n.users))]
+        block.sites = {s.position: s for s in sites if s is not None}
+        if "post" not in block.sites:
+            continue
+        post = block.sites["post"]
+        block.channels, block.layout = post.channels, post.layout
+        block.resolution = _resolution(post.shape, post.layout)
+        block.nodes = frozenset({n})
+        block.scope = _scope_upto(n, n.target)
         blocks.append(block)
     return blocks
 

@@ -146,6 +146,8 @@ def load_model(
     if source == "torchvision":
         model = _build_torchvision(name, pretrained, model_kwargs)
         input_size = _torchvision_input_size(name)
+        if isinstance(getattr(model, "image_size", None), int):  # ViTs fix it at build time
+            input_size = (input_size[0], model.image_size, model.image_size)
     elif source == "timm":
         model = _build_timm(name, pretrained, model_kwargs)
         input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))

@@ -264,9 +264,14 @@ def plan(anatomy: Any, specs: list[InsertionSpec]) -> list[_Planned]:
                 "identity": "it has no skip connection",
                 "3x3": "it has no spatial (k>1) convolution",
             }.get(spec.position, "it offers no such place")
+            if "opaque" in kinds:
+                why = "the tracer keeps it whole (its library marks it not traceable), so only pre and post reach it"
+            offering = len(chosen) - len(lacking)
+            hint = (f"{offering} of the {len(chosen)} selected blocks offer it: narrow the selection with --stages/--blocks"
+                    if offering else "`attnsurgeon inspect MODEL` lists the positions of each block")
             raise AttnSurgeonError(
                 f"position '{spec.position}' is not available in block{'s' if len(lacking) > 1 else ''} "
-                f"{_few(lacking)} ({'/'.join(kinds)}: {why}); `attnsurgeon inspect MODEL` lists the positions of each block"
+                f"{_few(lacking)} ({'/'.join(kinds)}: {why}); {hint}"
             )
         check_options(info.name, spec.options)
         per_stage = _per_stage_options(spec, sorted({b.stage for b in chosen}))
