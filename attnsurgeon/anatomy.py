@@ -127,6 +127,9 @@ class _Tracer(torch.fx.Tracer):
             return False
         return any_children or not any(True for c in m.children() for _ in c.parameters())
 
+    def proxy(self, node: Node) -> torch.fx.Proxy:
+        return _InplaceProxy(node, self)
+
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
         self.scope_stack.append((qualname, type(m).__name__))
@@ -140,6 +143,24 @@ class _Tracer(torch.fx.Tracer):
             raise
         finally:
             self.scope_stack.pop()
+
+
+class _InplaceProxy(torch.fx.Proxy):
+    """A Proxy that records ``x += y`` as ``operator.iadd`` (fx's own Proxy falls back to ``x + y``).
+
+    Residual merges are written ``out += shortcut`` in torchvision and timm: keeping them in place
+    keeps the rewritten model as fast and as lean as the original (the generated code says
+    ``out += shortcut`` again).
+    """
+
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    def __isub__(self, other):
+        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+
+    def __imul__(self, other):
+        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
 
 
 def _opens_up(m: nn.Module) -> bool:

@@ -270,6 +270,145 @@ def print_report(report: Any) -> None:
     )
 
 
+# --------------------------------------------------------------------------- profile
+
+
+class _Steps:
+    """A Rich progress line on stderr, drawn on a duplicate of fd 2 so that silencing native
+    output (the profiler's start-up noise) never swallows it."""
+
+    def __init__(self) -> None:
+        import os
+
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self._file = os.fdopen(os.dup(2), "w")
+        console = Console(file=self._file, highlight=False)
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=console, transient=True)
+        self.task = None
+
+    def __enter__(self) -> "_Steps":
+        self.progress.__enter__()
+        self.task = self.progress.add_task("Starting", total=None)
+        return self
+
+    def __call__(self, message: str) -> None:
+        self.progress.update(self.task, description=message)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+        self._file.close()
+
+
+@app.command()
+@command
+def profile(
+    model: ModelArg,
+    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help="Attention block to insert; without it the model is profiled alone.")] = None,
+    position: PositionOpt = "standard",
+    stages: StagesOpt = None,
+    blocks: BlocksOpt = None,
+    init: InitOpt = "default",
+    reduction: ReductionOpt = None,
+    bias: BiasOpt = None,
+    kernel_size: KernelOpt = None,
+    rd_divisor: DivisorOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 (autocast).")] = "float32",
+    batch_size: Annotated[str, typer.Option("--batch-size", help="One or more batch sizes: 1,32.")] = "1",
+    mode: Annotated[str, typer.Option("--mode", help="inference, or train: a whole forward+backward step.")] = "inference",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: torch's).")] = None,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Run in channels-last memory format.")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile both models; compile time is reported on its own line.")] = False,
+    min_time: Annotated[float, typer.Option("--min-time", help="Seconds of timed runs per model and batch size, at least.")] = 1.0,
+    max_time: Annotated[float, typer.Option("--max-time", help="... and at most; timing stops early once IQR/median < 10%.")] = 4.0,
+    input_size: InputSizeOpt = None,
+    pretrained: PretrainedOpt = False,
+    weights: WeightsOpt = None,
+    json_out: JsonOpt = False,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the figures as CSV to this file.")] = None,
+    markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Also write them as a markdown table.")] = None,
+) -> None:
+    """Measure MODEL and, with --attn, its modified twin side by side: params, MACs/FLOPs, latency, peak memory.
+
+    Example: attnsurgeon profile resnet50 --attn se --stages 3,4 --batch-size 1,32
+    """
+    options = block_options(reduction, bias, kernel_size, rd_divisor)
+    if attn is not None:
+        from .blocks import check_options, get_block
+
+        get_block(attn)
+        check_options(attn, options)
+    elif options:
+        raise AttnSurgeonError("--reduction/--bias/--kernel-size/--rd-divisor need --attn")
+    sizes = parse_ints(batch_size, "--batch-size") or []
+    for path in (csv_path, markdown_path):
+        if path is not None and not path.expanduser().parent.is_dir():
+            raise AttnSurgeonError(f"folder '{path.parent}' does not exist")
+    from .profiling import profile as do_profile
+
+    with _Steps() as steps:
+        result = do_profile(
+            model, attn, position, parse_ints(stages, "--stages"), [b.strip() for b in blocks.split(",")] if blocks else None,
+            init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
+            channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
+            pretrained=pretrained, weights=weights, progress=steps, **options,
+        )
+    from ._io import write_text_atomic
+    from .profiling.report import to_csv, to_markdown
+
+    if csv_path is not None:
+        write_text_atomic(csv_path, to_csv(result))
+    if markdown_path is not None:
+        write_text_atomic(markdown_path, to_markdown(result))
+    if json_out:
+        emit_json(result.to_dict())
+        return
+    print_profile(result)
+
+
+def print_profile(result: Any) -> None:
+    from rich.table import Table
+
+    from .profiling import FLOP_CONVENTION
+    from .profiling.report import fmt, label
+
+    out = _stdout()
+    s, env = result.settings, result.environment
+    out.print(f"[bold]{result.model}[/] ({result.source}) · input {'×'.join(map(str, result.input_size))} · "
+              f"{s.device} ({env['device_name']}) · {s.dtype} · {s.mode} · {env['threads']} threads · torch {env['torch_version']}"
+              + (" · channels-last" if s.channels_last else "") + (" · compiled" if s.compile else ""))
+    table = Table()
+    for col in ("metric", "base", "modified", "delta", "delta %"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for metric, base, mod, delta, pct in result.rows():
+        if metric == "compile s":
+            continue
+        table.add_row(label(metric), fmt(metric, base), fmt(metric, mod), fmt(metric, delta, True),
+                      "-" if pct is None else f"{pct:+.2f}%")
+    out.print(table)
+    if result.base.compile_s is not None:
+        mod = f", modified {result.modified.compile_s:.1f} s" if result.modified else ""
+        out.print(f"compile time (not in latency): base {result.base.compile_s:.1f} s{mod}")
+    out.print(f"[dim]{FLOP_CONVENTION}[/]")
+    if result.insertions:
+        per = Table(title="per insertion", title_justify="left")
+        for col in ("module", "position", "params", "MACs"):
+            per.add_column(col, justify="right" if col in ("params", "MACs") else "left")
+        for i in result.insertions:
+            per.add_row(i.module, i.position, f"{i.params:,}", f"{i.macs:,}")
+        if result.unattributed_macs:
+            per.add_row("(outside inserted modules)", "", "", f"{result.unattributed_macs:,}")
+        per.add_row("[bold]total[/]", "", f"{sum(i.params for i in result.insertions):,}",
+                    f"{sum(i.macs for i in result.insertions) + result.unattributed_macs:,}")
+        out.print(per)
+    err = _stderr()
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {_escape(w)}")
+
+
 # --------------------------------------------------------------------------- inspect
 
 

@@ -1,0 +1,49 @@
+"""Keep native libraries' chatter away from the user's terminal.
+
+The CUDA build of torch, on a machine without a GPU, prints lines such as
+``ERROR: ... gpuGetDeviceCount failed with code 35`` and ``USDT: ... profiler_start`` straight to
+file descriptor 2 when the profiler starts. Python-level redirection cannot catch that, so
+:func:`quiet_native_output` points fds 1 and 2 at a temporary file while the block runs and then
+passes on every line that is not such noise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator
+
+NOISE = re.compile(
+    r"gpuGetDeviceCount failed|^USDT:|SyncActivityProfilerHandler|profiler_(start|stop)\]|"
+    r"CUPTI|libcupti|Failed to initialize NVML|DeviceProperties\.cpp|allocated before the profiling started"
+)
+
+
+@contextmanager
+def quiet_native_output() -> Iterator[None]:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
+    except OSError:  # no real descriptors (an embedding host): nothing to guard
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        for fd in saved:
+            os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            kept = [line for line in sink.read().decode(errors="replace").splitlines() if line.strip() and not NOISE.search(line)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+                sys.stderr.flush()

@@ -1,0 +1,289 @@
+"""What an insertion costs: parameters, MACs/FLOPs, latency and peak memory, base vs modified.
+
+:func:`profile` loads the model once, applies the insertions with :func:`attnsurgeon.apply_plan`
+(the same code path as ``insert``), and measures both models in one run, side by side:
+
+* parameters from ``model.parameters()`` (shared tensors once), split per insertion;
+* MACs with fvcore plus element-wise handles (``profiling.flops``), FLOPs = 2 × MACs, with a
+  per-insertion breakdown whose rows sum exactly to the total delta;
+* latency with ``torch.utils.benchmark`` (warm-up, CUDA synchronisation, median and IQR, adaptive
+  stopping), alternating the two models; throughput in images/s;
+* peak tensor memory of one step (inference, or forward+backward with ``mode='train'``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from ..errors import AttnSurgeonError
+from .measure import Latency, Memory
+from .settings import Settings
+
+FLOP_CONVENTION = (
+    "MACs: one multiply-add in a conv/linear/matmul counts 1 (fvcore); element-wise ops count 1 per element, "
+    "reductions 1 per input element, pooling its window per output element. FLOPs = 2 x MACs. Per image (batch 1)."
+)
+
+
+@dataclass
+class ModelFigures:
+    params: int
+    macs: int
+    latency: dict[int, Latency] = field(default_factory=dict)
+    memory: dict[int, Memory] = field(default_factory=dict)
+    compile_s: float | None = None
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    def to_dict(self, batch_sizes: list[int]) -> dict[str, Any]:
+        d: dict[str, Any] = {"params": self.params, "macs": self.macs, "flops": self.flops}
+        d["latency_ms"] = _per_batch(batch_sizes, {b: {"median": round(l.median_ms, 4), "iqr": round(l.iqr_ms, 4),
+                                                      "runs": l.runs} for b, l in self.latency.items()})
+        d["throughput"] = _per_batch(batch_sizes, {b: round(l.throughput, 3) for b, l in self.latency.items()})
+        d["peak_memory_bytes"] = _per_batch(batch_sizes, {b: m.peak_bytes for b, m in self.memory.items()})
+        d["step_peak_memory_bytes"] = _per_batch(batch_sizes, {b: m.step_peak_bytes for b, m in self.memory.items()})
+        if self.compile_s is not None:
+            d["compile_s"] = round(self.compile_s, 3)
+        return d
+
+
+@dataclass
+class InsertionCost:
+    module: str
+    block: str
+    stage: int
+    position: str
+    attn: str
+    params: int
+    macs: int
+
+
+@dataclass
+class ProfileResult:
+    model: str
+    source: str
+    input_size: tuple[int, ...]
+    settings: Settings
+    base: ModelFigures
+    modified: ModelFigures | None
+    insertions: list[InsertionCost]
+    unattributed_macs: int  # delta MACs not inside an inserted module (0 unless the rewrite moved work)
+    uncounted_ops: dict[str, int]
+    fvcore_default_macs: dict[str, int]
+    warnings: list[str]
+    environment: dict[str, Any]
+
+    def rows(self) -> list[tuple[str, float, float | None, float | None, float | None]]:
+        """(metric, base, modified, delta, delta %) for tables, CSV and markdown."""
+        out: list[tuple[str, float, float | None, float | None, float | None]] = []
+
+        def add(name: str, base: float, mod: float | None) -> None:
+            delta = None if mod is None else mod - base
+            pct = None if mod is None or not base else 100.0 * (mod - base) / base
+            out.append((name, base, mod, delta, pct))
+
+        m = self.modified
+        add("params", self.base.params, m.params if m else None)
+        add("MACs", self.base.macs, m.macs if m else None)
+        add("FLOPs", self.base.flops, m.flops if m else None)
+        for b in self.settings.batch_sizes:
+            lat = self.base.latency[b]
+            add(f"latency ms (bs={b})", lat.median_ms, m.latency[b].median_ms if m else None)
+            add(f"latency IQR ms (bs={b})", lat.iqr_ms, m.latency[b].iqr_ms if m else None)
+            add(f"throughput img/s (bs={b})", lat.throughput, m.latency[b].throughput if m else None)
+            add(f"peak memory bytes (bs={b})", self.base.memory[b].peak_bytes, m.memory[b].peak_bytes if m else None)
+        if self.base.compile_s is not None:
+            add("compile s", self.base.compile_s, m.compile_s if m else None)
+        return out
+
+    def delta(self) -> dict[str, Any] | None:
+        if self.modified is None:
+            return None
+        bs = self.settings.batch_sizes
+        b, m = self.base, self.modified
+        return {
+            "params": m.params - b.params,
+            "macs": m.macs - b.macs,
+            "flops": m.flops - b.flops,
+            "latency_ms": _per_batch(bs, {k: {"median": round(m.latency[k].median_ms - b.latency[k].median_ms, 4)} for k in bs}),
+            "throughput": _per_batch(bs, {k: round(m.latency[k].throughput - b.latency[k].throughput, 3) for k in bs}),
+            "peak_memory_bytes": _per_batch(bs, {k: m.memory[k].peak_bytes - b.memory[k].peak_bytes for k in bs}),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        bs = self.settings.batch_sizes
+        return {
+            "model": self.model,
+            "source": self.source,
+            "input_size": list(self.input_size),
+            "base": self.base.to_dict(bs),
+            "modified": self.modified.to_dict(bs) if self.modified else None,
+            "delta": self.delta(),
+            "delta_percent": {name: (round(pct, 4) if pct is not None else None) for name, _, _, _, pct in self.rows()}
+            if self.modified else None,
+            "insertions": [vars(i) for i in self.insertions],
+            "unattributed_macs": self.unattributed_macs,
+            "uncounted_ops": self.uncounted_ops,
+            "fvcore_default_macs": self.fvcore_default_macs,
+            "flop_convention": FLOP_CONVENTION,
+            "settings": {**self.settings.to_dict(), "input_size": list(self.input_size), **self.environment},
+            "warnings": self.warnings,
+        }
+
+
+def _per_batch(batch_sizes: list[int], values: dict[int, Any]) -> Any:
+    """One batch size: the value itself; several: keyed by batch size."""
+    if len(batch_sizes) == 1:
+        return values.get(batch_sizes[0])
+    return {str(b): values.get(b) for b in batch_sizes}
+
+
+ProgressFn = Callable[[str], None]
+
+
+def profile(
+    model: Any,
+    attn: str | None = None,
+    position: str = "standard",
+    stages: Iterable[int] | None = None,
+    blocks: Iterable[str] | str | None = None,
+    init: str = "default",
+    *,
+    plan: list | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_sizes: Iterable[int] | int = (1,),
+    input_size: Any = None,
+    mode: str = "inference",
+    threads: int | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+    min_run_time: float = 1.0,
+    max_run_time: float = 4.0,
+    pretrained: bool = False,
+    weights: Any = None,
+    progress: ProgressFn | None = None,
+    **block_options: Any,
+) -> ProfileResult:
+    """Measure a model and, with ``attn`` or ``plan``, its modified twin, side by side.
+
+    Takes the insertion arguments of :func:`attnsurgeon.insert` (or ``plan``, a list of
+    :class:`~attnsurgeon.InsertionSpec`); without them the model is profiled alone.
+
+    Example:
+        >>> result = profile("resnet50", attn="se", batch_sizes=[1, 8])
+        >>> result.to_dict()["delta"]["params"]
+        2514944
+    """
+    import torch
+
+    from ..models import as_loaded
+    from ..surgery import InsertionSpec, apply_plan, count_params, resolve_input_size
+    from .flops import count_macs
+    from .settings import check_settings
+
+    say = progress or (lambda message: None)
+    settings = check_settings(Settings(device, dtype, list([batch_sizes] if isinstance(batch_sizes, int) else batch_sizes),
+                                       mode, threads, channels_last, compile, min_run_time, max_run_time))
+    specs = list(plan or [])
+    if attn is not None:
+        if isinstance(blocks, str):
+            blocks = [b for b in blocks.split(",") if b.strip()]
+        specs.append(InsertionSpec(attn, position, list(stages) if stages else None, list(blocks) if blocks else None,
+                                   init, {k: v for k, v in block_options.items() if v is not None}))
+    elif block_options and any(v is not None for v in block_options.values()):
+        raise AttnSurgeonError("block options were given without --attn")
+
+    say("Loading the model")
+    loaded = as_loaded(model, pretrained=pretrained, weights=weights)
+    size = resolve_input_size(input_size, loaded.input_size)
+    base = loaded.model
+    modified, report = None, None
+    if specs:
+        say("Inserting")
+        modified, report = apply_plan(loaded, specs, input_size=size)
+
+    say("Counting FLOPs")
+    one = torch.randn(1, *size)
+    base_flops = count_macs(base, one)
+    figures = {"base": ModelFigures(count_params(base), base_flops.macs)}
+    models = {"base": base}
+    insertions: list[InsertionCost] = []
+    unattributed = 0
+    uncounted = dict(base_flops.uncounted)
+    fvcore_default = {"base": base_flops.fvcore_default_macs}
+    if modified is not None:
+        mod_flops = count_macs(modified, one)
+        figures["modified"] = ModelFigures(count_params(modified), mod_flops.macs)
+        models["modified"] = modified
+        for ins in report.insertions:
+            insertions.append(InsertionCost(ins.module, ins.block, ins.stage, ins.position, ins.attn, ins.params,
+                                            mod_flops.by_module.get(ins.module, 0)))
+        unattributed = (mod_flops.macs - base_flops.macs) - sum(i.macs for i in insertions)
+        for op, calls in mod_flops.uncounted.items():
+            uncounted[op] = max(uncounted.get(op, 0), calls)
+        fvcore_default["modified"] = mod_flops.fvcore_default_macs
+
+    previous_threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        _time_and_measure(models, figures, size, settings, say)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    warnings = []
+    for name, fig in figures.items():
+        for b, lat in fig.latency.items():
+            if lat.noisy:
+                warnings.append(f"{name} latency at batch {b} is noisy: IQR {lat.iqr_ms:.2f} ms is "
+                                f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median; close other work or raise --max-time")
+    if uncounted:
+        warnings.append("ops without a FLOP handle (not counted): " + ", ".join(f"{k} ×{v}" for k, v in sorted(uncounted.items())))
+    environment = {
+        "threads": settings.threads or previous_threads,
+        "torch_version": torch.__version__,
+        "device_name": torch.cuda.get_device_name(settings.device) if settings.device.startswith("cuda") else "cpu",
+    }
+    return ProfileResult(loaded.spec, loaded.source, size, settings, figures["base"], figures.get("modified"),
+                         insertions, unattributed, uncounted, fvcore_default, warnings, environment)
+
+
+def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], size: tuple[int, ...],
+                      settings: Settings, say: ProgressFn) -> None:
+    import torch
+
+    from .measure import make_step, measure_latency, measure_memory, timed_call
+
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    runnable: dict[str, Any] = {}
+    for name, model in models.items():
+        model.to(settings.device)
+        if settings.channels_last:
+            model.to(memory_format=torch.channels_last)
+        model.train(settings.mode == "train")
+        runnable[name] = torch.compile(model) if settings.compile else model
+    try:
+        for b in settings.batch_sizes:
+            x = torch.randn(b, *size, device=settings.device).contiguous(memory_format=memory_format)
+            steps = {name: make_step(m, x, settings) for name, m in runnable.items()}
+            if settings.compile:
+                for name, step in steps.items():
+                    say(f"Compiling {name} (batch {b})")
+                    seconds = timed_call(step, settings.device)  # the first call compiles
+                    if figures[name].compile_s is None:
+                        figures[name].compile_s = seconds
+            say(f"Timing batch {b}")
+            for name, lat in measure_latency(steps, b, settings).items():
+                figures[name].latency[b] = lat
+            say(f"Measuring memory at batch {b}")
+            for name, step in steps.items():
+                figures[name].memory[b] = measure_memory(models[name], x, step, settings)
+    finally:
+        for model in models.values():
+            model.train(False)
+            for p in model.parameters():
+                p.grad = None

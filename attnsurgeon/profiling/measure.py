@@ -1,0 +1,168 @@
+"""Latency (torch.utils.benchmark) and peak memory of one step: inference, or forward+backward."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .settings import Settings
+
+
+@dataclass
+class Latency:
+    median_ms: float
+    iqr_ms: float
+    runs: int
+    batch_size: int
+
+    @property
+    def throughput(self) -> float:
+        """Images per second."""
+        return 1000.0 * self.batch_size / self.median_ms if self.median_ms > 0 else float("nan")
+
+    @property
+    def noisy(self) -> bool:
+        return self.iqr_ms / self.median_ms > 0.10 if self.median_ms > 0 else False
+
+
+def make_step(model: Any, x: Any, settings: Settings) -> Callable[[], None]:
+    """One inference pass, or one training step (forward, backward; no optimizer update)."""
+    import torch
+
+    device_type = torch.device(settings.device).type
+    autocast = (
+        (lambda: torch.autocast(device_type, dtype=getattr(torch, settings.dtype)))
+        if settings.dtype != "float32" else contextlib.nullcontext
+    )
+    if settings.mode == "inference":
+        def step() -> None:
+            with torch.inference_mode(), autocast():
+                model(x)
+    else:
+        def step() -> None:
+            for p in model.parameters():
+                p.grad = None
+            with autocast():
+                out = model(x)
+            (out.float().mean() if torch.is_tensor(out) else sum(o.float().mean() for o in out)).backward()
+    return step
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def timed_call(step: Callable[[], None], device: str) -> float:
+    """Seconds one call takes, synchronised (used for warm-up and compile time)."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure_latency(steps: dict[str, Callable[[], None]], batch_size: int, settings: Settings,
+                    rounds: int = 2) -> dict[str, Latency]:
+    """Time several models side by side: ``rounds`` alternating adaptive_autorange passes each,
+    merged, so that drift on a shared machine hits them alike. CUDA timings are synchronised by
+    torch.utils.benchmark's timer."""
+    benchmark = _benchmark()
+
+    threads = settings.threads or _default_threads()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for name, step in steps.items():  # warm-up: allocator, caches, lazy init
+        for _ in range(2):
+            step()
+    for r in range(rounds):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for name in order:
+            timer = benchmark.Timer(stmt="step()", globals={"step": steps[name]}, num_threads=threads,
+                                    label=name, description=f"batch {batch_size}")
+            m = timer.adaptive_autorange(threshold=0.1, min_run_time=settings.min_run_time / rounds,
+                                         max_run_time=settings.max_run_time / rounds)
+            times[name].extend(m.times)
+    out = {}
+    for name, values in times.items():
+        q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+        out[name] = Latency(1000 * statistics.median(values), 1000 * (q[2] - q[0]), len(values), batch_size)
+    return out
+
+
+def _benchmark() -> Any:
+    """torch.utils.benchmark, imported without its 'No CUDA runtime is found' log line on CPU machines."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import torch.utils.benchmark as benchmark
+
+    return benchmark
+
+
+def _default_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@dataclass
+class Memory:
+    peak_bytes: int  # resident (weights, buffers, input) + the step's own peak
+    step_peak_bytes: int  # the step's peak above what was resident before it
+
+
+def measure_memory(model: Any, x: Any, step: Callable[[], None], settings: Settings) -> Memory:
+    """Peak tensor memory of one step.
+
+    CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the running peak of
+    the profiler's allocation records during the step (tensor bytes, not process RSS), plus the
+    bytes resident before it.
+    """
+    import torch
+
+    # Gradients of an earlier step are freed outside the measurement: freeing them inside it
+    # would subtract bytes the step never allocated.
+    for p in model.parameters():
+        p.grad = None
+    if settings.device.startswith("cuda"):
+        torch.cuda.synchronize(settings.device)
+        resident = torch.cuda.memory_allocated(settings.device)
+        torch.cuda.reset_peak_memory_stats(settings.device)
+        step()
+        torch.cuda.synchronize(settings.device)
+        peak = torch.cuda.max_memory_allocated(settings.device)
+        return Memory(int(peak), int(peak - resident))
+    resident = _resident_bytes(model, x)
+    step_peak = _cpu_step_peak(step)
+    return Memory(resident + step_peak, step_peak)
+
+
+def _resident_bytes(model: Any, x: Any) -> int:
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers(), x]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _cpu_step_peak(step: Callable[[], None]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    from .._native import quiet_native_output
+
+    with quiet_native_output():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type().name == "CPU")
+    current = peak = 0
+    for _, nbytes in records:
+        current += nbytes
+        peak = max(peak, current)
+    return int(peak)
