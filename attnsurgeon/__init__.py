@@ -6,6 +6,9 @@ import torch):
 * :func:`insert` / :func:`apply_plan` — rewrite a model (``attnsurgeon.surgery``);
 * :func:`inspect_model` — its stages, blocks and insertion positions (``attnsurgeon.anatomy``);
 * :func:`load_model` — build a model by name and load weights (``attnsurgeon.models``);
+* :func:`profile` — params, MACs/FLOPs, latency, peak memory, base vs modified (``attnsurgeon.profiling``);
+* :func:`export` / :func:`load` — write safetensors+recipe, pt2, onnx, ts; rebuild a saved model;
+* :class:`Recipe` / :func:`read_recipe` — insertion plans as data (``attnsurgeon.recipes``);
 * :class:`InsertionSpec`, :class:`AttnSurgeonError`.
 """
 
@@ -25,6 +28,11 @@ _LAZY = {
     "inspect_model": ("api", "inspect_model"),
     "load_model": ("models", "load_model"),
     "list_models": ("models", "list_models"),
+    "profile": ("profiling", "profile"),
+    "export": ("export", "export"),
+    "load": ("export", "load"),
+    "Recipe": ("recipes", "Recipe"),
+    "read_recipe": ("recipes", "read_recipe"),
 }
 
 __all__ = ["AttnSurgeonError", "__version__", *_LAZY]

@@ -24,8 +24,12 @@ def atomic_path(target: str | os.PathLike, *, force: bool = True) -> Iterator[Pa
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise AttnSurgeonError(f"folder '{folder}' does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=folder)
+    # the temporary name keeps the real extension: some writers (onnx, torch.export) look at it
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".part{target.suffix}", dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file should look like any other the user writes
     tmp_path = Path(tmp)
     try:
         yield tmp_path

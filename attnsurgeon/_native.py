@@ -47,3 +47,11 @@ def quiet_native_output() -> Iterator[None]:
             if kept:
                 sys.stderr.write("\n".join(kept) + "\n")
                 sys.stderr.flush()
+
+
+def quiet_torch_logs() -> None:
+    """torch logs 'No CUDA runtime is found' (cpp_extension, imported by the benchmark timer and
+    by inductor) on CPU-only machines: not the user's concern."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

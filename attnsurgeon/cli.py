@@ -146,6 +146,15 @@ WeightsOpt = Annotated[
     Optional[Path], typer.Option("--weights", help="Load a .safetensors or .pt/.pth state dict into the base model before surgery.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+FormatOpt = Annotated[
+    Optional[str], typer.Option("--format", help="safetensors, pt2, onnx or ts; default: from the --out extension.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out file.")]
+DynamicOpt = Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic (pt2, onnx).")]
+ExportBatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size of the export's sample input.")]
+ToleranceOpt = Annotated[
+    float, typer.Option("--tolerance", help="Largest max-abs difference of the written file's outputs, relative to their scale.")
+]
 
 
 def parse_ints(text: str | None, what: str) -> list[int] | None:
@@ -222,17 +231,28 @@ def insert(
     input_size: InputSizeOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the modified model: .safetensors (+recipe, "
+                                                  "reloadable), .pt2, .onnx or .ts. It is loaded back and checked.")] = None,
+    format_: FormatOpt = None,
+    force: ForceOpt = False,
+    dynamic_batch: DynamicOpt = False,
+    export_batch: ExportBatchOpt = 1,
+    tolerance: ToleranceOpt = 1e-4,
     json_out: JsonOpt = False,
 ) -> None:
-    """Insert attention blocks into MODEL and report what was added.
+    """Insert attention blocks into MODEL and report what was added (and write it with --out).
 
-    Example: attnsurgeon insert resnet50 --attn eca --stages 3,4
+    Example: attnsurgeon insert resnet50 --attn eca --stages 3,4 --out eca50.safetensors
     """
     from .blocks import check_options, get_block
 
     get_block(attn)  # fail on a typo before loading anything
     options = block_options(reduction, bias, kernel_size, rd_divisor)
     check_options(attn, options)
+    if out is not None:
+        from .export import check_target
+
+        check_target(out, format_, force)  # unknown extension, missing folder, no --force: before any work
     stage_list = parse_ints(stages, "--stages")
     block_list = [b.strip() for b in blocks.split(",")] if blocks else None
     with progress(f"Loading {model} …"):
@@ -242,11 +262,20 @@ def insert(
     with progress("Tracing and inserting …"):
         from .surgery import insert as do_insert
 
-        _, report = do_insert(loaded, attn, position, stage_list, block_list, init, input_size=input_size, **options)
+        model_out, report = do_insert(loaded, attn, position, stage_list, block_list, init, input_size=input_size, **options)
+    written = None
+    if out is not None:
+        with progress(f"Writing {out} and checking it …"):
+            from .export import export as do_export
+
+            written = do_export(model_out, out, format=format_, batch_size=export_batch, dynamic_batch=dynamic_batch,
+                                force=force, tolerance=tolerance)
     if json_out:
-        emit_json(report.to_dict())
+        emit_json({**report.to_dict(), **({"export": written.to_dict()} if written else {})})
     else:
         print_report(report)
+        if written:
+            print_export(written)
 
 
 def print_report(report: Any) -> None:
@@ -268,6 +297,55 @@ def print_report(report: Any) -> None:
         f"{len(report.insertions)} block{'s' if len(report.insertions) != 1 else ''} inserted · parameters "
         f"{p['base']:,} → {p['modified']:,} ([bold]{p['delta']:+,}[/], {p['percent']:+.2f}%)"
     )
+
+
+def print_export(written: Any) -> None:
+    dyn = " (dynamic batch, checked at " + ", ".join(map(str, written.checked_batch_sizes)) + ")" if written.dynamic_batch else ""
+    _stdout().print(
+        f"wrote [bold]{_escape(written.path)}[/] · {written.format} · {written.size_bytes / 2**20:,.1f} MiB · "
+        f"loaded back: max abs diff {written.max_abs_diff:.3g} on input {tuple(written.input_shape)}{dyn}"
+    )
+
+
+@app.command()
+@command
+def export(
+    saved: Annotated[str, typer.Argument(help="A .safetensors written by `insert --out` (or a model name: the unmodified model).",
+                                         show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Target file: .safetensors, .pt2, .onnx or .ts.", show_default=False)],
+    format_: FormatOpt = None,
+    force: ForceOpt = False,
+    input_size: InputSizeOpt = None,
+    batch_size: ExportBatchOpt = 1,
+    dynamic_batch: DynamicOpt = False,
+    tolerance: ToleranceOpt = 1e-4,
+    json_out: JsonOpt = False,
+) -> None:
+    """Convert a saved modified model to another format; the written file is loaded back and checked.
+
+    Example: attnsurgeon export se50.safetensors --out se50.onnx --dynamic-batch
+    """
+    from .export import check_target
+
+    check_target(out, format_, force)
+    with progress(f"Loading {saved} …"):
+        if saved.lower().endswith(".safetensors"):
+            from .export import load
+
+            model = load(saved)
+        else:
+            from .models import load_model
+
+            model = load_model(saved).model
+    with progress(f"Writing {out} and checking it …"):
+        from .export import export as do_export
+
+        written = do_export(model, out, format=format_, input_size=input_size, batch_size=batch_size,
+                            dynamic_batch=dynamic_batch, force=force, tolerance=tolerance)
+    if json_out:
+        emit_json(written.to_dict())
+    else:
+        print_export(written)
 
 
 # --------------------------------------------------------------------------- profile

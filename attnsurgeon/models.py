@@ -19,7 +19,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,14 +39,17 @@ class LoadedModel:
     source: str  # one of SOURCES
     input_size: tuple[int, int, int]  # (C, H, W) the model expects by default
     weights: str | None = None  # "pretrained", a file path, or None (random init)
+    kwargs: dict = field(default_factory=dict)  # constructor arguments (num_classes=10)
 
     @property
     def spec(self) -> str:
-        """A name that resolves to the same model again (``tv:resnet50``)."""
+        """A name that resolves to the same model again (``tv:resnet50``; ``object:Net`` cannot)."""
         if self.source == "torchvision":
             return f"tv:{self.name}"
         if self.source == "timm":
             return f"timm:{self.name}"
+        if self.source == "object":
+            return f"object:{self.name}"
         return self.name
 
 
@@ -156,7 +159,10 @@ def load_model(
             raise AttnSurgeonError(f"--pretrained needs a torchvision or timm model; load '{name}' weights with --weights FILE")
         model = _build_user(source, name, model_kwargs)
         input_size = tuple(getattr(model, "default_input_size", (3, 224, 224)))
-    loaded = LoadedModel(model, name, source, input_size, "pretrained" if pretrained else None)
+    if source == "file":  # recorded absolute, so that a saved recipe rebuilds from anywhere
+        target, _, factory = name.rpartition(":")
+        name = f"{Path(target).expanduser().resolve()}:{factory}"
+    loaded = LoadedModel(model, name, source, input_size, "pretrained" if pretrained else None, dict(model_kwargs))
     if weights is not None:
         load_weights(model, weights)
         loaded.weights = str(weights)

@@ -90,12 +90,14 @@ class SurgeryReport:
     insertions: list[Insertion]
     plan: list[InsertionSpec]
     weights: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "source": self.source,
             "weights": self.weights,
+            "model_kwargs": self.model_kwargs,
             "input_size": list(self.input_size),
             "params": dict(self.params),
             "insertions": [i.to_dict() for i in self.insertions],
@@ -202,7 +204,7 @@ def apply_plan(
         "delta": modified - base_params,
         "percent": round(100.0 * (modified - base_params) / base_params, 4) if base_params else None,
     }
-    report = SurgeryReport(loaded.spec, loaded.source, size, params, insertions, specs, loaded.weights)
+    report = SurgeryReport(loaded.spec, loaded.source, size, params, insertions, specs, loaded.weights, dict(loaded.kwargs))
     gm.train(loaded.model.training)
     gm.attnsurgeon_report = report  # export and profile read the recipe from here
     assert isinstance(gm, torch.nn.Module)

@@ -185,6 +185,9 @@ def profile(
     from .flops import count_macs
     from .settings import check_settings
 
+    from .._native import quiet_torch_logs
+
+    quiet_torch_logs()
     say = progress or (lambda message: None)
     settings = check_settings(Settings(device, dtype, list([batch_sizes] if isinstance(batch_sizes, int) else batch_sizes),
                                        mode, threads, channels_last, compile, min_run_time, max_run_time))
@@ -198,13 +201,26 @@ def profile(
         raise AttnSurgeonError("block options were given without --attn")
 
     say("Loading the model")
-    loaded = as_loaded(model, pretrained=pretrained, weights=weights)
-    size = resolve_input_size(input_size, loaded.input_size)
-    base = loaded.model
-    modified, report = None, None
-    if specs:
-        say("Inserting")
-        modified, report = apply_plan(loaded, specs, input_size=size)
+    if _is_saved(model):  # a saved modified model: its base is rebuilt from the recipe
+        if specs:
+            raise AttnSurgeonError("a saved model carries its own insertions; profile it without --attn")
+        if pretrained or weights is not None:
+            raise AttnSurgeonError("a saved model carries its own weights; drop --pretrained/--weights")
+        from ..export import load_base
+
+        base, modified = load_base(model)
+        report = modified.attnsurgeon_report
+        spec, source = report.model, report.source
+        size = resolve_input_size(input_size, report.input_size)
+    else:
+        loaded = as_loaded(model, pretrained=pretrained, weights=weights)
+        spec, source = loaded.spec, loaded.source
+        size = resolve_input_size(input_size, loaded.input_size)
+        base = loaded.model
+        modified, report = None, None
+        if specs:
+            say("Inserting")
+            modified, report = apply_plan(loaded, specs, input_size=size)
 
     say("Counting FLOPs")
     one = torch.randn(1, *size)
@@ -248,8 +264,14 @@ def profile(
         "torch_version": torch.__version__,
         "device_name": torch.cuda.get_device_name(settings.device) if settings.device.startswith("cuda") else "cpu",
     }
-    return ProfileResult(loaded.spec, loaded.source, size, settings, figures["base"], figures.get("modified"),
+    return ProfileResult(spec, source, size, settings, figures["base"], figures.get("modified"),
                          insertions, unattributed, uncounted, fvcore_default, warnings, environment)
+
+
+def _is_saved(model: Any) -> bool:
+    import os
+
+    return isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".safetensors")
 
 
 def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], size: tuple[int, ...],

@@ -98,9 +98,9 @@ def measure_latency(steps: dict[str, Callable[[], None]], batch_size: int, setti
 
 def _benchmark() -> Any:
     """torch.utils.benchmark, imported without its 'No CUDA runtime is found' log line on CPU machines."""
-    import logging
+    from .._native import quiet_torch_logs
 
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    quiet_torch_logs()
     import torch.utils.benchmark as benchmark
 
     return benchmark

@@ -1,0 +1,225 @@
+"""Recipes: a model, a list of insertions and optional profile settings, as data.
+
+One schema serves the YAML files in ``recipes/`` (``attnsurgeon apply``) and the metadata of a
+saved ``.safetensors`` model (``attnsurgeon.load``), so a saved model can be re-created from its
+recipe::
+
+    model: timm:resnet50
+    input_size: [3, 224, 224]      # optional
+    insertions:
+      - attn: eca
+        stages: [1, 2]
+      - attn: cbam
+        position: standard
+        stages: [3, 4]
+        options: {reduction: 16}
+    profile:                       # optional: settings for `apply --profile`
+      batch_sizes: [1]
+
+Validation names the place of every problem (``insertions[1].stages``, and the line in a YAML
+file). YAML is read with a safe loader only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AttnSurgeonError, did_you_mean
+from .surgery import InsertionSpec
+
+RECIPE_KEYS = ("name", "description", "model", "model_kwargs", "input_size", "insertions", "profile")
+INSERTION_KEYS = ("attn", "position", "stages", "blocks", "init", "options")
+PROFILE_KEYS = ("device", "dtype", "batch_sizes", "mode", "threads", "channels_last", "compile",
+                "min_run_time", "max_run_time")
+
+
+@dataclass
+class Recipe:
+    model: str
+    insertions: list[InsertionSpec]
+    input_size: list[int] | None = None
+    profile: dict[str, Any] | None = None
+    name: str | None = None
+    description: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"model": self.model, "insertions": [s.to_dict() for s in self.insertions]}
+        for key in ("name", "description", "input_size", "profile"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        if self.model_kwargs:
+            d["model_kwargs"] = self.model_kwargs
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+class _Where:
+    """Where a value sits: a key path, plus its line when read from a YAML file."""
+
+    def __init__(self, source: str, lines: dict[tuple, int] | None = None):
+        self.source = source
+        self.lines = lines or {}
+
+    def __call__(self, path: tuple) -> str:
+        dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
+        line = self.lines.get(path)
+        return f"{self.source}{f', line {line}' if line else ''}: {dotted}"
+
+
+def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | None = None) -> Recipe:
+    """Validate plain data (from YAML or JSON) into a :class:`Recipe`; errors name the place."""
+    where = _Where(source, lines)
+    if not isinstance(data, dict):
+        raise AttnSurgeonError(f"{where(())}: a recipe is a mapping with 'model' and 'insertions'")
+    _no_unknown(data, RECIPE_KEYS, (), where)
+    model = _typed(data, "model", str, (), where, required=True)
+    insertions_raw = data.get("insertions")
+    if not isinstance(insertions_raw, list) or not insertions_raw:
+        raise AttnSurgeonError(f"{where(('insertions',))}: a non-empty list of insertions is required")
+    insertions = [_parse_insertion(item, ("insertions", i), where) for i, item in enumerate(insertions_raw)]
+    input_size = data.get("input_size")
+    if input_size is not None:
+        if isinstance(input_size, int):
+            input_size = [input_size]
+        if not (isinstance(input_size, list) and 1 <= len(input_size) <= 3 and all(_is_int(v) and v > 0 for v in input_size)):
+            raise AttnSurgeonError(f"{where(('input_size',))}: expected a size (224), [H, W] or [C, H, W] of positive integers")
+    profile = data.get("profile")
+    if profile is not None:
+        if not isinstance(profile, dict):
+            raise AttnSurgeonError(f"{where(('profile',))}: expected a mapping of profile settings")
+        _no_unknown(profile, PROFILE_KEYS, ("profile",), where)
+        _check_profile(profile, where)
+    kwargs = data.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise AttnSurgeonError(f"{where(('model_kwargs',))}: expected a mapping of keyword arguments")
+    return Recipe(model, insertions, input_size, profile, _typed(data, "name", str, (), where),
+                  _typed(data, "description", str, (), where), dict(kwargs))
+
+
+def _parse_insertion(item: Any, path: tuple, where: _Where) -> InsertionSpec:
+    from .anatomy import POSITIONS
+    from .blocks import INITS, REGISTRY
+
+    if not isinstance(item, dict):
+        raise AttnSurgeonError(f"{where(path)}: an insertion is a mapping with at least 'attn'")
+    _no_unknown(item, INSERTION_KEYS, path, where)
+    attn = _typed(item, "attn", str, path, where, required=True)
+    if attn not in REGISTRY:
+        raise AttnSurgeonError(f"{where(path + ('attn',))}: unknown attention block '{attn}' (known: {', '.join(REGISTRY)})."
+                               + did_you_mean(attn, REGISTRY))
+    position = _typed(item, "position", str, path, where) or "standard"
+    if position not in POSITIONS:
+        raise AttnSurgeonError(f"{where(path + ('position',))}: unknown position '{position}' (choose from {', '.join(POSITIONS)})")
+    init = _typed(item, "init", str, path, where) or "default"
+    if init not in INITS:
+        raise AttnSurgeonError(f"{where(path + ('init',))}: unknown init '{init}' (choose from {', '.join(INITS)})")
+    stages = item.get("stages")
+    if stages is not None:
+        if _is_int(stages):
+            stages = [stages]
+        if not (isinstance(stages, list) and stages and all(_is_int(s) and s >= 1 for s in stages)):
+            raise AttnSurgeonError(f"{where(path + ('stages',))}: expected a list of stage numbers (1-based), got {stages!r}")
+    blocks = item.get("blocks")
+    if blocks is not None:
+        if isinstance(blocks, str):
+            blocks = [b.strip() for b in blocks.split(",") if b.strip()]
+        if not (isinstance(blocks, list) and blocks and all(isinstance(b, str) for b in blocks)):
+            raise AttnSurgeonError(f"{where(path + ('blocks',))}: expected a list of block-name globs, got {blocks!r}")
+    options = item.get("options") or {}
+    if not isinstance(options, dict):
+        raise AttnSurgeonError(f"{where(path + ('options',))}: expected a mapping of block options")
+    allowed = REGISTRY[attn].options
+    for key, value in options.items():
+        if key not in allowed:
+            raise AttnSurgeonError(f"{where(path + ('options', key))}: '{attn}' takes no option '{key}' "
+                                   f"(it takes: {', '.join(allowed)})")
+        values = value if isinstance(value, list) else [value]
+        kind = bool if key == "bias" else (int, float)
+        if not values or not all(isinstance(v, kind) and (key == "bias" or not isinstance(v, bool)) for v in values):
+            raise AttnSurgeonError(f"{where(path + ('options', key))}: expected {'true/false' if key == 'bias' else 'a number'}"
+                                   f" or a list of them, got {value!r}")
+    return InsertionSpec(attn, position, stages, blocks, init, dict(options))
+
+
+def _check_profile(profile: dict, where: _Where) -> None:
+    types = {"device": str, "dtype": str, "mode": str, "threads": int, "channels_last": bool, "compile": bool,
+             "min_run_time": (int, float), "max_run_time": (int, float)}
+    for key, kind in types.items():
+        if key in profile and (not isinstance(profile[key], kind) or (kind is int and isinstance(profile[key], bool))):
+            raise AttnSurgeonError(f"{where(('profile', key))}: expected {getattr(kind, '__name__', 'a number')}, got {profile[key]!r}")
+    sizes = profile.get("batch_sizes")
+    if sizes is not None:
+        if _is_int(sizes):
+            sizes = [sizes]
+        if not (isinstance(sizes, list) and sizes and all(_is_int(b) and b >= 1 for b in sizes)):
+            raise AttnSurgeonError(f"{where(('profile', 'batch_sizes'))}: expected positive integers, got {profile['batch_sizes']!r}")
+        profile["batch_sizes"] = sizes
+
+
+def _no_unknown(d: dict, allowed: tuple, path: tuple, where: _Where) -> None:
+    for key in d:
+        if key not in allowed:
+            raise AttnSurgeonError(f"{where(path + (key,))}: unknown key '{key}' (allowed: {', '.join(allowed)})."
+                                   + did_you_mean(str(key), allowed))
+
+
+def _typed(d: dict, key: str, kind: type, path: tuple, where: _Where, required: bool = False) -> Any:
+    if key not in d or d[key] is None:
+        if required:
+            raise AttnSurgeonError(f"{where(path + (key,))}: missing (required)")
+        return None
+    if not isinstance(d[key], kind):
+        raise AttnSurgeonError(f"{where(path + (key,))}: expected {kind.__name__}, got {type(d[key]).__name__} {d[key]!r}")
+    return d[key]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe (safe loader; errors carry the line)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise AttnSurgeonError(f"recipe '{path}' does not exist")
+    data, lines = load_yaml_with_lines(p.read_text(), str(path))
+    return parse_recipe(data, str(path), lines)
+
+
+def load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
+    """Parse YAML with the safe loader, and remember the line of every key and item."""
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise AttnSurgeonError(f"{source}: not valid YAML: {str(exc).splitlines()[0]} "
+                               f"{getattr(exc, 'problem_mark', '') or ''}".strip()) from exc
+    lines: dict[tuple, int] = {}
+    constructor = yaml.SafeLoader("")
+
+    def walk(node: Any, path: tuple) -> Any:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out = {}
+            for key_node, value_node in node.value:
+                key = constructor.construct_object(key_node, deep=True)
+                lines[path + (key,)] = key_node.start_mark.line + 1
+                out[key] = walk(value_node, path + (key,))
+                lines[path + (key,)] = key_node.start_mark.line + 1
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [walk(item, path + (i,)) for i, item in enumerate(node.value)]
+        return constructor.construct_object(node, deep=True)
+
+    data = walk(root, ()) if root is not None else None
+    return data, lines

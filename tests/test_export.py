@@ -1,0 +1,192 @@
+"""Export: every format round-trips, loads without attnsurgeon, writes atomically, and a saved
+model's recipe rebuilds it exactly (or is refused when it does not fit its tensors)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import attnsurgeon
+from attnsurgeon import AttnSurgeonError
+from attnsurgeon.export import RECIPE_KEY, export, load
+
+CASES = [("resnet18", "se"), ("mobilenet_v3_small", "eca"), ("convnext_tiny", "cbam")]
+SIZE = (3, 64, 64)
+
+
+def _model(name, attn):
+    torch.manual_seed(0)
+    model, report = attnsurgeon.insert(name, attn, input_size=SIZE)
+    return model.eval(), report
+
+
+def _leftovers(folder):
+    return [p.name for p in folder.iterdir() if ".part" in p.name]
+
+
+@pytest.mark.parametrize("name, attn", CASES)
+def test_round_trip_every_format(name, attn, tmp_path):
+    model, report = _model(name, attn)
+    x = torch.randn(3, *SIZE)  # not the export's own sample input
+    with torch.no_grad():
+        expected = model(x)
+    files = {}
+    for ext in ("safetensors", "pt2", "onnx", "ts"):
+        path = tmp_path / f"m.{ext}"
+        written = export(model, path, dynamic_batch=ext in ("pt2", "onnx"))
+        assert written.format == ext and written.size_bytes == path.stat().st_size > 0
+        assert written.max_abs_diff <= 1e-4
+        files[ext] = path
+    rebuilt = load(files["safetensors"])
+    assert rebuilt.attnsurgeon_report.plan == report.plan
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), expected)
+        assert torch.allclose(torch.export.load(str(files["pt2"])).module()(x), expected, atol=1e-5)
+        assert torch.allclose(torch.jit.load(str(files["ts"]))(x[:1]), expected[:1], atol=1e-5)  # traced at batch 1
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]  # batch 3: the batch is dynamic
+    assert torch.allclose(torch.from_numpy(got), expected, atol=1e-4)
+    assert _leftovers(tmp_path) == []
+
+
+def test_exported_files_load_where_attnsurgeon_cannot_be_imported(tmp_path):
+    model, _ = _model("resnet18", "se")
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        save_file({"x": x, "y": model(x)}, str(tmp_path / "io.safetensors"))
+    for ext in ("pt2", "onnx", "ts"):
+        export(model, tmp_path / f"m.{ext}", batch_size=2)
+    code = f"""
+import sys
+sys.modules["attnsurgeon"] = None  # any import of attnsurgeon now fails
+try:
+    import attnsurgeon
+    raise SystemExit("attnsurgeon was importable")
+except ImportError:
+    pass
+import torch, onnxruntime
+from safetensors.torch import load_file
+io = load_file(r"{tmp_path / 'io.safetensors'}")
+x, y = io["x"], io["y"]
+outs = {{
+    "pt2": torch.export.load(r"{tmp_path / 'm.pt2'}").module()(x),
+    "ts": torch.jit.load(r"{tmp_path / 'm.ts'}")(x),
+}}
+s = onnxruntime.InferenceSession(r"{tmp_path / 'm.onnx'}", providers=["CPUExecutionProvider"])
+outs["onnx"] = torch.from_numpy(s.run(None, {{s.get_inputs()[0].name: x.numpy()}})[0])
+print({{k: float((v - y).abs().max()) for k, v in outs.items()}})
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    diffs = eval(result.stdout.strip().splitlines()[-1])
+    assert set(diffs) == {"pt2", "ts", "onnx"} and all(d <= 1e-4 for d in diffs.values())
+
+
+def test_safetensors_carries_the_recipe_and_versions(tmp_path):
+    model, _ = attnsurgeon.insert("resnet18", "eca", stages=[3, 4], kernel_size=[3, 5], init="identity", input_size=SIZE)
+    path = tmp_path / "eca.safetensors"
+    export(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    recipe = json.loads(meta[RECIPE_KEY])
+    assert recipe["model"] == "tv:resnet18" and recipe["input_size"] == list(SIZE)
+    assert recipe["insertions"] == [{"attn": "eca", "position": "standard", "stages": [3, 4], "init": "identity",
+                                     "options": {"kernel_size": [3, 5]}}]
+    assert set(json.loads(meta["attnsurgeon.versions"])) == {"attnsurgeon", "torch", "torchvision", "timm"}
+    rebuilt = load(path)  # identity init rebuilds the 2*sigmoid gates that hold no weights
+    x = torch.randn(1, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model.eval()(x))
+
+
+def test_no_overwrite_without_force(tmp_path, cli):
+    model, _ = _model("resnet18", "se")
+    path = tmp_path / "m.ts"
+    path.write_text("keep me")
+    with pytest.raises(AttnSurgeonError, match="exists; pass --force"):
+        export(model, path)
+    assert path.read_text() == "keep me"
+    code, out, err = cli("insert", "resnet18", "--input-size", "64", "--out", path)
+    assert code == 2 and "--force" in err and path.read_text() == "keep me"
+    export(model, path, force=True)
+    assert path.stat().st_size > 1000
+
+
+def test_failed_export_leaves_no_file(tmp_path):
+    model, _ = _model("resnet18", "se")
+    target = tmp_path / "m.onnx"
+    with pytest.raises(AttnSurgeonError, match="does not reproduce the model.*nothing was written"):
+        export(model, target, tolerance=0.0)  # onnxruntime differs from PyTorch in the last bits
+    assert not target.exists() and _leftovers(tmp_path) == []
+    old = tmp_path / "old.onnx"
+    old.write_text("previous export")
+    with pytest.raises(AttnSurgeonError):
+        export(model, old, tolerance=0.0, force=True)
+    assert old.read_text() == "previous export"  # a failed overwrite keeps the old file
+
+
+class _Histogram(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.histc(x, bins=4).sum()
+
+
+def test_an_op_onnx_cannot_export_is_named(tmp_path):
+    with pytest.raises(AttnSurgeonError, match=r"ONNX export failed at op aten\.histc"):
+        export(_Histogram(), tmp_path / "h.onnx", input_size=(3, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_extension_and_missing_onnx_are_refused_before_work(tmp_path, monkeypatch, cli):
+    code, _, err = cli("insert", "no_such_model_but_never_loaded", "--out", tmp_path / "m.h5")
+    assert code == 2 and "cannot tell the format" in err  # refused before the model name is looked at
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(AttnSurgeonError, match=r"pip install 'attnsurgeon\[onnx\]'"):
+        export(torch.nn.Identity(), tmp_path / "m.onnx")
+
+
+def test_recipe_missing_or_mismatched_is_refused(tmp_path):
+    model, _ = _model("resnet18", "se")
+    good = tmp_path / "good.safetensors"
+    export(model, good)
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    plain = tmp_path / "plain.safetensors"
+    save_file(tensors, str(plain))
+    with pytest.raises(AttnSurgeonError, match="has no attnsurgeon recipe"):
+        load(plain)
+    recipe = json.loads(meta[RECIPE_KEY])
+    recipe["insertions"][0]["attn"] = "eca"  # the tensors are SE's
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, RECIPE_KEY: json.dumps(recipe)})
+    with pytest.raises(AttnSurgeonError, match=r"recipe in .* does not match its tensors: .*missing keys .*unexpected keys"):
+        load(bad)
+    recipe["insertions"][0]["attn"] = "sse"
+    save_file(tensors, str(bad), metadata={**meta, RECIPE_KEY: json.dumps(recipe)})
+    with pytest.raises(AttnSurgeonError, match=r"insertions\[0\]\.attn: unknown attention block 'sse'"):
+        load(bad)
+
+
+def test_cli_insert_out_then_export_and_profile_the_saved_file(tmp_path, cli):
+    saved = tmp_path / "cbam.safetensors"
+    code, out, err = cli("insert", "resnet18", "--attn", "cbam", "--stages", "4", "--input-size", "64", "--out", saved, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["export"]["format"] == "safetensors" and data["export"]["max_abs_diff"] == 0
+    code, out, err = cli("export", saved, "--out", tmp_path / "cbam.pt2", "--dynamic-batch", "--json")
+    assert code == 0, err
+    assert json.loads(out)["checked_batch_sizes"] == [2, 3]
+    code, out, err = cli("profile", saved, "--min-time", "0.05", "--max-time", "0.1", "--json")
+    assert code == 0, err
+    prof = json.loads(out)
+    assert prof["model"] == "tv:resnet18" and prof["delta"]["params"] == data["params"]["delta"]
+    assert [i["module"] for i in prof["insertions"]] == ["layer4.0.cbam", "layer4.1.cbam"]
+    code, _, err = cli("profile", saved, "--attn", "se")
+    assert code == 2 and "carries its own insertions" in err
