@@ -487,6 +487,216 @@ def print_profile(result: Any) -> None:
         err.print(f"[yellow]warning:[/] {_escape(w)}")
 
 
+# --------------------------------------------------------------------------- recipes and sweeps
+
+RecipeArg = Annotated[str, typer.Argument(help="A YAML recipe (see recipes/).", show_default=False)]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: the recipe's, else cpu).")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16 (autocast).")]
+ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="inference, or train: a whole forward+backward step.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: torch's).")]
+MinTimeOpt = Annotated[Optional[float], typer.Option("--min-time", help="Seconds of timed runs per model, at least.")]
+MaxTimeOpt = Annotated[Optional[float], typer.Option("--max-time", help="... and at most (stops early once IQR/median < 10%).")]
+
+
+def _profile_overrides(device, dtype, batch_size, mode, threads, min_time, max_time, channels_last=None) -> dict[str, Any]:
+    overrides = {"device": device, "dtype": dtype, "mode": mode, "threads": threads, "min_run_time": min_time,
+                 "max_run_time": max_time, "channels_last": channels_last or None,
+                 "batch_sizes": parse_ints(batch_size, "--batch-size") if batch_size else None}
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+@app.command()
+@command
+def apply(
+    recipe: RecipeArg,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the modified model (.safetensors, .pt2, .onnx, .ts).")] = None,
+    format_: FormatOpt = None,
+    force: ForceOpt = False,
+    do_profile: Annotated[bool, typer.Option("--profile", help="Also profile base vs modified with the recipe's settings.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="Batch sizes for --profile: 1,32.")] = None,
+    mode: ModeOpt = None,
+    threads: ThreadsOpt = None,
+    min_time: MinTimeOpt = None,
+    max_time: MaxTimeOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Apply a recipe: its model and insertions (stacked in order); optionally profile and write it.
+
+    Example: attnsurgeon apply recipes/eca-resnet50.yaml --profile
+    """
+    from .recipes import read_recipe
+
+    spec = read_recipe(recipe)
+    if spec.is_sweep:
+        raise AttnSurgeonError(f"'{recipe}' is a sweep recipe (several configurations): run `attnsurgeon sweep {recipe} --out DIR`")
+    if out is not None:
+        from .export import check_target
+
+        check_target(out, format_, force)
+    with progress(f"Loading {spec.model} …"):
+        from .models import load_model
+
+        loaded = load_model(spec.model, **spec.model_kwargs)
+    with progress("Inserting …"):
+        from .surgery import apply_plan
+
+        model_out, report = apply_plan(loaded, spec.insertions, input_size=spec.input_size)
+    written = profiled = None
+    if out is not None:
+        with progress(f"Writing {out} and checking it …"):
+            from .export import export as do_export
+
+            written = do_export(model_out, out, format=format_, force=force)
+    if do_profile:
+        settings = {**(spec.profile or {}), **_profile_overrides(device, dtype, batch_size, mode, threads, min_time, max_time)}
+        from .profiling import profile as run_profile
+
+        with _Steps() as steps:
+            profiled = run_profile(loaded, plan=spec.insertions, input_size=report.input_size, progress=steps, **settings)
+    if json_out:
+        emit_json({"recipe": spec.name or recipe, **report.to_dict(), "profile": profiled.to_dict() if profiled else None,
+                   "export": written.to_dict() if written else None})
+        return
+    if spec.name or spec.description:
+        _stdout().print(f"[bold]{_escape(spec.name or recipe)}[/]" + (f" — {_escape(spec.description)}" if spec.description else ""))
+    print_report(report)
+    if written:
+        print_export(written)
+    if profiled:
+        print_profile(profiled)
+
+
+@app.command()
+@command
+def sweep(
+    model: Annotated[str, typer.Argument(help="A model name, or a sweep recipe (.yaml) with its configurations.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for rows.jsonl, results.csv/.json and plot.png.", show_default=False)],
+    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help="Attention blocks to sweep: se,eca,cbam.")] = None,
+    position: Annotated[str, typer.Option("--position", "-p", help="Positions to sweep: standard,pre,post,identity,3x3.")] = "standard",
+    stages: StagesOpt = None,
+    blocks: BlocksOpt = None,
+    init: InitOpt = "default",
+    reduction: ReductionOpt = None,
+    bias: BiasOpt = None,
+    kernel_size: KernelOpt = None,
+    rd_divisor: DivisorOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="The one batch size of the sweep's table (default 1).")] = None,
+    mode: ModeOpt = None,
+    threads: ThreadsOpt = None,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Run in channels-last memory format.")] = False,
+    min_time: MinTimeOpt = None,
+    max_time: MaxTimeOpt = None,
+    input_size: InputSizeOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted sweep in --out: finished rows are kept.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over in an --out folder that holds a sweep.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Profile MODEL under every combination of --attn and --position (or a sweep recipe's configurations).
+
+    Each row is written as soon as it is measured; an interrupted sweep keeps them, and --resume
+    measures only the rest. A configuration that fails becomes a failed row with its reason.
+
+    Example: attnsurgeon sweep resnet50 --attn se,eca,cbam --position standard,pre,post,identity --out sweeps/r50
+    """
+    from .recipes import parse_recipe, read_recipe
+
+    options = block_options(reduction, bias, kernel_size, rd_divisor)
+    is_recipe = model.lower().endswith((".yaml", ".yml"))
+    if is_recipe:
+        if attn or stages or blocks or options:
+            raise AttnSurgeonError("give either a sweep recipe or --attn/--position/--stages/--blocks and block options, not both")
+        spec = read_recipe(model)
+        configurations = spec.configurations
+        if configurations is None:  # a single recipe is a one-row sweep
+            from .recipes import Configuration
+
+            configurations = [Configuration(spec.name or Path(model).stem, spec.insertions)]
+        settings = dict(spec.profile or {})
+        size = input_size or spec.input_size
+    else:
+        if not attn:
+            raise AttnSurgeonError("--attn is required (a list such as se,eca,cbam), or give a sweep recipe")
+        grid: dict[str, Any] = {"attn": [a.strip() for a in attn.split(",") if a.strip()],
+                                "position": [p.strip() for p in position.split(",") if p.strip()], "init": [init]}
+        if stages:
+            grid["stages"] = [parse_ints(stages, "--stages")]
+        if blocks:
+            grid["blocks"] = [[b.strip() for b in blocks.split(",") if b.strip()]]
+        if options:
+            grid["options"] = {k: [v] for k, v in options.items()}
+        spec = parse_recipe({"model": model, "grid": grid}, "the command line")
+        configurations, settings, size = spec.configurations, {}, input_size
+    settings.update(_profile_overrides(device, dtype, str(batch_size) if batch_size else None, mode, threads, min_time,
+                                       max_time, channels_last))
+    from .sweep import run_sweep
+
+    with _SweepProgress() as bar:
+        result = run_sweep(spec.model, configurations, out, settings=settings, input_size=size,
+                           model_kwargs=spec.model_kwargs, resume=resume, force=force, progress=bar)
+    if json_out:
+        emit_json({"folder": str(result.folder), "measured": result.measured, "plot": str(result.plot) if result.plot else None,
+                   "rows": result.rows})
+        return
+    print_sweep(result)
+
+
+class _SweepProgress(_Steps):
+    """A bar with ETA over the sweep's rows, on stderr."""
+
+    def __init__(self) -> None:
+        import os
+
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._file = os.fdopen(os.dup(2), "w")
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), console=Console(file=self._file), transient=True)
+        self.task = None
+
+    def __enter__(self) -> "_SweepProgress":
+        self.progress.__enter__()
+        self.task = self.progress.add_task("sweep", total=None)
+        return self
+
+    def __call__(self, name: str, done: int, total: int) -> None:  # type: ignore[override]
+        self.progress.update(self.task, total=total, completed=done, description=f"measuring {name}" if name else "done")
+
+
+def print_sweep(result: Any) -> None:
+    from rich.table import Table
+
+    out = _stdout()
+    rows = result.rows
+    ok = [r for r in rows if r["status"] == "ok"]
+    title = f"{ok[0]['model']} · batch {ok[0]['batch_size']}" if ok else str(result.folder)
+    table = Table(title=title, title_justify="left")
+    for col in ("configuration", "params (M)", "Δ params", "GMACs", "GFLOPs", "Δ GFLOPs", "latency (ms)", "Δ latency",
+                "peak mem (MiB)", "Δ mem"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    for r in rows:
+        if r["status"] != "ok":
+            table.add_row(r["name"], f"[red]failed:[/] {_escape(r['reason'][:120])}", *[""] * 8)
+            continue
+        base = r["name"] == "base"
+        table.add_row(
+            f"[bold]{r['name']}[/]" if base else r["name"], f"{r['params'] / 1e6:.3f}",
+            "" if base else f"{r['params_delta']:+,} ({r['params_delta_pct']:+.2f}%)",
+            f"{r['gmacs']:.3f}", f"{r['gflops']:.3f}", "" if base else f"{r['gflops_delta']:+.4f}",
+            f"{r['latency_ms']:.2f} ± {r['latency_iqr_ms']:.2f}", "" if base else f"{r['latency_delta_pct']:+.1f}%",
+            f"{r['peak_memory_bytes'] / 2**20:,.1f}", "" if base else f"{r['peak_memory_delta_pct']:+.1f}%",
+        )
+    out.print(table)
+    reused = len(rows) - len(result.measured)
+    out.print(f"Δ latency and Δ memory compare each row with the base model measured alongside it. "
+              f"{len(result.measured)} row(s) measured now" + (f", {reused} kept from the earlier run" if reused else "") + ".")
+    out.print(f"wrote {result.folder}/results.csv, results.json, rows.jsonl" + (", plot.png" if result.plot else ""))
+
+
 # --------------------------------------------------------------------------- inspect
 
 

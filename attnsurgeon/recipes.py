@@ -13,8 +13,16 @@ recipe::
         position: standard
         stages: [3, 4]
         options: {reduction: 16}
-    profile:                       # optional: settings for `apply --profile`
+    profile:                       # optional: settings for `apply --profile` and `sweep`
       batch_sizes: [1]
+
+A **sweep recipe** has, instead of ``insertions``, either ``configurations`` (a list of named
+plans) or ``grid`` (lists of alternatives, expanded as their product)::
+
+    model: timm:resnet50
+    grid:
+      attn: [se]
+      options: {reduction: [2, 4, 8, 16, 32], bias: [false], rd_divisor: [1]}
 
 Validation names the place of every problem (``insertions[1].stages``, and the line in a YAML
 file). YAML is read with a safe loader only.
@@ -30,10 +38,24 @@ from typing import Any
 from .errors import AttnSurgeonError, did_you_mean
 from .surgery import InsertionSpec
 
-RECIPE_KEYS = ("name", "description", "model", "model_kwargs", "input_size", "insertions", "profile")
+RECIPE_KEYS = ("name", "description", "model", "model_kwargs", "input_size", "insertions", "configurations", "grid",
+               "profile")
+CONFIGURATION_KEYS = ("name", "insertions")
+GRID_KEYS = ("attn", "position", "stages", "blocks", "init", "options")
 INSERTION_KEYS = ("attn", "position", "stages", "blocks", "init", "options")
 PROFILE_KEYS = ("device", "dtype", "batch_sizes", "mode", "threads", "channels_last", "compile",
                 "min_run_time", "max_run_time")
+
+
+@dataclass
+class Configuration:
+    """One row of a sweep: a name and the plan it applies."""
+
+    name: str
+    insertions: list[InsertionSpec]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "insertions": [s.to_dict() for s in self.insertions]}
 
 
 @dataclass
@@ -45,9 +67,18 @@ class Recipe:
     name: str | None = None
     description: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    configurations: list[Configuration] | None = None  # a sweep recipe (from `configurations` or `grid`)
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.configurations is not None
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"model": self.model, "insertions": [s.to_dict() for s in self.insertions]}
+        d: dict[str, Any] = {"model": self.model}
+        if self.configurations is not None:
+            d["configurations"] = [c.to_dict() for c in self.configurations]
+        else:
+            d["insertions"] = [s.to_dict() for s in self.insertions]
         for key in ("name", "description", "input_size", "profile"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
@@ -79,10 +110,18 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
         raise AttnSurgeonError(f"{where(())}: a recipe is a mapping with 'model' and 'insertions'")
     _no_unknown(data, RECIPE_KEYS, (), where)
     model = _typed(data, "model", str, (), where, required=True)
-    insertions_raw = data.get("insertions")
-    if not isinstance(insertions_raw, list) or not insertions_raw:
-        raise AttnSurgeonError(f"{where(('insertions',))}: a non-empty list of insertions is required")
-    insertions = [_parse_insertion(item, ("insertions", i), where) for i, item in enumerate(insertions_raw)]
+    kinds = [k for k in ("insertions", "configurations", "grid") if k in data]
+    if len(kinds) != 1:
+        raise AttnSurgeonError(f"{where(())}: give exactly one of 'insertions' (a recipe), 'configurations' or 'grid' "
+                               f"(a sweep recipe){'; found ' + ', '.join(kinds) if kinds else ''}")
+    insertions: list[InsertionSpec] = []
+    configurations = None
+    if kinds[0] == "insertions":
+        insertions = _parse_insertions(data["insertions"], ("insertions",), where, allow_empty=True)
+    elif kinds[0] == "configurations":
+        configurations = _parse_configurations(data["configurations"], where)
+    else:
+        configurations = _expand_grid(data["grid"], where)
     input_size = data.get("input_size")
     if input_size is not None:
         if isinstance(input_size, int):
@@ -99,7 +138,69 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
     if not isinstance(kwargs, dict):
         raise AttnSurgeonError(f"{where(('model_kwargs',))}: expected a mapping of keyword arguments")
     return Recipe(model, insertions, input_size, profile, _typed(data, "name", str, (), where),
-                  _typed(data, "description", str, (), where), dict(kwargs))
+                  _typed(data, "description", str, (), where), dict(kwargs), configurations)
+
+
+def _parse_insertions(raw: Any, path: tuple, where: _Where, allow_empty: bool = False) -> list[InsertionSpec]:
+    if not isinstance(raw, list) or (not raw and not allow_empty):
+        raise AttnSurgeonError(f"{where(path)}: expected a {'' if allow_empty else 'non-empty '}list of insertions")
+    return [_parse_insertion(item, path + (i,), where) for i, item in enumerate(raw)]
+
+
+def _parse_configurations(raw: Any, where: _Where) -> list[Configuration]:
+    if not isinstance(raw, list) or not raw:
+        raise AttnSurgeonError(f"{where(('configurations',))}: expected a non-empty list of configurations")
+    out: list[Configuration] = []
+    for i, item in enumerate(raw):
+        path = ("configurations", i)
+        if not isinstance(item, dict):
+            raise AttnSurgeonError(f"{where(path)}: a configuration is a mapping with 'name' and 'insertions'")
+        _no_unknown(item, CONFIGURATION_KEYS, path, where)
+        name = _typed(item, "name", str, path, where, required=True)
+        if any(c.name == name for c in out):
+            raise AttnSurgeonError(f"{where(path + ('name',))}: the name '{name}' is used twice")
+        out.append(Configuration(name, _parse_insertions(item.get("insertions"), path + ("insertions",), where)))
+    return out
+
+
+def _expand_grid(raw: Any, where: _Where) -> list[Configuration]:
+    """The product of the grid's lists: each combination becomes one single-insertion configuration."""
+    import itertools
+
+    path = ("grid",)
+    if not isinstance(raw, dict) or "attn" not in raw:
+        raise AttnSurgeonError(f"{where(path)}: a grid is a mapping with at least 'attn' (lists of alternatives)")
+    _no_unknown(raw, GRID_KEYS, path, where)
+    axes: list[tuple[tuple, list]] = []
+    for key in ("attn", "position", "stages", "blocks", "init"):
+        if key in raw:
+            values = raw[key] if isinstance(raw[key], list) else [raw[key]]
+            if not values:
+                raise AttnSurgeonError(f"{where(path + (key,))}: an empty list leaves nothing to sweep")
+            axes.append(((key,), values))
+    options = raw.get("options") or {}
+    if not isinstance(options, dict):
+        raise AttnSurgeonError(f"{where(path + ('options',))}: expected a mapping of option -> list of alternatives")
+    for key, values in options.items():
+        axes.append((("options", key), values if isinstance(values, list) else [values]))
+    out: list[Configuration] = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        item: dict[str, Any] = {"options": {}}
+        label = []
+        for (key_path, _), value in zip(axes, combo):
+            if key_path[0] == "options":
+                item["options"][key_path[1]] = value
+            else:
+                item[key_path[0]] = value
+            if len(dict(axes)[key_path]) > 1:  # name a configuration by what varies
+                label.append(f"{key_path[-1]}={_short(value)}" if key_path[0] in ("options", "stages", "blocks") else str(value))
+        spec = _parse_insertion(item, path, where)
+        out.append(Configuration("/".join(label) or spec.attn, [spec]))
+    return out
+
+
+def _short(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value).lower()
 
 
 def _parse_insertion(item: Any, path: tuple, where: _Where) -> InsertionSpec:
@@ -207,8 +308,13 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]
     lines: dict[tuple, int] = {}
     constructor = yaml.SafeLoader("")
 
+    plain = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+
     def walk(node: Any, path: tuple) -> Any:
         lines[path] = node.start_mark.line + 1
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in plain:
+            raise AttnSurgeonError(f"{source}, line {node.start_mark.line + 1}: the YAML tag {node.tag} is not allowed "
+                                   "(a recipe is plain data)")
         if isinstance(node, yaml.MappingNode):
             out = {}
             for key_node, value_node in node.value:
@@ -219,7 +325,11 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]
             return out
         if isinstance(node, yaml.SequenceNode):
             return [walk(item, path + (i,)) for i, item in enumerate(node.value)]
-        return constructor.construct_object(node, deep=True)
+        try:
+            return constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:  # a scalar with a tag the safe loader does not know
+            raise AttnSurgeonError(f"{source}, line {node.start_mark.line + 1}: {str(exc).splitlines()[0]} "
+                                   "(a recipe is plain data)") from exc
 
     data = walk(root, ()) if root is not None else None
     return data, lines
