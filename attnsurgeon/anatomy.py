@@ -38,7 +38,7 @@ from torch.fx import Node
 
 from .errors import AttnSurgeonError
 
-from .positions import POSITION_HELP, POSITIONS  # noqa: E402  (torch-free, for the CLI)
+from .positions import POSITIONS  # noqa: E402  (torch-free, for the CLI)
 
 # --------------------------------------------------------------------------- op tables
 
@@ -730,6 +730,20 @@ def _site(position: str, producer: Node, consumers: Iterable[Node]) -> Site | No
     return Site(position, producer, consumers, int(shape[axis]), layout, shape)
 
 
+def _complete(block: Block, sites: list[Site | None], nodes: Iterable[Node], scope: dict, main: str = "standard") -> Block | None:
+    """Fill in a block from its sites (channels, layout and resolution from the ``main`` site);
+    None where that site is not insertable."""
+    block.sites = {s.position: s for s in sites if s is not None}
+    if main not in block.sites:
+        return None
+    site = block.sites[main]
+    block.channels, block.layout = site.channels, site.layout
+    block.resolution = _resolution(site.shape, site.layout)
+    block.nodes = frozenset(nodes)
+    block.scope = scope
+    return block
+
+
 def _resolution(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     return {"NCHW": shape[2:], "NHWC": shape[1:3], "NLC": shape[1:2], "NCL": shape[2:]}[layout]
 
@@ -817,15 +831,8 @@ def _residual_blocks(g: _Graph) -> list[Block]:
             _site("identity", skip_in, [n]),
             _spatial_site(g, region, region | {n}),
         ]
-        block.sites = {s.position: s for s in sites if s is not None}
-        if "standard" not in block.sites:
-            continue
-        std = block.sites["standard"]
-        block.channels, block.layout = std.channels, std.layout
-        block.resolution = _resolution(std.shape, std.layout)
-        block.nodes = frozenset(region | branches[s] | {n, output})
-        block.scope = _scope_upto(n, module)
-        found.append((n, module, cls, block))
+        if _complete(block, sites, region | branches[s] | {n, output}, _scope_upto(n, module)):
+            found.append((n, module, cls, block))
     # several merges in one module's forward (a ViT block): number them
     per_module: dict[str, int] = {}
     for _, module, _, _ in found:
@@ -889,15 +896,8 @@ def _plain_blocks(g: _Graph, residual: list[Block]) -> list[Block]:
             _site("post", out, list(out.users)),
             _spatial_site(g, inside, inside),
         ]
-        block.sites = {s.position: s for s in sites if s is not None}
-        if "standard" not in block.sites:
-            continue
-        std = block.sites["standard"]
-        block.channels, block.layout = std.channels, std.layout
-        block.resolution = _resolution(std.shape, std.layout)
-        block.nodes = frozenset(inside)
-        block.scope = _scope_upto(nodes[0], qual)
-        blocks.append(block)
+        if _complete(block, sites, inside, _scope_upto(nodes[0], qual)):
+            blocks.append(block)
     return blocks
 
 
@@ -915,15 +915,8 @@ def _opaque_blocks(g: _Graph, found: list[Block]) -> list[Block]:
         block = Block(n.target, n.target, type(m).__name__, "opaque", None, 0, (), "", g.index[n])
         inp = next((a for a in n.all_input_nodes if a.op != "get_attr"), None)
         sites = [_site("pre", inp, [n]) if inp is not None else None, _site("post", n, list(n.users))]
-        block.sites = {s.position: s for s in sites if s is not None}
-        if "post" not in block.sites:
-            continue
-        post = block.sites["post"]
-        block.channels, block.layout = post.channels, post.layout
-        block.resolution = _resolution(post.shape, post.layout)
-        block.nodes = frozenset({n})
-        block.scope = _scope_upto(n, n.target)
-        blocks.append(block)
+        if _complete(block, sites, {n}, _scope_upto(n, n.target), main="post"):
+            blocks.append(block)
     return blocks
 
 
@@ -953,15 +946,8 @@ def _conv_units(g: _Graph) -> list[Block]:
             _site("post", end, list(end.users)),
             _site("3x3", end, list(end.users)) if _spatial_kernel(g.gm, n) else None,
         ]
-        block.sites = {s.position: s for s in sites if s is not None}
-        if "standard" not in block.sites:
-            continue
-        std = block.sites["standard"]
-        block.channels, block.layout = std.channels, std.layout
-        block.resolution = _resolution(std.shape, std.layout)
-        block.nodes = frozenset(chain)
-        block.scope = _scope_upto(n, parent)
-        blocks.append(block)
+        if _complete(block, sites, chain, _scope_upto(n, parent)):
+            blocks.append(block)
     return blocks
 
 

@@ -21,10 +21,13 @@ import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._io import atomic_path
 from .errors import AttnSurgeonError
+
+if TYPE_CHECKING:
+    from .recipes import Recipe
 
 FORMATS = {".safetensors": "safetensors", ".pt2": "pt2", ".onnx": "onnx", ".ts": "ts"}
 RECIPE_KEY = "attnsurgeon.recipe"
@@ -149,7 +152,7 @@ def export(
 # --------------------------------------------------------------------------- safetensors + recipe
 
 
-def recipe_of(model: Any) -> "Recipe":  # noqa: F821
+def recipe_of(model: Any) -> Recipe:
     """The recipe that rebuilds a model made by attnsurgeon."""
     from .recipes import Recipe
 
@@ -195,7 +198,7 @@ def _read_safetensors(tmp: Path, checks: list) -> list:
         return [model(c) for c in checks]
 
 
-def read_saved(path: str | os.PathLike) -> tuple["Recipe", dict[str, Any], dict[str, str]]:  # noqa: F821
+def read_saved(path: str | os.PathLike) -> tuple[Recipe, dict[str, Any], dict[str, str]]:
     """The recipe, the tensors and the versions of a saved model; a missing recipe is an error."""
     from safetensors import SafetensorError, safe_open
 

@@ -220,12 +220,7 @@ def _parse_insertion(item: Any, path: tuple, where: _Where) -> InsertionSpec:
     init = _typed(item, "init", str, path, where) or "default"
     if init not in INITS:
         raise AttnSurgeonError(f"{where(path + ('init',))}: unknown init '{init}' (choose from {', '.join(INITS)})")
-    stages = item.get("stages")
-    if stages is not None:
-        if _is_int(stages):
-            stages = [stages]
-        if not (isinstance(stages, list) and stages and all(_is_int(s) and s >= 1 for s in stages)):
-            raise AttnSurgeonError(f"{where(path + ('stages',))}: expected a list of stage numbers (1-based), got {stages!r}")
+    stages = _positive_ints(item.get("stages"), where(path + ("stages",)), "a list of stage numbers (1-based)")
     blocks = item.get("blocks")
     if blocks is not None:
         if isinstance(blocks, str):
@@ -254,13 +249,8 @@ def _check_profile(profile: dict, where: _Where) -> None:
     for key, kind in types.items():
         if key in profile and (not isinstance(profile[key], kind) or (kind is int and isinstance(profile[key], bool))):
             raise AttnSurgeonError(f"{where(('profile', key))}: expected {getattr(kind, '__name__', 'a number')}, got {profile[key]!r}")
-    sizes = profile.get("batch_sizes")
-    if sizes is not None:
-        if _is_int(sizes):
-            sizes = [sizes]
-        if not (isinstance(sizes, list) and sizes and all(_is_int(b) and b >= 1 for b in sizes)):
-            raise AttnSurgeonError(f"{where(('profile', 'batch_sizes'))}: expected positive integers, got {profile['batch_sizes']!r}")
-        profile["batch_sizes"] = sizes
+    if "batch_sizes" in profile:
+        profile["batch_sizes"] = _positive_ints(profile["batch_sizes"], where(("profile", "batch_sizes")), "positive integers")
 
 
 def _no_unknown(d: dict, allowed: tuple, path: tuple, where: _Where) -> None:
@@ -278,6 +268,16 @@ def _typed(d: dict, key: str, kind: type, path: tuple, where: _Where, required: 
     if not isinstance(d[key], kind):
         raise AttnSurgeonError(f"{where(path + (key,))}: expected {kind.__name__}, got {type(d[key]).__name__} {d[key]!r}")
     return d[key]
+
+
+def _positive_ints(value: Any, place: str, what: str) -> list[int] | None:
+    """``3`` or ``[3, 4]`` -> ``[3]`` / ``[3, 4]``; None stays None; anything else is an error at ``place``."""
+    if value is None:
+        return None
+    values = [value] if _is_int(value) else value
+    if not (isinstance(values, list) and values and all(_is_int(v) and v >= 1 for v in values)):
+        raise AttnSurgeonError(f"{place}: expected {what}, got {value!r}")
+    return values
 
 
 def _is_int(v: Any) -> bool:

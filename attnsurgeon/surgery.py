@@ -159,11 +159,17 @@ def insert(
         >>> report.params["delta"]
         2514944
     """
-    if isinstance(blocks, str):
-        blocks = [b for b in blocks.split(",") if b.strip()]
-    spec = InsertionSpec(attn, position, list(stages) if stages else None, list(blocks) if blocks else None,
-                         init, {k: v for k, v in block_options.items() if v is not None})
+    spec = make_spec(attn, position, stages, blocks, init, **block_options)
     return apply_plan(model, [spec], input_size=input_size, pretrained=pretrained, weights=weights)
+
+
+def make_spec(attn: str, position: str = "standard", stages: Iterable[int] | None = None,
+              blocks: Iterable[str] | str | None = None, init: str = "default", **block_options: Any) -> InsertionSpec:
+    """An :class:`InsertionSpec` from :func:`insert`-style arguments (``blocks`` may be 'a.*,b.1')."""
+    if isinstance(blocks, str):
+        blocks = [b.strip() for b in blocks.split(",") if b.strip()]
+    return InsertionSpec(attn, position, list(stages) if stages else None, list(blocks) if blocks else None,
+                         init, {k: v for k, v in block_options.items() if v is not None})
 
 
 def apply_plan(

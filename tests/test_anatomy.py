@@ -1,7 +1,6 @@
 """Anatomy: blocks, stages, channels, layouts and positions read from the traced graph."""
 
 import pytest
-import torch
 from torch import nn
 
 from attnsurgeon import AttnSurgeonError

@@ -2,7 +2,6 @@
 model's recipe rebuilds it exactly (or is refused when it does not fit its tensors)."""
 
 import json
-import os
 import subprocess
 import sys
 

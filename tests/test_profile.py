@@ -11,7 +11,6 @@ from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 import attnsurgeon
-from attnsurgeon import AttnSurgeonError
 from attnsurgeon.profiling import profile
 from attnsurgeon.profiling.flops import count_macs
 

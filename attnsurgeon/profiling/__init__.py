@@ -181,7 +181,7 @@ def profile(
     import torch
 
     from ..models import as_loaded
-    from ..surgery import InsertionSpec, apply_plan, count_params, resolve_input_size
+    from ..surgery import apply_plan, count_params, make_spec, resolve_input_size
     from .flops import count_macs
     from .settings import check_settings
 
@@ -193,10 +193,7 @@ def profile(
                                        mode, threads, channels_last, compile, min_run_time, max_run_time))
     specs = list(plan or [])
     if attn is not None:
-        if isinstance(blocks, str):
-            blocks = [b for b in blocks.split(",") if b.strip()]
-        specs.append(InsertionSpec(attn, position, list(stages) if stages else None, list(blocks) if blocks else None,
-                                   init, {k: v for k, v in block_options.items() if v is not None}))
+        specs.append(make_spec(attn, position, stages, blocks, init, **block_options))
     elif block_options and any(v is not None for v in block_options.values()):
         raise AttnSurgeonError("block options were given without --attn")
 
