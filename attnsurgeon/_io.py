@@ -19,6 +19,8 @@ def atomic_path(target: str | os.PathLike, *, force: bool = True) -> Iterator[Pa
     ``force=False`` an existing ``target`` is an error, raised before any work.
     """
     target = Path(target).expanduser()
+    if target.is_dir():
+        raise AttnSurgeonError(f"'{target}' is a folder; give a file name such as {target / 'model.safetensors'}")
     if target.exists() and not force:
         raise AttnSurgeonError(f"'{target}' exists; pass --force to overwrite it")
     folder = target.parent if str(target.parent) else Path(".")
@@ -27,14 +29,15 @@ def atomic_path(target: str | os.PathLike, *, force: bool = True) -> Iterator[Pa
     # the temporary name keeps the real extension: some writers (onnx, torch.export) look at it
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".part{target.suffix}", dir=folder)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file should look like any other the user writes
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        # mkstemp makes 0600, and some writers replace the file: set the user's usual mode last
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

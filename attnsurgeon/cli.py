@@ -111,6 +111,7 @@ ModelArg = Annotated[
         help="A torchvision or timm name (resnet50; tv:NAME / timm:NAME force the library), "
         "path/to/file.py:factory or package.module:factory.",
         show_default=False,
+        metavar="MODEL",
     ),
 ]
 AttnOpt = Annotated[str, typer.Option("--attn", "-a", help="Attention block: se, eca, cbam (see `attnsurgeon list attn`).")]
@@ -159,7 +160,7 @@ ToleranceOpt = Annotated[
 
 def parse_ints(text: str | None, what: str) -> list[int] | None:
     """'3,4' / '2-4' / '3' -> [3, 4] / [2, 3, 4] / [3]."""
-    if text is None or not text.strip():
+    if text is None:
         return None
     out: list[int] = []
     for part in text.split(","):
@@ -168,13 +169,53 @@ def parse_ints(text: str | None, what: str) -> list[int] | None:
             continue
         try:
             if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if lo > hi:
+                    raise AttnSurgeonError(f"{what}: the range '{part}' runs backwards; write {hi}-{lo}")
+                out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
         except ValueError:
             raise AttnSurgeonError(f"{what}: '{text}' is not a list of integers (e.g. 3,4 or 2-4)") from None
+    if not out:
+        raise AttnSurgeonError(f"{what}: '{text}' names nothing; give integers such as 3,4 or 2-4")
     return out
+
+
+def parse_globs(text: str | None, what: str = "--blocks") -> list[str] | None:
+    """'layer3.*, layer4.2' -> ['layer3.*', 'layer4.2']; an empty value is an error, not 'all'."""
+    if text is None:
+        return None
+    globs = [g.strip() for g in text.split(",") if g.strip()]
+    if not globs:
+        raise AttnSurgeonError(f"{what}: '{text}' names no block; leave the option out to select every block")
+    return globs
+
+
+def check_position(position: str) -> str:
+    """Before any model is built (torch-free)."""
+    from .errors import did_you_mean
+    from .positions import POSITIONS
+
+    if position not in POSITIONS:
+        raise AttnSurgeonError(f"unknown position '{position}' (choose from {', '.join(POSITIONS)})." + did_you_mean(position, POSITIONS))
+    return position
+
+
+def check_insertion_args(attn: str, position: str, options: dict[str, Any], init: str = "default") -> None:
+    """Everything about an insertion that can be checked without a model: fail in a blink, not after a build."""
+    from .blocks import INITS, check_options, get_block
+
+    get_block(attn)
+    check_position(position)
+    check_options(attn, options)
+    if init not in INITS:
+        raise AttnSurgeonError(f"unknown init '{init}' (choose from {', '.join(INITS)})")
+
+
+def check_tolerance(tolerance: float) -> None:
+    if not tolerance >= 0:
+        raise AttnSurgeonError(f"--tolerance must be ≥ 0, got {tolerance}")
 
 
 def parse_numbers(text: str | None, what: str) -> Any:
@@ -244,17 +285,15 @@ def insert(
 
     Example: attnsurgeon insert resnet50 --attn eca --stages 3,4 --out eca50.safetensors
     """
-    from .blocks import check_options, get_block
-
-    get_block(attn)  # fail on a typo before loading anything
     options = block_options(reduction, bias, kernel_size, rd_divisor)
-    check_options(attn, options)
+    check_insertion_args(attn, position, options, init)  # typos fail before loading anything
     if out is not None:
         from .export import check_target
 
+        check_tolerance(tolerance)
         check_target(out, format_, force)  # unknown extension, missing folder, no --force: before any work
     stage_list = parse_ints(stages, "--stages")
-    block_list = [b.strip() for b in blocks.split(",")] if blocks else None
+    block_list = parse_globs(blocks)
     with progress(f"Loading {model} …"):
         from .models import load_model
 
@@ -295,8 +334,16 @@ def print_report(report: Any) -> None:
     p = report.params
     out.print(
         f"{len(report.insertions)} block{'s' if len(report.insertions) != 1 else ''} inserted · parameters "
-        f"{p['base']:,} → {p['modified']:,} ([bold]{p['delta']:+,}[/], {p['percent']:+.2f}%)"
+        f"{p['base']:,} → {p['modified']:,} ([bold]{p['delta']:+,}[/], {p['percent']:+.{_digits(p['percent'])}f}%)"
     )
+    for note in report.notes:
+        _stderr().print(f"[dim]note: {_escape(note)}[/]")
+
+
+def _digits(percent: float) -> int:
+    """Enough decimals that a small change does not print as +0.00%."""
+    small = abs(percent)
+    return 2 if small >= 0.01 or small == 0 else 4 if small >= 0.0001 else 6
 
 
 def print_export(written: Any) -> None:
@@ -311,7 +358,7 @@ def print_export(written: Any) -> None:
 @command
 def export(
     saved: Annotated[str, typer.Argument(help="A .safetensors written by `insert --out` (or a model name: the unmodified model).",
-                                         show_default=False)],
+                                         show_default=False, metavar="SAVED")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Target file: .safetensors, .pt2, .onnx or .ts.", show_default=False)],
     format_: FormatOpt = None,
     force: ForceOpt = False,
@@ -327,6 +374,7 @@ def export(
     """
     from .export import check_target
 
+    check_tolerance(tolerance)
     check_target(out, format_, force)
     with progress(f"Loading {saved} …"):
         if saved.lower().endswith(".safetensors"):
@@ -364,7 +412,7 @@ class _Steps:
         self._file = os.fdopen(os.dup(2), "w")
         console = Console(file=self._file, highlight=False)
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                 console=console, transient=True)
+                                 console=console, transient=True, disable=not self._file.isatty())
         self.task = None
 
     def __enter__(self) -> "_Steps":
@@ -415,10 +463,7 @@ def profile(
     """
     options = block_options(reduction, bias, kernel_size, rd_divisor)
     if attn is not None:
-        from .blocks import check_options, get_block
-
-        get_block(attn)
-        check_options(attn, options)
+        check_insertion_args(attn, position, options, init)
     elif options:
         raise AttnSurgeonError("--reduction/--bias/--kernel-size/--rd-divisor need --attn")
     sizes = parse_ints(batch_size, "--batch-size") or []
@@ -429,7 +474,7 @@ def profile(
 
     with _Steps() as steps:
         result = do_profile(
-            model, attn, position, parse_ints(stages, "--stages"), [b.strip() for b in blocks.split(",")] if blocks else None,
+            model, attn, position, parse_ints(stages, "--stages"), parse_globs(blocks),
             init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
             channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
             pretrained=pretrained, weights=weights, progress=steps, **options,
@@ -455,17 +500,24 @@ def print_profile(result: Any) -> None:
 
     out = _stdout()
     s, env = result.settings, result.environment
+    device = s.device if env["device_name"] == "cpu" else f"{s.device} ({env['device_name']})"
     out.print(f"[bold]{result.model}[/] ({result.source}) · input {'×'.join(map(str, result.input_size))} · "
-              f"{s.device} ({env['device_name']}) · {s.dtype} · {s.mode} · {env['threads']} threads · torch {env['torch_version']}"
+              f"{device} · {s.dtype} · {s.mode} · {env['threads']} threads · torch {env['torch_version']}"
               + (" · channels-last" if s.channels_last else "") + (" · compiled" if s.compile else ""))
+    alone = result.modified is None
     table = Table()
-    for col in ("metric", "base", "modified", "delta", "delta %"):
+    for col in ("metric", "value") if alone else ("metric", "base", "modified", "delta", "delta %"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for metric, base, mod, delta, pct in result.rows():
         if metric == "compile s":
             continue
-        table.add_row(label(metric), fmt(metric, base), fmt(metric, mod), fmt(metric, delta, True),
-                      "-" if pct is None else f"{pct:+.2f}%")
+        if alone:
+            table.add_row(label(metric), fmt(metric, base))
+        elif "IQR" in metric:  # a spread has no meaningful difference
+            table.add_row(label(metric), fmt(metric, base), fmt(metric, mod), "", "")
+        else:
+            table.add_row(label(metric), fmt(metric, base), fmt(metric, mod), fmt(metric, delta, True),
+                          "-" if pct is None else f"{pct:+.{_digits(pct)}f}%")
     out.print(table)
     if result.base.compile_s is not None:
         mod = f", modified {result.modified.compile_s:.1f} s" if result.modified else ""
@@ -489,7 +541,7 @@ def print_profile(result: Any) -> None:
 
 # --------------------------------------------------------------------------- recipes and sweeps
 
-RecipeArg = Annotated[str, typer.Argument(help="A YAML recipe (see recipes/).", show_default=False)]
+RecipeArg = Annotated[str, typer.Argument(help="A YAML recipe (see recipes/).", show_default=False, metavar="RECIPE")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: the recipe's, else cpu).")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16 (autocast).")]
 ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="inference, or train: a whole forward+backward step.")]
@@ -520,6 +572,7 @@ def apply(
     threads: ThreadsOpt = None,
     min_time: MinTimeOpt = None,
     max_time: MaxTimeOpt = None,
+    input_size: InputSizeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Apply a recipe: its model and insertions (stacked in order); optionally profile and write it.
@@ -535,14 +588,17 @@ def apply(
         from .export import check_target
 
         check_target(out, format_, force)
-    with progress(f"Loading {spec.model} …"):
-        from .models import load_model
+    try:
+        with progress(f"Loading {spec.model} …"):
+            from .models import load_model
 
-        loaded = load_model(spec.model, **spec.model_kwargs)
-    with progress("Inserting …"):
-        from .surgery import apply_plan
+            loaded = load_model(spec.model, **spec.model_kwargs)
+        with progress("Inserting …"):
+            from .surgery import apply_plan
 
-        model_out, report = apply_plan(loaded, spec.insertions, input_size=spec.input_size)
+            model_out, report = apply_plan(loaded, spec.insertions, input_size=input_size or spec.input_size)
+    except AttnSurgeonError as exc:  # say which file the problem comes from
+        raise AttnSurgeonError(f"{recipe}: {exc}") from exc
     written = profiled = None
     if out is not None:
         with progress(f"Writing {out} and checking it …"):
@@ -571,7 +627,8 @@ def apply(
 @app.command()
 @command
 def sweep(
-    model: Annotated[str, typer.Argument(help="A model name, or a sweep recipe (.yaml) with its configurations.", show_default=False)],
+    model: Annotated[str, typer.Argument(help="A model name, or a sweep recipe (.yaml) with its configurations.", show_default=False,
+                                         metavar="MODEL|RECIPE")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for rows.jsonl, results.csv/.json and plot.png.", show_default=False)],
     attn: Annotated[Optional[str], typer.Option("--attn", "-a", help="Attention blocks to sweep: se,eca,cbam.")] = None,
     position: Annotated[str, typer.Option("--position", "-p", help="Positions to sweep: standard,pre,post,identity,3x3.")] = "standard",
@@ -604,6 +661,8 @@ def sweep(
     """
     from .recipes import parse_recipe, read_recipe
 
+    if resume and force:
+        raise AttnSurgeonError("--resume and --force conflict: --resume keeps the finished rows, --force discards them")
     options = block_options(reduction, bias, kernel_size, rd_divisor)
     is_recipe = model.lower().endswith((".yaml", ".yml"))
     if is_recipe:
@@ -620,15 +679,24 @@ def sweep(
     else:
         if not attn:
             raise AttnSurgeonError("--attn is required (a list such as se,eca,cbam), or give a sweep recipe")
-        grid: dict[str, Any] = {"attn": [a.strip() for a in attn.split(",") if a.strip()],
-                                "position": [p.strip() for p in position.split(",") if p.strip()], "init": [init]}
-        if stages:
-            grid["stages"] = [parse_ints(stages, "--stages")]
-        if blocks:
-            grid["blocks"] = [[b.strip() for b in blocks.split(",") if b.strip()]]
-        if options:
-            grid["options"] = {k: [v] for k, v in options.items()}
-        spec = parse_recipe({"model": model, "grid": grid}, "the command line")
+        attns = parse_globs(attn, "--attn")
+        positions = [check_position(p) for p in parse_globs(position, "--position")]
+        unused = [k for k in options if not any(k in _takes(a) for a in attns)]
+        if unused:
+            raise AttnSurgeonError(f"none of {', '.join(attns)} takes {', '.join(unused)}")
+        configurations = []
+        for a in attns:  # block options go to the blocks that take them (--reduction: se and cbam, not eca)
+            own = {k: v for k, v in options.items() if k in _takes(a)}
+            check_insertion_args(a, positions[0], own, init)
+            for p in positions:
+                name = "/".join([a] * (len(attns) > 1) + [p] * (len(positions) > 1)) or a
+                item = {"attn": a, "position": p, "init": init, "options": own}
+                if stages is not None:
+                    item["stages"] = parse_ints(stages, "--stages")
+                if blocks is not None:
+                    item["blocks"] = parse_globs(blocks)
+                configurations.append({"name": name, "insertions": [item]})
+        spec = parse_recipe({"model": model, "configurations": configurations}, "the command line")
         configurations, settings, size = spec.configurations, {}, input_size
     settings.update(_profile_overrides(device, dtype, str(batch_size) if batch_size else None, mode, threads, min_time,
                                        max_time, channels_last))
@@ -644,6 +712,12 @@ def sweep(
     print_sweep(result)
 
 
+def _takes(attn: str) -> tuple[str, ...]:
+    from .blocks import get_block
+
+    return get_block(attn).options
+
+
 class _SweepProgress(_Steps):
     """A bar with ETA over the sweep's rows, on stderr."""
 
@@ -655,7 +729,8 @@ class _SweepProgress(_Steps):
 
         self._file = os.fdopen(os.dup(2), "w")
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), console=Console(file=self._file), transient=True)
+                                 TimeRemainingColumn(), console=Console(file=self._file), transient=True,
+                                 disable=not self._file.isatty())
         self.task = None
 
     def __enter__(self) -> "_SweepProgress":
@@ -678,19 +753,28 @@ def print_sweep(result: Any) -> None:
     for col in ("configuration", "params (M)", "Δ params", "GMACs", "GFLOPs", "Δ GFLOPs", "latency (ms)", "Δ latency",
                 "peak mem (MiB)", "Δ mem"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
+    failures, noisy = [], False
     for r in rows:
         if r["status"] != "ok":
-            table.add_row(r["name"], f"[red]failed:[/] {_escape(r['reason'][:120])}", *[""] * 8)
+            failures.append(r)
+            table.add_row(r["name"], f"[red]failed ({len(failures)})[/]", *[""] * 8)
             continue
         base = r["name"] == "base"
+        flag = "[yellow]![/]" if any("noisy" in w for w in r.get("warnings", [])) else ""
+        noisy = noisy or bool(flag)
         table.add_row(
             f"[bold]{r['name']}[/]" if base else r["name"], f"{r['params'] / 1e6:.3f}",
             "" if base else f"{r['params_delta']:+,} ({r['params_delta_pct']:+.2f}%)",
             f"{r['gmacs']:.3f}", f"{r['gflops']:.3f}", "" if base else f"{r['gflops_delta']:+.4f}",
-            f"{r['latency_ms']:.2f} ± {r['latency_iqr_ms']:.2f}", "" if base else f"{r['latency_delta_pct']:+.1f}%",
+            f"{r['latency_ms']:.2f} ± {r['latency_iqr_ms']:.2f}{flag}", "" if base else f"{r['latency_delta_pct']:+.1f}%",
             f"{r['peak_memory_bytes'] / 2**20:,.1f}", "" if base else f"{r['peak_memory_delta_pct']:+.1f}%",
         )
     out.print(table)
+    for i, r in enumerate(failures, 1):
+        out.print(f"[red]failed ({i})[/] {r['name']}: {_escape(r['reason'])}")
+    if noisy:
+        out.print("[yellow]![/] noisy timing: IQR above 10% of the median (other work on the machine, or more threads "
+                  "than free cores: try --threads 1 or a longer --max-time); treat those Δ latency figures with care.")
     reused = len(rows) - len(result.measured)
     out.print(f"Δ latency and Δ memory compare each row with the base model measured alongside it. "
               f"{len(result.measured)} row(s) measured now" + (f", {reused} kept from the earlier run" if reused else "") + ".")
@@ -709,9 +793,18 @@ def inspect(
 ) -> None:
     """Show MODEL's stages, blocks, the positions each block offers, and attention it already has."""
     with progress(f"Loading {model} …"):
-        from .models import load_model
+        if model.lower().endswith(".safetensors"):  # a saved modified model
+            from .export import load
+            from .models import LoadedModel
 
-        loaded = load_model(model)
+            saved = load(model)
+            report = saved.attnsurgeon_report
+            loaded = LoadedModel(saved, report.model, report.source, tuple(report.input_size))
+            loaded.source = f"{report.source}, saved in {model}"
+        else:
+            from .models import load_model
+
+            loaded = load_model(model)
     with progress("Tracing …"):
         from .api import inspect_model
 
@@ -753,7 +846,8 @@ def list_attn(json_out: JsonOpt = False) -> None:
     from .blocks import REGISTRY
 
     if json_out:
-        emit_json([{"name": i.name, "summary": i.summary, "options": list(i.options), "paper": i.paper} for i in REGISTRY.values()])
+        emit_json({"blocks": [{"name": i.name, "summary": i.summary, "options": list(i.options), "paper": i.paper}
+                              for i in REGISTRY.values()]})
         return
     from rich.table import Table
 
@@ -767,11 +861,15 @@ def list_attn(json_out: JsonOpt = False) -> None:
 
 @list_app.command("positions")
 @command
-def list_positions() -> None:
+def list_positions(json_out: JsonOpt = False) -> None:
     """The insertion positions (the SENet paper's integration study)."""
     from rich.table import Table
 
     from .positions import POSITION_HELP
+
+    if json_out:
+        emit_json({"positions": [{"name": k, "description": v} for k, v in POSITION_HELP.items()]})
+        return
 
     table = Table()
     table.add_column("position")
@@ -792,7 +890,7 @@ def list_models_cmd(
 
     rows = list_models(pattern)
     if json_out:
-        emit_json([{"name": n, "source": s} for n, s in rows])
+        emit_json({"models": [{"name": n, "source": s} for n, s in rows]})
         return
     if not rows:
         raise AttnSurgeonError(f"no model matches '{pattern}'")
@@ -808,6 +906,12 @@ def list_models_cmd(
 
 def main() -> None:
     """Console-script entry point; ``--debug`` is honoured anywhere on the command line."""
+    import signal
+
+    def _terminated(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds: atomic writes remove their temporary files
+
+    signal.signal(signal.SIGTERM, _terminated)
     argv = sys.argv[1:]
     if "--debug" in argv:
         _state["debug"] = True

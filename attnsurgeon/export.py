@@ -53,12 +53,15 @@ class ExportReport:
 
 def resolve_format(path: str | os.PathLike, fmt: str | None = None) -> str:
     """The format for ``path``: ``fmt`` if given, else from the extension. Refused before any work."""
+    suffix = Path(path).suffix.lower()
     if fmt:
         fmt = fmt.lower().lstrip(".")
         if fmt not in FORMATS.values():
             raise AttnSurgeonError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS.values())})")
+        if suffix in FORMATS and FORMATS[suffix] != fmt:
+            raise AttnSurgeonError(f"'{path}' says {FORMATS[suffix]} but --format says {fmt}: a file named "
+                                   f"{suffix} would not hold what its name promises; rename it or drop --format")
         return fmt
-    suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         raise AttnSurgeonError(
             f"cannot tell the format of '{path}' from its extension '{suffix or '(none)'}': "
@@ -71,6 +74,8 @@ def check_target(path: str | os.PathLike, fmt: str | None = None, force: bool = 
     """Every check that can fail before a model is built: format, folder, overwrite."""
     fmt = resolve_format(path, fmt)
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise AttnSurgeonError(f"'{p}' is a folder; give a file name such as {p / ('model.' + fmt)}")
     if not p.parent.is_dir():
         raise AttnSurgeonError(f"folder '{p.parent}' does not exist")
     if p.exists() and not force:

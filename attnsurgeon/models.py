@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import re
 import importlib.util
 import os
 import sys
@@ -90,6 +91,14 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
         if not rest:
             raise AttnSurgeonError(f"'{spec}' names no model after '{prefix}:'")
         return _PREFIXES[prefix.lower()], rest
+    saved = (".safetensors", ".pt", ".pth", ".bin", ".onnx", ".pt2", ".ts", ".yaml", ".yml")
+    if not sep and spec.lower().endswith(saved):
+        hint = {
+            ".safetensors": "a model saved by attnsurgeon: `profile`, `export` and `inspect` take it; load plain weights with --weights",
+            ".yaml": "a recipe: run it with `attnsurgeon apply` or `attnsurgeon sweep`",
+            ".yml": "a recipe: run it with `attnsurgeon apply` or `attnsurgeon sweep`",
+        }.get(Path(spec).suffix.lower(), "load a state dict into a named model with --weights; .onnx/.pt2/.ts files are outputs, not inputs")
+        raise AttnSurgeonError(f"'{spec}' is a file, not a model name: {hint}")
     if sep:
         # ``path/file.py:factory`` or ``pkg.mod:factory``; a Windows drive letter never reaches here
         path, _, factory = spec.rpartition(":")
@@ -146,6 +155,15 @@ def load_model(
     if weights is not None:
         _check_weights_path(weights)  # before building: a typo should not cost a model build
     source, name = resolve_source(spec)
+    try:
+        return _load(source, name, pretrained, weights, model_kwargs)
+    except TypeError as exc:  # model_kwargs the constructor does not take
+        if model_kwargs and "argument" in str(exc):
+            raise AttnSurgeonError(f"building '{spec}' with {model_kwargs} failed: {_one_line(exc)}") from exc
+        raise
+
+
+def _load(source: str, name: str, pretrained: bool, weights: Any, model_kwargs: dict) -> LoadedModel:
     if source == "torchvision":
         model = _build_torchvision(name, pretrained, model_kwargs)
         input_size = _torchvision_input_size(name)
@@ -326,6 +344,8 @@ def _torchvision_input_size(name: str) -> tuple[int, int, int]:
 
 def _check_weights_path(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise AttnSurgeonError(f"weights file '{path}' is a folder, not a file")
     if not p.is_file():
         raise AttnSurgeonError(f"weights file '{path}' does not exist")
     if p.suffix.lower() not in WEIGHT_SUFFIXES:
@@ -354,8 +374,6 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         text = str(exc)
         # torch names the offending global; junk bytes fail with "Unsupported operand" instead
         if "Unsupported global" in text or "was not an allowed global" in text:
-            import re
-
             culprit = re.search(r"GLOBAL ([\w.]+)", text)
             raise AttnSurgeonError(
                 f"refused to load '{path}': it holds Python objects other than tensors"
@@ -363,7 +381,10 @@ def read_state_dict(path: str | os.PathLike) -> dict:
                 + ", and unpickling them could run code. Save a plain state dict "
                 "(torch.save(model.state_dict(), f)) or use .safetensors."
             ) from exc
-        raise AttnSurgeonError(f"'{path}' is not a readable PyTorch weights file: {_one_line(exc)}") from exc
+        # torch's own message advises weights_only=False, i.e. running the pickle: not our advice
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        detail = reason.group(1).strip() if reason else f"{type(exc).__name__}"
+        raise AttnSurgeonError(f"'{path}' is not a PyTorch weights file (a state dict saved with torch.save): {detail}") from exc
     return _unwrap_state_dict(obj, path)
 
 

@@ -204,8 +204,8 @@ def _short(value: Any) -> str:
 
 
 def _parse_insertion(item: Any, path: tuple, where: _Where) -> InsertionSpec:
-    from .anatomy import POSITIONS
-    from .blocks import INITS, REGISTRY
+    from .blocks import INITS, REGISTRY, check_options
+    from .positions import POSITIONS
 
     if not isinstance(item, dict):
         raise AttnSurgeonError(f"{where(path)}: an insertion is a mapping with at least 'attn'")
@@ -235,20 +235,34 @@ def _parse_insertion(item: Any, path: tuple, where: _Where) -> InsertionSpec:
         if key not in allowed:
             raise AttnSurgeonError(f"{where(path + ('options', key))}: '{attn}' takes no option '{key}' "
                                    f"(it takes: {', '.join(allowed)})")
-        values = value if isinstance(value, list) else [value]
-        kind = bool if key == "bias" else (int, float)
-        if not values or not all(isinstance(v, kind) and (key == "bias" or not isinstance(v, bool)) for v in values):
-            raise AttnSurgeonError(f"{where(path + ('options', key))}: expected {'true/false' if key == 'bias' else 'a number'}"
-                                   f" or a list of them, got {value!r}")
+        try:
+            check_options(attn, {key: value})  # the registry's rules: reduction > 0, odd kernels, ...
+        except AttnSurgeonError as exc:
+            raise AttnSurgeonError(f"{where(path + ('options', key))}: {exc}") from None
     return InsertionSpec(attn, position, stages, blocks, init, dict(options))
 
 
 def _check_profile(profile: dict, where: _Where) -> None:
+    import re
+
+    from .profiling.settings import DTYPES, MODES
+
     types = {"device": str, "dtype": str, "mode": str, "threads": int, "channels_last": bool, "compile": bool,
              "min_run_time": (int, float), "max_run_time": (int, float)}
     for key, kind in types.items():
         if key in profile and (not isinstance(profile[key], kind) or (kind is int and isinstance(profile[key], bool))):
             raise AttnSurgeonError(f"{where(('profile', key))}: expected {getattr(kind, '__name__', 'a number')}, got {profile[key]!r}")
+    values = {
+        "dtype": (lambda v: str(v).lower() in DTYPES, f"one of {', '.join(sorted(set(DTYPES.values())))}"),
+        "mode": (lambda v: v in MODES, " or ".join(MODES)),
+        "device": (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(v).lower()) is not None, "cpu, cuda, cuda:N or mps"),
+        "threads": (lambda v: v >= 1, "≥ 1"),
+        "min_run_time": (lambda v: v > 0, "> 0"),
+        "max_run_time": (lambda v: v > 0, "> 0"),
+    }
+    for key, (ok, what) in values.items():
+        if key in profile and not ok(profile[key]):
+            raise AttnSurgeonError(f"{where(('profile', key))}: expected {what}, got {profile[key]!r}")
     if "batch_sizes" in profile:
         profile["batch_sizes"] = _positive_ints(profile["batch_sizes"], where(("profile", "batch_sizes")), "positive integers")
 
@@ -291,8 +305,12 @@ def read_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe (safe loader; errors carry the line)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise AttnSurgeonError(f"recipe '{path}' does not exist")
-    data, lines = load_yaml_with_lines(p.read_text(), str(path))
+        raise AttnSurgeonError(f"recipe '{path}' does not exist" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise AttnSurgeonError(f"'{path}' is not a text file: a recipe is YAML (see recipes/)") from None
+    data, lines = load_yaml_with_lines(text, str(path))
     return parse_recipe(data, str(path), lines)
 
 
@@ -303,8 +321,10 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        raise AttnSurgeonError(f"{source}: not valid YAML: {str(exc).splitlines()[0]} "
-                               f"{getattr(exc, 'problem_mark', '') or ''}".strip()) from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise AttnSurgeonError(f"{source}{where}: not valid YAML: {problem}") from None
     lines: dict[tuple, int] = {}
     constructor = yaml.SafeLoader("")
 
@@ -319,6 +339,9 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]
             out = {}
             for key_node, value_node in node.value:
                 key = constructor.construct_object(key_node, deep=True)
+                if key in out:  # YAML would silently keep the last one
+                    raise AttnSurgeonError(f"{source}, line {key_node.start_mark.line + 1}: '{key}' is given twice "
+                                           f"(first on line {lines[path + (key,)]})")
                 lines[path + (key,)] = key_node.start_mark.line + 1
                 out[key] = walk(value_node, path + (key,))
                 lines[path + (key,)] = key_node.start_mark.line + 1

@@ -91,6 +91,7 @@ class SurgeryReport:
     plan: list[InsertionSpec]
     weights: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +103,7 @@ class SurgeryReport:
             "params": dict(self.params),
             "insertions": [i.to_dict() for i in self.insertions],
             "plan": [s.to_dict() for s in self.plan],
+            "notes": list(self.notes),
         }
 
 
@@ -210,7 +212,13 @@ def apply_plan(
         "delta": modified - base_params,
         "percent": round(100.0 * (modified - base_params) / base_params, 4) if base_params else None,
     }
-    report = SurgeryReport(loaded.spec, loaded.source, size, params, insertions, specs, loaded.weights, dict(loaded.kwargs))
+    notes = []
+    if anatomy.existing_attention:
+        names = [n for n, _ in anatomy.existing_attention]
+        notes.append(f"the model already has {len(names)} attention module(s) ({', '.join(names[:3])}"
+                     f"{', …' if len(names) > 3 else ''}); the new blocks are added to them, not in their place")
+    report = SurgeryReport(loaded.spec, loaded.source, size, params, insertions, specs, loaded.weights,
+                           dict(loaded.kwargs), notes)
     gm.train(loaded.model.training)
     gm.attnsurgeon_report = report  # export and profile read the recipe from here
     assert isinstance(gm, torch.nn.Module)
@@ -249,45 +257,56 @@ def resolve_input_size(value: Any, default: tuple[int, ...]) -> tuple[int, int, 
 
 def plan(anatomy: Any, specs: list[InsertionSpec]) -> list[_Planned]:
     """Check every spec against the anatomy and choose the sites and module names."""
+    planned: list[_Planned] = []
+    taken: set[str] = set()
+    for i, spec in enumerate(specs):
+        try:
+            planned += _plan_one(anatomy, spec, taken)
+        except AttnSurgeonError as exc:
+            if len(specs) == 1:
+                raise
+            raise AttnSurgeonError(f"insertion {i + 1} of {len(specs)} ({spec.attn} at {spec.position}): {exc}") from exc
+    return planned
+
+
+def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> list[_Planned]:
     from .anatomy import POSITIONS, select_blocks
     from .blocks import INITS, check_options, get_block
 
     planned: list[_Planned] = []
-    taken: set[str] = set()
-    for spec in specs:
-        info = get_block(spec.attn)
-        if spec.position not in POSITIONS:
-            raise AttnSurgeonError(
-                f"unknown position '{spec.position}' (choose from {', '.join(POSITIONS)})." + did_you_mean(spec.position, POSITIONS)
-            )
-        if spec.init not in INITS:
-            raise AttnSurgeonError(f"unknown init '{spec.init}' (choose from {', '.join(INITS)})")
-        chosen = select_blocks(anatomy, spec.stages, spec.blocks)
-        if not chosen:
-            raise AttnSurgeonError("no block selected")
-        lacking = [b.name for b in chosen if spec.position not in b.sites]
-        if lacking:
-            kinds = sorted({b.kind for b in chosen if b.name in lacking})
-            why = {
-                "identity": "it has no skip connection",
-                "3x3": "it has no spatial (k>1) convolution",
-            }.get(spec.position, "it offers no such place")
-            if "opaque" in kinds:
-                why = "the tracer keeps it whole (its library marks it not traceable), so only pre and post reach it"
-            offering = len(chosen) - len(lacking)
-            hint = (f"{offering} of the {len(chosen)} selected blocks offer it: narrow the selection with --stages/--blocks"
-                    if offering else "`attnsurgeon inspect MODEL` lists the positions of each block")
-            raise AttnSurgeonError(
-                f"position '{spec.position}' is not available in block{'s' if len(lacking) > 1 else ''} "
-                f"{_few(lacking)} ({'/'.join(kinds)}: {why}); {hint}"
-            )
-        check_options(info.name, spec.options)
-        per_stage = _per_stage_options(spec, sorted({b.stage for b in chosen}))
-        for block in chosen:
-            site = block.sites[spec.position]
-            name = _module_name(anatomy.gm, block, info.name, spec.position, taken)
-            taken.add(name)
-            planned.append(_Planned(spec, block, site, per_stage[block.stage], name))
+    info = get_block(spec.attn)
+    if spec.position not in POSITIONS:
+        raise AttnSurgeonError(
+            f"unknown position '{spec.position}' (choose from {', '.join(POSITIONS)})." + did_you_mean(spec.position, POSITIONS)
+        )
+    if spec.init not in INITS:
+        raise AttnSurgeonError(f"unknown init '{spec.init}' (choose from {', '.join(INITS)})")
+    chosen = select_blocks(anatomy, spec.stages, spec.blocks)
+    if not chosen:
+        raise AttnSurgeonError("no block selected")
+    lacking = [b.name for b in chosen if spec.position not in b.sites]
+    if lacking:
+        kinds = sorted({b.kind for b in chosen if b.name in lacking})
+        why = {
+            "identity": "it has no skip connection",
+            "3x3": "it has no spatial (k>1) convolution",
+        }.get(spec.position, "it offers no such place")
+        if "opaque" in kinds:
+            why = "the tracer keeps it whole (its library marks it not traceable), so only pre and post reach it"
+        offering = len(chosen) - len(lacking)
+        hint = (f"{offering} of the {len(chosen)} selected blocks offer it: narrow the selection with --stages/--blocks"
+                if offering else "`attnsurgeon inspect MODEL` lists the positions of each block")
+        raise AttnSurgeonError(
+            f"position '{spec.position}' is not available in block{'s' if len(lacking) > 1 else ''} "
+            f"{_few(lacking)} ({'/'.join(kinds)}: {why}); {hint}"
+        )
+    check_options(info.name, spec.options)
+    per_stage = _per_stage_options(spec, sorted({b.stage for b in chosen}))
+    for block in chosen:
+        site = block.sites[spec.position]
+        name = _module_name(anatomy.gm, block, info.name, spec.position, taken)
+        taken.add(name)
+        planned.append(_Planned(spec, block, site, per_stage[block.stage], name))
     return planned
 
 
@@ -444,7 +463,7 @@ def _resolved_options(p: _Planned) -> dict[str, Any]:
     """The options the module was built with, defaults filled in (what a reader wants to see)."""
     from .blocks import describe_block
 
-    out = describe_block(p.spec.attn, p.module)
+    out = describe_block(p.spec.attn, p.module, p.options)
     if p.spec.init != "default":
         out["init"] = p.spec.init
     return out

@@ -149,7 +149,7 @@ def _prepare_folder(out: Path, definition: dict, resume: bool, force: bool) -> d
                 raise AttnSurgeonError(f"'{sweep_file}' is not valid JSON ({exc}); start over with --force") from exc
             if previous != json.loads(json.dumps(definition)):
                 changed = [k for k in definition if previous.get(k) != json.loads(json.dumps(definition[k]))]
-                raise AttnSurgeonError(f"the sweep in '{out}' was started with a different {', '.join(changed)}; "
+                raise AttnSurgeonError(f"the sweep in '{out}' was started with other values for: {', '.join(changed)}; "
                                        "resume it with the same arguments, or start over with --force")
             return _read_rows(rows_file)
         if not force:

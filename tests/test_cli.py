@@ -71,10 +71,17 @@ def test_per_stage_kernel_sizes_and_bias_flags(cli):
         (["insert", "resnet18", "--stages", "three"], "--stages"),
         (["insert", "resnet18", "--blocks", "layer9.*"], "matches no block"),
         (["insert", "vgg11", "--position", "identity"], "not available"),
-        (["insert", "resnet18", "--reduction", "0"], "reduction must be > 0"),
+        (["insert", "resnet18", "--reduction", "0"], "reduction must be a number > 0"),
         (["insert", "resnet18", "--reduction", "1000"], "larger than the 64 channels"),
         (["insert", "resnet18", "--weights", "missing.pt"], "does not exist"),
         (["insert", "resnet18", "--input-size", "big"], "input size"),
+        (["insert", "resnet18", "--stages", "4-2"], "runs backwards"),
+        (["insert", "resnet18", "--stages", ","], "names nothing"),
+        (["insert", "resnet18", "--blocks", ""], "names no block"),
+        (["insert", "resnet18", "--position", "prre"], "Did you mean: pre"),
+        (["insert", "resnet18", "--attn", "eca", "-k", "4"], "positive odd"),
+        (["insert", "resnet18.safetensors"], "is a file, not a model name"),
+        (["insert", "resnet18", "--weights", "."], "is a folder"),
     ],
 )
 def test_wrong_input_is_one_line_and_exit_2(cli, args, message):
@@ -107,7 +114,35 @@ def test_inspect_json_and_table(cli):
 def test_list_models(cli):
     code, out, _ = cli("list", "models", "seresnet5*", "--json")
     assert code == 0
-    rows = json.loads(out)
+    rows = json.loads(out)["models"]  # one JSON object, like every --json
     assert {"name": "seresnet50", "source": "timm"} in rows and all(r["name"].startswith("seresnet5") for r in rows)
     code, _, err = cli("list", "models", "no_such_model_xyz")
     assert code == 2 and "no model matches" in err
+
+
+def test_typos_are_refused_before_any_model_is_built(cli, monkeypatch):
+    import attnsurgeon.models as models
+
+    def no_build(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(models, "load_model", no_build)
+    for args in (["--position", "prre"], ["-r", "0"], ["--attn", "eca", "-k", "4"], ["--stages", "4-2"], ["--init", "zero"]):
+        code, _, err = cli("insert", "resnet50", *args)
+        assert code == 2 and "error:" in err, args
+
+
+def test_list_json_is_one_object(cli):
+    for args, key in ((["list", "attn"], "blocks"), (["list", "positions"], "positions")):
+        code, out, _ = cli(*args, "--json")
+        assert code == 0 and set(json.loads(out)) == {key}
+
+
+def test_insert_notes_existing_attention_and_reports_the_requested_reduction(cli):
+    code, out, err = cli("insert", "mobilenet_v3_large", "--position", "3x3", "--stages", "2", "--input-size", "64", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert any("already has" in n and "attention" in n for n in data["notes"])
+    code, out, _ = cli("insert", "resnet50", "--position", "3x3", "--stages", "1", "--input-size", "64", "--json")
+    opts = json.loads(out)["insertions"][0]["options"]
+    assert opts["reduction"] == 16 and opts["hidden"] == 8  # 64 / 16 = 4, rounded up to timm's divisor 8

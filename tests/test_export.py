@@ -2,6 +2,7 @@
 model's recipe rebuilds it exactly (or is refused when it does not fit its tensors)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -189,3 +190,43 @@ def test_cli_insert_out_then_export_and_profile_the_saved_file(tmp_path, cli):
     assert [i["module"] for i in prof["insertions"]] == ["layer4.0.cbam", "layer4.1.cbam"]
     code, _, err = cli("profile", saved, "--attn", "se")
     assert code == 2 and "carries its own insertions" in err
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    model, _ = _model("resnet18", "se")
+    umask = os.umask(0)
+    os.umask(umask)
+    for ext in ("safetensors", "pt2", "ts"):
+        path = tmp_path / f"m.{ext}"
+        export(model, path)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, ext
+
+
+def test_target_mistakes_are_refused(tmp_path):
+    model, _ = _model("resnet18", "se")
+    with pytest.raises(AttnSurgeonError, match="says safetensors but --format says onnx"):
+        export(model, tmp_path / "m.safetensors", format="onnx")
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    for force in (False, True):
+        with pytest.raises(AttnSurgeonError, match="is a folder; give a file name"):
+            export(model, folder, format="ts", force=force)
+
+
+def test_an_interrupted_write_leaves_nothing(tmp_path):
+    from attnsurgeon._io import atomic_path
+
+    with pytest.raises(SystemExit):  # what SIGTERM becomes in the CLI
+        with atomic_path(tmp_path / "m.onnx") as tmp:
+            tmp.write_bytes(b"half")
+            raise SystemExit(143)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_a_saved_model(tmp_path, cli):
+    model, _ = _model("resnet18", "se")
+    export(model, tmp_path / "m.safetensors")
+    code, out, err = cli("inspect", tmp_path / "m.safetensors", "--input-size", "64", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["model"] == "tv:resnet18" and len(data["existing_attention"]) == 8  # the inserted SE modules

@@ -110,11 +110,16 @@ def test_mismatched_weights_list_the_keys(tmp_path):
 
 
 def test_corrupt_weights_are_a_clear_error(tmp_path):
-    for name in ("junk.pt", "junk.safetensors"):
+    for name, message in (("junk.pt", "is not a PyTorch weights file"), ("junk.safetensors", "not a readable safetensors")):
         path = tmp_path / name
         path.write_bytes(b"\x00not a weights file at all")
-        with pytest.raises(AttnSurgeonError, match="not a readable"):
+        with pytest.raises(AttnSurgeonError, match=message):
             load_model("resnet18", weights=path)
+    with pytest.raises(AttnSurgeonError) as err:
+        (tmp_path / "text.pt").write_text("not a pickle at all")
+        load_model("resnet18", weights=tmp_path / "text.pt")
+    assert "is not a PyTorch weights file" in str(err.value)
+    assert "weights_only" not in str(err.value) and "arbitrary code" not in str(err.value)  # torch's unsafe advice
     with pytest.raises(AttnSurgeonError, match="unknown extension"):
         (tmp_path / "w.npz").write_bytes(b"x")
         load_model("resnet18", weights=tmp_path / "w.npz")

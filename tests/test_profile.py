@@ -106,6 +106,12 @@ def test_training_peak_exceeds_inference_and_se_raises_it():
     assert train.modified.memory[1].step_peak_bytes > train.base.memory[1].step_peak_bytes
 
 
+def test_the_rewrite_itself_costs_no_memory():
+    """Base and modified both run as fx graphs: a tiny ECA can only add memory, never save it."""
+    r = profile("resnet18", "eca", **FAST)
+    assert r.modified.memory[1].step_peak_bytes >= r.base.memory[1].step_peak_bytes
+
+
 def test_latency_figures_are_sane():
     r = profile("resnet18", "eca", batch_sizes=[1, 3], threads=1, **FAST)
     for fig in (r.base, r.modified):

@@ -109,7 +109,7 @@ def test_every_shipped_recipe_parses():
     ("model: resnet18\ninsertions:\n  - attn: se\n    stages: three\n", "line 4: insertions[0].stages: expected a list of stage numbers"),
     ("model: resnet18\ninsertions:\n  - attn: sse\n", "line 3: insertions[0].attn: unknown attention block 'sse'"),
     ("model: resnet18\ninsertions:\n  - attn: eca\n    options: {reduction: 4}\n", "insertions[0].options.reduction: 'eca' takes no option"),
-    ("model: resnet18\ninsertions:\n  - attn: se\n    options: {bias: maybe}\n", "options.bias: expected true/false"),
+    ("model: resnet18\ninsertions:\n  - attn: se\n    options: {bias: maybe}\n", "options.bias: se: bias must be true or false"),
     ("model: 50\ninsertions: [{attn: se}]\n", "line 1: model: expected str, got int"),
     ("insertions: [{attn: se}]\n", "model: missing"),
     ("model: resnet18\ninsertions: [{attn: se}]\ngrid: {attn: [se]}\n", "exactly one of 'insertions'"),
@@ -194,7 +194,7 @@ def test_interrupted_sweep_keeps_rows_and_resume_measures_only_the_rest(tmp_path
     assert [r["name"] for r in json.loads((out / "results.json").read_text())] == ["base", "se"]
     with pytest.raises(AttnSurgeonError, match="already holds a sweep"):
         run_sweep("resnet18", spec.configurations, out, settings=FAST, input_size=64)
-    with pytest.raises(AttnSurgeonError, match="different settings"):
+    with pytest.raises(AttnSurgeonError, match="other values for: settings"):
         run_sweep("resnet18", spec.configurations, out, settings={**FAST, "mode": "train"}, input_size=64, resume=True)
 
     result = run_sweep("resnet18", spec.configurations, out, settings=FAST, input_size=64, resume=True)
@@ -213,3 +213,32 @@ def test_a_failing_configuration_becomes_a_failed_row(tmp_path, cli):
     assert rows["standard"]["status"] == "ok"
     assert rows["identity"]["status"] == "failed" and "not available" in rows["identity"]["reason"]
     assert "failed" in (out / "results.csv").read_text()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: resnet18\nmodel: resnet50\ninsertions: [{attn: se}]\n", "line 2: 'model' is given twice (first on line 1)"),
+    ("model: resnet18\ninsertions: [{attn: se}]\nprofile: {dtype: float64}\n", "line 3: profile.dtype: expected one of"),
+    ("model: resnet18\ninsertions: [{attn: se}]\nprofile: {mode: trian}\n", "profile.mode: expected inference or train"),
+    ("model: resnet18\ninsertions:\n  - attn: se\n    options: {reduction: -2}\n", "options.reduction: se: reduction must be a number > 0"),
+    ("model: resnet18\ninsertions: [{attn: se]\n", "line 2, column"),
+])
+def test_more_validation_with_places(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(AttnSurgeonError) as err:
+        read_recipe(path)
+    assert message in str(err.value) and str(err.value).startswith(str(path))
+
+
+def test_apply_errors_name_the_recipe_and_the_insertion(cli, tmp_path):
+    binary = tmp_path / "weights.pt"
+    binary.write_bytes(b"\x80\x04\x95binary")
+    code, _, err = cli("apply", binary)
+    assert code == 2 and "not a text file" in err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: resnet18\ninput_size: 64\ninsertions: [{attn: se}, {attn: eca, stages: [7]}]\n")
+    code, _, err = cli("apply", recipe)
+    assert code == 2 and f"{recipe}: insertion 2 of 2 (eca at standard): stage 7 out of range" in err
+    recipe.write_text("model: resnet18\nmodel_kwargs: {num_clases: 10}\ninsertions: [{attn: se}]\n")
+    code, _, err = cli("apply", recipe)
+    assert code == 2 and "num_clases" in err and "Traceback" not in err

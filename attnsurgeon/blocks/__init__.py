@@ -59,14 +59,33 @@ def get_block(name: str) -> BlockInfo:
     return info
 
 
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+# what each option's values must be, checked before any model is built (a list: one value per stage)
+_OPTION_RULES = {
+    "reduction": (_positive_number, "a number > 0"),
+    "rd_divisor": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer ≥ 1"),
+    "kernel_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v % 2 == 1, "a positive odd integer"),
+    "bias": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
 def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Drop unset (None) options; refuse options the block does not take."""
+    """Drop unset (None) options; refuse options the block does not take, and values out of range."""
     info = get_block(name)
     given = {k: v for k, v in options.items() if v is not None}
     bad = [k for k in given if k not in info.options]
     if bad:
         takes = ", ".join(info.options) or "no options"
         raise AttnSurgeonError(f"attention block '{info.name}' takes no option {', '.join(map(repr, bad))} (it takes: {takes})")
+    for key, value in given.items():
+        ok, what = _OPTION_RULES.get(key, (lambda v: True, ""))
+        values = value if isinstance(value, (list, tuple)) else [value]
+        wrong = [v for v in values if not ok(v)]
+        if not values or wrong:
+            raise AttnSurgeonError(f"{info.name}: {key} must be {what}, got {wrong[0] if wrong else value!r}")
     return given
 
 
@@ -82,9 +101,12 @@ def build_block(name: str, channels: int, init: str = "default", **options: Any)
     return module
 
 
-def describe_block(name: str, module: Any) -> dict[str, Any]:
-    """The options ``module`` was built with (``{"reduction": 16, "hidden": 64, "bias": True}``)."""
-    return dict(get_block(name).impl().describe(module))
+def describe_block(name: str, module: Any, requested: dict[str, Any]) -> dict[str, Any]:
+    """What ``module`` was built with: the options as requested (defaults filled in), then what
+    they came to (``{"reduction": 16, "hidden": 8, "bias": True}``: 8 after rounding 64/16 up)."""
+    impl = get_block(name).impl()
+    defaults = {k: v for k, v in impl.OPTIONS.items() if v is not None}
+    return {**defaults, **requested, **impl.describe(module)}
 
 
 def block_classes() -> tuple[type, ...]:

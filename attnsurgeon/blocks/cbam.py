@@ -43,5 +43,5 @@ def init_identity(module: CbamModule) -> None:
 
 def describe(module: CbamModule) -> dict:
     ch = module.channel
-    return {"reduction": round(ch.fc2.out_channels / ch.fc1.out_channels, 4), "hidden": ch.fc1.out_channels,
-            "bias": ch.fc1.bias is not None, "kernel_size": module.spatial.conv.conv.kernel_size[0]}
+    return {"hidden": ch.fc1.out_channels, "bias": ch.fc1.bias is not None,
+            "kernel_size": module.spatial.conv.conv.kernel_size[0]}

@@ -28,5 +28,4 @@ def init_identity(module: SEModule) -> None:
 
 
 def describe(module: SEModule) -> dict:
-    return {"reduction": round(module.fc2.out_channels / module.fc1.out_channels, 4),
-            "hidden": module.fc1.out_channels, "bias": module.fc1.bias is not None}
+    return {"hidden": module.fc1.out_channels, "bias": module.fc1.bias is not None}

@@ -22,7 +22,8 @@ from .settings import Settings
 
 FLOP_CONVENTION = (
     "MACs: one multiply-add in a conv/linear/matmul counts 1 (fvcore); element-wise ops count 1 per element, "
-    "reductions 1 per input element, pooling its window per output element. FLOPs = 2 x MACs. Per image (batch 1)."
+    "reductions 1 per input element, pooling its window per output element. FLOPs = 2 x MACs. "
+    "Per image, forward pass only (whatever the batch size and mode)."
 )
 
 
@@ -240,6 +241,14 @@ def profile(
             uncounted[op] = max(uncounted.get(op, 0), calls)
         fvcore_default["modified"] = mod_flops.fvcore_default_macs
 
+    if modified is not None:
+        # Time and weigh the base through the same fx code path as the modified model: the
+        # generated forward frees intermediates earlier than hand-written code, and that must
+        # not show up as a saving of the attention block (Δ memory of ECA came out negative).
+        from ..anatomy import trace
+
+        models["base"] = trace(base)
+
     previous_threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -253,7 +262,8 @@ def profile(
         for b, lat in fig.latency.items():
             if lat.noisy:
                 warnings.append(f"{name} latency at batch {b} is noisy: IQR {lat.iqr_ms:.2f} ms is "
-                                f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median; close other work or raise --max-time")
+                                f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median; other work competes for the CPU "
+                                "(try --threads 1 or fewer than the free cores) or raise --max-time")
     if uncounted:
         warnings.append("ops without a FLOP handle (not counted): " + ", ".join(f"{k} ×{v}" for k, v in sorted(uncounted.items())))
     environment = {

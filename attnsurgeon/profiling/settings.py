@@ -45,7 +45,8 @@ def check_settings(s: Settings) -> Settings:
     if s.threads is not None and s.threads < 1:
         raise AttnSurgeonError(f"--threads must be ≥ 1, got {s.threads}")
     if s.min_run_time <= 0 or s.max_run_time < s.min_run_time:
-        raise AttnSurgeonError("run times must satisfy 0 < min_run_time ≤ max_run_time")
+        raise AttnSurgeonError(f"timing needs 0 < --min-time ≤ --max-time (min_run_time ≤ max_run_time), "
+                               f"got {s.min_run_time} and {s.max_run_time}")
     s.device = _check_device(str(s.device).lower(), torch)
     return s
 
