@@ -237,34 +237,22 @@ def load(path: str | os.PathLike, *, base: Any = None) -> Any:
 
     Args:
         path: a ``.safetensors`` file written by ``insert --out`` or :func:`export`.
-        base: the base ``nn.Module`` to rebuild on, for recipes made from a module object.
+        base: the base ``nn.Module`` to rebuild on, for recipes made from a module object
+            (its weights are overwritten with the saved ones).
 
     Example:
         >>> model = load("se50.safetensors")
     """
-    model, _ = _rebuild(path, base)
+    _, model = load_base(path, base=base)
     return model
 
 
 def load_base(path: str | os.PathLike, *, base: Any = None) -> tuple[Any, Any]:
-    """``(base model with its saved weights, modified model)`` from a saved file (for ``profile``)."""
-    from .models import load_model
+    """``(base model, modified model)`` from a saved file, both with the saved weights.
 
-    model, recipe = _rebuild(path, base)
-    report = getattr(model, "attnsurgeon_report", None)
-    inserted = tuple(f"{i.module}." for i in report.insertions) if report else ()
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(inserted)}
-    if base is None:
-        base_model = load_model(recipe.model, **recipe.model_kwargs).model
-    else:
-        import copy
-
-        base_model = copy.deepcopy(base)
-    base_model.load_state_dict(state, strict=True)
-    return base_model, model
-
-
-def _rebuild(path: str | os.PathLike, base: Any) -> tuple[Any, Any]:
+    The rewritten graph shares the base model's modules, so loading the file into it loads the
+    base weights too: the base comes for free (``profile SAVED`` compares the two).
+    """
     from .models import as_loaded, check_state_dict, load_model
     from .surgery import apply_plan
 
@@ -287,7 +275,8 @@ def _rebuild(path: str | os.PathLike, base: Any) -> tuple[Any, Any]:
         raise AttnSurgeonError(f"the recipe in '{path}' does not match its tensors: {exc}") from exc
     model.load_state_dict(tensors, strict=True)
     model.eval()
-    return model, recipe
+    loaded.model.eval()
+    return loaded.model, model
 
 
 # --------------------------------------------------------------------------- torch.export

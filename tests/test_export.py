@@ -230,3 +230,17 @@ def test_inspect_a_saved_model(tmp_path, cli):
     assert code == 0, err
     data = json.loads(out)
     assert data["model"] == "tv:resnet18" and len(data["existing_attention"]) == 8  # the inserted SE modules
+
+
+def test_load_base_gives_the_saved_base_weights(tmp_path):
+    from attnsurgeon.export import load_base
+
+    model, report = _model("resnet18", "cbam")
+    path = tmp_path / "m.safetensors"
+    export(model, path)
+    base, modified = load_base(path)
+    inserted = tuple(f"{i.module}." for i in report.insertions)
+    saved = modified.state_dict()
+    base_state = base.state_dict()
+    assert set(base_state) == {k for k in saved if not k.startswith(inserted)}
+    assert all(torch.equal(v, saved[k]) for k, v in base_state.items())
