@@ -231,11 +231,15 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
         model.train(was_training)
     gm = torch.fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     _restore_unused_state(model, gm)
-    for attr in ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size"):
+    for attr in _CARRIED_ATTRS:
         if hasattr(model, attr) and not hasattr(gm, attr):
             setattr(gm, attr, getattr(model, attr))
     gm.train(was_training)
     return gm
+
+
+# model attributes a GraphModule carries over (the default input size is read from them)
+_CARRIED_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size")
 
 
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -248,7 +252,7 @@ def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         n.meta.pop("as_unit", None)  # links to the old graph's nodes
     copy = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     _restore_unused_state(gm, copy)
-    for attr in ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size", "attnsurgeon_report"):
+    for attr in (*_CARRIED_ATTRS, "attnsurgeon_report"):
         if hasattr(gm, attr):
             setattr(copy, attr, getattr(gm, attr))
     copy.train(gm.training)

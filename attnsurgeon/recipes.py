@@ -203,6 +203,11 @@ def _short(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value).lower()
 
 
+def parse_insertion(item: Any, source: str = "insertion") -> InsertionSpec:
+    """One insertion from plain data (the API's dict specs), with the recipe's checks."""
+    return _parse_insertion(item, (), _Where(source))
+
+
 def _parse_insertion(item: Any, path: tuple, where: _Where) -> InsertionSpec:
     from .blocks import INITS, REGISTRY, check_options
     from .positions import POSITIONS

@@ -21,7 +21,6 @@ from typing import Any, Iterable, NamedTuple
 
 from .errors import AttnSurgeonError, did_you_mean
 
-_SPEC_KEYS = ("attn", "position", "stages", "blocks", "init", "options")
 
 
 @dataclass
@@ -45,22 +44,10 @@ class InsertionSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "insertion") -> "InsertionSpec":
-        unknown = [k for k in d if k not in _SPEC_KEYS]
-        if unknown:
-            raise AttnSurgeonError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(_SPEC_KEYS)})")
-        if "attn" not in d:
-            raise AttnSurgeonError(f"{where}: missing 'attn'")
-        options = d.get("options") or {}
-        if not isinstance(options, dict):
-            raise AttnSurgeonError(f"{where}: 'options' must be a mapping")
-        return cls(
-            attn=str(d["attn"]),
-            position=str(d.get("position", "standard")),
-            stages=list(d["stages"]) if d.get("stages") is not None else None,
-            blocks=list(d["blocks"]) if d.get("blocks") is not None else None,
-            init=str(d.get("init", "default")),
-            options=dict(options),
-        )
+        """Validated as a recipe's insertion is (one schema, one checker: ``recipes.parse_insertion``)."""
+        from .recipes import parse_insertion
+
+        return parse_insertion(d, where)
 
 
 @dataclass
@@ -183,8 +170,6 @@ def apply_plan(
     weights: Any = None,
 ) -> SurgeryResult:
     """Apply several insertions (stacked in order) to a model; see :func:`insert`."""
-    import torch
-
     from .anatomy import analyse, propagate_shapes, trace
     from .models import as_loaded
 
@@ -221,7 +206,6 @@ def apply_plan(
                            dict(loaded.kwargs), notes)
     gm.train(loaded.model.training)
     gm.attnsurgeon_report = report  # export and profile read the recipe from here
-    assert isinstance(gm, torch.nn.Module)
     return SurgeryResult(gm, report)
 
 
