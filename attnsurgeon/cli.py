@@ -139,8 +139,13 @@ KernelOpt = Annotated[
 DivisorOpt = Annotated[
     Optional[int], typer.Option("--rd-divisor", help="Round SE/CBAM hidden widths to a multiple of this (timm: SE 8, CBAM 1).")
 ]
+KeepDepthOpt = Annotated[
+    Optional[bool], typer.Option("--keep-depth", help="SE/ECA on 3-D (video) maps: pool over H,W only and gate every "
+                                 "(channel, frame) pair. Default: pool over T,H,W.", show_default=False)
+]
 InputSizeOpt = Annotated[
-    Optional[str], typer.Option("--input-size", help="Sample input: S, H,W or C,H,W. Default: the model's own config, else 224.")
+    Optional[str], typer.Option("--input-size", help="Sample input, any rank: S (image side), H,W, C,H,W; C,T,H,W or T,H,W "
+                                "for video; C,L for 1-D signals. Default: the model's own (3,16,112,112 for r3d_18).")
 ]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Load the library's published weights (network or local cache).")]
 WeightsOpt = Annotated[
@@ -233,12 +238,14 @@ def parse_numbers(text: str | None, what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def block_options(reduction: str | None, bias: bool | None, kernel_size: str | None, rd_divisor: int | None) -> dict[str, Any]:
+def block_options(reduction: str | None, bias: bool | None, kernel_size: str | None, rd_divisor: int | None,
+                  keep_depth: bool | None = None) -> dict[str, Any]:
     opts = {
         "reduction": parse_numbers(reduction, "--reduction"),
         "bias": bias,
         "kernel_size": parse_numbers(kernel_size, "--kernel-size"),
         "rd_divisor": rd_divisor,
+        "keep_depth": keep_depth,
     }
     return {k: v for k, v in opts.items() if v is not None}
 
@@ -269,6 +276,7 @@ def insert(
     bias: BiasOpt = None,
     kernel_size: KernelOpt = None,
     rd_divisor: DivisorOpt = None,
+    keep_depth: KeepDepthOpt = None,
     input_size: InputSizeOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
@@ -285,7 +293,7 @@ def insert(
 
     Example: attnsurgeon insert resnet50 --attn eca --stages 3,4 --out eca50.safetensors
     """
-    options = block_options(reduction, bias, kernel_size, rd_divisor)
+    options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
     check_insertion_args(attn, position, options, init)  # typos fail before loading anything
     if out is not None:
         from .export import check_target
@@ -441,6 +449,7 @@ def profile(
     bias: BiasOpt = None,
     kernel_size: KernelOpt = None,
     rd_divisor: DivisorOpt = None,
+    keep_depth: KeepDepthOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 (autocast).")] = "float32",
     batch_size: Annotated[str, typer.Option("--batch-size", help="One or more batch sizes: 1,32.")] = "1",
@@ -461,7 +470,7 @@ def profile(
 
     Example: attnsurgeon profile resnet50 --attn se --stages 3,4 --batch-size 1,32
     """
-    options = block_options(reduction, bias, kernel_size, rd_divisor)
+    options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
     if attn is not None:
         check_insertion_args(attn, position, options, init)
     elif options:
@@ -639,6 +648,7 @@ def sweep(
     bias: BiasOpt = None,
     kernel_size: KernelOpt = None,
     rd_divisor: DivisorOpt = None,
+    keep_depth: KeepDepthOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="The one batch size of the sweep's table (default 1).")] = None,
@@ -663,7 +673,7 @@ def sweep(
 
     if resume and force:
         raise AttnSurgeonError("--resume and --force conflict: --resume keeps the finished rows, --force discards them")
-    options = block_options(reduction, bias, kernel_size, rd_divisor)
+    options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
     is_recipe = model.lower().endswith((".yaml", ".yml"))
     if is_recipe:
         if attn or stages or blocks or options:

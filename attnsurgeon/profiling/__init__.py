@@ -220,6 +220,10 @@ def profile(
             say("Inserting")
             modified, report = apply_plan(loaded, specs, input_size=size)
 
+    if settings.channels_last:
+        from ..layout import channels_last_format
+
+        channels_last_format(1 + len(size))  # before any measurement: 1-D inputs have no such format
     say("Counting FLOPs")
     one = torch.randn(1, *size)
     base_flops = count_macs(base, one)
@@ -287,12 +291,16 @@ def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], 
 
     from .measure import make_step, measure_latency, measure_memory, timed_call
 
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    from ..layout import channels_last_format
+
+    memory_format = torch.contiguous_format
+    if settings.channels_last:  # channels_last for images, channels_last_3d for video
+        memory_format = getattr(torch, channels_last_format(1 + len(size)))
     runnable: dict[str, Any] = {}
     for name, model in models.items():
         model.to(settings.device)
         if settings.channels_last:
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=memory_format)
         model.train(settings.mode == "train")
         runnable[name] = torch.compile(model) if settings.compile else model
     try:
