@@ -157,7 +157,8 @@ def select(catalogue: dict[str, list[str]], families: list[str] | None = None, l
     """``(family, spec)`` pairs to run from ``catalogue`` (family -> specs; timm families are ``timm:MODULE``).
 
     ``families`` holds family names, ``torchvision`` (all its families) or ``timm`` (all timm
-    families); ``limit`` keeps the first N models of each torchvision family and the first N timm families.
+    families); ``limit`` keeps the first N models of each family, and the first N of all timm
+    families (a timm family has one model, its smallest).
     """
     def wanted(family: str) -> bool:
         if not families:
@@ -173,7 +174,7 @@ def select(catalogue: dict[str, list[str]], families: list[str] | None = None, l
     for family, specs in catalogue.items():
         if not wanted(family):
             continue
-        if family.startswith("timm:"):
+        if family.startswith("timm:") and family not in (families or []):  # one of all timm families
             timm_count += 1
             if limit is not None and timm_count > limit:
                 continue
@@ -252,15 +253,18 @@ class Runner:
         self.ctx.set_forkserver_preload(["torch", "torchvision", "timm", "attnsurgeon.surgery"])
         self.live: set = set()
         self.lock = threading.Lock()
+        self.stopped = False
 
     def call(self, fn, args: tuple, timeout: float):
         """``("ok", fn(*args))``, ``("timeout", None)`` or ``("crash", "signal 9")``."""
         receive, send = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_child, args=(send, fn, args), daemon=True)
-        proc.start()
-        send.close()
         with self.lock:
+            if self.stopped:
+                return "crash", "stopped"
+            proc.start()
             self.live.add(proc)
+        send.close()
         try:
             if not receive.poll(timeout):
                 return "timeout", None
@@ -291,7 +295,9 @@ class Runner:
         return {"model": spec, "family": family, **row, "seconds": round(time.perf_counter() - start, 1)}
 
     def stop(self) -> None:
+        """Kill the running processes and start no new one."""
         with self.lock:
+            self.stopped = True
             for proc in self.live:
                 proc.kill()
 
@@ -397,6 +403,10 @@ def markdown(rows: list[dict], timm_choice: dict | None = None) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", help="comma-separated: torchvision, timm, " + ", ".join(TORCHVISION_FAMILIES) + ", timm:MODULE")
@@ -413,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meta-build-timeout", type=float, default=30, help="seconds per meta-device build when choosing timm models")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait for a hub
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)  # `kill` stops the workers too, as Ctrl-C does
     warnings.filterwarnings("ignore")
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)

@@ -45,6 +45,8 @@ def test_select_families_and_limit(cov):
     assert cov.select(CATALOGUE, ["torchvision", "timm"], limit=1) == [
         ("classification", "tv:alexnet"), ("video", "tv:mc3_18"), ("detection", "tv:fcos_resnet50_fpn"),
         ("timm:byobnet", "timm:resnext26ts")]
+    assert cov.select(CATALOGUE, ["timm:resnet", "timm:byobnet"], limit=1) == [  # named families are kept
+        ("timm:byobnet", "timm:resnext26ts"), ("timm:resnet", "timm:resnet10t")]
     assert cov.select(CATALOGUE, ["timm"], limit=2) == [
         ("timm:byobnet", "timm:resnext26ts"), ("timm:efficientnet", "timm:test_efficientnet")]
     with pytest.raises(SystemExit, match="unknown family vidoe"):
