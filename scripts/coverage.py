@@ -250,7 +250,9 @@ class Runner:
     def __init__(self, timeout: float, threads: int, input_size: str | None):
         self.timeout, self.threads, self.input_size = timeout, threads, input_size
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["torch", "torchvision", "timm", "attnsurgeon.surgery"])
+        # the libraries only: attnsurgeon is imported in each process, by this process's sys.path (the
+        # server's own path puts the working directory first)
+        self.ctx.set_forkserver_preload(["torch", "torchvision", "timm"])
         self.live: set = set()
         self.lock = threading.Lock()
         self.stopped = False
