@@ -366,6 +366,16 @@ def _pct(ok: int, total: int) -> str:
     return f"{100 * ok / total:.1f} %" if total else "-"
 
 
+def print_notes(rows: list[dict]) -> None:
+    """The report's notes of the models that passed (blocks a default selection skipped, existing attention)."""
+    noted = [r for r in rows if r["status"] == "ok" and r.get("notes")]
+    if noted:
+        print(f"\nNotes ({len(noted)} models):")
+        for r in noted:
+            for note in r["notes"]:
+                print(f"  {r['model']}: {note}")
+
+
 def print_summary(rows: list[dict]) -> None:
     print("\nSummary: `insert --attn se` + forward pass")
     for label, ok, total in summary_lines(rows):
@@ -389,6 +399,11 @@ def markdown(rows: list[dict], timm_choice: dict | None = None) -> str:
     if failures:
         out += ["", "Failures:", ""]
         out += [f"- `{r['model']}` ({r['family']}, {r['status']}): {r['reason'].replace('<', '&lt;')}" for r in failures]
+    noted = [r for r in rows if r["status"] == "ok" and r.get("notes")]
+    if noted:
+        out += ["", "<details><summary>Notes on the models that passed (blocks skipped, attention they already have)</summary>", ""]
+        out += [f"- `{r['model']}`: {note.replace('<', '&lt;')}" for r in noted for note in r["notes"]]
+        out += ["", "</details>"]
     if timm_choice:
         out += ["", "<details><summary>The timm model tried for each family</summary>", "",
                 "| timm module | models | smallest (meta-device parameter count) | result |", "|---|---:|---|---|"]
@@ -421,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out/coverage", help="results folder (default out/coverage)")
     parser.add_argument("--resume", action="store_true", help="keep OUT/results.jsonl and skip the models it has")
     parser.add_argument("--only-failures", action="store_true", help="tables list the failures only")
+    parser.add_argument("--notes", action="store_true", help="also list the notes of the models that passed (skipped blocks)")
     parser.add_argument("--markdown", help="write the summary and the failures as Markdown to this file")
     parser.add_argument("--meta-build-timeout", type=float, default=30, help="seconds per meta-device build when choosing timm models")
     args = parser.parse_args(argv)
@@ -484,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [done[s] for _, s in pairs if s in done]
     print_tables(rows, args.only_failures)
+    if args.notes:
+        print_notes(rows)
     print_summary(rows)
     if todo:
         print(f"\nran {len(todo)} models in {elapsed / 60:.1f} min wall "
