@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", help="comma-separated: torchvision, timm, " + ", ".join(TORCHVISION_FAMILIES) + ", timm:MODULE")
     parser.add_argument("--models", help="comma-separated model specs instead of the families (r3d_18,timm:resnet18)")
-    parser.add_argument("--limit", type=int, help="the first N models of each torchvision family and the first N timm families")
+    parser.add_argument("--limit", type=int, help="the first N models of each family, and the first N of all timm families")
     parser.add_argument("--jobs", "-j", type=int, default=1, help="models run in parallel (default 1)")
     parser.add_argument("--threads", type=int, help="torch threads per model (default: CPU cores / jobs)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per model (default 300)")
@@ -441,8 +441,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meta-build-timeout", type=float, default=30, help="seconds per meta-device build when choosing timm models")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait for a hub
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupted)  # `kill` stops the workers too, as Ctrl-C does
     warnings.filterwarnings("ignore")
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
@@ -513,4 +511,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupted)  # `kill` stops the workers too, as Ctrl-C does
     sys.exit(main())
