@@ -1,117 +1,515 @@
 #!/usr/bin/env python
-"""How many models can attnsurgeon rewrite? Tries `insert --attn se` on every torchvision
-classification model and a timm sample, runs a forward pass, and prints the success rate with
-each failure's reason.
+"""How much of the model zoo can attnsurgeon rewrite?
 
-    python scripts/coverage.py                      # torchvision classification + the timm sample
-    python scripts/coverage.py --only timm --json coverage.json
-    python scripts/coverage.py --models resnet18,timm:vit_tiny_patch16_224
+Tries `insert --attn se` and one forward pass of the rewritten model on
 
-Each model runs at its own default input size (ViTs need theirs) with batch 1 and random
-weights. A model counts as a success when the rewritten model runs and has at least one
-inserted block.
+* every torchvision model of every task family (classification, quantization, video,
+  segmentation, detection, optical_flow), and
+* the smallest model of every timm module family (``timm.list_modules()``; the model with the
+  fewest parameters, counted by building each one on the meta device),
+
+each in its own process with a time limit, and prints a table per family, every failure's
+reason (the one line the CLI would print: the error message, ``internal error: ...`` for a bug,
+``timeout after N s``) and a summary.
+
+    python scripts/coverage.py --jobs 2                          # everything (resumable: --resume)
+    python scripts/coverage.py --family video,detection --limit 2
+    python scripts/coverage.py --models r3d_18,timm:resnet18 --input-size 64
+    python scripts/coverage.py --resume --only-failures --markdown coverage.md   # report only, nothing left to run
+
+Results go to OUT/results.jsonl (default out/coverage/), one line per model as it finishes, so
+an interrupted run loses nothing: `--resume` skips the models already there (a run without it
+starts a new file, keeping the previous one as results.jsonl.prev). The timm family choice is
+cached in OUT/timm_families.json.
+
+Each model runs at its own default input size (`--input-size` overrides it for every model),
+batch 1, random weights, in eval mode. The sample input follows the family: a (1, *input_size)
+tensor (for video models input_size is (C, T, H, W)); a list of one image for detectors; two
+images for optical flow. A model counts as a success when the rewritten model runs and has at
+least one inserted block.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 
-# a fixed, varied timm sample: CNN families, inverted residuals, hybrids and transformers
-TIMM_SAMPLE = [
-    "resnet18", "resnet50d", "resnext26ts", "seresnet50", "ecaresnet50d", "skresnet18", "resnest14d",
-    "res2net50_14w_8s", "dpn68", "densenet121", "dla34", "vgg11", "repvgg_a0", "regnetx_002", "regnety_008",
-    "efficientnet_b0", "efficientnetv2_rw_t", "mobilenetv3_large_100", "mobilenetv4_conv_small", "mnasnet_100",
-    "ghostnet_100", "rexnet_100", "hrnet_w18_small", "cspresnet50", "darknet53", "convnext_atto", "convnextv2_atto",
-    "edgenext_xx_small", "mobilevit_xxs", "levit_128s", "efficientformer_l1", "poolformer_s12", "vit_tiny_patch16_224",
-    "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mixer_b16_224", "coat_lite_tiny", "inception_v3",
-    "xception41", "nfnet_l0",
-]
+TORCHVISION_FAMILIES = ("classification", "quantization", "video", "segmentation", "detection", "optical_flow")
+STATUSES = ("ok", "error", "internal", "timeout", "crash")  # error: a clear AttnSurgeonError message
+
+# --------------------------------------------------------------------------- what to run
 
 
-def torchvision_classification() -> list[str]:
-    import torchvision
+def torchvision_catalogue() -> dict[str, list[str]]:
+    """Torchvision family -> its model specs (``tv:NAME``)."""
+    import torchvision.models as tvm
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    modules = {"classification": tvm, "quantization": tvm.quantization, "video": tvm.video,
+               "segmentation": tvm.segmentation, "detection": tvm.detection, "optical_flow": tvm.optical_flow}
+    return {family: [f"tv:{n}" for n in sorted(tvm.list_models(module=modules[family]))] for family in TORCHVISION_FAMILIES}
 
 
-def try_model(spec: str) -> dict:
+def timm_modules() -> dict[str, list[str]]:
+    """timm module family -> its model names (families without models left out)."""
+    import timm
+
+    families = {m: sorted(timm.list_models(module=m)) for m in timm.list_modules()}
+    return {m: names for m, names in families.items() if names}
+
+
+def meta_params(name: str, limit_s: float) -> int:
+    """Parameters of timm model ``name``, built on the meta device (no memory, no init) within ``limit_s``."""
+    import timm
+    import torch
+
+    def _expired(signum, frame):
+        raise TimeoutError(f"building on the meta device took more than {limit_s:g} s")
+
+    old = signal.signal(signal.SIGALRM, _expired)
+    signal.setitimer(signal.ITIMER_REAL, limit_s)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = timm.create_model(name, pretrained=False)
+        return sum(p.numel() for p in model.parameters())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def family_sizes(names: list[str], limit_s: float) -> tuple[dict[str, int], dict[str, str]]:
+    """Meta-device parameter counts of ``names``, and the reason for each that does not build."""
+    sizes, failures = {}, {}
+    for name in names:
+        try:
+            sizes[name] = meta_params(name, limit_s)
+        except Exception as exc:  # noqa: BLE001 - any failure only removes the candidate
+            failures[name] = one_line(exc)
+    return sizes, failures
+
+
+def smallest_timm_models(cache: Path, runner: "Runner", jobs: int, limit_s: float) -> dict:
+    """For every timm module family, its model with the fewest parameters (cached in ``cache``).
+
+    Returns ``{"families": {module: {"model", "params", "models", "meta_failures"}}, "seconds", ...}``.
+    A model that does not build on the meta device within ``limit_s`` is not a candidate; a family
+    none of whose models builds there gets its first model by name (``params: None``). Families
+    are counted ``jobs`` at a time, each in its own process.
+    """
+    import timm
+    import torch
+
+    key = {"timm": timm.__version__, "torch": torch.__version__}
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("versions") == key:
+            return {**data, "cached": True}
+    start = time.perf_counter()
+    modules = timm_modules()
+    families = {}
+
+    def choose(module: str) -> dict:
+        names = modules[module]
+        status, result = runner.call(family_sizes, (names, limit_s), timeout=limit_s * len(names) + 60)
+        sizes, failures = result if status == "ok" else ({}, {"*": f"{status}: {result}"})
+        best = min(sizes, key=lambda n: (sizes[n], n)) if sizes else names[0]  # none builds on meta: the first name
+        return {"model": best, "params": sizes.get(best), "models": len(names), "meta_failures": failures}
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        largest_first = sorted(modules, key=lambda m: -len(modules[m]))  # the long families do not come last
+        futures = {pool.submit(choose, m): m for m in largest_first}
+        for future in as_completed(futures):
+            module, choice = futures[future], future.result()
+            families[module] = choice
+            size = f"{choice['params'] / 1e6:.2f} M" if choice["params"] is not None else "none builds on the meta device"
+            print(f"  timm {module:28s} {choice['models']:3d} models -> {choice['model']} ({size})", flush=True)
+    families = {m: families[m] for m in modules}
+    data = {"versions": key, "seconds": round(time.perf_counter() - start, 1), "build_limit_s": limit_s, "families": families}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(data, indent=1))
+    return {**data, "cached": False}
+
+
+def family_of(spec: str, tv: dict[str, list[str]], timm_families: dict[str, list[str]]) -> str:
+    """The family of a model spec, resolving a bare name as attnsurgeon does (torchvision first)."""
+    source, _, name = spec.rpartition(":") if spec.startswith(("tv:", "torchvision:", "timm:")) else ("", "", spec)
+    if source in ("", "tv", "torchvision"):
+        for family, specs in tv.items():
+            if f"tv:{name}" in specs:
+                return family
+    if source in ("", "timm"):
+        for module, names in timm_families.items():
+            if name in names:
+                return f"timm:{module}"
+    return "other"
+
+
+def select(catalogue: dict[str, list[str]], families: list[str] | None = None, limit: int | None = None) -> list[tuple[str, str]]:
+    """``(family, spec)`` pairs to run from ``catalogue`` (family -> specs; timm families are ``timm:MODULE``).
+
+    ``families`` holds family names, ``torchvision`` (all its families) or ``timm`` (all timm
+    families); ``limit`` keeps the first N models of each family, and the first N of all timm
+    families (a timm family has one model, its smallest).
+    """
+    def wanted(family: str) -> bool:
+        if not families:
+            return True
+        group = "timm" if family.startswith("timm:") else "torchvision"
+        return family in families or group in families
+
+    unknown = [f for f in families or [] if f not in catalogue and f not in ("torchvision", "timm")]
+    if unknown:
+        raise SystemExit(f"unknown family {', '.join(unknown)}; choose from torchvision, timm, "
+                         f"{', '.join(TORCHVISION_FAMILIES)} or timm:MODULE")
+    pairs, timm_count = [], 0
+    for family, specs in catalogue.items():
+        if not wanted(family):
+            continue
+        if family.startswith("timm:") and family not in (families or []):  # one of all timm families
+            timm_count += 1
+            if limit is not None and timm_count > limit:
+                continue
+        elif limit is not None:
+            specs = specs[:limit]
+        pairs += [(family, s) for s in specs]
+    return pairs
+
+
+# --------------------------------------------------------------------------- one model, in its own process
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def sample_inputs(family: str, input_size) -> tuple:
+    """The forward pass's arguments for a model of ``family`` at ``input_size`` (without the batch)."""
+    import torch
+
+    x = torch.randn(*input_size)
+    if family == "detection":  # torchvision detectors take a list of images
+        return ([x],)
+    if family == "optical_flow":  # two frames
+        return (x[None], x[None])
+    return (x[None],)  # images (C, H, W), videos (C, T, H, W), sequences (C, L)
+
+
+def try_model(spec: str, family: str, input_size: str | None = None, threads: int = 1) -> dict:
+    """`insert --attn se` and one forward pass; the row that goes into results.jsonl."""
     import torch
 
     import attnsurgeon
     from attnsurgeon import AttnSurgeonError
 
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    row: dict = {"status": "ok", "reason": None}
     start = time.perf_counter()
-    row = {"model": spec, "ok": False}
     try:
-        loaded = attnsurgeon.load_model(spec)
-        row["source"] = loaded.source
-        model, report = attnsurgeon.insert(loaded, "se")
+        model, report = attnsurgeon.insert(spec, attn="se", input_size=input_size)
+        row.update(blocks=len({i.block for i in report.insertions}), insertions=len(report.insertions),
+                   params=report.params["base"], params_delta=report.params["delta"],
+                   params_percent=report.params["percent"], input_size=list(report.input_size), notes=list(report.notes))
+        row["insert_s"] = round(time.perf_counter() - start, 2)
         if not report.insertions:
-            raise AttnSurgeonError("no block was found")
+            raise AttnSurgeonError("no attention block was inserted")
         model.eval()
-        with torch.no_grad():
-            model(torch.randn(1, *report.input_size))
-        row.update(ok=True, blocks=len(report.insertions), params_delta=report.params["delta"],
-                   input_size=list(report.input_size))
-    except AttnSurgeonError as exc:
-        row["reason"] = str(exc)
-    except Exception as exc:  # a bug in attnsurgeon, or a model that does not run: report either
-        row["reason"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    row["seconds"] = round(time.perf_counter() - start, 2)
+        forward = time.perf_counter()
+        try:
+            with torch.no_grad():
+                model(*sample_inputs(family, report.input_size))
+        except Exception as exc:  # the rewrite must keep the model runnable: a bug
+            raise AttnSurgeonError(f"internal error: the rewritten model does not run: {type(exc).__name__}: {one_line(exc)}") from exc
+        row["forward_s"] = round(time.perf_counter() - forward, 2)
+    except AttnSurgeonError as exc:  # what the CLI prints as `error: ...`
+        reason = str(exc)
+        row.update(status="internal" if reason.startswith("internal error") else "error", reason=reason)
+    except Exception as exc:  # what the CLI prints as `internal error: ...`
+        row.update(status="internal", reason=f"internal error: {type(exc).__name__}: {one_line(exc)}")
     return row
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["torchvision", "timm"], help="one library only")
-    parser.add_argument("--models", help="comma-separated model specs instead of the default lists")
-    parser.add_argument("--json", dest="json_path", help="write every row to this JSON file")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def _child(conn, fn, args: tuple) -> None:
+    conn.send(fn(*args))
+    conn.close()
 
+
+class Runner:
+    """Runs functions in their own processes, forked from a server that imported torch once, with a time limit."""
+
+    def __init__(self, timeout: float, threads: int, input_size: str | None):
+        self.timeout, self.threads, self.input_size = timeout, threads, input_size
+        self.ctx = multiprocessing.get_context("forkserver")
+        # the libraries only: attnsurgeon is imported in each process, by this process's sys.path (the
+        # server's own path puts the working directory first)
+        self.ctx.set_forkserver_preload(["torch", "torchvision", "timm"])
+        self.live: set = set()
+        self.lock = threading.Lock()
+        self.stopped = False
+
+    def call(self, fn, args: tuple, timeout: float):
+        """``("ok", fn(*args))``, ``("timeout", None)`` or ``("crash", "signal 9")``."""
+        receive, send = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_child, args=(send, fn, args), daemon=True)
+        with self.lock:
+            if self.stopped:
+                return "crash", "stopped"
+            proc.start()
+            self.live.add(proc)
+        send.close()
+        try:
+            if not receive.poll(timeout):
+                return "timeout", None
+            try:
+                result = receive.recv()
+                proc.join(10)  # let it exit on its own (and clean up); killed below if it does not
+                return "ok", result
+            except EOFError:  # the process died without a word: a segfault, or killed for memory
+                proc.join()
+                code = proc.exitcode
+                return "crash", f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        finally:
+            proc.kill()
+            proc.join()
+            with self.lock:
+                self.live.discard(proc)
+
+    def run(self, family: str, spec: str) -> dict:
+        """One model's row: `insert --attn se` + forward pass in its own process."""
+        start = time.perf_counter()
+        status, result = self.call(try_model, (spec, family, self.input_size, self.threads), self.timeout)
+        if status == "ok":
+            row = result
+        elif status == "timeout":
+            row = {"status": "timeout", "reason": f"timeout after {self.timeout:g} s"}
+        else:
+            row = {"status": "crash", "reason": f"internal error: the worker process died ({result})"}
+        return {"model": spec, "family": family, **row, "seconds": round(time.perf_counter() - start, 1)}
+
+    def stop(self) -> None:
+        """Kill the running processes and start no new one."""
+        with self.lock:
+            self.stopped = True
+            for proc in self.live:
+                proc.kill()
+
+
+# --------------------------------------------------------------------------- results
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    """Rows of a results file by model (the last row of a model wins; a torn last line is ignored)."""
+    rows = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[row["model"]] = row
+    return rows
+
+
+def _fmt_params(n) -> str:
+    return "" if n is None else f"{n / 1e6:+.2f} M" if abs(n) >= 10_000 else f"{n:+d}"
+
+
+def print_tables(rows: list[dict], only_failures: bool = False, width: int = 110) -> None:
+    """A table per torchvision family and one for timm (its rows named MODULE/MODEL)."""
+    by_family: dict[str, list[dict]] = {}
+    for r in rows:
+        by_family.setdefault("timm" if r["family"].startswith("timm:") else r["family"], []).append(r)
+    for family, part in by_family.items():
+        ok = sum(r["status"] == "ok" for r in part)
+        print(f"\n== {family}: {ok}/{len(part)} ok" + (" (failures only)" if only_failures else ""))
+        shown = [r for r in part if not (only_failures and r["status"] == "ok")]
+        names = [r["model"] if family != "timm" else f"{r['family'].removeprefix('timm:')}/{r['model'].removeprefix('timm:')}"
+                 for r in shown]
+        if not shown:
+            continue
+        w = max(len(n) for n in names)
+        print(f"{'model':{w}s}  {'result':8s} {'blocks':>6s} {'ins.':>5s} {'params Δ':>10s} {'s':>6s}  reason")
+        for name, r in zip(names, shown):
+            print(f"{name:{w}s}  {r['status']:8s} {r.get('blocks', ''):>6} {r.get('insertions', ''):>5} "
+                  f"{_fmt_params(r.get('params_delta')):>10s} {r['seconds']:6.1f}  {(r['reason'] or '')[:width]}")
+
+
+def summary_lines(rows: list[dict]) -> list[tuple[str, int, int]]:
+    """(label, ok, total) per torchvision family, torchvision in all, and timm families."""
+    lines = []
+    tv = [r for r in rows if r["family"] in TORCHVISION_FAMILIES]
+    for family in sorted({r["family"] for r in tv}, key=TORCHVISION_FAMILIES.index):
+        part = [r for r in tv if r["family"] == family]
+        lines.append((f"torchvision {family}", sum(r["status"] == "ok" for r in part), len(part)))
+    if tv:
+        lines.append(("torchvision, all", sum(r["status"] == "ok" for r in tv), len(tv)))
+    tm = [r for r in rows if r["family"].startswith("timm:")]
+    if tm:
+        lines.append(("timm families (smallest model of each)", sum(r["status"] == "ok" for r in tm), len(tm)))
+    other = [r for r in rows if r["family"] == "other"]
+    if other:
+        lines.append(("other models", sum(r["status"] == "ok" for r in other), len(other)))
+    return lines
+
+
+def _pct(ok: int, total: int) -> str:
+    return f"{100 * ok / total:.1f} %" if total else "-"
+
+
+def print_notes(rows: list[dict]) -> None:
+    """The report's notes of the models that passed (blocks a default selection skipped, existing attention)."""
+    noted = [r for r in rows if r["status"] == "ok" and r.get("notes")]
+    if noted:
+        print(f"\nNotes ({len(noted)} models):")
+        for r in noted:
+            for note in r["notes"]:
+                print(f"  {r['model']}: {note}")
+
+
+def print_summary(rows: list[dict]) -> None:
+    print("\nSummary: `insert --attn se` + forward pass")
+    for label, ok, total in summary_lines(rows):
+        print(f"  {label:42s} {ok:4d} / {total:<4d} ({_pct(ok, total)})")
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    print("  " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    bugs = [r for r in rows if r["status"] in ("internal", "crash")]
+    if bugs:
+        print(f"\nInternal errors ({len(bugs)}):")
+        for r in bugs:
+            print(f"  {r['model']} ({r['family']}): {r['reason']}")
+
+
+def markdown(rows: list[dict], timm_choice: dict | None = None) -> str:
+    out = ["| family | models | `insert --attn se` + forward pass |", "|---|---:|---:|"]
+    for label, ok, total in summary_lines(rows):
+        strong = label in ("torchvision, all", "timm families (smallest model of each)")
+        cell = f"{ok} ({_pct(ok, total)})"
+        out.append(f"| {label} | {total} | {'**' + cell + '**' if strong else cell} |")
+    failures = [r for r in rows if r["status"] != "ok"]
+    if failures:
+        out += ["", "Failures:", ""]
+        out += [f"- `{r['model']}` ({r['family']}, {r['status']}): {r['reason'].replace('<', '&lt;')}" for r in failures]
+    noted = [r for r in rows if r["status"] == "ok" and r.get("notes")]
+    if noted:
+        out += ["", "<details><summary>Notes on the models that passed (blocks skipped, attention they already have)</summary>", ""]
+        out += [f"- `{r['model']}`: {note.replace('<', '&lt;')}" for r in noted for note in r["notes"]]
+        out += ["", "</details>"]
+    if timm_choice:
+        out += ["", "<details><summary>The timm model tried for each family</summary>", "",
+                "| timm module | models | smallest (meta-device parameter count) | result |", "|---|---:|---|---|"]
+        status = {r["model"]: r["status"] for r in rows}
+        for module, c in timm_choice["families"].items():
+            if f"timm:{c['model']}" not in status:  # not in this run
+                continue
+            params = f"{c['params'] / 1e6:.2f} M" if c["params"] is not None else "none builds on the meta device"
+            out.append(f"| {module} | {c['models']} | `{c['model']}` ({params}) | {status['timm:' + c['model']]} |")
+        out += ["", "</details>"]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", help="comma-separated: torchvision, timm, " + ", ".join(TORCHVISION_FAMILIES) + ", timm:MODULE")
+    parser.add_argument("--models", help="comma-separated model specs instead of the families (r3d_18,timm:resnet18)")
+    parser.add_argument("--limit", type=int, help="the first N models of each family, and the first N of all timm families")
+    parser.add_argument("--jobs", "-j", type=int, default=1, help="models run in parallel (default 1)")
+    parser.add_argument("--threads", type=int, help="torch threads per model (default: CPU cores / jobs)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per model (default 300)")
+    parser.add_argument("--input-size", help="passed to every model's insert (default: each model's own)")
+    parser.add_argument("--out", default="out/coverage", help="results folder (default out/coverage)")
+    parser.add_argument("--resume", action="store_true", help="keep OUT/results.jsonl and skip the models it has")
+    parser.add_argument("--only-failures", action="store_true", help="tables list the failures only")
+    parser.add_argument("--notes", action="store_true", help="also list the notes of the models that passed (skipped blocks)")
+    parser.add_argument("--markdown", help="write the summary and the failures as Markdown to this file")
+    parser.add_argument("--meta-build-timeout", type=float, default=30, help="seconds per meta-device build when choosing timm models")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait for a hub
+    warnings.filterwarnings("ignore")
+
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    runner = Runner(args.timeout, threads, args.input_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    tv, timm_families = torchvision_catalogue(), timm_modules()
+    timm_choice = None
     if args.models:
         specs = [m.strip() for m in args.models.split(",") if m.strip()]
+        pairs = [(family_of(s, tv, timm_families), s) for s in specs]
     else:
-        specs = []
-        if args.only in (None, "torchvision"):
-            specs += [f"tv:{n}" for n in torchvision_classification()]
-        if args.only in (None, "timm"):
-            specs += [f"timm:{n}" for n in TIMM_SAMPLE]
+        families = [f.strip() for f in args.family.split(",") if f.strip()] if args.family else None
+        catalogue = dict(tv)
+        if not families or any(f == "timm" or f.startswith("timm:") for f in families):
+            print("choosing the smallest model of every timm family (meta device; cached) ...", flush=True)
+            timm_choice = smallest_timm_models(out / "timm_families.json", runner, args.jobs, args.meta_build_timeout)
+            how = f"read from {out / 'timm_families.json'}" if timm_choice["cached"] else "chosen"
+            print(f"  {len(timm_choice['families'])} families, {how} (choosing took {timm_choice['seconds']} s)", flush=True)
+            catalogue.update({f"timm:{m}": [f"timm:{c['model']}"] for m, c in timm_choice["families"].items()})
+        pairs = select(catalogue, families, args.limit)
 
-    rows = []
-    for i, spec in enumerate(specs, 1):
-        row = try_model(spec)
-        rows.append(row)
-        mark = "ok  " if row["ok"] else "FAIL"
-        detail = f"{row.get('blocks', 0)} blocks" if row["ok"] else row["reason"][:160]
-        print(f"[{i:3d}/{len(specs)}] {mark} {spec:42s} {row['seconds']:6.1f}s  {detail}", flush=True)
-        gc.collect()
+    if args.resume:
+        done = read_rows(results)
+        if results.is_file() and not results.read_bytes().endswith(b"\n"):  # a torn last line: start a new one
+            with results.open("a") as log:
+                log.write("\n")
+    else:
+        if results.is_file():
+            results.replace(results.with_name("results.jsonl.prev"))
+        done = {}
+    todo = [(f, s) for f, s in pairs if s not in done]
+    print(f"{len(pairs)} models, {len(pairs) - len(todo)} already in {results}; running {len(todo)} "
+          f"({args.jobs} at a time, {threads} thread(s) each, {args.timeout:g} s limit)", flush=True)
 
-    print()
-    for lib in ("torchvision", "timm"):
-        part = [r for r in rows if r["model"].startswith("tv:" if lib == "torchvision" else "timm:")]
-        if part:
-            ok = sum(r["ok"] for r in part)
-            print(f"{lib:12s} {ok}/{len(part)} models ({100 * ok / len(part):.1f}%)")
-    ok = sum(r["ok"] for r in rows)
-    print(f"{'total':12s} {ok}/{len(rows)} models ({100 * ok / max(len(rows), 1):.1f}%)")
-    failures = [r for r in rows if not r["ok"]]
-    if failures:
-        print("\nFailures:")
-        for r in failures:
-            print(f"  {r['model']}: {r['reason']}")
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(rows, f, indent=2)
+    start = time.perf_counter()
+    with results.open("a") as log, ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(runner.run, f, s) for f, s in todo]
+        try:
+            for i, future in enumerate(as_completed(futures), 1):
+                row = future.result()
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                done[row["model"]] = row
+                detail = f"{row.get('insertions')} insertions" if row["status"] == "ok" else row["reason"][:120]
+                print(f"[{i:3d}/{len(todo)}] {row['status']:8s} {row['model']:45s} {row['seconds']:6.1f} s  {detail}", flush=True)
+        except KeyboardInterrupt:
+            for f in futures:
+                f.cancel()
+            runner.stop()
+            print("\ninterrupted: the finished models are in the results file; --resume goes on", flush=True)
+            return 130
+    elapsed = time.perf_counter() - start
+
+    rows = [done[s] for _, s in pairs if s in done]
+    print_tables(rows, args.only_failures)
+    if args.notes:
+        print_notes(rows)
+    print_summary(rows)
+    if todo:
+        print(f"\nran {len(todo)} models in {elapsed / 60:.1f} min wall "
+              f"(sum of per-model times {sum(done[s]['seconds'] for _, s in todo) / 60:.1f} min)")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(rows, timm_choice))
+        print(f"Markdown summary written to {args.markdown}")
     return 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupted)  # `kill` stops the workers too, as Ctrl-C does
     sys.exit(main())
