@@ -837,8 +837,11 @@ def inspect(
         from .api import inspect_model
 
         _, anatomy = inspect_model(loaded, input_size=input_size)
+        from .anatomy import attention_regions
+
+        gates = [r.name for r in attention_regions(anatomy.gm) if r.gate] if anatomy.existing_attention else []
     if json_out:
-        emit_json({"model": loaded.spec, "source": loaded.source, **anatomy.to_dict()})
+        emit_json({"model": loaded.spec, "source": loaded.source, **anatomy.to_dict(), "replaceable_attention": gates})
         return
     from rich.table import Table
 
@@ -860,6 +863,8 @@ def inspect(
     out.print(table)
     if anatomy.existing_attention:
         out.print("Attention already in the model: " + ", ".join(f"{n} ({t})" for n, t in anatomy.existing_attention))
+        out.print(f"--replace can take the place of {len(gates)} channel/spatial gate{'s' if len(gates) != 1 else ''}"
+                  + (f": {', '.join(gates[:3])}{', …' if len(gates) > 3 else ''}" if gates else "") + "; other attention is kept")
     for note in anatomy.notes:
         out.print(f"[dim]note: {note}[/]")
 

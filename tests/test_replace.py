@@ -283,6 +283,16 @@ def test_cli_replace(cli):
     assert "features.7.0.block.2" in out and "SqueezeExcitation (111,792)" in out and "1 block removed" in out
 
 
+def test_inspect_says_what_replace_can_take(cli):
+    code, out, err = cli("inspect", "mobilenet_v3_small", "--input-size", "64", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    se = [n for n, m in _tv("mobilenet_v3_small").named_modules() if isinstance(m, SqueezeExcitation)]
+    assert data["replaceable_attention"] == se and len(se) == 9
+    code, out, _ = cli("inspect", "mobilenet_v3_small", "--input-size", "64")
+    assert "--replace can take the place of 9 channel/spatial gates" in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["efficientnet_b0", "--attn", "none"], "needs --replace"),
     (["resnet18", "--attn", "eca", "--replace"], "the model has no attention modules of its own"),
@@ -291,3 +301,10 @@ def test_cli_replace(cli):
 def test_cli_replace_errors(cli, args, message):
     code, out, err = cli("insert", *args, "--input-size", "64")
     assert code == 2 and message in err and out == "" and "Traceback" not in err
+
+
+def test_profile_and_sweep_check_replace_before_building(cli, tmp_path):
+    code, out, err = cli("profile", "efficientnet_b0", "--replace")
+    assert code == 2 and "--replace needs --attn" in err
+    code, out, err = cli("sweep", "efficientnet_b0", "--attn", "eca,none", "--out", tmp_path / "s")
+    assert code == 2 and "needs --replace" in err and not (tmp_path / "s").exists()
