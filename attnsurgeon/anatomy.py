@@ -613,11 +613,6 @@ class AttentionRegion:
     why: str = ""
     site: Site | None = None
 
-    @property
-    def output(self) -> Node | None:
-        outs = region_io(self.nodes)[1]
-        return outs[0] if len(outs) == 1 else None
-
 
 def region_io(nodes: Iterable[Node]) -> tuple[list[Node], list[Node]]:
     """(tensors a region reads from outside, its nodes read from outside), in graph order."""
@@ -680,26 +675,30 @@ _EXPANDS = {"expand", "expand_as", "broadcast_to"}
 
 
 def _gates_input(nodes: frozenset, x: Node, y: Node) -> bool:
-    """``y = x ⊙ g1 ⊙ g2 …`` or ``x + c``, each gate ``g`` (or context ``c``) computed inside the
-    region with fewer elements than the tensor it modulates, broadcast over it (SE's (N, C, 1, 1),
-    CBAM's (N, 1, H, W); ECA's ``expand_as`` is seen through)."""
-    current = y
-    while current is not x:
-        is_mul = (current.op == "call_function" and current.target in _MUL) or (
-            current.op == "call_method" and current.target in _MUL_METHODS)
-        if current not in nodes or not (is_mul or _is_add(current)):
+    """``y = x ⊙ g1 ⊙ g2 …`` or ``x + c``: each gate ``g`` is computed inside the region (SE's
+    (N, C, 1, 1), CBAM's (N, 1, H, W), GE's full-size map; ECA's ``expand_as`` is seen through),
+    each context ``c`` too, with fewer elements than the tensor it shifts (GC's (N, C, 1, 1)) —
+    a non-local block's full-size ``x + attention(x)`` is no gate."""
+
+    def reaches(n: Node, depth: int) -> bool:
+        if n is x:
+            return True
+        is_mul = (n.op == "call_function" and n.target in _MUL) or (n.op == "call_method" and n.target in _MUL_METHODS)
+        if n not in nodes or depth > 16 or not (is_mul or _is_add(n)):
             return False
-        args = [a for a in (*current.args[:2], *current.kwargs.values()) if isinstance(a, Node)]
+        args = [a for a in (*n.args[:2], *n.kwargs.values()) if isinstance(a, Node)]
         if len(args) != 2:
             return False
-        sizes = [_numel(_unexpanded(a)) for a in args]
-        if None in sizes or sizes[0] == sizes[1]:
-            return False
-        main, modulator = (args[0], args[1]) if sizes[0] > sizes[1] else (args[1], args[0])
-        if _shape(main) != _shape(current) or _unexpanded(modulator) not in nodes:
-            return False
-        current = main
-    return True
+        for main, modulator in (args, args[::-1]):
+            source = _unexpanded(modulator)
+            if source not in nodes or _shape(main) != _shape(n):
+                continue
+            smaller = (_numel(source) or 0) < (_numel(main) or 0)
+            if (is_mul or smaller) and reaches(main, depth + 1):
+                return True
+        return False
+
+    return reaches(y, 0)
 
 
 def _unexpanded(n: Node) -> Node:

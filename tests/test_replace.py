@@ -179,6 +179,16 @@ class GlobalContextBlock(nn.Module):  # GC: adds a broadcast context
         return x + self.transform(x.mean((2, 3), keepdim=True))
 
 
+class GatherExcite(nn.Module):  # GE with a local extent: a full-size gate map
+    def __init__(self, c):
+        super().__init__()
+        self.gather = nn.Conv2d(c, c, 3, stride=2, padding=1, groups=c)
+
+    def forward(self, x):
+        g = nn.functional.interpolate(self.gather(x), size=x.shape[-2:])
+        return x * torch.sigmoid(g)
+
+
 class NonLocalAttention(nn.Module):  # self-attention over positions, with its own residual add
     def __init__(self, c):
         super().__init__()
@@ -206,10 +216,10 @@ def _net(*attns):
 
 
 def test_gates_are_told_from_self_attention():
-    gm = trace(_net(SELayer(16), GlobalContextBlock(16), NonLocalAttention(16)))
+    gm = trace(_net(SELayer(16), GlobalContextBlock(16), GatherExcite(16), NonLocalAttention(16)))
     analyse(gm, (3, 16, 16))
     regions = {r.type: r for r in attention_regions(gm)}
-    assert regions["SELayer"].gate and regions["GlobalContextBlock"].gate
+    assert regions["SELayer"].gate and regions["GlobalContextBlock"].gate and regions["GatherExcite"].gate
     assert not regions["NonLocalAttention"].gate and "not its input scaled" in regions["NonLocalAttention"].why
     # a timm SEModule kept whole by the tracer is checked by tracing it on its own
     timm_gm = trace(timm.create_model("seresnet18"))
