@@ -16,6 +16,9 @@ recipe::
     profile:                       # optional: settings for `apply --profile` and `sweep`
       batch_sizes: [1]
 
+An insertion with ``replace: true`` takes the place of the attention gates the selected blocks
+already have (``attn: none`` removes them); see :mod:`attnsurgeon.surgery`.
+
 A **sweep recipe** has, instead of ``insertions``, either ``configurations`` (a list of named
 plans) or ``grid`` (lists of alternatives, expanded as their product)::
 

@@ -269,6 +269,10 @@ def test_recipe_replace_and_its_errors():
         parse_recipe({"model": "m", "insertions": [{"attn": "none"}]})
     with pytest.raises(AttnSurgeonError, match=r"insertions\[0\]\.replace: expected bool"):
         parse_recipe({"model": "m", "insertions": [{"attn": "se", "replace": "yes"}]})
+    grid = parse_recipe({"model": "efficientnet_b0", "grid": {"attn": ["eca", "none"], "replace": True}})
+    assert [(c.name, c.insertions[0].replace) for c in grid.configurations] == [("eca", True), ("none", True)]
+    with pytest.raises(AttnSurgeonError, match=r"grid\.attn: .* needs --replace"):
+        parse_recipe({"model": "m", "grid": {"attn": ["eca", "none"]}})
     _, report = apply_plan("efficientnet_b0", spec.insertions, input_size=SMALL)
     assert [i.module for i in report.insertions] == ["features.7.0.block.2"]
 
