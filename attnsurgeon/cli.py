@@ -352,7 +352,8 @@ def print_report(report: Any) -> None:
     p = report.params
     removed = sum(1 for i in swaps if i.attn == "none")
     counts = [(len(report.insertions) - len(swaps), "inserted"), (len(swaps) - removed, "replaced"), (removed, "removed")]
-    said = " · ".join(f"{n} block{'s' if n != 1 else ''} {what}" for n, what in counts if n or (what == "inserted" and not swaps))
+    said = " · ".join(f"{n} {'block' if what == 'inserted' else 'attention module'}{'s' if n != 1 else ''} {what}"
+                      for n, what in counts if n or (what == "inserted" and not swaps))
     out.print(
         f"{said} · parameters "
         f"{p['base']:,} → {p['modified']:,} ([bold]{p['delta']:+,}[/], {p['percent']:+.{_digits(p['percent'])}f}%)"

@@ -294,7 +294,7 @@ def test_cli_replace(cli):
     assert data["plan"][0]["replace"] is True
     code, out, err = cli("insert", "efficientnet_b0", "--attn", "none", "--replace", "--stages", "7", "--input-size", "64")
     assert code == 0, err
-    assert "features.7.0.block.2" in out and "SqueezeExcitation (111,792)" in out and "1 block removed" in out
+    assert "features.7.0.block.2" in out and "SqueezeExcitation (111,792)" in out and "1 attention module removed" in out
 
 
 def test_inspect_says_what_replace_can_take(cli):
