@@ -38,6 +38,7 @@ from torch.fx import Node
 
 from .errors import AttnSurgeonError
 
+from .layout import Layout
 from .positions import POSITIONS  # noqa: E402  (torch-free, for the CLI)
 
 # --------------------------------------------------------------------------- op tables
@@ -300,7 +301,34 @@ def _restore_unused_state(model: nn.Module, gm: torch.fx.GraphModule) -> None:
 # --------------------------------------------------------------------------- shapes
 
 
-class _MetaProp(torch.fx.Interpreter):
+class _ShapeProp(torch.fx.Interpreter):
+    """Run the graph, recording each node's output shape.
+
+    Functions get plain lists and dicts: the generated code passes a fresh ``[0, 0, 0]`` on every
+    call, while the Interpreter would pass the node's own immutable copy, and some wrapped
+    functions fill in the list they are given (torchvision's Swin3D window sizes).
+    """
+
+    def call_function(self, target, args, kwargs):
+        return super().call_function(target, _mutable(args), _mutable(kwargs))
+
+    def run_node(self, n: Node):
+        result = super().run_node(n)
+        _record_shape(n, result)
+        return result
+
+
+def _mutable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_mutable(v) for v in value)
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
+
+
+class _MetaProp(_ShapeProp):
     """Run the graph on meta tensors: module parameters are swapped for meta stand-ins."""
 
     def __init__(self, gm: torch.fx.GraphModule):
@@ -325,18 +353,6 @@ class _MetaProp(torch.fx.Interpreter):
         value = super().get_attr(target, args, kwargs)
         return self._m(value) if isinstance(value, torch.Tensor) else value
 
-    def run_node(self, n: Node):
-        result = super().run_node(n)
-        _record_shape(n, result)
-        return result
-
-
-class _RealProp(torch.fx.Interpreter):
-    def run_node(self, n: Node):
-        result = super().run_node(n)
-        _record_shape(n, result)
-        return result
-
 
 def _record_shape(n: Node, result: Any) -> None:
     n.meta["as_shape"] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
@@ -358,7 +374,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, input_size: tuple[int, ...], batc
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         try:
             with torch.no_grad():
-                _RealProp(gm).run(torch.randn(shape, dtype=dtype, device=device))
+                _ShapeProp(gm).run(torch.randn(shape, dtype=dtype, device=device))
         except Exception as exc:
             raise AttnSurgeonError(
                 f"the model does not run on an input of shape {tuple(shape)}: {str(exc).strip().splitlines()[0]}"
@@ -436,18 +452,18 @@ def _moved_axis(n: Node, out: tuple[int, ...]) -> int | None:
 
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "unsqueeze", "squeeze"}
 
-LAYOUTS = {(4, 1): "NCHW", (4, 3): "NHWC", (3, 2): "NLC", (3, 1): "NCL"}
 
-
-def layout_of(n: Node) -> str | None:
-    """NCHW/NHWC/NLC/NCL for an insertable tensor, else None."""
+def layout_of(n: Node) -> Layout | None:
+    """The :class:`~attnsurgeon.layout.Layout` of an insertable tensor (rank 3 to 5), else None."""
     shape = _shape(n)
     if shape is None:
         return None
     axis = n.meta.get("as_caxis")
-    if axis is None:  # unknown: the common conventions
-        axis = {4: 1, 3: 2}.get(len(shape))
-    return LAYOUTS.get((len(shape), axis))
+    if axis is None and len(shape) == 4:  # unknown: the common convention for images
+        axis = 1
+    if axis is None and len(shape) == 3:  # ... and for token sequences
+        axis = 2
+    return Layout.of(len(shape), axis)
 
 
 # --------------------------------------------------------------------------- data model
@@ -461,8 +477,13 @@ class Site:
     producer: Node
     consumers: tuple[Node, ...]
     channels: int
-    layout: str
+    layout: Layout
     shape: tuple[int, ...]
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """The feature map's spatial size here (``(T, H, W)``, ``(H, W)`` or ``(L,)``)."""
+        return self.layout.size(self.shape)
 
 
 @dataclass
@@ -474,7 +495,7 @@ class Block:
     skip: str | None  # "identity" | "projection" | None
     channels: int
     resolution: tuple[int, ...]
-    layout: str
+    layout: str  # the main site's Layout name (NCHW, NLC, NCDHW, ...)
     order: int  # forward order (topological index of its output)
     stage: int = 0
     sites: dict[str, Site] = field(default_factory=dict)
@@ -557,7 +578,7 @@ def analyse(gm: torch.fx.GraphModule, input_size: tuple[int, ...]) -> Anatomy:
     if not blocks:
         raise AttnSurgeonError(
             "found no blocks: the model has no residual merges and no conv+activation units "
-            "on tensors of 3 or 4 dimensions"
+            "on feature maps of 1 to 3 spatial dimensions"
         )
     stages, grouping = _group_stages(blocks)
     notes = []
@@ -879,8 +900,7 @@ def _site(position: str, producer: Node, consumers: Iterable[Node]) -> Site | No
     consumers = tuple(dict.fromkeys(consumers))
     if shape is None or layout is None or not consumers:
         return None
-    axis = {"NCHW": 1, "NHWC": 3, "NLC": 2, "NCL": 1}[layout]
-    return Site(position, producer, consumers, int(shape[axis]), layout, shape)
+    return Site(position, producer, consumers, layout.channels(shape), layout, shape)
 
 
 def _complete(block: Block, sites: list[Site | None], nodes: Iterable[Node], scope: dict, main: str = "standard") -> Block | None:
@@ -890,15 +910,11 @@ def _complete(block: Block, sites: list[Site | None], nodes: Iterable[Node], sco
     if main not in block.sites:
         return None
     site = block.sites[main]
-    block.channels, block.layout = site.channels, site.layout
-    block.resolution = _resolution(site.shape, site.layout)
+    block.channels, block.layout = site.channels, site.layout.name
+    block.resolution = site.size
     block.nodes = frozenset(nodes)
     block.scope = scope
     return block
-
-
-def _resolution(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-    return {"NCHW": shape[2:], "NHWC": shape[1:3], "NLC": shape[1:2], "NCL": shape[2:]}[layout]
 
 
 def _spatial_site(g: _Graph, region: set[Node], inside: set[Node]) -> Site | None:

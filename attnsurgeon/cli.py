@@ -143,8 +143,13 @@ KernelOpt = Annotated[
 DivisorOpt = Annotated[
     Optional[int], typer.Option("--rd-divisor", help="Round SE/CBAM hidden widths to a multiple of this (timm: SE 8, CBAM 1).")
 ]
+KeepDepthOpt = Annotated[
+    Optional[bool], typer.Option("--keep-depth", help="SE/ECA on 3-D (video) maps: pool over H,W only and gate every "
+                                 "(channel, frame) pair. Default: pool over T,H,W.", show_default=False)
+]
 InputSizeOpt = Annotated[
-    Optional[str], typer.Option("--input-size", help="Sample input: S, H,W or C,H,W. Default: the model's own config, else 224.")
+    Optional[str], typer.Option("--input-size", help="Sample input, any rank: S (image side), H,W, C,H,W; C,T,H,W or T,H,W "
+                                "for video; C,L for 1-D signals. Default: the model's own (3,16,112,112 for r3d_18).")
 ]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Load the library's published weights (network or local cache).")]
 WeightsOpt = Annotated[
@@ -242,12 +247,14 @@ def parse_numbers(text: str | None, what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def block_options(reduction: str | None, bias: bool | None, kernel_size: str | None, rd_divisor: int | None) -> dict[str, Any]:
+def block_options(reduction: str | None, bias: bool | None, kernel_size: str | None, rd_divisor: int | None,
+                  keep_depth: bool | None = None) -> dict[str, Any]:
     opts = {
         "reduction": parse_numbers(reduction, "--reduction"),
         "bias": bias,
         "kernel_size": parse_numbers(kernel_size, "--kernel-size"),
         "rd_divisor": rd_divisor,
+        "keep_depth": keep_depth,
     }
     return {k: v for k, v in opts.items() if v is not None}
 
@@ -278,6 +285,7 @@ def insert(
     bias: BiasOpt = None,
     kernel_size: KernelOpt = None,
     rd_divisor: DivisorOpt = None,
+    keep_depth: KeepDepthOpt = None,
     replace: ReplaceOpt = False,
     input_size: InputSizeOpt = None,
     pretrained: PretrainedOpt = False,
@@ -295,7 +303,7 @@ def insert(
 
     Example: attnsurgeon insert resnet50 --attn eca --stages 3,4 --out eca50.safetensors
     """
-    options = block_options(reduction, bias, kernel_size, rd_divisor)
+    options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
     check_insertion_args(attn, position, options, init, replace)  # typos fail before loading anything
     if out is not None:
         from .export import check_target
@@ -463,6 +471,7 @@ def profile(
     bias: BiasOpt = None,
     kernel_size: KernelOpt = None,
     rd_divisor: DivisorOpt = None,
+    keep_depth: KeepDepthOpt = None,
     replace: ReplaceOpt = False,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 (autocast).")] = "float32",
@@ -484,7 +493,7 @@ def profile(
 
     Example: attnsurgeon profile resnet50 --attn se --stages 3,4 --batch-size 1,32
     """
-    options = block_options(reduction, bias, kernel_size, rd_divisor)
+    options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
     if attn is not None:
         check_insertion_args(attn, position, options, init, replace)
     elif options:
@@ -521,7 +530,6 @@ def print_profile(result: Any) -> None:
     from rich.table import Table
 
     from .profiling import FLOP_CONVENTION
-    from .profiling.report import fmt, label
 
     out = _stdout()
     s, env = result.settings, result.environment
@@ -533,15 +541,13 @@ def print_profile(result: Any) -> None:
     table = Table()
     for col in ("metric", "value") if alone else ("metric", "base", "modified", "delta", "delta %"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for metric, base, mod, delta, pct in result.rows():
-        if metric == "compile s":
-            continue
+    for metric, b, base, mod, delta, pct in result.rows():
         if alone:
-            table.add_row(label(metric), fmt(metric, base))
-        elif "IQR" in metric:  # a spread has no meaningful difference
-            table.add_row(label(metric), fmt(metric, base), fmt(metric, mod), "", "")
+            table.add_row(metric.row_label(b), metric.format(base))
+        elif not metric.delta:  # a spread has no meaningful difference
+            table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), "", "")
         else:
-            table.add_row(label(metric), fmt(metric, base), fmt(metric, mod), fmt(metric, delta, True),
+            table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), metric.format(delta, True),
                           "-" if pct is None else f"{pct:+.{_digits(pct)}f}%")
     out.print(table)
     if result.base.compile_s is not None:
@@ -664,6 +670,7 @@ def sweep(
     bias: BiasOpt = None,
     kernel_size: KernelOpt = None,
     rd_divisor: DivisorOpt = None,
+    keep_depth: KeepDepthOpt = None,
     replace: Annotated[bool, typer.Option("--replace", help="Every configuration replaces the model's own attention gates "
                                           "(--attn se,eca,none: what each block, or none, does in their place).")] = False,
     device: DeviceOpt = None,
@@ -690,7 +697,7 @@ def sweep(
 
     if resume and force:
         raise AttnSurgeonError("--resume and --force conflict: --resume keeps the finished rows, --force discards them")
-    options = block_options(reduction, bias, kernel_size, rd_divisor)
+    options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
     is_recipe = model.lower().endswith((".yaml", ".yml"))
     if is_recipe:
         if attn or stages or blocks or options or replace:
@@ -774,30 +781,34 @@ class _SweepProgress(_Steps):
 def print_sweep(result: Any) -> None:
     from rich.table import Table
 
+    from .profiling.metrics import METRICS, get
+
     out = _stdout()
     rows = result.rows
     ok = [r for r in rows if r["status"] == "ok"]
     title = f"{ok[0]['model']} · batch {ok[0]['batch_size']}" if ok else str(result.folder)
     table = Table(title=title, title_justify="left")
-    for col in ("configuration", "params (M)", "Δ params", "GMACs", "GFLOPs", "Δ GFLOPs", "latency (ms)", "Δ latency",
-                "peak mem (MiB)", "Δ mem"):
-        table.add_column(col, justify="left" if col == "configuration" else "right")
+    shown = [m for m in METRICS if m.summary]
+    table.add_column("configuration")
+    for m in shown:
+        table.add_column(m.label + (f" ({m.unit})" if m.unit else ""), justify="right")
+        table.add_column(f"Δ {m.label}", justify="right")
     failures, noisy = [], False
     for r in rows:
         if r["status"] != "ok":
             failures.append(r)
-            table.add_row(r["name"], f"[red]failed ({len(failures)})[/]", *[""] * 8)
+            table.add_row(r["name"], f"[red]failed ({len(failures)})[/]", *[""] * (2 * len(shown) - 1))
             continue
         base = r["name"] == "base"
         flag = "[yellow]![/]" if any("noisy" in w for w in r.get("warnings", [])) else ""
         noisy = noisy or bool(flag)
-        table.add_row(
-            f"[bold]{r['name']}[/]" if base else r["name"], f"{r['params'] / 1e6:.3f}",
-            "" if base else f"{r['params_delta']:+,} ({r['params_delta_pct']:+.2f}%)",
-            f"{r['gmacs']:.3f}", f"{r['gflops']:.3f}", "" if base else f"{r['gflops_delta']:+.4f}",
-            f"{r['latency_ms']:.2f} ± {r['latency_iqr_ms']:.2f}{flag}", "" if base else f"{r['latency_delta_pct']:+.1f}%",
-            f"{r['peak_memory_bytes'] / 2**20:,.1f}", "" if base else f"{r['peak_memory_delta_pct']:+.1f}%",
-        )
+        cells = [f"[bold]{r['name']}[/]" if base else r["name"]]
+        for m in shown:
+            value, pct = get(r, m.key), get(r["delta_percent"], m.key)
+            cells.append(m.format(value, unit=False) + (flag if m.key.startswith("latency") else ""))
+            cells.append("" if base or pct is None else
+                         f"{m.format(get(r['delta'], m.key), True, unit=False)} ({pct:+.{_digits(pct)}f}%)")
+        table.add_row(*cells)
     out.print(table)
     for i, r in enumerate(failures, 1):
         out.print(f"[red]failed ({i})[/] {r['name']}: {_escape(r['reason'])}")
@@ -805,7 +816,7 @@ def print_sweep(result: Any) -> None:
         out.print("[yellow]![/] noisy timing: IQR above 10% of the median (other work on the machine, or more threads "
                   "than free cores: try --threads 1 or a longer --max-time); treat those Δ latency figures with care.")
     reused = len(rows) - len(result.measured)
-    out.print(f"Δ latency and Δ memory compare each row with the base model measured alongside it. "
+    out.print(f"Δ figures compare each row with the base model measured alongside it. "
               f"{len(result.measured)} row(s) measured now" + (f", {reused} kept from the earlier run" if reused else "") + ".")
     out.print(f"wrote {result.folder}/results.csv, results.json, rows.jsonl" + (", plot.png" if result.plot else ""))
 

@@ -115,7 +115,8 @@ def export(
     """
     import torch
 
-    from .surgery import resolve_input_size
+    from .layout import resolve_input_size
+    from .models import default_input_size
 
     fmt = check_target(path, format, force)
     if isinstance(model, (str, os.PathLike)):
@@ -123,7 +124,7 @@ def export(
     if batch_size < 1:
         raise AttnSurgeonError(f"batch size must be ≥ 1, got {batch_size}")
     report = getattr(model, "attnsurgeon_report", None)
-    default = tuple(report.input_size) if report is not None else (3, 224, 224)
+    default = tuple(report.input_size) if report is not None else default_input_size(model)
     size = resolve_input_size(input_size, default)
     if fmt == "safetensors" and report is None:
         raise AttnSurgeonError("a .safetensors export needs the recipe of a model made by attnsurgeon "

@@ -38,7 +38,7 @@ class LoadedModel:
     model: Any  # torch.nn.Module
     name: str  # the name without a source prefix (``resnet50``, ``my.py:build``)
     source: str  # one of SOURCES
-    input_size: tuple[int, int, int]  # (C, H, W) the model expects by default
+    input_size: tuple[int, ...] | None  # (C, H, W), (C, T, H, W), (C, L) the model expects; None: unknown
     weights: str | None = None  # "pretrained", a file path, or None (random init)
     kwargs: dict = field(default_factory=dict)  # constructor arguments (num_classes=10)
 
@@ -176,7 +176,7 @@ def _load(source: str, name: str, pretrained: bool, weights: Any, model_kwargs: 
         if pretrained:
             raise AttnSurgeonError(f"--pretrained needs a torchvision or timm model; load '{name}' weights with --weights FILE")
         model = _build_user(source, name, model_kwargs)
-        input_size = tuple(getattr(model, "default_input_size", (3, 224, 224)))
+        input_size = default_input_size(model)
     if source == "file":  # recorded absolute, so that a saved recipe rebuilds from anywhere
         target, _, factory = name.rpartition(":")
         name = f"{Path(target).expanduser().resolve()}:{factory}"
@@ -200,9 +200,7 @@ def as_loaded(model_or_spec: Any, **load_kwargs: Any) -> LoadedModel:
             raise AttnSurgeonError("pretrained=True needs a model name, not a module")
         if load_kwargs.get("weights") is not None:
             load_weights(model_or_spec, load_kwargs["weights"])
-        cfg = getattr(model_or_spec, "pretrained_cfg", None) or {}
-        size = tuple(cfg.get("input_size", getattr(model_or_spec, "default_input_size", (3, 224, 224))))
-        return LoadedModel(model_or_spec, type(model_or_spec).__name__, "object", size)
+        return LoadedModel(model_or_spec, type(model_or_spec).__name__, "object", default_input_size(model_or_spec))
     raise AttnSurgeonError(f"expected a model name or an nn.Module, got {type(model_or_spec).__name__}")
 
 
@@ -324,19 +322,42 @@ def _build_user(source: str, spec: str, kwargs: Mapping[str, Any]):
     return model
 
 
-def _torchvision_input_size(name: str) -> tuple[int, int, int]:
-    """The crop size of the model's default weights' transforms; 224 where there is none."""
-    try:
-        import torchvision
+# torchvision's video models are trained and evaluated on clips of 16 frames (references/video_classification)
+VIDEO_FRAMES = 16
 
+
+def _torchvision_input_size(name: str) -> tuple[int, ...]:
+    """The crop size of the model's default weights' transforms (224 where there is none); video
+    models take clips of :data:`VIDEO_FRAMES` frames: ``(3, 16, H, W)``."""
+    import torchvision
+
+    video = name in torchvision.models.list_models(module=torchvision.models.video)
+    try:
         transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
         crop = transforms.crop_size
         h = w = int(crop[0]) if isinstance(crop, (list, tuple)) else int(crop)
         if isinstance(crop, (list, tuple)) and len(crop) == 2:
             h, w = int(crop[0]), int(crop[1])
-        return (3, h, w)
     except Exception:  # models without weights, or transforms without a crop size
+        h = w = 224
+    return (3, VIDEO_FRAMES, h, w) if video else (3, h, w)
+
+
+def default_input_size(model: Any) -> tuple[int, ...] | None:
+    """What a model says it takes: ``default_input_size`` or a timm ``pretrained_cfg``; else read
+    from its first convolution: a Conv2d takes ``(in_channels, 224, 224)``; a Conv1d/Conv3d's length
+    or frames cannot be guessed (None: the user must give --input-size). No conv: 3×224×224."""
+    import torch
+
+    size = getattr(model, "default_input_size", None) or (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if size:
+        return tuple(int(v) for v in size)
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    if first is None:
         return (3, 224, 224)
+    if isinstance(first, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+        return (first.in_channels, 224, 224)
+    return None
 
 
 # --------------------------------------------------------------------------- weights

@@ -5,7 +5,7 @@ saved ``.safetensors`` model (``attnsurgeon.load``), so a saved model can be re-
 recipe::
 
     model: timm:resnet50
-    input_size: [3, 224, 224]      # optional
+    input_size: [3, 224, 224]      # optional; [3, 16, 112, 112] for video, [1, 16000] for 1-D
     insertions:
       - attn: eca
         stages: [1, 2]
@@ -129,8 +129,9 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
     if input_size is not None:
         if isinstance(input_size, int):
             input_size = [input_size]
-        if not (isinstance(input_size, list) and 1 <= len(input_size) <= 3 and all(_is_int(v) and v > 0 for v in input_size)):
-            raise AttnSurgeonError(f"{where(('input_size',))}: expected a size (224), [H, W] or [C, H, W] of positive integers")
+        if not (isinstance(input_size, list) and 1 <= len(input_size) <= 4 and all(_is_int(v) and v > 0 for v in input_size)):
+            raise AttnSurgeonError(f"{where(('input_size',))}: expected a size (224), [H, W], [C, H, W], [C, T, H, W] "
+                                   "or [C, L] of positive integers")
     profile = data.get("profile")
     if profile is not None:
         if not isinstance(profile, dict):

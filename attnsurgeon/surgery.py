@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, NamedTuple
 
 from .errors import AttnSurgeonError, did_you_mean
+from .layout import resolve_input_size  # noqa: F401  (the input size of every command: one rule)
 
 
 
@@ -253,28 +254,6 @@ def count_params(model: Any) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def resolve_input_size(value: Any, default: tuple[int, ...]) -> tuple[int, int, int]:
-    """``224`` / ``"224"`` / ``"160,128"`` / ``"3,224,224"`` / tuples -> ``(C, H, W)``."""
-    if value is None or value == "":
-        return tuple(int(v) for v in default)  # type: ignore[return-value]
-    if isinstance(value, str):
-        import re
-
-        if not re.fullmatch(r"\s*\d+(\s*[,x×]\s*\d+){0,2}\s*", value):
-            raise AttnSurgeonError(f"input size '{value}': expected S, H,W or C,H,W (e.g. 224, 160x128 or 3,224,224)")
-        value = [int(p) for p in re.split(r"\s*[,x×]\s*", value.strip())]
-    if isinstance(value, int):
-        value = [value]
-    value = [int(v) for v in value]
-    if len(value) == 1:
-        value = [default[0], value[0], value[0]]
-    elif len(value) == 2:
-        value = [default[0], *value]
-    if len(value) != 3 or any(v <= 0 for v in value):
-        raise AttnSurgeonError(f"input size {value}: expected S, H,W or C,H,W with positive numbers")
-    return tuple(value)  # type: ignore[return-value]
-
-
 # --------------------------------------------------------------------------- planning
 
 
@@ -442,7 +421,7 @@ def _build_modules(planned: list[_Planned], gm: Any) -> None:
         if p.spec.attn == NONE:
             continue  # a removal builds nothing
         try:
-            module = build_block(p.spec.attn, p.site.channels, p.spec.init, **p.options)
+            module = build_block(p.spec.attn, p.site.channels, p.spec.init, size=p.site.size, **p.options)
         except AttnSurgeonError as exc:
             raise AttnSurgeonError(f"block {p.block.name} ({p.site.channels} channels at '{p.spec.position}'): {exc}") from exc
         if param is not None:
@@ -491,7 +470,7 @@ def _rewrite(gm: Any, planned: list[_Planned]) -> list[Insertion]:
                 channels=p.site.channels,
                 params=count_params(p.module),
                 module=p.module_name,
-                layout=p.site.layout,
+                layout=str(p.site.layout),
                 options=_resolved_options(p),
             )
         )
@@ -567,7 +546,7 @@ def _replace(gm: Any, p: _Planned, moved: _Moved) -> Insertion:
         channels=p.site.channels,
         params=count_params(p.module) if p.module is not None else 0,
         module=p.module_name,
-        layout=p.site.layout,
+        layout=str(p.site.layout),
         options=_resolved_options(p) if p.module is not None else {},
         replaced=p.region.type,
         replaced_params=removed,
@@ -589,23 +568,17 @@ def _anchor(producer: Any, consumers: set) -> Any:
         current = nxt
 
 
-def _call_in_layout(graph: Any, x: Any, target: str, layout: str) -> tuple[Any, Any]:
-    """Nodes that call module ``target`` on ``x`` with channels at axis 1; returns (head, tail)."""
-    steps: list[tuple[str, Any, tuple]] = {
-        "NCHW": [],
-        "NHWC": [("call_method", "permute", (0, 3, 1, 2))],
-        "NLC": [("call_method", "transpose", (1, 2)), ("call_method", "unsqueeze", (-1,))],
-        "NCL": [("call_method", "unsqueeze", (-1,))],
-    }[layout]
-    undo: list[tuple[str, Any, tuple]] = {
-        "NCHW": [],
-        "NHWC": [("call_method", "permute", (0, 2, 3, 1))],
-        "NLC": [("call_method", "squeeze", (-1,)), ("call_method", "transpose", (1, 2))],
-        "NCL": [("call_method", "squeeze", (-1,))],
-    }[layout]
+def _call_in_layout(graph: Any, x: Any, target: str, layout: Any) -> tuple[Any, Any]:
+    """Nodes that call module ``target`` on ``x`` with its channels at axis 1 (a channels-last map is
+    permuted there and back, as its :class:`~attnsurgeon.layout.Layout` says); returns (head, tail)."""
+    steps = [("call_method", "permute", layout.to_channels_first()),
+             ("call_module", target, ()),
+             ("call_method", "permute", layout.from_channels_first())]
     head = None
     prev = x
-    for op, target_, extra in [*steps, ("call_module", target, ()), *undo]:
+    for op, target_, extra in steps:
+        if extra is None:
+            continue  # channels first already: nothing to move
         with graph.inserting_after(prev):
             node = graph.create_node(op, target_, (prev, *extra), {})
         head = head or node

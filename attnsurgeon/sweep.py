@@ -31,11 +31,14 @@ from .recipes import Configuration
 SWEEP_FILE = "sweep.json"
 ROWS_FILE = "rows.jsonl"
 BASE = "base"
-CSV_COLUMNS = [
-    "name", "status", "params", "params_delta", "params_delta_pct", "macs", "gmacs", "gflops", "gflops_delta",
-    "latency_ms", "latency_iqr_ms", "base_latency_ms", "latency_delta_pct", "throughput", "peak_memory_bytes",
-    "base_peak_memory_bytes", "peak_memory_delta_pct", "reason", "insertions", "seconds",
-]
+def _csv_columns() -> list[str]:
+    """name, status, then per metric its value, delta, delta % and the base's value; then the rest."""
+    from .profiling.metrics import TABLE_METRICS
+
+    columns = ["name", "status"]
+    for m in TABLE_METRICS:
+        columns += [m.column] + ([f"{m.column}_delta", f"{m.column}_delta_pct", f"base_{m.column}"] if m.delta else [])
+    return columns + ["reason", "insertions", "seconds"]
 
 
 @dataclass
@@ -183,11 +186,19 @@ def _append_row(out: Path, row: dict) -> None:
 
 
 def _write_tables(out: Path, rows: list[dict]) -> None:
+    from .profiling.metrics import TABLE_METRICS, get
+
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=_csv_columns(), extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, "insertions": json.dumps(row.get("insertions", []))})
+        flat = {**row, "insertions": json.dumps(row.get("insertions", []))}
+        for m in TABLE_METRICS:  # the nested figures, one column each
+            flat[m.column] = get(row, m.key)
+            flat[f"{m.column}_delta"] = get(row.get("delta", {}), m.key)
+            flat[f"{m.column}_delta_pct"] = get(row.get("delta_percent", {}), m.key)
+            flat[f"base_{m.column}"] = get(row.get("base", {}), m.key)
+        writer.writerow(flat)
     write_text_atomic(out / "results.csv", buf.getvalue())
     write_text_atomic(out / "results.json", json.dumps(rows, indent=2) + "\n")
 
@@ -207,9 +218,10 @@ def _write_plot(out: Path, rows: list[dict]) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for r in ok:
         is_base = r["name"] == BASE
-        ax.scatter(r["params"] / 1e6, r["latency_ms"], marker="s" if is_base else "o", s=40,
+        latency = r["latency_ms"]["median"]
+        ax.scatter(r["params"] / 1e6, latency, marker="s" if is_base else "o", s=40,
                    color="black" if is_base else "tab:blue", zorder=3)
-        ax.annotate(r["name"], (r["params"] / 1e6, r["latency_ms"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(r["name"], (r["params"] / 1e6, latency), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel(f"latency (ms), batch {ok[0].get('batch_size', 1)}")
     ax.set_title(f"{ok[0].get('model', '')}: latency against parameters", fontsize=10)
@@ -226,32 +238,23 @@ def _write_plot(out: Path, rows: list[dict]) -> Path | None:
 
 
 def _row(name: str, result: Any) -> dict[str, Any]:
+    """The row of one configuration: its figures at the first batch size, nested as in ``profile
+    --json``, and the base model's, measured alongside in the same run, with the differences."""
+    from .profiling.metrics import TABLE_METRICS, difference, nested, percent
+
     b = result.settings.batch_sizes[0]
-    base, mod = result.base, result.modified
-    fig = mod or base
-    lat, base_lat = fig.latency[b], base.latency[b]
-    mem, base_mem = fig.memory[b].peak_bytes, base.memory[b].peak_bytes
+    base, fig = result.base, result.modified or result.base
+    changes = [m for m in TABLE_METRICS if m.delta]
     return {
         "name": name,
         "status": "ok",
         "model": result.model,
         "batch_size": b,
         "insertions": [vars(i) for i in result.insertions],
-        "params": fig.params,
-        "params_delta": fig.params - base.params,
-        "params_delta_pct": round(100 * (fig.params - base.params) / base.params, 4),
-        "macs": fig.macs,
-        "gmacs": round(fig.macs / 1e9, 4),
-        "gflops": round(fig.flops / 1e9, 4),
-        "gflops_delta": round((fig.flops - base.flops) / 1e9, 4),
-        "latency_ms": round(lat.median_ms, 4),
-        "latency_iqr_ms": round(lat.iqr_ms, 4),
-        "base_latency_ms": round(base_lat.median_ms, 4),  # measured alongside, in the same run
-        "latency_delta_pct": round(100 * (lat.median_ms - base_lat.median_ms) / base_lat.median_ms, 2),
-        "throughput": round(lat.throughput, 3),
-        "peak_memory_bytes": mem,
-        "base_peak_memory_bytes": base_mem,
-        "peak_memory_delta_pct": round(100 * (mem - base_mem) / base_mem, 2) if base_mem else None,
+        **nested(TABLE_METRICS, [b], lambda m, _: m.read(fig, b)),
+        "base": nested(TABLE_METRICS, [b], lambda m, _: m.read(base, b)),
+        "delta": nested(changes, [b], lambda m, _: difference(m.read(base, b), m.read(fig, b))),
+        "delta_percent": nested(changes, [b], lambda m, _: percent(m.read(base, b), m.read(fig, b))),
         "warnings": result.warnings,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -180,8 +180,9 @@ def test_small_sweep_writes_csv_json_png(cli, tmp_path):
     assert csv_lines[0].startswith("name,status,params,params_delta") and len(csv_lines) == 6
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     se_std = rows[1]
-    assert se_std["params_delta"] == sum(se(c) for c in (64, 64, 128, 128, 256, 256, 512, 512))
-    assert se_std["gflops"] == pytest.approx(2 * se_std["gmacs"], abs=1e-3) and se_std["base_latency_ms"] > 0
+    assert se_std["delta"]["params"] == sum(se(c) for c in (64, 64, 128, 128, 256, 256, 512, 512))
+    assert se_std["flops"] == 2 * se_std["macs"] and se_std["base"]["latency_ms"]["median"] > 0
+    assert set(se_std["latency_ms"]) == {"median", "iqr"}  # nested as in `profile --json`
 
 
 def test_interrupted_sweep_keeps_rows_and_resume_measures_only_the_rest(tmp_path):

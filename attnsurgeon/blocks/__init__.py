@@ -3,7 +3,8 @@
 One small file per block (``se.py``, ``eca.py``, ``cbam.py``); each defines
 
 * ``OPTIONS``: the block options it accepts, with their defaults (``None`` = the block's own rule);
-* ``build(channels, **options) -> nn.Module``;
+* ``build(fmap, **options) -> nn.Module``, for the :class:`FeatureMap` at the site (its channels
+  and spatial size: a block is built for 1-D, 2-D or 3-D maps alike);
 * ``init_identity(module)``: make the module an exact identity that still learns;
 * ``describe(module) -> dict``: the options it was built with, defaults filled in.
 
@@ -37,10 +38,10 @@ REGISTRY: dict[str, BlockInfo] = {
     for info in (
         BlockInfo("se", "attnsurgeon.blocks.se", "Squeeze-and-Excitation: global average pool, bottleneck MLP, sigmoid channel gate",
                   "Hu et al., Squeeze-and-Excitation Networks, CVPR 2018, https://arxiv.org/abs/1709.01507",
-                  ("reduction", "bias", "rd_divisor")),
+                  ("reduction", "bias", "rd_divisor", "keep_depth")),
         BlockInfo("eca", "attnsurgeon.blocks.eca", "Efficient Channel Attention: global average pool, 1-D conv across channels, sigmoid gate",
                   "Wang et al., ECA-Net, CVPR 2020, https://arxiv.org/abs/1910.03151",
-                  ("kernel_size",)),
+                  ("kernel_size", "keep_depth")),
         BlockInfo("cbam", "attnsurgeon.blocks.cbam", "CBAM: avg+max channel MLP gate, then a k×k spatial gate over channel avg/max maps",
                   "Woo et al., CBAM, ECCV 2018, https://arxiv.org/abs/1807.06521",
                   ("reduction", "bias", "kernel_size", "rd_divisor")),
@@ -48,6 +49,19 @@ REGISTRY: dict[str, BlockInfo] = {
 }
 
 INITS = ("default", "identity")
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """What a block is built for: the channels at its site and the map's spatial size there
+    (``(L,)``, ``(H, W)`` or ``(T, H, W)``; its length is the number of spatial dimensions)."""
+
+    channels: int
+    size: tuple[int, ...] = (0, 0)  # unknown extents, two spatial dimensions
+
+    @property
+    def dims(self) -> int:
+        return len(self.size)
 
 
 def get_block(name: str) -> BlockInfo:
@@ -69,6 +83,7 @@ _OPTION_RULES = {
     "rd_divisor": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer ≥ 1"),
     "kernel_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v % 2 == 1, "a positive odd integer"),
     "bias": (lambda v: isinstance(v, bool), "true or false"),
+    "keep_depth": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -89,13 +104,14 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
-def build_block(name: str, channels: int, init: str = "default", **options: Any):
-    """Build block ``name`` for ``channels`` channels; ``init='identity'`` makes it start as identity."""
+def build_block(name: str, channels: int, init: str = "default", *, size: tuple[int, ...] = (0, 0), **options: Any):
+    """Build block ``name`` for a map of ``channels`` channels and spatial ``size`` (its length sets
+    1-D, 2-D or 3-D); ``init='identity'`` makes it start as an exact identity."""
     info = get_block(name)
     if init not in INITS:
         raise AttnSurgeonError(f"unknown init '{init}' (choose from {', '.join(INITS)})")
     impl = info.impl()
-    module = impl.build(int(channels), **check_options(name, options))
+    module = impl.build(FeatureMap(int(channels), tuple(size)), **check_options(name, options))
     if init == "identity":
         impl.init_identity(module)
     return module

@@ -8,6 +8,29 @@ from torch import nn
 from ..errors import AttnSurgeonError
 
 
+def conv_nd(dims: int) -> type[nn.Module]:
+    """The convolution class for feature maps of ``dims`` spatial dimensions."""
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+
+
+def batchnorm_nd(dims: int) -> type[nn.Module]:
+    return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+
+
+def pool_axes(dims: int, keep_depth: bool = False) -> tuple[int, ...]:
+    """The axes a channel descriptor averages over: every spatial axis of an (N, C, *size) map, or
+    with ``keep_depth`` all but the first (a 3-D map's depth/time axis stays: one gate per (C, T))."""
+    return tuple(range(3 if keep_depth else 2, 2 + dims))
+
+
+def check_keep_depth(block: str, keep_depth: bool, dims: int) -> None:
+    if keep_depth and dims != 3:
+        raise AttnSurgeonError(
+            f"{block}: keep_depth gates each (channel, depth) pair of a 3-D (video/volume) feature map; "
+            f"this one has {dims} spatial dimension{'s' if dims != 1 else ''}"
+        )
+
+
 class ScaledSigmoid(nn.Module):
     """``scale * sigmoid(x)``.
 
@@ -45,7 +68,7 @@ def reduced_channels(block: str, channels: int, reduction: float, divisor: int) 
 
 
 @torch.no_grad()
-def zero_gate_input_mlp(fc1: nn.Conv2d, fc2: nn.Conv2d) -> None:
+def zero_gate_input_mlp(fc1: nn.Module, fc2: nn.Module) -> None:
     """Make ``fc2(relu(fc1(p)))`` exactly zero for every ``p`` while every weight still learns.
 
     With biases: ``fc1`` outputs the constant 1 (zero weight, unit bias), and ``fc2``'s bias
@@ -58,7 +81,7 @@ def zero_gate_input_mlp(fc1: nn.Conv2d, fc2: nn.Conv2d) -> None:
         fc1.bias.fill_(1.0)
         w = torch.randn_like(fc2.weight) * 0.01
         fc2.weight.copy_(torch.round(w * 2**16) / 2**16)  # exact sums: few significant bits
-        fc2.bias.copy_(-fc2.weight.sum(dim=(1, 2, 3)))
+        fc2.bias.copy_(-fc2.weight.flatten(1).sum(dim=1))
     else:
         fc2.weight.zero_()
         if fc2.bias is not None:

@@ -5,26 +5,53 @@ Paper: `CBAM: Convolutional Block Attention Module` - https://arxiv.org/abs/1807
 timm's ``CbamModule``: a channel gate (a shared MLP over the average- and max-pooled channels,
 reduction 16, no biases) followed by a spatial gate (a k×k conv + BN over the channel-wise
 average and max maps, k=7).
+
+On 1-D and 3-D maps the same module is built with 1-D/3-D convolutions and norm: the spatial gate
+becomes a k (1-D) or k×k×k (3-D) conv, so its parameters are 2·k^d + 2 for d spatial dimensions.
 """
 
 from __future__ import annotations
 
 import torch
-from timm.layers.cbam import CbamModule
+from timm.layers.cbam import ChannelAttn, CbamModule
+
 
 from ..errors import AttnSurgeonError
-from ._common import ScaledSigmoid, reduced_channels, zero_gate_input_mlp
+from ._common import ScaledSigmoid, batchnorm_nd, conv_nd, pool_axes, reduced_channels, zero_gate_input_mlp
+
+
+class ChannelAttnNd(ChannelAttn):
+    """timm's CBAM channel gate for feature maps of 1 to 3 spatial dimensions."""
+
+    def __init__(self, channels: int, rd_channels: int, mlp_bias: bool, dims: int):
+        super().__init__(channels, rd_channels=rd_channels, mlp_bias=mlp_bias)
+        conv = conv_nd(dims)
+        self.fc1 = conv(channels, rd_channels, 1, bias=mlp_bias)
+        self.fc2 = conv(rd_channels, channels, 1, bias=mlp_bias)
+        self.pool_axes = pool_axes(dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_avg = self.fc2(self.act(self.fc1(x.mean(self.pool_axes, keepdim=True))))
+        x_max = self.fc2(self.act(self.fc1(x.amax(self.pool_axes, keepdim=True))))
+        return x * self.gate(x_avg + x_max)
+
 
 CLASSES = (CbamModule,)
 OPTIONS = {"reduction": 16, "bias": False, "kernel_size": 7, "rd_divisor": 1}
 
 
-def build(channels: int, reduction: float = 16, bias: bool = False, kernel_size: int = 7, rd_divisor: int = 1) -> CbamModule:
-    rd = reduced_channels("cbam", channels, reduction, rd_divisor)
+def build(fmap, reduction: float = 16, bias: bool = False, kernel_size: int = 7, rd_divisor: int = 1) -> CbamModule:
+    rd = reduced_channels("cbam", fmap.channels, reduction, rd_divisor)
     k = int(kernel_size)
     if k < 1 or k % 2 == 0:
         raise AttnSurgeonError(f"cbam: spatial kernel size must be a positive odd number, got {kernel_size}")
-    return CbamModule(channels, rd_channels=rd, spatial_kernel_size=k, mlp_bias=bool(bias))
+    module = CbamModule(fmap.channels, rd_channels=rd, spatial_kernel_size=k, mlp_bias=bool(bias))
+    if fmap.dims != 2:  # the same module, its convolutions and norm built for the map's rank
+        module.channel = ChannelAttnNd(fmap.channels, rd, bool(bias), fmap.dims)
+        spatial = module.spatial.conv
+        spatial.conv = conv_nd(fmap.dims)(2, 1, k, padding=k // 2, bias=False)
+        spatial.bn = batchnorm_nd(fmap.dims)(1)
+    return module
 
 
 @torch.no_grad()
@@ -45,3 +72,5 @@ def describe(module: CbamModule) -> dict:
     ch = module.channel
     return {"hidden": ch.fc1.out_channels, "bias": ch.fc1.bias is not None,
             "kernel_size": module.spatial.conv.conv.kernel_size[0]}
+
+

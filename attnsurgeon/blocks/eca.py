@@ -6,6 +6,10 @@ Paper: `ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Netwo
 timm's ``EcaModule``: a bias-free 1-D convolution across the pooled channels. Its kernel size is
 the paper's adaptive rule ``k = |log2(C)/γ + b/γ|`` rounded up to odd (γ=2, b=1, at least 3)
 unless ``kernel_size`` is given.
+
+On 1-D and 3-D maps :class:`EcaModuleNd` pools over every spatial axis, with the same single
+convolution. ``keep_depth`` (3-D maps) pools over H, W only and runs the same convolution across
+the channels of every frame, gating each (channel, T) pair (the seeds' ``eca_layer3d``).
 """
 
 from __future__ import annotations
@@ -14,21 +18,47 @@ import torch
 from timm.layers import EcaModule
 
 from ..errors import AttnSurgeonError
-from ._common import ScaledSigmoid
-
-CLASSES = (EcaModule,)
-OPTIONS = {"kernel_size": None}
+from ._common import ScaledSigmoid, check_keep_depth, pool_axes
 
 
-def build(channels: int, kernel_size: int | None = None) -> EcaModule:
-    if kernel_size is None:
-        return EcaModule(channels)  # adaptive rule
-    k = int(kernel_size)
-    if k < 1 or k % 2 == 0:
-        raise AttnSurgeonError(f"eca: kernel size must be a positive odd number, got {kernel_size}")
-    if k > channels and k > 3:
-        raise AttnSurgeonError(f"eca: kernel size {k} is larger than the {channels} channels here")
-    return EcaModule(None, kernel_size=k)
+class EcaModuleNd(EcaModule):
+    """timm's EcaModule for feature maps of 1 to 3 spatial dimensions (see the module docstring)."""
+
+    def __init__(self, channels: int | None, kernel_size: int = 3, dims: int = 2, keep_depth: bool = False):
+        super().__init__(channels, kernel_size=kernel_size)
+        self.pool_axes = pool_axes(dims, keep_depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        y = x.mean(self.pool_axes)  # (N, C), or (N, C, T) where the depth axis is kept
+        if y.dim() == 3:  # one sequence of C channels per frame, through the same convolution
+            t = y.shape[2]
+            y = self.gate(self.conv(y.transpose(1, 2).reshape(-1, 1, c)))  # no size arithmetic: nothing to count
+            return x * y.reshape(n, t, c).transpose(1, 2).reshape(n, c, t, 1, 1)
+        y = self.gate(self.conv(y.view(n, 1, c)))
+        return x * y.view((n, c) + (1,) * (x.dim() - 2))
+
+    def extra_repr(self) -> str:
+        return f"pool_axes={self.pool_axes}"
+
+
+CLASSES = (EcaModule,)  # EcaModuleNd is one
+OPTIONS = {"kernel_size": None, "keep_depth": False}
+
+
+def build(fmap, kernel_size: int | None = None, keep_depth: bool = False) -> EcaModule:
+    check_keep_depth("eca", keep_depth, fmap.dims)
+    if kernel_size is not None:
+        k = int(kernel_size)
+        if k < 1 or k % 2 == 0:
+            raise AttnSurgeonError(f"eca: kernel size must be a positive odd number, got {kernel_size}")
+        if k > fmap.channels and k > 3:
+            raise AttnSurgeonError(f"eca: kernel size {k} is larger than the {fmap.channels} channels here")
+    # channels=None with a kernel size: timm's way of fixing k instead of the adaptive rule
+    channels, k = (fmap.channels, 3) if kernel_size is None else (None, int(kernel_size))
+    if fmap.dims == 2:
+        return EcaModule(channels, kernel_size=k)  # timm's own, exactly
+    return EcaModuleNd(channels, k, fmap.dims, bool(keep_depth))
 
 
 @torch.no_grad()
@@ -38,4 +68,7 @@ def init_identity(module: EcaModule) -> None:
 
 
 def describe(module: EcaModule) -> dict:
-    return {"kernel_size": module.conv.kernel_size[0]}
+    out = {"kernel_size": module.conv.kernel_size[0]}
+    if isinstance(module, EcaModuleNd) and module.pool_axes[0] == 3:
+        out["keep_depth"] = True
+    return out

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 
 from ..errors import AttnSurgeonError
 from .measure import Latency, Memory
+from .metrics import METRICS, TABLE_METRICS, Metric, difference, nested, percent
 from .settings import Settings
 
 FLOP_CONVENTION = (
@@ -40,15 +41,7 @@ class ModelFigures:
         return 2 * self.macs
 
     def to_dict(self, batch_sizes: list[int]) -> dict[str, Any]:
-        d: dict[str, Any] = {"params": self.params, "macs": self.macs, "flops": self.flops}
-        d["latency_ms"] = _per_batch(batch_sizes, {b: {"median": round(l.median_ms, 4), "iqr": round(l.iqr_ms, 4),
-                                                      "runs": l.runs} for b, l in self.latency.items()})
-        d["throughput"] = _per_batch(batch_sizes, {b: round(l.throughput, 3) for b, l in self.latency.items()})
-        d["peak_memory_bytes"] = _per_batch(batch_sizes, {b: m.peak_bytes for b, m in self.memory.items()})
-        d["step_peak_memory_bytes"] = _per_batch(batch_sizes, {b: m.step_peak_bytes for b, m in self.memory.items()})
-        if self.compile_s is not None:
-            d["compile_s"] = round(self.compile_s, 3)
-        return d
+        return nested(METRICS, batch_sizes, lambda m, b: m.read(self, b))
 
 
 @dataclass
@@ -85,42 +78,29 @@ class ProfileResult:
     warnings: list[str]
     environment: dict[str, Any]
 
-    def rows(self) -> list[tuple[str, float, float | None, float | None, float | None]]:
-        """(metric, base, modified, delta, delta %) for tables, CSV and markdown."""
-        out: list[tuple[str, float, float | None, float | None, float | None]] = []
-
-        def add(name: str, base: float, mod: float | None) -> None:
-            delta = None if mod is None else mod - base
-            pct = None if mod is None or not base else 100.0 * (mod - base) / base
-            out.append((name, base, mod, delta, pct))
-
+    def rows(self) -> list[tuple[Metric, int, float, float | None, float | None, float | None]]:
+        """(metric, batch size, base, modified, delta, delta %) for tables, CSV and Markdown."""
+        out = []
         m = self.modified
-        add("params", self.base.params, m.params if m else None)
-        add("MACs", self.base.macs, m.macs if m else None)
-        add("FLOPs", self.base.flops, m.flops if m else None)
-        for b in self.settings.batch_sizes:
-            lat = self.base.latency[b]
-            add(f"latency ms (bs={b})", lat.median_ms, m.latency[b].median_ms if m else None)
-            add(f"latency IQR ms (bs={b})", lat.iqr_ms, m.latency[b].iqr_ms if m else None)
-            add(f"throughput img/s (bs={b})", lat.throughput, m.latency[b].throughput if m else None)
-            add(f"peak memory bytes (bs={b})", self.base.memory[b].peak_bytes, m.memory[b].peak_bytes if m else None)
-        if self.base.compile_s is not None:
-            add("compile s", self.base.compile_s, m.compile_s if m else None)
+        for metric in TABLE_METRICS:
+            for b in self.settings.batch_sizes if metric.per_batch else self.settings.batch_sizes[:1]:
+                base = metric.read(self.base, b)
+                mod = metric.read(m, b) if m else None
+                delta, pct = (difference(base, mod), percent(base, mod)) if metric.delta else (None, None)
+                out.append((metric, b, base, mod, delta, pct))
         return out
 
     def delta(self) -> dict[str, Any] | None:
         if self.modified is None:
             return None
-        bs = self.settings.batch_sizes
-        b, m = self.base, self.modified
-        return {
-            "params": m.params - b.params,
-            "macs": m.macs - b.macs,
-            "flops": m.flops - b.flops,
-            "latency_ms": _per_batch(bs, {k: {"median": round(m.latency[k].median_ms - b.latency[k].median_ms, 4)} for k in bs}),
-            "throughput": _per_batch(bs, {k: round(m.latency[k].throughput - b.latency[k].throughput, 3) for k in bs}),
-            "peak_memory_bytes": _per_batch(bs, {k: m.memory[k].peak_bytes - b.memory[k].peak_bytes for k in bs}),
-        }
+        changes = [m for m in METRICS if m.delta]
+        return nested(changes, self.settings.batch_sizes, lambda m, b: difference(m.read(self.base, b), m.read(self.modified, b)))
+
+    def delta_percent(self) -> dict[str, Any] | None:
+        if self.modified is None:
+            return None
+        changes = [m for m in METRICS if m.delta]
+        return nested(changes, self.settings.batch_sizes, lambda m, b: percent(m.read(self.base, b), m.read(self.modified, b)))
 
     def to_dict(self) -> dict[str, Any]:
         bs = self.settings.batch_sizes
@@ -131,8 +111,7 @@ class ProfileResult:
             "base": self.base.to_dict(bs),
             "modified": self.modified.to_dict(bs) if self.modified else None,
             "delta": self.delta(),
-            "delta_percent": {name: (round(pct, 4) if pct is not None else None) for name, _, _, _, pct in self.rows()}
-            if self.modified else None,
+            "delta_percent": self.delta_percent(),
             "insertions": [vars(i) for i in self.insertions],
             "unattributed_macs": self.unattributed_macs,
             "uncounted_ops": self.uncounted_ops,
@@ -141,13 +120,6 @@ class ProfileResult:
             "settings": {**self.settings.to_dict(), "input_size": list(self.input_size), **self.environment},
             "warnings": self.warnings,
         }
-
-
-def _per_batch(batch_sizes: list[int], values: dict[int, Any]) -> Any:
-    """One batch size: the value itself; several: keyed by batch size."""
-    if len(batch_sizes) == 1:
-        return values.get(batch_sizes[0])
-    return {str(b): values.get(b) for b in batch_sizes}
 
 
 ProgressFn = Callable[[str], None]
@@ -232,6 +204,10 @@ def profile(
             say("Inserting")
             modified, report = apply_plan(loaded, specs, input_size=size)
 
+    if settings.channels_last:
+        from ..layout import channels_last_format
+
+        channels_last_format(1 + len(size))  # before any measurement: 1-D inputs have no such format
     say("Counting FLOPs")
     one = torch.randn(1, *size)
     base_flops = count_macs(base, one)
@@ -302,12 +278,16 @@ def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], 
 
     from .measure import make_step, measure_latency, measure_memory, timed_call
 
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    from ..layout import channels_last_format
+
+    memory_format = torch.contiguous_format
+    if settings.channels_last:  # channels_last for images, channels_last_3d for video
+        memory_format = getattr(torch, channels_last_format(1 + len(size)))
     runnable: dict[str, Any] = {}
     for name, model in models.items():
         model.to(settings.device)
         if settings.channels_last:
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=memory_format)
         model.train(settings.mode == "train")
         runnable[name] = torch.compile(model) if settings.compile else model
     try:

@@ -63,8 +63,10 @@ _POINTWISE = [
     "exp", "sqrt", "rsqrt", "pow", "abs", "log", "erf", "reciprocal", "square", "addcmul", "lerp",
 ]
 _REDUCTIONS = ["mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "softmax",
-               "log_softmax", "adaptive_max_pool2d", "adaptive_avg_pool1d", "adaptive_max_pool1d", "cumsum"]
-_POOLS = ["avg_pool2d", "max_pool2d", "max_pool2d_with_indices", "avg_pool1d", "max_pool1d"]
+               "log_softmax", "adaptive_max_pool2d", "adaptive_avg_pool1d", "adaptive_max_pool1d", "adaptive_avg_pool3d",
+               "adaptive_max_pool3d", "cumsum"]
+_POOLS = ["avg_pool1d", "max_pool1d", "avg_pool2d", "max_pool2d", "max_pool2d_with_indices", "avg_pool3d", "max_pool3d",
+          "max_pool3d_with_indices"]
 # Data movement that costs no arithmetic: counted as zero so that it is not reported as uncounted.
 _FREE = ["expand_as", "view_as", "reshape_as", "clone", "alias", "chunk", "pad", "pixel_shuffle", "pixel_unshuffle",
          "channel_shuffle", "repeat", "tile", "roll", "flip", "masked_fill_", "fill_", "zero_", "new_ones", "lift_fresh",

@@ -9,32 +9,13 @@ from typing import Any
 from . import ProfileResult
 
 
-def fmt(metric: str, value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    sign = "+" if signed else ""
-    if metric in ("MACs", "FLOPs"):
-        return f"{value / 1e9:{sign}.4f} G"
-    if metric == "params":
-        return f"{value:{sign},.0f}"
-    if metric.startswith("peak memory"):
-        return f"{value / 2**20:{sign},.2f} MiB"
-    if metric.startswith("throughput"):
-        return f"{value:{sign},.1f}"
-    return f"{value:{sign},.3f}"
-
-
-def label(metric: str) -> str:
-    return (metric.replace("peak memory bytes", "peak memory").replace("latency IQR ms", "latency IQR (ms)")
-            .replace("latency ms", "latency (ms)"))
-
-
 def to_csv(result: ProfileResult) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["model", "metric", "base", "modified", "delta", "delta_percent"])
-    for metric, base, mod, delta, pct in result.rows():
-        writer.writerow([result.model, metric, _num(base), _num(mod), _num(delta), _num(pct, 4)])
+    for metric, b, base, mod, delta, pct in result.rows():
+        name = f"{metric.key} (bs={b})" if metric.per_batch else metric.key
+        writer.writerow([result.model, name, _num(base), _num(mod), _num(delta), _num(pct, 4)])
     return buf.getvalue()
 
 
@@ -47,9 +28,9 @@ def to_markdown(result: ProfileResult) -> str:
         "| metric | base | modified | delta | delta % |",
         "|---|---:|---:|---:|---:|",
     ]
-    for metric, base, mod, delta, pct in result.rows():
-        lines.append(f"| {label(metric)} | {fmt(metric, base)} | {fmt(metric, mod)} | {fmt(metric, delta, True)} | "
-                     f"{'-' if pct is None else f'{pct:+.2f}%'} |")
+    for metric, b, base, mod, delta, pct in result.rows():
+        lines.append(f"| {metric.row_label(b)} | {metric.format(base)} | {metric.format(mod)} | "
+                     f"{metric.format(delta, True) if metric.delta else ''} | {'-' if pct is None else f'{pct:+.2f}%'} |")
     if result.insertions:
         lines += ["", "| inserted module | position | params | MACs |", "|---|---|---:|---:|"]
         for i in result.insertions:
