@@ -315,10 +315,10 @@ def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> list[_Plann
 
 
 def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> list[_Planned]:
-    """``replace``: one item per attention gate in the selected blocks, built for the channels at
-    its input, named as the module it replaces."""
+    """``replace``: one item per attention gate in the selected blocks, with its module built for
+    the channels at the gate's input (none for ``attn='none'``), named as the module it replaces."""
     from .anatomy import attention_regions, select_blocks
-    from .blocks import INITS, check_options, get_block
+    from .blocks import INITS, build_block, check_options, get_block
 
     check_replace(spec.attn, spec.position, spec.replace, spec.options)
     if spec.attn != NONE:
@@ -357,7 +357,14 @@ def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> lis
             raise AttnSurgeonError(f"attention module {region.name} is replaced by two insertions of the plan; "
                                    "select disjoint blocks")
         taken.add(region.name)
-        planned.append(_Planned(spec, block, region.site, per_stage[block.stage], region.name, region=region))
+        module = None
+        if spec.attn != NONE:
+            site = region.site
+            try:
+                module = build_block(spec.attn, site.channels, spec.init, size=site.size, **per_stage[block.stage])
+            except AttnSurgeonError as exc:
+                raise AttnSurgeonError(f"attention module {region.name} ({site.channels} channels): {exc}") from exc
+        planned.append(_Planned(spec, block, region.site, per_stage[block.stage], region.name, module, region))
     return planned
 
 
@@ -418,15 +425,13 @@ def _build_modules(planned: list[_Planned], gm: Any) -> None:
 
     param = next(iter(gm.parameters()), None)
     for p in planned:
-        if p.spec.attn == NONE:
-            continue  # a removal builds nothing
-        try:
-            module = build_block(p.spec.attn, p.site.channels, p.spec.init, size=p.site.size, **p.options)
-        except AttnSurgeonError as exc:
-            raise AttnSurgeonError(f"block {p.block.name} ({p.site.channels} channels at '{p.spec.position}'): {exc}") from exc
-        if param is not None:
-            module = module.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
-        p.module = module
+        if p.region is None:  # a replacement's module was built in planning (None: a removal)
+            try:
+                p.module = build_block(p.spec.attn, p.site.channels, p.spec.init, size=p.site.size, **p.options)
+            except AttnSurgeonError as exc:
+                raise AttnSurgeonError(f"block {p.block.name} ({p.site.channels} channels at '{p.spec.position}'): {exc}") from exc
+        if param is not None and p.module is not None:
+            p.module = p.module.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
 
 
 # --------------------------------------------------------------------------- rewriting
