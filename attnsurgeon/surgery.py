@@ -507,7 +507,11 @@ def _replace(gm: Any, p: _Planned, moved: _Moved) -> Insertion:
     from .anatomy import region_io
 
     graph, nodes = gm.graph, p.region.nodes
-    (x,), (y,) = region_io(nodes)  # now: an earlier insertion may feed the region
+    inputs, outputs = region_io(nodes)  # now: an earlier insertion may feed the region
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise AttnSurgeonError(f"attention module {p.module_name} no longer reads one tensor after the plan's earlier "
+                               "insertions; put the replacement first in the plan")
+    (x,), (y,) = inputs, outputs
     readers = [u for u in y.users if u not in nodes]
     old = gm.get_submodule(p.module_name)
     removed = count_params(old)
