@@ -114,7 +114,11 @@ ModelArg = Annotated[
         metavar="MODEL",
     ),
 ]
-AttnOpt = Annotated[str, typer.Option("--attn", "-a", help="Attention block: se, eca, cbam (see `attnsurgeon list attn`).")]
+AttnOpt = Annotated[str, typer.Option("--attn", "-a", help="Attention block: se, eca, cbam (see `attnsurgeon list attn`); "
+                                      "none with --replace removes the model's own.")]
+ReplaceOpt = Annotated[bool, typer.Option("--replace", help="Put the block in place of the attention gates the selected blocks "
+                                          "already have (SE in EfficientNet, MobileNetV3, RegNetY...) instead of beside them; "
+                                          "--attn none removes them.")]
 PositionOpt = Annotated[
     str, typer.Option("--position", "-p", help="standard, pre, post, identity or 3x3 (see `attnsurgeon list positions`).")
 ]
@@ -207,13 +211,18 @@ def check_position(position: str) -> str:
     return position
 
 
-def check_insertion_args(attn: str, position: str, options: dict[str, Any], init: str = "default") -> None:
+def check_insertion_args(attn: str, position: str, options: dict[str, Any], init: str = "default",
+                         replace: bool = False) -> None:
     """Everything about an insertion that can be checked without a model: fail in a blink, not after a build."""
     from .blocks import INITS, check_options, get_block
+    from .surgery import NONE, check_replace
 
-    get_block(attn)
+    if attn != NONE:
+        get_block(attn)
     check_position(position)
-    check_options(attn, options)
+    check_replace(attn, position, replace, options)
+    if attn != NONE:
+        check_options(attn, options)
     if init not in INITS:
         raise AttnSurgeonError(f"unknown init '{init}' (choose from {', '.join(INITS)})")
 
@@ -277,6 +286,7 @@ def insert(
     kernel_size: KernelOpt = None,
     rd_divisor: DivisorOpt = None,
     keep_depth: KeepDepthOpt = None,
+    replace: ReplaceOpt = False,
     input_size: InputSizeOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
@@ -294,7 +304,7 @@ def insert(
     Example: attnsurgeon insert resnet50 --attn eca --stages 3,4 --out eca50.safetensors
     """
     options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
-    check_insertion_args(attn, position, options, init)  # typos fail before loading anything
+    check_insertion_args(attn, position, options, init, replace)  # typos fail before loading anything
     if out is not None:
         from .export import check_target
 
@@ -309,7 +319,8 @@ def insert(
     with progress("Tracing and inserting …"):
         from .surgery import insert as do_insert
 
-        model_out, report = do_insert(loaded, attn, position, stage_list, block_list, init, input_size=input_size, **options)
+        model_out, report = do_insert(loaded, attn, position, stage_list, block_list, init, input_size=input_size,
+                                      replace=replace, **options)
     written = None
     if out is not None:
         with progress(f"Writing {out} and checking it …"):
@@ -332,16 +343,27 @@ def print_report(report: Any) -> None:
     size = "×".join(map(str, report.input_size))
     weights = f" · weights: {report.weights}" if report.weights else ""
     table = Table(title=f"{report.model} ({report.source}) · input {size}{weights}", title_justify="left")
-    for col, kw in [("block", {}), ("stage", {"justify": "right"}), ("position", {}), ("attn", {}),
-                    ("channels", {"justify": "right"}), ("params", {"justify": "right"}), ("module", {}), ("options", {})]:
+    swaps = [i for i in report.insertions if i.replaced]
+    columns = [("block", {}), ("stage", {"justify": "right"}), ("position", {}), ("attn", {}),
+               ("channels", {"justify": "right"}), ("params", {"justify": "right"}), ("module", {}), ("options", {})]
+    if swaps:
+        columns.insert(6, ("replaces (params)", {}))
+    for col, kw in columns:
         table.add_column(col, overflow="fold", **kw)
     for i in report.insertions:
         opts = ", ".join(f"{k}={v}" for k, v in i.options.items())
-        table.add_row(i.block, str(i.stage), i.position, i.attn, str(i.channels), f"{i.params:,}", i.module, opts)
+        row = [i.block, str(i.stage), i.position, i.attn, str(i.channels), f"{i.params:,}", i.module, opts]
+        if swaps:
+            row.insert(6, f"{i.replaced} ({i.replaced_params:,})" if i.replaced else "")
+        table.add_row(*row)
     out.print(table)
     p = report.params
+    removed = sum(1 for i in swaps if i.attn == "none")
+    counts = [(len(report.insertions) - len(swaps), "inserted"), (len(swaps) - removed, "replaced"), (removed, "removed")]
+    said = " · ".join(f"{n} {'block' if what == 'inserted' else 'attention module'}{'s' if n != 1 else ''} {what}"
+                      for n, what in counts if n or (what == "inserted" and not swaps))
     out.print(
-        f"{len(report.insertions)} block{'s' if len(report.insertions) != 1 else ''} inserted · parameters "
+        f"{said} · parameters "
         f"{p['base']:,} → {p['modified']:,} ([bold]{p['delta']:+,}[/], {p['percent']:+.{_digits(p['percent'])}f}%)"
     )
     for note in report.notes:
@@ -450,6 +472,7 @@ def profile(
     kernel_size: KernelOpt = None,
     rd_divisor: DivisorOpt = None,
     keep_depth: KeepDepthOpt = None,
+    replace: ReplaceOpt = False,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 (autocast).")] = "float32",
     batch_size: Annotated[str, typer.Option("--batch-size", help="One or more batch sizes: 1,32.")] = "1",
@@ -472,9 +495,11 @@ def profile(
     """
     options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
     if attn is not None:
-        check_insertion_args(attn, position, options, init)
+        check_insertion_args(attn, position, options, init, replace)
     elif options:
         raise AttnSurgeonError("--reduction/--bias/--kernel-size/--rd-divisor need --attn")
+    elif replace:
+        raise AttnSurgeonError("--replace needs --attn: the block to put in place of the model's attention, or none to remove it")
     sizes = parse_ints(batch_size, "--batch-size") or []
     for path in (csv_path, markdown_path):
         if path is not None and not path.expanduser().parent.is_dir():
@@ -486,7 +511,7 @@ def profile(
             model, attn, position, parse_ints(stages, "--stages"), parse_globs(blocks),
             init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
             channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
-            pretrained=pretrained, weights=weights, progress=steps, **options,
+            pretrained=pretrained, weights=weights, progress=steps, replace=replace, **options,
         )
     from ._io import write_text_atomic
     from .profiling.report import to_csv, to_markdown
@@ -534,7 +559,7 @@ def print_profile(result: Any) -> None:
         for col in ("module", "position", "params", "MACs"):
             per.add_column(col, justify="right" if col in ("params", "MACs") else "left")
         for i in result.insertions:
-            per.add_row(i.module, i.position, f"{i.params:,}", f"{i.macs:,}")
+            per.add_row(i.module, i.where, f"{i.params:,}", f"{i.macs:,}")
         if result.unattributed_macs:
             per.add_row("(outside inserted modules)", "", "", f"{result.unattributed_macs:,}")
         per.add_row("[bold]total[/]", "", f"{sum(i.params for i in result.insertions):,}",
@@ -646,6 +671,8 @@ def sweep(
     kernel_size: KernelOpt = None,
     rd_divisor: DivisorOpt = None,
     keep_depth: KeepDepthOpt = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Every configuration replaces the model's own attention gates "
+                                          "(--attn se,eca,none: what each block, or none, does in their place).")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="The one batch size of the sweep's table (default 1).")] = None,
@@ -673,8 +700,9 @@ def sweep(
     options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
     is_recipe = model.lower().endswith((".yaml", ".yml"))
     if is_recipe:
-        if attn or stages or blocks or options:
-            raise AttnSurgeonError("give either a sweep recipe or --attn/--position/--stages/--blocks and block options, not both")
+        if attn or stages or blocks or options or replace:
+            raise AttnSurgeonError("give either a sweep recipe or --attn/--position/--stages/--blocks/--replace and block "
+                                   "options, not both")
         spec = read_recipe(model)
         configurations = spec.configurations
         if configurations is None:  # a single recipe is a one-row sweep
@@ -694,10 +722,10 @@ def sweep(
         configurations = []
         for a in attns:  # block options go to the blocks that take them (--reduction: se and cbam, not eca)
             own = {k: v for k, v in options.items() if k in _takes(a)}
-            check_insertion_args(a, positions[0], own, init)
+            check_insertion_args(a, positions[0], own, init, replace)
             for p in positions:
                 name = "/".join([a] * (len(attns) > 1) + [p] * (len(positions) > 1)) or a
-                item = {"attn": a, "position": p, "init": init, "options": own}
+                item = {"attn": a, "position": p, "init": init, "options": own, **({"replace": True} if replace else {})}
                 if stages is not None:
                     item["stages"] = parse_ints(stages, "--stages")
                 if blocks is not None:
@@ -721,8 +749,9 @@ def sweep(
 
 def _takes(attn: str) -> tuple[str, ...]:
     from .blocks import get_block
+    from .surgery import NONE
 
-    return get_block(attn).options
+    return () if attn == NONE else get_block(attn).options
 
 
 class _SweepProgress(_Steps):
@@ -820,8 +849,11 @@ def inspect(
         from .api import inspect_model
 
         _, anatomy = inspect_model(loaded, input_size=input_size)
+        from .anatomy import attention_regions
+
+        gates = [r.name for r in attention_regions(anatomy.gm) if r.gate] if anatomy.existing_attention else []
     if json_out:
-        emit_json({"model": loaded.spec, "source": loaded.source, **anatomy.to_dict()})
+        emit_json({"model": loaded.spec, "source": loaded.source, **anatomy.to_dict(), "replaceable_attention": gates})
         return
     from rich.table import Table
 
@@ -843,6 +875,8 @@ def inspect(
     out.print(table)
     if anatomy.existing_attention:
         out.print("Attention already in the model: " + ", ".join(f"{n} ({t})" for n, t in anatomy.existing_attention))
+        out.print(f"--replace can take the place of {len(gates)} channel/spatial gate{'s' if len(gates) != 1 else ''}"
+                  + (f": {', '.join(gates[:3])}{', …' if len(gates) > 3 else ''}" if gates else "") + "; other attention is kept")
     for note in anatomy.notes:
         out.print(f"[dim]note: {note}[/]")
 

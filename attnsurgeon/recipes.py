@@ -16,6 +16,9 @@ recipe::
     profile:                       # optional: settings for `apply --profile` and `sweep`
       batch_sizes: [1]
 
+An insertion with ``replace: true`` takes the place of the attention gates the selected blocks
+already have (``attn: none`` removes them); see :mod:`attnsurgeon.surgery`.
+
 A **sweep recipe** has, instead of ``insertions``, either ``configurations`` (a list of named
 plans) or ``grid`` (lists of alternatives, expanded as their product)::
 
@@ -41,8 +44,8 @@ from .surgery import InsertionSpec
 RECIPE_KEYS = ("name", "description", "model", "model_kwargs", "input_size", "insertions", "configurations", "grid",
                "profile")
 CONFIGURATION_KEYS = ("name", "insertions")
-GRID_KEYS = ("attn", "position", "stages", "blocks", "init", "options")
-INSERTION_KEYS = ("attn", "position", "stages", "blocks", "init", "options")
+GRID_KEYS = ("attn", "position", "stages", "blocks", "init", "options", "replace")
+INSERTION_KEYS = ("attn", "position", "stages", "blocks", "init", "options", "replace")
 PROFILE_KEYS = ("device", "dtype", "batch_sizes", "mode", "threads", "channels_last", "compile",
                 "min_run_time", "max_run_time")
 
@@ -173,7 +176,7 @@ def _expand_grid(raw: Any, where: _Where) -> list[Configuration]:
         raise AttnSurgeonError(f"{where(path)}: a grid is a mapping with at least 'attn' (lists of alternatives)")
     _no_unknown(raw, GRID_KEYS, path, where)
     axes: list[tuple[tuple, list]] = []
-    for key in ("attn", "position", "stages", "blocks", "init"):
+    for key in ("attn", "position", "stages", "blocks", "init", "replace"):
         if key in raw:
             values = raw[key] if isinstance(raw[key], list) else [raw[key]]
             if not values:
@@ -212,12 +215,14 @@ def parse_insertion(item: Any, source: str = "insertion") -> InsertionSpec:
 def _parse_insertion(item: Any, path: tuple, where: _Where) -> InsertionSpec:
     from .blocks import INITS, REGISTRY, check_options
     from .positions import POSITIONS
+    from .surgery import NONE, check_replace
 
     if not isinstance(item, dict):
         raise AttnSurgeonError(f"{where(path)}: an insertion is a mapping with at least 'attn'")
     _no_unknown(item, INSERTION_KEYS, path, where)
     attn = _typed(item, "attn", str, path, where, required=True)
-    if attn not in REGISTRY:
+    replace = bool(_typed(item, "replace", bool, path, where))
+    if attn not in REGISTRY and attn != NONE:
         raise AttnSurgeonError(f"{where(path + ('attn',))}: unknown attention block '{attn}' (known: {', '.join(REGISTRY)})."
                                + did_you_mean(attn, REGISTRY))
     position = _typed(item, "position", str, path, where) or "standard"
@@ -236,7 +241,12 @@ def _parse_insertion(item: Any, path: tuple, where: _Where) -> InsertionSpec:
     options = item.get("options") or {}
     if not isinstance(options, dict):
         raise AttnSurgeonError(f"{where(path + ('options',))}: expected a mapping of block options")
-    allowed = REGISTRY[attn].options
+    try:
+        check_replace(attn, position, replace, options)
+    except AttnSurgeonError as exc:
+        key = "attn" if attn == NONE and not replace else "options" if attn == NONE else "position"
+        raise AttnSurgeonError(f"{where(path + (key,))}: {exc}") from None
+    allowed = REGISTRY[attn].options if attn != NONE else ()
     for key, value in options.items():
         if key not in allowed:
             raise AttnSurgeonError(f"{where(path + ('options', key))}: '{attn}' takes no option '{key}' "
@@ -245,7 +255,7 @@ def _parse_insertion(item: Any, path: tuple, where: _Where) -> InsertionSpec:
             check_options(attn, {key: value})  # the registry's rules: reduction > 0, odd kernels, ...
         except AttnSurgeonError as exc:
             raise AttnSurgeonError(f"{where(path + ('options', key))}: {exc}") from None
-    return InsertionSpec(attn, position, stages, blocks, init, dict(options))
+    return InsertionSpec(attn, position, stages, blocks, init, dict(options), replace)
 
 
 def _check_profile(profile: dict, where: _Where) -> None:

@@ -12,6 +12,11 @@ block and ``pre`` on the next give ``out -> post -> pre -> branch`` with the ski
 
 Inserted modules hang under the block's module as ``{attn}`` (standard) or
 ``{attn}_{position}`` (``layer3.0.se``, ``layer3.0.eca_pre``); base parameters keep their names.
+
+With ``replace``, the new block takes the place of each attention gate the selected blocks already
+have (SE in EfficientNet, ...): the gate's region of the graph (its nodes, one input, one output)
+is removed with its module, and the new module, under the old one's name, is called on the
+region's input; ``attn='none'`` only removes it.
 """
 
 from __future__ import annotations
@@ -38,10 +43,11 @@ class InsertionSpec:
     blocks: list[str] | None = None
     init: str = "default"
     options: dict[str, Any] = field(default_factory=dict)
+    replace: bool = False  # take the place of the attention gates the selected blocks have
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        return {k: v for k, v in d.items() if v not in (None, {}) or k in ("attn", "position", "init")}
+        return {k: v for k, v in d.items() if v not in (None, {}, False) or k in ("attn", "position", "init")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "insertion") -> "InsertionSpec":
@@ -64,6 +70,8 @@ class Insertion:
     module: str
     layout: str
     options: dict[str, Any]
+    replaced: str | None = None  # class of the attention module this one took the place of
+    replaced_params: int = 0  # ... and its parameters, which left the model
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +116,7 @@ class _Planned:
     options: dict[str, Any]
     module_name: str
     module: Any = None
+    region: Any = None  # anatomy.AttentionRegion this one replaces
 
 
 # --------------------------------------------------------------------------- public API
@@ -124,6 +133,7 @@ def insert(
     input_size: Any = None,
     pretrained: bool = False,
     weights: Any = None,
+    replace: bool = False,
     **block_options: Any,
 ) -> SurgeryResult:
     """Insert one kind of attention block into a model.
@@ -137,6 +147,8 @@ def insert(
         init: ``default`` or ``identity`` (the modified model starts with the base model's outputs).
         input_size: ``224``, ``(224, 224)`` or ``(3, 224, 224)``; the model's own default if None.
         pretrained / weights: see :func:`attnsurgeon.models.load_model`.
+        replace: put the block in place of the attention gates the selected blocks already have
+            (SE, ECA, CBAM...) instead of beside them; with ``attn="none"`` they are removed.
         **block_options: ``reduction``, ``bias``, ``kernel_size``, ``rd_divisor``; a list gives
             one value per selected stage.
 
@@ -149,17 +161,35 @@ def insert(
         >>> report.params["delta"]
         2514944
     """
-    spec = make_spec(attn, position, stages, blocks, init, **block_options)
+    spec = make_spec(attn, position, stages, blocks, init, replace=replace, **block_options)
     return apply_plan(model, [spec], input_size=input_size, pretrained=pretrained, weights=weights)
 
 
 def make_spec(attn: str, position: str = "standard", stages: Iterable[int] | None = None,
-              blocks: Iterable[str] | str | None = None, init: str = "default", **block_options: Any) -> InsertionSpec:
+              blocks: Iterable[str] | str | None = None, init: str = "default", *, replace: bool = False,
+              **block_options: Any) -> InsertionSpec:
     """An :class:`InsertionSpec` from :func:`insert`-style arguments (``blocks`` may be 'a.*,b.1')."""
     if isinstance(blocks, str):
         blocks = [b.strip() for b in blocks.split(",") if b.strip()]
     return InsertionSpec(attn, position, list(stages) if stages else None, list(blocks) if blocks else None,
-                         init, {k: v for k, v in block_options.items() if v is not None})
+                         init, {k: v for k, v in block_options.items() if v is not None}, bool(replace))
+
+
+NONE = "none"  # attn="none" with replace: remove the model's own attention gates
+
+
+def check_replace(attn: str, position: str, replace: bool, options: dict[str, Any]) -> None:
+    """What ``replace`` and ``attn='none'`` allow; torch-free (the CLI and recipes check it early)."""
+    if attn == NONE and not replace:
+        raise AttnSurgeonError("attention block 'none' removes the attention modules the model already has and needs "
+                               "--replace (replace: true in a recipe); to insert a block, name one: se, eca, cbam")
+    if replace and position != "standard":
+        raise AttnSurgeonError(f"--replace puts the new block where the existing attention module is, so position "
+                               f"'{position}' does not apply; leave --position out (or insert at '{position}' in a "
+                               "separate insertion)")
+    given = [k for k, v in options.items() if v is not None]
+    if attn == NONE and given:
+        raise AttnSurgeonError(f"attention block 'none' builds nothing and takes no block options (got {', '.join(given)})")
 
 
 def apply_plan(
@@ -198,16 +228,25 @@ def apply_plan(
         "delta": modified - base_params,
         "percent": round(100.0 * (modified - base_params) / base_params, 4) if base_params else None,
     }
-    notes = []
-    if anatomy.existing_attention:
-        names = [n for n, _ in anatomy.existing_attention]
-        notes.append(f"the model already has {len(names)} attention module(s) ({', '.join(names[:3])}"
-                     f"{', …' if len(names) > 3 else ''}); the new blocks are added to them, not in their place")
+    notes = _attention_notes(anatomy, planned)
     report = SurgeryReport(loaded.spec, loaded.source, size, params, insertions, specs, loaded.weights,
                            dict(loaded.kwargs), notes)
     gm.train(loaded.model.training)
     gm.attnsurgeon_report = report  # export and profile read the recipe from here
     return SurgeryResult(gm, report)
+
+
+def _attention_notes(anatomy: Any, planned: list[_Planned]) -> list[str]:
+    names = [n for n, _ in anatomy.existing_attention]
+    replaced = {p.region.name for p in planned if p.region is not None}
+    if not names:
+        return []
+    if not replaced:
+        return [f"the model already has {len(names)} attention module(s) ({_few(names, 3)}); the new blocks are added "
+                "to them, not in their place (--replace puts them in their place)"]
+    kept = [n for n in names if n not in replaced and not any(r.startswith(n + ".") for r in replaced)]
+    return [f"{len(kept)} attention module(s) of the model are kept as they were, outside the selected blocks or "
+            f"not channel/spatial gates: {_few(kept, 3)}"] if kept else []
 
 
 def count_params(model: Any) -> int:
@@ -236,6 +275,8 @@ def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> list[_Plann
     from .anatomy import POSITIONS, select_blocks
     from .blocks import INITS, check_options, get_block
 
+    if spec.replace or spec.attn == NONE:
+        return _plan_replacement(anatomy, spec, taken)
     planned: list[_Planned] = []
     info = get_block(spec.attn)
     if spec.position not in POSITIONS:
@@ -270,6 +311,60 @@ def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> list[_Plann
         name = _module_name(anatomy.gm, block, info.name, spec.position, taken)
         taken.add(name)
         planned.append(_Planned(spec, block, site, per_stage[block.stage], name))
+    return planned
+
+
+def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> list[_Planned]:
+    """``replace``: one item per attention gate in the selected blocks, with its module built for
+    the channels at the gate's input (none for ``attn='none'``), named as the module it replaces."""
+    from .anatomy import attention_regions, select_blocks
+    from .blocks import INITS, build_block, check_options, get_block
+
+    check_replace(spec.attn, spec.position, spec.replace, spec.options)
+    if spec.attn != NONE:
+        check_options(get_block(spec.attn).name, spec.options)
+    if spec.init not in INITS:
+        raise AttnSurgeonError(f"unknown init '{spec.init}' (choose from {', '.join(INITS)})")
+    chosen = select_blocks(anatomy, spec.stages, spec.blocks)
+    if not chosen:
+        raise AttnSurgeonError("no block selected")
+    regions = attention_regions(anatomy.gm)
+    found: list[tuple[Any, Any]] = []  # (block, region), each region once, in the first block holding it
+    for region in regions:
+        block = next((b for b in chosen if region.nodes & b.nodes), None)
+        if block is not None:
+            found.append((block, region))
+    if not found:
+        stages = sorted({b.stage for r in regions for b in anatomy.blocks if r.nodes & b.nodes})
+        where = (f"the model's {len(regions)} attention modules ({_few([r.name for r in regions], 2)}) are in "
+                 f"stage{'s' if len(stages) != 1 else ''} {', '.join(map(str, stages))}" if stages
+                 else "the model's attention modules are in no block" if regions
+                 else "the model has no attention modules of its own")
+        raise AttnSurgeonError(f"--replace: the selected blocks hold no attention module to replace ({where}); "
+                               "`attnsurgeon inspect MODEL` lists the attention a model has")
+    gates = [(b, r) for b, r in found if r.gate]
+    if not gates:
+        kinds: dict[tuple[str, str], list[str]] = {}
+        for _, r in found:
+            kinds.setdefault((r.type, r.why), []).append(r.name)
+        why = "; ".join(f"{len(names)} {cls} ({_few(names, 1)}): {reason}" for (cls, reason), names in kinds.items())
+        raise AttnSurgeonError(f"--replace: no attention module in the selected blocks is a channel/spatial gate that "
+                               f"can be replaced ({why}); SE, ECA, CBAM, GE and GC-like modules can be")
+    per_stage = _per_stage_options(spec, sorted({b.stage for b, _ in gates}))
+    planned: list[_Planned] = []
+    for block, region in gates:
+        if region.name in taken:
+            raise AttnSurgeonError(f"attention module {region.name} is replaced by two insertions of the plan; "
+                                   "select disjoint blocks")
+        taken.add(region.name)
+        module = None
+        if spec.attn != NONE:
+            site = region.site
+            try:
+                module = build_block(spec.attn, site.channels, spec.init, size=site.size, **per_stage[block.stage])
+            except AttnSurgeonError as exc:
+                raise AttnSurgeonError(f"attention module {region.name} ({site.channels} channels): {exc}") from exc
+        planned.append(_Planned(spec, block, region.site, per_stage[block.stage], region.name, module, region))
     return planned
 
 
@@ -330,13 +425,13 @@ def _build_modules(planned: list[_Planned], gm: Any) -> None:
 
     param = next(iter(gm.parameters()), None)
     for p in planned:
-        try:
-            module = build_block(p.spec.attn, p.site.channels, p.spec.init, size=p.site.size, **p.options)
-        except AttnSurgeonError as exc:
-            raise AttnSurgeonError(f"block {p.block.name} ({p.site.channels} channels at '{p.spec.position}'): {exc}") from exc
-        if param is not None:
-            module = module.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
-        p.module = module
+        if p.region is None:  # a replacement's module was built in planning (None: a removal)
+            try:
+                p.module = build_block(p.spec.attn, p.site.channels, p.spec.init, size=p.site.size, **p.options)
+            except AttnSurgeonError as exc:
+                raise AttnSurgeonError(f"block {p.block.name} ({p.site.channels} channels at '{p.spec.position}'): {exc}") from exc
+        if param is not None and p.module is not None:
+            p.module = p.module.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
 
 
 # --------------------------------------------------------------------------- rewriting
@@ -345,10 +440,14 @@ def _build_modules(planned: list[_Planned], gm: Any) -> None:
 def _rewrite(gm: Any, planned: list[_Planned]) -> list[Insertion]:
     graph = gm.graph
     done: list[Insertion] = []
+    moved = _Moved()
     for p in planned:
+        if p.region is not None:
+            done.append(_replace(gm, p, moved))
+            continue
         gm.add_submodule(p.module_name, p.module)
-        consumers = set(p.site.consumers)
-        anchor = _anchor(p.site.producer, consumers)
+        consumers = moved.consumers(p.site.consumers)
+        anchor = _anchor(moved.producer(p.site.producer), consumers)
         head, tail = _call_in_layout(graph, anchor, p.module_name, p.site.layout)
         unit = {"head": head, "tail": tail, "cover": frozenset(consumers)}
         node = head
@@ -381,6 +480,86 @@ def _rewrite(gm: Any, planned: list[_Planned]) -> list[Insertion]:
             )
         )
     return done
+
+
+class _Moved:
+    """Nodes a replacement removed, and what stands in their place: a site planned before the
+    rewrite (SE-3×3 feeds the SE's pool; SE-ResNet's standard site is the SE's output) follows them."""
+
+    def __init__(self) -> None:
+        self.as_producer: dict[Any, Any] = {}
+        self.as_consumer: dict[Any, tuple] = {}
+
+    def producer(self, node: Any) -> Any:
+        while node in self.as_producer:
+            node = self.as_producer[node]
+        return node
+
+    def consumers(self, nodes: Iterable[Any]) -> set:
+        out: set = set()
+        for n in nodes:
+            out |= self.consumers(self.as_consumer[n]) if n in self.as_consumer else {n}
+        return out
+
+
+def _replace(gm: Any, p: _Planned, moved: _Moved) -> Insertion:
+    """Call ``p.module`` (None: nothing) on the region's input, in place of the region."""
+    from .anatomy import region_io
+
+    graph, nodes = gm.graph, p.region.nodes
+    inputs, outputs = region_io(nodes)  # now: an earlier insertion may feed the region
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise AttnSurgeonError(f"attention module {p.module_name} no longer reads one tensor after the plan's earlier "
+                               "insertions; put the replacement first in the plan")
+    (x,), (y,) = inputs, outputs
+    readers = [u for u in y.users if u not in nodes]
+    old = gm.get_submodule(p.module_name)
+    removed = count_params(old)
+    gm.delete_submodule(p.module_name)
+    if p.module is not None:
+        gm.add_submodule(p.module_name, p.module)
+        head, out = _call_in_layout(graph, x, p.module_name, p.site.layout)
+        scope = {}
+        for key, value in (y.meta.get("nn_module_stack") or {}).items():
+            if (value[0] if isinstance(value, tuple) else value) == p.module_name:
+                break
+            scope[key] = value
+        node = head
+        while True:
+            node.meta["nn_module_stack"] = dict(scope)
+            if node.op == "call_module":
+                node.meta["nn_module_stack"][p.module_name] = (p.module_name, type(p.module))
+            if node is out:
+                break
+            node = next(iter(node.users))
+        stands_in: tuple = (head,)
+    else:
+        out, stands_in = x, tuple(readers)
+    for user in readers:
+        user.replace_input_with(y, out)
+    for n in reversed(list(graph.nodes)):
+        if n in nodes:
+            graph.erase_node(n)
+    moved.as_producer[y] = out
+    for n in nodes:
+        moved.as_consumer[n] = stands_in
+    for n in graph.nodes:  # earlier insertions that fed the region cover what stands in its place now
+        unit = n.meta.get("as_unit")
+        if unit is not None and unit["head"] is n and unit["cover"] & nodes:
+            unit["cover"] = frozenset(moved.consumers(unit["cover"]))
+    return Insertion(
+        block=p.block.name,
+        stage=p.block.stage,
+        position="replace",
+        attn=p.spec.attn,
+        channels=p.site.channels,
+        params=count_params(p.module) if p.module is not None else 0,
+        module=p.module_name,
+        layout=str(p.site.layout),
+        options=_resolved_options(p) if p.module is not None else {},
+        replaced=p.region.type,
+        replaced_params=removed,
+    )
 
 
 def _anchor(producer: Any, consumers: set) -> Any:

@@ -51,8 +51,16 @@ class InsertionCost:
     stage: int
     position: str
     attn: str
-    params: int
+    params: int  # with ``replaced``: the new module's less the old one's (what the swap added)
     macs: int
+    replaced: str | None = None  # class of the model's own attention module this one replaced
+
+    @property
+    def where(self) -> str:
+        """The position, or what the row replaced (``replaces SqueezeExcitation``)."""
+        if not self.replaced:
+            return self.position
+        return f"{'removes' if self.attn == 'none' else 'replaces'} {self.replaced}"
 
 
 @dataclass
@@ -139,12 +147,14 @@ def profile(
     pretrained: bool = False,
     weights: Any = None,
     progress: ProgressFn | None = None,
+    replace: bool = False,
     **block_options: Any,
 ) -> ProfileResult:
     """Measure a model and, with ``attn`` or ``plan``, its modified twin, side by side.
 
     Takes the insertion arguments of :func:`attnsurgeon.insert` (or ``plan``, a list of
-    :class:`~attnsurgeon.InsertionSpec`); without them the model is profiled alone.
+    :class:`~attnsurgeon.InsertionSpec`); without them the model is profiled alone. With
+    ``attn="none", replace=True`` the modified model is the model without its attention gates.
 
     Example:
         >>> result = profile("resnet50", attn="se", batch_sizes=[1, 8])
@@ -166,9 +176,11 @@ def profile(
                                        mode, threads, channels_last, compile, min_run_time, max_run_time))
     specs = list(plan or [])
     if attn is not None:
-        specs.append(make_spec(attn, position, stages, blocks, init, **block_options))
+        specs.append(make_spec(attn, position, stages, blocks, init, replace=replace, **block_options))
     elif block_options and any(v is not None for v in block_options.values()):
         raise AttnSurgeonError("block options were given without --attn")
+    elif replace:
+        raise AttnSurgeonError("--replace needs --attn: the block to put in place of the model's attention, or none to remove it")
 
     say("Loading the model")
     if _is_saved(model):  # a saved modified model: its base is rebuilt from the recipe
@@ -210,8 +222,11 @@ def profile(
         figures["modified"] = ModelFigures(count_params(modified), mod_flops.macs)
         models["modified"] = modified
         for ins in report.insertions:
-            insertions.append(InsertionCost(ins.module, ins.block, ins.stage, ins.position, ins.attn, ins.params,
-                                            mod_flops.by_module.get(ins.module, 0)))
+            macs = mod_flops.by_module.get(ins.module, 0) if ins.attn != "none" else 0
+            if ins.replaced:  # the new module sits under the old one's name: the row is the swap
+                macs -= base_flops.by_module.get(ins.module, 0)
+            insertions.append(InsertionCost(ins.module, ins.block, ins.stage, ins.position, ins.attn,
+                                            ins.params - ins.replaced_params, macs, ins.replaced))
         unattributed = (mod_flops.macs - base_flops.macs) - sum(i.macs for i in insertions)
         for op, calls in mod_flops.uncounted.items():
             uncounted[op] = max(uncounted.get(op, 0), calls)

@@ -34,7 +34,7 @@ def to_markdown(result: ProfileResult) -> str:
     if result.insertions:
         lines += ["", "| inserted module | position | params | MACs |", "|---|---|---:|---:|"]
         for i in result.insertions:
-            lines.append(f"| {i.module} | {i.position} | {i.params:,} | {i.macs:,} |")
+            lines.append(f"| {i.module} | {i.where} | {i.params:,} | {i.macs:,} |")
     return "\n".join(lines) + "\n"
 
 
