@@ -7,7 +7,9 @@ the graph:
 * a **residual block** is a residual merge: an add whose two inputs fork from one node, one of
   them through a branch with more weighted ops (convs, linears) than the other. The other is the
   skip: the fork itself (identity) or a short projection. The block is named after the module
-  whose ``forward`` does the add (``layer3.0``), as in ``named_modules()``;
+  whose ``forward`` does the add (``layer3.0``), as in ``named_modules()``. An add whose branch
+  is per-channel linear (``x + dwconv(x)``, a convolutional position encoding) or whose tensor
+  has one channel is no block;
 * modules of the same class as a residual block's that have no merge of their own (the first
   inverted residual of a MobileNet stage) are **plain blocks**;
 * in a model with no residual merge at all (VGG, DenseNet), a **unit** is a convolution followed
@@ -930,7 +932,7 @@ def _per_channel_linear(g: _Graph, region: set[Node], fork: Node) -> bool:
             continue
         if n.op not in ("call_function", "call_method"):
             return False
-        target = n.target if n.op == "call_method" else n.target
+        target = n.target
         if target in (operator.getitem, getattr, F.batch_norm) or target in _SHAPE_METHODS or target in _SUMS:
             continue
         if target in _PRODUCTS and sum(1 for a in n.all_input_nodes if a in carried) <= 1:
