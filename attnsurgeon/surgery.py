@@ -305,27 +305,27 @@ def _fitting_blocks(spec: InsertionSpec, chosen: list[Any], per_stage: dict[int,
     if errors and (spec.blocks or not fitting):
         raise AttnSurgeonError(errors[0] if spec.blocks or not unbuildable else unbuildable[0][1])
     if lacking:
-        kinds, why = _why_not_offered(spec.position, lacking)
         notes.append(f"{spec.attn} skipped {len(lacking)} block{'s' if len(lacking) > 1 else ''} ({_few([b.name for b in lacking])}): "
-                     f"position '{spec.position}' is not available there ({kinds}: {why})")
+                     f"position '{spec.position}' is not available there ({_why_not_offered(spec.position, lacking)})")
     for _, why in unbuildable:
         notes.append(f"{spec.attn} skipped {why}")
     return fitting
 
 
-def _why_not_offered(position: str, lacking: list[Any]) -> tuple[str, str]:
-    kinds = sorted({b.kind for b in lacking})
-    why = {
-        "identity": "it has no skip connection",
-        "3x3": "it has no spatial (k>1) convolution",
-    }.get(position, "it offers no such place")
-    if "opaque" in kinds:
-        why = "the tracer keeps it whole (its library marks it not traceable), so only pre and post reach it"
-    return "/".join(kinds), why
+def _why_not_offered(position: str, lacking: list[Any]) -> str:
+    """Why each kind of block in ``lacking`` has no ``position``: 'opaque: …; plain: …'."""
+    reasons = []
+    for kind in sorted({b.kind for b in lacking}):
+        if kind == "opaque":
+            why = "the tracer keeps it whole (its library marks it not traceable), so only pre and post reach it"
+        else:
+            why = {"identity": "it has no skip connection", "3x3": "it has no spatial (k>1) convolution"}.get(
+                position, "it offers no such place")
+        reasons.append(f"{kind}: {why}")
+    return "; ".join(reasons)
 
 
 def _not_offered(spec: InsertionSpec, chosen: list[Any], lacking: list[Any]) -> str:
-    kinds, why = _why_not_offered(spec.position, lacking)
     offering = len(chosen) - len(lacking)
     if not offering:
         hint = "`attnsurgeon inspect MODEL` lists the positions of each block"
@@ -334,7 +334,7 @@ def _not_offered(spec: InsertionSpec, chosen: list[Any], lacking: list[Any]) -> 
     else:
         hint = f"{offering} of the {len(chosen)} selected blocks offer it: narrow the selection with --stages/--blocks"
     return (f"position '{spec.position}' is not available in block{'s' if len(lacking) > 1 else ''} "
-            f"{_few([b.name for b in lacking])} ({kinds}: {why}); {hint}")
+            f"{_few([b.name for b in lacking])} ({_why_not_offered(spec.position, lacking)}); {hint}")
 
 
 def _per_stage_options(spec: InsertionSpec, stages: list[int]) -> dict[int, dict[str, Any]]:
