@@ -326,13 +326,9 @@ def _why_not_offered(position: str, lacking: list[Any]) -> str:
 
 
 def _not_offered(spec: InsertionSpec, chosen: list[Any], lacking: list[Any]) -> str:
-    offering = len(chosen) - len(lacking)
-    if not offering:
-        hint = "`attnsurgeon inspect MODEL` lists the positions of each block"
-    elif spec.blocks:
-        hint = f"{offering} of the {len(chosen)} selected blocks offer it: leave the others out of --blocks"
-    else:
-        hint = f"{offering} of the {len(chosen)} selected blocks offer it: narrow the selection with --stages/--blocks"
+    offering = len(chosen) - len(lacking)  # > 0 only where --blocks named the others
+    hint = (f"{offering} of the {len(chosen)} selected blocks offer it: leave the others out of --blocks" if offering
+            else "`attnsurgeon inspect MODEL` lists the positions of each block")
     return (f"position '{spec.position}' is not available in block{'s' if len(lacking) > 1 else ''} "
             f"{_few([b.name for b in lacking])} ({_why_not_offered(spec.position, lacking)}); {hint}")
 

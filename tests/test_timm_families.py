@@ -67,7 +67,8 @@ def test_default_selection_skips_opaque_blocks_with_a_note(cli):
 
 
 def test_a_block_named_explicitly_that_cannot_take_the_position_is_an_error(cli):
-    with pytest.raises(AttnSurgeonError, match=r"position 'standard' is not available in block stages\.2\.1 \(opaque"):
+    with pytest.raises(AttnSurgeonError, match=r"position 'standard' is not available in block stages\.2\.1 \(opaque.*"
+                                               r"1 of the 2 selected blocks offer it: leave the others out of --blocks"):
         insert("timm:mobilevit_xxs", "se", blocks=["stages.2.*"], input_size=SMALL)
     code, out, err = cli("insert", "timm:mobilevit_xxs", "--blocks", "stages.3.1", "--input-size", "64")
     assert code == 2 and "not available in block stages.3.1" in err and "Traceback" not in err and out == ""
