@@ -7,7 +7,9 @@ the graph:
 * a **residual block** is a residual merge: an add whose two inputs fork from one node, one of
   them through a branch with more weighted ops (convs, linears) than the other. The other is the
   skip: the fork itself (identity) or a short projection. The block is named after the module
-  whose ``forward`` does the add (``layer3.0``), as in ``named_modules()``;
+  whose ``forward`` does the add (``layer3.0``), as in ``named_modules()``. An add whose branch
+  is per-channel linear (``x + dwconv(x)``, a convolutional position encoding) or whose tensor
+  has one channel is no block;
 * modules of the same class as a residual block's that have no merge of their own (the first
   inverted residual of a MobileNet stage) are **plain blocks**;
 * in a model with no residual merge at all (VGG, DenseNet), a **unit** is a convolution followed
@@ -207,6 +209,10 @@ def _unseen_inplace(graph: torch.fx.Graph, classes: set[type]) -> set[type]:
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """Trace ``model`` (in eval mode) into a GraphModule that keeps every parameter and buffer name.
 
+    The model is called with one input tensor: the other parameters of its ``forward`` that have
+    a default (hiera's ``mask=None``) are traced at that default and dropped from the graph, whose
+    ``forward`` takes the one input.
+
     Raises AttnSurgeonError naming the module and the source line where tracing stopped.
     """
     if isinstance(model, torch.fx.GraphModule):
@@ -214,11 +220,12 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     was_training = model.training
     model.eval()
     notrace, kept_whole = _notrace_types(), set()
+    fixed = _fixed_inputs(model)
     try:
         while True:
             tracer = _Tracer(_leaf_types(), notrace, kept_whole, _autowrap_functions())
             try:
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=fixed or None)
             except Exception as exc:
                 if tracer.failed_through is not None and tracer.failed_through not in kept_whole:
                     kept_whole.add(tracer.failed_through)  # its library was right: keep it whole
@@ -230,6 +237,7 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
             kept_whole |= hidden
     finally:
         model.train(was_training)
+    _drop_fixed_inputs(graph)
     gm = torch.fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     _restore_unused_state(model, gm)
     for attr in _CARRIED_ATTRS:
@@ -237,6 +245,49 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
             setattr(gm, attr, getattr(model, attr))
     gm.train(was_training)
     return gm
+
+
+def _fixed_inputs(model: nn.Module) -> dict[str, Any]:
+    """``forward``'s parameters after the first that have a plain default (None, a bool, a number,
+    a string): traced as constants, so ``if mask is not None`` takes the path a one-input call takes."""
+    try:
+        params = list(_inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params[1:]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+        and (p.default is None or isinstance(p.default, (bool, int, float, str)))
+    }
+
+
+_INPUT_CHECKS = {torch._assert, operator.eq}
+
+
+def _drop_fixed_inputs(graph: torch.fx.Graph) -> None:
+    """Remove the placeholders fx makes for inputs traced as constants, with the checks it hangs
+    on them (``_assert_is_none``, ``torch._assert(x == v)``): the graph keeps its one input."""
+    from torch.fx._symbolic_trace import _assert_is_none
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[1:]:
+        if not ph.args:  # no default: a real input the caller must give
+            continue
+        checks: list[Node] = []
+        frontier = list(ph.users)
+        while frontier:
+            n = frontier.pop()
+            if n in checks:
+                continue
+            if n.op != "call_function" or n.target not in (_INPUT_CHECKS | {_assert_is_none}):
+                break
+            checks.append(n)
+            frontier.extend(n.users)
+        else:
+            for n in sorted(checks, key=lambda n: -list(graph.nodes).index(n)):
+                graph.erase_node(n)
+            graph.erase_node(ph)
 
 
 # model attributes a GraphModule carries over (the default input size is read from them)
@@ -968,6 +1019,8 @@ def _residual_blocks(g: _Graph) -> list[Block]:
             continue
         if n.meta.get("as_caxis") is None:
             continue  # no conv/linear fixes the channels here (e.g. per-head tensors inside attention)
+        if out[n.meta["as_caxis"]] == 1:
+            continue  # a one-channel map (CSATv2's spatial-attention transformer): no channels to weigh
         fork = g.latest_common_ancestor(args[0], args[1])
         if fork is None or _shape(fork) is None:
             continue
@@ -977,6 +1030,8 @@ def _residual_blocks(g: _Graph) -> list[Block]:
             continue  # two alike branches (a split-attention sum), not a residual merge
         r = 0 if weights[0] > weights[1] else 1
         s = 1 - r
+        if _per_channel_linear(g, branches[r], fork):
+            continue  # x + dwconv(x): one depthwise conv, re-parameterised (a positional encoding), no block
         res_in, skip_in = args[r], args[s]
         module, cls = _innermost_container(n)
         block = Block(
@@ -1014,6 +1069,46 @@ def _residual_blocks(g: _Graph) -> list[Block]:
             block.name = f"{module}#{counter[module]}"
         blocks.append(block)
     return blocks
+
+
+_SHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "squeeze",
+                  "unsqueeze", "size", "view_as", "reshape_as"}
+_SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
+_PRODUCTS = {operator.mul, operator.imul, operator.truediv, torch.mul, "mul", "mul_", "div", "div_"}
+
+
+def _per_channel_linear(g: _Graph, region: set[Node], fork: Node) -> bool:
+    """The branch maps each channel on its own and linearly: depthwise convs, batch norms without
+    an activation, scales, sums and reshapes. Then ``x + branch(x)`` is itself one depthwise
+    conv (a convolutional position encoding ``x + dwconv(x)``, RepGhost's re-parameterisable
+    ``dwconv(x) + bn(x)``): a layer, not a block that transforms its input."""
+    carried = region | {fork}
+    for n in region:
+        m = _module(g.gm, n)
+        if m is not None:
+            if isinstance(m, _CONV_MODULES):
+                if not m.groups == m.in_channels == m.out_channels:
+                    return False
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if _is_activation(g.gm, n):
+                    return False
+            elif not (isinstance(m, _PASS_MODULES) or _is_stochastic_leaf(m)):
+                return False
+            continue
+        if n.op not in ("call_function", "call_method"):
+            return False
+        target = n.target
+        if target in (operator.getitem, getattr, F.batch_norm) or target in _SHAPE_METHODS or target in _SUMS:
+            continue
+        if target in _PRODUCTS and sum(1 for a in n.all_input_nodes if a in carried) <= 1:
+            continue  # a scale (a parameter, a constant), not a product of two branches
+        if target in (F.conv1d, F.conv2d, F.conv3d):
+            w = _shape(n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
+            groups = n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1)
+            if w and w[1] == 1 and groups == w[0]:
+                continue
+        return False
+    return True
 
 
 def _plain_blocks(g: _Graph, residual: list[Block]) -> list[Block]:

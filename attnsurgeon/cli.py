@@ -123,10 +123,12 @@ PositionOpt = Annotated[
     str, typer.Option("--position", "-p", help="standard, pre, post, identity or 3x3 (see `attnsurgeon list positions`).")
 ]
 StagesOpt = Annotated[
-    Optional[str], typer.Option("--stages", "-s", help="Stages to modify, 1-based as `inspect` numbers them: 3,4 or 2-4. Default: all.")
+    Optional[str], typer.Option("--stages", "-s", help="Stages to modify, 1-based as `inspect` numbers them: 3,4 or 2-4. Default: all. "
+                                                 "Blocks there that cannot take the insertion are skipped with a note.")
 ]
 BlocksOpt = Annotated[
-    Optional[str], typer.Option("--blocks", "-b", help="Comma-separated globs over block names: 'layer3.*,layer4.2'. Default: all.")
+    Optional[str], typer.Option("--blocks", "-b", help="Comma-separated globs over block names: 'layer3.*,layer4.2'. Default: all. "
+                                                 "A named block that cannot take the insertion is an error.")
 ]
 InitOpt = Annotated[str, typer.Option("--init", help="default, or identity: every inserted block starts as an exact identity.")]
 ReductionOpt = Annotated[

@@ -212,8 +212,9 @@ def apply_plan(
     base_params = count_params(loaded.model)
     gm = trace(loaded.model)
     anatomy = analyse(gm, size)
-    planned = plan(anatomy, specs)
-    _build_modules(planned, gm)
+    notes: list[str] = []
+    planned = plan(anatomy, specs, notes)
+    _place_modules(planned, gm)
     insertions = _rewrite(gm, planned)
     gm.graph.lint()
     gm.recompile()
@@ -228,7 +229,7 @@ def apply_plan(
         "delta": modified - base_params,
         "percent": round(100.0 * (modified - base_params) / base_params, 4) if base_params else None,
     }
-    notes = _attention_notes(anatomy, planned)
+    notes += _attention_notes(anatomy, planned)
     report = SurgeryReport(loaded.spec, loaded.source, size, params, insertions, specs, loaded.weights,
                            dict(loaded.kwargs), notes)
     gm.train(loaded.model.training)
@@ -257,13 +258,14 @@ def count_params(model: Any) -> int:
 # --------------------------------------------------------------------------- planning
 
 
-def plan(anatomy: Any, specs: list[InsertionSpec]) -> list[_Planned]:
-    """Check every spec against the anatomy and choose the sites and module names."""
+def plan(anatomy: Any, specs: list[InsertionSpec], notes: list[str] | None = None) -> list[_Planned]:
+    """Check every spec against the anatomy, build its modules and choose the sites and module
+    names; nothing in the model changes. Blocks a spec skips are described in ``notes``."""
     planned: list[_Planned] = []
     taken: set[str] = set()
     for i, spec in enumerate(specs):
         try:
-            planned += _plan_one(anatomy, spec, taken)
+            planned += _plan_one(anatomy, spec, taken, notes if notes is not None else [])
         except AttnSurgeonError as exc:
             if len(specs) == 1:
                 raise
@@ -271,7 +273,7 @@ def plan(anatomy: Any, specs: list[InsertionSpec]) -> list[_Planned]:
     return planned
 
 
-def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> list[_Planned]:
+def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str], notes: list[str]) -> list[_Planned]:
     from .anatomy import POSITIONS, select_blocks
     from .blocks import INITS, check_options, get_block
 
@@ -288,29 +290,13 @@ def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> list[_Plann
     chosen = select_blocks(anatomy, spec.stages, spec.blocks)
     if not chosen:
         raise AttnSurgeonError("no block selected")
-    lacking = [b.name for b in chosen if spec.position not in b.sites]
-    if lacking:
-        kinds = sorted({b.kind for b in chosen if b.name in lacking})
-        why = {
-            "identity": "it has no skip connection",
-            "3x3": "it has no spatial (k>1) convolution",
-        }.get(spec.position, "it offers no such place")
-        if "opaque" in kinds:
-            why = "the tracer keeps it whole (its library marks it not traceable), so only pre and post reach it"
-        offering = len(chosen) - len(lacking)
-        hint = (f"{offering} of the {len(chosen)} selected blocks offer it: narrow the selection with --stages/--blocks"
-                if offering else "`attnsurgeon inspect MODEL` lists the positions of each block")
-        raise AttnSurgeonError(
-            f"position '{spec.position}' is not available in block{'s' if len(lacking) > 1 else ''} "
-            f"{_few(lacking)} ({'/'.join(kinds)}: {why}); {hint}"
-        )
     check_options(info.name, spec.options)
     per_stage = _per_stage_options(spec, sorted({b.stage for b in chosen}))
-    for block in chosen:
+    for block, module in _fitting_blocks(spec, chosen, per_stage, notes):
         site = block.sites[spec.position]
         name = _module_name(anatomy.gm, block, info.name, spec.position, taken)
         taken.add(name)
-        planned.append(_Planned(spec, block, site, per_stage[block.stage], name))
+        planned.append(_Planned(spec, block, site, per_stage[block.stage], name, module))
     return planned
 
 
@@ -368,6 +354,60 @@ def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> lis
     return planned
 
 
+def _fitting_blocks(spec: InsertionSpec, chosen: list[Any], per_stage: dict[int, dict[str, Any]],
+                    notes: list[str]) -> list[tuple[Any, Any]]:
+    """The selected blocks the insertion fits, each with the module built for it.
+
+    A block does not fit where it does not offer the position (an opaque block at ``standard``)
+    or where the attention block cannot be built for its channels. A block the user named
+    (``blocks`` globs) that does not fit is an error; under the default or a ``stages``
+    selection it is skipped with a note, and it is an error only when no selected block fits.
+    """
+    from .blocks import build_block
+
+    lacking = [b for b in chosen if spec.position not in b.sites]
+    fitting: list[tuple[Any, Any]] = []
+    unbuildable: list[tuple[Any, str]] = []
+    for block in chosen:
+        if block in lacking:
+            continue
+        site = block.sites[spec.position]
+        try:
+            fitting.append((block, build_block(spec.attn, site.channels, spec.init, size=site.size, **per_stage[block.stage])))
+        except AttnSurgeonError as exc:
+            unbuildable.append((block, f"block {block.name} ({site.channels} channels at '{spec.position}'): {exc}"))
+    errors = ([_not_offered(spec, chosen, lacking)] if lacking else []) + [why for _, why in unbuildable]
+    if errors and (spec.blocks or not fitting):
+        raise AttnSurgeonError(errors[0] if spec.blocks or not unbuildable else unbuildable[0][1])
+    if lacking:
+        notes.append(f"{spec.attn} skipped {len(lacking)} block{'s' if len(lacking) > 1 else ''} ({_few([b.name for b in lacking])}): "
+                     f"position '{spec.position}' is not available there ({_why_not_offered(spec.position, lacking)})")
+    for _, why in unbuildable:
+        notes.append(f"{spec.attn} skipped {why}")
+    return fitting
+
+
+def _why_not_offered(position: str, lacking: list[Any]) -> str:
+    """Why each kind of block in ``lacking`` has no ``position``: 'opaque: …; plain: …'."""
+    reasons = []
+    for kind in sorted({b.kind for b in lacking}):
+        if kind == "opaque":
+            why = "the tracer keeps it whole (its library marks it not traceable), so only pre and post reach it"
+        else:
+            why = {"identity": "it has no skip connection", "3x3": "it has no spatial (k>1) convolution"}.get(
+                position, "it offers no such place")
+        reasons.append(f"{kind}: {why}")
+    return "; ".join(reasons)
+
+
+def _not_offered(spec: InsertionSpec, chosen: list[Any], lacking: list[Any]) -> str:
+    offering = len(chosen) - len(lacking)  # > 0 only where --blocks named the others
+    hint = (f"{offering} of the {len(chosen)} selected blocks offer it: leave the others out of --blocks" if offering
+            else "`attnsurgeon inspect MODEL` lists the positions of each block")
+    return (f"position '{spec.position}' is not available in block{'s' if len(lacking) > 1 else ''} "
+            f"{_few([b.name for b in lacking])} ({_why_not_offered(spec.position, lacking)}); {hint}")
+
+
 def _per_stage_options(spec: InsertionSpec, stages: list[int]) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {s: {} for s in stages}
     for key, value in spec.options.items():
@@ -420,17 +460,13 @@ def _few(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def _build_modules(planned: list[_Planned], gm: Any) -> None:
-    from .blocks import build_block
-
+def _place_modules(planned: list[_Planned], gm: Any) -> None:
+    """Move the modules planning built onto the model's device and floating dtype."""
     param = next(iter(gm.parameters()), None)
+    if param is None:
+        return
     for p in planned:
-        if p.region is None:  # a replacement's module was built in planning (None: a removal)
-            try:
-                p.module = build_block(p.spec.attn, p.site.channels, p.spec.init, size=p.site.size, **p.options)
-            except AttnSurgeonError as exc:
-                raise AttnSurgeonError(f"block {p.block.name} ({p.site.channels} channels at '{p.spec.position}'): {exc}") from exc
-        if param is not None and p.module is not None:
+        if p.module is not None:  # None: a removal (--attn none --replace)
             p.module = p.module.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
 
 

@@ -211,13 +211,22 @@ def test_interrupted_sweep_keeps_rows_and_resume_measures_only_the_rest(tmp_path
 
 
 def test_a_failing_configuration_becomes_a_failed_row(tmp_path, cli):
+    # every block is selected: the blocks without a skip are left out with a note, the row is measured
     out = tmp_path / "mnv2"
     code, stdout, err = cli("sweep", "mobilenet_v2", "--attn", "se", "--position", "standard,identity", "--input-size", "64",
                             "--min-time", "0.05", "--max-time", "0.1", "--out", out, "--json")
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(stdout)["rows"]}
     assert rows["standard"]["status"] == "ok"
-    assert rows["identity"]["status"] == "failed" and "not available" in rows["identity"]["reason"]
+    assert rows["identity"]["status"] == "ok" and len(rows["identity"]["insertions"]) == 10  # the 10 residual blocks
+    assert any("se skipped 7 blocks" in w and "position 'identity' is not available" in w for w in rows["identity"]["warnings"])
+    # a block named with --blocks that cannot take the position fails its row
+    out = tmp_path / "named"
+    code, stdout, err = cli("sweep", "mobilenet_v2", "--attn", "se", "--position", "identity", "--blocks", "features.1",
+                            "--input-size", "64", "--min-time", "0.05", "--max-time", "0.1", "--out", out, "--json")
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(stdout)["rows"]}
+    assert rows["se"]["status"] == "failed" and "not available in block features.1" in rows["se"]["reason"]
     assert "failed" in (out / "results.csv").read_text()
 
 

@@ -52,16 +52,16 @@ class ScaledSigmoid(nn.Module):
 
 
 def reduced_channels(block: str, channels: int, reduction: float, divisor: int) -> int:
-    """timm's ``make_divisible(channels / reduction, divisor, round_limit=0)``, with clear errors."""
+    """timm's ``make_divisible(channels / reduction, divisor, round_limit=0)``, with clear errors.
+
+    The rule never gives fewer than ``divisor`` hidden units, so a reduction larger than the
+    channels is no error: an 8-channel block with reduction 16 gets 8 hidden units (SE's
+    divisor 8) or 1 (CBAM's divisor 1), exactly what timm's ``SEModule`` / ``CbamModule`` build.
+    """
     from timm.layers import make_divisible
 
     if not reduction or reduction <= 0:
         raise AttnSurgeonError(f"{block}: reduction must be > 0, got {reduction}")
-    if reduction > channels:
-        raise AttnSurgeonError(
-            f"{block}: reduction {reduction:g} is larger than the {channels} channels here "
-            f"(it would leave {channels / reduction:.2f} hidden units); use a reduction ≤ {channels}"
-        )
     if divisor is None or divisor < 1:
         raise AttnSurgeonError(f"{block}: rd_divisor must be ≥ 1, got {divisor}")
     return int(make_divisible(channels / reduction, divisor, round_limit=0.0))

@@ -248,7 +248,7 @@ def profile(
     finally:
         torch.set_num_threads(previous_threads)
 
-    warnings = []
+    warnings = list(report.notes) if report is not None else []  # what the insertion skipped, say
     for name, fig in figures.items():
         for b, lat in fig.latency.items():
             if lat.noisy:
