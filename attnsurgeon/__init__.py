@@ -14,6 +14,8 @@ import torch):
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 from .errors import AttnSurgeonError
@@ -23,7 +25,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "insert": ("surgery", "insert"),
     "apply_plan": ("surgery", "apply_plan"),
-    "InsertionSpec": ("surgery", "InsertionSpec"),
+    "InsertionSpec": ("schema", "InsertionSpec"),
     "SurgeryReport": ("surgery", "SurgeryReport"),
     "inspect_model": ("api", "inspect_model"),
     "load_model": ("models", "load_model"),
@@ -36,6 +38,19 @@ _LAZY = {
 }
 
 __all__ = ["AttnSurgeonError", "__version__", *_LAZY]
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``attnsurgeon.export`` (the CLI does) would bind the package's
+    ``export`` to that module and hide the function of the same name: keep the function."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name, ("",))[0] == name:
+            return  # the submodule stays in sys.modules['attnsurgeon.export']
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -203,30 +203,12 @@ def parse_globs(text: str | None, what: str = "--blocks") -> list[str] | None:
     return globs
 
 
-def check_position(position: str) -> str:
-    """Before any model is built (torch-free)."""
-    from .errors import did_you_mean
-    from .positions import POSITIONS
-
-    if position not in POSITIONS:
-        raise AttnSurgeonError(f"unknown position '{position}' (choose from {', '.join(POSITIONS)})." + did_you_mean(position, POSITIONS))
-    return position
-
-
 def check_insertion_args(attn: str, position: str, options: dict[str, Any], init: str = "default",
                          replace: bool = False) -> None:
     """Everything about an insertion that can be checked without a model: fail in a blink, not after a build."""
-    from .blocks import INITS, check_options, get_block
-    from .surgery import NONE, check_replace
+    from .schema import InsertionSpec, validate
 
-    if attn != NONE:
-        get_block(attn)
-    check_position(position)
-    check_replace(attn, position, replace, options)
-    if attn != NONE:
-        check_options(attn, options)
-    if init not in INITS:
-        raise AttnSurgeonError(f"unknown init '{init}' (choose from {', '.join(INITS)})")
+    validate(InsertionSpec(attn, position, init=init, options=options, replace=replace))
 
 
 def check_tolerance(tolerance: float) -> None:
@@ -717,15 +699,15 @@ def sweep(
         if not attn:
             raise AttnSurgeonError("--attn is required (a list such as se,eca,cbam), or give a sweep recipe")
         attns = parse_globs(attn, "--attn")
-        positions = [check_position(p) for p in parse_globs(position, "--position")]
+        positions = parse_globs(position, "--position")
         unused = [k for k in options if not any(k in _takes(a) for a in attns)]
         if unused:
             raise AttnSurgeonError(f"none of {', '.join(attns)} takes {', '.join(unused)}")
         configurations = []
         for a in attns:  # block options go to the blocks that take them (--reduction: se and cbam, not eca)
             own = {k: v for k, v in options.items() if k in _takes(a)}
-            check_insertion_args(a, positions[0], own, init, replace)
             for p in positions:
+                check_insertion_args(a, p, own, init, replace)
                 name = "/".join([a] * (len(attns) > 1) + [p] * (len(positions) > 1)) or a
                 item = {"attn": a, "position": p, "init": init, "options": own, **({"replace": True} if replace else {})}
                 if stages is not None:

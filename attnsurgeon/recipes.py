@@ -38,14 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AttnSurgeonError, did_you_mean
-from .surgery import InsertionSpec
+from .errors import AttnSurgeonError
+from .schema import INSERTION_KEYS, InsertionSpec, Where, is_int, no_unknown, parse_insertion, positive_ints, typed
 
 RECIPE_KEYS = ("name", "description", "model", "model_kwargs", "input_size", "insertions", "configurations", "grid",
                "profile")
 CONFIGURATION_KEYS = ("name", "insertions")
 GRID_KEYS = ("attn", "position", "stages", "blocks", "init", "options", "replace")
-INSERTION_KEYS = ("attn", "position", "stages", "blocks", "init", "options", "replace")
 PROFILE_KEYS = ("device", "dtype", "batch_sizes", "mode", "threads", "channels_last", "compile",
                 "min_run_time", "max_run_time")
 
@@ -93,26 +92,13 @@ class Recipe:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-class _Where:
-    """Where a value sits: a key path, plus its line when read from a YAML file."""
-
-    def __init__(self, source: str, lines: dict[tuple, int] | None = None):
-        self.source = source
-        self.lines = lines or {}
-
-    def __call__(self, path: tuple) -> str:
-        dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
-        line = self.lines.get(path)
-        return f"{self.source}{f', line {line}' if line else ''}: {dotted}"
-
-
 def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | None = None) -> Recipe:
     """Validate plain data (from YAML or JSON) into a :class:`Recipe`; errors name the place."""
-    where = _Where(source, lines)
+    where = Where(source, lines)
     if not isinstance(data, dict):
         raise AttnSurgeonError(f"{where(())}: a recipe is a mapping with 'model' and 'insertions'")
-    _no_unknown(data, RECIPE_KEYS, (), where)
-    model = _typed(data, "model", str, (), where, required=True)
+    no_unknown(data, RECIPE_KEYS, (), where)
+    model = typed(data, "model", str, (), where, required=True)
     kinds = [k for k in ("insertions", "configurations", "grid") if k in data]
     if len(kinds) != 1:
         raise AttnSurgeonError(f"{where(())}: give exactly one of 'insertions' (a recipe), 'configurations' or 'grid' "
@@ -129,29 +115,29 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
     if input_size is not None:
         if isinstance(input_size, int):
             input_size = [input_size]
-        if not (isinstance(input_size, list) and 1 <= len(input_size) <= 4 and all(_is_int(v) and v > 0 for v in input_size)):
+        if not (isinstance(input_size, list) and 1 <= len(input_size) <= 4 and all(is_int(v) and v > 0 for v in input_size)):
             raise AttnSurgeonError(f"{where(('input_size',))}: expected a size (224), [H, W], [C, H, W], [C, T, H, W] "
                                    "or [C, L] of positive integers")
     profile = data.get("profile")
     if profile is not None:
         if not isinstance(profile, dict):
             raise AttnSurgeonError(f"{where(('profile',))}: expected a mapping of profile settings")
-        _no_unknown(profile, PROFILE_KEYS, ("profile",), where)
+        no_unknown(profile, PROFILE_KEYS, ("profile",), where)
         _check_profile(profile, where)
     kwargs = data.get("model_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise AttnSurgeonError(f"{where(('model_kwargs',))}: expected a mapping of keyword arguments")
-    return Recipe(model, insertions, input_size, profile, _typed(data, "name", str, (), where),
-                  _typed(data, "description", str, (), where), dict(kwargs), configurations)
+    return Recipe(model, insertions, input_size, profile, typed(data, "name", str, (), where),
+                  typed(data, "description", str, (), where), dict(kwargs), configurations)
 
 
-def _parse_insertions(raw: Any, path: tuple, where: _Where, allow_empty: bool = False) -> list[InsertionSpec]:
+def _parse_insertions(raw: Any, path: tuple, where: Where, allow_empty: bool = False) -> list[InsertionSpec]:
     if not isinstance(raw, list) or (not raw and not allow_empty):
         raise AttnSurgeonError(f"{where(path)}: expected a {'' if allow_empty else 'non-empty '}list of insertions")
-    return [_parse_insertion(item, path + (i,), where) for i, item in enumerate(raw)]
+    return [parse_insertion(item, path + (i,), where) for i, item in enumerate(raw)]
 
 
-def _parse_configurations(raw: Any, where: _Where) -> list[Configuration]:
+def _parse_configurations(raw: Any, where: Where) -> list[Configuration]:
     if not isinstance(raw, list) or not raw:
         raise AttnSurgeonError(f"{where(('configurations',))}: expected a non-empty list of configurations")
     out: list[Configuration] = []
@@ -159,22 +145,22 @@ def _parse_configurations(raw: Any, where: _Where) -> list[Configuration]:
         path = ("configurations", i)
         if not isinstance(item, dict):
             raise AttnSurgeonError(f"{where(path)}: a configuration is a mapping with 'name' and 'insertions'")
-        _no_unknown(item, CONFIGURATION_KEYS, path, where)
-        name = _typed(item, "name", str, path, where, required=True)
+        no_unknown(item, CONFIGURATION_KEYS, path, where)
+        name = typed(item, "name", str, path, where, required=True)
         if any(c.name == name for c in out):
             raise AttnSurgeonError(f"{where(path + ('name',))}: the name '{name}' is used twice")
         out.append(Configuration(name, _parse_insertions(item.get("insertions"), path + ("insertions",), where)))
     return out
 
 
-def _expand_grid(raw: Any, where: _Where) -> list[Configuration]:
+def _expand_grid(raw: Any, where: Where) -> list[Configuration]:
     """The product of the grid's lists: each combination becomes one single-insertion configuration."""
     import itertools
 
     path = ("grid",)
     if not isinstance(raw, dict) or "attn" not in raw:
         raise AttnSurgeonError(f"{where(path)}: a grid is a mapping with at least 'attn' (lists of alternatives)")
-    _no_unknown(raw, GRID_KEYS, path, where)
+    no_unknown(raw, GRID_KEYS, path, where)
     axes: list[tuple[tuple, list]] = []
     for key in ("attn", "position", "stages", "blocks", "init", "replace"):
         if key in raw:
@@ -198,7 +184,7 @@ def _expand_grid(raw: Any, where: _Where) -> list[Configuration]:
                 item[key_path[0]] = value
             if len(dict(axes)[key_path]) > 1:  # name a configuration by what varies
                 label.append(f"{key_path[-1]}={_short(value)}" if key_path[0] in ("options", "stages", "blocks") else str(value))
-        spec = _parse_insertion(item, path, where)
+        spec = parse_insertion(item, path, where)
         out.append(Configuration("/".join(label) or spec.attn, [spec]))
     return out
 
@@ -207,58 +193,7 @@ def _short(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value).lower()
 
 
-def parse_insertion(item: Any, source: str = "insertion") -> InsertionSpec:
-    """One insertion from plain data (the API's dict specs), with the recipe's checks."""
-    return _parse_insertion(item, (), _Where(source))
-
-
-def _parse_insertion(item: Any, path: tuple, where: _Where) -> InsertionSpec:
-    from .blocks import INITS, REGISTRY, check_options
-    from .positions import POSITIONS
-    from .surgery import NONE, check_replace
-
-    if not isinstance(item, dict):
-        raise AttnSurgeonError(f"{where(path)}: an insertion is a mapping with at least 'attn'")
-    _no_unknown(item, INSERTION_KEYS, path, where)
-    attn = _typed(item, "attn", str, path, where, required=True)
-    replace = bool(_typed(item, "replace", bool, path, where))
-    if attn not in REGISTRY and attn != NONE:
-        raise AttnSurgeonError(f"{where(path + ('attn',))}: unknown attention block '{attn}' (known: {', '.join(REGISTRY)})."
-                               + did_you_mean(attn, REGISTRY))
-    position = _typed(item, "position", str, path, where) or "standard"
-    if position not in POSITIONS:
-        raise AttnSurgeonError(f"{where(path + ('position',))}: unknown position '{position}' (choose from {', '.join(POSITIONS)})")
-    init = _typed(item, "init", str, path, where) or "default"
-    if init not in INITS:
-        raise AttnSurgeonError(f"{where(path + ('init',))}: unknown init '{init}' (choose from {', '.join(INITS)})")
-    stages = _positive_ints(item.get("stages"), where(path + ("stages",)), "a list of stage numbers (1-based)")
-    blocks = item.get("blocks")
-    if blocks is not None:
-        if isinstance(blocks, str):
-            blocks = [b.strip() for b in blocks.split(",") if b.strip()]
-        if not (isinstance(blocks, list) and blocks and all(isinstance(b, str) for b in blocks)):
-            raise AttnSurgeonError(f"{where(path + ('blocks',))}: expected a list of block-name globs, got {blocks!r}")
-    options = item.get("options") or {}
-    if not isinstance(options, dict):
-        raise AttnSurgeonError(f"{where(path + ('options',))}: expected a mapping of block options")
-    try:
-        check_replace(attn, position, replace, options)
-    except AttnSurgeonError as exc:
-        key = "attn" if attn == NONE and not replace else "options" if attn == NONE else "position"
-        raise AttnSurgeonError(f"{where(path + (key,))}: {exc}") from None
-    allowed = REGISTRY[attn].options if attn != NONE else ()
-    for key, value in options.items():
-        if key not in allowed:
-            raise AttnSurgeonError(f"{where(path + ('options', key))}: '{attn}' takes no option '{key}' "
-                                   f"(it takes: {', '.join(allowed)})")
-        try:
-            check_options(attn, {key: value})  # the registry's rules: reduction > 0, odd kernels, ...
-        except AttnSurgeonError as exc:
-            raise AttnSurgeonError(f"{where(path + ('options', key))}: {exc}") from None
-    return InsertionSpec(attn, position, stages, blocks, init, dict(options), replace)
-
-
-def _check_profile(profile: dict, where: _Where) -> None:
+def _check_profile(profile: dict, where: Where) -> None:
     import re
 
     from .profiling.settings import DTYPES, MODES
@@ -280,38 +215,7 @@ def _check_profile(profile: dict, where: _Where) -> None:
         if key in profile and not ok(profile[key]):
             raise AttnSurgeonError(f"{where(('profile', key))}: expected {what}, got {profile[key]!r}")
     if "batch_sizes" in profile:
-        profile["batch_sizes"] = _positive_ints(profile["batch_sizes"], where(("profile", "batch_sizes")), "positive integers")
-
-
-def _no_unknown(d: dict, allowed: tuple, path: tuple, where: _Where) -> None:
-    for key in d:
-        if key not in allowed:
-            raise AttnSurgeonError(f"{where(path + (key,))}: unknown key '{key}' (allowed: {', '.join(allowed)})."
-                                   + did_you_mean(str(key), allowed))
-
-
-def _typed(d: dict, key: str, kind: type, path: tuple, where: _Where, required: bool = False) -> Any:
-    if key not in d or d[key] is None:
-        if required:
-            raise AttnSurgeonError(f"{where(path + (key,))}: missing (required)")
-        return None
-    if not isinstance(d[key], kind):
-        raise AttnSurgeonError(f"{where(path + (key,))}: expected {kind.__name__}, got {type(d[key]).__name__} {d[key]!r}")
-    return d[key]
-
-
-def _positive_ints(value: Any, place: str, what: str) -> list[int] | None:
-    """``3`` or ``[3, 4]`` -> ``[3]`` / ``[3, 4]``; None stays None; anything else is an error at ``place``."""
-    if value is None:
-        return None
-    values = [value] if _is_int(value) else value
-    if not (isinstance(values, list) and values and all(_is_int(v) and v >= 1 for v in values)):
-        raise AttnSurgeonError(f"{place}: expected {what}, got {value!r}")
-    return values
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+        profile["batch_sizes"] = positive_ints(profile["batch_sizes"], where(("profile", "batch_sizes")), "positive integers")
 
 
 # --------------------------------------------------------------------------- YAML

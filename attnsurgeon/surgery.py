@@ -24,37 +24,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, NamedTuple
 
-from .errors import AttnSurgeonError, did_you_mean
+from .errors import AttnSurgeonError
 from .layout import resolve_input_size  # noqa: F401  (the input size of every command: one rule)
+from .schema import NONE, InsertionSpec, check_replace, validate  # noqa: F401  (the schema, re-exported)
 
-
-
-@dataclass
-class InsertionSpec:
-    """One line of a plan: insert ``attn`` at ``position`` in the selected blocks.
-
-    ``options`` are block options (``reduction``, ``bias``, ``kernel_size``, ``rd_divisor``); a
-    list value gives one value per selected stage, in stage order (ECA-Net's ``[3, 5, 5, 7]``).
-    """
-
-    attn: str
-    position: str = "standard"
-    stages: list[int] | None = None
-    blocks: list[str] | None = None
-    init: str = "default"
-    options: dict[str, Any] = field(default_factory=dict)
-    replace: bool = False  # take the place of the attention gates the selected blocks have
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: v for k, v in d.items() if v not in (None, {}, False) or k in ("attn", "position", "init")}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "insertion") -> "InsertionSpec":
-        """Validated as a recipe's insertion is (one schema, one checker: ``recipes.parse_insertion``)."""
-        from .recipes import parse_insertion
-
-        return parse_insertion(d, where)
 
 
 @dataclass
@@ -175,23 +148,6 @@ def make_spec(attn: str, position: str = "standard", stages: Iterable[int] | Non
                          init, {k: v for k, v in block_options.items() if v is not None}, bool(replace))
 
 
-NONE = "none"  # attn="none" with replace: remove the model's own attention gates
-
-
-def check_replace(attn: str, position: str, replace: bool, options: dict[str, Any]) -> None:
-    """What ``replace`` and ``attn='none'`` allow; torch-free (the CLI and recipes check it early)."""
-    if attn == NONE and not replace:
-        raise AttnSurgeonError("attention block 'none' removes the attention modules the model already has and needs "
-                               "--replace (replace: true in a recipe); to insert a block, name one: se, eca, cbam")
-    if replace and position != "standard":
-        raise AttnSurgeonError(f"--replace puts the new block where the existing attention module is, so position "
-                               f"'{position}' does not apply; leave --position out (or insert at '{position}' in a "
-                               "separate insertion)")
-    given = [k for k, v in options.items() if v is not None]
-    if attn == NONE and given:
-        raise AttnSurgeonError(f"attention block 'none' builds nothing and takes no block options (got {', '.join(given)})")
-
-
 def apply_plan(
     model: Any,
     specs: Iterable[InsertionSpec | dict],
@@ -265,7 +221,7 @@ def plan(anatomy: Any, specs: list[InsertionSpec], notes: list[str] | None = Non
     taken: set[str] = set()
     for i, spec in enumerate(specs):
         try:
-            planned += _plan_one(anatomy, spec, taken, notes if notes is not None else [])
+            planned += _plan_one(anatomy, validate(spec), taken, notes if notes is not None else [])
         except AttnSurgeonError as exc:
             if len(specs) == 1:
                 raise
@@ -274,23 +230,17 @@ def plan(anatomy: Any, specs: list[InsertionSpec], notes: list[str] | None = Non
 
 
 def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str], notes: list[str]) -> list[_Planned]:
-    from .anatomy import POSITIONS, select_blocks
-    from .blocks import INITS, check_options, get_block
+    """One validated spec (:func:`attnsurgeon.schema.validate`) against the anatomy."""
+    from .anatomy import select_blocks
+    from .blocks import get_block
 
     if spec.replace or spec.attn == NONE:
         return _plan_replacement(anatomy, spec, taken)
     planned: list[_Planned] = []
     info = get_block(spec.attn)
-    if spec.position not in POSITIONS:
-        raise AttnSurgeonError(
-            f"unknown position '{spec.position}' (choose from {', '.join(POSITIONS)})." + did_you_mean(spec.position, POSITIONS)
-        )
-    if spec.init not in INITS:
-        raise AttnSurgeonError(f"unknown init '{spec.init}' (choose from {', '.join(INITS)})")
     chosen = select_blocks(anatomy, spec.stages, spec.blocks)
     if not chosen:
         raise AttnSurgeonError("no block selected")
-    check_options(info.name, spec.options)
     per_stage = _per_stage_options(spec, sorted({b.stage for b in chosen}))
     for block, module in _fitting_blocks(spec, chosen, per_stage, notes):
         site = block.sites[spec.position]
@@ -304,13 +254,8 @@ def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> lis
     """``replace``: one item per attention gate in the selected blocks, with its module built for
     the channels at the gate's input (none for ``attn='none'``), named as the module it replaces."""
     from .anatomy import attention_regions, select_blocks
-    from .blocks import INITS, build_block, check_options, get_block
+    from .blocks import build_block
 
-    check_replace(spec.attn, spec.position, spec.replace, spec.options)
-    if spec.attn != NONE:
-        check_options(get_block(spec.attn).name, spec.options)
-    if spec.init not in INITS:
-        raise AttnSurgeonError(f"unknown init '{spec.init}' (choose from {', '.join(INITS)})")
     chosen = select_blocks(anatomy, spec.stages, spec.blocks)
     if not chosen:
         raise AttnSurgeonError("no block selected")

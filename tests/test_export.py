@@ -244,3 +244,11 @@ def test_load_base_gives_the_saved_base_weights(tmp_path):
     base_state = base.state_dict()
     assert set(base_state) == {k for k in saved if not k.startswith(inserted)}
     assert all(torch.equal(v, saved[k]) for k, v in base_state.items())
+
+
+def test_the_api_function_export_is_not_hidden_by_its_submodule():
+    """``import attnsurgeon.export`` (the CLI does) must leave ``attnsurgeon.export`` the function."""
+    import importlib
+
+    module = importlib.import_module("attnsurgeon.export")
+    assert attnsurgeon.export is module.export and callable(attnsurgeon.load)

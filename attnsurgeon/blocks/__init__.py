@@ -94,7 +94,7 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     bad = [k for k in given if k not in info.options]
     if bad:
         takes = ", ".join(info.options) or "no options"
-        raise AttnSurgeonError(f"attention block '{info.name}' takes no option {', '.join(map(repr, bad))} (it takes: {takes})")
+        raise AttnSurgeonError(f"'{info.name}' takes no option {', '.join(map(repr, bad))} (it takes: {takes})")
     for key, value in given.items():
         ok, what = _OPTION_RULES.get(key, (lambda v: True, ""))
         values = value if isinstance(value, (list, tuple)) else [value]

@@ -16,7 +16,6 @@ import torch
 from timm.layers.cbam import ChannelAttn, CbamModule
 
 
-from ..errors import AttnSurgeonError
 from ._common import ScaledSigmoid, batchnorm_nd, conv_nd, pool_axes, reduced_channels, zero_gate_input_mlp
 
 
@@ -42,9 +41,7 @@ OPTIONS = {"reduction": 16, "bias": False, "kernel_size": 7, "rd_divisor": 1}
 
 def build(fmap, reduction: float = 16, bias: bool = False, kernel_size: int = 7, rd_divisor: int = 1) -> CbamModule:
     rd = reduced_channels("cbam", fmap.channels, reduction, rd_divisor)
-    k = int(kernel_size)
-    if k < 1 or k % 2 == 0:
-        raise AttnSurgeonError(f"cbam: spatial kernel size must be a positive odd number, got {kernel_size}")
+    k = int(kernel_size)  # a positive odd integer: the registry's rule (blocks.check_options)
     module = CbamModule(fmap.channels, rd_channels=rd, spatial_kernel_size=k, mlp_bias=bool(bias))
     if fmap.dims != 2:  # the same module, its convolutions and norm built for the map's rank
         module.channel = ChannelAttnNd(fmap.channels, rd, bool(bias), fmap.dims)

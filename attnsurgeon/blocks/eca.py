@@ -48,12 +48,8 @@ OPTIONS = {"kernel_size": None, "keep_depth": False}
 
 def build(fmap, kernel_size: int | None = None, keep_depth: bool = False) -> EcaModule:
     check_keep_depth("eca", keep_depth, fmap.dims)
-    if kernel_size is not None:
-        k = int(kernel_size)
-        if k < 1 or k % 2 == 0:
-            raise AttnSurgeonError(f"eca: kernel size must be a positive odd number, got {kernel_size}")
-        if k > fmap.channels and k > 3:
-            raise AttnSurgeonError(f"eca: kernel size {k} is larger than the {fmap.channels} channels here")
+    if kernel_size is not None and kernel_size > fmap.channels and kernel_size > 3:  # odd and ≥ 1: the registry's rule
+        raise AttnSurgeonError(f"eca: kernel size {kernel_size} is larger than the {fmap.channels} channels here")
     # channels=None with a kernel size: timm's way of fixing k instead of the adaptive rule
     channels, k = (fmap.channels, 3) if kernel_size is None else (None, int(kernel_size))
     if fmap.dims == 2:

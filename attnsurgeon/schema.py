@@ -1,0 +1,169 @@
+"""The insertion schema: what one insertion says, and every check of it (torch-free).
+
+An :class:`InsertionSpec` names an attention block, a position, the blocks it goes into (stages,
+globs), an init, block options and whether it replaces the model's own attention. This module
+owns it and its one checker, :func:`validate`, against the block, position and init registries;
+:func:`parse_insertion` reads one from plain data (a recipe's YAML, a saved model's metadata, the
+API's dicts) with type checks that name the place of a problem. The CLI validates before any
+model is built, recipes validate with the YAML line, and planning validates every spec once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import AttnSurgeonError, did_you_mean
+
+NONE = "none"  # attn="none" with replace: remove the model's own attention gates
+INSERTION_KEYS = ("attn", "position", "stages", "blocks", "init", "options", "replace")
+
+
+@dataclass
+class InsertionSpec:
+    """One line of a plan: insert ``attn`` at ``position`` in the selected blocks.
+
+    ``options`` are block options (``reduction``, ``bias``, ``kernel_size``, ``rd_divisor``,
+    ``keep_depth``); a list value gives one value per selected stage, in stage order (ECA-Net's
+    ``[3, 5, 5, 7]``).
+    """
+
+    attn: str
+    position: str = "standard"
+    stages: list[int] | None = None
+    blocks: list[str] | None = None
+    init: str = "default"
+    options: dict[str, Any] = field(default_factory=dict)
+    replace: bool = False  # take the place of the attention gates the selected blocks have
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: v for k, v in d.items() if v not in (None, {}, False) or k in ("attn", "position", "init")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "insertion") -> "InsertionSpec":
+        """Read and validate plain data, as a recipe's insertion is."""
+        return parse_insertion(d, (), Where(where))
+
+
+class SpecError(AttnSurgeonError):
+    """A spec that breaks a rule; ``field`` is the key path of the value at fault (for recipes)."""
+
+    def __init__(self, message: str, field: tuple = ()):
+        super().__init__(message)
+        self.field = field
+
+
+def validate(spec: InsertionSpec) -> InsertionSpec:
+    """Check ``spec`` against the registries: the block, the position, the init, ``replace`` and
+    the block's options. Raises :class:`SpecError`; returns the spec."""
+    from .blocks import INITS, REGISTRY, check_options
+    from .positions import POSITIONS
+
+    attn = spec.attn
+    if attn not in REGISTRY and attn != NONE:
+        raise SpecError(f"unknown attention block '{attn}' (known: {', '.join(REGISTRY)})." + did_you_mean(str(attn), REGISTRY),
+                        ("attn",))
+    if spec.position not in POSITIONS:
+        raise SpecError(f"unknown position '{spec.position}' (choose from {', '.join(POSITIONS)})."
+                        + did_you_mean(str(spec.position), POSITIONS), ("position",))
+    if spec.init not in INITS:
+        raise SpecError(f"unknown init '{spec.init}' (choose from {', '.join(INITS)})", ("init",))
+    check_replace(attn, spec.position, spec.replace, spec.options)
+    if attn != NONE:
+        for key, value in spec.options.items():
+            try:
+                check_options(attn, {key: value})  # the registry's rules: known options, reduction > 0, odd kernels
+            except AttnSurgeonError as exc:
+                raise SpecError(str(exc), ("options", key)) from None
+    return spec
+
+
+def check_replace(attn: str, position: str, replace: bool, options: dict[str, Any]) -> None:
+    """What ``replace`` and ``attn='none'`` allow."""
+    if attn == NONE and not replace:
+        raise SpecError("attention block 'none' removes the attention modules the model already has and needs "
+                        "--replace (replace: true in a recipe); to insert a block, name one: se, eca, cbam", ("attn",))
+    if replace and position != "standard":
+        raise SpecError(f"--replace puts the new block where the existing attention module is, so position "
+                        f"'{position}' does not apply; leave --position out (or insert at '{position}' in a "
+                        "separate insertion)", ("position",))
+    given = [k for k, v in options.items() if v is not None]
+    if attn == NONE and given:
+        raise SpecError(f"attention block 'none' builds nothing and takes no block options (got {', '.join(given)})",
+                        ("options",))
+
+
+# --------------------------------------------------------------------------- plain data
+
+
+class Where:
+    """Where a value sits: a key path, plus its line when read from a YAML file."""
+
+    def __init__(self, source: str, lines: dict[tuple, int] | None = None):
+        self.source = source
+        self.lines = lines or {}
+
+    def __call__(self, path: tuple) -> str:
+        dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
+        line = self.lines.get(path)
+        return f"{self.source}{f', line {line}' if line else ''}: {dotted}"
+
+
+def parse_insertion(item: Any, path: tuple = (), where: Where | None = None) -> InsertionSpec:
+    """One insertion from plain data: types checked here, rules by :func:`validate`; an error
+    names the key path (and the YAML line) of the value at fault."""
+    where = where or Where("insertion")
+    if not isinstance(item, dict):
+        raise AttnSurgeonError(f"{where(path)}: an insertion is a mapping with at least 'attn'")
+    no_unknown(item, INSERTION_KEYS, path, where)
+    attn = typed(item, "attn", str, path, where, required=True)
+    replace = bool(typed(item, "replace", bool, path, where))
+    position = typed(item, "position", str, path, where) or "standard"
+    init = typed(item, "init", str, path, where) or "default"
+    stages = positive_ints(item.get("stages"), where(path + ("stages",)), "a list of stage numbers (1-based)")
+    blocks = item.get("blocks")
+    if blocks is not None:
+        if isinstance(blocks, str):
+            blocks = [b.strip() for b in blocks.split(",") if b.strip()]
+        if not (isinstance(blocks, list) and blocks and all(isinstance(b, str) for b in blocks)):
+            raise AttnSurgeonError(f"{where(path + ('blocks',))}: expected a list of block-name globs, got {blocks!r}")
+    options = item.get("options") or {}
+    if not isinstance(options, dict):
+        raise AttnSurgeonError(f"{where(path + ('options',))}: expected a mapping of block options")
+    spec = InsertionSpec(attn, position, stages, blocks, init, dict(options), replace)
+    try:
+        return validate(spec)
+    except SpecError as exc:
+        raise AttnSurgeonError(f"{where(path + exc.field)}: {exc}") from None
+
+
+def no_unknown(d: dict, allowed: tuple, path: tuple, where: Where) -> None:
+    for key in d:
+        if key not in allowed:
+            raise AttnSurgeonError(f"{where(path + (key,))}: unknown key '{key}' (allowed: {', '.join(allowed)})."
+                                   + did_you_mean(str(key), allowed))
+
+
+def typed(d: dict, key: str, kind: type, path: tuple, where: Where, required: bool = False) -> Any:
+    if key not in d or d[key] is None:
+        if required:
+            raise AttnSurgeonError(f"{where(path + (key,))}: missing (required)")
+        return None
+    if not isinstance(d[key], kind):
+        raise AttnSurgeonError(f"{where(path + (key,))}: expected {kind.__name__}, got {type(d[key]).__name__} {d[key]!r}")
+    return d[key]
+
+
+def positive_ints(value: Any, place: str, what: str) -> list[int] | None:
+    """``3`` or ``[3, 4]`` -> ``[3]`` / ``[3, 4]``; None stays None; anything else is an error at ``place``."""
+    if value is None:
+        return None
+    values = [value] if is_int(value) else value
+    if not (isinstance(values, list) and values and all(is_int(v) and v >= 1 for v in values)):
+        raise AttnSurgeonError(f"{place}: expected {what}, got {value!r}")
+    return values
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
