@@ -343,14 +343,19 @@ def _record_shape(n: Node, result: Any) -> None:
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, input_size: tuple[int, ...], batch: int = 1) -> str:
-    """Record each node's output shape in ``node.meta['as_shape']``; returns 'meta' or 'real'."""
-    shape = (batch, *input_size)
+    """Record each node's output shape in ``node.meta['as_shape']``; returns 'meta' or 'real'.
+
+    ``input_size`` is one size without the batch, or a list of them, one per input (the traced
+    parts of a model, see :mod:`attnsurgeon.parts`)."""
+    sizes = list(input_size) if input_size and isinstance(input_size[0], (tuple, list)) else [input_size]
+    shapes = [(batch, *s) for s in sizes]
+    shape = shapes[0] if len(shapes) == 1 else shapes
     was_training = gm.training
     gm.eval()
     try:
         try:
             with torch.no_grad():
-                _MetaProp(gm).run(torch.empty(shape, device="meta"))
+                _MetaProp(gm).run(*(torch.empty(s, device="meta") for s in shapes))
             return "meta"
         except Exception:
             pass  # an op without a meta kernel: pay for one real pass
@@ -358,7 +363,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, input_size: tuple[int, ...], batc
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         try:
             with torch.no_grad():
-                _RealProp(gm).run(torch.randn(shape, dtype=dtype, device=device))
+                _RealProp(gm).run(*(torch.randn(s, dtype=dtype, device=device) for s in shapes))
         except Exception as exc:
             raise AttnSurgeonError(
                 f"the model does not run on an input of shape {tuple(shape)}: {str(exc).strip().splitlines()[0]}"
@@ -527,6 +532,7 @@ class Anatomy:
     shape_mode: str  # "meta" | "real"
     existing_attention: list[tuple[str, str]]
     notes: list[str] = field(default_factory=list)
+    target: list[str] | None = None  # the traced submodules (None: the whole model), see attnsurgeon.parts
 
     def block(self, name: str) -> Block:
         for b in self.blocks:
@@ -543,6 +549,7 @@ class Anatomy:
             "blocks": [b.to_dict() for b in self.blocks],
             "existing_attention": [{"module": n, "type": t} for n, t in self.existing_attention],
             "notes": self.notes,
+            "target": self.target,
         }
 
 

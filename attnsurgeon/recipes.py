@@ -38,8 +38,8 @@ from typing import Any
 from .errors import AttnSurgeonError, did_you_mean
 from .surgery import InsertionSpec
 
-RECIPE_KEYS = ("name", "description", "model", "model_kwargs", "input_size", "insertions", "configurations", "grid",
-               "profile")
+RECIPE_KEYS = ("name", "description", "model", "model_kwargs", "input_size", "target", "insertions", "configurations",
+               "grid", "profile")
 CONFIGURATION_KEYS = ("name", "insertions")
 GRID_KEYS = ("attn", "position", "stages", "blocks", "init", "options")
 INSERTION_KEYS = ("attn", "position", "stages", "blocks", "init", "options")
@@ -68,6 +68,7 @@ class Recipe:
     description: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     configurations: list[Configuration] | None = None  # a sweep recipe (from `configurations` or `grid`)
+    target: list[str] | None = None  # the submodules to rewrite (attnsurgeon.parts); None: the whole model or found
 
     @property
     def is_sweep(self) -> bool:
@@ -79,7 +80,7 @@ class Recipe:
             d["configurations"] = [c.to_dict() for c in self.configurations]
         else:
             d["insertions"] = [s.to_dict() for s in self.insertions]
-        for key in ("name", "description", "input_size", "profile"):
+        for key in ("name", "description", "input_size", "profile", "target"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         if self.model_kwargs:
@@ -134,11 +135,17 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
             raise AttnSurgeonError(f"{where(('profile',))}: expected a mapping of profile settings")
         _no_unknown(profile, PROFILE_KEYS, ("profile",), where)
         _check_profile(profile, where)
+    target = data.get("target")
+    if target is not None:
+        items = [target] if isinstance(target, str) else target
+        if not (isinstance(items, list) and items and all(isinstance(t, str) and t.strip() for t in items)):
+            raise AttnSurgeonError(f"{where(('target',))}: expected a module path (backbone.body) or a list of them")
+        target = [t.strip() for t in items]
     kwargs = data.get("model_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise AttnSurgeonError(f"{where(('model_kwargs',))}: expected a mapping of keyword arguments")
     return Recipe(model, insertions, input_size, profile, _typed(data, "name", str, (), where),
-                  _typed(data, "description", str, (), where), dict(kwargs), configurations)
+                  _typed(data, "description", str, (), where), dict(kwargs), configurations, target)
 
 
 def _parse_insertions(raw: Any, path: tuple, where: _Where, allow_empty: bool = False) -> list[InsertionSpec]:

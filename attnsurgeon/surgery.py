@@ -79,10 +79,12 @@ class SurgeryReport:
     weights: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    target: list[str] | None = None  # the submodules that were traced and rewritten (None: the whole model)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
+            "target": self.target,
             "source": self.source,
             "weights": self.weights,
             "model_kwargs": self.model_kwargs,
@@ -123,6 +125,7 @@ def insert(
     input_size: Any = None,
     pretrained: bool = False,
     weights: Any = None,
+    target: Any = None,
     **block_options: Any,
 ) -> SurgeryResult:
     """Insert one kind of attention block into a model.
@@ -136,6 +139,9 @@ def insert(
         init: ``default`` or ``identity`` (the modified model starts with the base model's outputs).
         input_size: ``224``, ``(224, 224)`` or ``(3, 224, 224)``; the model's own default if None.
         pretrained / weights: see :func:`attnsurgeon.models.load_model`.
+        target: the submodule(s) to rewrite (``"backbone.body"``, a list, or ``"a,b"``); by default the
+            whole model, or, where it does not trace (a detector), the parts found by
+            :func:`attnsurgeon.parts.find_targets`. Block names are full paths from the top model.
         **block_options: ``reduction``, ``bias``, ``kernel_size``, ``rd_divisor``; a list gives
             one value per selected stage.
 
@@ -149,7 +155,7 @@ def insert(
         2514944
     """
     spec = make_spec(attn, position, stages, blocks, init, **block_options)
-    return apply_plan(model, [spec], input_size=input_size, pretrained=pretrained, weights=weights)
+    return apply_plan(model, [spec], input_size=input_size, pretrained=pretrained, weights=weights, target=target)
 
 
 def make_spec(attn: str, position: str = "standard", stages: Iterable[int] | None = None,
@@ -168,10 +174,12 @@ def apply_plan(
     input_size: Any = None,
     pretrained: bool = False,
     weights: Any = None,
+    target: Any = None,
 ) -> SurgeryResult:
     """Apply several insertions (stacked in order) to a model; see :func:`insert`."""
-    from .anatomy import analyse, propagate_shapes, trace
+    from .anatomy import analyse, propagate_shapes
     from .models import as_loaded
+    from .parts import embed, trace_model
 
     specs = [s if isinstance(s, InsertionSpec) else InsertionSpec.from_dict(s) for s in specs]
     if not specs:
@@ -179,17 +187,19 @@ def apply_plan(
     loaded = as_loaded(model, pretrained=pretrained, weights=weights)
     size = resolve_input_size(input_size, loaded.input_size)
     base_params = count_params(loaded.model)
-    gm = trace(loaded.model)
-    anatomy = analyse(gm, size)
+    traced = trace_model(loaded.model, size, target)
+    gm = traced.gm
+    anatomy = analyse(gm, traced.analysis_size)
     planned = plan(anatomy, specs)
     _build_modules(planned, gm)
     insertions = _rewrite(gm, planned)
     gm.graph.lint()
     gm.recompile()
     try:
-        propagate_shapes(gm, size)
+        propagate_shapes(gm, traced.analysis_size)
     except AttnSurgeonError as exc:  # the rewrite must keep the model runnable
         raise AttnSurgeonError(f"internal error: the rewritten model does not run: {exc}") from exc
+    gm = embed(loaded.model, gm, traced.targets)
     modified = count_params(gm)
     params = {
         "base": base_params,
@@ -197,13 +207,13 @@ def apply_plan(
         "delta": modified - base_params,
         "percent": round(100.0 * (modified - base_params) / base_params, 4) if base_params else None,
     }
-    notes = []
+    notes = list(traced.notes)
     if anatomy.existing_attention:
         names = [n for n, _ in anatomy.existing_attention]
         notes.append(f"the model already has {len(names)} attention module(s) ({', '.join(names[:3])}"
                      f"{', …' if len(names) > 3 else ''}); the new blocks are added to them, not in their place")
     report = SurgeryReport(loaded.spec, loaded.source, size, params, insertions, specs, loaded.weights,
-                           dict(loaded.kwargs), notes)
+                           dict(loaded.kwargs), notes, traced.targets)
     gm.train(loaded.model.training)
     gm.attnsurgeon_report = report  # export and profile read the recipe from here
     return SurgeryResult(gm, report)

@@ -166,13 +166,16 @@ def profile(
     max_run_time: float = 4.0,
     pretrained: bool = False,
     weights: Any = None,
+    target: Any = None,
     progress: ProgressFn | None = None,
     **block_options: Any,
 ) -> ProfileResult:
     """Measure a model and, with ``attn`` or ``plan``, its modified twin, side by side.
 
     Takes the insertion arguments of :func:`attnsurgeon.insert` (or ``plan``, a list of
-    :class:`~attnsurgeon.InsertionSpec`); without them the model is profiled alone.
+    :class:`~attnsurgeon.InsertionSpec`); without them the model is profiled alone. ``target``
+    names the submodules to rewrite (see :func:`attnsurgeon.insert`); the figures are always those
+    of the whole model on its own input (a detector: a list of images, inference only).
 
     Example:
         >>> result = profile("resnet50", attn="se", batch_sizes=[1, 8])
@@ -183,6 +186,7 @@ def profile(
 
     from ..models import as_loaded
     from ..surgery import apply_plan, count_params, make_spec, resolve_input_size
+    from ..samples import sample_args
     from .flops import count_macs
     from .settings import check_settings
 
@@ -206,6 +210,8 @@ def profile(
             raise AttnSurgeonError("a saved model carries its own weights; drop --pretrained/--weights")
         from ..export import load_base
 
+        if target is not None:
+            raise AttnSurgeonError("a saved model carries its own target; profile it without --target")
         base, modified = load_base(model)
         report = modified.attnsurgeon_report
         spec, source = report.model, report.source
@@ -216,12 +222,16 @@ def profile(
         size = resolve_input_size(input_size, loaded.input_size)
         base = loaded.model
         modified, report = None, None
+        _check_mode(base, settings.mode)  # before the insertion's work
         if specs:
             say("Inserting")
-            modified, report = apply_plan(loaded, specs, input_size=size)
+            modified, report = apply_plan(loaded, specs, input_size=size, target=target)
+        elif target is not None:
+            raise AttnSurgeonError("--target chooses where blocks go: it needs --attn")
+    _check_mode(base, settings.mode)
 
     say("Counting FLOPs")
-    one = torch.randn(1, *size)
+    one = sample_args(base, size, 1, generator=torch.Generator().manual_seed(0))
     base_flops = count_macs(base, one)
     figures = {"base": ModelFigures(count_params(base), base_flops.macs)}
     models = {"base": base}
@@ -245,9 +255,9 @@ def profile(
         # Time and weigh the base through the same fx code path as the modified model: the
         # generated forward frees intermediates earlier than hand-written code, and that must
         # not show up as a saving of the attention block (Δ memory of ECA came out negative).
-        from ..anatomy import trace
+        from ..parts import base_like
 
-        models["base"] = trace(base)
+        models["base"] = base_like(base, report.target)
 
     previous_threads = torch.get_num_threads()
     if settings.threads:
@@ -275,6 +285,16 @@ def profile(
                          insertions, unattributed, uncounted, fvcore_default, warnings, environment)
 
 
+def _check_mode(model: Any, mode: str) -> None:
+    from ..samples import takes_targets
+
+    if mode == "train" and takes_targets(model):
+        raise AttnSurgeonError(
+            f"{type(model).__name__} computes its training loss from labelled targets (boxes, labels), which a "
+            "profile with random inputs does not have: profile it with --mode inference"
+        )
+
+
 def _is_saved(model: Any) -> bool:
     import os
 
@@ -287,7 +307,9 @@ def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], 
 
     from .measure import make_step, measure_latency, measure_memory, timed_call
 
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    from ..samples import sample_args
+
+    memory_format = torch.channels_last if settings.channels_last else None
     runnable: dict[str, Any] = {}
     for name, model in models.items():
         model.to(settings.device)
@@ -297,7 +319,7 @@ def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], 
         runnable[name] = torch.compile(model) if settings.compile else model
     try:
         for b in settings.batch_sizes:
-            x = torch.randn(b, *size, device=settings.device).contiguous(memory_format=memory_format)
+            x = sample_args(models["base"], size, b, device=settings.device, memory_format=memory_format)
             steps = {name: make_step(m, x, settings) for name, m in runnable.items()}
             if settings.compile:
                 for name, step in steps.items():
