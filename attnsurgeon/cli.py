@@ -664,6 +664,7 @@ def sweep(
     min_time: MinTimeOpt = None,
     max_time: MaxTimeOpt = None,
     input_size: InputSizeOpt = None,
+    target: TargetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted sweep in --out: finished rows are kept.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out folder that holds a sweep.")] = False,
     json_out: JsonOpt = False,
@@ -692,6 +693,7 @@ def sweep(
             configurations = [Configuration(spec.name or Path(model).stem, spec.insertions)]
         settings = dict(spec.profile or {})
         size = input_size or spec.input_size
+        target = target or spec.target
     else:
         if not attn:
             raise AttnSurgeonError("--attn is required (a list such as se,eca,cbam), or give a sweep recipe")
@@ -720,7 +722,7 @@ def sweep(
 
     with _SweepProgress() as bar:
         result = run_sweep(spec.model, configurations, out, settings=settings, input_size=size,
-                           model_kwargs=spec.model_kwargs, resume=resume, force=force, progress=bar)
+                           model_kwargs=spec.model_kwargs, target=target, resume=resume, force=force, progress=bar)
     if json_out:
         emit_json({"folder": str(result.folder), "measured": result.measured, "plot": str(result.plot) if result.plot else None,
                    "rows": result.rows})

@@ -137,35 +137,31 @@ def _describe_input(model: Any, size: tuple[int, ...]) -> str:
 
 @dataclass
 class Found:
-    targets: list[str]
+    targets: list[str]  # the submodules that trace and hold blocks (largest first found, see find_targets)
     inputs: dict[str, Any]
-    traceable: list[str]  # every submodule that traced and held blocks, for error messages
 
 
 def find_targets(model: Any, size: tuple[int, ...], inputs: dict[str, Any] | None = None,
                  exhaustive: bool = False) -> Found:
     """Breadth first from the model's children: the submodules at the first depth where some trace
-    (called with one tensor) and hold blocks. ``exhaustive`` lists every such submodule at every depth."""
+    (called with one tensor) and hold blocks. ``exhaustive`` goes on to every depth (for error
+    messages); either way a hit's own children are not tried: the largest part wins."""
     inputs = record_inputs(model, size) if inputs is None else inputs
     level = [name for name, _ in model.named_children()]
-    hits: list[str] = []
     every: list[str] = []
     while level:
+        hits: list[str] = []
         nxt: list[str] = []
         for name in level:
             if _traces_with_blocks(model, name, inputs):
-                hits.append(name)
-                every.append(name)
-                if not exhaustive:
-                    continue
+                hits.append(name)  # the largest: its own children are not tried
+                continue
             nxt += [f"{name}.{child}" for child, _ in model.get_submodule(name).named_children()]
+        every += hits
         if hits and not exhaustive:
             break
         level = nxt
-    if exhaustive:  # the largest ones: drop those inside another hit
-        every = [n for n in every if not any(n.startswith(o + ".") for o in every if o != n)]
-        hits = every
-    return Found(hits, inputs, every)
+    return Found(every, inputs)
 
 
 def _traces_with_blocks(model: Any, name: str, inputs: dict[str, Any]) -> bool:
@@ -213,7 +209,7 @@ def _check_target(model: Any, target: str, inputs: dict[str, Any], size: tuple[i
 def _traceable_hint(model: Any, size: tuple[int, ...], inputs: dict[str, Any]) -> str:
     from .anatomy import trace
 
-    found = find_targets(model, size, inputs, exhaustive=True).traceable
+    found = find_targets(model, size, inputs, exhaustive=True).targets
     try:
         trace(model)
         whole = " The whole model traces too (leave --target out)."

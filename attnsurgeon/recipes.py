@@ -6,6 +6,7 @@ recipe::
 
     model: timm:resnet50
     input_size: [3, 224, 224]      # optional
+    target: backbone.body          # optional: the submodule(s) to rewrite (attnsurgeon.parts)
     insertions:
       - attn: eca
         stages: [1, 2]

@@ -8,8 +8,8 @@ A classifier takes one batch tensor and returns one tensor, but not every networ
 * an optical-flow model takes two frames (``forward(image1, image2)``) and returns a list of flows.
 
 :func:`sample_args` builds the positional arguments a model's ``forward`` asks for, from its
-signature (a ``List[...]`` annotation means a list of images; otherwise one batch tensor per
-required argument), and :func:`flatten_outputs` turns any nest of dicts, lists and tuples into
+signature (a ``List[...]`` annotation, or torchvision's ``forward(images, targets=None)``, means
+a list of images; otherwise one batch tensor per required argument), and :func:`flatten_outputs` turns any nest of dicts, lists and tuples into
 the list of its tensors, so that checks, losses and comparisons handle every model one way.
 """
 
@@ -29,8 +29,9 @@ def input_kind(model: Any) -> tuple[str, int]:
         return TENSOR, 1
     positional = [p for p in sig.parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if positional and _is_list_annotation(positional[0].annotation):
-        return IMAGES, 1
+    if positional and (_is_list_annotation(positional[0].annotation)
+                       or (positional[0].name == "images" and "targets" in sig.parameters)):
+        return IMAGES, 1  # torchvision's detectors: forward(images: List[Tensor], targets=None), unannotated in some
     required = [p for p in positional if p.default is p.empty]
     return TENSOR, max(1, len(required))
 
@@ -93,8 +94,9 @@ def max_abs_diff(outputs: Any, references: Any) -> float:
     a, b = flatten_outputs(outputs), flatten_outputs(references)
     if len(a) != len(b) or any(tuple(x.shape) != tuple(y.shape) for x, y in zip(a, b)):
         return float("inf")
-    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
+    return max((float((x.detach().float() - y.detach().float()).abs().max()) for x, y in zip(a, b) if x.numel()),
+               default=0.0)
 
 
 def output_scale(outputs: Any) -> float:
-    return max((float(t.float().abs().max()) for t in flatten_outputs(outputs) if t.numel()), default=0.0)
+    return max((float(t.detach().float().abs().max()) for t in flatten_outputs(outputs) if t.numel()), default=0.0)

@@ -187,7 +187,6 @@ def profile(
     from ..models import as_loaded
     from ..surgery import apply_plan, count_params, make_spec, resolve_input_size
     from ..samples import sample_args
-    from .flops import count_macs
     from .settings import check_settings
 
     from .._native import quiet_torch_logs
@@ -232,7 +231,8 @@ def profile(
 
     say("Counting FLOPs")
     one = sample_args(base, size, 1, generator=torch.Generator().manual_seed(0))
-    base_flops = count_macs(base, one)
+    counted: list[str] = []  # the parts fvcore counted, where it cannot count the whole model
+    base_flops = _count_macs(base, one, size, report.target if report else None, counted)
     figures = {"base": ModelFigures(count_params(base), base_flops.macs)}
     models = {"base": base}
     insertions: list[InsertionCost] = []
@@ -240,7 +240,7 @@ def profile(
     uncounted = dict(base_flops.uncounted)
     fvcore_default = {"base": base_flops.fvcore_default_macs}
     if modified is not None:
-        mod_flops = count_macs(modified, one)
+        mod_flops = _count_macs(modified, one, size, report.target, counted)
         figures["modified"] = ModelFigures(count_params(modified), mod_flops.macs)
         models["modified"] = modified
         for ins in report.insertions:
@@ -274,6 +274,8 @@ def profile(
                 warnings.append(f"{name} latency at batch {b} is noisy: IQR {lat.iqr_ms:.2f} ms is "
                                 f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median; other work competes for the CPU "
                                 "(try --threads 1 or fewer than the free cores) or raise --max-time")
+    if counted:
+        warnings.append(counted[0])
     if uncounted:
         warnings.append("ops without a FLOP handle (not counted): " + ", ".join(f"{k} ×{v}" for k, v in sorted(uncounted.items())))
     environment = {
@@ -283,6 +285,42 @@ def profile(
     }
     return ProfileResult(spec, source, size, settings, figures["base"], figures.get("modified"),
                          insertions, unattributed, uncounted, fvcore_default, warnings, environment)
+
+
+def _count_macs(model: Any, args: tuple, size: tuple[int, ...], targets: list[str] | None, counted: list[str]) -> Any:
+    """fvcore on the whole model; where it cannot run it, on the traced parts. After a fallback,
+    ``counted`` holds the warning and then the parts, and the next model is counted the same way."""
+    import torch
+
+    from . import flops
+
+    if not counted:
+        try:
+            return flops.count_macs(model, args)
+        except Exception as exc:  # noqa: BLE001  (fvcore's JIT tracer fails in many ways)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            from ..parts import find_targets, record_inputs
+
+            targets = targets or find_targets(model, size).targets
+            if not targets:
+                raise AttnSurgeonError(f"fvcore cannot count the MACs of {type(model).__name__}: {reason}") from exc
+            counted += [f"MACs count {', '.join(targets)} only: fvcore cannot run the whole "
+                        f"{type(model).__name__} ({reason})", *targets]
+    from ..parts import record_inputs
+
+    targets = counted[1:]
+    inputs = record_inputs(model, size)
+    parts = [flops.count_macs(model.get_submodule(t), torch.randn(inputs[t])) for t in targets]
+    by_module = {f"{t}.{k}" if k else t: v for t, p in zip(targets, parts) for k, v in p.by_module.items()}
+    by_operator: dict[str, int] = {}
+    uncounted: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.by_operator.items():
+            by_operator[k] = by_operator.get(k, 0) + v
+        for k, v in p.uncounted.items():
+            uncounted[k] = uncounted.get(k, 0) + v
+    return flops.FlopCount(sum(p.macs for p in parts), by_operator, by_module, uncounted,
+                           sum(p.fvcore_default_macs for p in parts))
 
 
 def _check_mode(model: Any, mode: str) -> None:
