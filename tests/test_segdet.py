@@ -361,10 +361,11 @@ def test_profile_counts_the_traced_parts_where_fvcore_cannot_run_the_whole(monke
 
     monkeypatch.setattr(flops, "count_macs", whole_fails)
     loaded = load_model("raft_small")
-    result = attnsurgeon.profile(loaded, attn="se", input_size=(3, 64, 64), min_run_time=0.01, max_run_time=0.02)
+    result = attnsurgeon.profile(loaded, attn="se", input_size=SIZE, min_run_time=0.01, max_run_time=0.02)
     d = result.to_dict()
-    assert "MACs count feature_encoder, context_encoder only: fvcore cannot run the whole RAFT" in d["warnings"][0]
-    frames = torch.randn(2, 3, 64, 64)  # the feature encoder sees both frames, the context encoder the first
+    assert any("MACs count feature_encoder, context_encoder only: fvcore cannot run the whole RAFT (cannot trace this)"
+               in w for w in d["warnings"])
+    frames = torch.randn(2, *SIZE)  # the feature encoder sees both frames, the context encoder the first
     expected = real(loaded.model.feature_encoder, frames).macs + real(loaded.model.context_encoder, frames[:1]).macs
     assert d["base"]["macs"] == expected
     assert d["delta"]["macs"] == sum(i["macs"] for i in d["insertions"]) > 0
