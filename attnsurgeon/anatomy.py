@@ -51,12 +51,14 @@ _ACT_FUNCTIONS = {
 _NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}
 _PASS_FUNCTIONS = {F.dropout, F.dropout2d, F.alpha_dropout}
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "gelu"}
-_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402  (pretrained detectors' backbones use it)
+
+_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, FrozenBatchNorm2d)
 _PASS_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd)
 _CONV_MODULES = (nn.modules.conv._ConvNd,)
 _WEIGHTED_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
 _WEIGHTED_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.matmul, torch.bmm, F.scaled_dot_product_attention}
-_CHANNEL_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+_CHANNEL_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, FrozenBatchNorm2d,
                           nn.modules.instancenorm._InstanceNorm)
 _CHANNEL_LAST_MODULES = (nn.Linear, nn.LayerNorm)
 
@@ -173,7 +175,7 @@ def _opens_up(m: nn.Module) -> bool:
 def _leaf_types() -> tuple[type, ...]:
     from .blocks import block_classes
 
-    return tuple(block_classes())
+    return (*block_classes(), FrozenBatchNorm2d)  # a norm, kept whole like nn.BatchNorm2d
 
 
 def _notrace_types() -> frozenset:
