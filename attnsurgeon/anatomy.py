@@ -54,12 +54,14 @@ _ACT_FUNCTIONS = {
 _NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}
 _PASS_FUNCTIONS = {F.dropout, F.dropout2d, F.alpha_dropout}
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "gelu"}
-_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402  (pretrained detectors' backbones use it)
+
+_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, FrozenBatchNorm2d)
 _PASS_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd)
 _CONV_MODULES = (nn.modules.conv._ConvNd,)
 _WEIGHTED_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
 _WEIGHTED_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.matmul, torch.bmm, F.scaled_dot_product_attention}
-_CHANNEL_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+_CHANNEL_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, FrozenBatchNorm2d,
                           nn.modules.instancenorm._InstanceNorm)
 _CHANNEL_LAST_MODULES = (nn.Linear, nn.LayerNorm)
 
@@ -176,7 +178,7 @@ def _opens_up(m: nn.Module) -> bool:
 def _leaf_types() -> tuple[type, ...]:
     from .blocks import block_classes
 
-    return tuple(block_classes())
+    return (*block_classes(), FrozenBatchNorm2d)  # a norm, kept whole like nn.BatchNorm2d
 
 
 def _notrace_types() -> frozenset:
@@ -410,14 +412,19 @@ def _record_shape(n: Node, result: Any) -> None:
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, input_size: tuple[int, ...], batch: int = 1) -> str:
-    """Record each node's output shape in ``node.meta['as_shape']``; returns 'meta' or 'real'."""
-    shape = (batch, *input_size)
+    """Record each node's output shape in ``node.meta['as_shape']``; returns 'meta' or 'real'.
+
+    ``input_size`` is one size without the batch, or a list of them, one per input (the traced
+    parts of a model, see :mod:`attnsurgeon.parts`)."""
+    sizes = list(input_size) if input_size and isinstance(input_size[0], (tuple, list)) else [input_size]
+    shapes = [(batch, *s) for s in sizes]
+    shape = shapes[0] if len(shapes) == 1 else shapes
     was_training = gm.training
     gm.eval()
     try:
         try:
             with torch.no_grad():
-                _MetaProp(gm).run(torch.empty(shape, device="meta"))
+                _MetaProp(gm).run(*(torch.empty(s, device="meta") for s in shapes))
             return "meta"
         except Exception:
             pass  # an op without a meta kernel: pay for one real pass
@@ -425,7 +432,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, input_size: tuple[int, ...], batc
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         try:
             with torch.no_grad():
-                _ShapeProp(gm).run(torch.randn(shape, dtype=dtype, device=device))
+                _ShapeProp(gm).run(*(torch.randn(s, dtype=dtype, device=device) for s in shapes))
         except Exception as exc:
             raise AttnSurgeonError(
                 f"the model does not run on an input of shape {tuple(shape)}: {str(exc).strip().splitlines()[0]}"
@@ -599,6 +606,7 @@ class Anatomy:
     shape_mode: str  # "meta" | "real"
     existing_attention: list[tuple[str, str]]
     notes: list[str] = field(default_factory=list)
+    target: list[str] | None = None  # the traced submodules (None: the whole model), see attnsurgeon.parts
 
     def block(self, name: str) -> Block:
         for b in self.blocks:
@@ -615,6 +623,7 @@ class Anatomy:
             "blocks": [b.to_dict() for b in self.blocks],
             "existing_attention": [{"module": n, "type": t} for n, t in self.existing_attention],
             "notes": self.notes,
+            "target": self.target,
         }
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .anatomy import Anatomy, analyse, trace
+from .anatomy import Anatomy, analyse
 from .models import LoadedModel, as_loaded
+from .parts import trace_model
 from .surgery import resolve_input_size
 
 
-def inspect_model(model: Any, *, input_size: Any = None, pretrained: bool = False, weights: Any = None) -> tuple[LoadedModel, Anatomy]:
-    """Trace a model and find its stages, blocks, positions and existing attention.
+def inspect_model(model: Any, *, input_size: Any = None, pretrained: bool = False, weights: Any = None,
+                  target: Any = None) -> tuple[LoadedModel, Anatomy]:
+    """Trace a model (or the parts named by ``target``, or found where the whole does not trace: see
+    :mod:`attnsurgeon.parts`) and find its stages, blocks, positions and existing attention.
 
     Example:
         >>> loaded, anatomy = inspect_model("resnet18")
@@ -19,4 +22,8 @@ def inspect_model(model: Any, *, input_size: Any = None, pretrained: bool = Fals
     """
     loaded = as_loaded(model, pretrained=pretrained, weights=weights)
     size = resolve_input_size(input_size, loaded.input_size)
-    return loaded, analyse(trace(loaded.model), size)
+    traced = trace_model(loaded.model, size, target)
+    anatomy = analyse(traced.gm, traced.analysis_size)
+    anatomy.target = traced.targets
+    anatomy.notes[:0] = traced.notes
+    return loaded, anatomy

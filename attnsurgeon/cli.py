@@ -153,6 +153,11 @@ InputSizeOpt = Annotated[
     Optional[str], typer.Option("--input-size", help="Sample input, any rank: S (image side), H,W, C,H,W; C,T,H,W or T,H,W "
                                 "for video; C,L for 1-D signals. Default: the model's own (3,16,112,112 for r3d_18).")
 ]
+TargetOpt = Annotated[
+    Optional[str],
+    typer.Option("--target", "-t", help="Submodule(s) to rewrite, dotted paths: backbone.body (comma-separated for several). "
+                 "Default: the whole model, or where it does not trace (detectors) the largest parts that do."),
+]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Load the library's published weights (network or local cache).")]
 WeightsOpt = Annotated[
     Optional[Path], typer.Option("--weights", help="Load a .safetensors or .pt/.pth state dict into the base model before surgery.")
@@ -272,6 +277,7 @@ def insert(
     keep_depth: KeepDepthOpt = None,
     replace: ReplaceOpt = False,
     input_size: InputSizeOpt = None,
+    target: TargetOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the modified model: .safetensors (+recipe, "
@@ -289,22 +295,27 @@ def insert(
     """
     options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
     check_insertion_args(attn, position, options, init, replace)  # typos fail before loading anything
+    fmt = None
     if out is not None:
         from .export import check_target
 
         check_tolerance(tolerance)
-        check_target(out, format_, force)  # unknown extension, missing folder, no --force: before any work
+        fmt = check_target(out, format_, force)  # unknown extension, missing folder, no --force: before any work
     stage_list = parse_ints(stages, "--stages")
     block_list = parse_globs(blocks)
     with progress(f"Loading {model} …"):
         from .models import load_model
 
         loaded = load_model(model, pretrained=pretrained, weights=weights)
+    if fmt is not None:
+        from .export import check_exportable
+
+        check_exportable(loaded.model, fmt)  # a detector cannot become .onnx: say so before the surgery
     with progress("Tracing and inserting …"):
         from .surgery import insert as do_insert
 
         model_out, report = do_insert(loaded, attn, position, stage_list, block_list, init, input_size=input_size,
-                                      replace=replace, **options)
+                                      replace=replace, target=target, **options)
     written = None
     if out is not None:
         with progress(f"Writing {out} and checking it …"):
@@ -326,7 +337,8 @@ def print_report(report: Any) -> None:
     out = _stdout()
     size = "×".join(map(str, report.input_size))
     weights = f" · weights: {report.weights}" if report.weights else ""
-    table = Table(title=f"{report.model} ({report.source}) · input {size}{weights}", title_justify="left")
+    part = f" · traced: {', '.join(report.target)}" if report.target else ""
+    table = Table(title=f"{report.model} ({report.source}) · input {size}{weights}{part}", title_justify="left")
     swaps = [i for i in report.insertions if i.replaced]
     columns = [("block", {}), ("stage", {"justify": "right"}), ("position", {}), ("attn", {}),
                ("channels", {"justify": "right"}), ("params", {"justify": "right"}), ("module", {}), ("options", {})]
@@ -467,6 +479,7 @@ def profile(
     min_time: Annotated[float, typer.Option("--min-time", help="Seconds of timed runs per model and batch size, at least.")] = 1.0,
     max_time: Annotated[float, typer.Option("--max-time", help="... and at most; timing stops early once IQR/median < 10%.")] = 4.0,
     input_size: InputSizeOpt = None,
+    target: TargetOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
     json_out: JsonOpt = False,
@@ -495,7 +508,7 @@ def profile(
             model, attn, position, parse_ints(stages, "--stages"), parse_globs(blocks),
             init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
             channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
-            pretrained=pretrained, weights=weights, progress=steps, replace=replace, **options,
+            pretrained=pretrained, weights=weights, target=target, progress=steps, replace=replace, **options,
         )
     from ._io import write_text_atomic
     from .profiling.report import to_csv, to_markdown
@@ -611,7 +624,8 @@ def apply(
         with progress("Inserting …"):
             from .surgery import apply_plan
 
-            model_out, report = apply_plan(loaded, spec.insertions, input_size=input_size or spec.input_size)
+            model_out, report = apply_plan(loaded, spec.insertions, input_size=input_size or spec.input_size,
+                                           target=spec.target)
     except AttnSurgeonError as exc:  # say which file the problem comes from
         raise AttnSurgeonError(f"{recipe}: {exc}") from exc
     written = profiled = None
@@ -625,7 +639,8 @@ def apply(
         from .profiling import profile as run_profile
 
         with _Steps() as steps:
-            profiled = run_profile(loaded, plan=spec.insertions, input_size=report.input_size, progress=steps, **settings)
+            profiled = run_profile(loaded, plan=spec.insertions, input_size=report.input_size, target=report.target,
+                                   progress=steps, **settings)
     if json_out:
         emit_json({"recipe": spec.name or recipe, **report.to_dict(), "profile": profiled.to_dict() if profiled else None,
                    "export": written.to_dict() if written else None})
@@ -666,6 +681,7 @@ def sweep(
     min_time: MinTimeOpt = None,
     max_time: MaxTimeOpt = None,
     input_size: InputSizeOpt = None,
+    target: TargetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted sweep in --out: finished rows are kept.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out folder that holds a sweep.")] = False,
     json_out: JsonOpt = False,
@@ -695,6 +711,7 @@ def sweep(
             configurations = [Configuration(spec.name or Path(model).stem, spec.insertions)]
         settings = dict(spec.profile or {})
         size = input_size or spec.input_size
+        target = target or spec.target
     else:
         if not attn:
             raise AttnSurgeonError("--attn is required (a list such as se,eca,cbam), or give a sweep recipe")
@@ -723,7 +740,7 @@ def sweep(
 
     with _SweepProgress() as bar:
         result = run_sweep(spec.model, configurations, out, settings=settings, input_size=size,
-                           model_kwargs=spec.model_kwargs, resume=resume, force=force, progress=bar)
+                           model_kwargs=spec.model_kwargs, target=target, resume=resume, force=force, progress=bar)
     if json_out:
         emit_json({"folder": str(result.folder), "measured": result.measured, "plot": str(result.plot) if result.plot else None,
                    "rows": result.rows})
@@ -813,6 +830,7 @@ def print_sweep(result: Any) -> None:
 def inspect(
     model: ModelArg,
     input_size: InputSizeOpt = None,
+    target: TargetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show MODEL's stages, blocks, the positions each block offers, and attention it already has."""
@@ -825,6 +843,7 @@ def inspect(
             report = saved.attnsurgeon_report
             loaded = LoadedModel(saved, report.model, report.source, tuple(report.input_size))
             loaded.source = f"{report.source}, saved in {model}"
+            target = target or report.target
         else:
             from .models import load_model
 
@@ -832,7 +851,7 @@ def inspect(
     with progress("Tracing …"):
         from .api import inspect_model
 
-        _, anatomy = inspect_model(loaded, input_size=input_size)
+        _, anatomy = inspect_model(loaded, input_size=input_size, target=target)
         from .anatomy import attention_regions
 
         gates = [r.name for r in attention_regions(anatomy.gm) if r.gate] if anatomy.existing_attention else []
@@ -843,6 +862,10 @@ def inspect(
 
     out = _stdout()
     size = "×".join(map(str, anatomy.input_size))
+    if anatomy.target:  # the parts that were traced, and the input each one sees
+        sizes = anatomy.input_size if len(anatomy.target) > 1 else [anatomy.input_size]
+        size = f"{'×'.join(map(str, loaded.input_size))} · traced: " + ", ".join(
+            f"{t} (input {'×'.join(map(str, s))})" for t, s in zip(anatomy.target, sizes))
     out.print(f"[bold]{loaded.spec}[/] ({loaded.source}) · input {size} · {len(anatomy.blocks)} blocks in "
               f"{len(anatomy.stages)} stages (grouped by {anatomy.grouping})")
     table = Table(show_lines=False)

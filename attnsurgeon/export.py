@@ -117,6 +117,7 @@ def export(
 
     from .layout import resolve_input_size
     from .models import default_input_size
+    from .samples import batch_of, max_abs_diff, output_scale, sample_args
 
     fmt = check_target(path, format, force)
     if isinstance(model, (str, os.PathLike)):
@@ -129,20 +130,21 @@ def export(
     if fmt == "safetensors" and report is None:
         raise AttnSurgeonError("a .safetensors export needs the recipe of a model made by attnsurgeon "
                                "(attnsurgeon.insert or attnsurgeon.load); save plain weights with safetensors directly")
+    check_exportable(model, fmt)
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(0)
     sample_batch = max(batch_size, 2) if dynamic_batch else batch_size  # torch.export specialises size 1
-    x = torch.randn(sample_batch, *size, generator=gen)
-    checks = [x] + ([torch.randn(sample_batch + 1, *size, generator=gen)] if dynamic_batch else [])
+    x = sample_args(model, size, sample_batch, generator=gen)
+    checks = [x] + ([sample_args(model, size, sample_batch + 1, generator=gen)] if dynamic_batch else [])
     try:
         with torch.no_grad():
-            references = [model(c) for c in checks]
+            references = [model(*c) for c in checks]
         with atomic_path(path, force=force) as tmp:
             _WRITERS[fmt](model, tmp, x, dynamic_batch)
             outputs = _READERS[fmt](tmp, checks)
-            diff = max(float((o - r).abs().max()) for o, r in zip(outputs, references))
-            scale = max(1.0, max(float(r.abs().max()) for r in references))
+            diff = max(max_abs_diff(o, r) for o, r in zip(outputs, references))
+            scale = max(1.0, max(output_scale(r) for r in references))
             if not diff <= tolerance * scale:  # also catches NaN
                 raise AttnSurgeonError(
                     f"the written {fmt} file does not reproduce the model: max abs diff {diff:.3g} "
@@ -151,8 +153,21 @@ def export(
             size_bytes = tmp.stat().st_size
     finally:
         model.train(was_training)
-    return ExportReport(fmt, str(Path(path).expanduser()), size_bytes, diff, tolerance, list(x.shape), dynamic_batch,
-                        [int(c.shape[0]) for c in checks])
+    return ExportReport(fmt, str(Path(path).expanduser()), size_bytes, diff, tolerance, [sample_batch, *size],
+                        dynamic_batch, [batch_of(c) for c in checks])
+
+
+def check_exportable(model: Any, fmt: str) -> None:
+    """Refuse, before any work, a format the model cannot be written in: torch.export, ONNX and
+    TorchScript tracing need tensors in; a detector takes a list of images and loops over it."""
+    from .samples import IMAGES, input_kind
+
+    if fmt != "safetensors" and input_kind(model)[0] == IMAGES:
+        raise AttnSurgeonError(
+            f"{type(model).__name__} takes a list of images and runs Python loops and data-dependent control flow "
+            f"over them (resizing, anchors, non-maximum suppression), which {fmt} cannot capture; "
+            "write it as .safetensors (weights + recipe, reloaded with attnsurgeon.load)"
+        )
 
 
 # --------------------------------------------------------------------------- safetensors + recipe
@@ -165,7 +180,8 @@ def recipe_of(model: Any) -> Recipe:
     report = getattr(model, "attnsurgeon_report", None)
     if report is None:
         raise AttnSurgeonError("this model carries no attnsurgeon recipe (it was not made by attnsurgeon.insert/load)")
-    return Recipe(report.model, list(report.plan), list(report.input_size), model_kwargs=dict(report.model_kwargs))
+    return Recipe(report.model, list(report.plan), list(report.input_size), model_kwargs=dict(report.model_kwargs),
+                  target=getattr(report, "target", None))
 
 
 def _versions() -> dict[str, str]:
@@ -201,7 +217,7 @@ def _read_safetensors(tmp: Path, checks: list) -> list:
 
     model = load(tmp).eval()
     with torch.no_grad():
-        return [model(c) for c in checks]
+        return [model(*c) for c in checks]
 
 
 def read_saved(path: str | os.PathLike) -> tuple[Recipe, dict[str, Any], dict[str, str]]:
@@ -267,7 +283,7 @@ def load_base(path: str | os.PathLike, *, base: Any = None) -> tuple[Any, Any]:
     else:
         loaded = load_model(recipe.model, **recipe.model_kwargs)
     if recipe.insertions:
-        model, _ = apply_plan(loaded, recipe.insertions, input_size=recipe.input_size)
+        model, _ = apply_plan(loaded, recipe.insertions, input_size=recipe.input_size, target=recipe.target)
     else:
         model = loaded.model
     try:
@@ -286,9 +302,8 @@ def load_base(path: str | os.PathLike, *, base: Any = None) -> tuple[Any, Any]:
 def _write_pt2(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
     import torch
 
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
     try:
-        program = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
+        program = torch.export.export(model, x, dynamic_shapes=_dynamic_shapes(x, dynamic))
     except Exception as exc:
         raise AttnSurgeonError(f"torch.export failed: {_first_line(exc)}") from exc
     torch.export.save(program, str(tmp))
@@ -299,7 +314,7 @@ def _read_pt2(tmp: Path, checks: list) -> list:
 
     module = torch.export.load(str(tmp)).module()
     with torch.no_grad():
-        return [module(c) for c in checks]
+        return [module(*c) for c in checks]
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -325,12 +340,12 @@ def _write_onnx(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
     from ._native import quiet_native_output
 
     _require_onnx()
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+    names = ["input"] if len(x) == 1 else [f"input{i}" for i in range(len(x))]
     try:
         with warnings.catch_warnings(), quiet_native_output():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dynamic_shapes,
-                                        input_names=["input"], output_names=["output"], verbose=False)
+            program = torch.onnx.export(model, x, dynamo=True, dynamic_shapes=_dynamic_shapes(x, dynamic),
+                                        input_names=names, verbose=False)
             program.save(str(tmp))
     except Exception as exc:
         chain = _exception_chain(exc)
@@ -345,8 +360,18 @@ def _read_onnx(tmp: Path, checks: list) -> list:
     import torch
 
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return [torch.from_numpy(session.run(None, {name: c.numpy()})[0]) for c in checks]
+    names = [i.name for i in session.get_inputs()]
+    return [[torch.from_numpy(o) for o in session.run(None, {n: t.numpy() for n, t in zip(names, c)})] for c in checks]
+
+
+def _dynamic_shapes(x: tuple, dynamic: bool) -> Any:
+    """The batch dimension of every input dynamic (one shared Dim), or None."""
+    import torch
+
+    if not dynamic:
+        return None
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    return tuple({0: batch} for _ in x)
 
 
 # --------------------------------------------------------------------------- TorchScript
@@ -358,7 +383,7 @@ def _write_ts(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, (x,), check_trace=False)
+            traced = torch.jit.trace(model, x, check_trace=False, strict=False)  # strict=False: dict outputs
             torch.jit.save(traced, str(tmp))
     except Exception as exc:
         raise AttnSurgeonError(f"TorchScript tracing failed: {_first_line(exc)}") from exc
@@ -371,7 +396,7 @@ def _read_ts(tmp: Path, checks: list) -> list:
         warnings.simplefilter("ignore")
         module = torch.jit.load(str(tmp))
     with torch.no_grad():
-        return [module(c) for c in checks]
+        return [module(*c) for c in checks]
 
 
 _WRITERS = {"safetensors": _write_safetensors, "pt2": _write_pt2, "onnx": _write_onnx, "ts": _write_ts}

@@ -169,6 +169,7 @@ def _load(source: str, name: str, pretrained: bool, weights: Any, model_kwargs: 
         input_size = _torchvision_input_size(name)
         if isinstance(getattr(model, "image_size", None), int):  # ViTs fix it at build time
             input_size = (input_size[0], model.image_size, model.image_size)
+        input_size = _detector_input_size(model, input_size)
     elif source == "timm":
         model = _build_timm(name, pretrained, model_kwargs)
         input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
@@ -200,7 +201,8 @@ def as_loaded(model_or_spec: Any, **load_kwargs: Any) -> LoadedModel:
             raise AttnSurgeonError("pretrained=True needs a model name, not a module")
         if load_kwargs.get("weights") is not None:
             load_weights(model_or_spec, load_kwargs["weights"])
-        return LoadedModel(model_or_spec, type(model_or_spec).__name__, "object", default_input_size(model_or_spec))
+        size = _detector_input_size(model_or_spec, default_input_size(model_or_spec))
+        return LoadedModel(model_or_spec, type(model_or_spec).__name__, "object", size)
     raise AttnSurgeonError(f"expected a model name or an nn.Module, got {type(model_or_spec).__name__}")
 
 
@@ -212,7 +214,9 @@ def _build_torchvision(name: str, pretrained: bool, kwargs: Mapping[str, Any]):
     import torchvision
 
     if not pretrained:
-        return torchvision.models.get_model(name, weights=None, **kwargs)
+        # Segmentation and detection builders download their backbone's ImageNet weights unless told not to.
+        off = {arg: None for arg in _backbone_weight_args(name) if arg not in kwargs}
+        return torchvision.models.get_model(name, weights=None, **off, **kwargs)
     try:
         enum = torchvision.models.get_model_weights(name)
     except Exception as exc:
@@ -229,6 +233,16 @@ def _build_torchvision(name: str, pretrained: bool, kwargs: Mapping[str, Any]):
             f"could not get torchvision's pretrained weights for '{name}' (tried {tried}): {_one_line(exc)}. "
             "Download them where the network is reachable and pass --weights FILE."
         ) from exc
+
+
+def _backbone_weight_args(name: str) -> list[str]:
+    """The builder's arguments that load weights for a part of the model (``weights_backbone``)."""
+    import inspect
+
+    import torchvision
+
+    params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+    return [p for p in params if p.startswith("weights") and p != "weights"]
 
 
 def _build_timm(name: str, pretrained: bool, kwargs: Mapping[str, Any]):
@@ -358,6 +372,19 @@ def default_input_size(model: Any) -> tuple[int, ...] | None:
     if isinstance(first, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
         return (first.in_channels, 224, 224)
     return None
+
+
+def _detector_input_size(model: Any, default: tuple[int, ...]) -> tuple[int, ...]:
+    """A detector resizes every image to its transform's ``min_size``: that is its working size
+    (3×320×320 where the model says nothing; its weights' transforms have no crop size)."""
+    from .samples import IMAGES, input_kind
+
+    if input_kind(model)[0] != IMAGES:
+        return default
+    transform = getattr(model, "transform", None)
+    side = getattr(transform, "min_size", None) or getattr(transform, "size", None)
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    return (3, int(side), int(side)) if isinstance(side, int) else (3, 320, 320)
 
 
 # --------------------------------------------------------------------------- weights

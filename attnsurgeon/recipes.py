@@ -6,6 +6,7 @@ recipe::
 
     model: timm:resnet50
     input_size: [3, 224, 224]      # optional; [3, 16, 112, 112] for video, [1, 16000] for 1-D
+    target: backbone.body          # optional: the submodule(s) to rewrite (attnsurgeon.parts)
     insertions:
       - attn: eca
         stages: [1, 2]
@@ -41,8 +42,8 @@ from typing import Any
 from .errors import AttnSurgeonError
 from .schema import INSERTION_KEYS, InsertionSpec, Where, is_int, no_unknown, parse_insertion, positive_ints, typed
 
-RECIPE_KEYS = ("name", "description", "model", "model_kwargs", "input_size", "insertions", "configurations", "grid",
-               "profile")
+RECIPE_KEYS = ("name", "description", "model", "model_kwargs", "input_size", "target", "insertions", "configurations",
+               "grid", "profile")
 CONFIGURATION_KEYS = ("name", "insertions")
 GRID_KEYS = ("attn", "position", "stages", "blocks", "init", "options", "replace")
 PROFILE_KEYS = ("device", "dtype", "batch_sizes", "mode", "threads", "channels_last", "compile",
@@ -70,6 +71,7 @@ class Recipe:
     description: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     configurations: list[Configuration] | None = None  # a sweep recipe (from `configurations` or `grid`)
+    target: list[str] | None = None  # the submodules to rewrite (attnsurgeon.parts); None: the whole model or found
 
     @property
     def is_sweep(self) -> bool:
@@ -81,7 +83,7 @@ class Recipe:
             d["configurations"] = [c.to_dict() for c in self.configurations]
         else:
             d["insertions"] = [s.to_dict() for s in self.insertions]
-        for key in ("name", "description", "input_size", "profile"):
+        for key in ("name", "description", "input_size", "profile", "target"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         if self.model_kwargs:
@@ -124,11 +126,17 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
             raise AttnSurgeonError(f"{where(('profile',))}: expected a mapping of profile settings")
         no_unknown(profile, PROFILE_KEYS, ("profile",), where)
         _check_profile(profile, where)
+    target = data.get("target")
+    if target is not None:
+        items = [target] if isinstance(target, str) else target
+        if not (isinstance(items, list) and items and all(isinstance(t, str) and t.strip() for t in items)):
+            raise AttnSurgeonError(f"{where(('target',))}: expected a module path (backbone.body) or a list of them")
+        target = [t.strip() for t in items]
     kwargs = data.get("model_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise AttnSurgeonError(f"{where(('model_kwargs',))}: expected a mapping of keyword arguments")
     return Recipe(model, insertions, input_size, profile, typed(data, "name", str, (), where),
-                  typed(data, "description", str, (), where), dict(kwargs), configurations)
+                  typed(data, "description", str, (), where), dict(kwargs), configurations, target)
 
 
 def _parse_insertions(raw: Any, path: tuple, where: Where, allow_empty: bool = False) -> list[InsertionSpec]:

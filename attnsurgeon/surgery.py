@@ -61,10 +61,12 @@ class SurgeryReport:
     weights: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    target: list[str] | None = None  # the submodules that were traced and rewritten (None: the whole model)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
+            "target": self.target,
             "source": self.source,
             "weights": self.weights,
             "model_kwargs": self.model_kwargs,
@@ -107,6 +109,7 @@ def insert(
     pretrained: bool = False,
     weights: Any = None,
     replace: bool = False,
+    target: Any = None,
     **block_options: Any,
 ) -> SurgeryResult:
     """Insert one kind of attention block into a model.
@@ -122,6 +125,9 @@ def insert(
         pretrained / weights: see :func:`attnsurgeon.models.load_model`.
         replace: put the block in place of the attention gates the selected blocks already have
             (SE, ECA, CBAM...) instead of beside them; with ``attn="none"`` they are removed.
+        target: the submodule(s) to rewrite (``"backbone.body"``, a list, or ``"a,b"``); by default the
+            whole model, or, where it does not trace (a detector), the parts found by
+            :func:`attnsurgeon.parts.find_targets`. Block names are full paths from the top model.
         **block_options: ``reduction``, ``bias``, ``kernel_size``, ``rd_divisor``; a list gives
             one value per selected stage.
 
@@ -135,7 +141,7 @@ def insert(
         2514944
     """
     spec = make_spec(attn, position, stages, blocks, init, replace=replace, **block_options)
-    return apply_plan(model, [spec], input_size=input_size, pretrained=pretrained, weights=weights)
+    return apply_plan(model, [spec], input_size=input_size, pretrained=pretrained, weights=weights, target=target)
 
 
 def make_spec(attn: str, position: str = "standard", stages: Iterable[int] | None = None,
@@ -155,10 +161,12 @@ def apply_plan(
     input_size: Any = None,
     pretrained: bool = False,
     weights: Any = None,
+    target: Any = None,
 ) -> SurgeryResult:
     """Apply several insertions (stacked in order) to a model; see :func:`insert`."""
-    from .anatomy import analyse, propagate_shapes, trace
+    from .anatomy import analyse, propagate_shapes
     from .models import as_loaded
+    from .parts import embed, trace_model
 
     specs = [s if isinstance(s, InsertionSpec) else InsertionSpec.from_dict(s) for s in specs]
     if not specs:
@@ -166,18 +174,20 @@ def apply_plan(
     loaded = as_loaded(model, pretrained=pretrained, weights=weights)
     size = resolve_input_size(input_size, loaded.input_size)
     base_params = count_params(loaded.model)
-    gm = trace(loaded.model)
-    anatomy = analyse(gm, size)
-    notes: list[str] = []
+    traced = trace_model(loaded.model, size, target)
+    gm = traced.gm
+    anatomy = analyse(gm, traced.analysis_size)
+    notes: list[str] = list(traced.notes)
     planned = plan(anatomy, specs, notes)
     _place_modules(planned, gm)
     insertions = _rewrite(gm, planned)
     gm.graph.lint()
     gm.recompile()
     try:
-        propagate_shapes(gm, size)
+        propagate_shapes(gm, traced.analysis_size)
     except AttnSurgeonError as exc:  # the rewrite must keep the model runnable
         raise AttnSurgeonError(f"internal error: the rewritten model does not run: {exc}") from exc
+    gm = embed(loaded.model, gm, traced.targets)
     modified = count_params(gm)
     params = {
         "base": base_params,
@@ -187,7 +197,7 @@ def apply_plan(
     }
     notes += _attention_notes(anatomy, planned)
     report = SurgeryReport(loaded.spec, loaded.source, size, params, insertions, specs, loaded.weights,
-                           dict(loaded.kwargs), notes)
+                           dict(loaded.kwargs), notes, traced.targets)
     gm.train(loaded.model.training)
     gm.attnsurgeon_report = report  # export and profile read the recipe from here
     return SurgeryResult(gm, report)

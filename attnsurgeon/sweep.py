@@ -60,6 +60,7 @@ def run_sweep(
     settings: dict[str, Any] | None = None,
     input_size: Any = None,
     model_kwargs: dict[str, Any] | None = None,
+    target: Any = None,
     resume: bool = False,
     force: bool = False,
     progress: ProgressFn | None = None,
@@ -71,6 +72,7 @@ def run_sweep(
         configurations: the rows (``recipes.Configuration``: a name and a plan).
         folder: where the rows, CSV, JSON and plot go; created if missing.
         settings: profile settings (``batch_sizes`` with one size, ``device``, ``dtype``, ``mode``...).
+        target: the submodule(s) every configuration rewrites (see :func:`attnsurgeon.insert`).
         resume: continue a sweep in ``folder``: finished rows are kept, the rest measured.
         force: start over in a folder that already holds a sweep.
     """
@@ -97,6 +99,8 @@ def run_sweep(
         "settings": settings,
         "configurations": [c.to_dict() for c in configurations],
     }
+    if target is not None:  # only when given: folders written before it existed still resume
+        definition["target"] = target
     done = _prepare_folder(out, definition, resume, force)
 
     from .profiling import profile
@@ -116,7 +120,7 @@ def run_sweep(
                 if name == BASE:
                     result = profile(loaded, input_size=size, **settings)
                 else:
-                    result = profile(loaded, plan=by_name[name].insertions, input_size=size, **settings)
+                    result = profile(loaded, plan=by_name[name].insertions, input_size=size, target=target, **settings)
                 row = _row(name, result)
             except KeyboardInterrupt:
                 raise

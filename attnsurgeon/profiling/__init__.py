@@ -146,6 +146,7 @@ def profile(
     max_run_time: float = 4.0,
     pretrained: bool = False,
     weights: Any = None,
+    target: Any = None,
     progress: ProgressFn | None = None,
     replace: bool = False,
     **block_options: Any,
@@ -155,6 +156,8 @@ def profile(
     Takes the insertion arguments of :func:`attnsurgeon.insert` (or ``plan``, a list of
     :class:`~attnsurgeon.InsertionSpec`); without them the model is profiled alone. With
     ``attn="none", replace=True`` the modified model is the model without its attention gates.
+    ``target`` names the submodules to rewrite (see :func:`attnsurgeon.insert`); the figures are
+    always those of the whole model on its own input (a detector: a list of images, inference only).
 
     Example:
         >>> result = profile("resnet50", attn="se", batch_sizes=[1, 8])
@@ -165,7 +168,7 @@ def profile(
 
     from ..models import as_loaded
     from ..surgery import apply_plan, count_params, make_spec, resolve_input_size
-    from .flops import count_macs
+    from ..samples import sample_args
     from .settings import check_settings
 
     from .._native import quiet_torch_logs
@@ -190,6 +193,8 @@ def profile(
             raise AttnSurgeonError("a saved model carries its own weights; drop --pretrained/--weights")
         from ..export import load_base
 
+        if target is not None:
+            raise AttnSurgeonError("a saved model carries its own target; profile it without --target")
         base, modified = load_base(model)
         report = modified.attnsurgeon_report
         spec, source = report.model, report.source
@@ -200,17 +205,22 @@ def profile(
         size = resolve_input_size(input_size, loaded.input_size)
         base = loaded.model
         modified, report = None, None
+        _check_mode(base, settings.mode)  # before the insertion's work
         if specs:
             say("Inserting")
-            modified, report = apply_plan(loaded, specs, input_size=size)
+            modified, report = apply_plan(loaded, specs, input_size=size, target=target)
+        elif target is not None:
+            raise AttnSurgeonError("--target chooses where blocks go: it needs --attn")
+    _check_mode(base, settings.mode)
 
     if settings.channels_last:
         from ..layout import channels_last_format
 
         channels_last_format(1 + len(size))  # before any measurement: 1-D inputs have no such format
     say("Counting FLOPs")
-    one = torch.randn(1, *size)
-    base_flops = count_macs(base, one)
+    one = sample_args(base, size, 1, generator=torch.Generator().manual_seed(0))
+    counted: list[str] = []  # the parts fvcore counted, where it cannot count the whole model
+    base_flops = _count_macs(base, one, size, report.target if report else None, counted)
     figures = {"base": ModelFigures(count_params(base), base_flops.macs)}
     models = {"base": base}
     insertions: list[InsertionCost] = []
@@ -218,7 +228,7 @@ def profile(
     uncounted = dict(base_flops.uncounted)
     fvcore_default = {"base": base_flops.fvcore_default_macs}
     if modified is not None:
-        mod_flops = count_macs(modified, one)
+        mod_flops = _count_macs(modified, one, size, report.target, counted)
         figures["modified"] = ModelFigures(count_params(modified), mod_flops.macs)
         models["modified"] = modified
         for ins in report.insertions:
@@ -236,9 +246,9 @@ def profile(
         # Time and weigh the base through the same fx code path as the modified model: the
         # generated forward frees intermediates earlier than hand-written code, and that must
         # not show up as a saving of the attention block (Δ memory of ECA came out negative).
-        from ..anatomy import trace
+        from ..parts import base_like
 
-        models["base"] = trace(base)
+        models["base"] = base_like(base, report.target)
 
     previous_threads = torch.get_num_threads()
     if settings.threads:
@@ -255,6 +265,8 @@ def profile(
                 warnings.append(f"{name} latency at batch {b} is noisy: IQR {lat.iqr_ms:.2f} ms is "
                                 f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median; other work competes for the CPU "
                                 "(try --threads 1 or fewer than the free cores) or raise --max-time")
+    if counted:
+        warnings.append(counted[0])
     if uncounted:
         warnings.append("ops without a FLOP handle (not counted): " + ", ".join(f"{k} ×{v}" for k, v in sorted(uncounted.items())))
     environment = {
@@ -264,6 +276,52 @@ def profile(
     }
     return ProfileResult(spec, source, size, settings, figures["base"], figures.get("modified"),
                          insertions, unattributed, uncounted, fvcore_default, warnings, environment)
+
+
+def _count_macs(model: Any, args: tuple, size: tuple[int, ...], targets: list[str] | None, counted: list[str]) -> Any:
+    """fvcore on the whole model; where it cannot run it, on the traced parts. After a fallback,
+    ``counted`` holds the warning and then the parts, and the next model is counted the same way."""
+    import torch
+
+    from . import flops
+
+    if not counted:
+        try:
+            return flops.count_macs(model, args)
+        except Exception as exc:  # noqa: BLE001  (fvcore's JIT tracer fails in many ways)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            from ..parts import find_targets, record_inputs
+
+            targets = targets or find_targets(model, size).targets
+            if not targets:
+                raise AttnSurgeonError(f"fvcore cannot count the MACs of {type(model).__name__}: {reason}") from exc
+            counted += [f"MACs count {', '.join(targets)} only: fvcore cannot run the whole "
+                        f"{type(model).__name__} ({reason})", *targets]
+    from ..parts import record_inputs
+
+    targets = counted[1:]
+    inputs = record_inputs(model, size)
+    parts = [flops.count_macs(model.get_submodule(t), torch.randn(inputs[t])) for t in targets]
+    by_module = {f"{t}.{k}" if k else t: v for t, p in zip(targets, parts) for k, v in p.by_module.items()}
+    by_operator: dict[str, int] = {}
+    uncounted: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.by_operator.items():
+            by_operator[k] = by_operator.get(k, 0) + v
+        for k, v in p.uncounted.items():
+            uncounted[k] = uncounted.get(k, 0) + v
+    return flops.FlopCount(sum(p.macs for p in parts), by_operator, by_module, uncounted,
+                           sum(p.fvcore_default_macs for p in parts))
+
+
+def _check_mode(model: Any, mode: str) -> None:
+    from ..samples import takes_targets
+
+    if mode == "train" and takes_targets(model):
+        raise AttnSurgeonError(
+            f"{type(model).__name__} computes its training loss from labelled targets (boxes, labels), which a "
+            "profile with random inputs does not have: profile it with --mode inference"
+        )
 
 
 def _is_saved(model: Any) -> bool:
@@ -279,8 +337,9 @@ def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], 
     from .measure import make_step, measure_latency, measure_memory, timed_call
 
     from ..layout import channels_last_format
+    from ..samples import sample_args
 
-    memory_format = torch.contiguous_format
+    memory_format = None
     if settings.channels_last:  # channels_last for images, channels_last_3d for video
         memory_format = getattr(torch, channels_last_format(1 + len(size)))
     runnable: dict[str, Any] = {}
@@ -292,7 +351,7 @@ def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], 
         runnable[name] = torch.compile(model) if settings.compile else model
     try:
         for b in settings.batch_sizes:
-            x = torch.randn(b, *size, device=settings.device).contiguous(memory_format=memory_format)
+            x = sample_args(models["base"], size, b, device=settings.device, memory_format=memory_format)
             steps = {name: make_step(m, x, settings) for name, m in runnable.items()}
             if settings.compile:
                 for name, step in steps.items():

@@ -99,7 +99,8 @@ class FlopCount:
 
 
 def count_macs(model: Any, example: Any) -> FlopCount:
-    """Count MACs of ``model(example)`` with fvcore plus :data:`EXTRA_HANDLES` (see module docstring)."""
+    """Count MACs of ``model(example)`` (``model(*example)`` for a tuple of arguments) with fvcore plus
+    :data:`EXTRA_HANDLES` (see module docstring)."""
     # fvcore scripts a helper at import; torch now calls torch.jit.script deprecated
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
     from fvcore.nn import FlopCountAnalysis
@@ -110,7 +111,7 @@ def count_macs(model: Any, example: Any) -> FlopCount:
     model.eval()
     try:
         analysis = (
-            FlopCountAnalysis(model, (example,))
+            FlopCountAnalysis(model, example if isinstance(example, tuple) else (example,))
             .set_op_handle(**EXTRA_HANDLES)
             .unsupported_ops_warnings(False)
             .uncalled_modules_warnings(False)

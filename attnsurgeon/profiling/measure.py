@@ -28,8 +28,9 @@ class Latency:
         return self.iqr_ms / self.median_ms > 0.10 if self.median_ms > 0 else False
 
 
-def make_step(model: Any, x: Any, settings: Settings) -> Callable[[], None]:
-    """One inference pass, or one training step (forward, backward; no optimizer update)."""
+def make_step(model: Any, x: tuple, settings: Settings) -> Callable[[], None]:
+    """One inference pass, or one training step (forward, backward; no optimizer update) on the
+    positional arguments ``x``; the loss is the sum of the means of every output tensor."""
     import torch
 
     device_type = torch.device(settings.device).type
@@ -37,17 +38,19 @@ def make_step(model: Any, x: Any, settings: Settings) -> Callable[[], None]:
         (lambda: torch.autocast(device_type, dtype=getattr(torch, settings.dtype)))
         if settings.dtype != "float32" else contextlib.nullcontext
     )
+    from ..samples import flatten_outputs
+
     if settings.mode == "inference":
         def step() -> None:
             with torch.inference_mode(), autocast():
-                model(x)
+                model(*x)
     else:
         def step() -> None:
             for p in model.parameters():
                 p.grad = None
             with autocast():
-                out = model(x)
-            (out.float().mean() if torch.is_tensor(out) else sum(o.float().mean() for o in out)).backward()
+                out = model(*x)
+            sum(o.float().mean() for o in flatten_outputs(out) if o.is_floating_point()).backward()
     return step
 
 
@@ -146,7 +149,9 @@ def measure_memory(model: Any, x: Any, step: Callable[[], None], settings: Setti
 
 def _resident_bytes(model: Any, x: Any) -> int:
     seen: dict[int, int] = {}
-    for t in [*model.parameters(), *model.buffers(), x]:
+    from ..samples import flatten_outputs
+
+    for t in [*model.parameters(), *model.buffers(), *flatten_outputs(x)]:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
 
