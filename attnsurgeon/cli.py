@@ -19,6 +19,20 @@ from typing_extensions import Annotated
 
 from .errors import AttnSurgeonError
 
+def _flags_show_no_type() -> None:
+    """Typer prints a flag's type as ``<bool>``, as if it took a value: print none for flags."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: Any, ctx: Any) -> Any:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
+
 app = typer.Typer(
     name="attnsurgeon",
     help="Insert attention blocks (SE, ECA, CBAM) into any torchvision or timm model by torch.fx surgery, "
@@ -104,6 +118,10 @@ def _main(
 
 
 # --------------------------------------------------------------------------- shared options
+# Each option is declared once here; help texts name what the registries hold (torch-free imports).
+
+from .blocks import INITS, REGISTRY as BLOCKS  # noqa: E402
+from .positions import POSITIONS  # noqa: E402
 
 ModelArg = Annotated[
     str,
@@ -114,13 +132,13 @@ ModelArg = Annotated[
         metavar="MODEL",
     ),
 ]
-AttnOpt = Annotated[str, typer.Option("--attn", "-a", help="Attention block: se, eca, cbam (see `attnsurgeon list attn`); "
+AttnOpt = Annotated[str, typer.Option("--attn", "-a", help=f"Attention block: {', '.join(BLOCKS)} (see `attnsurgeon list attn`); "
                                       "none with --replace removes the model's own.")]
 ReplaceOpt = Annotated[bool, typer.Option("--replace", help="Put the block in place of the attention gates the selected blocks "
                                           "already have (SE in EfficientNet, MobileNetV3, RegNetY...) instead of beside them; "
                                           "--attn none removes them.")]
 PositionOpt = Annotated[
-    str, typer.Option("--position", "-p", help="standard, pre, post, identity or 3x3 (see `attnsurgeon list positions`).")
+    str, typer.Option("--position", "-p", help=f"{', '.join(POSITIONS)} (see `attnsurgeon list positions`).")
 ]
 StagesOpt = Annotated[
     Optional[str], typer.Option("--stages", "-s", help="Stages to modify, 1-based as `inspect` numbers them: 3,4 or 2-4. Default: all. "
@@ -130,9 +148,11 @@ BlocksOpt = Annotated[
     Optional[str], typer.Option("--blocks", "-b", help="Comma-separated globs over block names: 'layer3.*,layer4.2'. Default: all. "
                                                  "A named block that cannot take the insertion is an error.")
 ]
-InitOpt = Annotated[str, typer.Option("--init", help="default, or identity: every inserted block starts as an exact identity.")]
+InitOpt = Annotated[str, typer.Option("--init", help=f"{' or '.join(INITS)}: identity makes every inserted block start as an "
+                                      "exact identity.")]
 ReductionOpt = Annotated[
-    Optional[str], typer.Option("--reduction", "-r", help="SE/CBAM reduction ratio r (hidden = C/r); one value or one per selected stage.")
+    Optional[str], typer.Option("--reduction", "-r", help="SE/CBAM reduction ratio r (hidden = C/r); one value or one per selected stage.",
+                                show_default="the block's own, 16")
 ]
 BiasOpt = Annotated[
     Optional[bool], typer.Option("--bias/--no-bias", help="Biases in the SE/CBAM FC layers. Default: the block's own (SE yes, CBAM no).")
@@ -143,7 +163,8 @@ KernelOpt = Annotated[
                  "Default for ECA: the adaptive rule (gamma=2, b=1)."),
 ]
 DivisorOpt = Annotated[
-    Optional[int], typer.Option("--rd-divisor", help="Round SE/CBAM hidden widths to a multiple of this (timm: SE 8, CBAM 1).")
+    Optional[int], typer.Option("--rd-divisor", help="Round SE/CBAM hidden widths to a multiple of this.",
+                                show_default="the block's own: SE 8, CBAM 1")
 ]
 KeepDepthOpt = Annotated[
     Optional[bool], typer.Option("--keep-depth", help="SE/ECA on 3-D (video) maps: pool over H,W only and gate every "
@@ -160,15 +181,46 @@ TargetOpt = Annotated[
 ]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Load the library's published weights (network or local cache).")]
 WeightsOpt = Annotated[
-    Optional[Path], typer.Option("--weights", help="Load a .safetensors or .pt/.pth state dict into the base model before surgery.")
+    Optional[Path], typer.Option("--weights", help="Load a .safetensors or .pt/.pth state dict into the base model before surgery.",
+                                 show_default="random weights, unless --pretrained")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 FormatOpt = Annotated[
-    Optional[str], typer.Option("--format", help="safetensors, pt2, onnx or ts; default: from the --out extension.")
+    Optional[str], typer.Option("--format", help="safetensors, pt2, onnx or ts.", show_default="from the --out extension")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out file.")]
 DynamicOpt = Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic (pt2, onnx).")]
 ExportBatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size of the export's sample input.")]
+# profile settings: declared once, with profile's defaults; apply and sweep take the recipe's settings
+# first (_recipe_default says so in their help)
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 (autocast).")]
+BatchSizesOpt = Annotated[str, typer.Option("--batch-size", help="One or more batch sizes: 1,32 (a sweep's table uses the first).")]
+ModeOpt = Annotated[str, typer.Option("--mode", help="inference, or train: a whole forward+backward step.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads.", show_default="torch's, one per core")]
+ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Run in channels-last memory format (channels_last_3d "
+                                               "for video).")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile both models; compile time is reported on its own line.")]
+MinTimeOpt = Annotated[float, typer.Option("--min-time", help="Seconds of timed runs per model and batch size, at least.")]
+MaxTimeOpt = Annotated[float, typer.Option("--max-time", help="... and at most; timing stops early once IQR/median < 10%.")]
+PROFILE_DEFAULTS = {"device": "cpu", "dtype": "float32", "batch_size": "1", "mode": "inference", "min_time": 1.0, "max_time": 4.0}
+
+
+def _recipe_default(option: Any, default: Any) -> Any:
+    """The same option for apply and sweep: unset (None) means the recipe's setting, else ``default``."""
+    import copy
+
+    info = copy.copy(option.__metadata__[0])
+    info.show_default = f"the recipe's, else {default}"
+    return Annotated[Optional[option.__origin__], info]
+
+
+RecipeDeviceOpt = _recipe_default(DeviceOpt, PROFILE_DEFAULTS["device"])
+RecipeDtypeOpt = _recipe_default(DtypeOpt, PROFILE_DEFAULTS["dtype"])
+RecipeBatchSizesOpt = _recipe_default(BatchSizesOpt, PROFILE_DEFAULTS["batch_size"])
+RecipeModeOpt = _recipe_default(ModeOpt, PROFILE_DEFAULTS["mode"])
+RecipeMinTimeOpt = _recipe_default(MinTimeOpt, PROFILE_DEFAULTS["min_time"])
+RecipeMaxTimeOpt = _recipe_default(MaxTimeOpt, PROFILE_DEFAULTS["max_time"])
 ToleranceOpt = Annotated[
     float, typer.Option("--tolerance", help="Largest max-abs difference of the written file's outputs, relative to their scale.")
 ]
@@ -281,7 +333,8 @@ def insert(
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the modified model: .safetensors (+recipe, "
-                                                  "reloadable), .pt2, .onnx or .ts. It is loaded back and checked.")] = None,
+                                                  "reloadable), .pt2, .onnx or .ts. It is loaded back and checked.",
+                                                  show_default="nothing written")] = None,
     format_: FormatOpt = None,
     force: ForceOpt = False,
     dynamic_batch: DynamicOpt = False,
@@ -403,14 +456,9 @@ def export(
     check_tolerance(tolerance)
     check_target(out, format_, force)
     with progress(f"Loading {saved} …"):
-        if saved.lower().endswith(".safetensors"):
-            from .export import load
+        from .models import load_model
 
-            model = load(saved)
-        else:
-            from .models import load_model
-
-            model = load_model(saved).model
+        model = load_model(saved).model  # a saved file: the modified model it holds
     with progress(f"Writing {out} and checking it …"):
         from .export import export as do_export
 
@@ -458,7 +506,8 @@ class _Steps:
 @command
 def profile(
     model: ModelArg,
-    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help="Attention block to insert; without it the model is profiled alone.")] = None,
+    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {', '.join(BLOCKS)} (none with "
+                                                "--replace). Default: none; the model is profiled alone.")] = None,
     position: PositionOpt = "standard",
     stages: StagesOpt = None,
     blocks: BlocksOpt = None,
@@ -469,22 +518,22 @@ def profile(
     rd_divisor: DivisorOpt = None,
     keep_depth: KeepDepthOpt = None,
     replace: ReplaceOpt = False,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = "cpu",
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 (autocast).")] = "float32",
-    batch_size: Annotated[str, typer.Option("--batch-size", help="One or more batch sizes: 1,32.")] = "1",
-    mode: Annotated[str, typer.Option("--mode", help="inference, or train: a whole forward+backward step.")] = "inference",
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: torch's).")] = None,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="Run in channels-last memory format.")] = False,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile both models; compile time is reported on its own line.")] = False,
-    min_time: Annotated[float, typer.Option("--min-time", help="Seconds of timed runs per model and batch size, at least.")] = 1.0,
-    max_time: Annotated[float, typer.Option("--max-time", help="... and at most; timing stops early once IQR/median < 10%.")] = 4.0,
+    device: DeviceOpt = PROFILE_DEFAULTS["device"],
+    dtype: DtypeOpt = PROFILE_DEFAULTS["dtype"],
+    batch_size: BatchSizesOpt = PROFILE_DEFAULTS["batch_size"],
+    mode: ModeOpt = PROFILE_DEFAULTS["mode"],
+    threads: ThreadsOpt = None,
+    channels_last: ChannelsLastOpt = False,
+    compile_: CompileOpt = False,
+    min_time: MinTimeOpt = PROFILE_DEFAULTS["min_time"],
+    max_time: MaxTimeOpt = PROFILE_DEFAULTS["max_time"],
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
     json_out: JsonOpt = False,
-    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the figures as CSV to this file.")] = None,
-    markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Also write them as a markdown table.")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the figures as CSV to this file.", show_default="none")] = None,
+    markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Also write them as a markdown table.", show_default="none")] = None,
 ) -> None:
     """Measure MODEL and, with --attn, its modified twin side by side: params, MACs/FLOPs, latency, peak memory.
 
@@ -570,14 +619,6 @@ def print_profile(result: Any) -> None:
 # --------------------------------------------------------------------------- recipes and sweeps
 
 RecipeArg = Annotated[str, typer.Argument(help="A YAML recipe (see recipes/).", show_default=False, metavar="RECIPE")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: the recipe's, else cpu).")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16 (autocast).")]
-ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="inference, or train: a whole forward+backward step.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: torch's).")]
-MinTimeOpt = Annotated[Optional[float], typer.Option("--min-time", help="Seconds of timed runs per model, at least.")]
-MaxTimeOpt = Annotated[Optional[float], typer.Option("--max-time", help="... and at most (stops early once IQR/median < 10%).")]
-
-
 def _profile_overrides(device, dtype, batch_size, mode, threads, min_time, max_time, channels_last=None) -> dict[str, Any]:
     overrides = {"device": device, "dtype": dtype, "mode": mode, "threads": threads, "min_run_time": min_time,
                  "max_run_time": max_time, "channels_last": channels_last or None,
@@ -589,17 +630,18 @@ def _profile_overrides(device, dtype, batch_size, mode, threads, min_time, max_t
 @command
 def apply(
     recipe: RecipeArg,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the modified model (.safetensors, .pt2, .onnx, .ts).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the modified model (.safetensors, .pt2, .onnx, .ts).",
+                                                  show_default="nothing written")] = None,
     format_: FormatOpt = None,
     force: ForceOpt = False,
     do_profile: Annotated[bool, typer.Option("--profile", help="Also profile base vs modified with the recipe's settings.")] = False,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="Batch sizes for --profile: 1,32.")] = None,
-    mode: ModeOpt = None,
+    device: RecipeDeviceOpt = None,
+    dtype: RecipeDtypeOpt = None,
+    batch_size: RecipeBatchSizesOpt = None,
+    mode: RecipeModeOpt = None,
     threads: ThreadsOpt = None,
-    min_time: MinTimeOpt = None,
-    max_time: MaxTimeOpt = None,
+    min_time: RecipeMinTimeOpt = None,
+    max_time: RecipeMaxTimeOpt = None,
     input_size: InputSizeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -660,8 +702,9 @@ def sweep(
     model: Annotated[str, typer.Argument(help="A model name, or a sweep recipe (.yaml) with its configurations.", show_default=False,
                                          metavar="MODEL|RECIPE")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for rows.jsonl, results.csv/.json and plot.png.", show_default=False)],
-    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help="Attention blocks to sweep: se,eca,cbam.")] = None,
-    position: Annotated[str, typer.Option("--position", "-p", help="Positions to sweep: standard,pre,post,identity,3x3.")] = "standard",
+    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention blocks to sweep, a list of {','.join(BLOCKS)} "
+                                                "(none with --replace); required without a sweep recipe.", show_default="none")] = None,
+    position: Annotated[str, typer.Option("--position", "-p", help=f"Positions to sweep, a list of {','.join(POSITIONS)}.")] = "standard",
     stages: StagesOpt = None,
     blocks: BlocksOpt = None,
     init: InitOpt = "default",
@@ -672,14 +715,14 @@ def sweep(
     keep_depth: KeepDepthOpt = None,
     replace: Annotated[bool, typer.Option("--replace", help="Every configuration replaces the model's own attention gates "
                                           "(--attn se,eca,none: what each block, or none, does in their place).")] = False,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="The one batch size of the sweep's table (default 1).")] = None,
-    mode: ModeOpt = None,
+    device: RecipeDeviceOpt = None,
+    dtype: RecipeDtypeOpt = None,
+    batch_size: RecipeBatchSizesOpt = None,
+    mode: RecipeModeOpt = None,
     threads: ThreadsOpt = None,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="Run in channels-last memory format.")] = False,
-    min_time: MinTimeOpt = None,
-    max_time: MaxTimeOpt = None,
+    channels_last: ChannelsLastOpt = False,
+    min_time: RecipeMinTimeOpt = None,
+    max_time: RecipeMaxTimeOpt = None,
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted sweep in --out: finished rows are kept.")] = False,
@@ -734,7 +777,7 @@ def sweep(
                 configurations.append({"name": name, "insertions": [item]})
         spec = parse_recipe({"model": model, "configurations": configurations}, "the command line")
         configurations, settings, size = spec.configurations, {}, input_size
-    settings.update(_profile_overrides(device, dtype, str(batch_size) if batch_size else None, mode, threads, min_time,
+    settings.update(_profile_overrides(device, dtype, batch_size, mode, threads, min_time,
                                        max_time, channels_last))
     from .sweep import run_sweep
 
@@ -835,19 +878,11 @@ def inspect(
 ) -> None:
     """Show MODEL's stages, blocks, the positions each block offers, and attention it already has."""
     with progress(f"Loading {model} …"):
-        if model.lower().endswith(".safetensors"):  # a saved modified model
-            from .export import load
-            from .models import LoadedModel
+        from .models import load_model
 
-            saved = load(model)
-            report = saved.attnsurgeon_report
-            loaded = LoadedModel(saved, report.model, report.source, tuple(report.input_size))
-            loaded.source = f"{report.source}, saved in {model}"
-            target = target or report.target
-        else:
-            from .models import load_model
-
-            loaded = load_model(model)
+        loaded = load_model(model)  # a saved file: the modified model it holds
+        if loaded.saved:
+            target = target or loaded.model.attnsurgeon_report.target
     with progress("Tracing …"):
         from .api import inspect_model
 
@@ -856,7 +891,7 @@ def inspect(
 
         gates = [r.name for r in attention_regions(anatomy.gm) if r.gate] if anatomy.existing_attention else []
     if json_out:
-        emit_json({"model": loaded.spec, "source": loaded.source, **anatomy.to_dict(), "replaceable_attention": gates})
+        emit_json({"model": loaded.spec, "source": loaded.origin, **anatomy.to_dict(), "replaceable_attention": gates})
         return
     from rich.table import Table
 
@@ -866,7 +901,7 @@ def inspect(
         sizes = anatomy.input_size if len(anatomy.target) > 1 else [anatomy.input_size]
         size = f"{'×'.join(map(str, loaded.input_size))} · traced: " + ", ".join(
             f"{t} (input {'×'.join(map(str, s))})" for t, s in zip(anatomy.target, sizes))
-    out.print(f"[bold]{loaded.spec}[/] ({loaded.source}) · input {size} · {len(anatomy.blocks)} blocks in "
+    out.print(f"[bold]{loaded.spec}[/] ({loaded.origin}) · input {size} · {len(anatomy.blocks)} blocks in "
               f"{len(anatomy.stages)} stages (grouped by {anatomy.grouping})")
     table = Table(show_lines=False)
     for col in ("stage", "block", "type", "kind", "skip", "channels", "resolution", "layout", "positions"):

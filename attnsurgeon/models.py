@@ -41,6 +41,13 @@ class LoadedModel:
     input_size: tuple[int, ...] | None  # (C, H, W), (C, T, H, W), (C, L) the model expects; None: unknown
     weights: str | None = None  # "pretrained", a file path, or None (random init)
     kwargs: dict = field(default_factory=dict)  # constructor arguments (num_classes=10)
+    saved: str | None = None  # a model saved by attnsurgeon: its file; ``model`` is then the modified model
+    base: Any = None  # ... and this its base model, with the saved weights (``profile SAVED`` compares them)
+
+    @property
+    def origin(self) -> str:
+        """Where the model came from, for reports: ``torchvision`` or ``torchvision, saved in m.safetensors``."""
+        return f"{self.source}, saved in {self.saved}" if self.saved else self.source
 
     @property
     def spec(self) -> str:
@@ -94,7 +101,8 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     saved = (".safetensors", ".pt", ".pth", ".bin", ".onnx", ".pt2", ".ts", ".yaml", ".yml")
     if not sep and spec.lower().endswith(saved):
         hint = {
-            ".safetensors": "a model saved by attnsurgeon: `profile`, `export` and `inspect` take it; load plain weights with --weights",
+            ".safetensors": "a model saved by attnsurgeon: `profile`, `export` and `inspect` take it (they load it first); "
+                            "load plain weights with --weights",
             ".yaml": "a recipe: run it with `attnsurgeon apply` or `attnsurgeon sweep`",
             ".yml": "a recipe: run it with `attnsurgeon apply` or `attnsurgeon sweep`",
         }.get(Path(spec).suffix.lower(), "load a state dict into a named model with --weights; .onnx/.pt2/.ts files are outputs, not inputs")
@@ -152,6 +160,8 @@ def load_model(
     """
     if pretrained and weights is not None:
         raise AttnSurgeonError("give either --pretrained or --weights, not both")
+    if is_saved(spec):
+        return _load_saved(spec, pretrained, weights, model_kwargs)
     if weights is not None:
         _check_weights_path(weights)  # before building: a typo should not cost a model build
     source, name = resolve_source(spec)
@@ -161,6 +171,24 @@ def load_model(
         if model_kwargs and "argument" in str(exc):
             raise AttnSurgeonError(f"building '{spec}' with {model_kwargs} failed: {_one_line(exc)}") from exc
         raise
+
+
+def is_saved(spec: Any) -> bool:
+    """A model saved by attnsurgeon (``.safetensors`` with its recipe), rather than a model name."""
+    return isinstance(spec, (str, os.PathLike)) and str(spec).lower().endswith(".safetensors")
+
+
+def _load_saved(path: Any, pretrained: bool, weights: Any, model_kwargs: dict) -> LoadedModel:
+    """A saved modified model, rebuilt from its recipe, with its base model beside it."""
+    if pretrained or weights is not None or model_kwargs:
+        raise AttnSurgeonError(f"'{path}' carries its own weights and recipe; drop --pretrained/--weights")
+    from .export import load_base
+
+    base, modified = load_base(path)
+    report = modified.attnsurgeon_report
+    source, name = parse_model_spec(report.model) if not report.model.startswith("object:") else ("object", report.model[7:])
+    return LoadedModel(modified, name, source, tuple(report.input_size), str(path), dict(report.model_kwargs),
+                       saved=str(path), base=base)
 
 
 def _load(source: str, name: str, pretrained: bool, weights: Any, model_kwargs: dict) -> LoadedModel:

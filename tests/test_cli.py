@@ -145,3 +145,25 @@ def test_insert_notes_existing_attention_and_reports_the_requested_reduction(cli
     code, out, _ = cli("insert", "resnet50", "--position", "3x3", "--stages", "1", "--input-size", "64", "--json")
     opts = json.loads(out)["insertions"][0]["options"]
     assert opts["reduction"] == 16 and opts["hidden"] == 8  # 64 / 16 = 4, rounded up to timm's divisor 8
+
+
+def test_help_shows_flags_as_flags_and_every_default(cli):
+    """No `<bool>` after a flag; every option that takes a value says its default."""
+    import typer
+
+    from attnsurgeon.cli import app
+
+    for command in ("insert", "profile", "sweep", "apply", "export", "inspect"):
+        code, out, _ = cli(command, "--help")
+        assert code == 0 and "<bool>" not in out, command
+    missing = []
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        for sub in getattr(command, "commands", {name: command}).values():
+            for p in sub.params:
+                if getattr(p, "param_type_name", "") != "option" or p.is_flag or p.required:
+                    continue
+                shown = p.default is not None and p.show_default is not False and "UNSET" not in repr(p.default)
+                if not (shown or isinstance(p.show_default, str) or "Default" in (p.help or "")):
+                    missing.append(f"{name} {p.opts[0]}")
+    assert missing == []

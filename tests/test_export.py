@@ -252,3 +252,17 @@ def test_the_api_function_export_is_not_hidden_by_its_submodule():
 
     module = importlib.import_module("attnsurgeon.export")
     assert attnsurgeon.export is module.export and callable(attnsurgeon.load)
+
+
+def test_load_model_understands_a_saved_file(tmp_path):
+    """One place loads a saved model for every command: the modified model, its base beside it."""
+    model, report = attnsurgeon.insert("resnet18", "eca", stages=[4], input_size=SIZE)
+    path = tmp_path / "m.safetensors"
+    export(model, path)
+    loaded = attnsurgeon.load_model(str(path))
+    assert loaded.saved == str(path) and loaded.spec == "tv:resnet18" and loaded.input_size == SIZE
+    assert loaded.origin == f"torchvision, saved in {path}"
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(loaded.model) - count(loaded.base) == report.params["delta"] == 10
+    with pytest.raises(AttnSurgeonError, match="is a file, not a model name: a model saved by attnsurgeon"):
+        attnsurgeon.insert(str(path), "se")

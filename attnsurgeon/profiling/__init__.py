@@ -166,7 +166,7 @@ def profile(
     """
     import torch
 
-    from ..models import as_loaded
+    from ..models import as_loaded, is_saved
     from ..surgery import apply_plan, count_params, make_spec, resolve_input_size
     from ..samples import sample_args
     from .settings import check_settings
@@ -186,23 +186,20 @@ def profile(
         raise AttnSurgeonError("--replace needs --attn: the block to put in place of the model's attention, or none to remove it")
 
     say("Loading the model")
-    if _is_saved(model):  # a saved modified model: its base is rebuilt from the recipe
+    if is_saved(model):  # what a saved modified model cannot take, said before loading it
         if specs:
             raise AttnSurgeonError("a saved model carries its own insertions; profile it without --attn")
         if pretrained or weights is not None:
             raise AttnSurgeonError("a saved model carries its own weights; drop --pretrained/--weights")
-        from ..export import load_base
-
         if target is not None:
             raise AttnSurgeonError("a saved model carries its own target; profile it without --target")
-        base, modified = load_base(model)
+    loaded = as_loaded(model, pretrained=pretrained, weights=weights)
+    spec, source = loaded.spec, loaded.source
+    size = resolve_input_size(input_size, loaded.input_size)
+    if loaded.saved:  # the saved modified model and its base, rebuilt from the recipe with the saved weights
+        base, modified = loaded.base, loaded.model
         report = modified.attnsurgeon_report
-        spec, source = report.model, report.source
-        size = resolve_input_size(input_size, report.input_size)
     else:
-        loaded = as_loaded(model, pretrained=pretrained, weights=weights)
-        spec, source = loaded.spec, loaded.source
-        size = resolve_input_size(input_size, loaded.input_size)
         base = loaded.model
         modified, report = None, None
         _check_mode(base, settings.mode)  # before the insertion's work
@@ -322,12 +319,6 @@ def _check_mode(model: Any, mode: str) -> None:
             f"{type(model).__name__} computes its training loss from labelled targets (boxes, labels), which a "
             "profile with random inputs does not have: profile it with --mode inference"
         )
-
-
-def _is_saved(model: Any) -> bool:
-    import os
-
-    return isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".safetensors")
 
 
 def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], size: tuple[int, ...],
