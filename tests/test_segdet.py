@@ -11,7 +11,6 @@ import torch
 
 import attnsurgeon
 from attnsurgeon.errors import AttnSurgeonError
-# (attnsurgeon.export is shadowed by its submodule once that is imported: import the functions)
 from attnsurgeon.export import export, load, read_saved
 from attnsurgeon.models import load_model
 from attnsurgeon.samples import flatten_outputs, max_abs_diff, sample_args
@@ -194,7 +193,9 @@ def test_dict_outputs_profile_in_train_mode_and_every_export_format(tmp_path):
 
 
 def test_a_wrong_second_output_fails_the_export(tmp_path, monkeypatch):
-    import attnsurgeon.export as export_mod
+    import importlib
+
+    export_mod = importlib.import_module("attnsurgeon.export")  # the module (attnsurgeon.export is the function)
 
     model, _ = attnsurgeon.insert(TwoHeads(), attn="se", reduction=4, input_size=(3, 16, 16))
     real = export_mod._READERS["ts"]
