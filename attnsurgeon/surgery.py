@@ -164,7 +164,8 @@ def apply_plan(
     target: Any = None,
 ) -> SurgeryResult:
     """Apply several insertions (stacked in order) to a model; see :func:`insert`."""
-    from .anatomy import analyse, propagate_shapes
+    from .anatomy import analyse
+    from .shapes import propagate_shapes
     from .models import as_loaded
     from .parts import embed, trace_model
 
