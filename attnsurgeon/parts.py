@@ -57,7 +57,7 @@ def parse_target(target: Any) -> list[str] | None:
 
 def trace_model(model: Any, size: tuple[int, ...], target: Any = None) -> Traced:
     """Trace ``model`` whole, or the parts named by ``target`` (found automatically when the whole fails)."""
-    from .anatomy import trace
+    from .tracing import trace
 
     targets = parse_target(target)
     if targets is None:
@@ -165,7 +165,8 @@ def find_targets(model: Any, size: tuple[int, ...], inputs: dict[str, Any] | Non
 
 
 def _traces_with_blocks(model: Any, name: str, inputs: dict[str, Any]) -> bool:
-    from .anatomy import analyse, trace
+    from .anatomy import analyse
+    from .tracing import trace
 
     shape = inputs.get(name)
     if not shape or len(shape) < 2:
@@ -193,7 +194,7 @@ def _check_target(model: Any, target: str, inputs: dict[str, Any], size: tuple[i
     if shape is None:
         raise AttnSurgeonError(f"--target '{target}' is called with something other than one tensor (a list, "
                                "several arguments), which the tracer cannot be given." + _traceable_hint(model, size, inputs))
-    from .anatomy import trace
+    from .tracing import trace
 
     try:
         gm = trace(model.get_submodule(target))
@@ -207,7 +208,7 @@ def _check_target(model: Any, target: str, inputs: dict[str, Any], size: tuple[i
 
 
 def _traceable_hint(model: Any, size: tuple[int, ...], inputs: dict[str, Any]) -> str:
-    from .anatomy import trace
+    from .tracing import trace
 
     found = find_targets(model, size, inputs, exhaustive=True).targets
     try:
@@ -227,7 +228,7 @@ def _trace_parts(model: Any, targets: list[str], inputs: dict[str, Any], whole_e
     """Trace each target and join them into one GraphModule with full module names."""
     import torch.fx
 
-    from .anatomy import _restore_unused_state, trace
+    from .tracing import _restore_unused_state, trace
 
     if len(set(targets)) != len(targets) or any(a != b and b.startswith(a + ".") for a in targets for b in targets):
         raise AttnSurgeonError(f"--target {', '.join(targets)}: the parts overlap; name each module once")
@@ -302,7 +303,7 @@ def embed(model: Any, gm: Any, targets: list[str] | None) -> Any:
     """
     import torch.fx
 
-    from .anatomy import _restore_unused_state
+    from .tracing import _restore_unused_state
 
     if targets is None:
         return gm
@@ -412,7 +413,7 @@ def _nodes_in(value: Any) -> Iterable[Any]:
 def base_like(model: Any, targets: list[str] | None) -> Any:
     """The unmodified model traced the same way as a modified one (whole, or the same parts), for
     timing and weighing base and modified through the same code path."""
-    from .anatomy import trace
+    from .tracing import trace
 
     if targets is None:
         return trace(model)

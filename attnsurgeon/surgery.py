@@ -164,8 +164,9 @@ def apply_plan(
     target: Any = None,
 ) -> SurgeryResult:
     """Apply several insertions (stacked in order) to a model; see :func:`insert`."""
-    from .anatomy import analyse, propagate_shapes
+    from .anatomy import analyse
     from .models import as_loaded, is_saved
+    from .shapes import propagate_shapes
     from .parts import embed, trace_model
 
     specs = [s if isinstance(s, InsertionSpec) else InsertionSpec.from_dict(s) for s in specs]
