@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -288,16 +289,62 @@ def parse_numbers(text: str | None, what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def block_options(reduction: str | None, bias: bool | None, kernel_size: str | None, rd_divisor: int | None,
-                  keep_depth: bool | None = None) -> dict[str, Any]:
-    opts = {
-        "reduction": parse_numbers(reduction, "--reduction"),
-        "bias": bias,
-        "kernel_size": parse_numbers(kernel_size, "--kernel-size"),
-        "rd_divisor": rd_divisor,
-        "keep_depth": keep_depth,
-    }
-    return {k: v for k, v in opts.items() if v is not None}
+@dataclass
+class InsertionArgs:
+    """The insertion options of every command that inserts (insert, profile, sweep), declared once
+    in :data:`INSERTION_PARAMS` and handed to the command as one ``ins`` argument."""
+
+    stages: str | None = None
+    blocks: str | None = None
+    init: str = "default"
+    reduction: str | None = None
+    bias: bool | None = None
+    kernel_size: str | None = None
+    rd_divisor: int | None = None
+    keep_depth: bool | None = None
+    replace: bool = False
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The block options that were given, parsed (``-k 3,5,5,7`` -> ``[3, 5, 5, 7]``)."""
+        opts = {
+            "reduction": parse_numbers(self.reduction, "--reduction"),
+            "bias": self.bias,
+            "kernel_size": parse_numbers(self.kernel_size, "--kernel-size"),
+            "rd_divisor": self.rd_divisor,
+            "keep_depth": self.keep_depth,
+        }
+        return {k: v for k, v in opts.items() if v is not None}
+
+
+INSERTION_PARAMS = [
+    ("stages", StagesOpt, None), ("blocks", BlocksOpt, None), ("init", InitOpt, "default"),
+    ("reduction", ReductionOpt, None), ("bias", BiasOpt, None), ("kernel_size", KernelOpt, None),
+    ("rd_divisor", DivisorOpt, None), ("keep_depth", KeepDepthOpt, None), ("replace", ReplaceOpt, False),
+]
+
+
+def insertion_options(fn: Callable) -> Callable:
+    """Give a command the insertion options in place of its ``ins`` parameter; they reach it as
+    one :class:`InsertionArgs`. Typer reads the signature this sets."""
+    import inspect
+
+    signature = inspect.signature(fn, eval_str=True)  # the module has `from __future__ import annotations`
+    params: list[inspect.Parameter] = []
+    for p in signature.parameters.values():
+        if p.name == "ins":
+            params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+                       for name, kind, default in INSERTION_PARAMS]
+        else:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ins = InsertionArgs(**{name: kwargs.pop(name) for name, _, _ in INSERTION_PARAMS if name in kwargs})
+        return fn(*args, ins=ins, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)
+    return wrapper
 
 
 def emit_json(obj: Any) -> None:
@@ -315,19 +362,12 @@ def progress(message: str):
 
 @app.command()
 @command
+@insertion_options
 def insert(
     model: ModelArg,
     attn: AttnOpt = "se",
     position: PositionOpt = "standard",
-    stages: StagesOpt = None,
-    blocks: BlocksOpt = None,
-    init: InitOpt = "default",
-    reduction: ReductionOpt = None,
-    bias: BiasOpt = None,
-    kernel_size: KernelOpt = None,
-    rd_divisor: DivisorOpt = None,
-    keep_depth: KeepDepthOpt = None,
-    replace: ReplaceOpt = False,
+    ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
     pretrained: PretrainedOpt = False,
@@ -346,7 +386,7 @@ def insert(
 
     Example: attnsurgeon insert resnet50 --attn eca --stages 3,4 --out eca50.safetensors
     """
-    options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
+    options, init, replace = ins.options, ins.init, ins.replace
     check_insertion_args(attn, position, options, init, replace)  # typos fail before loading anything
     fmt = None
     if out is not None:
@@ -354,8 +394,11 @@ def insert(
 
         check_tolerance(tolerance)
         fmt = check_target(out, format_, force)  # unknown extension, missing folder, no --force: before any work
-    stage_list = parse_ints(stages, "--stages")
-    block_list = parse_globs(blocks)
+    stage_list = parse_ints(ins.stages, "--stages")
+    block_list = parse_globs(ins.blocks)
+    from .models import refuse_saved
+
+    refuse_saved(model)  # before loading it
     with progress(f"Loading {model} …"):
         from .models import load_model
 
@@ -504,20 +547,13 @@ class _Steps:
 
 @app.command()
 @command
+@insertion_options
 def profile(
     model: ModelArg,
     attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {', '.join(BLOCKS)} (none with "
                                                 "--replace). Default: none; the model is profiled alone.")] = None,
     position: PositionOpt = "standard",
-    stages: StagesOpt = None,
-    blocks: BlocksOpt = None,
-    init: InitOpt = "default",
-    reduction: ReductionOpt = None,
-    bias: BiasOpt = None,
-    kernel_size: KernelOpt = None,
-    rd_divisor: DivisorOpt = None,
-    keep_depth: KeepDepthOpt = None,
-    replace: ReplaceOpt = False,
+    ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
     device: DeviceOpt = PROFILE_DEFAULTS["device"],
     dtype: DtypeOpt = PROFILE_DEFAULTS["dtype"],
     batch_size: BatchSizesOpt = PROFILE_DEFAULTS["batch_size"],
@@ -539,7 +575,7 @@ def profile(
 
     Example: attnsurgeon profile resnet50 --attn se --stages 3,4 --batch-size 1,32
     """
-    options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
+    options, init, replace = ins.options, ins.init, ins.replace
     if attn is not None:
         check_insertion_args(attn, position, options, init, replace)
     elif options:
@@ -554,7 +590,7 @@ def profile(
 
     with _Steps() as steps:
         result = do_profile(
-            model, attn, position, parse_ints(stages, "--stages"), parse_globs(blocks),
+            model, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks),
             init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
             channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
             pretrained=pretrained, weights=weights, target=target, progress=steps, replace=replace, **options,
@@ -698,6 +734,7 @@ def apply(
 
 @app.command()
 @command
+@insertion_options
 def sweep(
     model: Annotated[str, typer.Argument(help="A model name, or a sweep recipe (.yaml) with its configurations.", show_default=False,
                                          metavar="MODEL|RECIPE")],
@@ -705,16 +742,7 @@ def sweep(
     attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention blocks to sweep, a list of {','.join(BLOCKS)} "
                                                 "(none with --replace); required without a sweep recipe.", show_default="none")] = None,
     position: Annotated[str, typer.Option("--position", "-p", help=f"Positions to sweep, a list of {','.join(POSITIONS)}.")] = "standard",
-    stages: StagesOpt = None,
-    blocks: BlocksOpt = None,
-    init: InitOpt = "default",
-    reduction: ReductionOpt = None,
-    bias: BiasOpt = None,
-    kernel_size: KernelOpt = None,
-    rd_divisor: DivisorOpt = None,
-    keep_depth: KeepDepthOpt = None,
-    replace: Annotated[bool, typer.Option("--replace", help="Every configuration replaces the model's own attention gates "
-                                          "(--attn se,eca,none: what each block, or none, does in their place).")] = False,
+    ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
     device: RecipeDeviceOpt = None,
     dtype: RecipeDtypeOpt = None,
     batch_size: RecipeBatchSizesOpt = None,
@@ -740,7 +768,7 @@ def sweep(
 
     if resume and force:
         raise AttnSurgeonError("--resume and --force conflict: --resume keeps the finished rows, --force discards them")
-    options = block_options(reduction, bias, kernel_size, rd_divisor, keep_depth)
+    options, init, replace, stages, blocks = ins.options, ins.init, ins.replace, ins.stages, ins.blocks
     is_recipe = model.lower().endswith((".yaml", ".yml"))
     if is_recipe:
         if attn or stages or blocks or options or replace:

@@ -178,6 +178,15 @@ def is_saved(spec: Any) -> bool:
     return isinstance(spec, (str, os.PathLike)) and str(spec).lower().endswith(".safetensors")
 
 
+def refuse_saved(model: Any) -> None:
+    """Insertions go into a base model, not into a saved modified one (a path or a loaded one)."""
+    saved = getattr(model, "saved", None) or (str(model) if is_saved(model) else None)
+    if saved:
+        raise AttnSurgeonError(f"'{saved}' is a file, not a model name: a model saved by attnsurgeon carries its own "
+                               "insertions; put them and the new ones in one recipe (`attnsurgeon apply`), or "
+                               "`profile`, `export` or `inspect` it as it is")
+
+
 def _load_saved(path: Any, pretrained: bool, weights: Any, model_kwargs: dict) -> LoadedModel:
     """A saved modified model, rebuilt from its recipe, with its base model beside it."""
     if pretrained or weights is not None or model_kwargs:

@@ -165,18 +165,14 @@ def apply_plan(
 ) -> SurgeryResult:
     """Apply several insertions (stacked in order) to a model; see :func:`insert`."""
     from .anatomy import analyse
-    from .models import as_loaded, is_saved
+    from .models import as_loaded, refuse_saved
     from .shapes import propagate_shapes
     from .parts import embed, trace_model
 
     specs = [s if isinstance(s, InsertionSpec) else InsertionSpec.from_dict(s) for s in specs]
     if not specs:
         raise AttnSurgeonError("the plan has no insertions")
-    saved = getattr(model, "saved", None) or (str(model) if is_saved(model) else None)
-    if saved:
-        raise AttnSurgeonError(f"'{saved}' is a file, not a model name: a model saved by attnsurgeon carries its own "
-                               "insertions; put them and the new ones in one recipe (`attnsurgeon apply`), or "
-                               "`profile`, `export` or `inspect` it as it is")
+    refuse_saved(model)
     loaded = as_loaded(model, pretrained=pretrained, weights=weights)
     size = resolve_input_size(input_size, loaded.input_size)
     base_params = count_params(loaded.model)
