@@ -1,15 +1,15 @@
 """The `attnsurgeon` command line: a thin layer over the Python API.
 
 Heavy imports (torch, torchvision, timm) happen inside the commands, so ``--help`` and
-``attnsurgeon list attn`` answer at once. Output for people is a Rich table on stdout; ``--json``
-prints exactly one JSON object on stdout; progress and errors go to stderr. A wrong argument exits
-with status 2 and one line of explanation (``--debug`` shows the traceback).
+``attnsurgeon list attn`` answer at once. The commands parse options and call the API; what they
+show is drawn by :mod:`attnsurgeon.render` (Rich tables on stdout, progress and notes on stderr,
+``--json`` as exactly one JSON object on stdout). A wrong argument exits with status 2 and one
+line of explanation (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,11 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import AttnSurgeonError
+from .render import (
+    _escape, _stderr, _stdout, _Steps, _SweepProgress, emit_json, print_anatomy, print_export, print_profile,
+    print_report, print_sweep, print_table, progress,
+)
+
 
 def _flags_show_no_type() -> None:
     """Typer prints a flag's type as ``<bool>``, as if it took a value: print none for flags."""
@@ -50,19 +55,6 @@ app.add_typer(list_app, name="list")
 _state = {"debug": False}
 
 
-def _stderr():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
-
-
-def _stdout():
-    from rich.console import Console
-
-    # Piped output (logs, `| less`) gets room for whole names instead of an 80-column cut.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-
-
 def command(fn: Callable) -> Callable:
     """Turn AttnSurgeonError into one red line and exit 2; anything else is a bug (exit 1)."""
 
@@ -90,12 +82,6 @@ def command(fn: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 def _version(value: bool) -> None:
@@ -347,16 +333,6 @@ def insertion_options(fn: Callable) -> Callable:
     return wrapper
 
 
-def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-    sys.stdout.flush()
-
-
-def progress(message: str):
-    """A spinner on stderr while heavy work runs (silent where stderr is not a terminal)."""
-    return _stderr().status(message, spinner="dots")
-
-
 # --------------------------------------------------------------------------- insert
 
 
@@ -427,55 +403,6 @@ def insert(
             print_export(written)
 
 
-def print_report(report: Any) -> None:
-    from rich.table import Table
-
-    out = _stdout()
-    size = "×".join(map(str, report.input_size))
-    weights = f" · weights: {report.weights}" if report.weights else ""
-    part = f" · traced: {', '.join(report.target)}" if report.target else ""
-    table = Table(title=f"{report.model} ({report.source}) · input {size}{weights}{part}", title_justify="left")
-    swaps = [i for i in report.insertions if i.replaced]
-    columns = [("block", {}), ("stage", {"justify": "right"}), ("position", {}), ("attn", {}),
-               ("channels", {"justify": "right"}), ("params", {"justify": "right"}), ("module", {}), ("options", {})]
-    if swaps:
-        columns.insert(6, ("replaces (params)", {}))
-    for col, kw in columns:
-        table.add_column(col, overflow="fold", **kw)
-    for i in report.insertions:
-        opts = ", ".join(f"{k}={v}" for k, v in i.options.items())
-        row = [i.block, str(i.stage), i.position, i.attn, str(i.channels), f"{i.params:,}", i.module, opts]
-        if swaps:
-            row.insert(6, f"{i.replaced} ({i.replaced_params:,})" if i.replaced else "")
-        table.add_row(*row)
-    out.print(table)
-    p = report.params
-    removed = sum(1 for i in swaps if i.attn == "none")
-    counts = [(len(report.insertions) - len(swaps), "inserted"), (len(swaps) - removed, "replaced"), (removed, "removed")]
-    said = " · ".join(f"{n} {'block' if what == 'inserted' else 'attention module'}{'s' if n != 1 else ''} {what}"
-                      for n, what in counts if n or (what == "inserted" and not swaps))
-    out.print(
-        f"{said} · parameters "
-        f"{p['base']:,} → {p['modified']:,} ([bold]{p['delta']:+,}[/], {p['percent']:+.{_digits(p['percent'])}f}%)"
-    )
-    for note in report.notes:
-        _stderr().print(f"[dim]note: {_escape(note)}[/]")
-
-
-def _digits(percent: float) -> int:
-    """Enough decimals that a small change does not print as +0.00%."""
-    small = abs(percent)
-    return 2 if small >= 0.01 or small == 0 else 4 if small >= 0.0001 else 6
-
-
-def print_export(written: Any) -> None:
-    dyn = " (dynamic batch, checked at " + ", ".join(map(str, written.checked_batch_sizes)) + ")" if written.dynamic_batch else ""
-    _stdout().print(
-        f"wrote [bold]{_escape(written.path)}[/] · {written.format} · {written.size_bytes / 2**20:,.1f} MiB · "
-        f"loaded back: max abs diff {written.max_abs_diff:.3g} on input {tuple(written.input_shape)}{dyn}"
-    )
-
-
 @app.command()
 @command
 def export(
@@ -514,35 +441,6 @@ def export(
 
 
 # --------------------------------------------------------------------------- profile
-
-
-class _Steps:
-    """A Rich progress line on stderr, drawn on a duplicate of fd 2 so that silencing native
-    output (the profiler's start-up noise) never swallows it."""
-
-    def __init__(self) -> None:
-        import os
-
-        from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self._file = os.fdopen(os.dup(2), "w")
-        console = Console(file=self._file, highlight=False)
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                 console=console, transient=True, disable=not self._file.isatty())
-        self.task = None
-
-    def __enter__(self) -> "_Steps":
-        self.progress.__enter__()
-        self.task = self.progress.add_task("Starting", total=None)
-        return self
-
-    def __call__(self, message: str) -> None:
-        self.progress.update(self.task, description=message)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
-        self._file.close()
 
 
 @app.command()
@@ -606,50 +504,6 @@ def profile(
         emit_json(result.to_dict())
         return
     print_profile(result)
-
-
-def print_profile(result: Any) -> None:
-    from rich.table import Table
-
-    from .profiling import FLOP_CONVENTION
-
-    out = _stdout()
-    s, env = result.settings, result.environment
-    device = s.device if env["device_name"] == "cpu" else f"{s.device} ({env['device_name']})"
-    out.print(f"[bold]{result.model}[/] ({result.source}) · input {'×'.join(map(str, result.input_size))} · "
-              f"{device} · {s.dtype} · {s.mode} · {env['threads']} threads · torch {env['torch_version']}"
-              + (" · channels-last" if s.channels_last else "") + (" · compiled" if s.compile else ""))
-    alone = result.modified is None
-    table = Table()
-    for col in ("metric", "value") if alone else ("metric", "base", "modified", "delta", "delta %"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    for metric, b, base, mod, delta, pct in result.rows():
-        if alone:
-            table.add_row(metric.row_label(b), metric.format(base))
-        elif not metric.delta:  # a spread has no meaningful difference
-            table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), "", "")
-        else:
-            table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), metric.format(delta, True),
-                          "-" if pct is None else f"{pct:+.{_digits(pct)}f}%")
-    out.print(table)
-    if result.base.compile_s is not None:
-        mod = f", modified {result.modified.compile_s:.1f} s" if result.modified else ""
-        out.print(f"compile time (not in latency): base {result.base.compile_s:.1f} s{mod}")
-    out.print(f"[dim]{FLOP_CONVENTION}[/]")
-    if result.insertions:
-        per = Table(title="per insertion", title_justify="left")
-        for col in ("module", "position", "params", "MACs"):
-            per.add_column(col, justify="right" if col in ("params", "MACs") else "left")
-        for i in result.insertions:
-            per.add_row(i.module, i.where, f"{i.params:,}", f"{i.macs:,}")
-        if result.unattributed_macs:
-            per.add_row("(outside inserted modules)", "", "", f"{result.unattributed_macs:,}")
-        per.add_row("[bold]total[/]", "", f"{sum(i.params for i in result.insertions):,}",
-                    f"{sum(i.macs for i in result.insertions) + result.unattributed_macs:,}")
-        out.print(per)
-    err = _stderr()
-    for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {_escape(w)}")
 
 
 # --------------------------------------------------------------------------- recipes and sweeps
@@ -826,73 +680,6 @@ def _takes(attn: str) -> tuple[str, ...]:
     return () if attn == NONE else get_block(attn).options
 
 
-class _SweepProgress(_Steps):
-    """A bar with ETA over the sweep's rows, on stderr."""
-
-    def __init__(self) -> None:
-        import os
-
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._file = os.fdopen(os.dup(2), "w")
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), console=Console(file=self._file), transient=True,
-                                 disable=not self._file.isatty())
-        self.task = None
-
-    def __enter__(self) -> "_SweepProgress":
-        self.progress.__enter__()
-        self.task = self.progress.add_task("sweep", total=None)
-        return self
-
-    def __call__(self, name: str, done: int, total: int) -> None:  # type: ignore[override]
-        self.progress.update(self.task, total=total, completed=done, description=f"measuring {name}" if name else "done")
-
-
-def print_sweep(result: Any) -> None:
-    from rich.table import Table
-
-    from .profiling.metrics import METRICS, get
-
-    out = _stdout()
-    rows = result.rows
-    ok = [r for r in rows if r["status"] == "ok"]
-    title = f"{ok[0]['model']} · batch {ok[0]['batch_size']}" if ok else str(result.folder)
-    table = Table(title=title, title_justify="left")
-    shown = [m for m in METRICS if m.summary]
-    table.add_column("configuration")
-    for m in shown:
-        table.add_column(m.label + (f" ({m.unit})" if m.unit else ""), justify="right")
-        table.add_column(f"Δ {m.label}", justify="right")
-    failures, noisy = [], False
-    for r in rows:
-        if r["status"] != "ok":
-            failures.append(r)
-            table.add_row(r["name"], f"[red]failed ({len(failures)})[/]", *[""] * (2 * len(shown) - 1))
-            continue
-        base = r["name"] == "base"
-        flag = "[yellow]![/]" if any("noisy" in w for w in r.get("warnings", [])) else ""
-        noisy = noisy or bool(flag)
-        cells = [f"[bold]{r['name']}[/]" if base else r["name"]]
-        for m in shown:
-            value, pct = get(r, m.key), get(r["delta_percent"], m.key)
-            cells.append(m.format(value, unit=False) + (flag if m.key.startswith("latency") else ""))
-            cells.append("" if base or pct is None else
-                         f"{m.format(get(r['delta'], m.key), True, unit=False)} ({pct:+.{_digits(pct)}f}%)")
-        table.add_row(*cells)
-    out.print(table)
-    for i, r in enumerate(failures, 1):
-        out.print(f"[red]failed ({i})[/] {r['name']}: {_escape(r['reason'])}")
-    if noisy:
-        out.print("[yellow]![/] noisy timing: IQR above 10% of the median (other work on the machine, or more threads "
-                  "than free cores: try --threads 1 or a longer --max-time); treat those Δ latency figures with care.")
-    reused = len(rows) - len(result.measured)
-    out.print(f"Δ figures compare each row with the base model measured alongside it. "
-              f"{len(result.measured)} row(s) measured now" + (f", {reused} kept from the earlier run" if reused else "") + ".")
-    out.print(f"wrote {result.folder}/results.csv, results.json, rows.jsonl" + (", plot.png" if result.plot else ""))
-
-
 # --------------------------------------------------------------------------- inspect
 
 
@@ -921,34 +708,7 @@ def inspect(
     if json_out:
         emit_json({"model": loaded.spec, "source": loaded.origin, **anatomy.to_dict(), "replaceable_attention": gates})
         return
-    from rich.table import Table
-
-    out = _stdout()
-    size = "×".join(map(str, anatomy.input_size))
-    if anatomy.target:  # the parts that were traced, and the input each one sees
-        sizes = anatomy.input_size if len(anatomy.target) > 1 else [anatomy.input_size]
-        size = f"{'×'.join(map(str, loaded.input_size))} · traced: " + ", ".join(
-            f"{t} (input {'×'.join(map(str, s))})" for t, s in zip(anatomy.target, sizes))
-    out.print(f"[bold]{loaded.spec}[/] ({loaded.origin}) · input {size} · {len(anatomy.blocks)} blocks in "
-              f"{len(anatomy.stages)} stages (grouped by {anatomy.grouping})")
-    table = Table(show_lines=False)
-    for col in ("stage", "block", "type", "kind", "skip", "channels", "resolution", "layout", "positions"):
-        table.add_column(col, justify="right" if col in ("stage", "channels") else "left")
-    for stage in anatomy.stages:
-        for i, b in enumerate(stage.blocks):
-            table.add_row(
-                f"{stage.index} {stage.name}" if i == 0 else "",
-                b.name, b.type, b.kind, b.skip or "-", str(b.channels), "×".join(map(str, b.resolution)), b.layout,
-                " ".join(b.positions),
-                end_section=i == len(stage.blocks) - 1,
-            )
-    out.print(table)
-    if anatomy.existing_attention:
-        out.print("Attention already in the model: " + ", ".join(f"{n} ({t})" for n, t in anatomy.existing_attention))
-        out.print(f"--replace can take the place of {len(gates)} channel/spatial gate{'s' if len(gates) != 1 else ''}"
-                  + (f": {', '.join(gates[:3])}{', …' if len(gates) > 3 else ''}" if gates else "") + "; other attention is kept")
-    for note in anatomy.notes:
-        out.print(f"[dim]note: {note}[/]")
+    print_anatomy(loaded, anatomy, gates)
 
 
 # --------------------------------------------------------------------------- list
@@ -964,34 +724,20 @@ def list_attn(json_out: JsonOpt = False) -> None:
         emit_json({"blocks": [{"name": i.name, "summary": i.summary, "options": list(i.options), "paper": i.paper}
                               for i in REGISTRY.values()]})
         return
-    from rich.table import Table
-
-    table = Table()
-    for col in ("name", "what it does", "options", "paper"):
-        table.add_column(col)
-    for info in REGISTRY.values():
-        table.add_row(info.name, info.summary, ", ".join(info.options), info.paper)
-    _stdout().print(table)
+    print_table(("name", "what it does", "options", "paper"),
+                [(i.name, i.summary, ", ".join(i.options), i.paper) for i in REGISTRY.values()])
 
 
 @list_app.command("positions")
 @command
 def list_positions(json_out: JsonOpt = False) -> None:
     """The insertion positions (the SENet paper's integration study)."""
-    from rich.table import Table
-
     from .positions import POSITION_HELP
 
     if json_out:
         emit_json({"positions": [{"name": k, "description": v} for k, v in POSITION_HELP.items()]})
         return
-
-    table = Table()
-    table.add_column("position")
-    table.add_column("where the block goes")
-    for name, text in POSITION_HELP.items():
-        table.add_row(name, text)
-    _stdout().print(table)
+    print_table(("position", "where the block goes"), list(POSITION_HELP.items()))
 
 
 @list_app.command("models")
@@ -1009,14 +755,7 @@ def list_models_cmd(
         return
     if not rows:
         raise AttnSurgeonError(f"no model matches '{pattern}'")
-    from rich.table import Table
-
-    table = Table(caption=f"{len(rows)} models")
-    table.add_column("name")
-    table.add_column("source")
-    for name, source in rows:
-        table.add_row(name, source)
-    _stdout().print(table)
+    print_table(("name", "source"), rows, caption=f"{len(rows)} models")
 
 
 def main() -> None:
