@@ -167,7 +167,7 @@ FormatOpt = Annotated[
     Optional[str], typer.Option("--format", help="safetensors, pt2, onnx or ts; default: from the --out extension.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out file.")]
-DynamicOpt = Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic (pt2, onnx).")]
+DynamicOpt = Annotated[bool, typer.Option("--static-batch/--dynamic-batch", help="Fix the batch size of a .pt2/.onnx/.ts file at --batch-size (default: dynamic, checked at two batch sizes).")]
 ExportBatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size of the export's sample input.")]
 ToleranceOpt = Annotated[
     float, typer.Option("--tolerance", help="Largest max-abs difference of the written file's outputs, relative to their scale.")
@@ -284,7 +284,7 @@ def insert(
                                                   "reloadable), .pt2, .onnx or .ts. It is loaded back and checked.")] = None,
     format_: FormatOpt = None,
     force: ForceOpt = False,
-    dynamic_batch: DynamicOpt = False,
+    static_batch: DynamicOpt = False,
     export_batch: ExportBatchOpt = 1,
     tolerance: ToleranceOpt = 1e-4,
     json_out: JsonOpt = False,
@@ -321,7 +321,7 @@ def insert(
         with progress(f"Writing {out} and checking it …"):
             from .export import export as do_export
 
-            written = do_export(model_out, out, format=format_, batch_size=export_batch, dynamic_batch=dynamic_batch,
+            written = do_export(model_out, out, format=format_, batch_size=export_batch, dynamic_batch=not static_batch,
                                 force=force, tolerance=tolerance)
     if json_out:
         emit_json({**report.to_dict(), **({"export": written.to_dict()} if written else {})})
@@ -378,6 +378,8 @@ def print_export(written: Any) -> None:
         f"wrote [bold]{_escape(written.path)}[/] · {written.format} · {written.size_bytes / 2**20:,.1f} MiB · "
         f"loaded back: max abs diff {written.max_abs_diff:.3g} on input {tuple(written.input_shape)}{dyn}"
     )
+    for warning in written.warnings:
+        _stderr().print(f"[yellow]warning:[/] {_escape(warning)}")
 
 
 @app.command()
@@ -390,13 +392,13 @@ def export(
     force: ForceOpt = False,
     input_size: InputSizeOpt = None,
     batch_size: ExportBatchOpt = 1,
-    dynamic_batch: DynamicOpt = False,
+    static_batch: DynamicOpt = False,
     tolerance: ToleranceOpt = 1e-4,
     json_out: JsonOpt = False,
 ) -> None:
     """Convert a saved modified model to another format; the written file is loaded back and checked.
 
-    Example: attnsurgeon export se50.safetensors --out se50.onnx --dynamic-batch
+    Example: attnsurgeon export se50.safetensors --out se50.onnx --static-batch --batch-size 8
     """
     from .export import check_target
 
@@ -415,7 +417,7 @@ def export(
         from .export import export as do_export
 
         written = do_export(model, out, format=format_, input_size=input_size, batch_size=batch_size,
-                            dynamic_batch=dynamic_batch, force=force, tolerance=tolerance)
+                            dynamic_batch=not static_batch, force=force, tolerance=tolerance)
     if json_out:
         emit_json(written.to_dict())
     else:
