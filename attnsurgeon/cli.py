@@ -19,6 +19,7 @@ import typer
 from typing_extensions import Annotated
 
 from .errors import AttnSurgeonError
+from .export import FORMATS  # the format registry (torch-free)
 from .render import (
     _escape, _stderr, _stdout, _Steps, _SweepProgress, emit_json, print_anatomy, print_export, print_profile,
     print_report, print_sweep, print_table, progress,
@@ -172,11 +173,13 @@ WeightsOpt = Annotated[
                                  show_default="random weights, unless --pretrained")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+_EXTENSIONS = ", ".join(ext for f in FORMATS.values() for ext in f.extensions)  # from the format registry
 FormatOpt = Annotated[
-    Optional[str], typer.Option("--format", help="safetensors, pt2, onnx or ts.", show_default="from the --out extension")
+    Optional[str], typer.Option("--format", help=f"{', '.join(FORMATS)}.", show_default="from the --out extension")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out file.")]
-DynamicOpt = Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic (pt2, onnx).")]
+DynamicOpt = Annotated[bool, typer.Option("--static-batch/--dynamic-batch", help="Fix the batch size of the file at "
+                                          "--batch-size; by default it is dynamic, checked at two batch sizes.")]
 ExportBatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size of the export's sample input.")]
 # profile settings: declared once, with profile's defaults; apply and sweep take the recipe's settings
 # first (_recipe_default says so in their help)
@@ -348,12 +351,12 @@ def insert(
     target: TargetOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the modified model: .safetensors (+recipe, "
-                                                  "reloadable), .pt2, .onnx or .ts. It is loaded back and checked.",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Write the modified model: {_EXTENSIONS} (.safetensors "
+                                                  "holds the recipe: reloadable). It is loaded back and checked.",
                                                   show_default="nothing written")] = None,
     format_: FormatOpt = None,
     force: ForceOpt = False,
-    dynamic_batch: DynamicOpt = False,
+    static_batch: DynamicOpt = False,
     export_batch: ExportBatchOpt = 1,
     tolerance: ToleranceOpt = 1e-4,
     json_out: JsonOpt = False,
@@ -393,7 +396,7 @@ def insert(
         with progress(f"Writing {out} and checking it …"):
             from .export import export as do_export
 
-            written = do_export(model_out, out, format=format_, batch_size=export_batch, dynamic_batch=dynamic_batch,
+            written = do_export(model_out, out, format=format_, batch_size=export_batch, dynamic_batch=not static_batch,
                                 force=force, tolerance=tolerance)
     if json_out:
         emit_json({**report.to_dict(), **({"export": written.to_dict()} if written else {})})
@@ -408,18 +411,18 @@ def insert(
 def export(
     saved: Annotated[str, typer.Argument(help="A .safetensors written by `insert --out` (or a model name: the unmodified model).",
                                          show_default=False, metavar="SAVED")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Target file: .safetensors, .pt2, .onnx or .ts.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help=f"Target file: {_EXTENSIONS}.", show_default=False)],
     format_: FormatOpt = None,
     force: ForceOpt = False,
     input_size: InputSizeOpt = None,
     batch_size: ExportBatchOpt = 1,
-    dynamic_batch: DynamicOpt = False,
+    static_batch: DynamicOpt = False,
     tolerance: ToleranceOpt = 1e-4,
     json_out: JsonOpt = False,
 ) -> None:
     """Convert a saved modified model to another format; the written file is loaded back and checked.
 
-    Example: attnsurgeon export se50.safetensors --out se50.onnx --dynamic-batch
+    Example: attnsurgeon export se50.safetensors --out se50.onnx --static-batch --batch-size 8
     """
     from .export import check_target
 
@@ -433,7 +436,7 @@ def export(
         from .export import export as do_export
 
         written = do_export(model, out, format=format_, input_size=input_size, batch_size=batch_size,
-                            dynamic_batch=dynamic_batch, force=force, tolerance=tolerance)
+                            dynamic_batch=not static_batch, force=force, tolerance=tolerance)
     if json_out:
         emit_json(written.to_dict())
     else:
@@ -520,7 +523,7 @@ def _profile_overrides(device, dtype, batch_size, mode, threads, min_time, max_t
 @command
 def apply(
     recipe: RecipeArg,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the modified model (.safetensors, .pt2, .onnx, .ts).",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Write the modified model ({_EXTENSIONS}).",
                                                   show_default="nothing written")] = None,
     format_: FormatOpt = None,
     force: ForceOpt = False,

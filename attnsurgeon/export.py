@@ -1,6 +1,6 @@
 """Take the modified model away: safetensors + recipe, torch.export, ONNX, TorchScript.
 
-The format follows the file's extension (or ``format=``):
+The format follows the file's extension (or ``format=``); :data:`FORMATS` holds one record per format:
 
 * ``.safetensors`` — every weight, base and inserted, plus the recipe that rebuilds the
   architecture (model, insertions, input size, package versions) in the file's metadata.
@@ -12,6 +12,8 @@ The format follows the file's extension (or ``format=``):
 
 Every export is written to a temporary file beside the target, loaded back and compared with the
 in-memory model on a sample input, and only then renamed into place: a failure leaves no file.
+The batch is dynamic by default (checked at two batch sizes); a model whose code fixes its batch
+size is written with a static batch instead, with a warning saying why.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._io import atomic_path
 from .errors import AttnSurgeonError
@@ -29,7 +31,6 @@ from .errors import AttnSurgeonError
 if TYPE_CHECKING:
     from .recipes import Recipe
 
-FORMATS = {".safetensors": "safetensors", ".pt2": "pt2", ".onnx": "onnx", ".ts": "ts"}
 RECIPE_KEY = "attnsurgeon.recipe"
 VERSIONS_KEY = "attnsurgeon.versions"
 FORMAT_KEY = "attnsurgeon.format"
@@ -46,32 +47,38 @@ class ExportReport:
     input_shape: list[int]
     dynamic_batch: bool
     checked_batch_sizes: list[int]
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def format_by_extension() -> dict[str, Format]:
+    return {ext: f for f in FORMATS.values() for ext in f.extensions}
+
+
 def resolve_format(path: str | os.PathLike, fmt: str | None = None) -> str:
     """The format for ``path``: ``fmt`` if given, else from the extension. Refused before any work."""
     suffix = Path(path).suffix.lower()
+    by_ext = format_by_extension()
     if fmt:
         fmt = fmt.lower().lstrip(".")
-        if fmt not in FORMATS.values():
-            raise AttnSurgeonError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS.values())})")
-        if suffix in FORMATS and FORMATS[suffix] != fmt:
-            raise AttnSurgeonError(f"'{path}' says {FORMATS[suffix]} but --format says {fmt}: a file named "
+        if fmt not in FORMATS:
+            raise AttnSurgeonError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
+        if suffix in by_ext and by_ext[suffix].name != fmt:
+            raise AttnSurgeonError(f"'{path}' says {by_ext[suffix].name} but --format says {fmt}: a file named "
                                    f"{suffix} would not hold what its name promises; rename it or drop --format")
         return fmt
-    if suffix not in FORMATS:
+    if suffix not in by_ext:
         raise AttnSurgeonError(
             f"cannot tell the format of '{path}' from its extension '{suffix or '(none)'}': "
-            f"use {', '.join(FORMATS)} or --format"
+            f"use {', '.join(by_ext)} or --format"
         )
-    return FORMATS[suffix]
+    return by_ext[suffix].name
 
 
 def check_target(path: str | os.PathLike, fmt: str | None = None, force: bool = False) -> str:
-    """Every check that can fail before a model is built: format, folder, overwrite."""
+    """Every check that can fail before a model is built: format, folder, overwrite, extra packages."""
     fmt = resolve_format(path, fmt)
     p = Path(path).expanduser()
     if p.is_dir():
@@ -80,8 +87,7 @@ def check_target(path: str | os.PathLike, fmt: str | None = None, force: bool = 
         raise AttnSurgeonError(f"folder '{p.parent}' does not exist")
     if p.exists() and not force:
         raise AttnSurgeonError(f"'{p}' exists; pass --force to overwrite it")
-    if fmt == "onnx":
-        _require_onnx()
+    FORMATS[fmt].check_requirements()
     return fmt
 
 
@@ -92,7 +98,7 @@ def export(
     format: str | None = None,
     input_size: Any = None,
     batch_size: int = 1,
-    dynamic_batch: bool = False,
+    dynamic_batch: bool = True,
     force: bool = False,
     tolerance: float = 1e-4,
 ) -> ExportReport:
@@ -103,23 +109,25 @@ def export(
             ``.safetensors``, which needs a recipe), or the path of a saved ``.safetensors``.
         path: the target; its extension picks the format unless ``format`` is given.
         input_size, batch_size: the sample input (``input_size`` defaults to the recipe's).
-        dynamic_batch: make the batch dimension dynamic (pt2, onnx); checked at a second batch size.
+        dynamic_batch: make the batch dimension dynamic (pt2, onnx, ts), checked at two batch sizes
+            (``batch_size``, at least 2, and one more). A model whose code fixes its batch size is
+            written with a static batch of ``batch_size`` instead, and the report's ``warnings``
+            say why. ``False`` writes a static batch of ``batch_size``. A ``.safetensors`` file
+            holds no input shape: its rebuilt model takes any batch.
         force: overwrite an existing file.
         tolerance: the largest max-abs difference allowed, relative to the output's scale
             (``max|diff| <= tolerance * max(1, max|reference|)``).
 
     Example:
         >>> model, _ = attnsurgeon.insert("resnet18", attn="se")
-        >>> export(model, "se18.onnx", input_size=224).max_abs_diff < 1e-4
+        >>> export(model, "se18.onnx", input_size=224).dynamic_batch
         True
     """
-    import torch
-
     from .layout import resolve_input_size
     from .models import default_input_size
-    from .samples import batch_of, max_abs_diff, output_scale, sample_args
 
     fmt = check_target(path, format, force)
+    spec = FORMATS[fmt]
     if isinstance(model, (str, os.PathLike)):
         model = load(model)
     if batch_size < 1:
@@ -127,34 +135,90 @@ def export(
     report = getattr(model, "attnsurgeon_report", None)
     default = tuple(report.input_size) if report is not None else default_input_size(model)
     size = resolve_input_size(input_size, default)
-    if fmt == "safetensors" and report is None:
-        raise AttnSurgeonError("a .safetensors export needs the recipe of a model made by attnsurgeon "
+    if spec.needs_recipe and report is None:
+        raise AttnSurgeonError(f"a .{fmt} export needs the recipe of a model made by attnsurgeon "
                                "(attnsurgeon.insert or attnsurgeon.load); save plain weights with safetensors directly")
     check_exportable(model, fmt)
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(0)
-    sample_batch = max(batch_size, 2) if dynamic_batch else batch_size  # torch.export specialises size 1
-    x = sample_args(model, size, sample_batch, generator=gen)
-    checks = [x] + ([sample_args(model, size, sample_batch + 1, generator=gen)] if dynamic_batch else [])
     try:
-        with torch.no_grad():
-            references = [model(*c) for c in checks]
         with atomic_path(path, force=force) as tmp:
-            _WRITERS[fmt](model, tmp, x, dynamic_batch)
-            outputs = _READERS[fmt](tmp, checks)
-            diff = max(max_abs_diff(o, r) for o, r in zip(outputs, references))
-            scale = max(1.0, max(output_scale(r) for r in references))
-            if not diff <= tolerance * scale:  # also catches NaN
-                raise AttnSurgeonError(
-                    f"the written {fmt} file does not reproduce the model: max abs diff {diff:.3g} "
-                    f"exceeds the tolerance {tolerance:g} x {scale:.3g}; nothing was written"
-                )
-            size_bytes = tmp.stat().st_size
+            if dynamic_batch and spec.holds_batch:
+                try:
+                    result = _write_and_check(spec, model, tmp, size, max(batch_size, 2), True, tolerance)
+                except _NotDynamic as exc:  # the model's code fixes its batch size: write that instead
+                    result = _write_and_check(spec, model, tmp, size, batch_size, False, tolerance)
+                    result.warnings.append(f"the batch is static ({batch_size}): {exc}")
+            else:
+                result = _write_and_check(spec, model, tmp, size, batch_size, False, tolerance)
+            result.size_bytes = tmp.stat().st_size
     finally:
         model.train(was_training)
-    return ExportReport(fmt, str(Path(path).expanduser()), size_bytes, diff, tolerance, [sample_batch, *size],
-                        dynamic_batch, [batch_of(c) for c in checks])
+    result.path = str(Path(path).expanduser())
+    return result
+
+
+class _NotDynamic(Exception):
+    """The file could not be written, or does not run, with a dynamic batch: the message says why."""
+
+
+def _write_and_check(spec: Format, model: Any, tmp: Path, size: tuple, batch: int, dynamic: bool,
+                     tolerance: float) -> ExportReport:
+    """Write ``tmp`` at sample batch ``batch`` and compare it with ``model`` (at ``batch + 1`` too when
+    ``dynamic``); a failure that only the dynamic batch causes raises :class:`_NotDynamic`."""
+    import torch
+
+    from .samples import batch_of, max_abs_diff, output_scale, sample_args
+
+    gen = torch.Generator().manual_seed(0)
+    checks = [sample_args(model, size, b, generator=gen) for b in ([batch, batch + 1] if dynamic else [batch])]
+    references = []
+    for i, c in enumerate(checks):
+        try:
+            with torch.no_grad():
+                references.append(model(*c))
+        except Exception as exc:
+            if i == 0:
+                raise
+            raise _NotDynamic(f"the model itself fails at batch {batch_of(c)} ({_first_line(exc)})") from exc
+    try:
+        spec.writer(model, tmp, checks[0], dynamic)
+    except AttnSurgeonError as exc:
+        if not dynamic:
+            raise
+        raise _NotDynamic(f"{spec.title} could not make it dynamic ({_why_not_dynamic(exc)})") from exc
+    run = spec.reader(tmp)
+    diffs, scale = [], max(1.0, max(output_scale(r) for r in references))
+    for i, (c, ref) in enumerate(zip(checks, references)):
+        try:
+            diffs.append(max_abs_diff(run(*c), ref))
+        except Exception as exc:
+            if i == 0:
+                raise
+            raise _NotDynamic(f"the written file fails at batch {batch_of(c)} ({_first_line(exc)})") from exc
+        if not diffs[-1] <= tolerance * scale:  # also catches NaN
+            if i > 0:
+                raise _NotDynamic(f"the written file does not reproduce the model at batch {batch_of(c)} "
+                                  f"(max abs diff {diffs[-1]:.3g})")
+            raise AttnSurgeonError(
+                f"the written {spec.name} file does not reproduce the model: max abs diff {diffs[-1]:.3g} "
+                f"exceeds the tolerance {tolerance:g} x {scale:.3g}; nothing was written"
+            )
+    return ExportReport(spec.name, str(tmp), 0, max(diffs), tolerance, [batch, *size], dynamic,
+                        [batch_of(c) for c in checks])
+
+
+def _why_not_dynamic(exc: BaseException) -> str:
+    import re
+
+    text = "\n".join(str(e) for e in _exception_chain(exc))
+    fixed = re.search(r"specialized it to be a constant \((\d+)\)", text)
+    if fixed:
+        return f"the model's code fixes the batch size at {fixed.group(1)}"
+    guard = re.search(r"satisfy the generated guard (.+?)\.?$", text, re.M)
+    if guard:
+        return "the model's code only holds when " + re.sub(r"L\['\w+'\]\.size\(\)\[0\]", "batch", guard.group(1))
+    return str(exc)
 
 
 def check_exportable(model: Any, fmt: str) -> None:
@@ -162,7 +226,7 @@ def check_exportable(model: Any, fmt: str) -> None:
     TorchScript tracing need tensors in; a detector takes a list of images and loops over it."""
     from .samples import IMAGES, input_kind
 
-    if fmt != "safetensors" and input_kind(model)[0] == IMAGES:
+    if FORMATS[fmt].holds_batch and input_kind(model)[0] == IMAGES:
         raise AttnSurgeonError(
             f"{type(model).__name__} takes a list of images and runs Python loops and data-dependent control flow "
             f"over them (resizing, anchors, non-maximum suppression), which {fmt} cannot capture; "
@@ -212,12 +276,8 @@ def _write_safetensors(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
     save_file(tensors, str(tmp), metadata=metadata)
 
 
-def _read_safetensors(tmp: Path, checks: list) -> list:
-    import torch
-
-    model = load(tmp).eval()
-    with torch.no_grad():
-        return [model(*c) for c in checks]
+def _read_safetensors(tmp: Path) -> Callable[..., Any]:
+    return _no_grad(load(tmp).eval())
 
 
 def read_saved(path: str | os.PathLike) -> tuple[Recipe, dict[str, Any], dict[str, str]]:
@@ -309,27 +369,13 @@ def _write_pt2(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
     torch.export.save(program, str(tmp))
 
 
-def _read_pt2(tmp: Path, checks: list) -> list:
+def _read_pt2(tmp: Path) -> Callable[..., Any]:
     import torch
 
-    module = torch.export.load(str(tmp)).module()
-    with torch.no_grad():
-        return [module(*c) for c in checks]
+    return _no_grad(torch.export.load(str(tmp)).module())
 
 
 # --------------------------------------------------------------------------- ONNX
-
-
-def _require_onnx() -> None:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise AttnSurgeonError(
-            f"ONNX export needs onnx, onnxscript and onnxruntime ({exc.name} is missing): "
-            "pip install 'attnsurgeon[onnx]'"
-        ) from None
 
 
 def _write_onnx(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
@@ -339,7 +385,6 @@ def _write_onnx(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
 
     from ._native import quiet_native_output
 
-    _require_onnx()
     names = ["input"] if len(x) == 1 else [f"input{i}" for i in range(len(x))]
     try:
         with warnings.catch_warnings(), quiet_native_output():
@@ -355,13 +400,13 @@ def _write_onnx(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
         raise AttnSurgeonError(f"ONNX export failed{where}: {_first_line(chain[-1])}") from exc
 
 
-def _read_onnx(tmp: Path, checks: list) -> list:
+def _read_onnx(tmp: Path) -> Callable[..., Any]:
     import onnxruntime as ort
     import torch
 
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    return [[torch.from_numpy(o) for o in session.run(None, {n: t.numpy() for n, t in zip(names, c)})] for c in checks]
+    return lambda *args: [torch.from_numpy(o) for o in session.run(None, {n: t.numpy() for n, t in zip(names, args)})]
 
 
 def _dynamic_shapes(x: tuple, dynamic: bool) -> Any:
@@ -389,18 +434,68 @@ def _write_ts(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
         raise AttnSurgeonError(f"TorchScript tracing failed: {_first_line(exc)}") from exc
 
 
-def _read_ts(tmp: Path, checks: list) -> list:
+def _read_ts(tmp: Path) -> Callable[..., Any]:
     import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module = torch.jit.load(str(tmp))
-    with torch.no_grad():
-        return [module(*c) for c in checks]
+        return _no_grad(torch.jit.load(str(tmp)))
 
 
-_WRITERS = {"safetensors": _write_safetensors, "pt2": _write_pt2, "onnx": _write_onnx, "ts": _write_ts}
-_READERS = {"safetensors": _read_safetensors, "pt2": _read_pt2, "onnx": _read_onnx, "ts": _read_ts}
+def _no_grad(module: Any) -> Callable[..., Any]:
+    import torch
+
+    def run(*args: Any) -> Any:
+        with torch.no_grad():
+            return module(*args)
+
+    return run
+
+
+# --------------------------------------------------------------------------- the formats
+
+
+@dataclass(frozen=True)
+class Format:
+    """One file format: everything :func:`export`, the CLI and the README say about it."""
+
+    name: str  # also the --format value
+    extensions: tuple[str, ...]
+    title: str  # how messages name it
+    writer: Callable[[Any, Path, tuple, bool], None]  # (model, path, sample args, dynamic batch)
+    reader: Callable[[Path], Callable[..., Any]]  # path -> a function from inputs to outputs
+    holds_batch: bool  # the file fixes its input shapes, so its batch is static or dynamic
+    needs_recipe: bool = False  # only a model made by attnsurgeon can be written
+    requires: tuple[str, ...] = ()  # modules it imports beyond attnsurgeon's own dependencies...
+    extra: str | None = None  # ...and the pip extra that installs them
+
+    def check_requirements(self) -> None:
+        """Refuse, before any work, a format whose extra packages are missing."""
+        import importlib
+
+        for module in self.requires:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise AttnSurgeonError(
+                    f"{self.title} export needs {_and(self.requires)} ({module} is missing): "
+                    f"pip install 'attnsurgeon[{self.extra}]'"
+                ) from None
+
+
+def _and(items: tuple[str, ...]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("safetensors", (".safetensors",), "safetensors", _write_safetensors, _read_safetensors,
+           holds_batch=False, needs_recipe=True),
+    Format("pt2", (".pt2",), "torch.export", _write_pt2, _read_pt2, holds_batch=True),
+    Format("onnx", (".onnx",), "ONNX", _write_onnx, _read_onnx, holds_batch=True,
+           requires=("onnx", "onnxscript", "onnxruntime"), extra="onnx"),
+    Format("ts", (".ts",), "TorchScript", _write_ts, _read_ts, holds_batch=True),
+)}
+"""Every format, by name; :func:`format_by_extension` maps file extensions to them."""
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:

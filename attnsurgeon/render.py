@@ -88,6 +88,8 @@ def print_export(written: Any) -> None:
         f"wrote [bold]{_escape(written.path)}[/] · {written.format} · {written.size_bytes / 2**20:,.1f} MiB · "
         f"loaded back: max abs diff {written.max_abs_diff:.3g} on input {tuple(written.input_shape)}{dyn}"
     )
+    for warning in written.warnings:
+        _stderr().print(f"[yellow]warning:[/] {_escape(warning)}")
 
 
 class _Steps:

@@ -38,9 +38,10 @@ def test_round_trip_every_format(name, attn, tmp_path):
     files = {}
     for ext in ("safetensors", "pt2", "onnx", "ts"):
         path = tmp_path / f"m.{ext}"
-        written = export(model, path, dynamic_batch=ext in ("pt2", "onnx"))
+        written = export(model, path)
         assert written.format == ext and written.size_bytes == path.stat().st_size > 0
-        assert written.max_abs_diff <= 1e-4
+        assert written.max_abs_diff <= 1e-4 and written.warnings == []
+        assert written.dynamic_batch == (ext != "safetensors")  # safetensors holds no input shape
         files[ext] = path
     rebuilt = load(files["safetensors"])
     assert rebuilt.attnsurgeon_report.plan == report.plan
@@ -48,7 +49,7 @@ def test_round_trip_every_format(name, attn, tmp_path):
     with torch.no_grad():
         assert torch.equal(rebuilt(x), expected)
         assert torch.allclose(torch.export.load(str(files["pt2"])).module()(x), expected, atol=1e-5)
-        assert torch.allclose(torch.jit.load(str(files["ts"]))(x[:1]), expected[:1], atol=1e-5)  # traced at batch 1
+        assert torch.allclose(torch.jit.load(str(files["ts"]))(x), expected, atol=1e-5)  # traced at batch 2
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
@@ -180,7 +181,7 @@ def test_cli_insert_out_then_export_and_profile_the_saved_file(tmp_path, cli):
     assert code == 0, err
     data = json.loads(out)
     assert data["export"]["format"] == "safetensors" and data["export"]["max_abs_diff"] == 0
-    code, out, err = cli("export", saved, "--out", tmp_path / "cbam.pt2", "--dynamic-batch", "--json")
+    code, out, err = cli("export", saved, "--out", tmp_path / "cbam.pt2", "--json")  # dynamic by default
     assert code == 0, err
     assert json.loads(out)["checked_batch_sizes"] == [2, 3]
     code, out, err = cli("profile", saved, "--min-time", "0.05", "--max-time", "0.1", "--json")
@@ -266,3 +267,110 @@ def test_load_model_understands_a_saved_file(tmp_path):
     assert count(loaded.model) - count(loaded.base) == report.params["delta"] == 10
     with pytest.raises(AttnSurgeonError, match="is a file, not a model name: a model saved by attnsurgeon"):
         attnsurgeon.insert(str(path), "se")
+
+
+# --------------------------------------------------------------------------- the batch: dynamic by default
+
+
+def _onnx_run(path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def test_default_onnx_and_ts_run_at_other_batch_sizes(tmp_path):
+    model, _ = _model("resnet18", "se")
+    for ext in ("onnx", "ts"):
+        written = export(model, tmp_path / f"m.{ext}")
+        assert written.dynamic_batch and written.checked_batch_sizes == [2, 3] and written.warnings == []
+    ts = torch.jit.load(str(tmp_path / "m.ts"))
+    for batch in (1, 3):  # neither is the sample batch (2)
+        x = torch.randn(batch, *SIZE)
+        with torch.no_grad():
+            expected = model(x)
+            assert torch.allclose(ts(x), expected, atol=1e-5)
+        assert torch.allclose(_onnx_run(tmp_path / "m.onnx", x), expected, atol=1e-4)
+
+
+def test_static_batch_writes_a_fixed_batch(tmp_path, cli):
+    import onnxruntime as ort
+
+    saved = tmp_path / "se.safetensors"
+    export(_model("resnet18", "se")[0], saved)
+    code, out, err = cli("export", saved, "--out", tmp_path / "m.onnx", "--static-batch", "--batch-size", "2", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["dynamic_batch"] is False and data["checked_batch_sizes"] == [2] and data["input_shape"] == [2, *SIZE]
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [2, *SIZE]
+    with pytest.raises(Exception, match="dimensions"):  # onnxruntime refuses another batch
+        session.run(None, {session.get_inputs()[0].name: torch.randn(3, *SIZE).numpy()})
+    code, _, err = cli("export", saved, "--out", tmp_path / "d.pt2", "--dynamic-batch", "--json")  # the old flag
+    assert code == 0, err
+
+
+class _OddEven(torch.nn.Module):
+    """Eager runs at any batch, but its code branches on the batch size: no single graph holds every batch."""
+
+    def forward(self, x):
+        return x * 2 if x.shape[0] % 2 else x + 1
+
+
+@pytest.mark.parametrize("ext", ["pt2", "onnx", "ts"])
+def test_a_model_that_fixes_its_batch_falls_back_to_a_static_one(ext, tmp_path):
+    path = tmp_path / f"m.{ext}"
+    written = export(_OddEven(), path, input_size=(3, 4, 4))
+    assert not written.dynamic_batch and written.checked_batch_sizes == [1] and written.input_shape == [1, 3, 4, 4]
+    assert len(written.warnings) == 1 and written.warnings[0].startswith("the batch is static (1): ")
+    why = {"pt2": "the model's code only holds when (batch % 2) == 0",  # torch.export refuses
+           "onnx": "does not reproduce the model at batch 3", "ts": "does not reproduce the model at batch 3"}[ext]
+    assert why in written.warnings[0]
+    x = torch.randn(1, 3, 4, 4)
+    if ext == "onnx":
+        got = _onnx_run(path, x)
+    elif ext == "pt2":
+        got = torch.export.load(str(path)).module()(x)
+    else:
+        got = torch.jit.load(str(path))(x)
+    assert torch.equal(got, x * 2)  # the file works at its batch
+
+
+def test_the_fallback_warning_is_printed_by_the_cli(tmp_path, cli, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr("attnsurgeon.models.load_model", lambda name, **kw: SimpleNamespace(model=_OddEven()))
+    code, out, err = cli("export", "oddeven", "--out", tmp_path / "m.ts", "--input-size", "3,4,4")
+    assert code == 0, err
+    assert "warning: the batch is static (1)" in " ".join(err.split()) and "dynamic batch" not in out
+
+
+def test_the_format_registry_drives_resolution_and_messages(tmp_path):
+    from dataclasses import replace
+
+    from attnsurgeon.export import FORMATS, format_by_extension, resolve_format
+
+    assert list(FORMATS) == ["safetensors", "pt2", "onnx", "ts"]
+    assert {ext: f.name for ext, f in format_by_extension().items()} == {
+        ".safetensors": "safetensors", ".pt2": "pt2", ".onnx": "onnx", ".ts": "ts"}
+    with pytest.raises(AttnSurgeonError, match=r"extension '\.h5': use \.safetensors, \.pt2, \.onnx, \.ts or --format"):
+        resolve_format(tmp_path / "m.h5")
+    with pytest.raises(AttnSurgeonError, match=r"unknown format 'h5' \(choose from safetensors, pt2, onnx, ts\)"):
+        resolve_format(tmp_path / "m.bin", "h5")
+    extra = replace(FORMATS["ts"], name="torchscript", extensions=(".pt", ".ts2"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(FORMATS, "torchscript", extra)
+        assert resolve_format(tmp_path / "m.PT") == "torchscript"  # one new record: a new extension everywhere
+        with pytest.raises(AttnSurgeonError, match=r"use \.safetensors, \.pt2, \.onnx, \.ts, \.pt, \.ts2 or"):
+            resolve_format(tmp_path / "m.h5")
+
+
+def test_the_readme_table_lists_every_format():
+    import re
+    from pathlib import Path
+
+    from attnsurgeon.export import FORMATS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `(\.\w+)` \|", readme, re.M)
+    assert rows == [ext for f in FORMATS.values() for ext in f.extensions]

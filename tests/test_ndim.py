@@ -244,7 +244,7 @@ def test_video_model_exports_in_every_format(tmp_path):
     with torch.no_grad():
         expected = model(x)
     for ext in ("safetensors", "pt2", "onnx", "ts"):
-        written = export(model, tmp_path / f"m.{ext}", dynamic_batch=ext != "ts")
+        written = export(model, tmp_path / f"m.{ext}")
         assert written.input_shape[1:] == list(VIDEO) and written.max_abs_diff <= 1e-4
     with torch.no_grad():
         assert torch.equal(load(tmp_path / "m.safetensors")(x), expected)

@@ -4,7 +4,9 @@ Every test here runs with torch.hub's downloader replaced by one that fails: bui
 these models must not fetch a backbone's weights that nobody asked for.
 """
 
+import importlib
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -185,25 +187,24 @@ def test_dict_outputs_profile_in_train_mode_and_every_export_format(tmp_path):
     assert all(p.grad is None for p in net.parameters())  # the training step ran, and was cleaned up
     model, _ = attnsurgeon.insert(net, attn="se", reduction=4, input_size=(3, 16, 16))
     for ext in ("pt2", "onnx", "ts"):
-        written = export(model, tmp_path / f"m.{ext}", dynamic_batch=ext != "ts")
-        assert written.max_abs_diff <= 1e-4 and (tmp_path / f"m.{ext}").is_file()
+        written = export(model, tmp_path / f"m.{ext}")
+        assert written.dynamic_batch and written.max_abs_diff <= 1e-4 and (tmp_path / f"m.{ext}").is_file()
     x = torch.randn(2, 3, 16, 16)
     program = torch.export.load(str(tmp_path / "m.pt2")).module()
     assert max_abs_diff(program(x), model.eval()(x)) < 1e-5 and list(program(x)) == ["out", "aux"]
 
 
 def test_a_wrong_second_output_fails_the_export(tmp_path, monkeypatch):
-    import importlib
-
-    export_mod = importlib.import_module("attnsurgeon.export")  # the module (attnsurgeon.export is the function)
+    export_mod = importlib.import_module("attnsurgeon.export")  # the module: attnsurgeon.export is the function
 
     model, _ = attnsurgeon.insert(TwoHeads(), attn="se", reduction=4, input_size=(3, 16, 16))
-    real = export_mod._READERS["ts"]
+    real = export_mod.FORMATS["ts"]
 
-    def corrupt(tmp, checks):  # the reader returns the right 'out' and a wrong 'aux'
-        return [{"out": o["out"], "aux": o["aux"] + 1} for o in real(tmp, checks)]
+    def corrupt(tmp):  # the reader returns the right 'out' and a wrong 'aux'
+        run = real.reader(tmp)
+        return lambda *args: {"out": run(*args)["out"], "aux": run(*args)["aux"] + 1}
 
-    monkeypatch.setitem(export_mod._READERS, "ts", corrupt)
+    monkeypatch.setitem(export_mod.FORMATS, "ts", replace(real, reader=corrupt))
     with pytest.raises(AttnSurgeonError, match="does not reproduce the model"):
         export(model, tmp_path / "m.ts")
     assert not (tmp_path / "m.ts").exists()
