@@ -43,7 +43,7 @@ class EcaModuleNd(EcaModule):
 
 
 CLASSES = (EcaModule,)  # EcaModuleNd is one
-OPTIONS = {"kernel_size": None, "keep_depth": False}
+OPTIONS = {"kernel_size": None, "keep_depth": None}  # None: pool over every axis
 
 
 def build(fmap, kernel_size: int | None = None, keep_depth: bool = False) -> EcaModule:

@@ -40,7 +40,7 @@ class SEModuleNd(SEModule):
 
 
 CLASSES = (SEModule,)  # SEModuleNd is one
-OPTIONS = {"reduction": 16, "bias": True, "rd_divisor": 8, "keep_depth": False}
+OPTIONS = {"reduction": 16, "bias": True, "rd_divisor": 8, "keep_depth": None}  # None: pool over every axis
 
 
 def build(fmap, reduction: float = 16, bias: bool = True, rd_divisor: int = 8, keep_depth: bool = False) -> SEModule:
