@@ -136,6 +136,7 @@ class Anatomy:
     existing_attention: list[tuple[str, str]]
     notes: list[str] = field(default_factory=list)
     target: list[str] | None = None  # the traced submodules (None: the whole model), see attnsurgeon.parts
+    model_input_size: tuple[int, ...] | None = None  # the whole model's input where only parts were traced
 
     def block(self, name: str) -> Block:
         for b in self.blocks:
@@ -153,6 +154,7 @@ class Anatomy:
             "existing_attention": [{"module": n, "type": t} for n, t in self.existing_attention],
             "notes": self.notes,
             "target": self.target,
+            "model_input_size": list(self.model_input_size) if self.model_input_size else None,
         }
 
 

@@ -25,5 +25,6 @@ def inspect_model(model: Any, *, input_size: Any = None, pretrained: bool = Fals
     traced = trace_model(loaded.model, size, target)
     anatomy = analyse(traced.gm, traced.analysis_size)
     anatomy.target = traced.targets
+    anatomy.model_input_size = tuple(size) if traced.targets else None
     anatomy.notes[:0] = traced.notes
     return loaded, anatomy

@@ -148,7 +148,7 @@ BiasOpt = Annotated[
 KernelOpt = Annotated[
     Optional[str],
     typer.Option("--kernel-size", "-k", help="ECA kernel (or CBAM spatial kernel): one value or one per selected stage, e.g. 3,5,5,7. "
-                 "Default for ECA: the adaptive rule (gamma=2, b=1)."),
+                 "Default: ECA's adaptive rule (gamma=2, b=1); CBAM 7."),
 ]
 DivisorOpt = Annotated[
     Optional[int], typer.Option("--rd-divisor", help="Round SE/CBAM hidden widths to a multiple of this.",
@@ -164,7 +164,7 @@ InputSizeOpt = Annotated[
 ]
 TargetOpt = Annotated[
     Optional[str],
-    typer.Option("--target", "-t", help="Submodule(s) to rewrite, dotted paths: backbone.body (comma-separated for several). "
+    typer.Option("--target", "-t", help="Submodule(s) to trace (and rewrite), dotted paths: backbone.body (comma-separated for several). "
                  "Default: the whole model, or where it does not trace (detectors) the largest parts that do."),
 ]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Load the library's published weights (network or local cache).")]
@@ -595,7 +595,7 @@ def apply(
 def sweep(
     model: Annotated[str, typer.Argument(help="A model name, or a sweep recipe (.yaml) with its configurations.", show_default=False,
                                          metavar="MODEL|RECIPE")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for rows.jsonl, results.csv/.json and plot.png.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for sweep.json, rows.jsonl, results.csv/.json and plot.png.", show_default=False)],
     attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention blocks to sweep, a list of {','.join(BLOCKS)} "
                                                 "(none with --replace); required without a sweep recipe.", show_default="none")] = None,
     position: Annotated[str, typer.Option("--position", "-p", help=f"Positions to sweep, a list of {','.join(POSITIONS)}.")] = "standard",

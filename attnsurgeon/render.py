@@ -240,7 +240,7 @@ def print_anatomy(loaded: Any, anatomy: Any, gates: list[str]) -> None:
     size = "×".join(map(str, anatomy.input_size))
     if anatomy.target:  # the parts that were traced, and the input each one sees
         sizes = anatomy.input_size if len(anatomy.target) > 1 else [anatomy.input_size]
-        size = f"{'×'.join(map(str, loaded.input_size))} · traced: " + ", ".join(
+        size = f"{'×'.join(map(str, anatomy.model_input_size))} · traced: " + ", ".join(
             f"{t} (input {'×'.join(map(str, s))})" for t, s in zip(anatomy.target, sizes))
     out.print(f"[bold]{loaded.spec}[/] ({loaded.origin}) · input {size} · {len(anatomy.blocks)} blocks in "
               f"{len(anatomy.stages)} stages (grouped by {anatomy.grouping})")

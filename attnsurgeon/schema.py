@@ -10,6 +10,7 @@ model is built, recipes validate with the YAML line, and planning validates ever
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -116,6 +117,12 @@ def parse_insertion(item: Any, path: tuple = (), where: Where | None = None) -> 
     where = where or Where("insertion")
     if not isinstance(item, dict):
         raise AttnSurgeonError(f"{where(path)}: an insertion is a mapping with at least 'attn'")
+    from .blocks import REGISTRY
+
+    for key in item:  # a block option written beside attn instead of under options
+        if key not in INSERTION_KEYS and any(key in info.options for info in REGISTRY.values()):
+            raise AttnSurgeonError(f"{where(path + (key,))}: '{key}' is a block option: write it under options "
+                                   f"(options: {{{key}: {json.dumps(item[key])}}})")
     no_unknown(item, INSERTION_KEYS, path, where)
     attn = typed(item, "attn", str, path, where, required=True)
     replace = bool(typed(item, "replace", bool, path, where))

@@ -109,6 +109,8 @@ def test_every_shipped_recipe_parses():
     ("model: resnet18\ninsertions:\n  - attn: se\n    stages: three\n", "line 4: insertions[0].stages: expected a list of stage numbers"),
     ("model: resnet18\ninsertions:\n  - attn: sse\n", "line 3: insertions[0].attn: unknown attention block 'sse'"),
     ("model: resnet18\ninsertions:\n  - attn: eca\n    options: {reduction: 4}\n", "insertions[0].options.reduction: 'eca' takes no option"),
+    ("model: resnet18\ninsertions:\n  - attn: se\n    keep_depth: true\n",
+     "line 4: insertions[0].keep_depth: 'keep_depth' is a block option: write it under options (options: {keep_depth: true})"),
     ("model: resnet18\ninsertions:\n  - attn: se\n    options: {bias: maybe}\n", "options.bias: se: bias must be true or false"),
     ("model: 50\ninsertions: [{attn: se}]\n", "line 1: model: expected str, got int"),
     ("insertions: [{attn: se}]\n", "model: missing"),

@@ -343,6 +343,8 @@ def test_cli_detector_insert_inspect_and_errors(cli, tmp_path):
     assert {i["block"].rsplit(".", 1)[0] for i in data["insertions"]} == {"backbone.features.1"}
     code, out, _ = cli("inspect", "ssdlite320_mobilenet_v3_large")
     assert code == 0 and "traced: backbone (input 3×320×320)" in out and "backbone.features.0.1" in out
+    code, out, _ = cli("inspect", "ssdlite320_mobilenet_v3_large", "--input-size", "3,256,256")
+    assert code == 0 and "input 3×256×256 · traced: backbone" in out  # the size given, not the model's default
     code, _, err = cli("insert", "ssdlite320_mobilenet_v3_large", "--attn", "se", "--target", "backbone.features")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "error: --target 'backbone.features' is not called when the model runs" in err and "hold blocks: backbone" in err
