@@ -30,6 +30,23 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """No network and empty weight caches: --pretrained must fail fast with the offline error."""
+    import attnsurgeon.models as models
+    from attnsurgeon import AttnSurgeonError
+
+    def unreachable(url, tried):
+        raise AttnSurgeonError(f"pretrained weights are not in the local cache and the host cannot be reached; tried {tried}. "
+                               "Download them where the network is reachable and pass --weights FILE.")
+
+    monkeypatch.setattr(models, "_require_network", unreachable)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield
+    torch.hub.set_dir(os.path.join(os.environ["TORCH_HOME"], "hub"))
+
+
+@pytest.fixture
 def cli():
     """Run the CLI in-process; returns (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner

@@ -162,22 +162,10 @@ def test_pretrained_from_the_local_cache(tmp_path, monkeypatch):
         torch.hub.set_dir(os.path.join(os.environ["TORCH_HOME"], "hub"))
 
 
-def test_pretrained_unavailable_is_a_clear_error(tmp_path, monkeypatch):
-    import attnsurgeon.models as models
-
-    def unreachable(url, tried):
-        raise AttnSurgeonError(f"pretrained weights are not in the local cache and the host cannot be reached; tried {tried}. "
-                               "Download them where the network is reachable and pass --weights FILE.")
-
-    monkeypatch.setattr(models, "_require_network", unreachable)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        for name in ("resnet18", "timm:resnet18"):
-            with pytest.raises(AttnSurgeonError, match="--weights FILE"):
-                load_model(name, pretrained=True)
-    finally:
-        torch.hub.set_dir(os.path.join(os.environ["TORCH_HOME"], "hub"))
+def test_pretrained_unavailable_is_a_clear_error(offline_hub):
+    for name in ("resnet18", "timm:resnet18"):
+        with pytest.raises(AttnSurgeonError, match="--weights FILE"):
+            load_model(name, pretrained=True)
 
 
 def test_pretrained_and_weights_are_exclusive(tmp_path):

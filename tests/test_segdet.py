@@ -92,20 +92,9 @@ def test_pretrained_detector_comes_from_the_cache_with_its_backbone(tmp_path, mo
         torch.hub.set_dir(os.path.join(os.environ["TORCH_HOME"], "hub"))
 
 
-def test_pretrained_detector_offline_is_a_clear_error(tmp_path, monkeypatch):
-    import attnsurgeon.models as models
-
-    def unreachable(url, tried):
-        raise AttnSurgeonError(f"pretrained weights are not in the local cache and the host cannot be reached; tried {tried}. "
-                               "Download them where the network is reachable and pass --weights FILE.")
-
-    monkeypatch.setattr(models, "_require_network", unreachable)
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        with pytest.raises(AttnSurgeonError, match="local cache .*--weights FILE"):
-            load_model("retinanet_resnet50_fpn", pretrained=True)
-    finally:
-        torch.hub.set_dir(os.path.join(os.environ["TORCH_HOME"], "hub"))
+def test_pretrained_detector_offline_is_a_clear_error(offline_hub):
+    with pytest.raises(AttnSurgeonError, match="local cache .*--weights FILE"):
+        load_model("retinanet_resnet50_fpn", pretrained=True)
 
 
 # --------------------------------------------------------------------------- outputs of any structure
