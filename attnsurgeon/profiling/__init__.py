@@ -196,24 +196,23 @@ def profile(
     loaded = as_loaded(model, pretrained=pretrained, weights=weights)
     spec, source = loaded.spec, loaded.source
     size = resolve_input_size(input_size, loaded.input_size)
+    _check_mode(loaded.model, settings.mode)  # settings the model cannot take, before any insertion or measurement
+    if settings.channels_last:
+        from ..layout import channels_last_format
+
+        channels_last_format(1 + len(size))  # before any measurement: 1-D inputs have no such format
     if loaded.saved:  # the saved modified model and its base, rebuilt from the recipe with the saved weights
         base, modified = loaded.base, loaded.model
         report = modified.attnsurgeon_report
     else:
         base = loaded.model
         modified, report = None, None
-        _check_mode(base, settings.mode)  # before the insertion's work
         if specs:
             say("Inserting")
             modified, report = apply_plan(loaded, specs, input_size=size, target=target)
         elif target is not None:
             raise AttnSurgeonError("--target chooses where blocks go: it needs --attn")
-    _check_mode(base, settings.mode)
 
-    if settings.channels_last:
-        from ..layout import channels_last_format
-
-        channels_last_format(1 + len(size))  # before any measurement: 1-D inputs have no such format
     say("Counting FLOPs")
     one = sample_args(base, size, 1, generator=torch.Generator().manual_seed(0))
     counted: list[str] = []  # the parts fvcore counted, where it cannot count the whole model
