@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -126,7 +126,8 @@ ReplaceOpt = Annotated[bool, typer.Option("--replace", help="Put the block in pl
                                           "already have (SE in EfficientNet, MobileNetV3, RegNetY...) instead of beside them; "
                                           "--attn none removes them.")]
 PositionOpt = Annotated[
-    str, typer.Option("--position", "-p", help=f"{', '.join(POSITIONS)} (see `attnsurgeon list positions`).")
+    Optional[str], typer.Option("--position", "-p", help=f"{', '.join(POSITIONS)} (see `attnsurgeon list positions`). "
+                                "Default: the block's natural position (`attnsurgeon list attn`).", show_default=False)
 ]
 StagesOpt = Annotated[
     Optional[str], typer.Option("--stages", "-s", help="Stages to modify, 1-based as `inspect` numbers them: 3,4 or 2-4. Default: all. "
@@ -138,26 +139,6 @@ BlocksOpt = Annotated[
 ]
 InitOpt = Annotated[str, typer.Option("--init", help=f"{' or '.join(INITS)}: identity makes every inserted block start as an "
                                       "exact identity.")]
-ReductionOpt = Annotated[
-    Optional[str], typer.Option("--reduction", "-r", help="SE/CBAM reduction ratio r (hidden = C/r); one value or one per selected stage.",
-                                show_default="the block's own, 16")
-]
-BiasOpt = Annotated[
-    Optional[bool], typer.Option("--bias/--no-bias", help="Biases in the SE/CBAM FC layers. Default: the block's own (SE yes, CBAM no).")
-]
-KernelOpt = Annotated[
-    Optional[str],
-    typer.Option("--kernel-size", "-k", help="ECA kernel (or CBAM spatial kernel): one value or one per selected stage, e.g. 3,5,5,7. "
-                 "Default: ECA's adaptive rule (gamma=2, b=1); CBAM 7."),
-]
-DivisorOpt = Annotated[
-    Optional[int], typer.Option("--rd-divisor", help="Round SE/CBAM hidden widths to a multiple of this.",
-                                show_default="the block's own: SE 8, CBAM 1")
-]
-KeepDepthOpt = Annotated[
-    Optional[bool], typer.Option("--keep-depth", help="SE/ECA on 3-D (video) maps: pool over H,W only and gate every "
-                                 "(channel, frame) pair. Default: pool over T,H,W.", show_default=False)
-]
 InputSizeOpt = Annotated[
     Optional[str], typer.Option("--input-size", help="Sample input, any rank: S (image side), H,W, C,H,W; C,T,H,W or T,H,W "
                                 "for video; C,L for 1-D signals. Default: the model's own (3,16,112,112 for r3d_18).")
@@ -250,7 +231,7 @@ def parse_globs(text: str | None, what: str = "--blocks") -> list[str] | None:
     return globs
 
 
-def check_insertion_args(attn: str, position: str, options: dict[str, Any], init: str = "default",
+def check_insertion_args(attn: str, position: str | None, options: dict[str, Any], init: str = "default",
                          replace: bool = False) -> None:
     """Everything about an insertion that can be checked without a model: fail in a blink, not after a build."""
     from .schema import InsertionSpec, validate
@@ -278,38 +259,62 @@ def parse_numbers(text: str | None, what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def _block_option_param(name: str) -> tuple[Any, Any]:
+    """The typer annotation of block option ``name`` (from blocks/options.py) and its default.
+    Its help names the blocks that take it, with their defaults, from the registry."""
+    from .blocks.options import OPTIONS
+
+    opt = OPTIONS[name]
+    takers = ", ".join(i.name if i.options[name] is None else f"{i.name} {i.options[name]}"
+                       for i in BLOCKS.values() if name in i.options)
+    help = f"{opt.help} Default: the block's own ({takers})."
+    decls = [f"{opt.flag}/--no-{opt.flag[2:]}" if opt.negatable else opt.flag] + ([opt.short] if opt.short else [])
+    if opt.kind == "bool":
+        kind: Any = Optional[bool]
+    elif opt.per_stage or opt.kind not in ("choice", "count"):
+        kind = Optional[str]  # numbers, or one per stage: parsed by parse_numbers
+    else:
+        kind = Optional[str] if opt.kind == "choice" else Optional[int]
+    return Annotated[kind, typer.Option(*decls, help=help, show_default=False)], None
+
+
+def _block_option_value(name: str, raw: Any) -> Any:
+    from .blocks.options import OPTIONS
+
+    if raw is None or OPTIONS[name].kind in ("bool", "choice", "count"):
+        return raw
+    return parse_numbers(raw, OPTIONS[name].flag)
+
+
+def _block_option_names() -> list[str]:
+    from .blocks.options import OPTIONS
+
+    return list(OPTIONS)
+
+
 @dataclass
 class InsertionArgs:
     """The insertion options of every command that inserts (insert, profile, sweep), declared once
-    in :data:`INSERTION_PARAMS` and handed to the command as one ``ins`` argument."""
+    in :data:`INSERTION_PARAMS` (the block options: once in blocks/options.py) and handed to the
+    command as one ``ins`` argument."""
 
     stages: str | None = None
     blocks: str | None = None
     init: str = "default"
-    reduction: str | None = None
-    bias: bool | None = None
-    kernel_size: str | None = None
-    rd_divisor: int | None = None
-    keep_depth: bool | None = None
     replace: bool = False
+    raw_options: dict[str, Any] = field(default_factory=dict)  # block option -> as typed
 
     @property
     def options(self) -> dict[str, Any]:
         """The block options that were given, parsed (``-k 3,5,5,7`` -> ``[3, 5, 5, 7]``)."""
-        opts = {
-            "reduction": parse_numbers(self.reduction, "--reduction"),
-            "bias": self.bias,
-            "kernel_size": parse_numbers(self.kernel_size, "--kernel-size"),
-            "rd_divisor": self.rd_divisor,
-            "keep_depth": self.keep_depth,
-        }
+        opts = {k: _block_option_value(k, v) for k, v in self.raw_options.items()}
         return {k: v for k, v in opts.items() if v is not None}
 
 
 INSERTION_PARAMS = [
     ("stages", StagesOpt, None), ("blocks", BlocksOpt, None), ("init", InitOpt, "default"),
-    ("reduction", ReductionOpt, None), ("bias", BiasOpt, None), ("kernel_size", KernelOpt, None),
-    ("rd_divisor", DivisorOpt, None), ("keep_depth", KeepDepthOpt, None), ("replace", ReplaceOpt, False),
+    *((name, *_block_option_param(name)) for name in _block_option_names()),
+    ("replace", ReplaceOpt, False),
 ]
 
 
@@ -329,7 +334,9 @@ def insertion_options(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ins = InsertionArgs(**{name: kwargs.pop(name) for name, _, _ in INSERTION_PARAMS if name in kwargs})
+        given = {name: kwargs.pop(name) for name, _, _ in INSERTION_PARAMS if name in kwargs}
+        ins = InsertionArgs(**{k: given.pop(k) for k in ("stages", "blocks", "init", "replace") if k in given},
+                            raw_options=given)
         return fn(*args, ins=ins, **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=params)
@@ -345,7 +352,7 @@ def insertion_options(fn: Callable) -> Callable:
 def insert(
     model: ModelArg,
     attn: AttnOpt = "se",
-    position: PositionOpt = "standard",
+    position: PositionOpt = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
@@ -453,7 +460,7 @@ def profile(
     model: ModelArg,
     attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {', '.join(BLOCKS)} (none with "
                                                 "--replace). Default: none; the model is profiled alone.")] = None,
-    position: PositionOpt = "standard",
+    position: PositionOpt = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
     device: DeviceOpt = PROFILE_DEFAULTS["device"],
     dtype: DtypeOpt = PROFILE_DEFAULTS["dtype"],
@@ -598,7 +605,8 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for sweep.json, rows.jsonl, results.csv/.json and plot.png.", show_default=False)],
     attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention blocks to sweep, a list of {','.join(BLOCKS)} "
                                                 "(none with --replace); required without a sweep recipe.", show_default="none")] = None,
-    position: Annotated[str, typer.Option("--position", "-p", help=f"Positions to sweep, a list of {','.join(POSITIONS)}.")] = "standard",
+    position: Annotated[Optional[str], typer.Option("--position", "-p", help=f"Positions to sweep, a list of {','.join(POSITIONS)}. "
+                                                    "Default: each block's natural position.", show_default=False)] = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
     device: RecipeDeviceOpt = None,
     dtype: RecipeDtypeOpt = None,
@@ -644,7 +652,7 @@ def sweep(
         if not attn:
             raise AttnSurgeonError("--attn is required (a list such as se,eca,cbam), or give a sweep recipe")
         attns = parse_globs(attn, "--attn")
-        positions = parse_globs(position, "--position")
+        positions = parse_globs(position, "--position") if position is not None else [None]
         unused = [k for k in options if not any(k in _takes(a) for a in attns)]
         if unused:
             raise AttnSurgeonError(f"none of {', '.join(attns)} takes {', '.join(unused)}")
@@ -724,11 +732,14 @@ def list_attn(json_out: JsonOpt = False) -> None:
     from .blocks import REGISTRY
 
     if json_out:
-        emit_json({"blocks": [{"name": i.name, "summary": i.summary, "options": list(i.options), "paper": i.paper}
-                              for i in REGISTRY.values()]})
+        emit_json({"blocks": [i.to_dict() for i in REGISTRY.values()]})
         return
-    print_table(("name", "what it does", "options", "paper"),
-                [(i.name, i.summary, ", ".join(i.options), i.paper) for i in REGISTRY.values()])
+
+    def options(info: Any) -> str:
+        return ", ".join(k if v is None else f"{k}={v}" for k, v in info.options.items()) or "-"
+
+    print_table(("name", "what it does", "position", "options (default)", "paper"),
+                [(i.name, i.summary, i.position, options(i), i.paper) for i in REGISTRY.values()])
 
 
 @list_app.command("positions")

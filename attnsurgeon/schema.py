@@ -30,12 +30,16 @@ class InsertionSpec:
     """
 
     attn: str
-    position: str = "standard"
+    position: str | None = None  # None: the block's natural position (its registry entry)
     stages: list[int] | None = None
     blocks: list[str] | None = None
     init: str = "default"
     options: dict[str, Any] = field(default_factory=dict)
     replace: bool = False  # take the place of the attention gates the selected blocks have
+
+    def __post_init__(self) -> None:
+        if self.position is None:
+            self.position = natural_position(self.attn)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -45,6 +49,15 @@ class InsertionSpec:
     def from_dict(cls, d: dict[str, Any], where: str = "insertion") -> "InsertionSpec":
         """Read and validate plain data, as a recipe's insertion is."""
         return parse_insertion(d, (), Where(where))
+
+
+def natural_position(attn: str) -> str:
+    """Where ``attn`` goes when no position is given: its registry entry's (``standard`` for the
+    gates, ``stage`` for BAM, ``conv`` for the blocks that replace a convolution)."""
+    from .blocks import REGISTRY
+
+    info = REGISTRY.get(str(attn).lower())
+    return info.position if info is not None else "standard"
 
 
 class SpecError(AttnSurgeonError):
@@ -126,7 +139,7 @@ def parse_insertion(item: Any, path: tuple = (), where: Where | None = None) -> 
     no_unknown(item, INSERTION_KEYS, path, where)
     attn = typed(item, "attn", str, path, where, required=True)
     replace = bool(typed(item, "replace", bool, path, where))
-    position = typed(item, "position", str, path, where) or "standard"
+    position = typed(item, "position", str, path, where)
     init = typed(item, "init", str, path, where) or "default"
     stages = positive_ints(item.get("stages"), where(path + ("stages",)), "a list of stage numbers (1-based)")
     blocks = item.get("blocks")

@@ -100,7 +100,7 @@ class _Planned:
 def insert(
     model: Any,
     attn: str = "se",
-    position: str = "standard",
+    position: str | None = None,
     stages: Iterable[int] | None = None,
     blocks: Iterable[str] | str | None = None,
     init: str = "default",
@@ -116,8 +116,9 @@ def insert(
 
     Args:
         model: a model name (``"resnet50"``, ``"timm:resnet50"``, ``"my.py:build"``) or an ``nn.Module``.
-        attn: ``se``, ``eca``, ``cbam`` (``attnsurgeon list attn``).
-        position: ``standard``, ``pre``, ``post``, ``identity`` or ``3x3``.
+        attn: a block of the zoo (``se``, ``eca``, ``cbam``, ...: ``attnsurgeon list attn``).
+        position: one of :data:`attnsurgeon.positions.POSITIONS`; by default the block's natural
+            position (``standard`` for the gates).
         stages: 1-based stage numbers as ``attnsurgeon inspect`` shows them; all by default.
         blocks: globs over block names (``"layer3.*"``); all by default.
         init: ``default`` or ``identity`` (the modified model starts with the base model's outputs).
@@ -128,8 +129,8 @@ def insert(
         target: the submodule(s) to rewrite (``"backbone.body"``, a list, or ``"a,b"``); by default the
             whole model, or, where it does not trace (a detector), the parts found by
             :func:`attnsurgeon.parts.find_targets`. Block names are full paths from the top model.
-        **block_options: ``reduction``, ``bias``, ``kernel_size``, ``rd_divisor``; a list gives
-            one value per selected stage.
+        **block_options: the block's options (``reduction``, ``kernel_size``, ...: see
+            :mod:`attnsurgeon.blocks.options`); a list gives one value per selected stage.
 
     Returns:
         ``(model, report)``: the rewritten ``torch.fx.GraphModule`` and a :class:`SurgeryReport`.
@@ -144,7 +145,7 @@ def insert(
     return apply_plan(model, [spec], input_size=input_size, pretrained=pretrained, weights=weights, target=target)
 
 
-def make_spec(attn: str, position: str = "standard", stages: Iterable[int] | None = None,
+def make_spec(attn: str, position: str | None = None, stages: Iterable[int] | None = None,
               blocks: Iterable[str] | str | None = None, init: str = "default", *, replace: bool = False,
               **block_options: Any) -> InsertionSpec:
     """An :class:`InsertionSpec` from :func:`insert`-style arguments (``blocks`` may be 'a.*,b.1')."""

@@ -1,14 +1,17 @@
 """The attention zoo and its registry.
 
-One small file per block (``se.py``, ``eca.py``, ``cbam.py``); each defines
+One small file per block (``se.py``, ``eca.py``, ``cbam.py``, ...); each defines
 
-* ``OPTIONS``: the block options it accepts, with their defaults (``None`` = the block's own rule);
 * ``build(fmap, **options) -> nn.Module``, for the :class:`FeatureMap` at the site (its channels
-  and spatial size: a block is built for 1-D, 2-D or 3-D maps alike);
+  and spatial size: a block is built for 1-D, 2-D or 3-D maps alike), with every option the block
+  takes given (the registry fills in the defaults); a site the block cannot fit (too few channels,
+  a kernel larger than the map) raises :class:`AttnSurgeonError` saying why;
 * ``init_identity(module)``: make the module an exact identity that still learns;
 * ``describe(module) -> dict``: the options it was built with, defaults filled in.
 
-Adding a block is one file plus one line in :data:`REGISTRY`. Nothing here imports torch, so
+Its :class:`BlockInfo` in :data:`REGISTRY` says the rest, once: the options it takes and their
+defaults (``None`` = the block's own rule; each option's flag, help and rule live in
+:mod:`.options`), its natural position, its paper. Adding a block is one file plus one entry here. Nothing here imports torch, so
 ``attnsurgeon list attn`` and ``--help`` stay fast; a block's file is imported when it is built.
 """
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AttnSurgeonError, did_you_mean
+from .options import OPTIONS
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,18 @@ class BlockInfo:
     module: str  # the file that builds it
     summary: str
     paper: str
-    options: tuple[str, ...]  # the block options it accepts
+    options: dict[str, Any]  # the block options it takes -> its default (None: the block's own rule)
+    position: str = "standard"  # where it goes when --position is not given
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.options if k not in OPTIONS]
+        assert not unknown, f"{self.name}: options {unknown} are not declared in blocks/options.py"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "summary": self.summary, "position": self.position, "paper": self.paper,
+                "options": [{"name": k, "default": v, "flag": OPTIONS[k].flag, "kind": OPTIONS[k].kind,
+                             "per_stage": OPTIONS[k].per_stage, **({"choices": list(OPTIONS[k].choices)} if OPTIONS[k].choices else {}),
+                             "help": OPTIONS[k].help} for k, v in self.options.items()]}
 
     def impl(self):
         return importlib.import_module(self.module)
@@ -38,13 +53,13 @@ REGISTRY: dict[str, BlockInfo] = {
     for info in (
         BlockInfo("se", "attnsurgeon.blocks.se", "Squeeze-and-Excitation: global average pool, bottleneck MLP, sigmoid channel gate",
                   "Hu et al., Squeeze-and-Excitation Networks, CVPR 2018, https://arxiv.org/abs/1709.01507",
-                  ("reduction", "bias", "rd_divisor", "keep_depth")),
+                  {"reduction": 16, "bias": True, "rd_divisor": 8, "keep_depth": None}),
         BlockInfo("eca", "attnsurgeon.blocks.eca", "Efficient Channel Attention: global average pool, 1-D conv across channels, sigmoid gate",
                   "Wang et al., ECA-Net, CVPR 2020, https://arxiv.org/abs/1910.03151",
-                  ("kernel_size", "keep_depth")),
+                  {"kernel_size": None, "keep_depth": None}),  # None: ECA's adaptive k; pool over every axis
         BlockInfo("cbam", "attnsurgeon.blocks.cbam", "CBAM: avg+max channel MLP gate, then a k×k spatial gate over channel avg/max maps",
                   "Woo et al., CBAM, ECCV 2018, https://arxiv.org/abs/1807.06521",
-                  ("reduction", "bias", "kernel_size", "rd_divisor")),
+                  {"reduction": 16, "bias": False, "kernel_size": 7, "rd_divisor": 1}),
     )
 }
 
@@ -73,20 +88,6 @@ def get_block(name: str) -> BlockInfo:
     return info
 
 
-def _positive_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-
-
-# what each option's values must be, checked before any model is built (a list: one value per stage)
-_OPTION_RULES = {
-    "reduction": (_positive_number, "a number > 0"),
-    "rd_divisor": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer ≥ 1"),
-    "kernel_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v % 2 == 1, "a positive odd integer"),
-    "bias": (lambda v: isinstance(v, bool), "true or false"),
-    "keep_depth": (lambda v: isinstance(v, bool), "true or false"),
-}
-
-
 def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Drop unset (None) options; refuse options the block does not take, and values out of range."""
     info = get_block(name)
@@ -96,11 +97,9 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
         takes = ", ".join(info.options) or "no options"
         raise AttnSurgeonError(f"'{info.name}' takes no option {', '.join(map(repr, bad))} (it takes: {takes})")
     for key, value in given.items():
-        ok, what = _OPTION_RULES.get(key, (lambda v: True, ""))
-        values = value if isinstance(value, (list, tuple)) else [value]
-        wrong = [v for v in values if not ok(v)]
-        if not values or wrong:
-            raise AttnSurgeonError(f"{info.name}: {key} must be {what}, got {wrong[0] if wrong else value!r}")
+        problem = OPTIONS[key].problem(value)
+        if problem:
+            raise AttnSurgeonError(f"{info.name}: {problem}")
     return given
 
 
@@ -111,7 +110,7 @@ def build_block(name: str, channels: int, init: str = "default", *, size: tuple[
     if init not in INITS:
         raise AttnSurgeonError(f"unknown init '{init}' (choose from {', '.join(INITS)})")
     impl = info.impl()
-    module = impl.build(FeatureMap(int(channels), tuple(size)), **check_options(name, options))
+    module = impl.build(FeatureMap(int(channels), tuple(size)), **{**info.options, **check_options(name, options)})
     if init == "identity":
         impl.init_identity(module)
     return module
@@ -120,9 +119,9 @@ def build_block(name: str, channels: int, init: str = "default", *, size: tuple[
 def describe_block(name: str, module: Any, requested: dict[str, Any]) -> dict[str, Any]:
     """What ``module`` was built with: the options as requested (defaults filled in), then what
     they came to (``{"reduction": 16, "hidden": 8, "bias": True}``: 8 after rounding 64/16 up)."""
-    impl = get_block(name).impl()
-    defaults = {k: v for k, v in impl.OPTIONS.items() if v is not None}
-    return {**defaults, **requested, **impl.describe(module)}
+    info = get_block(name)
+    defaults = {k: v for k, v in info.options.items() if v is not None}
+    return {**defaults, **requested, **info.impl().describe(module)}
 
 
 def block_classes() -> tuple[type, ...]:

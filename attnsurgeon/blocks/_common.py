@@ -86,3 +86,19 @@ def zero_gate_input_mlp(fc1: nn.Module, fc2: nn.Module) -> None:
         fc2.weight.zero_()
         if fc2.bias is not None:
             fc2.bias.zero_()
+
+
+def check_kernel_fits(block: str, kernel: int, extents: tuple[int, ...], what: str = "feature map") -> None:
+    """Refuse a kernel none of whose outer taps can ever touch the map (``-k 9999``): with 'same'
+    padding a kernel reaches at most ``2·s − 1`` positions along an axis of extent ``s``, so a
+    larger one only adds weights that never learn. The block's own default kernel is always
+    allowed (CBAM's 7×7 on a 2×2 map at a small input size is what timm builds too); unknown
+    extents (0) are not checked."""
+    from . import get_block
+
+    default = get_block(block).options.get("kernel_size") or 1
+    known = [s for s in extents if s]
+    if kernel > default and known and all(kernel > 2 * s - 1 for s in known):
+        size = "×".join(map(str, extents))
+        raise AttnSurgeonError(f"{block}: kernel_size {kernel} is larger than a {size} {what} can use "
+                               f"(at most {2 * max(known) - 1} there); choose a smaller kernel_size")

@@ -16,7 +16,7 @@ import torch
 from timm.layers.cbam import ChannelAttn, CbamModule
 
 
-from ._common import ScaledSigmoid, batchnorm_nd, conv_nd, pool_axes, reduced_channels, zero_gate_input_mlp
+from ._common import ScaledSigmoid, batchnorm_nd, check_kernel_fits, conv_nd, pool_axes, reduced_channels, zero_gate_input_mlp
 
 
 class ChannelAttnNd(ChannelAttn):
@@ -36,12 +36,12 @@ class ChannelAttnNd(ChannelAttn):
 
 
 CLASSES = (CbamModule,)
-OPTIONS = {"reduction": 16, "bias": False, "kernel_size": 7, "rd_divisor": 1}
 
 
-def build(fmap, reduction: float = 16, bias: bool = False, kernel_size: int = 7, rd_divisor: int = 1) -> CbamModule:
+def build(fmap, *, reduction: float, bias: bool, kernel_size: int, rd_divisor: int) -> CbamModule:
     rd = reduced_channels("cbam", fmap.channels, reduction, rd_divisor)
-    k = int(kernel_size)  # a positive odd integer: the registry's rule (blocks.check_options)
+    k = int(kernel_size)  # a positive odd integer: the registry's rule (blocks.options)
+    check_kernel_fits("cbam", k, fmap.size)
     module = CbamModule(fmap.channels, rd_channels=rd, spatial_kernel_size=k, mlp_bias=bool(bias))
     if fmap.dims != 2:  # the same module, its convolutions and norm built for the map's rank
         module.channel = ChannelAttnNd(fmap.channels, rd, bool(bias), fmap.dims)

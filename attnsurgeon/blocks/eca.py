@@ -43,10 +43,9 @@ class EcaModuleNd(EcaModule):
 
 
 CLASSES = (EcaModule,)  # EcaModuleNd is one
-OPTIONS = {"kernel_size": None, "keep_depth": None}  # None: pool over every axis
 
 
-def build(fmap, kernel_size: int | None = None, keep_depth: bool = False) -> EcaModule:
+def build(fmap, *, kernel_size: int | None, keep_depth: bool | None) -> EcaModule:
     check_keep_depth("eca", keep_depth, fmap.dims)
     if kernel_size is not None and kernel_size > fmap.channels and kernel_size > 3:  # odd and ≥ 1: the registry's rule
         raise AttnSurgeonError(f"eca: kernel size {kernel_size} is larger than the {fmap.channels} channels here")

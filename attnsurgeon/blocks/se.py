@@ -40,10 +40,9 @@ class SEModuleNd(SEModule):
 
 
 CLASSES = (SEModule,)  # SEModuleNd is one
-OPTIONS = {"reduction": 16, "bias": True, "rd_divisor": 8, "keep_depth": None}  # None: pool over every axis
 
 
-def build(fmap, reduction: float = 16, bias: bool = True, rd_divisor: int = 8, keep_depth: bool = False) -> SEModule:
+def build(fmap, *, reduction: float, bias: bool, rd_divisor: int, keep_depth: bool | None) -> SEModule:
     check_keep_depth("se", keep_depth, fmap.dims)
     rd = reduced_channels("se", fmap.channels, reduction, rd_divisor)
     if fmap.dims == 2:
