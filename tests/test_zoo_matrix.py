@@ -1,0 +1,161 @@
+"""Every block of the zoo at every position its kind allows, on five kinds of network.
+
+resnet50 (bottleneck), resnet18 (basic block), mobilenet_v3_large (inverted residual), convnext_tiny
+(channels-last blocks) and vit_b_16 (tokens). One surgery per (model, position) carries every block
+that fits there, each on its own block of the model, all with ``init='identity'``: the rewritten
+model must then give exactly the base model's outputs (so every block is wired in, in the right
+layout, and is an exact identity at init), and the parameters must grow by exactly the new modules'.
+A block that does not fit a site (a 2-D block on a token map, a kernel larger than the map) must
+say so with a clear AttnSurgeonError, never a traceback — and on the convolutional networks every
+block must fit somewhere. The registry drives the test: a new block is covered without editing it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from attnsurgeon import AttnSurgeonError, apply_plan
+from attnsurgeon.api import inspect_model
+from attnsurgeon.blocks import REGISTRY, build_block
+from attnsurgeon.positions import POSITIONS
+
+MODELS = {  # model -> input size (vit_b_16 takes 224 only)
+    "resnet50": (3, 64, 64),
+    "resnet18": (3, 64, 64),
+    "mobilenet_v3_large": (3, 64, 64),
+    "convnext_tiny": (3, 64, 64),
+    "vit_b_16": (3, 224, 224),
+}
+CONVNETS = ("resnet50", "resnet18", "mobilenet_v3_large", "convnext_tiny")
+
+
+def allowed_positions(info) -> list[str]:
+    """The positions a block's kind allows: a conv-replacing block only `conv`, a gate all others."""
+    kind = getattr(info, "kind", "gate")
+    if kind == "conv":
+        return ["conv"]
+    return [p for p in POSITIONS if p != "conv"]
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def traced(request):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(request.param, weights=None).eval()
+    size = MODELS[request.param]
+    _, anatomy = inspect_model(model, input_size=size)
+    x = torch.randn(1, *size)
+    with torch.no_grad():
+        y = model(x)
+    return request.param, model, anatomy, x, y
+
+
+def _plans(anatomy):
+    """position -> (model block, zoo block) pairs: every zoo block that fits there, spread round-robin
+    over the model's blocks (several on one block stack up, as a plan's insertions do); and
+    ("refused", position) -> {zoo block: reason} for those that fit no site there."""
+    out = {}
+    for position in POSITIONS:
+        sites = [(b.name, b.sites[position]) for b in anatomy.blocks if position in b.sites]
+        if not sites:
+            continue
+        pairs, refused = [], {}
+        for k, (name, info) in enumerate(REGISTRY.items()):
+            if position not in allowed_positions(info):
+                continue
+            for block, site in sites[k % len(sites):] + sites[: k % len(sites)]:
+                try:
+                    build_block(name, site.channels, size=site.size)
+                except AttnSurgeonError as exc:
+                    refused.setdefault(name, str(exc))
+                    continue
+                pairs.append((block, name))
+                refused.pop(name, None)
+                break
+        out[position] = pairs
+        out[("refused", position)] = refused
+    return out
+
+
+def test_every_block_at_every_position_is_an_exact_identity_at_init(traced):
+    model_name, model, anatomy, x, y = traced
+    plans = _plans(anatomy)
+    inserted: set[str] = set()
+    for position in POSITIONS:
+        pairs = plans.get(position)
+        if pairs:
+            specs = [{"attn": attn, "position": position, "blocks": [block], "init": "identity"} for block, attn in pairs]
+            result = apply_plan(model, specs, input_size=MODELS[model_name])
+            gm, report = result
+            gm.eval()
+            with torch.no_grad():
+                out = gm(x)
+            assert torch.equal(out, y), (model_name, position, pairs)
+            added = sum(p.numel() for ins in report.insertions for p in gm.get_submodule(ins.module).parameters())
+            assert report.params["delta"] == added
+            assert sorted(i.attn for i in report.insertions) == sorted(a for _, a in pairs)
+            inserted.update(a for _, a in pairs)
+        for attn, reason in plans.get(("refused", position), {}).items():
+            assert reason.startswith(attn + ":") or attn in reason, reason  # names the block and says why
+    if model_name in CONVNETS:  # every block fits a convolutional network somewhere
+        assert inserted == set(REGISTRY), sorted(set(REGISTRY) - inserted)
+
+
+def test_identity_blocks_learn_and_stay_exact_in_train_mode():
+    """resnet18, train mode (batch-norm on batch statistics): outputs equal, and the new parameters get gradients."""
+    import torchvision
+
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(weights=None).train()
+    x = torch.randn(2, 3, 64, 64)
+    _, anatomy = inspect_model(base, input_size=(3, 64, 64))
+    plans = _plans(anatomy)
+    for position in POSITIONS:
+        pairs = plans.get(position)
+        if pairs:
+            model = copy.deepcopy(base)
+            y = copy.deepcopy(base)(x)
+            specs = [{"attn": a, "position": position, "blocks": [b], "init": "identity"} for b, a in pairs]
+            gm, report = apply_plan(model, specs, input_size=(3, 64, 64))
+            gm.train()
+            out = gm(x)
+            assert torch.equal(out, y), (position, pairs)
+            # two steps: some identity inits (a zeroed last layer) pass gradient to the rest from the second on
+            opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+            for _ in range(2):
+                opt.zero_grad()
+                gm(x).square().mean().backward()
+                opt.step()
+            for ins in report.insertions:
+                params = list(gm.get_submodule(ins.module).parameters())
+                if params:
+                    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), (ins.attn, position)
+
+
+def test_flop_breakdown_of_every_block_sums_to_the_delta():
+    """Profile resnet18 with every block of the zoo at its natural position: every op they use is
+    counted, and the per-insertion MACs and parameters sum exactly to the totals' deltas."""
+    import torchvision
+
+    from attnsurgeon import profile
+
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(weights=None).eval()
+    _, anatomy = inspect_model(base, input_size=(3, 64, 64))
+    plans = _plans(anatomy)
+    specs = []
+    for name, info in REGISTRY.items():
+        pairs = [(b, a) for b, a in plans.get(info.position, []) if a == name]
+        assert pairs, f"{name} fits no block of resnet18 at its natural position {info.position}"
+        specs.append({"attn": name, "position": info.position, "blocks": [pairs[0][0]]})
+    result = profile(base, plan=specs, input_size=(3, 64, 64), min_run_time=0.01, max_run_time=0.05)
+    data = result.to_dict()
+    assert result.uncounted_ops == {}, result.uncounted_ops
+    assert result.unattributed_macs == 0
+    assert sum(i.macs for i in result.insertions) == data["delta"]["macs"] > 0
+    assert sum(i.params for i in result.insertions) == data["delta"]["params"]
+    assert sorted(i.attn for i in result.insertions) == sorted(REGISTRY)
