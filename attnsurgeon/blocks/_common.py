@@ -102,3 +102,51 @@ def check_kernel_fits(block: str, kernel: int, extents: tuple[int, ...], what: s
         size = "×".join(map(str, extents))
         raise AttnSurgeonError(f"{block}: kernel_size {kernel} is larger than a {size} {what} can use "
                                f"(at most {2 * max(known) - 1} there); choose a smaller kernel_size")
+
+
+class Scaled(nn.Module):
+    """``scale * gate(x)``: a gate that maps 0 to exactly 1 with a non-zero slope when
+    ``gate(0) * scale == 1`` — ``2 * sigmoid`` (see :class:`ScaledSigmoid`), ``2 * hard_sigmoid``."""
+
+    def __init__(self, gate: nn.Module, scale: float = 2.0):
+        super().__init__()
+        self.gate = gate
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(x) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+class Flattened(nn.Module):
+    """Run a 2-D channel block on a map of any rank, seen as ``(N, C, L, 1)``.
+
+    Exact for blocks whose result depends on the spatial positions only through sums over all of
+    them (global pooling, a softmax over every position, 1×1 convolutions): pooling ``(N, C, *size)``
+    over its positions is pooling the flattened map. The 2-D module is timm's own, kept as
+    ``self.block`` (on 2-D maps the block is built without this wrapper).
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x.reshape(x.shape[0], x.shape[1], -1, 1)).reshape(x.shape)
+
+
+def flattened_if_not_2d(block: nn.Module, dims: int) -> nn.Module:
+    return block if dims == 2 else Flattened(block)
+
+
+def inner(module: nn.Module) -> nn.Module:
+    """The timm module inside a :class:`Flattened` wrapper (or the module itself)."""
+    return module.block if isinstance(module, Flattened) else module
+
+
+def require_2d(block: str, fmap, why: str = "it pools rows and columns separately") -> None:
+    if fmap.dims != 2:
+        raise AttnSurgeonError(f"{block} needs a 2-D (H, W) feature map ({why}); this site is {fmap.dims}-D "
+                               f"({'tokens or a 1-D signal' if fmap.dims == 1 else 'a video or volume'})")

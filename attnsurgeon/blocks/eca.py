@@ -45,10 +45,15 @@ class EcaModuleNd(EcaModule):
 CLASSES = (EcaModule,)  # EcaModuleNd is one
 
 
+def check_eca_kernel(block: str, kernel_size: int | None, channels: int) -> None:
+    """A kernel across channels longer than the channels (and than ECA's smallest, 3) is refused."""
+    if kernel_size is not None and kernel_size > channels and kernel_size > 3:  # odd and ≥ 1: the registry's rule
+        raise AttnSurgeonError(f"{block}: kernel size {kernel_size} is larger than the {channels} channels here")
+
+
 def build(fmap, *, kernel_size: int | None, keep_depth: bool | None) -> EcaModule:
     check_keep_depth("eca", keep_depth, fmap.dims)
-    if kernel_size is not None and kernel_size > fmap.channels and kernel_size > 3:  # odd and ≥ 1: the registry's rule
-        raise AttnSurgeonError(f"eca: kernel size {kernel_size} is larger than the {fmap.channels} channels here")
+    check_eca_kernel("eca", kernel_size, fmap.channels)
     # channels=None with a kernel size: timm's way of fixing k instead of the adaptive rule
     channels, k = (fmap.channels, 3) if kernel_size is None else (None, int(kernel_size))
     if fmap.dims == 2:

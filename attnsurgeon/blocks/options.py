@@ -27,6 +27,7 @@ KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "nonnegative": (lambda v: _number(v) and v >= 0, "a number ≥ 0"),
     "count": (lambda v: _integer(v) and v >= 1, "an integer ≥ 1"),
     "odd": (lambda v: _integer(v) and v >= 1 and v % 2 == 1, "a positive odd integer"),
+    "extent": (lambda v: _integer(v) and v >= 0 and (v & (v - 1)) == 0 and v != 1, "0 (global) or a power of two ≥ 2"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "choice": (lambda v: isinstance(v, str), "one of the choices"),
 }
@@ -77,6 +78,10 @@ OPTIONS: dict[str, BlockOption] = {
         BlockOption("kernel_size", "odd", "Kernel of the block's conv (ECA's 1-D channel conv, CBAM's spatial conv, ...); "
                     "one value or one per selected stage, e.g. 3,5,5,7.", short="-k", per_stage=True),
         BlockOption("rd_divisor", "count", "Round the hidden width to a multiple of this."),
+        BlockOption("extent", "extent", "Gather-Excite's gather extent: 0 gathers over the whole map, e (a power of two) over "
+                    "e×e windows with stride e, then the gate is upsampled back."),
+        BlockOption("extra_params", "bool", "Gather-Excite: gather with learned depthwise convs (GE-θ) instead of average "
+                    "pooling (GE-θ⁻).", negatable=True),
         BlockOption("keep_depth", "bool", "On 3-D (video) maps: pool over H,W only and gate every (channel, frame) pair "
                     "instead of pooling over T,H,W."),
     )
