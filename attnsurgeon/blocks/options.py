@@ -47,9 +47,11 @@ class BlockOption:
     negatable: bool = False
     choices: tuple[str, ...] = ()
 
+    cli: str | None = None  # the flag's name where it differs from the option's (a Python keyword)
+
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return "--" + (self.cli or self.name).replace("_", "-")
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value`` (a list of them, per stage), or None."""
@@ -82,6 +84,8 @@ OPTIONS: dict[str, BlockOption] = {
                     "e×e windows with stride e, then the gate is upsampled back."),
         BlockOption("extra_params", "bool", "Gather-Excite: gather with learned depthwise convs (GE-θ) instead of average "
                     "pooling (GE-θ⁻).", negatable=True),
+        BlockOption("fusion", "choice", "How scSE fuses its channel and spatial recalibrations.", choices=("max", "sum")),
+        BlockOption("e_lambda", "positive", "SimAM's regulariser λ of the energy function.", cli="lambda"),
         BlockOption("keep_depth", "bool", "On 3-D (video) maps: pool over H,W only and gate every (channel, frame) pair "
                     "instead of pooling over T,H,W."),
     )

@@ -59,7 +59,7 @@ def _sdpa(inputs: list, outputs: list) -> float:
 _POINTWISE = [
     "sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "relu", "relu_", "relu6", "hardtanh", "hardtanh_",
     "silu", "silu_", "gelu", "gelu_", "hardswish", "hardswish_", "tanh", "tanh_", "elu", "elu_", "leaky_relu",
-    "leaky_relu_", "mish", "softplus", "mul", "mul_", "add", "add_", "sub", "sub_", "rsub", "div", "div_", "neg",
+    "leaky_relu_", "mish", "softplus", "maximum", "minimum", "mul", "mul_", "add", "add_", "sub", "sub_", "rsub", "div", "div_", "neg",
     "exp", "sqrt", "rsqrt", "pow", "abs", "log", "erf", "reciprocal", "square", "addcmul", "lerp",
 ]
 _REDUCTIONS = ["mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "softmax",
