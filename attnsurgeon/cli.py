@@ -126,7 +126,8 @@ ReplaceOpt = Annotated[bool, typer.Option("--replace", help="Put the block in pl
                                           "already have (SE in EfficientNet, MobileNetV3, RegNetY...) instead of beside them; "
                                           "--attn none removes them.")]
 PositionOpt = Annotated[
-    str, typer.Option("--position", "-p", help=f"{', '.join(POSITIONS)} (see `attnsurgeon list positions`).")
+    Optional[str], typer.Option("--position", "-p", help=f"{', '.join(POSITIONS)} (see `attnsurgeon list positions`).",
+                                show_default="the block's natural position: standard, conv for sk/splat")
 ]
 StagesOpt = Annotated[
     Optional[str], typer.Option("--stages", "-s", help="Stages to modify, 1-based as `inspect` numbers them: 3,4 or 2-4. Default: all. "
@@ -250,7 +251,7 @@ def parse_globs(text: str | None, what: str = "--blocks") -> list[str] | None:
     return globs
 
 
-def check_insertion_args(attn: str, position: str, options: dict[str, Any], init: str = "default",
+def check_insertion_args(attn: str, position: str | None, options: dict[str, Any], init: str = "default",
                          replace: bool = False) -> None:
     """Everything about an insertion that can be checked without a model: fail in a blink, not after a build."""
     from .schema import InsertionSpec, validate
@@ -345,7 +346,7 @@ def insertion_options(fn: Callable) -> Callable:
 def insert(
     model: ModelArg,
     attn: AttnOpt = "se",
-    position: PositionOpt = "standard",
+    position: PositionOpt = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
@@ -453,7 +454,7 @@ def profile(
     model: ModelArg,
     attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {', '.join(BLOCKS)} (none with "
                                                 "--replace). Default: none; the model is profiled alone.")] = None,
-    position: PositionOpt = "standard",
+    position: PositionOpt = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
     device: DeviceOpt = PROFILE_DEFAULTS["device"],
     dtype: DtypeOpt = PROFILE_DEFAULTS["dtype"],
@@ -598,7 +599,8 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for sweep.json, rows.jsonl, results.csv/.json and plot.png.", show_default=False)],
     attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention blocks to sweep, a list of {','.join(BLOCKS)} "
                                                 "(none with --replace); required without a sweep recipe.", show_default="none")] = None,
-    position: Annotated[str, typer.Option("--position", "-p", help=f"Positions to sweep, a list of {','.join(POSITIONS)}.")] = "standard",
+    position: Annotated[Optional[str], typer.Option("--position", "-p", help=f"Positions to sweep, a list of {','.join(POSITIONS)}.",
+                                                    show_default="each block's natural position")] = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
     device: RecipeDeviceOpt = None,
     dtype: RecipeDtypeOpt = None,
@@ -644,7 +646,7 @@ def sweep(
         if not attn:
             raise AttnSurgeonError("--attn is required (a list such as se,eca,cbam), or give a sweep recipe")
         attns = parse_globs(attn, "--attn")
-        positions = parse_globs(position, "--position")
+        positions = parse_globs(position, "--position") if position else [None]  # None: each block's natural one
         unused = [k for k in options if not any(k in _takes(a) for a in attns)]
         if unused:
             raise AttnSurgeonError(f"none of {', '.join(attns)} takes {', '.join(unused)}")
@@ -654,7 +656,8 @@ def sweep(
             for p in positions:
                 check_insertion_args(a, p, own, init, replace)
                 name = "/".join([a] * (len(attns) > 1) + [p] * (len(positions) > 1)) or a
-                item = {"attn": a, "position": p, "init": init, "options": own, **({"replace": True} if replace else {})}
+                item = {"attn": a, **({"position": p} if p else {}), "init": init, "options": own,
+                        **({"replace": True} if replace else {})}
                 if stages is not None:
                     item["stages"] = parse_ints(stages, "--stages")
                 if blocks is not None:

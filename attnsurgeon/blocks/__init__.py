@@ -1,12 +1,18 @@
 """The attention zoo and its registry.
 
-One small file per block (``se.py``, ``eca.py``, ``cbam.py``); each defines
+One small file per block (``se.py``, ``eca.py``, ``cbam.py``, ``sk.py``, ``splat.py``); each defines
 
 * ``OPTIONS``: the block options it accepts, with their defaults (``None`` = the block's own rule);
 * ``build(fmap, **options) -> nn.Module``, for the :class:`FeatureMap` at the site (its channels
-  and spatial size: a block is built for 1-D, 2-D or 3-D maps alike);
+  and spatial size: a block is built for 1-D, 2-D or 3-D maps alike; at the ``conv`` position also
+  the :class:`ConvSpec` of the convolution it replaces);
 * ``init_identity(module)``: make the module an exact identity that still learns;
 * ``describe(module) -> dict``: the options it was built with, defaults filled in.
+
+Each :class:`BlockInfo` says what the block is (``kind``: a ``gate`` added on a tensor's path, or a
+``conv`` that replaces a spatial convolution), hence the positions it allows
+(:data:`attnsurgeon.positions.KIND_POSITIONS`), and its natural ``position``, which ``--position``
+defaults to.
 
 Adding a block is one file plus one line in :data:`REGISTRY`. Nothing here imports torch, so
 ``attnsurgeon list attn`` and ``--help`` stay fast; a block's file is imported when it is built.
@@ -28,9 +34,18 @@ class BlockInfo:
     summary: str
     paper: str
     options: tuple[str, ...]  # the block options it accepts
+    kind: str = "gate"  # "gate": added on a tensor's path; "conv": takes the place of a spatial conv
+    position: str = "standard"  # its natural position: what --position defaults to
 
     def impl(self):
         return importlib.import_module(self.module)
+
+    @property
+    def positions(self) -> tuple[str, ...]:
+        """The positions its kind allows."""
+        from ..positions import KIND_POSITIONS
+
+        return KIND_POSITIONS[self.kind]
 
 
 REGISTRY: dict[str, BlockInfo] = {
@@ -45,6 +60,12 @@ REGISTRY: dict[str, BlockInfo] = {
         BlockInfo("cbam", "attnsurgeon.blocks.cbam", "CBAM: avg+max channel MLP gate, then a k×k spatial gate over channel avg/max maps",
                   "Woo et al., CBAM, ECCV 2018, https://arxiv.org/abs/1807.06521",
                   ("reduction", "bias", "kernel_size", "rd_divisor")),
+        BlockInfo("sk", "attnsurgeon.blocks.sk", "Selective Kernel: the conv becomes a 3×3 and a dilated 3×3 path, mixed per channel by a softmax attention",
+                  "Li et al., Selective Kernel Networks, CVPR 2019, https://arxiv.org/abs/1903.06586",
+                  ("reduction", "rd_divisor", "split_input"), kind="conv", position="conv"),
+        BlockInfo("splat", "attnsurgeon.blocks.splat", "Split attention (ResNeSt): the conv computes radix splits, mixed per channel by a softmax attention",
+                  "Zhang et al., ResNeSt: Split-Attention Networks, 2020, https://arxiv.org/abs/2004.08955",
+                  ("radix", "reduction", "rd_divisor"), kind="conv", position="conv"),
     )
 }
 
@@ -52,12 +73,41 @@ INITS = ("default", "identity")
 
 
 @dataclass(frozen=True)
+class ConvSpec:
+    """The convolution a ``conv`` block replaces (what ``nn.ConvNd`` was built with)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str  # a string: 'same' / 'valid', or 'dynamic' (TF-style padding computed per input)
+    dilation: tuple[int, ...]
+    groups: int
+    bias: bool
+    padding_mode: str = "zeros"
+
+    @property
+    def dims(self) -> int:
+        return len(self.kernel_size)
+
+    def describe(self) -> str:
+        k = "×".join(map(str, self.kernel_size))
+        extras = [f"stride {self.stride[0]}" if set(self.stride) != {1} else "",
+                  f"dilation {self.dilation[0]}" if set(self.dilation) != {1} else "",
+                  f"groups {self.groups}" if self.groups != 1 else ""]
+        return f"{k} conv {self.in_channels}→{self.out_channels}" + "".join(f", {e}" for e in extras if e)
+
+
+@dataclass(frozen=True)
 class FeatureMap:
     """What a block is built for: the channels at its site and the map's spatial size there
-    (``(L,)``, ``(H, W)`` or ``(T, H, W)``; its length is the number of spatial dimensions)."""
+    (``(L,)``, ``(H, W)`` or ``(T, H, W)``; its length is the number of spatial dimensions).
+    At the ``conv`` position, ``conv`` describes the convolution the block replaces (``channels``
+    and ``size`` are then its input's)."""
 
     channels: int
     size: tuple[int, ...] = (0, 0)  # unknown extents, two spatial dimensions
+    conv: ConvSpec | None = None
 
     @property
     def dims(self) -> int:
@@ -84,6 +134,8 @@ _OPTION_RULES = {
     "kernel_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v % 2 == 1, "a positive odd integer"),
     "bias": (lambda v: isinstance(v, bool), "true or false"),
     "keep_depth": (lambda v: isinstance(v, bool), "true or false"),
+    "split_input": (lambda v: isinstance(v, bool), "true or false"),
+    "radix": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer ≥ 1"),
 }
 
 
@@ -104,14 +156,19 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
-def build_block(name: str, channels: int, init: str = "default", *, size: tuple[int, ...] = (0, 0), **options: Any):
+def build_block(name: str, channels: int, init: str = "default", *, size: tuple[int, ...] = (0, 0),
+                conv: ConvSpec | None = None, **options: Any):
     """Build block ``name`` for a map of ``channels`` channels and spatial ``size`` (its length sets
-    1-D, 2-D or 3-D); ``init='identity'`` makes it start as an exact identity."""
+    1-D, 2-D or 3-D); ``init='identity'`` makes it start as an exact identity. A block of kind
+    ``conv`` is built to replace the convolution ``conv`` describes (and needs one)."""
     info = get_block(name)
     if init not in INITS:
         raise AttnSurgeonError(f"unknown init '{init}' (choose from {', '.join(INITS)})")
+    if (info.kind == "conv") != (conv is not None):
+        raise AttnSurgeonError(f"{info.name} replaces a convolution and is built only at position 'conv'" if conv is None
+                               else f"{info.name} is a {info.kind} and cannot take the place of a convolution")
     impl = info.impl()
-    module = impl.build(FeatureMap(int(channels), tuple(size)), **check_options(name, options))
+    module = impl.build(FeatureMap(int(channels), tuple(size), conv), **check_options(name, options))
     if init == "identity":
         impl.init_identity(module)
     return module

@@ -128,7 +128,7 @@ ProgressFn = Callable[[str], None]
 def profile(
     model: Any,
     attn: str | None = None,
-    position: str = "standard",
+    position: str | None = None,
     stages: Iterable[int] | None = None,
     blocks: Iterable[str] | str | None = None,
     init: str = "default",
