@@ -359,9 +359,12 @@ class _Graph:
     """Index helpers over a graph: topological order, ancestors, branches."""
 
     def __init__(self, gm: torch.fx.GraphModule):
+        from .blocks import block_classes
+
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.conv_blocks = block_classes("conv")  # SK, split attention: convolutions, whatever their names say
 
     def latest_common_ancestor(self, a: Node, b: Node) -> Node | None:
         """The common ancestor (or a/b itself) latest in topological order."""
@@ -407,6 +410,8 @@ class _Graph:
     def is_weighted(self, n: Node) -> bool:
         m = _module(self.gm, n)
         if m is not None:
+            if isinstance(m, self.conv_blocks):
+                return True  # a conv block in a conv's place (ours, timm's skresnet/resnest) does the conv's work
             if _ATTENTION_CLASS.search(type(m).__name__) and not isinstance(m, nn.MultiheadAttention):
                 return False  # attention gates (ours or the model's) are not the branch's own work
             return isinstance(m, _WEIGHTED_MODULES) or (any(True for _ in m.parameters()) and not _is_chain_op(self.gm, n))

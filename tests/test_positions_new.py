@@ -157,7 +157,8 @@ def test_a_conv_the_block_cannot_split_is_a_clear_error():
         attnsurgeon.insert("mobilenet_v3_large", "splat", blocks=["features.1"], input_size=SMALL)
     # depthwise with the input unsplit: every path is a depthwise conv on all channels
     model, report = attnsurgeon.insert("mobilenet_v3_large", "sk", blocks=["features.1"], split_input=False, input_size=SMALL)
-    assert report.insertions[0].options["groups"] == 16
+    assert report.insertions[0].options["split_input"] is False
+    assert model.get_submodule("features.1.block.0.0").paths[1].conv.groups == 16
     assert model.eval()(torch.randn(1, *SMALL)).shape == (1, 1000)
 
 
@@ -301,3 +302,34 @@ def test_conv_block_macs_match_the_formula_and_nothing_is_uncounted(attn):
                else splat_macs(cin, cout, h, h, opts[ins.module]["hidden"]))
         assert ins.macs == new - cout * cin * 9 * h * h, ins.module  # the row is the swap: new less the conv
     assert sum(i.macs for i in result.insertions) == result.modified.macs - result.base.macs
+
+
+def test_training_a_conv_block_on_a_batch_of_one_is_a_clear_error():
+    # SK's attention normalises its pooled (N, C, 1, 1) features: timm's skresnet cannot train on one image either
+    with pytest.raises(AttnSurgeonError, match="train needs a batch of 2 or more"):
+        profile("resnet18", "sk", blocks=["layer4.1"], mode="train", batch_sizes=[1], **FAST)
+    r = profile("resnet18", "sk", blocks=["layer4.1"], mode="train", batch_sizes=[2], **FAST)
+    assert r.insertions[0].where == "conv: replaces Conv2d"
+
+
+def test_a_replacement_that_would_change_the_conv_output_shape_is_refused():
+    # unpadded 3×3 convs: SK pads its paths (timm's symmetric padding), splat keeps the conv's own padding
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU())
+    _, anatomy = attnsurgeon.inspect_model(model, input_size=(3, 32, 32))
+    second = anatomy.blocks[1].name
+    with pytest.raises(AttnSurgeonError, match=r"sk built for the 3×3 conv 16→16 gives a .* output where the conv gives"):
+        attnsurgeon.insert(model, "sk", blocks=[second], input_size=(3, 32, 32))
+    out, report = attnsurgeon.insert(model, "splat", blocks=[second], input_size=(3, 32, 32))
+    assert out.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 16, 28, 28)
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "mobilenet_v3_large"])
+def test_sk_replaces_depthwise_convs_with_the_input_unsplit(name):
+    base = attnsurgeon.load_model(name).model.eval()
+    model, report = attnsurgeon.insert(copy.deepcopy(base), "sk", stages=[2], split_input=False, input_size=SMALL)
+    assert report.insertions and all(i.position == "conv" and i.replaced == "Conv2d" for i in report.insertions)
+    for ins in report.insertions:
+        old, new = base.get_submodule(ins.module), model.get_submodule(ins.module)
+        assert isinstance(new, SelectiveKernel)
+        assert all(p.conv.groups == old.groups == old.in_channels and p.conv.stride == old.stride for p in new.paths)
+    assert model(torch.randn(2, *SMALL)).shape == (2, 1000)

@@ -182,9 +182,11 @@ def describe_block(name: str, module: Any, requested: dict[str, Any]) -> dict[st
     return {**defaults, **requested, **impl.describe(module)}
 
 
-def block_classes() -> tuple[type, ...]:
-    """The module classes the zoo builds (kept whole, as leaves, when a model is traced)."""
+def block_classes(kind: str | None = None) -> tuple[type, ...]:
+    """The module classes the zoo builds (kept whole, as leaves, when a model is traced); with
+    ``kind``, those of the blocks of that kind only (``"conv"``: SelectiveKernel, SplitAttn)."""
     classes: list[type] = []
     for info in REGISTRY.values():
-        classes.extend(info.impl().CLASSES)
+        if kind is None or info.kind == kind:
+            classes.extend(info.impl().CLASSES)
     return tuple(classes)

@@ -51,6 +51,4 @@ def init_identity(module: SelectiveKernel) -> None:
 
 
 def describe(module: SelectiveKernel) -> dict:
-    path = module.paths[0].conv
-    return {"paths": module.num_paths, "hidden": module.attn.fc_reduce.out_channels, "split_input": module.split_input,
-            "stride": path.stride[0], "groups": path.groups}
+    return {"paths": module.num_paths, "hidden": module.attn.fc_reduce.out_channels, "split_input": module.split_input}

@@ -46,4 +46,4 @@ def init_identity(module: SplitAttn) -> None:
 
 
 def describe(module: SplitAttn) -> dict:
-    return {"radix": module.radix, "hidden": module.fc1.out_channels, "groups": module.fc1.groups}
+    return {"radix": module.radix, "hidden": module.fc1.out_channels}
