@@ -333,3 +333,13 @@ def test_sk_replaces_depthwise_convs_with_the_input_unsplit(name):
         assert isinstance(new, SelectiveKernel)
         assert all(p.conv.groups == old.groups == old.in_channels and p.conv.stride == old.stride for p in new.paths)
     assert model(torch.randn(2, *SMALL)).shape == (2, 1000)
+
+
+def test_stage_in_a_detector_feeds_the_next_stage_while_the_fpn_reads_the_raw_stage_output():
+    model, report = attnsurgeon.insert("fasterrcnn_resnet50_fpn", "eca", "stage", input_size=128)
+    assert [i.module for i in report.insertions] == [f"backbone.body.layer{k}.eca_stage" for k in (1, 2, 3)]
+    for k in (1, 2, 3):
+        (call,) = _calls(model.backbone, f"body.layer{k}.eca_stage")
+        assert {u.target for u in call.users} == {f"body.layer{k + 1}.0.conv1", f"body.layer{k + 1}.0.downsample.0"}
+        # the FPN's lateral conv still reads the stage's own output
+        assert any(u.op == "call_module" and u.target.startswith("fpn.inner_blocks") for u in call.args[0].users)
