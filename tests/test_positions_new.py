@@ -179,6 +179,7 @@ def _to_plain_resnet(key: str) -> str:
 
 @pytest.mark.parametrize("name, sk_kwargs, kept", [
     ("resnet18", dict(reduction=8, rd_divisor=16), "bn1"),  # skresnet18's sk_kwargs: rd_ratio 1/8, rd_divisor 16
+    ("resnet34", dict(reduction=8, rd_divisor=16), "bn1"),
     ("resnet50", {}, "bn2"),  # skresnet50: timm's defaults
 ])
 def test_sk_at_conv_builds_timms_skresnet(name, sk_kwargs, kept):
@@ -189,7 +190,7 @@ def test_sk_at_conv_builds_timms_skresnet(name, sk_kwargs, kept):
     # the same SK modules under the same names (conv1 of a basic block, conv2 of a bottleneck)
     ours = {n for n, m in model.named_modules() if isinstance(m, SelectiveKernel)}
     theirs = {n for n, m in reference.named_modules() if isinstance(m, SelectiveKernel)}
-    assert ours == theirs and len(ours) == (8 if name == "resnet18" else 16)
+    assert ours == theirs and len(ours) == {"resnet18": 8, "resnet34": 16, "resnet50": 16}[name]
     # the same parameters, plus the BN that followed each replaced conv and stays
     kept_bns = [model.get_submodule(f"{n.rsplit('.', 1)[0]}.{kept}") for n in ours]
     assert count_params(model) == count_params(reference) + sum(count_params(b) for b in kept_bns)
