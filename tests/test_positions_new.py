@@ -345,3 +345,8 @@ def test_stage_in_a_detector_feeds_the_next_stage_while_the_fpn_reads_the_raw_st
         assert {u.target for u in call.users} == {f"body.layer{k + 1}.0.conv1", f"body.layer{k + 1}.0.downsample.0"}
         # the FPN's lateral conv still reads the stage's own output
         assert any(u.op == "call_module" and u.target.startswith("fpn.inner_blocks") for u in call.args[0].users)
+
+
+def test_a_sweep_grid_leaves_out_what_a_blocks_kind_does_not_allow(cli, tmp_path):
+    code, _, err = cli("sweep", "resnet18", "--attn", "sk,splat", "--position", "standard,pre", "--out", tmp_path / "s")
+    assert code == 2 and "no block of --attn goes at any --position given (sk at standard, sk at pre" in err
