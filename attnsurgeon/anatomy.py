@@ -18,7 +18,10 @@ batch-1 pass only where an op has no meta kernel), and :func:`find_blocks` reads
 Blocks are grouped into stages by the model's own containers (``layer1``..``layer4``,
 ``stages.N``), or, where it has none, by runs of equal output resolution; stages are numbered from 1
 in forward order. Each block offers :data:`POSITIONS` as :class:`Site` objects: a producer node and
-the consumer nodes that should see the attention block's output instead.
+the consumer nodes that should see the attention block's output instead. Two sites are special:
+``stage`` is offered only by the last block of each stage that has a following stage (its output,
+seen by the nodes on the path into the next stage), and ``conv`` names the node it replaces (the
+block's first spatial ``nn.ConvNd``, described by a :class:`~attnsurgeon.blocks.ConvSpec`).
 
 The attention modules the model already has are found here too (:func:`existing_attention`), as
 regions of the graph checked for whether they are replaceable gates (:func:`attention_regions`).
@@ -66,6 +69,10 @@ class Site:
     channels: int
     layout: Layout
     shape: tuple[int, ...]
+    module: str | None = None  # where an insertion here hangs, where not under its block's module (a stage container)
+    scope: dict | None = None  # the module scope its nodes get, where not its block's
+    conv: Any = None  # blocks.ConvSpec of the convolution a 'conv' insertion replaces
+    replaces: Node | None = None  # ... and that convolution's node (the producer is its input)
 
     @property
     def size(self) -> tuple[int, ...]:
@@ -172,6 +179,7 @@ def analyse(gm: torch.fx.GraphModule, input_size: tuple[int, ...]) -> Anatomy:
             "on feature maps of 1 to 3 spatial dimensions"
         )
     stages, grouping = _group_stages(blocks)
+    _add_stage_sites(_Graph(gm), stages, grouping)
     notes = []
     if shape_mode == "real":
         notes.append("shapes were propagated with one real batch-1 pass (an op had no meta kernel)")
@@ -351,9 +359,12 @@ class _Graph:
     """Index helpers over a graph: topological order, ancestors, branches."""
 
     def __init__(self, gm: torch.fx.GraphModule):
+        from .blocks import block_classes
+
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.conv_blocks = block_classes("conv")  # SK, split attention: convolutions, whatever their names say
 
     def latest_common_ancestor(self, a: Node, b: Node) -> Node | None:
         """The common ancestor (or a/b itself) latest in topological order."""
@@ -399,6 +410,8 @@ class _Graph:
     def is_weighted(self, n: Node) -> bool:
         m = _module(self.gm, n)
         if m is not None:
+            if isinstance(m, self.conv_blocks):
+                return True  # a conv block in a conv's place (ours, timm's skresnet/resnest) does the conv's work
             if _ATTENTION_CLASS.search(type(m).__name__) and not isinstance(m, nn.MultiheadAttention):
                 return False  # attention gates (ours or the model's) are not the branch's own work
             return isinstance(m, _WEIGHTED_MODULES) or (any(True for _ in m.parameters()) and not _is_chain_op(self.gm, n))
@@ -523,6 +536,64 @@ def _spatial_site(g: _Graph, region: set[Node], inside: set[Node]) -> Site | Non
     return _site("3x3", end, [u for u in end.users if u in inside])
 
 
+def _conv_site(g: _Graph, region: Iterable[Node]) -> Site | None:
+    """The first spatial conv in ``region``, to be replaced: called on its input, read by the conv
+    node alone (what stands in its place takes its users). Only an ``nn.ConvNd`` module has a
+    description to build a replacement from; a functional conv offers no such site."""
+    from .blocks import ConvSpec
+
+    convs = sorted((n for n in region if _spatial_kernel(g.gm, n)), key=g.index.__getitem__)
+    if not convs or convs[0].op != "call_module":
+        return None
+    n, m = convs[0], _module(g.gm, convs[0])
+    x = n.args[0] if n.args and isinstance(n.args[0], Node) else None
+    if x is None or not isinstance(m, _CONV_MODULES) or isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return None
+    if sum(1 for u in g.nodes if u.op == "call_module" and u.target == n.target) > 1:
+        return None  # one conv called twice (shared weights): replacing the module would change both calls
+    padding = "dynamic" if type(m).__name__.endswith("Same") else m.padding  # timm's Conv2dSame pads per input
+    spec = ConvSpec(m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride), padding, tuple(m.dilation),
+                    m.groups, m.bias is not None, m.padding_mode)
+    site = _site("conv", x, [n])
+    if site is None:
+        return None
+    site.conv, site.replaces = spec, n
+    return site
+
+
+def _add_stage_sites(g: _Graph, stages: list[Stage], grouping: str) -> None:
+    """The ``stage`` site of each stage that has a following stage, on its last block: that block's
+    output, read by the nodes on the path into the next stage (a feature tap elsewhere, a detector's
+    FPN, keeps reading the stage's own output). Its insertions hang under the stage's container
+    (``layer1.bam_stage``) where stages are containers, else under the last block."""
+    for stage, following in zip(stages, stages[1:]):
+        last = stage.blocks[-1]
+        post = last.sites.get("post")
+        if post is None:
+            continue
+        out = post.producer
+        ahead = _ancestors_after(g, following.blocks[0].nodes, g.index[out])
+        site = _site("stage", out, [u for u in out.users if u in ahead])
+        if site is None:
+            continue
+        if grouping == "containers":
+            site.module, site.scope = stage.name, _scope_upto(out, stage.name)
+        last.sites["stage"] = site
+
+
+def _ancestors_after(g: _Graph, nodes: Iterable[Node], after: int) -> set[Node]:
+    """``nodes`` and their ancestors later than index ``after`` in topological order."""
+    seen: set[Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen or g.index.get(n, -1) <= after:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
 def _closing_activation(g: _Graph, merge: Node, module: str) -> Node:
     out = merge
     while len(out.users) == 1:
@@ -594,6 +665,7 @@ def _residual_blocks(g: _Graph) -> list[Block]:
             _site("post", output, list(output.users)),
             _site("identity", skip_in, [n]),
             _spatial_site(g, region, region | {n}),
+            _conv_site(g, region),
         ]
         if _complete(block, sites, region | branches[s] | {n, output}, _scope_upto(n, module)):
             found.append((n, module, cls, block))
@@ -699,6 +771,7 @@ def _plain_blocks(g: _Graph, residual: list[Block]) -> list[Block]:
             _site("pre", inp, [u for u in inp.users if u in inside]),
             _site("post", out, list(out.users)),
             _spatial_site(g, inside, inside),
+            _conv_site(g, inside),
         ]
         if _complete(block, sites, inside, _scope_upto(nodes[0], qual)):
             blocks.append(block)
@@ -749,6 +822,7 @@ def _conv_units(g: _Graph) -> list[Block]:
             _site("pre", inp, [n]) if inp is not None else None,
             _site("post", end, list(end.users)),
             _site("3x3", end, list(end.users)) if _spatial_kernel(g.gm, n) else None,
+            _conv_site(g, [n]),
         ]
         if _complete(block, sites, chain, _scope_upto(n, parent)):
             blocks.append(block)

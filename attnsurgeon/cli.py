@@ -657,17 +657,29 @@ def sweep(
         if unused:
             raise AttnSurgeonError(f"none of {', '.join(attns)} takes {', '.join(unused)}")
         configurations = []
+        skipped = []  # a grid of blocks x positions leaves out what a block's kind does not allow (sk at pre)
         for a in attns:  # block options go to the blocks that take them (--reduction: se and cbam, not eca)
             own = {k: v for k, v in options.items() if k in _takes(a)}
             for p in positions:
+                if p and len(attns) > 1 and a != "none" and a in BLOCKS and p not in BLOCKS[a].positions:
+                    skipped.append(f"{a} at {p}")
+                    continue
                 check_insertion_args(a, p, own, init, replace)
                 name = "/".join([a] * (len(attns) > 1) + [p] * (len(positions) > 1)) or a
-                item = {"attn": a, "position": p, "init": init, "options": own, **({"replace": True} if replace else {})}
+                item = {"attn": a, **({"position": p} if p else {}), "init": init, "options": own,
+                        **({"replace": True} if replace else {})}
                 if stages is not None:
                     item["stages"] = parse_ints(stages, "--stages")
                 if blocks is not None:
                     item["blocks"] = parse_globs(blocks)
                 configurations.append({"name": name, "insertions": [item]})
+        if skipped:
+            if not configurations:
+                raise AttnSurgeonError(f"no block of --attn goes at any --position given ({', '.join(skipped)}): conv blocks "
+                                       "(sk, splat) go only at conv, gates anywhere but conv; leave --position out for "
+                                       "each block's natural position")
+            _stderr().print(f"[dim]note: left out {', '.join(skipped)}: a block's kind does not allow that position "
+                            "(conv blocks go only at conv, gates anywhere but conv)[/]")
         spec = parse_recipe({"model": model, "configurations": configurations}, "the command line")
         configurations, settings, size = spec.configurations, {}, input_size
     settings.update(_profile_overrides(device, dtype, batch_size, mode, threads, min_time,

@@ -65,9 +65,12 @@ def print_report(report: Any) -> None:
     out.print(table)
     p = report.params
     removed = sum(1 for i in swaps if i.attn == "none")
-    counts = [(len(report.insertions) - len(swaps), "inserted"), (len(swaps) - removed, "replaced"), (removed, "removed")]
-    said = " · ".join(f"{n} {'block' if what == 'inserted' else 'attention module'}{'s' if n != 1 else ''} {what}"
-                      for n, what in counts if n or (what == "inserted" and not swaps))
+    convs = sum(1 for i in swaps if i.position == "conv")  # a conv block (sk, splat) in a convolution's place
+    counts = [(len(report.insertions) - len(swaps), "block", "inserted"),
+              (len(swaps) - removed - convs, "attention module", "replaced"), (removed, "attention module", "removed"),
+              (convs, "convolution", "replaced")]
+    said = " · ".join(f"{n} {noun}{'s' if n != 1 else ''} {what}"
+                      for n, noun, what in counts if n or (noun == "block" and not swaps))
     out.print(
         f"{said} · parameters "
         f"{p['base']:,} → {p['modified']:,} ([bold]{p['delta']:+,}[/], {p['percent']:+.{_digits(p['percent'])}f}%)"

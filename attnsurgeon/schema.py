@@ -30,7 +30,7 @@ class InsertionSpec:
     """
 
     attn: str
-    position: str | None = None  # None: the block's natural position (its registry entry)
+    position: str | None = None  # None: the block's natural position (see natural_position)
     stages: list[int] | None = None
     blocks: list[str] | None = None
     init: str = "default"
@@ -39,7 +39,7 @@ class InsertionSpec:
 
     def __post_init__(self) -> None:
         if self.position is None:
-            self.position = natural_position(self.attn)
+            self.position = natural_position(self.attn, self.replace)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -51,13 +51,14 @@ class InsertionSpec:
         return parse_insertion(d, (), Where(where))
 
 
-def natural_position(attn: str) -> str:
-    """Where ``attn`` goes when no position is given: its registry entry's (``standard`` for the
-    gates, ``stage`` for BAM, ``conv`` for the blocks that replace a convolution)."""
+def natural_position(attn: str, replace: bool = False) -> str:
+    """Where ``attn`` goes when no position is given: the registry's natural position of the block
+    (``standard`` for the gates, ``conv`` for sk/splat); ``standard`` with ``replace``, where the
+    position does not apply, and for a name the registry does not know (validation says so)."""
     from .blocks import REGISTRY
 
     info = REGISTRY.get(str(attn).lower())
-    return info.position if info is not None else "standard"
+    return info.position if info is not None and not replace else "standard"
 
 
 class SpecError(AttnSurgeonError):
@@ -83,6 +84,8 @@ def validate(spec: InsertionSpec) -> InsertionSpec:
                         + did_you_mean(str(spec.position), POSITIONS), ("position",))
     if spec.init not in INITS:
         raise SpecError(f"unknown init '{spec.init}' (choose from {', '.join(INITS)})", ("init",))
+    if attn != NONE:
+        check_position(attn, spec.position, spec.replace)
     check_replace(attn, spec.position, spec.replace, spec.options)
     if attn != NONE:
         for key, value in spec.options.items():
@@ -91,6 +94,27 @@ def validate(spec: InsertionSpec) -> InsertionSpec:
             except AttnSurgeonError as exc:
                 raise SpecError(str(exc), ("options", key)) from None
     return spec
+
+
+def check_position(attn: str, position: str, replace: bool = False) -> None:
+    """The registry's rule: a block's kind names the positions it allows (gates go anywhere but
+    ``conv``; conv blocks only at ``conv``)."""
+    from .blocks import REGISTRY
+    from .positions import KIND_POSITIONS
+
+    info = REGISTRY[attn]
+    if info.kind == "conv" and replace:
+        raise SpecError(f"{attn} takes the place of a convolution, not of an attention gate: --replace is for gates "
+                        f"({', '.join(n for n, i in REGISTRY.items() if i.kind == 'gate')})", ("replace",))
+    if position in info.positions:
+        return
+    if info.kind == "conv":
+        raise SpecError(f"{attn} replaces the block's spatial convolution and goes only at position 'conv', not "
+                        f"'{position}'; leave --position out (it defaults to conv)", ("position",))
+    convs = [n for n, i in REGISTRY.items() if i.kind == "conv"]
+    raise SpecError(f"{attn} is a gate added on a tensor's path and cannot take the place of a convolution: position "
+                    f"'{position}' is for conv blocks ({', '.join(convs)}); choose one of "
+                    f"{', '.join(KIND_POSITIONS[info.kind])} (its natural position is {info.position})", ("position",))
 
 
 def check_replace(attn: str, position: str, replace: bool, options: dict[str, Any]) -> None:
@@ -139,7 +163,7 @@ def parse_insertion(item: Any, path: tuple = (), where: Where | None = None) -> 
     no_unknown(item, INSERTION_KEYS, path, where)
     attn = typed(item, "attn", str, path, where, required=True)
     replace = bool(typed(item, "replace", bool, path, where))
-    position = typed(item, "position", str, path, where)
+    position = typed(item, "position", str, path, where)  # None: the block's natural position
     init = typed(item, "init", str, path, where) or "default"
     stages = positive_ints(item.get("stages"), where(path + ("stages",)), "a list of stage numbers (1-based)")
     blocks = item.get("blocks")

@@ -12,6 +12,10 @@ block and ``pre`` on the next give ``out -> post -> pre -> branch`` with the ski
 
 Inserted modules hang under the block's module as ``{attn}`` (standard) or
 ``{attn}_{position}`` (``layer3.0.se``, ``layer3.0.eca_pre``); base parameters keep their names.
+At ``stage`` they hang under the stage's container (``layer1.bam_stage``: after ``layer1``, before
+``layer2``). At ``conv`` a block of kind conv (sk, splat) takes the place of the block's spatial
+convolution under the convolution's own name (``layer1.0.conv1`` becomes a ``SelectiveKernel``, as
+in timm's skresnet): the conv node is replaced as a one-node region, like ``replace`` below.
 
 With ``replace``, the new block takes the place of each attention gate the selected blocks already
 have (SE in EfficientNet, ...): the gate's region of the graph (its nodes, one input, one output)
@@ -208,7 +212,7 @@ def apply_plan(
 
 def _attention_notes(anatomy: Any, planned: list[_Planned]) -> list[str]:
     names = [n for n, _ in anatomy.existing_attention]
-    replaced = {p.region.name for p in planned if p.region is not None}
+    replaced = {p.region.name for p in planned if p.region is not None and p.spec.replace}
     if not names:
         return []
     if not replaced:
@@ -249,18 +253,45 @@ def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str], notes: list[st
 
     if spec.replace or spec.attn == NONE:
         return _plan_replacement(anatomy, spec, taken)
+    from .anatomy import AttentionRegion
+    from .positions import STAGE_POSITIONS
+
     planned: list[_Planned] = []
     info = get_block(spec.attn)
     chosen = select_blocks(anatomy, spec.stages, spec.blocks)
     if not chosen:
         raise AttnSurgeonError("no block selected")
+    if spec.position in STAGE_POSITIONS:
+        chosen = _stage_ends(anatomy, chosen, spec)
     per_stage = _per_stage_options(spec, sorted({b.stage for b in chosen}))
     for block, module in _fitting_blocks(spec, chosen, per_stage, notes):
         site = block.sites[spec.position]
-        name = _module_name(anatomy.gm, block, info.name, spec.position, taken)
+        region = None
+        if site.replaces is not None:  # 'conv': the module takes the conv's place and name
+            name = site.replaces.target
+            if name in taken:
+                raise AttnSurgeonError(f"convolution {name} is replaced by two insertions of the plan; select disjoint blocks")
+            region = AttentionRegion(name, type(anatomy.gm.get_submodule(name)).__name__, frozenset({site.replaces}), site=site)
+        else:
+            name = _module_name(anatomy.gm, block, info.name, spec.position, taken, parent=site.module)
         taken.add(name)
-        planned.append(_Planned(spec, block, site, per_stage[block.stage], name, module))
+        planned.append(_Planned(spec, block, site, per_stage[block.stage], name, module, region))
     return planned
+
+
+def _stage_ends(anatomy: Any, chosen: list[Any], spec: InsertionSpec) -> list[Any]:
+    """At a stage position the unit is the stage: the selected blocks that end a stage (the others
+    have no such site and are no news). Blocks named by --blocks that end no stage are an error."""
+    ends = {s.blocks[-1].name: s for s in anatomy.stages}
+    kept = [b for b in chosen if b.name in ends]
+    if not kept:
+        last = [anatomy.stages[b.stage - 1].blocks[-1].name for b in chosen]
+        raise AttnSurgeonError(f"position '{spec.position}' goes after the last block of a stage, and the selected "
+                               f"blocks ({_few([b.name for b in chosen], 3)}) end no stage; select stages with --stages, "
+                               f"or name the last block of one ({_few(list(dict.fromkeys(last)), 3)})")
+    if not spec.stages and not spec.blocks:  # by default every stage that has a following stage: the last has none
+        kept = [b for b in kept if spec.position in b.sites] or kept
+    return kept
 
 
 def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> list[_Planned]:
@@ -331,7 +362,10 @@ def _fitting_blocks(spec: InsertionSpec, chosen: list[Any], per_stage: dict[int,
             continue
         site = block.sites[spec.position]
         try:
-            fitting.append((block, build_block(spec.attn, site.channels, spec.init, size=site.size, **per_stage[block.stage])))
+            module = build_block(spec.attn, site.channels, spec.init, size=site.size, conv=site.conv, **per_stage[block.stage])
+            if site.replaces is not None:
+                _check_replacement(spec.attn, module, site)
+            fitting.append((block, module))
         except AttnSurgeonError as exc:
             unbuildable.append((block, f"block {block.name} ({site.channels} channels at '{spec.position}'): {exc}"))
     errors = ([_not_offered(spec, chosen, lacking)] if lacking else []) + [why for _, why in unbuildable]
@@ -345,6 +379,23 @@ def _fitting_blocks(spec: InsertionSpec, chosen: list[Any], per_stage: dict[int,
     return fitting
 
 
+def _check_replacement(attn: str, module: Any, site: Any) -> None:
+    """What replaces a conv must give the conv's output shape (on the meta device: no compute)."""
+    import copy
+
+    import torch
+
+    from .shapes import _shape
+
+    want = _shape(site.replaces)
+    with torch.no_grad():
+        got = tuple(copy.deepcopy(module).to("meta").eval()(torch.empty(site.shape, device="meta")).shape)
+    if want is not None and got != tuple(want):
+        raise AttnSurgeonError(f"{attn} built for the {site.conv.describe()} gives a {tuple(got)} output where the conv "
+                               f"gives {tuple(want)} (its padding {site.conv.padding!r} is not the symmetric "
+                               "padding the block uses)")
+
+
 def _why_not_offered(position: str, lacking: list[Any]) -> str:
     """Why each kind of block in ``lacking`` has no ``position``: 'opaque: …; plain: …'."""
     reasons = []
@@ -352,8 +403,9 @@ def _why_not_offered(position: str, lacking: list[Any]) -> str:
         if kind == "opaque":
             why = "the tracer keeps it whole (its library marks it not traceable), so only pre and post reach it"
         else:
-            why = {"identity": "it has no skip connection", "3x3": "it has no spatial (k>1) convolution"}.get(
-                position, "it offers no such place")
+            why = {"identity": "it has no skip connection", "3x3": "it has no spatial (k>1) convolution",
+                   "conv": "it has no spatial (k>1) nn.Conv module to replace",
+                   "stage": "it ends the last stage: no stage follows it"}.get(position, "it offers no such place")
         reasons.append(f"{kind}: {why}")
     return "; ".join(reasons)
 
@@ -389,15 +441,20 @@ def _per_stage_options(spec: InsertionSpec, stages: list[int]) -> dict[int, dict
     return out
 
 
-def _module_name(gm: Any, block: Any, attn: str, position: str, taken: set[str]) -> str:
+def _module_name(gm: Any, block: Any, attn: str, position: str, taken: set[str], parent: str | None = None) -> str:
+    """Where the module for ``block`` hangs: under the block's module, or under ``parent`` where the
+    site names one (a stage container: ``layer1.bam_stage``)."""
     leaf = attn if position == "standard" else f"{attn}_{position}"
-    if "#" in block.name:  # the k-th merge in one module's forward
-        leaf += "_" + block.name.rsplit("#", 1)[1]
-    if block.kind == "unit":  # beside its conv: features.0 -> features.0_se
-        leaf = f"{block.name.rsplit('.', 1)[-1]}_{leaf}"
-    elif not block.module:  # a merge in the root's forward
-        leaf = f"{block.name}_{leaf}"
-    base = f"{block.module}.{leaf}" if block.module else leaf
+    if parent is not None:
+        base = f"{parent}.{leaf}"
+    else:
+        if "#" in block.name:  # the k-th merge in one module's forward
+            leaf += "_" + block.name.rsplit("#", 1)[1]
+        if block.kind == "unit":  # beside its conv: features.0 -> features.0_se
+            leaf = f"{block.name.rsplit('.', 1)[-1]}_{leaf}"
+        elif not block.module:  # a merge in the root's forward
+            leaf = f"{block.name}_{leaf}"
+        base = f"{block.module}.{leaf}" if block.module else leaf
     name, k = base, 1
     while name in taken or _exists(gm, name):
         k += 1
@@ -447,8 +504,8 @@ def _rewrite(gm: Any, planned: list[_Planned]) -> list[Insertion]:
         node = head
         while True:
             node.meta["as_unit"] = unit
-            # the block's module scope, so that the rewritten model can be analysed again
-            node.meta["nn_module_stack"] = dict(p.block.scope)
+            # the block's module scope (the site's, a stage's), so that the rewritten model can be analysed again
+            node.meta["nn_module_stack"] = dict(p.site.scope if p.site.scope is not None else p.block.scope)
             if node.op == "call_module":
                 node.meta["nn_module_stack"][p.module_name] = (p.module_name, type(p.module))
             if node is tail:
@@ -544,7 +601,7 @@ def _replace(gm: Any, p: _Planned, moved: _Moved) -> Insertion:
     return Insertion(
         block=p.block.name,
         stage=p.block.stage,
-        position="replace",
+        position="replace" if p.spec.replace else p.spec.position,
         attn=p.spec.attn,
         channels=p.site.channels,
         params=count_params(p.module) if p.module is not None else 0,

@@ -16,9 +16,10 @@ def test_resnet50_stages_blocks_and_sites():
     assert a.grouping == "containers" and a.shape_mode == "meta"
     b = a.block("layer2.0")
     assert (b.kind, b.type, b.skip, b.channels, b.resolution) == ("residual", "Bottleneck", "projection", 512, (8, 8))
-    assert b.positions == ["standard", "pre", "post", "identity", "3x3"]
+    assert b.positions == ["standard", "pre", "post", "identity", "3x3", "conv"]
+    assert a.block("layer2.3").positions == ["standard", "pre", "post", "identity", "3x3", "stage", "conv"]  # ends stage 2
     # per-site channels: block input 256, bottleneck width 128 after the 3x3 conv, output 512
-    assert {p: s.channels for p, s in b.sites.items()} == {"standard": 512, "pre": 256, "post": 512, "identity": 512, "3x3": 128}
+    assert {p: s.channels for p, s in b.sites.items()} == {"standard": 512, "pre": 256, "post": 512, "identity": 512, "3x3": 128, "conv": 128}
     assert a.block("layer2.1").skip == "identity"
 
 

@@ -177,7 +177,7 @@ def test_r3d_18_at_every_position(attn):
     _, anatomy = attnsurgeon.inspect_model(base, input_size=VIDEO)
     assert len(anatomy.blocks) == 8 and {b.layout for b in anatomy.blocks} == {"NCDHW"}
     for position in POSITIONS:
-        if not any(position in b.sites for b in anatomy.blocks):
+        if position not in attnsurgeon.blocks.get_block(attn).positions or not any(position in b.sites for b in anatomy.blocks):
             continue
         offered = [b.name for b in anatomy.blocks if position in b.sites]
         model, report = attnsurgeon.insert(base, attn, position, blocks=offered, init="identity", input_size=VIDEO)

@@ -3,7 +3,8 @@
 One small file per block (``se.py``, ``eca.py``, ``cbam.py``, ...); each defines
 
 * ``build(fmap, **options) -> nn.Module``, for the :class:`FeatureMap` at the site (its channels
-  and spatial size: a block is built for 1-D, 2-D or 3-D maps alike), with every option the block
+  and spatial size: a block is built for 1-D, 2-D or 3-D maps alike; at the ``conv`` position also
+  the :class:`ConvSpec` of the convolution it replaces), with every option the block
   takes given (the registry fills in the defaults); a site the block cannot fit (too few channels,
   a kernel larger than the map) raises :class:`AttnSurgeonError` saying why;
 * ``init_identity(module)``: make the module an exact identity that still learns;
@@ -11,7 +12,9 @@ One small file per block (``se.py``, ``eca.py``, ``cbam.py``, ...); each defines
 
 Its :class:`BlockInfo` in :data:`REGISTRY` says the rest, once: the options it takes and their
 defaults (``None`` = the block's own rule; each option's flag, help and rule live in
-:mod:`.options`), its natural position, its paper. Adding a block is one file plus one entry here. Nothing here imports torch, so
+:mod:`.options`), what it is (``kind``: a ``gate`` added on a tensor's path, or a ``conv`` that
+replaces a spatial convolution, hence the positions it allows:
+:data:`attnsurgeon.positions.KIND_POSITIONS`), its natural position, its paper. Adding a block is one file plus one entry here. Nothing here imports torch, so
 ``attnsurgeon list attn`` and ``--help`` stay fast; a block's file is imported when it is built.
 """
 
@@ -33,19 +36,28 @@ class BlockInfo:
     paper: str
     options: dict[str, Any]  # the block options it takes -> its default (None: the block's own rule)
     position: str = "standard"  # where it goes when --position is not given
+    kind: str = "gate"  # "gate": added on a tensor's path; "conv": takes the place of a spatial conv
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.options if k not in OPTIONS]
         assert not unknown, f"{self.name}: options {unknown} are not declared in blocks/options.py"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "summary": self.summary, "position": self.position, "paper": self.paper,
+        return {"name": self.name, "summary": self.summary, "kind": self.kind, "position": self.position,
+                "positions": list(self.positions), "paper": self.paper,
                 "options": [{"name": k, "default": v, "flag": OPTIONS[k].flag, "kind": OPTIONS[k].kind,
                              "per_stage": OPTIONS[k].per_stage, **({"choices": list(OPTIONS[k].choices)} if OPTIONS[k].choices else {}),
                              "help": OPTIONS[k].help} for k, v in self.options.items()]}
 
     def impl(self):
         return importlib.import_module(self.module)
+
+    @property
+    def positions(self) -> tuple[str, ...]:
+        """The positions its kind allows."""
+        from ..positions import KIND_POSITIONS
+
+        return KIND_POSITIONS[self.kind]
 
 
 REGISTRY: dict[str, BlockInfo] = {
@@ -60,6 +72,12 @@ REGISTRY: dict[str, BlockInfo] = {
         BlockInfo("cbam", "attnsurgeon.blocks.cbam", "CBAM: avg+max channel MLP gate, then a k×k spatial gate over channel avg/max maps",
                   "Woo et al., CBAM, ECCV 2018, https://arxiv.org/abs/1807.06521",
                   {"reduction": 16, "bias": False, "kernel_size": 7, "rd_divisor": 1}),
+        BlockInfo("sk", "attnsurgeon.blocks.sk", "Selective Kernel: the conv becomes a 3×3 and a dilated 3×3 path, mixed per channel by a softmax attention",
+                  "Li et al., Selective Kernel Networks, CVPR 2019, https://arxiv.org/abs/1903.06586",
+                  {"reduction": 16, "rd_divisor": 8, "split_input": True}, kind="conv", position="conv"),
+        BlockInfo("splat", "attnsurgeon.blocks.splat", "Split attention (ResNeSt): the conv computes radix splits, mixed per channel by a softmax attention",
+                  "Zhang et al., ResNeSt: Split-Attention Networks, 2020, https://arxiv.org/abs/2004.08955",
+                  {"radix": 2, "reduction": 4, "rd_divisor": 8}, kind="conv", position="conv"),
         BlockInfo("ese", "attnsurgeon.blocks.ese", "Effective SE: global average pool, one 1×1 conv C→C (no bottleneck), hard-sigmoid gate",
                   "Lee & Park, CenterMask (VoVNetV2), CVPR 2020, https://arxiv.org/abs/1911.06667", {}),
         BlockInfo("ecam", "attnsurgeon.blocks.ecam", "ECA with an MLP: pooled channels through a 1-tap conv to C/8 maps, ReLU, a k-tap conv back",
@@ -97,7 +115,7 @@ REGISTRY: dict[str, BlockInfo] = {
         BlockInfo("scse", "attnsurgeon.blocks.scse", "Concurrent spatial and channel SE: an SE channel gate and a 1×1-conv spatial gate, fused by max or sum",
                   "Roy et al., scSE, MICCAI 2018, https://arxiv.org/abs/1803.02579", {"reduction": 2, "fusion": "max"}),
         BlockInfo("bam", "attnsurgeon.blocks.bam", "Bottleneck Attention Module: channel MLP × dilated spatial branch, x·(1 + σ(c·s)), between stages",
-                  "Park et al., BAM, BMVC 2018, https://arxiv.org/abs/1807.06514", {"reduction": 16}),
+                  "Park et al., BAM, BMVC 2018, https://arxiv.org/abs/1807.06514", {"reduction": 16}, position="stage"),
         BlockInfo("simam", "attnsurgeon.blocks.simam", "SimAM: parameter-free, each neuron weighted by σ of its closed-form energy",
                   "Yang et al., SimAM, ICML 2021, http://proceedings.mlr.press/v139/yang21o.html", {"e_lambda": 1e-4}),
         BlockInfo("nl", "attnsurgeon.blocks.nl", "Non-local block: every position attends to every other (θᵀφ softmax), added back through a zero-init BN",
@@ -110,12 +128,41 @@ INITS = ("default", "identity")
 
 
 @dataclass(frozen=True)
+class ConvSpec:
+    """The convolution a ``conv`` block replaces (what ``nn.ConvNd`` was built with)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str  # a string: 'same' / 'valid', or 'dynamic' (TF-style padding computed per input)
+    dilation: tuple[int, ...]
+    groups: int
+    bias: bool
+    padding_mode: str = "zeros"
+
+    @property
+    def dims(self) -> int:
+        return len(self.kernel_size)
+
+    def describe(self) -> str:
+        k = "×".join(map(str, self.kernel_size))
+        extras = [f"stride {self.stride[0]}" if set(self.stride) != {1} else "",
+                  f"dilation {self.dilation[0]}" if set(self.dilation) != {1} else "",
+                  f"groups {self.groups}" if self.groups != 1 else ""]
+        return f"{k} conv {self.in_channels}→{self.out_channels}" + "".join(f", {e}" for e in extras if e)
+
+
+@dataclass(frozen=True)
 class FeatureMap:
     """What a block is built for: the channels at its site and the map's spatial size there
-    (``(L,)``, ``(H, W)`` or ``(T, H, W)``; its length is the number of spatial dimensions)."""
+    (``(L,)``, ``(H, W)`` or ``(T, H, W)``; its length is the number of spatial dimensions).
+    At the ``conv`` position, ``conv`` describes the convolution the block replaces (``channels``
+    and ``size`` are then its input's)."""
 
     channels: int
     size: tuple[int, ...] = (0, 0)  # unknown extents, two spatial dimensions
+    conv: ConvSpec | None = None
 
     @property
     def dims(self) -> int:
@@ -146,14 +193,19 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
-def build_block(name: str, channels: int, init: str = "default", *, size: tuple[int, ...] = (0, 0), **options: Any):
+def build_block(name: str, channels: int, init: str = "default", *, size: tuple[int, ...] = (0, 0),
+                conv: ConvSpec | None = None, **options: Any):
     """Build block ``name`` for a map of ``channels`` channels and spatial ``size`` (its length sets
-    1-D, 2-D or 3-D); ``init='identity'`` makes it start as an exact identity."""
+    1-D, 2-D or 3-D); ``init='identity'`` makes it start as an exact identity. A block of kind
+    ``conv`` is built to replace the convolution ``conv`` describes (and needs one)."""
     info = get_block(name)
     if init not in INITS:
         raise AttnSurgeonError(f"unknown init '{init}' (choose from {', '.join(INITS)})")
+    if (info.kind == "conv") != (conv is not None):
+        raise AttnSurgeonError(f"{info.name} replaces a convolution and is built only at position 'conv'" if conv is None
+                               else f"{info.name} is a {info.kind} and cannot take the place of a convolution")
     impl = info.impl()
-    module = impl.build(FeatureMap(int(channels), tuple(size)), **{**info.options, **check_options(name, options)})
+    module = impl.build(FeatureMap(int(channels), tuple(size), conv), **{**info.options, **check_options(name, options)})
     if init == "identity":
         impl.init_identity(module)
     return module
@@ -167,9 +219,11 @@ def describe_block(name: str, module: Any, requested: dict[str, Any]) -> dict[st
     return {**defaults, **requested, **info.impl().describe(module)}
 
 
-def block_classes() -> tuple[type, ...]:
-    """The module classes the zoo builds (kept whole, as leaves, when a model is traced)."""
+def block_classes(kind: str | None = None) -> tuple[type, ...]:
+    """The module classes the zoo builds (kept whole, as leaves, when a model is traced); with
+    ``kind``, those of the blocks of that kind only (``"conv"``: SelectiveKernel, SplitAttn)."""
     classes: list[type] = []
     for info in REGISTRY.values():
-        classes.extend(info.impl().CLASSES)
+        if kind is None or info.kind == kind:
+            classes.extend(info.impl().CLASSES)
     return tuple(classes)

@@ -84,6 +84,8 @@ OPTIONS: dict[str, BlockOption] = {
                     "e×e windows with stride e, then the gate is upsampled back."),
         BlockOption("extra_params", "bool", "Gather-Excite: gather with learned depthwise convs (GE-θ) instead of average "
                     "pooling (GE-θ⁻).", negatable=True),
+        BlockOption("split_input", "bool", "Selective Kernel: each path sees an equal share of the input channels.", negatable=True),
+        BlockOption("radix", "count", "Split attention: the number of splits (radix) the conv computes."),
         BlockOption("fusion", "choice", "How scSE fuses its channel and spatial recalibrations.", choices=("max", "sum")),
         BlockOption("e_lambda", "positive", "SimAM's regulariser λ of the energy function.", cli="lambda"),
         BlockOption("keep_depth", "bool", "On 3-D (video) maps: pool over H,W only and gate every (channel, frame) pair "

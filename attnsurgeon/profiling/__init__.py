@@ -60,6 +60,8 @@ class InsertionCost:
         """The position, or what the row replaced (``replaces SqueezeExcitation``)."""
         if not self.replaced:
             return self.position
+        if self.position == "conv":  # a conv block (sk, splat) in a convolution's place
+            return f"conv: replaces {self.replaced}"
         return f"{'removes' if self.attn == 'none' else 'replaces'} {self.replaced}"
 
 
@@ -350,7 +352,16 @@ def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], 
                     if figures[name].compile_s is None:
                         figures[name].compile_s = seconds
             say(f"Timing batch {b}")
-            for name, lat in measure_latency(steps, b, settings).items():
+            try:
+                latencies = measure_latency(steps, b, settings)
+            except ValueError as exc:
+                if "more than 1 value per channel" not in str(exc):
+                    raise
+                raise AttnSurgeonError(
+                    f"--mode train at batch {b}: a BatchNorm in the model normalises a single value per channel (a "
+                    "pooled (N, C, 1, 1) map, as in sk's and splat's attention, or a 1×1 feature map); "
+                    "train needs a batch of 2 or more: give --batch-size 2") from exc
+            for name, lat in latencies.items():
                 figures[name].latency[b] = lat
             say(f"Measuring memory at batch {b}")
             for name, step in steps.items():
