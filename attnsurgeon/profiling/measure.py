@@ -171,3 +171,56 @@ def _cpu_step_peak(step: Callable[[], None]) -> int:
         current += nbytes
         peak = max(peak, current)
     return int(peak)
+
+
+def saved_bytes_by_module(model: Any, x: tuple, modules: list[str], settings: Settings) -> dict[str, int]:
+    """What each of ``modules`` adds to a training step's activation memory: the bytes of the tensors
+    autograd keeps for the backward pass while that module runs, that nothing outside ``modules``
+    keeps too (one forward pass in train mode, ``saved_tensors_hooks``). Those tensors are alive
+    from the forward pass to the backward pass, so they are the module's share of the step's peak.
+    Parameters, temporaries freed within the forward, gradients and allocator rounding are not
+    counted: they cannot be told apart per module. A storage kept by several of ``modules`` counts
+    for the first of them."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current: list[str] = []
+    owners: dict[int, tuple[int, str | None]] = {}  # storage -> (bytes, first module keeping it; None: the rest)
+
+    def pack(t: Any) -> Any:
+        try:
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        except Exception:  # noqa: BLE001  (tensors without storage)
+            return t
+        if key in params:
+            return t
+        owner = current[-1] if current else None
+        known = owners.get(key)
+        if known is None or (known[1] is not None and owner is None):
+            owners[key] = (nbytes, owner)  # kept by the base model too: nobody's addition
+        return t
+
+    handles = []
+    for name in modules:
+        sub = model.get_submodule(name)
+        handles.append(sub.register_forward_pre_hook(lambda m, a, name=name: current.append(name)))  # returns None
+        handles.append(sub.register_forward_hook(lambda m, a, o: current.pop() and None))  # None: the output stays
+    device_type = torch.device(settings.device).type
+    autocast = (torch.autocast(device_type, dtype=getattr(torch, settings.dtype)) if settings.dtype != "float32"
+                else contextlib.nullcontext())
+    was_training = model.training
+    model.train(True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            out = model(*x)
+        del out  # the graph goes with it: no backward pass is needed
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    totals = {name: 0 for name in modules}
+    for nbytes, owner in owners.values():
+        if owner is not None:
+            totals[owner] += nbytes
+    return totals
