@@ -21,7 +21,7 @@ from typing_extensions import Annotated
 from .errors import AttnSurgeonError
 from .export import FORMATS  # the format registry (torch-free)
 from .render import (
-    _escape, _stderr, _stdout, _Steps, _SweepProgress, emit_json, print_anatomy, print_export,
+    _escape, _stderr, _stdout, _Steps, _SweepProgress, emit_json, print_anatomy, print_explanation, print_export,
     print_profile, print_report, print_sweep, print_table, progress,
 )
 
@@ -764,6 +764,60 @@ def inspect(
     print_anatomy(loaded, anatomy, gates)
     if plot is not None:
         _stdout().print(f"Block map: {_escape(str(plot))}")
+
+
+# --------------------------------------------------------------------------- explain
+
+
+@app.command()
+@command
+@insertion_options
+def explain(
+    model: ModelArg,
+    image: Annotated[list[Path], typer.Option("--image", "-i", help="An image file, or a folder of images; repeat for several.",
+                                              show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the sheets, summary.png and explain.json (must not exist, "
+                                      "unless --force).", show_default=False)],
+    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {', '.join(BLOCKS)} (none with "
+                                                "--replace). Default: none; the model is explained alone.")] = None,
+    position: PositionOpt = "standard",
+    ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
+    class_index: Annotated[Optional[int], typer.Option("--class", help="Class index for Grad-CAM.",
+                                                       show_default="the base model's top class")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Module whose output Grad-CAM reads (layer4, layer3.1).",
+                                                 show_default="the last spatial feature map")] = None,
+    input_size: InputSizeOpt = None,
+    pretrained: PretrainedOpt = False,
+    weights: WeightsOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder (once the new one is complete).")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Grad-CAM of MODEL and of its modified twin side by side, and the values of every attention gate, on images.
+
+    Example: attnsurgeon explain resnet50 --pretrained --attn cbam --init identity --image cat.jpg --out explain-cat
+    """
+    options, init, replace = ins.options, ins.init, ins.replace
+    if attn is not None:
+        check_insertion_args(attn, position, options, init, replace)
+    elif options or replace or ins.stages or ins.blocks:
+        raise AttnSurgeonError("--stages/--blocks/--replace and block options need --attn")
+    from ._io import check_new_dir
+
+    check_new_dir(out, force)
+    from .explain import collect_images
+
+    files = collect_images(image)  # a missing or unreadable image fails before any model is built
+    from .explain import explain as do_explain, write_explanation
+
+    with _Steps() as steps:
+        result = do_explain(model, files, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks), init,
+                            class_index=class_index, layer=layer, input_size=input_size, pretrained=pretrained,
+                            weights=weights, replace=replace, progress=steps, **options)
+        written = write_explanation(result, out, force=force, progress=steps)
+    if json_out:
+        emit_json({**result.to_dict(), "folder": str(out), "files": [str(w) for w in written]})
+        return
+    print_explanation(result, written)
 
 
 # --------------------------------------------------------------------------- list

@@ -6,7 +6,10 @@ One small file per block (``se.py``, ``eca.py``, ``cbam.py``); each defines
 * ``build(fmap, **options) -> nn.Module``, for the :class:`FeatureMap` at the site (its channels
   and spatial size: a block is built for 1-D, 2-D or 3-D maps alike);
 * ``init_identity(module)``: make the module an exact identity that still learns;
-* ``describe(module) -> dict``: the options it was built with, defaults filled in.
+* ``describe(module) -> dict``: the options it was built with, defaults filled in;
+* ``GATES`` (optional): where its gates are, ``{name: (submodule path, "channel" | "spatial")}``,
+  the submodule whose output is the gate (``{"channel": ("gate", "channel")}`` for SE);
+  ``attnsurgeon explain`` reads them with forward hooks and draws them.
 
 Adding a block is one file plus one line in :data:`REGISTRY`. Nothing here imports torch, so
 ``attnsurgeon list attn`` and ``--help`` stay fast; a block's file is imported when it is built.

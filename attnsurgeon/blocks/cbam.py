@@ -37,6 +37,7 @@ class ChannelAttnNd(ChannelAttn):
 
 CLASSES = (CbamModule,)
 OPTIONS = {"reduction": 16, "bias": False, "kernel_size": 7, "rd_divisor": 1}
+GATES = {"channel": ("channel.gate", "channel"), "spatial": ("spatial.gate", "spatial")}  # read by explain
 
 
 def build(fmap, reduction: float = 16, bias: bool = False, kernel_size: int = 7, rd_divisor: int = 1) -> CbamModule:

@@ -44,6 +44,7 @@ class EcaModuleNd(EcaModule):
 
 CLASSES = (EcaModule,)  # EcaModuleNd is one
 OPTIONS = {"kernel_size": None, "keep_depth": None}  # None: pool over every axis
+GATES = {"channel": ("gate", "channel")}  # explain reads the gate here: name -> (submodule, channel|spatial)
 
 
 def build(fmap, kernel_size: int | None = None, keep_depth: bool = False) -> EcaModule:

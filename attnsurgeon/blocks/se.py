@@ -41,6 +41,7 @@ class SEModuleNd(SEModule):
 
 CLASSES = (SEModule,)  # SEModuleNd is one
 OPTIONS = {"reduction": 16, "bias": True, "rd_divisor": 8, "keep_depth": None}  # None: pool over every axis
+GATES = {"channel": ("gate", "channel")}  # explain reads the gate here: name -> (submodule, channel|spatial)
 
 
 def build(fmap, reduction: float = 16, bias: bool = True, rd_divisor: int = 8, keep_depth: bool = False) -> SEModule:
