@@ -185,7 +185,6 @@ def collect_images(images: Iterable[str | os.PathLike]) -> list[Path]:
 def preprocessing(loaded: Any, size: tuple[int, ...]) -> tuple[Callable, Any, Any, str]:
     """The model's own preprocessing for ``size`` (C, H, W): timm's data config, torchvision's weights
     transforms, else a plain resize to [0, 1]. Returns (transform PIL -> tensor, mean, std, description)."""
-    import torch
     from torchvision import transforms as T
 
     model = loaded.model
@@ -211,11 +210,8 @@ def preprocessing(loaded: Any, size: tuple[int, ...]) -> tuple[Callable, Any, An
             return transform, tuple(own.mean), tuple(own.std), (
                 f"torchvision weights transforms: resize {resize} ({own.interpolation.value}), center crop {h}×{w}, "
                 f"mean {list(own.mean)}, std {list(own.std)}")
-    mean = getattr(model, "mean", None)
-    std = getattr(model, "std", None)
     transform = T.Compose([T.Resize((h, w), antialias=True), T.ToTensor()])
-    del torch
-    return transform, (0.0, 0.0, 0.0) if mean is None else mean, (1.0, 1.0, 1.0) if std is None else std, (
+    return transform, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (
         f"resize to {h}×{w}, scaled to [0, 1], not normalised (the model declares no preprocessing)")
 
 
@@ -482,6 +478,7 @@ def explain(
     from .surgery import apply_plan, make_spec, resolve_input_size
 
     say = progress or (lambda message: None)
+    _require_gradcam()
     files = collect_images(images)  # before any model is built
     specs = list(plan or [])
     if attn is not None:
@@ -554,6 +551,14 @@ def explain(
         [i.to_dict() for i in insertions], notes, class_index is not None, x, base_gm, modified,
     )
     return out
+
+
+def _require_gradcam() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pytorch_grad_cam") is None:
+        raise AttnSurgeonError("explain computes Grad-CAM with the grad-cam package, which is not installed: "
+                               "pip install 'attnsurgeon[explain]' (or pip install grad-cam)")
 
 
 def _class_name(loaded: Any, k: int) -> str | None:
@@ -656,7 +661,8 @@ def draw_sheet(e: Explanation, i: int) -> Any:
     n_cols = 4
     spatial_rows = -(-len(spatial) // n_cols) if spatial else 0
     strip_h = min(0.16 * len(channel) + 0.6, 9.0) if channel else 0
-    heights = [2.6] + ([strip_h] if channel else []) + [1.75] * spatial_rows
+    spacer = [0.25] if spatial else []  # room for the spatial section's heading
+    heights = [2.6] + ([strip_h] if channel else []) + spacer + [1.9] * spatial_rows
     fig = new_figure(10.0, sum(heights) + 1.2 + 0.25 * bool(spatial), dpi=100)
     gs = GridSpec(len(heights), 1, figure=fig, height_ratios=heights, hspace=0.35,
                   top=1 - 0.85 / fig.get_figheight(), bottom=0.35 / fig.get_figheight(), left=0.15, right=0.95)
@@ -696,10 +702,15 @@ def draw_sheet(e: Explanation, i: int) -> Any:
         bar.set_label("gate", fontsize=7)
         bar.ax.tick_params(labelsize=6.5)
     if spatial:
-        sub = gs[row:].subgridspec(spatial_rows, n_cols, wspace=0.06, hspace=0.35)
+        row += 1  # the spacer
+        sub = gs[row:].subgridspec(spatial_rows, n_cols, wspace=0.06, hspace=0.4)
         h, w = pixels.shape[:2]
         for k, g in enumerate(spatial):
             ax = fig.add_subplot(sub[k // n_cols, k % n_cols])
+            if k == 0:
+                top_y = ax.get_position().y1 + 0.42 / fig.get_figheight()
+                fig.text(0.55, top_y, "spatial gates, upsampled over the image (each map scaled to its own range, in its title)",
+                         ha="center", va="bottom", fontsize=8.5)
             t = shown.gates[(g.module, g.name)]
             heat = _upsample(t, h, w)
             lo, hi = float(heat.min()), float(heat.max())

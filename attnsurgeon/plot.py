@@ -175,8 +175,9 @@ def draw_insertion_map(anatomy: Any, insertions: Iterable[Any] = (), *, values: 
     width_units = _LABEL_W + columns * _PITCH_X + 0.2
     height_units = len(rows) * _PITCH_Y + 0.3
     scale = 0.82
-    fig = new_figure(max(7.0, width_units * scale), height_units * scale + 1.55)
-    top = 1 - 0.45 / fig.get_figheight()
+    title_lines = title.count("\n") + 1 if title else 0
+    fig = new_figure(max(7.0, width_units * scale), height_units * scale + 1.55 + 0.18 * max(0, title_lines - 1))
+    top = 1 - (0.45 + 0.18 * max(0, title_lines - 1)) / fig.get_figheight()
     bottom = 1.0 / fig.get_figheight()
     ax = fig.add_axes((0.01, bottom, 0.98, top - bottom))
     ax.set_xlim(0, width_units)
@@ -299,11 +300,12 @@ def _marker_xy(x0: float, y0: float, st: PositionStyle, k: int, n: int) -> tuple
 def map_title(report: Any, metric: str, values: dict[str, float]) -> str:
     """``resnet50 + se (standard): 16 modules, +2.51 M parameters (+9.9 %)``."""
     ins = report.insertions
-    kinds = sorted({f"{i.attn} ({i.position})" for i in ins})
+    kinds = list(dict.fromkeys(f"{i.attn} ({i.position})" for i in ins))  # in the plan's order
     head = f"{report.model.split(':', 1)[-1]} + {', '.join(kinds)}" if kinds else report.model
     delta = report.params.get("delta", 0)
     pct = report.params.get("percent")
-    text = f"{head}: {len(ins)} module{'s' if len(ins) != 1 else ''}, {_signed(delta)} parameters"
+    sep = "\n" if len(head) > 60 else ": "  # a long head gets a line of its own
+    text = f"{head}{sep}{len(ins)} module{'s' if len(ins) != 1 else ''}, {_signed(delta)} parameters"
     if pct is not None:
         text += f" ({pct:+.1f} %)"
     if metric == "macs":

@@ -157,22 +157,49 @@ def test_insertion_macs_sum_to_the_models_difference(stacked):
     assert values["layer1.0.se"] > 0
 
 
-def test_memory_kept_for_backward_per_insertion_is_the_analytic_figure():
-    """SE at the standard position of resnet18 keeps its input (N·C·H·W), the pooled vector, the
-    hidden ReLU output and the gate for the backward pass — none of which the base model keeps."""
+def _saved_total(model, x):
+    """Bytes of every distinct non-parameter storage autograd keeps in one training forward pass."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            kept[s.data_ptr()] = s.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    model.eval()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("position", ["standard", "pre", "post"])
+def test_memory_kept_for_backward_per_insertion(position):
+    """SE keeps a map the size of its input (N·C·H·W: its input at the standard position, which the
+    base model does not keep; its output at pre and post, which the next conv keeps in place of the
+    input it kept before) plus its pooled vector, hidden ReLU output and gate. The rows add up to
+    the difference of the whole models' kept bytes, measured independently."""
+    from attnsurgeon.parts import base_like
     from attnsurgeon.profiling.measure import saved_bytes_by_module
     from attnsurgeon.profiling.settings import Settings
 
     loaded, _ = inspect_model("resnet18", input_size=64)
-    modified, report = apply_plan(loaded, [InsertionSpec("se", "standard", stages=[1, 4])], input_size=64)
+    # blocks whose input has their own size (not a stage's first block, for pre); post not on the
+    # last block, whose output feeds the pooling head, which keeps nothing
+    blocks = ["layer1.1", "layer4.0" if position == "post" else "layer4.1"]
+    modified, report = apply_plan(loaded, [InsertionSpec("se", position, blocks=blocks)], input_size=64)
     n = 3
-    saved = saved_bytes_by_module(modified, (torch.randn(n, 3, 64, 64),), [i.module for i in report.insertions],
+    x = torch.randn(n, 3, 64, 64)
+    saved = saved_bytes_by_module(modified, (x,), [i.module for i in report.insertions],
                                   Settings("cpu", "float32", [n], "train", None, False, False, 1.0, 1.0))
     for ins in report.insertions:
         c = ins.channels
         h = 64 // 4 if ins.stage == 1 else 64 // 32
         hidden = ins.options["hidden"]
         assert saved[ins.module] == 4 * n * (c * h * h + c + hidden + c), ins.module
+    assert sum(saved.values()) == _saved_total(modified, x) - _saved_total(base_like(loaded.model, None), x)
 
 
 def test_profile_plot_draws_the_bars(tmp_path):
