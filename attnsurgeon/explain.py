@@ -361,13 +361,14 @@ def _in_layer(n: Any, name: str) -> bool:
 def layer_node(gm: Any, layer: str | None) -> Any:
     """The graph node whose output is ``layer``'s output (the last node of the module's forward that
     is read outside it), or by default the last node with a spatial (N, C, H, W) output."""
-    from .shapes import _shape
+    from .shapes import _shape, layout_of
 
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
     if layer is None:
         for n in reversed(nodes):
-            shape = _shape(n)
-            if shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1:
+            shape, layout = _shape(n), layout_of(n)
+            if shape is not None and layout is not None and layout.name in ("NCHW", "NHWC") and \
+                    shape[layout.spatial_axes[0]] * shape[layout.spatial_axes[1]] > 1:
                 return n
         return None
     inside = [n for n in nodes if _in_layer(n, layer)]

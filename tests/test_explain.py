@@ -196,3 +196,10 @@ def test_cli_explain_a_folder(cli, tmp_path):
         "sheet_one.png", "sheet_two.png"]
     assert len(data["images"]) == 2 and {g["module"] for g in data["gates"]} == {"layer4.0.se", "layer4.1.se"}
     assert (tmp_path / "out" / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_default_layer_is_the_last_map_with_a_spatial_extent(tmp_path):
+    """torchvision's ConvNeXt ends in a channels-last 1×1 norm before its head: Grad-CAM goes to
+    the last stage's output, whose 2×2 map (at 64 px) has a spatial extent."""
+    e = explain("convnext_tiny", [_image(tmp_path / "x.png")], input_size=64)
+    assert e.layer == "features.7.2" and e.base[0].cam.shape == (64, 64)
