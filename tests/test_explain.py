@@ -203,3 +203,25 @@ def test_the_default_layer_is_the_last_map_with_a_spatial_extent(tmp_path):
     the last stage's output, whose 2×2 map (at 64 px) has a spatial extent."""
     e = explain("convnext_tiny", [_image(tmp_path / "x.png")], input_size=64)
     assert e.layer == "features.7.2" and e.base[0].cam.shape == (64, 64)
+
+
+def test_an_existing_out_folder_is_kept_unless_force(cli, tmp_path):
+    image = _image(tmp_path / "x.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    code, _, err = cli("explain", "resnet18", "--image", image, "--input-size", "64", "--out", out)
+    assert code == 2 and "exists; pass --force" in err and (out / "mine.txt").exists()
+    code, _, err = cli("explain", "resnet18", "--image", image, "--input-size", "64", "--out", out, "--force")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["explain.json", "sheet_x.png"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_without_grad_cam_explain_says_what_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytorch_grad_cam" else real(name, *a))
+    with pytest.raises(AttnSurgeonError, match=r"pip install 'attnsurgeon\[explain\]'"):
+        explain("resnet18", [_image(tmp_path / "x.png")], input_size=64)
