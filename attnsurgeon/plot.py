@@ -267,8 +267,9 @@ def draw_insertion_map(anatomy: Any, insertions: Iterable[Any] = (), *, values: 
 
         cax = fig.add_axes((0.62, 0.55 / fig.get_figheight(), 0.34, 0.16 / fig.get_figheight()))
         bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal")
-        what = {"params": "added parameters", "macs": "added MACs"}.get(metric, metric)
-        bar.set_label(f"share of the {what} (%)", fontsize=7.5)
+        what = {"params": "parameters", "macs": "MACs"}.get(metric, metric)
+        removed = any(values.get(i.module, 0.0) < 0 for i in insertions)  # swaps and removals save some
+        bar.set_label(f"share of the {'change in ' + what if removed else 'added ' + what} (%)", fontsize=7.5)
         bar.ax.tick_params(labelsize=6.5)
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.18 / fig.get_figheight(), va="top")
