@@ -728,25 +728,31 @@ def _what(e: Explanation) -> str:
 
 
 def draw_summary(e: Explanation) -> Any:
-    """Across images: each gate's mean per image (one line per image), and how much its values vary
-    between images (SENet: early gates are shared across classes, late ones class-specific)."""
+    """Across images: each gate's mean per image (one line per image), how much its values vary
+    between images (SENet: early gates are shared across classes, late ones class-specific), and
+    the last channel gate's value per channel for each image (SENet's excitation plots)."""
+    from matplotlib.gridspec import GridSpec
+
     from .plot import new_figure, short_name
 
     summary = e.summary()[e.gate_view]
     shown = getattr(e, e.gate_view)
-    fig = new_figure(max(7.0, 0.22 * len(summary) + 2.5), 5.6)
+    fig = new_figure(max(8.0, 0.22 * len(summary) + 2.5), 8.2)
     if not summary:
         ax = fig.add_subplot(1, 1, 1)
         ax.axis("off")
         ax.text(0.5, 0.5, "no attention gate to read", ha="center", va="center")
         return fig
-    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    gs = GridSpec(3, 1, figure=fig, height_ratios=[1, 1, 1.1], hspace=0.62)
+    ax1 = fig.add_subplot(gs[0])
+    ax2 = fig.add_subplot(gs[1], sharex=ax1)
     xs = range(len(summary))
     for i, view in enumerate(shown):
         means = [float(view.gates[(r["module"], r["gate"])].mean()) for r in summary]
         ax1.plot(xs, means, marker="o", ms=3, lw=1, alpha=0.8, label=Path(e.images[i]).name)
     ax1.set_ylabel("mean gate", fontsize=8)
     ax1.grid(alpha=0.3)
+    ax1.tick_params(labelbottom=False)
     if len(shown) <= 10:
         ax1.legend(fontsize=6.5, ncol=min(5, len(shown)), loc="best", frameon=False)
     ax2.bar(xs, [r["std_across_images"] for r in summary], color="#4C72B0")
@@ -754,9 +760,18 @@ def draw_summary(e: Explanation) -> Any:
     ax2.grid(axis="y", alpha=0.3)
     ax2.set_xticks(list(xs), [f"{short_name(r['module'], 18)}{'' if r['gate'] in ('channel', 'gate') else '·' + r['gate'][:2]}"
                               for r in summary], rotation=70, fontsize=max(4.5, min(7, 300 / len(summary))), ha="right")
-    for ax in (ax1, ax2):
+    last = next((g for g in reversed(e.gates) if g.kind != "spatial" and all((g.module, g.name) in v.gates for v in shown)), None)
+    ax3 = fig.add_subplot(gs[2])
+    if last is not None:
+        for i, view in enumerate(shown):
+            t = view.gates[(last.module, last.name)]
+            ax3.plot(t.reshape(t.shape[0], -1).mean(-1).numpy(), lw=0.9, alpha=0.8, label=Path(e.images[i]).name)
+        ax3.set_xlabel(f"channel of {last.module} ({last.name} gate), in index order", fontsize=8)
+        ax3.set_ylabel("gate", fontsize=8)
+        ax3.grid(alpha=0.3)
+    for ax in (ax1, ax2, ax3):
         ax.tick_params(labelsize=7)
     model = e.model.split(":", 1)[-1]
     fig.suptitle(f"{model}: gates of the {e.gate_view} model across {len(shown)} images", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.98, top=0.94, bottom=0.07)
     return fig
