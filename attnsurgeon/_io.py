@@ -47,3 +47,48 @@ def atomic_path(target: str | os.PathLike, *, force: bool = True) -> Iterator[Pa
 def write_text_atomic(target: str | os.PathLike, text: str, *, force: bool = True) -> None:
     with atomic_path(target, force=force) as tmp:
         tmp.write_text(text)
+
+
+def check_new_dir(target: str | os.PathLike, force: bool = False) -> None:
+    """What :func:`atomic_dir` refuses, said before any work: an existing folder without ``force``,
+    a file in the way, a missing parent folder."""
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise AttnSurgeonError(f"'{target}' is a file; --out takes a folder")
+    if target.exists() and not force:
+        raise AttnSurgeonError(f"'{target}' exists; pass --force to replace it, or choose another --out folder")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise AttnSurgeonError(f"folder '{parent}' does not exist")
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it is renamed onto ``target``.
+
+    On any exception the temporary folder and all it holds are removed and ``target`` is left as it
+    was: a run that fails half-way leaves no partial output. An existing ``target`` is an error
+    unless ``force``, raised before any work; with ``force`` it is replaced only once the new one is
+    complete.
+    """
+    import shutil
+
+    target = Path(target).expanduser()
+    check_new_dir(target, force)
+    parent = target.parent if str(target.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: the user's usual mode
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

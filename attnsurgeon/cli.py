@@ -21,8 +21,8 @@ from typing_extensions import Annotated
 from .errors import AttnSurgeonError
 from .export import FORMATS  # the format registry (torch-free)
 from .render import (
-    _escape, _stderr, _stdout, _Steps, _SweepProgress, emit_json, print_anatomy, print_export, print_profile,
-    print_report, print_sweep, print_table, progress,
+    _escape, _stderr, _stdout, _Steps, _SweepProgress, emit_json, print_anatomy, print_explanation, print_export,
+    print_profile, print_report, print_sweep, print_table, progress,
 )
 
 
@@ -196,6 +196,23 @@ ToleranceOpt = Annotated[
     float, typer.Option("--tolerance", help="Largest max-abs difference of the written file's outputs, relative to their scale.")
 ]
 
+# figures (attnsurgeon.plot, attnsurgeon.explain): their own options, beside the insertion options
+PlotOpt = Annotated[
+    Optional[Path], typer.Option("--plot", help="Also draw a figure to this file: .png, .svg or .pdf (matplotlib).",
+                                 show_default="none")
+]
+PlotMetricOpt = Annotated[str, typer.Option("--plot-metric", help="What colours the insertion map: each module's share of "
+                                            "the added params or macs.")]
+
+
+def _check_plot(plot: Path | None, metric: str = "params") -> None:
+    """A wrong --plot file name or --plot-metric fails before any model is built."""
+    from .plot import check_plot_metric, check_plot_path
+
+    check_plot_metric(metric)
+    if plot is not None:
+        check_plot_path(plot)
+
 
 def parse_ints(text: str | None, what: str) -> list[int] | None:
     """'3,4' / '2-4' / '3' -> [3, 4] / [2, 3, 4] / [3]."""
@@ -366,14 +383,17 @@ def insert(
     static_batch: DynamicOpt = False,
     export_batch: ExportBatchOpt = 1,
     tolerance: ToleranceOpt = 1e-4,
+    plot: PlotOpt = None,
+    plot_metric: PlotMetricOpt = "params",
     json_out: JsonOpt = False,
 ) -> None:
     """Insert attention blocks into MODEL and report what was added (and write it with --out).
 
-    Example: attnsurgeon insert resnet50 --attn eca --stages 3,4 --out eca50.safetensors
+    Example: attnsurgeon insert resnet50 --attn eca --stages 3,4 --out eca50.safetensors --plot map.png
     """
     options, init, replace = ins.options, ins.init, ins.replace
     check_insertion_args(attn, position, options, init, replace)  # typos fail before loading anything
+    _check_plot(plot, plot_metric)
     fmt = None
     if out is not None:
         from .export import check_target
@@ -405,12 +425,21 @@ def insert(
 
             written = do_export(model_out, out, format=format_, batch_size=export_batch, dynamic_batch=not static_batch,
                                 force=force, tolerance=tolerance)
+    drawn = None
+    if plot is not None:
+        with progress(f"Drawing {plot} …"):
+            from .plot import write_insertion_map
+
+            drawn = write_insertion_map(loaded, model_out, report, plot, plot_metric)
     if json_out:
-        emit_json({**report.to_dict(), **({"export": written.to_dict()} if written else {})})
+        emit_json({**report.to_dict(), **({"export": written.to_dict()} if written else {}),
+                   **({"plot": str(drawn)} if drawn else {})})
     else:
         print_report(report)
         if written:
             print_export(written)
+        if drawn:
+            _stdout().print(f"Insertion map: {_escape(str(drawn))}")
 
 
 @app.command()
@@ -478,6 +507,9 @@ def profile(
     json_out: JsonOpt = False,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the figures as CSV to this file.", show_default="none")] = None,
     markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Also write them as a markdown table.", show_default="none")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw per-insertion bars of Δ params, Δ MACs and, in --mode "
+                                                 "train, the activation memory each keeps for backward: .png, .svg or .pdf.",
+                                                 show_default="none")] = None,
 ) -> None:
     """Measure MODEL and, with --attn, its modified twin side by side: params, MACs/FLOPs, latency, peak memory.
 
@@ -491,6 +523,9 @@ def profile(
     elif replace:
         raise AttnSurgeonError("--replace needs --attn: the block to put in place of the model's attention, or none to remove it")
     sizes = parse_ints(batch_size, "--batch-size") or []
+    _check_plot(plot)
+    if plot is not None and attn is None and not model.lower().endswith(".safetensors"):
+        raise AttnSurgeonError("--plot draws the cost of each insertion: give --attn (the model alone has none)")
     for path in (csv_path, markdown_path):
         if path is not None and not path.expanduser().parent.is_dir():
             raise AttnSurgeonError(f"folder '{path.parent}' does not exist")
@@ -510,10 +545,16 @@ def profile(
         write_text_atomic(csv_path, to_csv(result))
     if markdown_path is not None:
         write_text_atomic(markdown_path, to_markdown(result))
+    if plot is not None:
+        from .plot import draw_costs, save_figure
+
+        save_figure(draw_costs(result), plot)
     if json_out:
-        emit_json(result.to_dict())
+        emit_json({**result.to_dict(), **({"plot": str(plot)} if plot is not None else {})})
         return
     print_profile(result)
+    if plot is not None:
+        _stdout().print(f"Cost plot: {_escape(str(plot))}")
 
 
 # --------------------------------------------------------------------------- recipes and sweeps
@@ -712,9 +753,11 @@ def inspect(
     model: ModelArg,
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
+    plot: PlotOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show MODEL's stages, blocks, the positions each block offers, and attention it already has."""
+    _check_plot(plot)
     with progress(f"Loading {model} …"):
         from .models import load_model
 
@@ -728,10 +771,73 @@ def inspect(
         from .anatomy import attention_regions
 
         gates = [r.name for r in attention_regions(anatomy.gm) if r.gate] if anatomy.existing_attention else []
+    if plot is not None:
+        with progress(f"Drawing {plot} …"):
+            from .plot import draw_insertion_map, save_figure
+
+            title = f"{loaded.spec.split(':', 1)[-1]}: {len(anatomy.blocks)} blocks in {len(anatomy.stages)} stages"
+            save_figure(draw_insertion_map(anatomy, [], show_positions=True, title=title), plot)
     if json_out:
-        emit_json({"model": loaded.spec, "source": loaded.origin, **anatomy.to_dict(), "replaceable_attention": gates})
+        emit_json({"model": loaded.spec, "source": loaded.origin, **anatomy.to_dict(), "replaceable_attention": gates,
+                   **({"plot": str(plot)} if plot is not None else {})})
         return
     print_anatomy(loaded, anatomy, gates)
+    if plot is not None:
+        _stdout().print(f"Block map: {_escape(str(plot))}")
+
+
+# --------------------------------------------------------------------------- explain
+
+
+@app.command()
+@command
+@insertion_options
+def explain(
+    model: ModelArg,
+    image: Annotated[list[Path], typer.Option("--image", "-i", help="An image file, or a folder of images; repeat for several.",
+                                              show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the sheets, summary.png and explain.json (must not exist, "
+                                      "unless --force).", show_default=False)],
+    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {', '.join(BLOCKS)} (none with "
+                                                "--replace). Default: none; the model is explained alone.")] = None,
+    position: PositionOpt = None,
+    ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
+    class_index: Annotated[Optional[int], typer.Option("--class", help="Class index for Grad-CAM.",
+                                                       show_default="the base model's top class")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Module whose output Grad-CAM reads (layer4, layer3.1).",
+                                                 show_default="the last spatial feature map")] = None,
+    input_size: InputSizeOpt = None,
+    pretrained: PretrainedOpt = False,
+    weights: WeightsOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder (once the new one is complete).")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Grad-CAM of MODEL and of its modified twin side by side, and the values of every attention gate, on images.
+
+    Example: attnsurgeon explain resnet50 --pretrained --attn cbam --init identity --image cat.jpg --out explain-cat
+    """
+    options, init, replace = ins.options, ins.init, ins.replace
+    if attn is not None:
+        check_insertion_args(attn, position, options, init, replace)
+    elif options or replace or ins.stages or ins.blocks:
+        raise AttnSurgeonError("--stages/--blocks/--replace and block options need --attn")
+    from ._io import check_new_dir
+
+    check_new_dir(out, force)
+    from .explain import collect_images
+
+    files = collect_images(image)  # a missing or unreadable image fails before any model is built
+    from .explain import explain as do_explain, write_explanation
+
+    with _Steps() as steps:
+        result = do_explain(model, files, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks), init,
+                            class_index=class_index, layer=layer, input_size=input_size, pretrained=pretrained,
+                            weights=weights, replace=replace, progress=steps, **options)
+        written = write_explanation(result, out, force=force, progress=steps)
+    if json_out:
+        emit_json({**result.to_dict(), "folder": str(out), "files": [str(w) for w in written]})
+        return
+    print_explanation(result, written)
 
 
 # --------------------------------------------------------------------------- list

@@ -277,3 +277,39 @@ def print_table(columns: tuple[str, ...], rows: list[tuple], caption: str | None
     for row in rows:
         table.add_row(*row)
     _stdout().print(table)
+
+
+def print_explanation(result: Any, written: list[Any]) -> None:
+    """``explain``: per image the class and where Grad-CAM peaks, then each gate's statistics
+    (averaged over the images), then the files written."""
+    from rich.table import Table
+
+    out = _stdout()
+    data = result.to_dict()
+    views = [v for v in ("base", "modified") if data["images"] and v in data["images"][0]]
+    table = Table(title=f"{_escape(data['model'])}: Grad-CAM at {_escape(data['gradcam']['layer'])}")
+    for col in ("image", "class", *(f"{v} top-1 (p)" for v in views), *(f"{v} peak (y, x)" for v in views)):
+        table.add_column(col)
+    for im in data["images"]:
+        name = f"{im['class']}" + (f" {im['class_name']}" if im.get("class_name") else "")
+        tops = [f"{im[v]['top5'][0]['class']} ({im[v]['top5'][0]['probability']:.2f})" for v in views]
+        peaks = [", ".join(map(str, im[v]["gradcam"]["peak_yx"])) for v in views]
+        table.add_row(_escape(im["image"]), _escape(name), *tops, *peaks)
+    out.print(table)
+    gates = Table(title=f"attention gates of the {result.gate_view} model (mean over {len(data['images'])} image(s))")
+    for col in ("module", "gate", "origin", "kind", "mean", "std", "near 0", "near 1"):
+        gates.add_column(col, justify="right" if col in ("mean", "std", "near 0", "near 1") else "left")
+    for g in data["gates"]:
+        rows = [e for im in data["images"] for e in im[result.gate_view]["gates"] if e["module"] == g["module"] and e["gate"] == g["gate"]]
+        if not rows:
+            continue
+        avg = {k: sum(r[k] for r in rows) / len(rows) for k in ("mean", "std", "near_0", "near_1")}
+        gates.add_row(_escape(g["module"]), _escape(g["gate"]), g["origin"], g["kind"] or "", f"{avg['mean']:.3f}",
+                      f"{avg['std']:.3f}", f"{100 * avg['near_0']:.0f}%", f"{100 * avg['near_1']:.0f}%")
+    if data["gates"]:
+        out.print(gates)
+    else:
+        out.print("No attention gate in the model.")
+    for note in data["notes"]:
+        _stderr().print(f"[yellow]note:[/] {_escape(note)}")
+    out.print("wrote " + ", ".join(_escape(str(w)) for w in written))

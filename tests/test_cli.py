@@ -25,7 +25,8 @@ def _imports_torch(args):
     return out.stdout.strip()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["insert", "--help"], ["list", "attn"], ["list", "positions"], ["inspect", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["insert", "--help"], ["list", "attn"], ["list", "positions"], ["inspect", "--help"],
+                                  ["explain", "--help"]])
 def test_help_and_lists_do_not_import_torch(args):
     assert _imports_torch(args) == "[]"
 

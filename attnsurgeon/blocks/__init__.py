@@ -8,7 +8,10 @@ One small file per block (``se.py``, ``eca.py``, ``cbam.py``, ...); each defines
   takes given (the registry fills in the defaults); a site the block cannot fit (too few channels,
   a kernel larger than the map) raises :class:`AttnSurgeonError` saying why;
 * ``init_identity(module)``: make the module an exact identity that still learns;
-* ``describe(module) -> dict``: the options it was built with, defaults filled in.
+* ``describe(module) -> dict``: the options it was built with, defaults filled in;
+* ``GATES`` (optional): where its gates are, ``{name: (submodule path, "channel" | "spatial")}``,
+  the submodule whose output is the gate (``{"channel": ("gate", "channel")}`` for SE);
+  ``attnsurgeon explain`` reads them with forward hooks and draws them.
 
 Its :class:`BlockInfo` in :data:`REGISTRY` says the rest, once: the options it takes and their
 defaults (``None`` = the block's own rule; each option's flag, help and rule live in

@@ -18,6 +18,7 @@ from ._common import ScaledSigmoid, reduced_channels, zero_gate_input_mlp
 from .cbam import ChannelAttnNd
 
 CLASSES = (ChannelAttn,)
+GATES = {"channel": ("gate", "channel")}  # read by explain: name -> (submodule, channel|spatial)
 
 
 def build(fmap, *, reduction: float, bias: bool) -> ChannelAttn:

@@ -36,6 +36,7 @@ class ChannelAttnNd(ChannelAttn):
 
 
 CLASSES = (CbamModule,)
+GATES = {"channel": ("channel.gate", "channel"), "spatial": ("spatial.gate", "spatial")}  # read by explain
 
 
 def build(fmap, *, reduction: float, bias: bool, kernel_size: int, rd_divisor: int) -> CbamModule:

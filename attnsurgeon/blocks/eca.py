@@ -43,6 +43,7 @@ class EcaModuleNd(EcaModule):
 
 
 CLASSES = (EcaModule,)  # EcaModuleNd is one
+GATES = {"channel": ("gate", "channel")}  # explain reads the gate here: name -> (submodule, channel|spatial)
 
 
 def check_eca_kernel(block: str, kernel_size: int | None, channels: int) -> None:

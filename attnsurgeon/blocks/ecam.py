@@ -19,6 +19,7 @@ from ._common import ScaledSigmoid, flattened_if_not_2d, inner
 from .eca import check_eca_kernel
 
 CLASSES = (EcaModule,)
+GATES = {"channel": ("gate", "channel")}  # read by explain: name -> (submodule, channel|spatial)
 
 
 def build(fmap, *, kernel_size: int | None) -> torch.nn.Module:

@@ -19,6 +19,7 @@ from timm.layers.squeeze_excite import EffectiveSEModule
 from ._common import Scaled, flattened_if_not_2d, inner
 
 CLASSES = (EffectiveSEModule,)
+GATES = {"channel": ("gate", "channel")}  # read by explain: name -> (submodule, channel|spatial)
 
 
 def build(fmap) -> torch.nn.Module:

@@ -22,6 +22,7 @@ from timm.layers.global_context import GlobalContext
 from ._common import ScaledSigmoid, flattened_if_not_2d, inner, reduced_channels
 
 CLASSES = (GlobalContext,)
+GATES = {"channel": ("gate", "channel")}  # read by explain: name -> (submodule, channel|spatial)
 FUSE = {"fuse_add": False, "fuse_scale": True}  # timm's 'gc'
 
 

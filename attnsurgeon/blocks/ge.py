@@ -66,6 +66,7 @@ class GatherExciteModule(GatherExcite):
 
 
 CLASSES = (GatherExcite,)
+GATES = {"channel": ("gate", "channel")}  # read by explain: name -> (submodule, channel|spatial)
 
 
 def build(fmap, *, extent: int, extra_params: bool, reduction: float) -> torch.nn.Module:

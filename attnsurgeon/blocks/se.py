@@ -40,6 +40,7 @@ class SEModuleNd(SEModule):
 
 
 CLASSES = (SEModule,)  # SEModuleNd is one
+GATES = {"channel": ("gate", "channel")}  # explain reads the gate here: name -> (submodule, channel|spatial)
 
 
 def build(fmap, *, reduction: float, bias: bool, rd_divisor: int, keep_depth: bool | None) -> SEModule:

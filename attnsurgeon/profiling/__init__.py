@@ -54,6 +54,7 @@ class InsertionCost:
     params: int  # with ``replaced``: the new module's less the old one's (what the swap added)
     macs: int
     replaced: str | None = None  # class of the model's own attention module this one replaced
+    memory_bytes: int | None = None  # --mode train: activations it keeps for backward that no base module keeps
 
     @property
     def where(self) -> str:
@@ -79,6 +80,7 @@ class ProfileResult:
     fvcore_default_macs: dict[str, int]
     warnings: list[str]
     environment: dict[str, Any]
+    unattributed_memory_bytes: int | None = None  # --mode train: Δ peak memory (first batch size) less the per-insertion rows
 
     def rows(self) -> list[tuple[Metric, int, float, float | None, float | None, float | None]]:
         """(metric, batch size, base, modified, delta, delta %) for tables, CSV and Markdown."""
@@ -121,6 +123,7 @@ class ProfileResult:
             "flop_convention": FLOP_CONVENTION,
             "settings": {**self.settings.to_dict(), "input_size": list(self.input_size), **self.environment},
             "warnings": self.warnings,
+            "unattributed_memory_bytes": self.unattributed_memory_bytes,
         }
 
 
@@ -253,6 +256,10 @@ def profile(
         torch.set_num_threads(settings.threads)
     try:
         _time_and_measure(models, figures, size, settings, say)
+        unattributed_memory = None
+        if settings.mode == "train" and modified is not None and insertions:
+            say("Attributing memory to the insertions")
+            unattributed_memory = _attribute_memory(models["modified"], insertions, figures, size, settings)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -273,7 +280,26 @@ def profile(
         "device_name": torch.cuda.get_device_name(settings.device) if settings.device.startswith("cuda") else "cpu",
     }
     return ProfileResult(spec, source, size, settings, figures["base"], figures.get("modified"),
-                         insertions, unattributed, uncounted, fvcore_default, warnings, environment)
+                         insertions, unattributed, uncounted, fvcore_default, warnings, environment, unattributed_memory)
+
+
+def _attribute_memory(model: Any, insertions: list[InsertionCost], figures: dict[str, ModelFigures], size: tuple[int, ...],
+                      settings: Settings) -> int | None:
+    """Each insertion's activations kept for backward (``measure.saved_bytes_by_module``) at the first
+    batch size; returns what of the Δ peak memory they do not explain."""
+    from ..samples import sample_args
+    from .measure import saved_bytes_by_module
+
+    b = settings.batch_sizes[0]
+    modules = [i.module for i in insertions if i.attn != "none"]
+    x = sample_args(model, size, b, device=settings.device)
+    saved = saved_bytes_by_module(model, x, modules, settings)
+    for i in insertions:
+        i.memory_bytes = saved.get(i.module, 0) if i.attn != "none" else None
+    base, mod = figures["base"].memory.get(b), figures["modified"].memory.get(b)
+    if base is None or mod is None:
+        return None
+    return (mod.peak_bytes - base.peak_bytes) - sum(saved.values())
 
 
 def _count_macs(model: Any, args: tuple, size: tuple[int, ...], targets: list[str] | None, counted: list[str]) -> Any:

@@ -171,3 +171,81 @@ def _cpu_step_peak(step: Callable[[], None]) -> int:
         current += nbytes
         peak = max(peak, current)
     return int(peak)
+
+
+def saved_bytes_by_module(model: Any, x: tuple, modules: list[str], settings: Settings) -> dict[str, int]:
+    """What each of ``modules`` adds to a training step's activation memory: the bytes of the tensors
+    autograd keeps for the backward pass because the module is there (one forward pass in train
+    mode, ``saved_tensors_hooks``). Those tensors live from the forward pass to the backward pass,
+    so they are the module's share of the step's peak. A module adds
+
+    * what is kept while it runs and by nothing outside ``modules`` (SE at the standard position
+      keeps its input, which the base model never keeps, and its small pooled and gate tensors);
+    * its output, where a base op keeps it (SE at ``pre``: the block's first conv now keeps SE's
+      output) — less its input, if the module itself kept that: the base op kept the input before.
+
+    Parameters, temporaries freed within the forward pass, gradients and allocator rounding are
+    not counted: they cannot be told apart per module. A storage kept by several of ``modules``
+    counts for the first of them."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current: list[str] = []
+    owners: dict[int, tuple[int, str | None]] = {}  # storage -> (bytes, first module keeping it; None: a base op)
+    ends: dict[str, tuple[Any, Any]] = {}  # module -> (input storage, output storage)
+
+    def key_of(t: Any) -> tuple[int, int] | None:
+        try:
+            storage = t.untyped_storage()
+            return storage.data_ptr(), storage.nbytes()
+        except Exception:  # noqa: BLE001  (not a tensor, or one without storage)
+            return None
+
+    def pack(t: Any) -> Any:
+        key = key_of(t)
+        if key is None or key[0] in params:
+            return t
+        owner = current[-1] if current else None
+        known = owners.get(key[0])
+        if known is None or (known[1] is not None and owner is None):
+            owners[key[0]] = (key[1], owner)  # kept by a base op too: nobody's addition
+        return t
+
+    def enter(name: str, args: tuple) -> None:
+        current.append(name)
+        ends[name] = (key_of(args[0]) if args else None, None)
+
+    def leave(name: str, out: Any) -> None:
+        current.pop()
+        ends[name] = (ends[name][0], key_of(out))
+
+    handles = []
+    for name in modules:
+        sub = model.get_submodule(name)
+        handles.append(sub.register_forward_pre_hook(lambda m, a, name=name: enter(name, a)))
+        handles.append(sub.register_forward_hook(lambda m, a, o, name=name: leave(name, o)))
+    device_type = torch.device(settings.device).type
+    autocast = (torch.autocast(device_type, dtype=getattr(torch, settings.dtype)) if settings.dtype != "float32"
+                else contextlib.nullcontext())
+    was_training = model.training
+    model.train(True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            out = model(*x)
+        del out  # the graph goes with it: no backward pass is needed
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    totals = {name: 0 for name in modules}
+    for nbytes, owner in owners.values():
+        if owner is not None:
+            totals[owner] += nbytes
+    for name, (inp, outp) in ends.items():
+        kept_by = owners.get(outp[0]) if outp is not None else None
+        if kept_by is None or kept_by[1] is not None or outp == inp:
+            continue
+        totals[name] += outp[1]  # a base op keeps the module's output: it kept the module's input before
+        if inp is not None and owners.get(inp[0], (0, None))[1] == name:
+            totals[name] -= inp[1]
+    return totals
