@@ -132,8 +132,8 @@ def run_sweep(
     jobs = [Row(m, by_name.get(n), n, settings, input_size, model_kwargs or {}, target)
             for m, n in order if (m, n) not in done]
     measured: list[str] = []
+    run = _run_on_ray(jobs, ray, ray_cpus, progress) if ray is not None else _run_here(jobs, progress)
     try:
-        run = _run_on_ray(jobs, ray, ray_cpus, progress) if ray is not None else _run_here(jobs, progress)
         for row in run:  # each row written as it arrives, whichever order the rows finish in
             _append_row(out, row)
             key = (row["model"], row["name"])
@@ -141,6 +141,7 @@ def run_sweep(
             measured.append(_label(key, single))
             _write_tables(out, [done[k] for k in order if k in done])
     finally:
+        run.close()  # on Ray: cancels the tasks in flight, stops the instance it started
         _forget_loaded()
         rows = [done[k] for k in order if k in done]
         plot = _write_plot(out, rows) if rows else None
