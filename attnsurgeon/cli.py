@@ -592,11 +592,11 @@ def apply(
 # sweep --models / --ray / --ray-cpus (zoo sweeps, rows as Ray tasks: attnsurgeon.sweep)
 SweepModelsOpt = Annotated[Optional[str], typer.Option(
     "--models", help="Several models, crossed with the configurations: a list or globs (timm:resnet*,convnext_tiny; "
-    "`list models` shows the names). Instead of MODEL, or to run a sweep recipe over them.", show_default=False)]
+    "`list models` shows the names). Instead of MODEL, or to run a sweep recipe over them.", show_default="MODEL alone")]
 SweepRayOpt = Annotated[Optional[str], typer.Option(
     "--ray", metavar="[ADDRESS]", help="Run the rows as Ray tasks (pip install 'attnsurgeon[ray]'): --ray alone starts "
     "Ray on this machine; auto or ray://HEAD:10001 joins a cluster. Each row asks for --threads CPUs (1 if unset), "
-    "or one GPU with --device cuda.", show_default=False)]
+    "or one GPU with --device cuda.", show_default="rows measured here, one after another")]
 SweepRayCpusOpt = Annotated[Optional[int], typer.Option(
     "--ray-cpus", min=1, help="CPUs the local Ray instance may use (rows at once: this over --threads).",
     show_default="all of this machine's")]

@@ -94,6 +94,15 @@ def test_ray_without_ray_installed_says_how_to_install_it(cli, tmp_path, monkeyp
     assert not (tmp_path / "s").exists()  # said before anything was written
 
 
+def test_wrong_zoo_and_ray_arguments_are_one_line_errors(cli, tmp_path):
+    for args, message in [(["resnet18", "--models", "resnet34"], "give MODEL or --models, not both"),
+                          (["--attn", "se"], "give a MODEL, a sweep RECIPE, or --models"),
+                          (["resnet18", "--ray-cpus", "2"], "--ray-cpus sizes a local Ray instance")]:
+        code, _, err = cli("sweep", *args, "--attn", "se", "--out", tmp_path / "s")
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "s").exists()
+
+
 def test_ray_takes_an_optional_address():
     from attnsurgeon.cli import _optional_ray_address as parse
 
