@@ -241,13 +241,7 @@ def _run_on_ray(jobs: list[Row], address: str, cpus: int | None, progress: Progr
         return
     started = _connect(ray, address, cpus)
     try:
-        settings = dict(jobs[0].settings)
-        device = str(settings.get("device", "cpu"))
-        gpus = 1 if device.startswith("cuda") else 0
-        task_cpus = settings.get("threads") or 1
-        if gpus:
-            settings["device"] = "cuda"  # Ray gives the task one GPU, which it sees as cuda:0
-        settings["threads"] = task_cpus
+        task_cpus, gpus, settings = task_resources(jobs[0].settings)
         measure = ray.remote(measure_row).options(num_cpus=task_cpus, num_gpus=gpus, max_retries=RAY_RETRIES,
                                                   retry_exceptions=False)
         queue = [Row(**{**vars(job), "settings": settings}) for job in jobs]
@@ -281,6 +275,18 @@ def _run_on_ray(jobs: list[Row], address: str, cpus: int | None, progress: Progr
     finally:
         if started:
             ray.shutdown()
+
+
+def task_resources(settings: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+    """What one row's task asks Ray for, and the settings it measures with: ``--threads`` CPUs (1 if
+    unset, and then 1 thread), plus one GPU on CUDA, which the task sees as ``cuda`` whatever its index."""
+    settings = dict(settings)
+    cpus = settings.get("threads") or 1
+    gpus = 1 if str(settings.get("device", "cpu")).startswith("cuda") else 0
+    if gpus:
+        settings["device"] = "cuda"  # Ray gives the task one GPU, which it sees as cuda:0
+    settings["threads"] = cpus
+    return cpus, gpus, settings
 
 
 def _import_ray() -> Any:

@@ -103,6 +103,15 @@ def test_wrong_zoo_and_ray_arguments_are_one_line_errors(cli, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_each_task_asks_for_one_measurements_resources():
+    from attnsurgeon.sweep import task_resources
+
+    assert task_resources({"device": "cpu", "threads": 4}) == (4, 0, {"device": "cpu", "threads": 4})
+    assert task_resources({"mode": "train"}) == (1, 0, {"mode": "train", "threads": 1})  # unset: one CPU, one thread
+    assert task_resources({"device": "cuda:3", "dtype": "bfloat16"}) == (1, 1, {"device": "cuda", "dtype": "bfloat16",
+                                                                                 "threads": 1})
+
+
 def test_ray_takes_an_optional_address():
     from attnsurgeon.cli import _optional_ray_address as parse
 
