@@ -48,7 +48,7 @@ def test_model_globs_expand_through_the_libraries_listings():
         expand_models("resnet18,resnet1B")
 
 
-def test_zoo_sweep_crosses_models_with_configurations_and_groups_by_model(tmp_path, cli):
+def test_zoo_sweep_crosses_models_with_configurations_and_groups_by_model(tmp_path):
     """Run in a fresh interpreter: a local sweep never imports Ray."""
     out = tmp_path / "zoo"
     code = (f"import sys, json; from attnsurgeon.cli import main; sys.argv = ['attnsurgeon', 'sweep', '--models', "
