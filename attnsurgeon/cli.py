@@ -637,13 +637,27 @@ def apply(
         print_profile(profiled)
 
 
+# sweep --models / --ray / --ray-cpus (zoo sweeps, rows as Ray tasks: attnsurgeon.sweep)
+SweepModelsOpt = Annotated[Optional[str], typer.Option(
+    "--models", help="Several models, crossed with the configurations: a list or globs (timm:resnet*,convnext_tiny; "
+    "`list models` shows the names). Instead of MODEL, or to run a sweep recipe over them.", show_default="MODEL alone")]
+SweepRayOpt = Annotated[Optional[str], typer.Option(
+    "--ray", metavar="[ADDRESS]", help="Run the rows as Ray tasks (pip install 'attnsurgeon[ray]'): --ray alone starts "
+    "Ray on this machine; auto or ray://HEAD:10001 joins a cluster. Each row asks for --threads CPUs (1 if unset), "
+    "or one GPU with --device cuda.", show_default="rows measured here, one after another")]
+SweepRayCpusOpt = Annotated[Optional[int], typer.Option(
+    "--ray-cpus", min=1, help="CPUs the local Ray instance may use (rows at once: this over --threads).",
+    show_default="all of this machine's")]
+RAY_LOCAL = "local"  # what `--ray` alone means (see _optional_ray_address)
+
+
 @app.command()
 @command
 @insertion_options
 def sweep(
-    model: Annotated[str, typer.Argument(help="A model name, or a sweep recipe (.yaml) with its configurations.", show_default=False,
-                                         metavar="MODEL|RECIPE")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for sweep.json, rows.jsonl, results.csv/.json and plot.png.", show_default=False)],
+    model: Annotated[Optional[str], typer.Argument(help="A model name, or a sweep recipe (.yaml) with its configurations "
+                                                   "(or --models instead).", show_default=False, metavar="MODEL|RECIPE")] = None,
     attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention blocks to sweep, a list of {','.join(BLOCKS)} "
                                                 "(none with --replace); required without a sweep recipe.", show_default="none")] = None,
     position: Annotated[Optional[str], typer.Option("--position", "-p", help=f"Positions to sweep, a list of {','.join(POSITIONS)}. "
@@ -661,6 +675,9 @@ def sweep(
     target: TargetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted sweep in --out: finished rows are kept.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out folder that holds a sweep.")] = False,
+    models: SweepModelsOpt = None,
+    ray: SweepRayOpt = None,
+    ray_cpus: SweepRayCpusOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Profile MODEL under every combination of --attn and --position (or a sweep recipe's configurations).
@@ -669,13 +686,17 @@ def sweep(
     measures only the rest. A configuration that fails becomes a failed row with its reason.
 
     Example: attnsurgeon sweep resnet50 --attn se,eca,cbam --position standard,pre,post,identity --out sweeps/r50
+
+    Zoo sweep on Ray: attnsurgeon sweep --models 'timm:resnet*,convnext_tiny' --attn se,eca --threads 1 --ray --out sweeps/zoo
     """
     from .recipes import parse_recipe, read_recipe
 
     if resume and force:
         raise AttnSurgeonError("--resume and --force conflict: --resume keeps the finished rows, --force discards them")
     options, init, replace, stages, blocks = ins.options, ins.init, ins.replace, ins.stages, ins.blocks
-    is_recipe = model.lower().endswith((".yaml", ".yml"))
+    if model is None and models is None:
+        raise AttnSurgeonError("give a MODEL, a sweep RECIPE, or --models (a list or glob of models)")
+    is_recipe = model is not None and model.lower().endswith((".yaml", ".yml"))
     if is_recipe:
         if attn or stages or blocks or options or replace:
             raise AttnSurgeonError("give either a sweep recipe or --attn/--position/--stages/--blocks/--replace and block "
@@ -690,6 +711,8 @@ def sweep(
         size = input_size or spec.input_size
         target = target or spec.target
     else:
+        if model is not None and models is not None:
+            raise AttnSurgeonError("give MODEL or --models, not both (--models takes a list: resnet18,resnet50)")
         if not attn:
             raise AttnSurgeonError("--attn is required (a list such as se,eca,cbam), or give a sweep recipe")
         attns = parse_globs(attn, "--attn")
@@ -721,20 +744,36 @@ def sweep(
                                        "each block's natural position")
             _stderr().print(f"[dim]note: left out {', '.join(skipped)}: a block's kind does not allow that position "
                             "(conv blocks go only at conv, gates anywhere but conv)[/]")
-        spec = parse_recipe({"model": model, "configurations": configurations}, "the command line")
+        spec = parse_recipe({"model": model or "", "configurations": configurations}, "the command line")
         configurations, settings, size = spec.configurations, {}, input_size
     settings.update(_profile_overrides(device, dtype, batch_size, mode, threads, min_time,
                                        max_time, channels_last))
     from .sweep import run_sweep
 
+    swept = models.split(",") if models is not None else spec.models or spec.model  # --models overrides a recipe's
     with _SweepProgress() as bar:
-        result = run_sweep(spec.model, configurations, out, settings=settings, input_size=size,
-                           model_kwargs=spec.model_kwargs, target=target, resume=resume, force=force, progress=bar)
+        result = run_sweep(swept, configurations, out, settings=settings, input_size=size,
+                           model_kwargs=spec.model_kwargs, target=target, resume=resume, force=force, progress=bar,
+                           ray=ray, ray_cpus=ray_cpus)
     if json_out:
         emit_json({"folder": str(result.folder), "measured": result.measured, "plot": str(result.plot) if result.plot else None,
                    "rows": result.rows})
         return
     print_sweep(result)
+
+
+def _optional_ray_address(argv: list[str]) -> list[str]:
+    """``--ray`` takes an optional address: alone (last, or before another option or the model) it means a
+    local Ray instance. An address is ``local``, ``auto``, ``SCHEME://...`` or ``HOST:PORT``."""
+    import re
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--ray":
+            nxt = out[i + 1] if i + 1 < len(out) else None
+            if nxt is None or not re.fullmatch(r"local|auto|\w[\w+.-]*://\S*|[\w.-]+:\d+", nxt):
+                out.insert(i + 1, RAY_LOCAL)
+    return out
 
 
 def _takes(attn: str) -> tuple[str, ...]:
@@ -902,7 +941,7 @@ def main() -> None:
     if "--debug" in argv:
         _state["debug"] = True
         argv = [a for a in argv if a != "--debug"]
-    app(args=argv, prog_name="attnsurgeon")
+    app(args=_optional_ray_address(argv), prog_name="attnsurgeon")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from .errors import AttnSurgeonError, did_you_mean
 
@@ -83,6 +83,34 @@ def list_models(pattern: str | None = None) -> list[tuple[str, str]]:
             pat = f"*{pat}*"
         rows = [r for r in rows if fnmatch.fnmatchcase(r[0].lower(), pat)]
     return sorted(rows, key=lambda r: (r[0], r[1]))
+
+
+def expand_models(patterns: str | Iterable[str]) -> list[str]:
+    """The models of a zoo sweep, from ``'timm:resnet*,convnext_tiny'`` or a list of such items.
+
+    A glob (``*``, ``?``, ``[``) expands through :func:`list_models` (``timm:``/``tv:`` keep one
+    library), each match named with its library's prefix (``timm:resnet18``); any other item is kept
+    as given, a library name checked first (an unknown name is an error with suggestions). Repeats
+    are dropped, the order kept.
+    """
+    items = patterns.split(",") if isinstance(patterns, str) else list(patterns)
+    items = [str(p).strip() for p in items if str(p).strip()]
+    if not items:
+        raise AttnSurgeonError("no models given: expected a list such as 'timm:resnet*,convnext_tiny'")
+    out: list[str] = []
+    for item in items:
+        source, name = parse_model_spec(item)
+        if source not in ("torchvision", "timm", "auto"):
+            out.append(item)  # a user's factory: built (or refused) where its rows run
+        elif any(ch in name for ch in "*?["):
+            hits = [(n, s) for n, s in list_models(name) if source in ("auto", s)]
+            if not hits:
+                raise AttnSurgeonError(f"'{item}' matches no model; `attnsurgeon list models PATTERN` lists the names")
+            out += [f"{'tv' if s == 'torchvision' else 'timm'}:{n}" for n, s in hits]
+        else:
+            resolve_source(item)
+            out.append(item)
+    return list(dict.fromkeys(out))
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:

@@ -28,6 +28,9 @@ plans) or ``grid`` (lists of alternatives, expanded as their product)::
       attn: [se]
       options: {reduction: [2, 4, 8, 16, 32], bias: [false], rd_divisor: [1]}
 
+A sweep recipe may name several models instead of one (``models: [timm:resnet*, convnext_tiny]``,
+names or globs): a zoo sweep, every model under every configuration.
+
 Validation names the place of every problem (``insertions[1].stages``, and the line in a YAML
 file). YAML is read with a safe loader only.
 """
@@ -42,7 +45,7 @@ from typing import Any
 from .errors import AttnSurgeonError
 from .schema import INSERTION_KEYS, InsertionSpec, Where, is_int, no_unknown, parse_insertion, positive_ints, typed
 
-RECIPE_KEYS = ("name", "description", "model", "model_kwargs", "input_size", "target", "insertions", "configurations",
+RECIPE_KEYS = ("name", "description", "model", "models", "model_kwargs", "input_size", "target", "insertions", "configurations",
                "grid", "profile")
 CONFIGURATION_KEYS = ("name", "insertions")
 GRID_KEYS = ("attn", "position", "stages", "blocks", "init", "options", "replace")
@@ -72,13 +75,14 @@ class Recipe:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     configurations: list[Configuration] | None = None  # a sweep recipe (from `configurations` or `grid`)
     target: list[str] | None = None  # the submodules to rewrite (attnsurgeon.parts); None: the whole model or found
+    models: list[str] | None = None  # a zoo sweep recipe's models (names or globs); ``model`` is then empty
 
     @property
     def is_sweep(self) -> bool:
         return self.configurations is not None
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"model": self.model}
+        d: dict[str, Any] = {"models": self.models} if self.models else {"model": self.model}
         if self.configurations is not None:
             d["configurations"] = [c.to_dict() for c in self.configurations]
         else:
@@ -100,8 +104,21 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
     if not isinstance(data, dict):
         raise AttnSurgeonError(f"{where(())}: a recipe is a mapping with 'model' and 'insertions'")
     no_unknown(data, RECIPE_KEYS, (), where)
-    model = typed(data, "model", str, (), where, required=True)
     kinds = [k for k in ("insertions", "configurations", "grid") if k in data]
+    models = None
+    if "models" in data:  # a zoo sweep: several models crossed with the configurations
+        if "model" in data:
+            raise AttnSurgeonError(f"{where(('models',))}: give 'model' (one) or 'models' (a zoo sweep), not both")
+        if kinds == ["insertions"]:
+            raise AttnSurgeonError(f"{where(('models',))}: 'models' belongs to a sweep recipe (configurations or grid); "
+                                   "a recipe with insertions has one 'model'")
+        models = data["models"]
+        models = models.split(",") if isinstance(models, str) else models
+        if not (isinstance(models, list) and models and all(isinstance(m, str) and m.strip() for m in models)):
+            raise AttnSurgeonError(f"{where(('models',))}: expected a list of model names or globs ([timm:resnet*, convnext_tiny])")
+        models, model = [m.strip() for m in models], ""
+    else:
+        model = typed(data, "model", str, (), where, required=True)
     if len(kinds) != 1:
         raise AttnSurgeonError(f"{where(())}: give exactly one of 'insertions' (a recipe), 'configurations' or 'grid' "
                                f"(a sweep recipe){'; found ' + ', '.join(kinds) if kinds else ''}")
@@ -136,7 +153,7 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
     if not isinstance(kwargs, dict):
         raise AttnSurgeonError(f"{where(('model_kwargs',))}: expected a mapping of keyword arguments")
     return Recipe(model, insertions, input_size, profile, typed(data, "name", str, (), where),
-                  typed(data, "description", str, (), where), dict(kwargs), configurations, target)
+                  typed(data, "description", str, (), where), dict(kwargs), configurations, target, models)
 
 
 def _parse_insertions(raw: Any, path: tuple, where: Where, allow_empty: bool = False) -> list[InsertionSpec]:

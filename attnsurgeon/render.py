@@ -188,8 +188,12 @@ class _SweepProgress(_Steps):
         self.task = self.progress.add_task("sweep", total=None)
         return self
 
-    def __call__(self, name: str, done: int, total: int) -> None:  # type: ignore[override]
-        self.progress.update(self.task, total=total, completed=done, description=f"measuring {name}" if name else "done")
+    def __call__(self, name: str, done: int, total: int, in_flight: int | None = None) -> None:  # type: ignore[override]
+        if in_flight is not None:  # on Ray: several rows at once
+            text = f"{in_flight} row(s) in flight" if in_flight else "done"
+        else:
+            text = f"measuring {name}" if name else "done"
+        self.progress.update(self.task, total=total, completed=done, description=text)
 
 
 def print_sweep(result: Any) -> None:
@@ -199,33 +203,37 @@ def print_sweep(result: Any) -> None:
 
     out = _stdout()
     rows = result.rows
-    ok = [r for r in rows if r["status"] == "ok"]
-    title = f"{ok[0]['model']} · batch {ok[0]['batch_size']}" if ok else str(result.folder)
-    table = Table(title=title, title_justify="left")
     shown = [m for m in METRICS if m.summary]
-    table.add_column("configuration")
-    for m in shown:
-        table.add_column(m.label + (f" ({m.unit})" if m.unit else ""), justify="right")
-        table.add_column(f"Δ {m.label}", justify="right")
     failures, noisy = [], False
-    for r in rows:
-        if r["status"] != "ok":
-            failures.append(r)
-            table.add_row(r["name"], f"[red]failed ({len(failures)})[/]", *[""] * (2 * len(shown) - 1))
-            continue
-        base = r["name"] == "base"
-        flag = "[yellow]![/]" if any("noisy" in w for w in r.get("warnings", [])) else ""
-        noisy = noisy or bool(flag)
-        cells = [f"[bold]{r['name']}[/]" if base else r["name"]]
+    models = list(dict.fromkeys(r.get("model", "") for r in rows))
+    for model in models:  # one table per model (a zoo sweep has several)
+        mine = [r for r in rows if r.get("model", "") == model]
+        ok = [r for r in mine if r["status"] == "ok"]
+        title = f"{model} · batch {ok[0]['batch_size']}" if ok else f"{model} ({result.folder})"
+        table = Table(title=title, title_justify="left")
+        table.add_column("configuration")
         for m in shown:
-            value, pct = get(r, m.key), get(r["delta_percent"], m.key)
-            cells.append(m.format(value, unit=False) + (flag if m.key.startswith("latency") else ""))
-            cells.append("" if base or pct is None else
-                         f"{m.format(get(r['delta'], m.key), True, unit=False)} ({pct:+.{_digits(pct)}f}%)")
-        table.add_row(*cells)
-    out.print(table)
+            table.add_column(m.label + (f" ({m.unit})" if m.unit else ""), justify="right")
+            table.add_column(f"Δ {m.label}", justify="right")
+        for r in mine:
+            if r["status"] != "ok":
+                failures.append(r)
+                table.add_row(r["name"], f"[red]failed ({len(failures)})[/]", *[""] * (2 * len(shown) - 1))
+                continue
+            base = r["name"] == "base"
+            flag = "[yellow]![/]" if any("noisy" in w for w in r.get("warnings", [])) else ""
+            noisy = noisy or bool(flag)
+            cells = [f"[bold]{r['name']}[/]" if base else r["name"]]
+            for m in shown:
+                value, pct = get(r, m.key), get(r["delta_percent"], m.key)
+                cells.append(m.format(value, unit=False) + (flag if m.key.startswith("latency") else ""))
+                cells.append("" if base or pct is None else
+                             f"{m.format(get(r['delta'], m.key), True, unit=False)} ({pct:+.{_digits(pct)}f}%)")
+            table.add_row(*cells)
+        out.print(table)
     for i, r in enumerate(failures, 1):
-        out.print(f"[red]failed ({i})[/] {r['name']}: {_escape(r['reason'])}")
+        where = f"{r.get('model')}/" if len(models) > 1 else ""
+        out.print(f"[red]failed ({i})[/] {_escape(where + r['name'])}: {_escape(r['reason'])}")
     if noisy:
         out.print("[yellow]![/] noisy timing: IQR above 10% of the median (other work on the machine, or more threads "
                   "than free cores: try --threads 1 or a longer --max-time); treat those Δ latency figures with care.")

@@ -11,6 +11,12 @@ sweep is the same measurement as ``attnsurgeon profile``, repeated. The output f
 An interrupted sweep (Ctrl-C, a crash, a kill) keeps every finished row; ``resume=True`` measures
 only the rest. A configuration that fails (a position the model lacks) is recorded as a failed row
 with its reason, and the sweep goes on.
+
+A zoo sweep crosses several models with the configurations: every model gets its own ``base`` row,
+and a row is known by its model and its name. With ``ray=...`` the rows run as Ray tasks, on this
+machine or a cluster: the same function measures a row either way (:func:`measure_row`), only the
+scheduling differs, and the driver writes the rows as they arrive, exactly as the local loop does.
+``import ray`` happens only then.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ._io import atomic_path, write_text_atomic
 from .errors import AttnSurgeonError
@@ -35,7 +41,7 @@ def _csv_columns() -> list[str]:
     """name, status, then per metric its value, delta, delta % and the base's value; then the rest."""
     from .profiling.metrics import TABLE_METRICS
 
-    columns = ["name", "status"]
+    columns = ["model", "name", "status"]
     for m in TABLE_METRICS:
         columns += [m.column] + ([f"{m.column}_delta", f"{m.column}_delta_pct", f"base_{m.column}"] if m.delta else [])
     return columns + ["reason", "insertions", "seconds"]
@@ -45,15 +51,18 @@ def _csv_columns() -> list[str]:
 class SweepResult:
     folder: Path
     rows: list[dict[str, Any]]
-    measured: list[str]  # names measured in this run (the rest came from an earlier run)
+    measured: list[str]  # rows measured in this run (the rest came from an earlier run): their labels, see _label
     plot: Path | None
 
 
-ProgressFn = Callable[[str, int, int], None]  # (row name, rows done in this run, rows to do in this run)
+# (row name, rows done in this run, rows to do in this run); on Ray a fourth argument: the rows in flight
+ProgressFn = Callable[..., None]
+
+RAY_RETRIES = 3  # Ray's retries of a task whose worker or node died, before its row is recorded as failed
 
 
 def run_sweep(
-    model: str,
+    model: str | list[str],
     configurations: list[Configuration],
     folder: str | os.PathLike,
     *,
@@ -64,20 +73,26 @@ def run_sweep(
     resume: bool = False,
     force: bool = False,
     progress: ProgressFn | None = None,
+    ray: str | None = None,
+    ray_cpus: int | None = None,
 ) -> SweepResult:
     """Profile ``model`` unmodified and under each configuration; write rows as they finish.
 
     Args:
-        model: a model name (a spec that rebuilds it: a sweep can be resumed in a new process).
+        model: a model name (a spec that rebuilds it: a sweep can be resumed in a new process), or a
+            list of them (globs allowed: ``["timm:resnet*", "convnext_tiny"]``, see
+            :func:`attnsurgeon.models.expand_models`) crossed with the configurations: a zoo sweep.
         configurations: the rows (``recipes.Configuration``: a name and a plan).
         folder: where the rows, CSV, JSON and plot go; created if missing.
         settings: profile settings (``batch_sizes`` with one size, ``device``, ``dtype``, ``mode``...).
         target: the submodule(s) every configuration rewrites (see :func:`attnsurgeon.insert`).
         resume: continue a sweep in ``folder``: finished rows are kept, the rest measured.
         force: start over in a folder that already holds a sweep.
+        ray: run the rows as Ray tasks: ``"local"`` starts a Ray instance on this machine (or uses
+            the one this process is connected to), ``"auto"`` or ``"ray://HOST:10001"`` joins a cluster.
+        ray_cpus: the CPUs a local Ray instance may use (default: all of this machine's).
     """
-    from .models import load_model
-    from .surgery import resolve_input_size
+    from .models import expand_models
 
     settings = dict(settings or {})
     sizes = settings.get("batch_sizes", [1])
@@ -90,10 +105,18 @@ def run_sweep(
         raise AttnSurgeonError("the sweep has no configurations")
     if len(set(names)) != len(names) or BASE in names:
         raise AttnSurgeonError(f"configuration names must be unique and not '{BASE}': {names}")
+    if ray_cpus is not None and (ray is None or ray != LOCAL):
+        raise AttnSurgeonError("--ray-cpus sizes a local Ray instance (--ray without an address); a cluster's "
+                               "CPUs are set where it is started")
+    if ray is not None:
+        _import_ray()  # a missing Ray is said before any folder is written
+    models = expand_models([model] if isinstance(model, str) else model)
+    if isinstance(model, str) and models != [model]:
+        raise AttnSurgeonError(f"'{model}' names several models: give them as a list (--models) for a zoo sweep")
 
     out = Path(folder).expanduser()
     definition = {
-        "model": model,
+        "model": model if isinstance(model, str) else models,
         "model_kwargs": model_kwargs or {},
         "input_size": list(input_size) if isinstance(input_size, (list, tuple)) else input_size,
         "settings": settings,
@@ -101,50 +124,225 @@ def run_sweep(
     }
     if target is not None:  # only when given: folders written before it existed still resume
         definition["target"] = target
-    done = _prepare_folder(out, definition, resume, force)
+    single = models[0] if isinstance(model, str) else None
+    done = _prepare_folder(out, definition, resume, force, single)
 
-    from .profiling import profile
-
-    todo = [BASE] + names
-    pending = [n for n in todo if n not in done]
-    loaded = load_model(model, **(model_kwargs or {})) if pending else None
-    size = resolve_input_size(input_size, loaded.input_size) if loaded else None
     by_name = {c.name: c for c in configurations}
+    order = [(m, n) for m in models for n in [BASE] + names]  # the rows, in the order of the tables
+    jobs = [Row(m, by_name.get(n), n, settings, input_size, model_kwargs or {}, target)
+            for m, n in order if (m, n) not in done]
     measured: list[str] = []
-    say = progress or (lambda name, i, n: None)
+    run = _run_on_ray(jobs, ray, ray_cpus, progress) if ray is not None else _run_here(jobs, progress)
     try:
-        for i, name in enumerate(pending):
-            say(name, i, len(pending))
-            start = time.perf_counter()
-            try:
-                if name == BASE:
-                    result = profile(loaded, input_size=size, **settings)
-                else:
-                    result = profile(loaded, plan=by_name[name].insertions, input_size=size, target=target, **settings)
-                row = _row(name, result)
-            except KeyboardInterrupt:
-                raise
-            except AttnSurgeonError as exc:
-                row = _failed(name, by_name.get(name), str(exc))
-            except Exception as exc:  # a bug or a model that breaks: recorded, and the sweep goes on
-                row = _failed(name, by_name.get(name), f"{type(exc).__name__}: {exc}")
-            row["seconds"] = round(time.perf_counter() - start, 2)
+        for row in run:  # each row written as it arrives, whichever order the rows finish in
             _append_row(out, row)
-            done[name] = row
-            measured.append(name)
-            _write_tables(out, [done[n] for n in todo if n in done])
-        say("", len(pending), len(pending))
+            key = (row["model"], row["name"])
+            done[key] = row
+            measured.append(_label(key, single))
+            _write_tables(out, [done[k] for k in order if k in done])
     finally:
-        rows = [done[n] for n in todo if n in done]
+        run.close()  # on Ray: cancels the tasks in flight, stops the instance it started
+        _forget_loaded()
+        rows = [done[k] for k in order if k in done]
         plot = _write_plot(out, rows) if rows else None
     return SweepResult(out, rows, measured, plot)
+
+
+def _label(key: tuple[str, str], single: str | None) -> str:
+    """A row's name in messages: the configuration's, with its model in a zoo sweep (``timm:resnet18/se``)."""
+    return key[1] if single is not None else f"{key[0]}/{key[1]}"
+
+
+# --------------------------------------------------------------------------- rows: one function, two schedulers
+
+
+@dataclass
+class Row:
+    """What one row needs to be measured anywhere: in this process, or in a Ray task on another node."""
+
+    model: str
+    configuration: Configuration | None  # None: the base model
+    name: str
+    settings: dict[str, Any]
+    input_size: Any
+    model_kwargs: dict[str, Any]
+    target: Any
+
+
+_loaded: dict[str, Any] = {}  # the last model built in this process, reused by the rows that follow it
+
+
+def measure_row(job: Row) -> dict[str, Any]:
+    """Measure one row (its base measured alongside by :func:`attnsurgeon.profile`) and return it.
+
+    The one function behind every row, local or on Ray; a failure is returned as a failed row.
+    """
+    from .profiling import profile
+    from .surgery import resolve_input_size
+
+    start = time.perf_counter()
+    config = job.configuration
+    try:
+        loaded = _load(job.model, job.model_kwargs)
+        start = time.perf_counter()  # the row's seconds: its measurement, not the (shared) build
+        size = resolve_input_size(job.input_size, loaded.input_size)
+        if config is None:
+            result = profile(loaded, input_size=size, **job.settings)
+        else:
+            result = profile(loaded, plan=config.insertions, input_size=size, target=job.target, **job.settings)
+        row = _row(job.name, job.model, result)
+    except KeyboardInterrupt:
+        raise
+    except AttnSurgeonError as exc:
+        row = _failed(job.name, job.model, config, str(exc))
+    except Exception as exc:  # a bug or a model that breaks: recorded, and the sweep goes on
+        row = _failed(job.name, job.model, config, f"{type(exc).__name__}: {exc}")
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _load(model: str, kwargs: dict[str, Any]) -> Any:
+    from .models import load_model
+
+    key = json.dumps([model, kwargs], sort_keys=True, default=str)
+    if key not in _loaded:
+        _loaded.clear()  # one model at a time: a zoo sweep does not keep forty backbones in memory
+        _loaded[key] = load_model(model, **kwargs)
+    return _loaded[key]
+
+
+def _forget_loaded() -> None:
+    _loaded.clear()
+
+
+def _run_here(jobs: list[Row], progress: ProgressFn | None) -> Iterator[dict[str, Any]]:
+    """One row after another in this process."""
+    say = progress or (lambda *args: None)
+    for i, job in enumerate(jobs):
+        say(job.name, i, len(jobs))
+        yield measure_row(job)
+    say("", len(jobs), len(jobs))
+
+
+LOCAL = "local"
+
+
+def _run_on_ray(jobs: list[Row], address: str, cpus: int | None, progress: ProgressFn | None) -> Iterator[dict[str, Any]]:
+    """The same rows as Ray tasks, each asking for one measurement's resources; rows come back as they finish.
+
+    At most as many tasks are submitted as the cluster can run at once (re-read as it grows), so
+    the rows in flight are the rows being measured. A task that Ray gives up on (its worker or node
+    died RAY_RETRIES times) becomes a failed row; Ctrl-C cancels the tasks in flight.
+    """
+    ray = _import_ray()
+    say = progress or (lambda *args: None)
+    if not jobs:
+        say("", 0, 0, 0)
+        return
+    started = _connect(ray, address, cpus)
+    try:
+        task_cpus, gpus, settings = task_resources(jobs[0].settings)
+        measure = ray.remote(measure_row).options(num_cpus=task_cpus, num_gpus=gpus, max_retries=RAY_RETRIES,
+                                                  retry_exceptions=False)
+        queue = [Row(**{**vars(job), "settings": settings}) for job in jobs]
+        running: dict[Any, Row] = {}
+        finished = 0
+        last = ""
+        try:
+            while queue or running:
+                slots = _slots(ray, task_cpus, gpus)
+                if slots == 0 and started:
+                    raise AttnSurgeonError(f"the local Ray instance has no {'GPU' if gpus else f'{task_cpus} free CPUs'} "
+                                           "for a row; " + ("run on a node with a GPU" if gpus else "lower --threads or raise --ray-cpus"))
+                while queue and len(running) < max(slots, 1):
+                    job = queue.pop(0)
+                    running[measure.remote(job)] = job
+                say(last, finished, len(jobs), len(running))
+                ready, _ = ray.wait(list(running), num_returns=1)
+                for ref in ready:
+                    job = running.pop(ref)
+                    try:
+                        row = ray.get(ref)
+                    except ray.exceptions.RayError as exc:
+                        row = _failed(job.name, job.model, job.configuration, _ray_reason(exc))
+                    finished += 1
+                    last = row["name"]
+                    yield row
+            say("", finished, len(jobs), 0)
+        finally:
+            for ref in running:  # an interrupted sweep leaves nothing running on the cluster
+                ray.cancel(ref, force=True)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def task_resources(settings: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+    """What one row's task asks Ray for, and the settings it measures with: ``--threads`` CPUs (1 if
+    unset, and then 1 thread), plus one GPU on CUDA, which the task sees as ``cuda`` whatever its index."""
+    settings = dict(settings)
+    cpus = settings.get("threads") or 1
+    gpus = 1 if str(settings.get("device", "cpu")).startswith("cuda") else 0
+    if gpus:
+        settings["device"] = "cuda"  # Ray gives the task one GPU, which it sees as cuda:0
+    settings["threads"] = cpus
+    return cpus, gpus, settings
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise AttnSurgeonError(f"--ray needs Ray, which is not installed ({exc}): pip install 'attnsurgeon[ray]'") from None
+    return ray
+
+
+def _connect(ray: Any, address: str, cpus: int | None) -> bool:
+    """Start a local Ray instance or join a cluster; True when this call started (and must stop) it."""
+    import logging
+
+    if ray.is_initialized():
+        if address == LOCAL and cpus is None:
+            return False  # the instance this process already runs (a notebook, the tests)
+        raise AttnSurgeonError("this process is already connected to Ray; run the sweep with --ray alone (no address "
+                               "or --ray-cpus), or call ray.shutdown() first")
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address == LOCAL:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if cpus is not None and not 1 <= cpus <= available:
+            raise AttnSurgeonError(f"--ray-cpus must be between 1 and the {available} CPUs of this machine, got {cpus}")
+        ray.init(num_cpus=cpus or available, include_dashboard=False, **quiet)
+        return True
+    import attnsurgeon
+
+    try:  # the cluster's workers run this driver's attnsurgeon, whatever the nodes have installed
+        ray.init(address=address, runtime_env={"py_modules": [os.path.dirname(attnsurgeon.__file__)]}, **quiet)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise AttnSurgeonError(f"cannot join the Ray cluster at '{address}' ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                               "start one with `ray start --head` and pass its address (auto on a node of the cluster, "
+                               "or ray://HEAD:10001)") from None
+    return True
+
+
+def _slots(ray: Any, cpus: int, gpus: int) -> int:
+    """How many rows the cluster can measure at once (GPUs, or CPUs in units of --threads)."""
+    total = ray.cluster_resources()
+    return int(total.get("GPU", 0)) if gpus else int(total.get("CPU", 0) // cpus)
+
+
+def _ray_reason(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)  # RayTaskError: the exception the task raised
+    if isinstance(cause, BaseException):
+        return f"the Ray task raised {type(cause).__name__}: {cause}"
+    text = str(exc).strip().splitlines()
+    return f"the Ray task failed ({type(exc).__name__}, after {RAY_RETRIES} retries): {text[0] if text else ''}"
 
 
 # --------------------------------------------------------------------------- files
 
 
-def _prepare_folder(out: Path, definition: dict, resume: bool, force: bool) -> dict[str, dict]:
-    """Create or check the folder; return the rows already finished (on resume)."""
+def _prepare_folder(out: Path, definition: dict, resume: bool, force: bool, single: str | None) -> dict[tuple, dict]:
+    """Create or check the folder; return the rows already finished (on resume), by (model, name)."""
     sweep_file, rows_file = out / SWEEP_FILE, out / ROWS_FILE
     if out.exists() and not out.is_dir():
         raise AttnSurgeonError(f"'{out}' exists and is not a folder")
@@ -158,7 +356,7 @@ def _prepare_folder(out: Path, definition: dict, resume: bool, force: bool) -> d
                 changed = [k for k in definition if previous.get(k) != json.loads(json.dumps(definition[k]))]
                 raise AttnSurgeonError(f"the sweep in '{out}' was started with other values for: {', '.join(changed)}; "
                                        "resume it with the same arguments, or start over with --force")
-            return _read_rows(rows_file)
+            return _read_rows(rows_file, single)
         if not force:
             raise AttnSurgeonError(f"'{out}' already holds a sweep: pass --resume to finish it, or --force to start over")
         for name in (SWEEP_FILE, ROWS_FILE, "results.csv", "results.json", "plot.png"):
@@ -170,15 +368,18 @@ def _prepare_folder(out: Path, definition: dict, resume: bool, force: bool) -> d
     return {}
 
 
-def _read_rows(rows_file: Path) -> dict[str, dict]:
-    rows: dict[str, dict] = {}
+def _read_rows(rows_file: Path, single: str | None) -> dict[tuple, dict]:
+    """The finished rows by (model, name); in a one-model sweep every row is that model's."""
+    rows: dict[tuple, dict] = {}
     if rows_file.exists():
         for line in rows_file.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill: that row is measured again
-            rows[row["name"]] = row
+            if single is not None:
+                row["model"] = single
+            rows[(row["model"], row["name"])] = row
     return rows
 
 
@@ -220,15 +421,26 @@ def _write_plot(out: Path, rows: list[dict]) -> Path | None:
     if not ok:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in ok:
-        is_base = r["name"] == BASE
-        latency = r["latency_ms"]["median"]
-        ax.scatter(r["params"] / 1e6, latency, marker="s" if is_base else "o", s=40,
-                   color="black" if is_base else "tab:blue", zorder=3)
-        ax.annotate(r["name"], (r["params"] / 1e6, latency), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    models = list(dict.fromkeys(r["model"] for r in ok))  # one colour per model, its base a black-edged square
+    colours = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
+    for k, model in enumerate(models):
+        colour = "tab:blue" if len(models) == 1 else colours(k % colours.N)
+        mine = [r for r in ok if r["model"] == model]
+        for r in mine:
+            is_base = r["name"] == BASE
+            latency = r["latency_ms"]["median"]
+            ax.scatter(r["params"] / 1e6, latency, marker="s" if is_base else "o", s=40, zorder=3,
+                       color=("black" if len(models) == 1 else colour) if is_base else colour,
+                       edgecolors="black" if is_base else "none")
+            label = model if is_base and len(models) > 1 else r["name"]
+            ax.annotate(label, (r["params"] / 1e6, latency), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if len(models) > 1:
+            ax.scatter([], [], color=colour, label=model)
+    if len(models) > 1:
+        ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel(f"latency (ms), batch {ok[0].get('batch_size', 1)}")
-    ax.set_title(f"{ok[0].get('model', '')}: latency against parameters", fontsize=10)
+    ax.set_title(f"{models[0] if len(models) == 1 else f'{len(models)} models'}: latency against parameters", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out / "plot.png"
@@ -241,7 +453,7 @@ def _write_plot(out: Path, rows: list[dict]) -> Path | None:
 # --------------------------------------------------------------------------- rows
 
 
-def _row(name: str, result: Any) -> dict[str, Any]:
+def _row(name: str, model: str, result: Any) -> dict[str, Any]:
     """The row of one configuration: its figures at the first batch size, nested as in ``profile
     --json``, and the base model's, measured alongside in the same run, with the differences."""
     from .profiling.metrics import TABLE_METRICS, difference, nested, percent
@@ -252,7 +464,7 @@ def _row(name: str, result: Any) -> dict[str, Any]:
     return {
         "name": name,
         "status": "ok",
-        "model": result.model,
+        "model": model,  # as the sweep names it (the key of the row with its name)
         "batch_size": b,
         "insertions": [vars(i) for i in result.insertions],
         **nested(TABLE_METRICS, [b], lambda m, _: m.read(fig, b)),
@@ -264,10 +476,11 @@ def _row(name: str, result: Any) -> dict[str, Any]:
     }
 
 
-def _failed(name: str, config: Configuration | None, reason: str) -> dict[str, Any]:
+def _failed(name: str, model: str, config: Configuration | None, reason: str) -> dict[str, Any]:
     return {
         "name": name,
         "status": "failed",
+        "model": model,
         "reason": reason,
         "insertions": [s.to_dict() for s in config.insertions] if config else [],
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -179,7 +179,8 @@ def test_small_sweep_writes_csv_json_png(cli, tmp_path):
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == names
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("name,status,params,params_delta") and len(csv_lines) == 6
+    assert csv_lines[0].startswith("model,name,status,params,params_delta") and len(csv_lines) == 6
+    assert all(line.startswith("resnet18,") for line in csv_lines[1:])  # every row names its model
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     se_std = rows[1]
     assert se_std["delta"]["params"] == sum(se(c) for c in (64, 64, 128, 128, 256, 256, 512, 512))

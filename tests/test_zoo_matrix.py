@@ -175,3 +175,34 @@ def test_flop_breakdown_of_every_block_sums_to_the_delta():
     assert sum(i.macs for i in result.insertions) == data["delta"]["macs"] > 0
     assert sum(i.params for i in result.insertions) == data["delta"]["params"]
     assert sorted(i.attn for i in result.insertions) == sorted(REGISTRY)
+
+
+def test_the_registry_reaches_the_cli_the_docs_and_the_zoo_recipe(cli):
+    """Every block and option declared once reaches `list attn --json`, every inserting command's flags,
+    the README's table and the shipped zoo recipe — nothing is kept by hand in a second list."""
+    import json
+    from pathlib import Path
+
+    from attnsurgeon.blocks.options import OPTIONS
+    from attnsurgeon.recipes import read_recipe
+
+    code, out, err = cli("list", "attn", "--json")
+    assert code == 0, err
+    listed = {b["name"]: b for b in json.loads(out)["blocks"]}
+    assert list(listed) == list(REGISTRY)
+    for name, info in REGISTRY.items():
+        assert listed[name]["position"] == info.position and listed[name]["position"] in listed[name]["positions"]
+        assert {o["name"]: o["default"] for o in listed[name]["options"]} == info.options
+    used = {k for info in REGISTRY.values() for k in info.options}
+    assert used == set(OPTIONS)  # no option declared that no block takes
+    for command in ("insert", "profile", "sweep", "explain"):
+        code, out, _ = cli(command, "--help")
+        flat = " ".join(out.split())
+        missing = [o.flag for o in OPTIONS.values() if o.flag not in flat]
+        assert code == 0 and not missing, (command, missing)
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert [n for n in REGISTRY if f"| `{n}` |" not in readme and f"`{n}` /" not in readme and f"/ `{n}` |" not in readme] == []
+    zoo = read_recipe(str(root / "recipes" / "zoo-resnet50.yaml"))
+    assert sorted(c.insertions[0].attn for c in zoo.configurations) == sorted(REGISTRY)
+    assert all(c.insertions[0].position == REGISTRY[c.insertions[0].attn].position for c in zoo.configurations)
