@@ -201,15 +201,24 @@ def saved_bytes_by_module(model: Any, x: tuple, modules: list[str], settings: Se
         except Exception:  # noqa: BLE001  (not a tensor, or one without storage)
             return None
 
-    def pack(t: Any) -> Any:
+    kept: list[Any] = []  # alive until the count is done, so that no storage address is reused
+
+    def pack(t: Any) -> None:
+        # The graph gets None: no backward pass follows. (Returning ``t`` itself kept it through a
+        # reference cycle in autograd's C++ graph that Python's collector cannot see: every call
+        # leaked a forward pass's activations, and a 22-row train sweep ran out of memory.)
+        kept.append(t)
         key = key_of(t)
         if key is None or key[0] in params:
-            return t
+            return None
         owner = current[-1] if current else None
         known = owners.get(key[0])
         if known is None or (known[1] is not None and owner is None):
             owners[key[0]] = (key[1], owner)  # kept by a base op too: nobody's addition
-        return t
+        return None
+
+    def unpack(_: Any) -> Any:
+        raise RuntimeError("saved_bytes_by_module runs no backward pass")
 
     def enter(name: str, args: tuple) -> None:
         current.append(name)
@@ -230,13 +239,14 @@ def saved_bytes_by_module(model: Any, x: tuple, modules: list[str], settings: Se
     was_training = model.training
     model.train(True)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack), autocast:
             out = model(*x)
         del out  # the graph goes with it: no backward pass is needed
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
+    kept.clear()
     totals = {name: 0 for name in modules}
     for nbytes, owner in owners.values():
         if owner is not None:
