@@ -64,6 +64,7 @@ def run_sweep(
     resume: bool = False,
     force: bool = False,
     progress: ProgressFn | None = None,
+    memory_efficient: bool = False,
 ) -> SweepResult:
     """Profile ``model`` unmodified and under each configuration; write rows as they finish.
 
@@ -73,6 +74,7 @@ def run_sweep(
         folder: where the rows, CSV, JSON and plot go; created if missing.
         settings: profile settings (``batch_sizes`` with one size, ``device``, ``dtype``, ``mode``...).
         target: the submodule(s) every configuration rewrites (see :func:`attnsurgeon.insert`).
+        memory_efficient: every configuration's blocks are recomputed in backward (:mod:`attnsurgeon.memory`).
         resume: continue a sweep in ``folder``: finished rows are kept, the rest measured.
         force: start over in a folder that already holds a sweep.
     """
@@ -101,6 +103,8 @@ def run_sweep(
     }
     if target is not None:  # only when given: folders written before it existed still resume
         definition["target"] = target
+    if memory_efficient:  # likewise
+        definition["memory_efficient"] = True
     done = _prepare_folder(out, definition, resume, force)
 
     from .profiling import profile
@@ -120,7 +124,8 @@ def run_sweep(
                 if name == BASE:
                     result = profile(loaded, input_size=size, **settings)
                 else:
-                    result = profile(loaded, plan=by_name[name].insertions, input_size=size, target=target, **settings)
+                    result = profile(loaded, plan=by_name[name].insertions, input_size=size, target=target,
+                                     memory_efficient=memory_efficient, **settings)
                 row = _row(name, result)
             except KeyboardInterrupt:
                 raise
