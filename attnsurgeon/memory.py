@@ -68,6 +68,8 @@ class Recompute(nn.Module):
     def forward(self, *args: Any) -> Any:
         if not _checkpointing(self):
             return self.segment.forward(*args)  # .forward: traced through onto the model's own modules
+        if torch.compiler.is_compiling():  # dynamo's checkpoint op: AOT autograd recomputes, mutations applied once
+            return checkpoint(self.segment.forward, *args, use_reentrant=False, preserve_rng_state=True)
         calls = [0]
 
         def run(*inputs: Any) -> Any:

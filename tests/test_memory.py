@@ -242,3 +242,12 @@ def test_cli_profile_before_and_after(cli):
     result = json.loads(out)
     assert result["delta"]["params"] == 0 and result["delta"]["macs"] == 0
     assert result["delta_percent"]["peak_memory_bytes"] < -5  # the SE inputs are no longer kept (-11.8 % measured)
+
+
+def test_cli_apply_recipe_memory_efficient(cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: resnet18\ninput_size: 64\nmemory_efficient: true\ninsertions:\n  - attn: eca\n    stages: [3, 4]\n")
+    code, out, _ = cli("apply", recipe, "--json")
+    assert code == 0
+    assert [s["module"] for s in json.loads(out)["memory_efficient"]] == ["layer3.0.eca", "layer3.1.eca", "layer4.0.eca",
+                                                                         "layer4.1.eca"]
