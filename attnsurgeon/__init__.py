@@ -31,6 +31,7 @@ _LAZY = {
     "load_model": ("models", "load_model"),
     "list_models": ("models", "list_models"),
     "profile": ("profiling", "profile"),
+    "optimize": ("memory", "optimize"),
     "export": ("export", "export"),
     "load": ("export", "load"),
     "Recipe": ("recipes", "Recipe"),

@@ -154,6 +154,10 @@ WeightsOpt = Annotated[
                                  show_default="random weights, unless --pretrained")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+MemoryEfficientOpt = Annotated[bool, typer.Option("--memory-efficient", help="In training, recompute each inserted block "
+                                                  "(and the norm before it) in the backward pass instead of keeping its "
+                                                  "input: less memory, same outputs and gradients. Without --attn (profile): "
+                                                  "the model's own attention, before and after.")]
 _EXTENSIONS = ", ".join(ext for f in FORMATS.values() for ext in f.extensions)  # from the format registry
 FormatOpt = Annotated[
     Optional[str], typer.Option("--format", help=f"{', '.join(FORMATS)}.", show_default="from the --out extension")
@@ -386,6 +390,7 @@ def insert(
     plot: PlotOpt = None,
     plot_metric: PlotMetricOpt = "params",
     json_out: JsonOpt = False,
+    memory_efficient: MemoryEfficientOpt = False,
 ) -> None:
     """Insert attention blocks into MODEL and report what was added (and write it with --out).
 
@@ -417,7 +422,7 @@ def insert(
         from .surgery import insert as do_insert
 
         model_out, report = do_insert(loaded, attn, position, stage_list, block_list, init, input_size=input_size,
-                                      replace=replace, target=target, **options)
+                                      replace=replace, target=target, memory_efficient=memory_efficient, **options)
     written = None
     if out is not None:
         with progress(f"Writing {out} and checking it …"):
@@ -479,6 +484,61 @@ def export(
         print_export(written)
 
 
+@app.command()
+@command
+def optimize(
+    model: ModelArg,
+    input_size: InputSizeOpt = None,
+    target: TargetOpt = None,
+    pretrained: PretrainedOpt = False,
+    weights: WeightsOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Write the optimized model: {_EXTENSIONS} (.safetensors "
+                                                  "holds the recipe; the other formats hold the plain graph).",
+                                                  show_default="nothing written")] = None,
+    format_: FormatOpt = None,
+    force: ForceOpt = False,
+    tolerance: ToleranceOpt = 1e-4,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make the attention MODEL already has memory-efficient: each gate (SE, ECA, ...) and the norm before it
+    are recomputed in the backward pass; outputs, gradients, parameters and their names stay the same.
+
+    Example: attnsurgeon optimize timm:seresnet50 --out seresnet50-me.safetensors
+    """
+    if out is not None:
+        from .export import check_target
+
+        check_tolerance(tolerance)
+        check_target(out, format_, force)
+    from .models import refuse_saved
+
+    refuse_saved(model)
+    with progress(f"Loading {model} …"):
+        from .models import load_model
+
+        loaded = load_model(model, pretrained=pretrained, weights=weights)
+    with progress("Tracing and finding the attention …"):
+        from .memory import optimize as do_optimize
+
+        model_out, report = do_optimize(loaded, input_size=input_size, target=target)
+    written = None
+    if out is not None:
+        with progress(f"Writing {out} and checking it …"):
+            from .export import export as do_export
+
+            written = do_export(model_out, out, format=format_, force=force, tolerance=tolerance)
+    if json_out:
+        emit_json({**report.to_dict(), **({"export": written.to_dict()} if written else {})})
+        return
+    from .render import print_memory_efficient
+
+    print_memory_efficient(report, table=True)
+    for note in report.notes:
+        _stderr().print(f"[dim]note: {_escape(note)}[/]")
+    if written:
+        print_export(written)
+
+
 # --------------------------------------------------------------------------- profile
 
 
@@ -510,6 +570,7 @@ def profile(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw per-insertion bars of Δ params, Δ MACs and, in --mode "
                                                  "train, the activation memory each keeps for backward: .png, .svg or .pdf.",
                                                  show_default="none")] = None,
+    memory_efficient: MemoryEfficientOpt = False,
 ) -> None:
     """Measure MODEL and, with --attn, its modified twin side by side: params, MACs/FLOPs, latency, peak memory.
 
@@ -536,7 +597,8 @@ def profile(
             model, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks),
             init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
             channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
-            pretrained=pretrained, weights=weights, target=target, progress=steps, replace=replace, **options,
+            pretrained=pretrained, weights=weights, target=target, progress=steps, replace=replace,
+            memory_efficient=memory_efficient, **options,
         )
     from ._io import write_text_atomic
     from .profiling.report import to_csv, to_markdown
@@ -585,6 +647,7 @@ def apply(
     max_time: RecipeMaxTimeOpt = None,
     input_size: InputSizeOpt = None,
     json_out: JsonOpt = False,
+    memory_efficient: MemoryEfficientOpt = False,
 ) -> None:
     """Apply a recipe: its model and insertions (stacked in order); optionally profile and write it.
 
@@ -608,7 +671,7 @@ def apply(
             from .surgery import apply_plan
 
             model_out, report = apply_plan(loaded, spec.insertions, input_size=input_size or spec.input_size,
-                                           target=spec.target)
+                                           target=spec.target, memory_efficient=memory_efficient or spec.memory_efficient)
     except AttnSurgeonError as exc:  # say which file the problem comes from
         raise AttnSurgeonError(f"{recipe}: {exc}") from exc
     written = profiled = None
@@ -623,7 +686,7 @@ def apply(
 
         with _Steps() as steps:
             profiled = run_profile(loaded, plan=spec.insertions, input_size=report.input_size, target=report.target,
-                                   progress=steps, **settings)
+                                   progress=steps, memory_efficient=memory_efficient or spec.memory_efficient, **settings)
     if json_out:
         emit_json({"recipe": spec.name or recipe, **report.to_dict(), "profile": profiled.to_dict() if profiled else None,
                    "export": written.to_dict() if written else None})
@@ -679,6 +742,7 @@ def sweep(
     ray: SweepRayOpt = None,
     ray_cpus: SweepRayCpusOpt = None,
     json_out: JsonOpt = False,
+    memory_efficient: MemoryEfficientOpt = False,
 ) -> None:
     """Profile MODEL under every combination of --attn and --position (or a sweep recipe's configurations).
 
@@ -709,6 +773,7 @@ def sweep(
             configurations = [Configuration(spec.name or Path(model).stem, spec.insertions)]
         settings = dict(spec.profile or {})
         size = input_size or spec.input_size
+        memory_efficient = memory_efficient or spec.memory_efficient
         target = target or spec.target
     else:
         if model is not None and models is not None:
@@ -754,7 +819,7 @@ def sweep(
     with _SweepProgress() as bar:
         result = run_sweep(swept, configurations, out, settings=settings, input_size=size,
                            model_kwargs=spec.model_kwargs, target=target, resume=resume, force=force, progress=bar,
-                           ray=ray, ray_cpus=ray_cpus)
+                           ray=ray, ray_cpus=ray_cpus, memory_efficient=memory_efficient)
     if json_out:
         emit_json({"folder": str(result.folder), "measured": result.measured, "plot": str(result.plot) if result.plot else None,
                    "rows": result.rows})

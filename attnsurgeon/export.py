@@ -139,6 +139,10 @@ def export(
         raise AttnSurgeonError(f"a .{fmt} export needs the recipe of a model made by attnsurgeon "
                                "(attnsurgeon.insert or attnsurgeon.load); save plain weights with safetensors directly")
     check_exportable(model, fmt)
+    if not spec.needs_recipe:  # pt2/onnx/ts hold the plain graph: a memory-efficient model's segments inlined
+        from .memory import plain
+
+        model = plain(model)
     was_training = model.training
     model.eval()
     try:
@@ -245,7 +249,8 @@ def recipe_of(model: Any) -> Recipe:
     if report is None:
         raise AttnSurgeonError("this model carries no attnsurgeon recipe (it was not made by attnsurgeon.insert/load)")
     return Recipe(report.model, list(report.plan), list(report.input_size), model_kwargs=dict(report.model_kwargs),
-                  target=getattr(report, "target", None))
+                  target=getattr(report, "target", None),
+                  memory_efficient=getattr(report, "memory_efficient", None) is not None)
 
 
 def _versions() -> dict[str, str]:
@@ -342,8 +347,9 @@ def load_base(path: str | os.PathLike, *, base: Any = None) -> tuple[Any, Any]:
                                "rebuild it with attnsurgeon.load(path, base=that_model)")
     else:
         loaded = load_model(recipe.model, **recipe.model_kwargs)
-    if recipe.insertions:
-        model, _ = apply_plan(loaded, recipe.insertions, input_size=recipe.input_size, target=recipe.target)
+    if recipe.insertions or recipe.memory_efficient:
+        model, _ = apply_plan(loaded, recipe.insertions, input_size=recipe.input_size, target=recipe.target,
+                              memory_efficient=recipe.memory_efficient)
     else:
         model = loaded.model
     try:

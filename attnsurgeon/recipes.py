@@ -6,6 +6,7 @@ recipe::
 
     model: timm:resnet50
     input_size: [3, 224, 224]      # optional; [3, 16, 112, 112] for video, [1, 16000] for 1-D
+    memory_efficient: true         # optional: recompute the inserted blocks in backward (attnsurgeon.memory)
     target: backbone.body          # optional: the submodule(s) to rewrite (attnsurgeon.parts)
     insertions:
       - attn: eca
@@ -46,7 +47,7 @@ from .errors import AttnSurgeonError
 from .schema import INSERTION_KEYS, InsertionSpec, Where, is_int, no_unknown, parse_insertion, positive_ints, typed
 
 RECIPE_KEYS = ("name", "description", "model", "models", "model_kwargs", "input_size", "target", "insertions", "configurations",
-               "grid", "profile")
+               "grid", "profile", "memory_efficient")
 CONFIGURATION_KEYS = ("name", "insertions")
 GRID_KEYS = ("attn", "position", "stages", "blocks", "init", "options", "replace")
 PROFILE_KEYS = ("device", "dtype", "batch_sizes", "mode", "threads", "channels_last", "compile",
@@ -76,6 +77,7 @@ class Recipe:
     configurations: list[Configuration] | None = None  # a sweep recipe (from `configurations` or `grid`)
     target: list[str] | None = None  # the submodules to rewrite (attnsurgeon.parts); None: the whole model or found
     models: list[str] | None = None  # a zoo sweep recipe's models (names or globs); ``model`` is then empty
+    memory_efficient: bool = False  # recompute the inserted blocks (no insertions: the model's own gates) in backward
 
     @property
     def is_sweep(self) -> bool:
@@ -92,6 +94,8 @@ class Recipe:
                 d[key] = getattr(self, key)
         if self.model_kwargs:
             d["model_kwargs"] = self.model_kwargs
+        if self.memory_efficient:
+            d["memory_efficient"] = True
         return d
 
     def to_json(self) -> str:
@@ -152,8 +156,9 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
     kwargs = data.get("model_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise AttnSurgeonError(f"{where(('model_kwargs',))}: expected a mapping of keyword arguments")
+    memory_efficient = typed(data, "memory_efficient", bool, (), where) or False
     return Recipe(model, insertions, input_size, profile, typed(data, "name", str, (), where),
-                  typed(data, "description", str, (), where), dict(kwargs), configurations, target, models)
+                  typed(data, "description", str, (), where), dict(kwargs), configurations, target, models, memory_efficient)
 
 
 def _parse_insertions(raw: Any, path: tuple, where: Where, allow_empty: bool = False) -> list[InsertionSpec]:

@@ -75,8 +75,30 @@ def print_report(report: Any) -> None:
         f"{said} · parameters "
         f"{p['base']:,} → {p['modified']:,} ([bold]{p['delta']:+,}[/], {p['percent']:+.{_digits(p['percent'])}f}%)"
     )
+    print_memory_efficient(report)
     for note in report.notes:
         _stderr().print(f"[dim]note: {_escape(note)}[/]")
+
+
+def print_memory_efficient(report: Any, table: bool = False) -> None:
+    """The recomputed segments of a memory-efficient model: a summary line, and with ``table`` one row each."""
+    segments = getattr(report, "memory_efficient", None)
+    if segments is None:
+        return
+    out = _stdout()
+    if table:
+        from rich.table import Table
+
+        t = Table(title=f"{report.model} ({report.source}) · attention recomputed in the backward pass", title_justify="left")
+        for col in ("attention module", "recomputed from", "ops"):
+            t.add_column(col, overflow="fold", justify="right" if col == "ops" else "left")
+        for s in segments:
+            t.add_row(s.module, s.start or "(the module alone)", str(s.ops))
+        out.print(t)
+    widened = sum(1 for s in segments if s.start)
+    out.print(f"memory-efficient: {len(segments)} attention module{'s' if len(segments) != 1 else ''} recomputed in the "
+              f"backward pass ({widened} with the norm/activation before {'them' if widened != 1 else 'it'}) · "
+              "outputs, parameters and names unchanged")
 
 
 def _digits(percent: float) -> int:

@@ -66,8 +66,10 @@ class SurgeryReport:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     target: list[str] | None = None  # the submodules that were traced and rewritten (None: the whole model)
+    memory_efficient: list[Any] | None = None  # memory.Segment per recomputed gate; None: not asked for
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {} if self.memory_efficient is None else {"memory_efficient": [s.to_dict() for s in self.memory_efficient]}
         return {
             "model": self.model,
             "target": self.target,
@@ -79,6 +81,7 @@ class SurgeryReport:
             "insertions": [i.to_dict() for i in self.insertions],
             "plan": [s.to_dict() for s in self.plan],
             "notes": list(self.notes),
+            **extra,
         }
 
 
@@ -114,6 +117,7 @@ def insert(
     weights: Any = None,
     replace: bool = False,
     target: Any = None,
+    memory_efficient: bool = False,
     **block_options: Any,
 ) -> SurgeryResult:
     """Insert one kind of attention block into a model.
@@ -133,6 +137,8 @@ def insert(
         target: the submodule(s) to rewrite (``"backbone.body"``, a list, or ``"a,b"``); by default the
             whole model, or, where it does not trace (a detector), the parts found by
             :func:`attnsurgeon.parts.find_targets`. Block names are full paths from the top model.
+        memory_efficient: in training, recompute each inserted block (and the norm before it) in the
+            backward pass instead of keeping its input: see :mod:`attnsurgeon.memory`.
         **block_options: the block's options (``reduction``, ``kernel_size``, ...: see
             :mod:`attnsurgeon.blocks.options`); a list gives one value per selected stage.
 
@@ -146,7 +152,8 @@ def insert(
         2514944
     """
     spec = make_spec(attn, position, stages, blocks, init, replace=replace, **block_options)
-    return apply_plan(model, [spec], input_size=input_size, pretrained=pretrained, weights=weights, target=target)
+    return apply_plan(model, [spec], input_size=input_size, pretrained=pretrained, weights=weights, target=target,
+                      memory_efficient=memory_efficient)
 
 
 def make_spec(attn: str, position: str | None = None, stages: Iterable[int] | None = None,
@@ -167,15 +174,18 @@ def apply_plan(
     pretrained: bool = False,
     weights: Any = None,
     target: Any = None,
+    memory_efficient: bool = False,
 ) -> SurgeryResult:
-    """Apply several insertions (stacked in order) to a model; see :func:`insert`."""
+    """Apply several insertions (stacked in order) to a model; see :func:`insert`. With
+    ``memory_efficient`` and no insertions, the model's own attention gates are made memory-efficient
+    (:func:`attnsurgeon.memory.optimize`)."""
     from .anatomy import analyse
     from .models import as_loaded, refuse_saved
     from .shapes import propagate_shapes
     from .parts import embed, trace_model
 
     specs = [s if isinstance(s, InsertionSpec) else InsertionSpec.from_dict(s) for s in specs]
-    if not specs:
+    if not specs and not memory_efficient:
         raise AttnSurgeonError("the plan has no insertions")
     refuse_saved(model)
     loaded = as_loaded(model, pretrained=pretrained, weights=weights)
@@ -194,6 +204,11 @@ def apply_plan(
         propagate_shapes(gm, traced.analysis_size)
     except AttnSurgeonError as exc:  # the rewrite must keep the model runnable
         raise AttnSurgeonError(f"internal error: the rewritten model does not run: {exc}") from exc
+    segments = None
+    if memory_efficient:
+        from .memory import recompute_gates
+
+        segments = recompute_gates(gm, [i.module for i in insertions if i.attn != NONE] if specs else None, notes)
     gm = embed(loaded.model, gm, traced.targets)
     modified = count_params(gm)
     params = {
@@ -202,9 +217,9 @@ def apply_plan(
         "delta": modified - base_params,
         "percent": round(100.0 * (modified - base_params) / base_params, 4) if base_params else None,
     }
-    notes += _attention_notes(anatomy, planned)
+    notes += _attention_notes(anatomy, planned) if specs else []
     report = SurgeryReport(loaded.spec, loaded.source, size, params, insertions, specs, loaded.weights,
-                           dict(loaded.kwargs), notes, traced.targets)
+                           dict(loaded.kwargs), notes, traced.targets, segments)
     gm.train(loaded.model.training)
     gm.attnsurgeon_report = report  # export and profile read the recipe from here
     return SurgeryResult(gm, report)

@@ -75,6 +75,7 @@ def run_sweep(
     progress: ProgressFn | None = None,
     ray: str | None = None,
     ray_cpus: int | None = None,
+    memory_efficient: bool = False,
 ) -> SweepResult:
     """Profile ``model`` unmodified and under each configuration; write rows as they finish.
 
@@ -86,6 +87,7 @@ def run_sweep(
         folder: where the rows, CSV, JSON and plot go; created if missing.
         settings: profile settings (``batch_sizes`` with one size, ``device``, ``dtype``, ``mode``...).
         target: the submodule(s) every configuration rewrites (see :func:`attnsurgeon.insert`).
+        memory_efficient: every configuration's blocks are recomputed in backward (:mod:`attnsurgeon.memory`).
         resume: continue a sweep in ``folder``: finished rows are kept, the rest measured.
         force: start over in a folder that already holds a sweep.
         ray: run the rows as Ray tasks: ``"local"`` starts a Ray instance on this machine (or uses
@@ -125,11 +127,13 @@ def run_sweep(
     if target is not None:  # only when given: folders written before it existed still resume
         definition["target"] = target
     single = models[0] if isinstance(model, str) else None
+    if memory_efficient:  # only when set: folders written before it existed still resume
+        definition["memory_efficient"] = True
     done = _prepare_folder(out, definition, resume, force, single)
 
     by_name = {c.name: c for c in configurations}
     order = [(m, n) for m in models for n in [BASE] + names]  # the rows, in the order of the tables
-    jobs = [Row(m, by_name.get(n), n, settings, input_size, model_kwargs or {}, target)
+    jobs = [Row(m, by_name.get(n), n, settings, input_size, model_kwargs or {}, target, memory_efficient)
             for m, n in order if (m, n) not in done]
     measured: list[str] = []
     run = _run_on_ray(jobs, ray, ray_cpus, progress) if ray is not None else _run_here(jobs, progress)
@@ -167,6 +171,7 @@ class Row:
     input_size: Any
     model_kwargs: dict[str, Any]
     target: Any
+    memory_efficient: bool = False  # the configuration's blocks recomputed in backward (the base stays plain)
 
 
 _loaded: dict[str, Any] = {}  # the last model built in this process, reused by the rows that follow it
@@ -189,7 +194,8 @@ def measure_row(job: Row) -> dict[str, Any]:
         if config is None:
             result = profile(loaded, input_size=size, **job.settings)
         else:
-            result = profile(loaded, plan=config.insertions, input_size=size, target=job.target, **job.settings)
+            result = profile(loaded, plan=config.insertions, input_size=size, target=job.target,
+                             memory_efficient=job.memory_efficient, **job.settings)
         row = _row(job.name, job.model, result)
     except KeyboardInterrupt:
         raise

@@ -154,6 +154,7 @@ def profile(
     target: Any = None,
     progress: ProgressFn | None = None,
     replace: bool = False,
+    memory_efficient: bool = False,
     **block_options: Any,
 ) -> ProfileResult:
     """Measure a model and, with ``attn`` or ``plan``, its modified twin, side by side.
@@ -163,6 +164,9 @@ def profile(
     ``attn="none", replace=True`` the modified model is the model without its attention gates.
     ``target`` names the submodules to rewrite (see :func:`attnsurgeon.insert`); the figures are
     always those of the whole model on its own input (a detector: a list of images, inference only).
+    ``memory_efficient`` recomputes the inserted blocks in the backward pass (see
+    :mod:`attnsurgeon.memory`); without insertions, the modified model is the model with its own
+    attention gates recomputed (:func:`attnsurgeon.memory.optimize`): before and after, side by side.
 
     Example:
         >>> result = profile("resnet50", attn="se", batch_sizes=[1, 8])
@@ -198,6 +202,9 @@ def profile(
             raise AttnSurgeonError("a saved model carries its own weights; drop --pretrained/--weights")
         if target is not None:
             raise AttnSurgeonError("a saved model carries its own target; profile it without --target")
+        if memory_efficient:
+            raise AttnSurgeonError("a saved model carries its own recipe; make it memory-efficient before saving it "
+                                   "(insert/optimize --memory-efficient --out)")
     loaded = as_loaded(model, pretrained=pretrained, weights=weights)
     spec, source = loaded.spec, loaded.source
     size = resolve_input_size(input_size, loaded.input_size)
@@ -212,9 +219,9 @@ def profile(
     else:
         base = loaded.model
         modified, report = None, None
-        if specs:
-            say("Inserting")
-            modified, report = apply_plan(loaded, specs, input_size=size, target=target)
+        if specs or memory_efficient:
+            say("Inserting" if specs else "Making the attention memory-efficient")
+            modified, report = apply_plan(loaded, specs, input_size=size, target=target, memory_efficient=memory_efficient)
         elif target is not None:
             raise AttnSurgeonError("--target chooses where blocks go: it needs --attn")
 

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""What --memory-efficient / `optimize` save in a training step, and what they cost in time.
+
+For each group, side by side in one run (224², CPU float32 unless told otherwise), one training
+step (forward + backward, as `profile --mode train` takes it):
+
+  se:    ResNet-50 · + SE · + SE memory-efficient · timm seresnet50 · seresnet50 through optimize
+  eca:   ResNet-50 · + ECA · + ECA memory-efficient
+  cbam:  ResNet-50 · + CBAM · + CBAM memory-efficient
+  effnet: efficientnet_b0 without its SE (--attn none --replace) · efficientnet_b0 · through optimize
+
+Peak memory: attnsurgeon.profiling.measure.measure_memory (resident weights + the step's peak tensor
+bytes from the profiler's allocation records; max_memory_allocated on CUDA), the same code path as
+`attnsurgeon profile`, relative to the group's model without attention. Step time: median of
+alternating timed steps (benchmarks/_common.py), relative to the same model without
+--memory-efficient. Every model runs through the fx graph (the plain ones traced too), as `profile`
+compares them.
+
+    python benchmarks/memory_efficient.py --batch-sizes 8,32 --time-batch-sizes 8 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import alternate  # noqa: E402
+
+GROUPS = ("se", "eca", "cbam", "effnet")
+
+
+def build(group: str, size: int) -> list[tuple[str, object, str | None, str | None]]:
+    """(row name, model, memory reference row, time reference row) for one group."""
+    import timm
+
+    from attnsurgeon import insert
+    from attnsurgeon.memory import optimize
+    from attnsurgeon.tracing import trace
+
+    if group == "effnet":
+        base = timm.create_model("efficientnet_b0")
+        without, _ = insert(copy.deepcopy(base), attn="none", replace=True, input_size=size)
+        return [("efficientnet_b0 without SE", without, None, None),
+                ("efficientnet_b0", trace(copy.deepcopy(base)), "efficientnet_b0 without SE", None),
+                ("efficientnet_b0 optimize", optimize(copy.deepcopy(base), input_size=size)[0],
+                 "efficientnet_b0 without SE", "efficientnet_b0")]
+    base = timm.create_model("resnet50")
+    rows = [("resnet50", trace(copy.deepcopy(base)), None, None),
+            (f"resnet50 + {group}", insert(copy.deepcopy(base), attn=group, input_size=size)[0], "resnet50", None),
+            (f"resnet50 + {group} --memory-efficient",
+             insert(copy.deepcopy(base), attn=group, input_size=size, memory_efficient=True)[0],
+             "resnet50", f"resnet50 + {group}")]
+    if group == "se":
+        se = timm.create_model("seresnet50")
+        rows += [("seresnet50", trace(copy.deepcopy(se)), "resnet50", None),
+                 ("seresnet50 optimize", optimize(copy.deepcopy(se), input_size=size)[0], "resnet50", "seresnet50")]
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", default=",".join(GROUPS))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-sizes", default="8,32", help="batch sizes whose peak memory is measured")
+    parser.add_argument("--time-batch-sizes", default="8", help="batch sizes whose step time is measured ('' for none)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per model (one step each)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    args = parser.parse_args()
+
+    import torch
+
+    from attnsurgeon.profiling.measure import make_step, measure_memory
+    from attnsurgeon.profiling.settings import Settings
+
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    timed = [int(b) for b in args.time_batch_sizes.split(",") if b]
+    settings = Settings(device=args.device, mode="train", batch_sizes=sizes)
+    load = os.getloadavg()
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    lines = [f"torch {torch.__version__} · {args.device} · float32 · train step · {args.size}² · {threads} threads · "
+             f"load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} · started {started}", ""]
+    header = ["model"] + [f"peak MiB (bs={b})" for b in sizes] + [f"Δ peak vs no attention (bs={b})" for b in sizes]
+    header += [f"step ms (bs={b})" for b in timed] + [f"Δ step vs not memory-efficient (bs={b})" for b in timed]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    print(lines[0], flush=True)
+    for group in args.groups.split(","):
+        rows = build(group, args.size)
+        models = {name: m.to(args.device).train() for name, m, _, _ in rows}
+        peak: dict[tuple[str, int], float] = {}
+        step_ms: dict[tuple[str, int], float] = {}
+        for b in sorted(set(sizes) | set(timed)):
+            torch.manual_seed(0)
+            x = (torch.randn(b, 3, args.size, args.size, device=args.device),)
+            steps = {name: make_step(m, x, settings) for name, m in models.items()}
+            if b in sizes:
+                for name, step in steps.items():
+                    step()  # allocator and lazy init outside the measurement
+                    peak[name, b] = measure_memory(models[name], x, step, settings).peak_bytes / 2**20
+                    print(f"  {name} bs={b}: peak {peak[name, b]:.2f} MiB", flush=True)
+            if b in timed:
+                times = alternate(steps, args.rounds, 1e-3, threads)
+                for name, values in times.items():
+                    step_ms[name, b] = statistics.median(values)
+                    print(f"  {name} bs={b}: step {step_ms[name, b]:.1f} ms (n={len(values)})", flush=True)
+        for name, _, mem_ref, time_ref in rows:
+            cells = [name] + [f"{peak[name, b]:.2f}" for b in sizes]
+            cells += [f"{100 * (peak[name, b] / peak[mem_ref, b] - 1):+.1f} %" if mem_ref else "—" for b in sizes]
+            cells += [f"{step_ms[name, b]:.0f}" for b in timed]
+            cells += [f"{100 * (step_ms[name, b] / step_ms[time_ref, b] - 1):+.1f} %" if time_ref else "—" for b in timed]
+            lines.append("| " + " | ".join(cells) + " |")
+        del models, steps
+    load = os.getloadavg()
+    lines += ["", f"load average at the end {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} · finished {time.strftime('%H:%M:%S')}"]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
