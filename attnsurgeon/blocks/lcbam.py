@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from timm.layers.cbam import LightChannelAttn, LightCbamModule
 
-from ._common import ScaledSigmoid, check_kernel_fits, reduced_channels, require_2d, zero_gate_input_mlp
+from . import cbam
+from ._common import check_kernel_fits, reduced_channels, require_2d
 
 
 class LightChannelGate(LightChannelAttn):
@@ -41,18 +42,6 @@ def build(fmap, *, reduction: float, bias: bool, kernel_size: int, rd_divisor: i
     return module
 
 
-@torch.no_grad()
-def init_identity(module: LightCbamModule) -> None:
-    zero_gate_input_mlp(module.channel.fc1, module.channel.fc2)
-    module.channel.gate = ScaledSigmoid(2.0)
-    spatial = module.spatial
-    spatial.conv.conv.weight.zero_()
-    spatial.conv.bn.bias.zero_()
-    spatial.conv.bn.running_mean.zero_()
-    spatial.gate = ScaledSigmoid(2.0)
-
-
-def describe(module: LightCbamModule) -> dict:
-    ch = module.channel
-    return {"hidden": ch.fc1.out_channels, "bias": ch.fc1.bias is not None,
-            "kernel_size": module.spatial.conv.conv.kernel_size[0]}
+# the same submodules as CBAM's (channel.fc1/fc2/gate, spatial.conv.conv/bn, spatial.gate): the same identity
+init_identity = cbam.init_identity
+describe = cbam.describe
