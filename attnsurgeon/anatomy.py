@@ -73,6 +73,8 @@ class Site:
     scope: dict | None = None  # the module scope its nodes get, where not its block's
     conv: Any = None  # blocks.ConvSpec of the convolution a 'conv' insertion replaces
     replaces: Node | None = None  # ... and that convolution's node (the producer is its input)
+    absorbs: tuple[Node, ...] = ()  # ... and the norm/activation after it, which the conv block replaces too
+    anchor: str | None = None  # the module an 'after'/'before' site is anchored to (attnsurgeon.anchors)
 
     @property
     def size(self) -> tuple[int, ...]:
@@ -85,7 +87,7 @@ class Block:
     name: str  # qualified module name (``layer3.0``), ``#k`` for the k-th merge in one module
     module: str  # the module path the inserted modules hang under ("" for the root)
     type: str  # class name of that module (or the op)
-    kind: str  # "residual" | "plain" | "unit"
+    kind: str  # "residual" | "plain" | "unit" | "opaque"; "anchor" for an anchored site (attnsurgeon.anchors)
     skip: str | None  # "identity" | "projection" | None
     channels: int
     resolution: tuple[int, ...]
@@ -144,6 +146,7 @@ class Anatomy:
     notes: list[str] = field(default_factory=list)
     target: list[str] | None = None  # the traced submodules (None: the whole model), see attnsurgeon.parts
     model_input_size: tuple[int, ...] | None = None  # the whole model's input where only parts were traced
+    model_modules: list[str] | None = None  # every module name of the whole model (anchors outside the traced parts)
 
     def block(self, name: str) -> Block:
         for b in self.blocks:
@@ -168,12 +171,13 @@ class Anatomy:
 # --------------------------------------------------------------------------- analysis
 
 
-def analyse(gm: torch.fx.GraphModule, input_size: tuple[int, ...]) -> Anatomy:
-    """Propagate shapes and channel axes through ``gm`` and find its blocks, stages and sites."""
+def analyse(gm: torch.fx.GraphModule, input_size: tuple[int, ...], require_blocks: bool = True) -> Anatomy:
+    """Propagate shapes and channel axes through ``gm`` and find its blocks, stages and sites. A model
+    without blocks is an error unless ``require_blocks`` is off (anchors need no block)."""
     shape_mode = propagate_shapes(gm, input_size)
     propagate_channel_axis(gm)
     blocks = find_blocks(gm)
-    if not blocks:
+    if not blocks and require_blocks:
         raise AttnSurgeonError(
             "found no blocks: the model has no residual merges and no conv+activation units "
             "on feature maps of 1 to 3 spatial dimensions"
@@ -200,15 +204,21 @@ def existing_attention(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
 
 
 def _attention_modules(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
-    """Every module whose class name says attention, nested ones too, in forward order."""
+    """Every module whose class name says attention, nested ones too, in forward order; a placeholder
+    that does nothing (smp's ``Attention`` wrapping an ``nn.Identity`` when no attention is configured)
+    is none."""
     seen: dict[str, str] = {}
+    works: dict[str, bool] = {}  # does its forward do anything but pass its input on?
     for n in gm.graph.nodes:
+        m = _module(gm, n)
+        passes = isinstance(m, nn.Identity)
         for qual, cls in _scope(n):
             seen.setdefault(qual, cls)
-        m = _module(gm, n)
+            works[qual] = works.get(qual, False) or not passes
         if m is not None:
             seen.setdefault(n.target, type(m).__name__)
-    return [(name, cls) for name, cls in seen.items() if name and _ATTENTION_CLASS.search(cls)]
+            works[n.target] = works.get(n.target, False) or not passes
+    return [(name, cls) for name, cls in seen.items() if name and works.get(name) and _ATTENTION_CLASS.search(cls)]
 
 
 # --------------------------------------------------------------------------- attention the model has
@@ -557,8 +567,25 @@ def _conv_site(g: _Graph, region: Iterable[Node]) -> Site | None:
     site = _site("conv", x, [n])
     if site is None:
         return None
-    site.conv, site.replaces = spec, n
+    site.conv, site.replaces, site.absorbs = spec, n, _norm_act_after(g, n)
     return site
+
+
+def _norm_act_after(g: _Graph, conv: Node) -> tuple[Node, ...]:
+    """The norm and activation (and pass-through ops between them) that follow ``conv`` alone, up to
+    the first activation: a conv block (SK, split attention) carries its own norm and activation on
+    its paths, so it takes their place too, as timm's skresnet and resnest do."""
+    chain: list[Node] = []
+    end = conv
+    while len(end.users) == 1:
+        user = next(iter(end.users))
+        if not _is_chain_op(g.gm, user):
+            break
+        chain.append(user)
+        end = user
+        if _is_activation(g.gm, user):
+            break
+    return tuple(chain)
 
 
 def _add_stage_sites(g: _Graph, stages: list[Stage], grouping: str) -> None:

@@ -21,7 +21,7 @@ from typing_extensions import Annotated
 from .errors import AttnSurgeonError
 from .export import FORMATS  # the format registry (torch-free)
 from .render import (
-    _escape, _stderr, _stdout, _Steps, _SweepProgress, emit_json, print_anatomy, print_explanation, print_export,
+    _escape, _stderr, _stdout, _Steps, _SweepProgress, emit_json, print_anatomy, print_anchors, print_explanation, print_export,
     print_profile, print_report, print_sweep, print_table, progress,
 )
 
@@ -136,6 +136,17 @@ StagesOpt = Annotated[
 BlocksOpt = Annotated[
     Optional[str], typer.Option("--blocks", "-b", help="Comma-separated globs over block names: 'layer3.*,layer4.2'. Default: all. "
                                                  "A named block that cannot take the insertion is an error.")
+]
+AfterOpt = Annotated[
+    Optional[str], typer.Option("--after", help="Instead of --position: put the block on the output of every module whose name "
+                                "matches, comma-separated globs (layer3.*.conv2, model.9, '**.conv2'; * stays within one "
+                                "dotted name). `inspect MODEL --anchors` lists the modules. With --stages/--blocks: only "
+                                "modules inside them.", show_default="none: --position applies")
+]
+BeforeOpt = Annotated[
+    Optional[str], typer.Option("--before", help="Instead of --position: put the block on the input of every module whose name "
+                                "matches (head, decoder.blocks.*.conv1); only that module reads the block's output.",
+                                show_default="none: --position applies")
 ]
 InitOpt = Annotated[str, typer.Option("--init", help=f"{' or '.join(INITS)}: identity makes every inserted block start as an "
                                       "exact identity.")]
@@ -253,11 +264,11 @@ def parse_globs(text: str | None, what: str = "--blocks") -> list[str] | None:
 
 
 def check_insertion_args(attn: str, position: str | None, options: dict[str, Any], init: str = "default",
-                         replace: bool = False) -> None:
+                         replace: bool = False, after: list[str] | None = None, before: list[str] | None = None) -> None:
     """Everything about an insertion that can be checked without a model: fail in a blink, not after a build."""
     from .schema import InsertionSpec, validate
 
-    validate(InsertionSpec(attn, position, init=init, options=options, replace=replace))
+    validate(InsertionSpec(attn, position, init=init, options=options, replace=replace, after=after, before=before))
 
 
 def check_tolerance(tolerance: float) -> None:
@@ -323,7 +334,15 @@ class InsertionArgs:
     blocks: str | None = None
     init: str = "default"
     replace: bool = False
+    after: str | None = None
+    before: str | None = None
     raw_options: dict[str, Any] = field(default_factory=dict)  # block option -> as typed
+
+    @property
+    def anchors(self) -> dict[str, list[str]]:
+        """``--after``/``--before`` as given, parsed: ``{"after": ["layer3.*.conv2"]}`` (empty: a position)."""
+        given = {"after": self.after, "before": self.before}
+        return {k: parse_globs(v, f"--{k}") for k, v in given.items() if v is not None}
 
     @property
     def options(self) -> dict[str, Any]:
@@ -333,6 +352,7 @@ class InsertionArgs:
 
 
 INSERTION_PARAMS = [
+    ("after", AfterOpt, None), ("before", BeforeOpt, None),
     ("stages", StagesOpt, None), ("blocks", BlocksOpt, None), ("init", InitOpt, "default"),
     *((name, *_block_option_param(name)) for name in _block_option_names()),
     ("replace", ReplaceOpt, False),
@@ -356,7 +376,8 @@ def insertion_options(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         given = {name: kwargs.pop(name) for name, _, _ in INSERTION_PARAMS if name in kwargs}
-        ins = InsertionArgs(**{k: given.pop(k) for k in ("stages", "blocks", "init", "replace") if k in given},
+        ins = InsertionArgs(**{k: given.pop(k) for k in ("stages", "blocks", "init", "replace", "after", "before")
+                               if k in given},
                             raw_options=given)
         return fn(*args, ins=ins, **kwargs)
 
@@ -397,7 +418,7 @@ def insert(
     Example: attnsurgeon insert resnet50 --attn eca --stages 3,4 --out eca50.safetensors --plot map.png
     """
     options, init, replace = ins.options, ins.init, ins.replace
-    check_insertion_args(attn, position, options, init, replace)  # typos fail before loading anything
+    check_insertion_args(attn, position, options, init, replace, **ins.anchors)  # typos fail before loading anything
     _check_plot(plot, plot_metric)
     fmt = None
     if out is not None:
@@ -422,7 +443,8 @@ def insert(
         from .surgery import insert as do_insert
 
         model_out, report = do_insert(loaded, attn, position, stage_list, block_list, init, input_size=input_size,
-                                      replace=replace, target=target, memory_efficient=memory_efficient, **options)
+                                      replace=replace, target=target, memory_efficient=memory_efficient, **ins.anchors,
+                                      **options)
     written = None
     if out is not None:
         with progress(f"Writing {out} and checking it …"):
@@ -578,9 +600,9 @@ def profile(
     """
     options, init, replace = ins.options, ins.init, ins.replace
     if attn is not None:
-        check_insertion_args(attn, position, options, init, replace)
-    elif options:
-        raise AttnSurgeonError("--reduction/--bias/--kernel-size/--rd-divisor need --attn")
+        check_insertion_args(attn, position, options, init, replace, **ins.anchors)
+    elif options or ins.anchors:
+        raise AttnSurgeonError("--after/--before and block options (--reduction, --kernel-size, ...) need --attn")
     elif replace:
         raise AttnSurgeonError("--replace needs --attn: the block to put in place of the model's attention, or none to remove it")
     sizes = parse_ints(batch_size, "--batch-size") or []
@@ -598,7 +620,7 @@ def profile(
             init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
             channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
             pretrained=pretrained, weights=weights, target=target, progress=steps, replace=replace,
-            memory_efficient=memory_efficient, **options,
+            memory_efficient=memory_efficient, **ins.anchors, **options,
         )
     from ._io import write_text_atomic
     from .profiling.report import to_csv, to_markdown
@@ -762,9 +784,9 @@ def sweep(
         raise AttnSurgeonError("give a MODEL, a sweep RECIPE, or --models (a list or glob of models)")
     is_recipe = model is not None and model.lower().endswith((".yaml", ".yml"))
     if is_recipe:
-        if attn or stages or blocks or options or replace:
-            raise AttnSurgeonError("give either a sweep recipe or --attn/--position/--stages/--blocks/--replace and block "
-                                   "options, not both")
+        if attn or stages or blocks or options or replace or ins.anchors:
+            raise AttnSurgeonError("give either a sweep recipe or --attn/--position/--after/--before/--stages/--blocks/"
+                                   "--replace and block options, not both")
         spec = read_recipe(model)
         configurations = spec.configurations
         if configurations is None:  # a single recipe is a one-row sweep
@@ -793,10 +815,10 @@ def sweep(
                 if p and len(attns) > 1 and a != "none" and a in BLOCKS and p not in BLOCKS[a].positions:
                     skipped.append(f"{a} at {p}")
                     continue
-                check_insertion_args(a, p, own, init, replace)
+                check_insertion_args(a, p, own, init, replace, **ins.anchors)
                 name = "/".join([a] * (len(attns) > 1) + [p] * (len(positions) > 1)) or a
                 item = {"attn": a, **({"position": p} if p else {}), "init": init, "options": own,
-                        **({"replace": True} if replace else {})}
+                        **({"replace": True} if replace else {}), **ins.anchors}
                 if stages is not None:
                     item["stages"] = parse_ints(stages, "--stages")
                 if blocks is not None:
@@ -858,6 +880,8 @@ def inspect(
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
     plot: PlotOpt = None,
+    anchors: Annotated[bool, typer.Option("--anchors", help="Also list every module that can be an anchor of --after/--before, "
+                                          "with the maps it receives and gives.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show MODEL's stages, blocks, the positions each block offers, and attention it already has."""
@@ -875,6 +899,10 @@ def inspect(
         from .anatomy import attention_regions
 
         gates = [r.name for r in attention_regions(anatomy.gm) if r.gate] if anatomy.existing_attention else []
+        if anchors:
+            from .anchors import anchor_table
+
+            table = anchor_table(anatomy)
     if plot is not None:
         with progress(f"Drawing {plot} …"):
             from .plot import draw_insertion_map, save_figure
@@ -883,9 +911,12 @@ def inspect(
             save_figure(draw_insertion_map(anatomy, [], show_positions=True, title=title), plot)
     if json_out:
         emit_json({"model": loaded.spec, "source": loaded.origin, **anatomy.to_dict(), "replaceable_attention": gates,
+                   **({"anchors": [a.to_dict() for a in table]} if anchors else {}),
                    **({"plot": str(plot)} if plot is not None else {})})
         return
     print_anatomy(loaded, anatomy, gates)
+    if anchors:
+        print_anchors(table)
     if plot is not None:
         _stdout().print(f"Block map: {_escape(str(plot))}")
 
@@ -922,9 +953,9 @@ def explain(
     """
     options, init, replace = ins.options, ins.init, ins.replace
     if attn is not None:
-        check_insertion_args(attn, position, options, init, replace)
-    elif options or replace or ins.stages or ins.blocks:
-        raise AttnSurgeonError("--stages/--blocks/--replace and block options need --attn")
+        check_insertion_args(attn, position, options, init, replace, **ins.anchors)
+    elif options or replace or ins.stages or ins.blocks or ins.anchors:
+        raise AttnSurgeonError("--stages/--blocks/--after/--before/--replace and block options need --attn")
     from ._io import check_new_dir
 
     check_new_dir(out, force)
@@ -936,7 +967,7 @@ def explain(
     with _Steps() as steps:
         result = do_explain(model, files, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks), init,
                             class_index=class_index, layer=layer, input_size=input_size, pretrained=pretrained,
-                            weights=weights, replace=replace, progress=steps, **options)
+                            weights=weights, replace=replace, progress=steps, **ins.anchors, **options)
         written = write_explanation(result, out, force=force, progress=steps)
     if json_out:
         emit_json({**result.to_dict(), "folder": str(out), "files": [str(w) for w in written]})
@@ -968,12 +999,14 @@ def list_attn(json_out: JsonOpt = False) -> None:
 @command
 def list_positions(json_out: JsonOpt = False) -> None:
     """The insertion positions (the SENet paper's integration study)."""
-    from .positions import POSITION_HELP
+    from .positions import ANCHOR_HELP, POSITION_HELP
 
     if json_out:
-        emit_json({"positions": [{"name": k, "description": v} for k, v in POSITION_HELP.items()]})
+        emit_json({"positions": [{"name": k, "kind": "position", "description": v} for k, v in POSITION_HELP.items()]
+                   + [{"name": k, "kind": "anchor", "description": v} for k, v in ANCHOR_HELP.items()]})
         return
-    print_table(("position", "where the block goes"), list(POSITION_HELP.items()))
+    print_table(("position", "where the block goes"), [*POSITION_HELP.items(), *ANCHOR_HELP.items()],
+                caption="after/before are anchors: --after GLOB / --before GLOB instead of --position")
 
 
 @list_app.command("models")

@@ -48,6 +48,12 @@ POSITION_STYLES: dict[str, PositionStyle] = {
     "identity": PositionStyle("s", 0.50, "skip", "identity: on the skip path", 6.0),
     "post": PositionStyle("P", 1.0, "after", "post: after the merge", 8.0),
     "stage": PositionStyle("h", 1.0, "stage", "stage: after the stage's last block", 10.0),
+    # anchors (--after/--before a module): on the branch of the block the module lies in, or, for a module
+    # outside every block (a whole stage, a head), after its stage
+    "before": PositionStyle("^", 0.30, "branch", "before: on a module's input (--before)", 7.0),
+    "after": PositionStyle("d", 0.70, "branch", "after: on a module's output (--after)", 7.0),
+    "before (outside blocks)": PositionStyle("<", 1.0, "after", "before a module outside the blocks", 8.0),
+    "after (outside blocks)": PositionStyle("8", 1.0, "after", "after a module outside the blocks (a stage, a head)", 8.0),
 }
 FALLBACK_STYLE = PositionStyle("v", 0.5, "top", "other position", 7.0)
 
@@ -232,11 +238,14 @@ def draw_insertion_map(anatomy: Any, insertions: Iterable[Any] = (), *, values: 
     # one marker per inserted module; several at one spot are spread out
     spots: dict[tuple[str, str], list[Any]] = {}
     stage_last = {s.index: s.blocks[-1].name for s in anatomy.stages if s.blocks}
+    undrawn: list[str] = []  # anchored outside every block and stage (a decoder, a head)
     for ins in insertions:
         block = ins.block if ins.block in where else stage_last.get(getattr(ins, "stage", 0))
         if block is None:
+            undrawn.append(ins.module)
             continue
-        spots.setdefault((block, ins.position), []).append(ins)
+        outside = getattr(ins, "anchor", None) and ins.block not in where
+        spots.setdefault((block, f"{ins.position} (outside blocks)" if outside else ins.position), []).append(ins)
     used_styles: dict[str, PositionStyle] = {}
     for (block, pos), items in spots.items():
         x0, y0, _ = where[block]
@@ -271,9 +280,16 @@ def draw_insertion_map(anatomy: Any, insertions: Iterable[Any] = (), *, values: 
         removed = any(values.get(i.module, 0.0) < 0 for i in insertions)  # swaps and removals save some
         bar.set_label(f"share of the {'change in ' + what if removed else 'added ' + what} (%)", fontsize=7.5)
         bar.ax.tick_params(labelsize=6.5)
+    if undrawn:
+        fig.text(0.5, 1 - 0.5 / fig.get_figheight(), f"not drawn (outside the blocks and stages): {_few(undrawn)}",
+                 fontsize=6.5, ha="center", va="top", color="#555")
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.18 / fig.get_figheight(), va="top")
     return fig
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
 def _truncated(name: str, lo: float, hi: float) -> Any:

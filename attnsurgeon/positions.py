@@ -1,5 +1,5 @@
 """The insertion positions, named as in the SENet paper's integration study, plus BAM's ``stage``
-and the ``conv`` replacement (torch-free).
+and the ``conv`` replacement, and the anchors ``after``/``before`` any module (torch-free).
 
 What a block may go where is declared here once: a block's ``kind`` (see
 :class:`attnsurgeon.blocks.BlockInfo`) names the positions it allows. A gate (SE, ECA, CBAM, BAM…)
@@ -16,9 +16,19 @@ POSITION_HELP = {
     "3x3": "right after the block's spatial (k>1) conv and its norm/activation (SE-3x3; MobileNetV3's SE)",
     "stage": "between stages: after the last block of every stage that has a following stage, on the path "
              "into it (BAM); one per stage, --stages picks which",
-    "conv": "in place of the block's spatial (k>1) conv, same channels, stride, groups and dilation; its "
-            "norm/activation stay (SKNet, ResNeSt: blocks of kind conv only)",
+    "conv": "in place of the block's spatial (k>1) conv, same channels, stride, groups and dilation, and of the "
+            "norm/activation after it (SKNet, ResNeSt: blocks of kind conv only)",
 }
+# Anchors: a gate after (on the output of) or before (on the input of) every module whose qualified name
+# matches a glob, anywhere in the model (attnsurgeon.anchors). An anchor takes the place of a position.
+ANCHORS = ("after", "before")
+ANCHOR_HELP = {
+    "after": "--after GLOB: on the output of every module whose name matches (layer3.*.conv2, model.9, "
+             "decoder.blocks.*.conv2); every reader of that output sees the block's",
+    "before": "--before GLOB: on the tensor every module whose name matches receives (head, decoder.blocks.*.conv1); "
+              "only that module sees the block's output",
+}
+
 # the positions whose site is one per stage, not one per block
 STAGE_POSITIONS = ("stage",)
 # what each kind of block may go where

@@ -15,6 +15,8 @@ recipe::
         position: standard
         stages: [3, 4]
         options: {reduction: 16}
+      - attn: se
+        after: layer3.*.conv2      # or before: ...; globs over module names instead of a position (anchors)
     profile:                       # optional: settings for `apply --profile` and `sweep`
       batch_sizes: [1]
 
@@ -49,7 +51,7 @@ from .schema import INSERTION_KEYS, InsertionSpec, Where, is_int, no_unknown, pa
 RECIPE_KEYS = ("name", "description", "model", "models", "model_kwargs", "input_size", "target", "insertions", "configurations",
                "grid", "profile", "memory_efficient")
 CONFIGURATION_KEYS = ("name", "insertions")
-GRID_KEYS = ("attn", "position", "stages", "blocks", "init", "options", "replace")
+GRID_KEYS = ("attn", "position", "after", "before", "stages", "blocks", "init", "options", "replace")
 PROFILE_KEYS = ("device", "dtype", "batch_sizes", "mode", "threads", "channels_last", "compile",
                 "min_run_time", "max_run_time")
 
@@ -192,7 +194,7 @@ def _expand_grid(raw: Any, where: Where) -> list[Configuration]:
         raise AttnSurgeonError(f"{where(path)}: a grid is a mapping with at least 'attn' (lists of alternatives)")
     no_unknown(raw, GRID_KEYS, path, where)
     axes: list[tuple[tuple, list]] = []
-    for key in ("attn", "position", "stages", "blocks", "init", "replace"):
+    for key in ("attn", "position", "after", "before", "stages", "blocks", "init", "replace"):
         if key in raw:
             values = raw[key] if isinstance(raw[key], list) else [raw[key]]
             if not values:
@@ -213,7 +215,7 @@ def _expand_grid(raw: Any, where: Where) -> list[Configuration]:
             else:
                 item[key_path[0]] = value
             if len(dict(axes)[key_path]) > 1:  # name a configuration by what varies
-                label.append(f"{key_path[-1]}={_short(value)}" if key_path[0] in ("options", "stages", "blocks") else str(value))
+                label.append(f"{key_path[-1]}={_short(value)}" if key_path[0] in ("options", "stages", "blocks", "after", "before") else str(value))
         spec = parse_insertion(item, path, where)
         out.append(Configuration("/".join(label) or spec.attn, [spec]))
     return out

@@ -58,7 +58,8 @@ def print_report(report: Any) -> None:
         table.add_column(col, overflow="fold", **kw)
     for i in report.insertions:
         opts = ", ".join(f"{k}={v}" for k, v in i.options.items())
-        row = [i.block, str(i.stage), i.position, i.attn, str(i.channels), f"{i.params:,}", i.module, opts]
+        where = f"{i.position} {i.anchor}" if getattr(i, "anchor", None) else i.position
+        row = [i.block, str(i.stage or "-"), where, i.attn, str(i.channels), f"{i.params:,}", i.module, opts]
         if swaps:
             row.insert(6, f"{i.replaced} ({i.replaced_params:,})" if i.replaced else "")
         table.add_row(*row)
@@ -295,6 +296,27 @@ def print_anatomy(loaded: Any, anatomy: Any, gates: list[str]) -> None:
                   + (f": {', '.join(gates[:3])}{', …' if len(gates) > 3 else ''}" if gates else "") + "; other attention is kept")
     for note in anatomy.notes:
         out.print(f"[dim]note: {note}[/]")
+
+
+def print_anchors(rows: list[Any]) -> None:
+    """``inspect --anchors``: every module, what it receives and gives, and whether a block fits there."""
+    from rich.table import Table
+
+    def shape(value: Any, layout: str | None) -> str:
+        if value is None:
+            return "-"
+        text = "×".join(map(str, value[1:]))
+        return f"{text} {layout}" if layout else f"[dim]{text}[/]"
+
+    table = Table(title="Anchors: --after MODULE gates its output, --before MODULE its input (dim: no block fits)",
+                  title_justify="left")
+    for col, kw in [("module", {}), ("type", {}), ("stage", {"justify": "right"}), ("input (--before)", {}),
+                    ("output (--after)", {})]:
+        table.add_column(col, overflow="fold", **kw)
+    for r in rows:
+        table.add_row(_escape(r.name), r.type, str(r.stage or "-"), shape(r.input, r.layout_in),
+                      shape(r.output, r.layout_out) if not r.why_not else f"[dim]{_escape(r.why_not)}[/]")
+    _stdout().print(table)
 
 
 def print_table(columns: tuple[str, ...], rows: list[tuple], caption: str | None = None) -> None:

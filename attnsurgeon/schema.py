@@ -1,7 +1,8 @@
 """The insertion schema: what one insertion says, and every check of it (torch-free).
 
-An :class:`InsertionSpec` names an attention block, a position, the blocks it goes into (stages,
-globs), an init, block options and whether it replaces the model's own attention. This module
+An :class:`InsertionSpec` names an attention block, a position (or an anchor: ``after``/``before``
+modules named by globs), the blocks it goes into (stages, globs), an init, block options and whether
+it replaces the model's own attention. This module
 owns it and its one checker, :func:`validate`, against the block, position and init registries;
 :func:`parse_insertion` reads one from plain data (a recipe's YAML, a saved model's metadata, the
 API's dicts) with type checks that name the place of a problem. The CLI validates before any
@@ -15,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import AttnSurgeonError, did_you_mean
+from .positions import ANCHORS
 
 NONE = "none"  # attn="none" with replace: remove the model's own attention gates
-INSERTION_KEYS = ("attn", "position", "stages", "blocks", "init", "options", "replace")
+INSERTION_KEYS = ("attn", "position", "after", "before", "stages", "blocks", "init", "options", "replace")
 
 
 @dataclass
@@ -27,22 +29,37 @@ class InsertionSpec:
     ``options`` are block options (``reduction``, ``bias``, ``kernel_size``, ``rd_divisor``,
     ``keep_depth``); a list value gives one value per selected stage, in stage order (ECA-Net's
     ``[3, 5, 5, 7]``).
+
+    ``after`` / ``before`` are anchors (globs over module names, see :mod:`attnsurgeon.anchors`):
+    the block goes on the output of / the input of every matching module instead of at a position,
+    and ``position`` becomes ``"after"`` / ``"before"``. ``stages`` and ``blocks`` then narrow the
+    anchors to modules inside the selected blocks.
     """
 
     attn: str
-    position: str | None = None  # None: the block's natural position (see natural_position)
+    position: str | None = None  # None: the block's natural position (see natural_position), or the anchor's kind
     stages: list[int] | None = None
     blocks: list[str] | None = None
     init: str = "default"
     options: dict[str, Any] = field(default_factory=dict)
     replace: bool = False  # take the place of the attention gates the selected blocks have
+    after: list[str] | None = None  # globs: on the output of each matching module
+    before: list[str] | None = None  # globs: on the input of each matching module
 
     def __post_init__(self) -> None:
         if self.position is None:
-            self.position = natural_position(self.attn, self.replace)
+            anchored = [a for a in ANCHORS if getattr(self, a)]
+            self.position = anchored[0] if len(anchored) == 1 else natural_position(self.attn, self.replace)
+
+    @property
+    def anchor(self) -> list[str] | None:
+        """The globs of an anchored spec (``after`` or ``before``), None for a position."""
+        return getattr(self, self.position) if self.position in ANCHORS else None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.anchor:  # the anchor says where: position follows from it
+            d.pop("position")
         return {k: v for k, v in d.items() if v not in (None, {}, False) or k in ("attn", "position", "init")}
 
     @classmethod
@@ -79,9 +96,10 @@ def validate(spec: InsertionSpec) -> InsertionSpec:
     if attn not in REGISTRY and attn != NONE:
         raise SpecError(f"unknown attention block '{attn}' (known: {', '.join(REGISTRY)})." + did_you_mean(str(attn), REGISTRY),
                         ("attn",))
-    if spec.position not in POSITIONS:
-        raise SpecError(f"unknown position '{spec.position}' (choose from {', '.join(POSITIONS)})."
-                        + did_you_mean(str(spec.position), POSITIONS), ("position",))
+    check_anchor(spec)
+    if spec.position not in POSITIONS and spec.position not in ANCHORS:
+        raise SpecError(f"unknown position '{spec.position}' (choose from {', '.join(POSITIONS)}, or give --after/--before "
+                        "MODULE)." + did_you_mean(str(spec.position), POSITIONS), ("position",))
     if spec.init not in INITS:
         raise SpecError(f"unknown init '{spec.init}' (choose from {', '.join(INITS)})", ("init",))
     if attn != NONE:
@@ -96,9 +114,28 @@ def validate(spec: InsertionSpec) -> InsertionSpec:
     return spec
 
 
+def check_anchor(spec: InsertionSpec) -> None:
+    """An anchor takes the place of a position: one of ``after``/``before``, each a non-empty list of
+    globs, and no other position beside it."""
+    given = [a for a in ANCHORS if getattr(spec, a) is not None]
+    for a in given:
+        globs = getattr(spec, a)
+        if not (isinstance(globs, list) and globs and all(isinstance(g, str) and g.strip() for g in globs)):
+            raise SpecError(f"--{a}: expected one or more module-name globs (layer3.*.conv2), got {globs!r}", (a,))
+    if len(given) > 1:
+        raise SpecError("--after and --before in one insertion: give each in an insertion of its own (two insertions "
+                        "of a recipe, or two commands)", (given[1],))
+    if given and spec.position != given[0]:
+        raise SpecError(f"--{given[0]} puts the block on a module's {'output' if given[0] == 'after' else 'input'} and "
+                        f"takes the place of a position: leave --position ('{spec.position}') out", ("position",))
+    if not given and spec.position in ANCHORS:
+        raise SpecError(f"position '{spec.position}' needs the modules: --{spec.position} GLOB "
+                        f"({spec.position}: [GLOB, ...] in a recipe)", ("position",))
+
+
 def check_position(attn: str, position: str, replace: bool = False) -> None:
     """The registry's rule: a block's kind names the positions it allows (gates go anywhere but
-    ``conv``; conv blocks only at ``conv``)."""
+    ``conv``, and after or before any module; conv blocks only at ``conv``)."""
     from .blocks import REGISTRY
     from .positions import KIND_POSITIONS
 
@@ -106,8 +143,11 @@ def check_position(attn: str, position: str, replace: bool = False) -> None:
     if info.kind == "conv" and replace:
         raise SpecError(f"{attn} takes the place of a convolution, not of an attention gate: --replace is for gates "
                         f"({', '.join(n for n, i in REGISTRY.items() if i.kind == 'gate')})", ("replace",))
-    if position in info.positions:
+    if position in info.positions or (position in ANCHORS and info.kind == "gate"):
         return
+    if position in ANCHORS:
+        raise SpecError(f"{attn} takes the place of a convolution and cannot go --{position} a module: it goes only at "
+                        "position 'conv' (leave --after/--before out)", (position,))
     if info.kind == "conv":
         raise SpecError(f"{attn} replaces the block's spatial convolution and goes only at position 'conv', not "
                         f"'{position}'; leave --position out (it defaults to conv)", ("position",))
@@ -122,6 +162,9 @@ def check_replace(attn: str, position: str, replace: bool, options: dict[str, An
     if attn == NONE and not replace:
         raise SpecError("attention block 'none' removes the attention modules the model already has and needs "
                         "--replace (replace: true in a recipe); to insert a block, name one: se, eca, cbam", ("attn",))
+    if replace and position in ANCHORS:
+        raise SpecError(f"--replace puts the new block where the existing attention module is, so --{position} does not "
+                        f"apply; leave it out (or insert with --{position} in a separate insertion)", (position,))
     if replace and position != "standard":
         raise SpecError(f"--replace puts the new block where the existing attention module is, so position "
                         f"'{position}' does not apply; leave --position out (or insert at '{position}' in a "
@@ -166,16 +209,12 @@ def parse_insertion(item: Any, path: tuple = (), where: Where | None = None) -> 
     position = typed(item, "position", str, path, where)  # None: the block's natural position
     init = typed(item, "init", str, path, where) or "default"
     stages = positive_ints(item.get("stages"), where(path + ("stages",)), "a list of stage numbers (1-based)")
-    blocks = item.get("blocks")
-    if blocks is not None:
-        if isinstance(blocks, str):
-            blocks = [b.strip() for b in blocks.split(",") if b.strip()]
-        if not (isinstance(blocks, list) and blocks and all(isinstance(b, str) for b in blocks)):
-            raise AttnSurgeonError(f"{where(path + ('blocks',))}: expected a list of block-name globs, got {blocks!r}")
+    blocks, after, before = (globs(item.get(key), where(path + (key,)), what) for key, what in
+                             (("blocks", "block-name"), ("after", "module-name"), ("before", "module-name")))
     options = item.get("options") or {}
     if not isinstance(options, dict):
         raise AttnSurgeonError(f"{where(path + ('options',))}: expected a mapping of block options")
-    spec = InsertionSpec(attn, position, stages, blocks, init, dict(options), replace)
+    spec = InsertionSpec(attn, position, stages, blocks, init, dict(options), replace, after, before)
     try:
         return validate(spec)
     except SpecError as exc:
@@ -197,6 +236,17 @@ def typed(d: dict, key: str, kind: type, path: tuple, where: Where, required: bo
     if not isinstance(d[key], kind):
         raise AttnSurgeonError(f"{where(path + (key,))}: expected {kind.__name__}, got {type(d[key]).__name__} {d[key]!r}")
     return d[key]
+
+
+def globs(value: Any, place: str, what: str) -> list[str] | None:
+    """``'a.*, b'`` or ``['a.*', 'b']`` -> ``['a.*', 'b']``; None stays None; anything else is an error at ``place``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not (isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value)):
+        raise AttnSurgeonError(f"{place}: expected a list of {what} globs, got {value!r}")
+    return [v.strip() for v in value]
 
 
 def positive_ints(value: Any, place: str, what: str) -> list[int] | None:

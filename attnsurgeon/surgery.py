@@ -49,6 +49,8 @@ class Insertion:
     options: dict[str, Any]
     replaced: str | None = None  # class of the attention module this one took the place of
     replaced_params: int = 0  # ... and its parameters, which left the model
+    anchor: str | None = None  # the module it goes after/before (position 'after'/'before'); block: the block it lies in
+    took_along: list[str] = field(default_factory=list)  # modules whose calls a conv block replaced with the conv (its BN)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +120,8 @@ def insert(
     replace: bool = False,
     target: Any = None,
     memory_efficient: bool = False,
+    after: Iterable[str] | str | None = None,
+    before: Iterable[str] | str | None = None,
     **block_options: Any,
 ) -> SurgeryResult:
     """Insert one kind of attention block into a model.
@@ -139,6 +143,9 @@ def insert(
             :func:`attnsurgeon.parts.find_targets`. Block names are full paths from the top model.
         memory_efficient: in training, recompute each inserted block (and the norm before it) in the
             backward pass instead of keeping its input: see :mod:`attnsurgeon.memory`.
+        after / before: instead of a position, globs over module names (``"layer3.*.conv2"``, a list,
+            or ``"a,b"``): the block goes on the output of / the input of every matching module
+            (:mod:`attnsurgeon.anchors`); ``stages``/``blocks`` then keep the modules inside them.
         **block_options: the block's options (``reduction``, ``kernel_size``, ...: see
             :mod:`attnsurgeon.blocks.options`); a list gives one value per selected stage.
 
@@ -151,19 +158,25 @@ def insert(
         >>> report.params["delta"]
         2514944
     """
-    spec = make_spec(attn, position, stages, blocks, init, replace=replace, **block_options)
+    spec = make_spec(attn, position, stages, blocks, init, replace=replace, after=after, before=before, **block_options)
     return apply_plan(model, [spec], input_size=input_size, pretrained=pretrained, weights=weights, target=target,
                       memory_efficient=memory_efficient)
 
 
 def make_spec(attn: str, position: str | None = None, stages: Iterable[int] | None = None,
               blocks: Iterable[str] | str | None = None, init: str = "default", *, replace: bool = False,
+              after: Iterable[str] | str | None = None, before: Iterable[str] | str | None = None,
               **block_options: Any) -> InsertionSpec:
-    """An :class:`InsertionSpec` from :func:`insert`-style arguments (``blocks`` may be 'a.*,b.1')."""
-    if isinstance(blocks, str):
-        blocks = [b.strip() for b in blocks.split(",") if b.strip()]
-    return InsertionSpec(attn, position, list(stages) if stages else None, list(blocks) if blocks else None,
-                         init, {k: v for k, v in block_options.items() if v is not None}, bool(replace))
+    """An :class:`InsertionSpec` from :func:`insert`-style arguments (``blocks``, ``after`` and
+    ``before`` may be 'a.*,b.1')."""
+    def listed(globs: Any) -> list[str] | None:
+        if isinstance(globs, str):
+            globs = [g.strip() for g in globs.split(",") if g.strip()]
+        return list(globs) if globs is not None else None
+
+    return validate(InsertionSpec(attn, position, list(stages) if stages else None, listed(blocks) or None, init,
+                                  {k: v for k, v in block_options.items() if v is not None}, bool(replace),
+                                  listed(after), listed(before)))
 
 
 def apply_plan(
@@ -193,7 +206,9 @@ def apply_plan(
     base_params = count_params(loaded.model)
     traced = trace_model(loaded.model, size, target)
     gm = traced.gm
-    anatomy = analyse(gm, traced.analysis_size)
+    anatomy = analyse(gm, traced.analysis_size, require_blocks=not specs or not all(s.anchor for s in specs))
+    anatomy.target = traced.targets
+    anatomy.model_modules = [n for n, _ in loaded.model.named_modules() if n]
     notes: list[str] = list(traced.notes)
     planned = plan(anatomy, specs, notes)
     _place_modules(planned, gm)
@@ -257,7 +272,8 @@ def plan(anatomy: Any, specs: list[InsertionSpec], notes: list[str] | None = Non
         except AttnSurgeonError as exc:
             if len(specs) == 1:
                 raise
-            raise AttnSurgeonError(f"insertion {i + 1} of {len(specs)} ({spec.attn} at {spec.position}): {exc}") from exc
+            where = f"{spec.position} {','.join(spec.anchor)}" if spec.anchor else f"at {spec.position}"
+            raise AttnSurgeonError(f"insertion {i + 1} of {len(specs)} ({spec.attn} {where}): {exc}") from exc
     return planned
 
 
@@ -273,7 +289,12 @@ def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str], notes: list[st
 
     planned: list[_Planned] = []
     info = get_block(spec.attn)
-    chosen = select_blocks(anatomy, spec.stages, spec.blocks)
+    if spec.anchor:
+        from .anchors import anchor_blocks
+
+        chosen = anchor_blocks(anatomy, spec.position, spec.anchor, spec.stages, spec.blocks, anatomy.model_modules)
+    else:
+        chosen = select_blocks(anatomy, spec.stages, spec.blocks)
     if not chosen:
         raise AttnSurgeonError("no block selected")
     if spec.position in STAGE_POSITIONS:
@@ -286,7 +307,9 @@ def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str], notes: list[st
             name = site.replaces.target
             if name in taken:
                 raise AttnSurgeonError(f"convolution {name} is replaced by two insertions of the plan; select disjoint blocks")
-            region = AttentionRegion(name, type(anatomy.gm.get_submodule(name)).__name__, frozenset({site.replaces}), site=site)
+            taken_along = [type(anatomy.gm.get_submodule(n.target)).__name__ if n.op == "call_module" else str(n.target)
+                           for n in (site.replaces, *site.absorbs)]
+            region = AttentionRegion(name, "+".join(taken_along), frozenset({site.replaces, *site.absorbs}), site=site)
         else:
             name = _module_name(anatomy.gm, block, info.name, spec.position, taken, parent=site.module)
         taken.add(name)
@@ -382,9 +405,11 @@ def _fitting_blocks(spec: InsertionSpec, chosen: list[Any], per_stage: dict[int,
                 _check_replacement(spec.attn, module, site)
             fitting.append((block, module))
         except AttnSurgeonError as exc:
-            unbuildable.append((block, f"block {block.name} ({site.channels} channels at '{spec.position}'): {exc}"))
+            where = (f"--{spec.position} {site.anchor} ({site.layout} map of {site.channels} channels)" if site.anchor
+                     else f"block {block.name} ({site.channels} channels at '{spec.position}')")
+            unbuildable.append((block, f"{where}: {exc}"))
     errors = ([_not_offered(spec, chosen, lacking)] if lacking else []) + [why for _, why in unbuildable]
-    if errors and (spec.blocks or not fitting):
+    if errors and (spec.blocks or spec.anchor or not fitting):  # a module the user named must take the block
         raise AttnSurgeonError(errors[0] if spec.blocks or not unbuildable else unbuildable[0][1])
     if lacking:
         notes.append(f"{spec.attn} skipped {len(lacking)} block{'s' if len(lacking) > 1 else ''} ({_few([b.name for b in lacking])}): "
@@ -460,8 +485,12 @@ def _module_name(gm: Any, block: Any, attn: str, position: str, taken: set[str],
     """Where the module for ``block`` hangs: under the block's module, or under ``parent`` where the
     site names one (a stage container: ``layer1.bam_stage``)."""
     leaf = attn if position == "standard" else f"{attn}_{position}"
+    anchor = block.sites[position].anchor if position in block.sites else None
+    if anchor is not None:  # beside the module: layer3.0.conv2_se (after), decoder.blocks.0.scse_conv1 (before)
+        own = anchor.rpartition(".")[2] if parent != anchor else ""
+        leaf = (f"{own}_{attn}" if position == "after" else f"{attn}_{own}") if own else f"{attn}_{position}"
     if parent is not None:
-        base = f"{parent}.{leaf}"
+        base = f"{parent}.{leaf}" if parent else leaf
     else:
         if "#" in block.name:  # the k-th merge in one module's forward
             leaf += "_" + block.name.rsplit("#", 1)[1]
@@ -543,6 +572,7 @@ def _rewrite(gm: Any, planned: list[_Planned]) -> list[Insertion]:
                 module=p.module_name,
                 layout=str(p.site.layout),
                 options=_resolved_options(p),
+                anchor=p.site.anchor,
             )
         )
     return done
@@ -586,7 +616,7 @@ def _replace(gm: Any, p: _Planned, moved: _Moved) -> Insertion:
         gm.add_submodule(p.module_name, p.module)
         head, out = _call_in_layout(graph, x, p.module_name, p.site.layout)
         scope = {}
-        for key, value in (y.meta.get("nn_module_stack") or {}).items():
+        for key, value in ((p.site.replaces or y).meta.get("nn_module_stack") or {}).items():
             if (value[0] if isinstance(value, tuple) else value) == p.module_name:
                 break
             scope[key] = value
@@ -606,6 +636,13 @@ def _replace(gm: Any, p: _Planned, moved: _Moved) -> Insertion:
     for n in reversed(list(graph.nodes)):
         if n in nodes:
             graph.erase_node(n)
+    called = {n.target for n in graph.nodes if n.op == "call_module"}
+    took_along = sorted(n.target for n in nodes if n.op == "call_module" and n.target != p.module_name
+                        and not n.target.startswith(p.module_name + "."))  # a conv block's norm and activation
+    for target in took_along:
+        if target not in called:  # called nowhere else now (a shared ReLU stays)
+            removed += count_params(gm.get_submodule(target))
+            gm.delete_submodule(target)
     moved.as_producer[y] = out
     for n in nodes:
         moved.as_consumer[n] = stands_in
@@ -625,6 +662,7 @@ def _replace(gm: Any, p: _Planned, moved: _Moved) -> Insertion:
         options=_resolved_options(p) if p.module is not None else {},
         replaced=p.region.type,
         replaced_params=removed,
+        took_along=took_along,
     )
 
 

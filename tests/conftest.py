@@ -5,6 +5,7 @@ import pytest
 
 # Nothing in the suite may reach a network: make any accidental hub access fail fast and locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics: no downloads, no update checks
 os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), ".torch_home_unused"))
 
 import torch  # noqa: E402

@@ -177,12 +177,12 @@ def _to_plain_resnet(key: str) -> str:
     return re.sub(r"\.conv(\d)\.bn\.", r".bn\1.", key)
 
 
-@pytest.mark.parametrize("name, sk_kwargs, kept", [
-    ("resnet18", dict(reduction=8, rd_divisor=16), "bn1"),  # skresnet18's sk_kwargs: rd_ratio 1/8, rd_divisor 16
-    ("resnet34", dict(reduction=8, rd_divisor=16), "bn1"),
-    ("resnet50", {}, "bn2"),  # skresnet50: timm's defaults
+@pytest.mark.parametrize("name, sk_kwargs", [
+    ("resnet18", dict(reduction=8, rd_divisor=16)),  # skresnet18's sk_kwargs: rd_ratio 1/8, rd_divisor 16
+    ("resnet34", dict(reduction=8, rd_divisor=16)),
+    ("resnet50", {}),  # skresnet50: timm's defaults
 ])
-def test_sk_at_conv_builds_timms_skresnet(name, sk_kwargs, kept):
+def test_sk_at_conv_builds_timms_skresnet(name, sk_kwargs):
     torch.manual_seed(0)
     reference = timm.create_model(f"sk{name}").eval()
     base = timm.create_model(name).eval()
@@ -191,16 +191,12 @@ def test_sk_at_conv_builds_timms_skresnet(name, sk_kwargs, kept):
     ours = {n for n, m in model.named_modules() if isinstance(m, SelectiveKernel)}
     theirs = {n for n, m in reference.named_modules() if isinstance(m, SelectiveKernel)}
     assert ours == theirs and len(ours) == {"resnet18": 8, "resnet34": 16, "resnet50": 16}[name]
-    # the same parameters, plus the BN that followed each replaced conv and stays
-    kept_bns = [model.get_submodule(f"{n.rsplit('.', 1)[0]}.{kept}") for n in ours]
-    assert count_params(model) == count_params(reference) + sum(count_params(b) for b in kept_bns)
-    # the same outputs given the same weights, the kept BN made an identity (SK's output is already
-    # normalised and ≥ 0, so the kept ReLU is one too)
+    # the SK takes the place of the conv with its BN and ReLU, as in timm's units: the same parameters
+    assert count_params(model) == count_params(reference)
+    assert {i.replaced for i in report.insertions} == {"Conv2d+BatchNorm2d+Identity+ReLU"}  # conv, bn, drop_block, act
+    # ... and the same outputs given the same weights
     state = {_to_plain_resnet(k): v for k, v in reference.state_dict().items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert unexpected == [] and all(f".{kept}." in k for k in missing)
-    for n in ours:
-        setattr(model.get_submodule(n.rsplit(".", 1)[0]), kept, nn.Identity())
+    model.load_state_dict(state, strict=True)
     x = torch.randn(2, *SMALL)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), reference(x), rtol=1e-4, atol=1e-5)
@@ -208,18 +204,14 @@ def test_sk_at_conv_builds_timms_skresnet(name, sk_kwargs, kept):
 
 def test_splat_at_conv_builds_timms_resnest_bottleneck():
     """timm's ResNeSt bottleneck (radix 2, without its avd pooling) is timm's resnet50 bottleneck
-    with SplitAttn in conv2's place and no norm/act after it: the same names otherwise."""
+    with SplitAttn in the place of conv2 and its norm and activation: the same names otherwise."""
     torch.manual_seed(0)
     reference = ResNet(block=ResNestBottleneck, layers=[3, 4, 6, 3], block_args=dict(radix=2, avd=False)).eval()
     model, report = attnsurgeon.insert(timm.create_model("resnet50").eval(), "splat", input_size=SMALL)
     ours = {n for n, m in model.named_modules() if isinstance(m, SplitAttn)}
     assert ours == {n for n, m in reference.named_modules() if isinstance(m, SplitAttn)} and len(ours) == 16
-    kept = [model.get_submodule(n.rsplit(".", 1)[0] + ".bn2") for n in ours]
-    assert count_params(model) == count_params(reference) + sum(count_params(b) for b in kept)
-    missing, unexpected = model.load_state_dict(reference.state_dict(), strict=False)
-    assert unexpected == [] and all(".bn2." in k for k in missing)
-    for n in ours:
-        setattr(model.get_submodule(n.rsplit(".", 1)[0]), "bn2", nn.Identity())
+    assert count_params(model) == count_params(reference)
+    model.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, *SMALL)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), reference(x), rtol=1e-4, atol=1e-5)
@@ -238,7 +230,8 @@ def test_splat_in_a_basic_block_matches_the_formula_and_a_hand_built_split_attn(
     for ins in report.insertions:
         conv = base.get_submodule(ins.module)  # the base keeps its conv: the rewritten model has its own tree
         assert ins.params == splat_params(conv.in_channels, conv.out_channels, 3), ins.module
-        assert ins.replaced_params == count_params(conv)
+        bn = base.get_submodule(ins.module.replace("conv", "bn"))  # taken along with the conv (the ReLU has no weights)
+        assert ins.replaced == "Conv2d+BatchNorm2d+ReLU" and ins.replaced_params == count_params(conv) + count_params(bn)
     assert report.params["delta"] == sum(i.params - i.replaced_params for i in report.insertions)
     # layer2.0.conv1: 64 -> 128, stride 2; timm's SplitAttn built by hand as ResNeSt builds it
     ours = model.get_submodule("layer2.0.conv1")
@@ -258,7 +251,8 @@ def test_conv_blocks_keep_stride_and_stack_with_other_positions():
     assert [i.module for i in report.insertions] == ["layer2.0.se_pre", "layer2.0.conv1", "layer2.0.eca_3x3"]
     (sk,) = _calls(model, "layer2.0.conv1")
     assert sk.args[0].target == "layer2.0.se_pre"  # the SK reads what the pre block gives
-    assert [u.target for u in sk.users] == ["layer2.0.bn1"]  # and its old conv's BN reads the SK
+    assert [u.target for u in sk.users] == ["layer2.0.eca_3x3"]  # SK took bn1 and relu along: the 3x3 site reads it
+    assert not hasattr(model.get_submodule("layer2.0"), "bn1")
     assert model.get_submodule("layer2.0.conv1").paths[0].conv.stride == (2, 2)
     assert model(x).shape == (1, 1000)
 
@@ -301,7 +295,8 @@ def test_conv_block_macs_match_the_formula_and_nothing_is_uncounted(attn):
         cin, cout, h = shapes[ins.module]
         new = (sk_macs(cin, cout, h, h, opts[ins.module]["hidden"]) if attn == "sk"
                else splat_macs(cin, cout, h, h, opts[ins.module]["hidden"]))
-        assert ins.macs == new - cout * cin * 9 * h * h, ins.module  # the row is the swap: new less the conv
+        # the row is the swap: new less the conv and the BN (2 per element in eval) and ReLU it took along
+        assert ins.macs == new - cout * cin * 9 * h * h - 3 * cout * h * h, ins.module
     assert sum(i.macs for i in result.insertions) == result.modified.macs - result.base.macs
 
 
@@ -329,7 +324,7 @@ def test_a_replacement_that_would_change_the_conv_output_shape_is_refused():
 def test_sk_replaces_depthwise_convs_with_the_input_unsplit(name):
     base = attnsurgeon.load_model(name).model.eval()
     model, report = attnsurgeon.insert(copy.deepcopy(base), "sk", stages=[2], split_input=False, input_size=SMALL)
-    assert report.insertions and all(i.position == "conv" and i.replaced == "Conv2d" for i in report.insertions)
+    assert report.insertions and all(i.position == "conv" and i.replaced.split("+")[0] == "Conv2d" for i in report.insertions)
     for ins in report.insertions:
         old, new = base.get_submodule(ins.module), model.get_submodule(ins.module)
         assert isinstance(new, SelectiveKernel)

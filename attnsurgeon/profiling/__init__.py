@@ -243,6 +243,8 @@ def profile(
             macs = mod_flops.by_module.get(ins.module, 0) if ins.attn != "none" else 0
             if ins.replaced:  # the new module sits under the old one's name: the row is the swap
                 macs -= base_flops.by_module.get(ins.module, 0)
+                for m in ins.took_along:  # ... and the calls of the modules it took along (a conv's BN and ReLU)
+                    macs -= base_flops.by_module.get(m, 0) - mod_flops.by_module.get(m, 0)
             insertions.append(InsertionCost(ins.module, ins.block, ins.stage, ins.position, ins.attn,
                                             ins.params - ins.replaced_params, macs, ins.replaced))
         unattributed = (mod_flops.macs - base_flops.macs) - sum(i.macs for i in insertions)
