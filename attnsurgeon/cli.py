@@ -979,11 +979,13 @@ def list_positions(json_out: JsonOpt = False) -> None:
 @list_app.command("models")
 @command
 def list_models_cmd(
-    pattern: Annotated[Optional[str], typer.Argument(help="A glob (resnet*) or a substring (convnext).")] = None,
+    pattern: Annotated[Optional[str], typer.Argument(help="A glob (resnet*) or a substring (convnext); timm:PATTERN or "
+                                                     "tv:PATTERN keeps one library.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Model names from torchvision and timm, with their source. A bare name in both resolves to torchvision."""
-    from .models import list_models
+    """Model names from torchvision and timm, with their source, named as MODEL and --models take them
+    (tv:NAME / timm:NAME; a bare name in both libraries resolves to torchvision)."""
+    from .models import list_models, model_spec
 
     rows = list_models(pattern)
     if json_out:
@@ -991,7 +993,7 @@ def list_models_cmd(
         return
     if not rows:
         raise AttnSurgeonError(f"no model matches '{pattern}'")
-    print_table(("name", "source"), rows, caption=f"{len(rows)} models")
+    print_table(("model", "source"), [(model_spec(n, s), s) for n, s in rows], caption=f"{len(rows)} models")
 
 
 def main() -> None:

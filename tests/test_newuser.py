@@ -41,3 +41,24 @@ def test_export_of_a_model_built_from_an_object_is_checked_on_that_object(tmp_pa
     # without base= the message names the file the user gave and the call to make
     with pytest.raises(AttnSurgeonError, match=r"x\.safetensors' was made from a model object \(ResNet\).*base="):
         attnsurgeon.load(tmp_path / "x.safetensors")
+
+
+# --------------------------------------------------------------------------- 4. list models takes the prefixes
+
+
+def test_list_models_takes_the_library_prefixes_and_shows_them(cli):
+    import timm
+
+    code, out, err = cli("list", "models", "timm:resnet1*", "--json")
+    assert code == 0, err
+    assert [(r["name"], r["source"]) for r in json.loads(out)["models"]] == [(n, "timm") for n in sorted(timm.list_models("resnet1*"))]
+    code, out, err = cli("list", "models", "tv:resnet", "--json")
+    tv = sorted(n for n in torchvision.models.list_models() if "resnet" in n)
+    assert code == 0 and [(r["name"], r["source"]) for r in json.loads(out)["models"]] == [(n, "torchvision") for n in tv]
+    # the table names each model as MODEL and --models take it
+    code, out, _ = cli("list", "models", "resnet18")
+    assert code == 0 and "tv:resnet18" in out and "timm:resnet18 " in out
+    # --models 'timm:resnet1*' expands to exactly what the listing shows
+    from attnsurgeon.models import expand_models
+
+    assert expand_models("timm:resnet1*") == [f"timm:{n}" for n in sorted(timm.list_models("resnet1*"))]
