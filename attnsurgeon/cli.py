@@ -816,15 +816,35 @@ def sweep(
     from .sweep import run_sweep
 
     swept = models.split(",") if models is not None else spec.models or spec.model  # --models overrides a recipe's
-    with _SweepProgress() as bar:
-        result = run_sweep(swept, configurations, out, settings=settings, input_size=size,
-                           model_kwargs=spec.model_kwargs, target=target, resume=resume, force=force, progress=bar,
-                           ray=ray, ray_cpus=ray_cpus, memory_efficient=memory_efficient)
+    try:
+        with _SweepProgress() as bar:
+            result = run_sweep(swept, configurations, out, settings=settings, input_size=size,
+                               model_kwargs=spec.model_kwargs, target=target, resume=resume, force=force, progress=bar,
+                               ray=ray, ray_cpus=ray_cpus, memory_efficient=memory_efficient)
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM (a timeout, a batch job's limit)
+        if isinstance(exc, SystemExit) and not exc.code:
+            raise
+        _say_interrupted(out, force)
+        raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else exc.code) from None
     if json_out:
         emit_json({"folder": str(result.folder), "measured": result.measured, "plot": str(result.plot) if result.plot else None,
                    "rows": result.rows})
         return
     print_sweep(result)
+
+
+def _say_interrupted(out: Path, force: bool) -> None:
+    """What an interrupted sweep left, and how to finish it."""
+    from .sweep import ROWS_FILE, SWEEP_FILE
+
+    folder = out.expanduser()
+    if not (folder / SWEEP_FILE).exists():
+        _stderr().print("[yellow]interrupted[/] before the sweep started")
+        return
+    rows = folder / ROWS_FILE
+    kept = sum(1 for line in rows.read_text().splitlines() if line.strip()) if rows.exists() else 0
+    _stderr().print(f"[yellow]interrupted:[/] {kept} finished row{'s' * (kept != 1)} kept in {_escape(str(out))}; "
+                    "finish the sweep with the same arguments and --resume" + (" (in place of --force)" if force else ""))
 
 
 def _optional_ray_address(argv: list[str]) -> list[str]:

@@ -191,7 +191,8 @@ def print_profile(result: Any) -> None:
 
 
 class _SweepProgress(_Steps):
-    """A bar with ETA over the sweep's rows, on stderr."""
+    """A bar with ETA over the sweep's rows, on stderr; where stderr is not a terminal (a log, a batch
+    job), one line per change instead, so that a sweep stopped from outside has said how far it got."""
 
     def __init__(self) -> None:
         import os
@@ -200,10 +201,12 @@ class _SweepProgress(_Steps):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._file = os.fdopen(os.dup(2), "w")
+        self.lines = not self._file.isatty()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), console=Console(file=self._file), transient=True,
-                                 disable=not self._file.isatty())
+                                 disable=self.lines)
         self.task = None
+        self._said = ""
 
     def __enter__(self) -> "_SweepProgress":
         self.progress.__enter__()
@@ -216,6 +219,11 @@ class _SweepProgress(_Steps):
         else:
             text = f"measuring {name}" if name else "done"
         self.progress.update(self.task, total=total, completed=done, description=text)
+        line = f"sweep: {done}/{total} rows done · {text}"
+        if self.lines and line != self._said:
+            self._said = line
+            self._file.write(line + "\n")
+            self._file.flush()
 
 
 def print_sweep(result: Any) -> None:

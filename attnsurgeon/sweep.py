@@ -353,18 +353,22 @@ def _prepare_folder(out: Path, definition: dict, resume: bool, force: bool, sing
     if out.exists() and not out.is_dir():
         raise AttnSurgeonError(f"'{out}' exists and is not a folder")
     if sweep_file.exists():
-        if resume:
+        if not force:
             try:
                 previous = json.loads(sweep_file.read_text())
             except json.JSONDecodeError as exc:
                 raise AttnSurgeonError(f"'{sweep_file}' is not valid JSON ({exc}); start over with --force") from exc
-            if previous != json.loads(json.dumps(definition)):
-                changed = [k for k in definition if previous.get(k) != json.loads(json.dumps(definition[k]))]
-                raise AttnSurgeonError(f"the sweep in '{out}' was started with other values for: {', '.join(changed)}; "
-                                       "resume it with the same arguments, or start over with --force")
-            return _read_rows(rows_file, single)
-        if not force:
-            raise AttnSurgeonError(f"'{out}' already holds a sweep: pass --resume to finish it, or --force to start over")
+            wanted = json.loads(json.dumps(definition))
+            changed = [k for k in {**previous, **wanted} if previous.get(k) != wanted.get(k)]
+            if changed:  # another sweep: --resume cannot finish this one there
+                raise AttnSurgeonError(f"'{out}' already holds a different sweep, with other values for: {', '.join(changed)}; "
+                                       + ("resume it with the arguments it was started with, " if resume else "")
+                                       + "give this sweep another --out, or pass --force to replace that one")
+            if resume:
+                return _read_rows(rows_file, single)
+            finished = len(_read_rows(rows_file, single))
+            raise AttnSurgeonError(f"'{out}' already holds a sweep with these arguments ({finished} "
+                                   f"row{'s' * (finished != 1)} finished): pass --resume to finish it, or --force to start over")
         for name in (SWEEP_FILE, ROWS_FILE, "results.csv", "results.json", "plot.png"):
             (out / name).unlink(missing_ok=True)
     elif resume:

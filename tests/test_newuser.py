@@ -62,3 +62,62 @@ def test_list_models_takes_the_library_prefixes_and_shows_them(cli):
     from attnsurgeon.models import expand_models
 
     assert expand_models("timm:resnet1*") == [f"timm:{n}" for n in sorted(timm.list_models("resnet1*"))]
+
+
+# --------------------------------------------------------------------------- 3. a folder that holds another sweep
+
+SWEEP = ("sweep", "resnet18", "--input-size", "32", "--min-time", "0.05", "--max-time", "0.1", "--threads", "1")
+
+
+def test_a_folder_holding_a_different_sweep_says_so_and_resume_is_kept_for_the_same_one(cli, tmp_path, monkeypatch):
+    import attnsurgeon.sweep as sweep_mod
+
+    def stop(jobs, progress):  # the sweep is written down, then stopped before its first row
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(sweep_mod, "_run_here", stop)
+    out = tmp_path / "zoo"
+    code, _, err = cli(*SWEEP, "--attn", "se,eca", "--out", out)
+    assert code == 130 and (out / "sweep.json").is_file()
+    assert "0 finished rows kept" in err and "--resume" in err
+    # another sweep in the same folder: named as different, with another --out or --force, not --resume
+    code, _, err = cli(*SWEEP, "--attn", "cbam", "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "different sweep" in err and "configurations" in err and "another --out" in err and "--force" in err
+    assert "--resume" not in err
+    code, _, err = cli(*SWEEP, "--attn", "cbam", "--out", out, "--resume")
+    assert code == 2 and "different sweep" in err and "another --out" in err
+    # the same sweep again: --resume finishes it
+    code, _, err = cli(*SWEEP, "--attn", "se,eca", "--out", out)
+    assert code == 2 and "already holds a sweep with these arguments (0 rows finished)" in err and "--resume" in err
+
+
+# --------------------------------------------------------------------------- 6. stopped from outside, not on a terminal
+
+
+def test_a_sweep_killed_outside_a_terminal_has_said_how_far_it_got_and_how_to_finish(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "s"
+    args = [*SWEEP[:5], "0.5", "--max-time", "1", "--threads", "1", "--attn", "se,eca,cbam", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "attnsurgeon.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)  # stderr a pipe, as under `timeout ... > log`
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        rows = out / "rows.jsonl"
+        if rows.exists() and rows.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    kept = len((out / "rows.jsonl").read_text().splitlines())
+    assert 1 <= kept < 4
+    lines = err.splitlines()
+    assert lines[0] == "sweep: 0/4 rows done · measuring base"  # a line per row, as the rows start
+    said = [line for line in lines if line.startswith("sweep: ")]
+    assert [line.split()[1] for line in said] == [f"{k}/4" for k in range(len(said))] and len(said) - 1 <= kept
+    assert lines[-1].startswith(f"interrupted: {kept} finished row") and "--resume" in lines[-1]
+    assert (out / "plot.png").is_file()  # the rows that finished are drawn
