@@ -705,7 +705,7 @@ SweepModelsOpt = Annotated[Optional[str], typer.Option(
     "--models", help="Several models, crossed with the configurations: a list or globs (timm:resnet*,convnext_tiny; "
     "`list models` shows the names). Instead of MODEL, or to run a sweep recipe over them.", show_default="MODEL alone")]
 SweepRayOpt = Annotated[Optional[str], typer.Option(
-    "--ray", metavar="[ADDRESS]", help="Run the rows as Ray tasks (pip install 'attnsurgeon[ray]'): --ray alone starts "
+    "--ray", metavar="[ADDRESS]", help="Run the rows as Ray tasks (pip install 'attnsurgeon\\[ray]'): --ray alone starts "
     "Ray on this machine; auto or ray://HEAD:10001 joins a cluster. Each row asks for --threads CPUs (1 if unset), "
     "or one GPU with --device cuda.", show_default="rows measured here, one after another")]
 SweepRayCpusOpt = Annotated[Optional[int], typer.Option(
@@ -977,8 +977,16 @@ def list_attn(json_out: JsonOpt = False) -> None:
         emit_json({"blocks": [i.to_dict() for i in REGISTRY.values()]})
         return
 
+    from .blocks.options import OPTIONS
+
+    def typed(name: str, default: Any) -> str:  # as it is typed: --lambda, not the API's e_lambda; --no-bias
+        flag = OPTIONS[name].flag
+        if isinstance(default, bool):
+            return flag if default else f"--no-{flag[2:]}"
+        return flag if default is None else f"{flag} {default}"
+
     def options(info: Any) -> str:
-        return ", ".join(k if v is None else f"{k}={v}" for k, v in info.options.items()) or "-"
+        return ", ".join(typed(k, v) for k, v in info.options.items()) or "-"
 
     print_table(("name", "what it does", "position", "options (default)", "paper"),
                 [(i.name, i.summary, i.position, options(i), i.paper) for i in REGISTRY.values()])

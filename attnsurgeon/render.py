@@ -301,8 +301,8 @@ def print_anatomy(loaded: Any, anatomy: Any, gates: list[str]) -> None:
         out.print("Attention already in the model: " + ", ".join(f"{n} ({t})" for n, t in anatomy.existing_attention))
         out.print(f"--replace can take the place of {len(gates)} channel/spatial gate{'s' if len(gates) != 1 else ''}"
                   + (f": {', '.join(gates[:3])}{', …' if len(gates) > 3 else ''}" if gates else "") + "; other attention is kept")
-    for note in anatomy.notes:
-        out.print(f"[dim]note: {note}[/]")
+    for note in anatomy.notes:  # on stderr, as insert prints its notes
+        _stderr().print(f"[dim]note: {_escape(note)}[/]")
 
 
 def print_table(columns: tuple[str, ...], rows: list[tuple], caption: str | None = None) -> None:

@@ -121,3 +121,44 @@ def test_a_sweep_killed_outside_a_terminal_has_said_how_far_it_got_and_how_to_fi
     assert [line.split()[1] for line in said] == [f"{k}/4" for k in range(len(said))] and len(said) - 1 <= kept
     assert lines[-1].startswith(f"interrupted: {kept} finished row") and "--resume" in lines[-1]
     assert (out / "plot.png").is_file()  # the rows that finished are drawn
+
+
+# --------------------------------------------------------------------------- 9. smaller things
+
+
+def test_sweep_help_names_the_ray_extra(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # wide enough that Rich does not cut the help text
+    code, out, _ = cli("sweep", "--help")
+    assert code == 0 and "attnsurgeon[ray]" in " ".join(out.split())  # Rich markup swallowed "[ray]"
+
+
+def test_list_attn_shows_the_flags_as_they_are_typed(cli):
+    from attnsurgeon.blocks import REGISTRY
+    from attnsurgeon.blocks.options import OPTIONS
+
+    code, out, _ = cli("list", "attn")
+    assert code == 0
+    simam = next(line for line in out.splitlines() if line.startswith("│ simam"))
+    assert "--lambda 0.0001" in simam and "e_lambda" not in out
+    for info in REGISTRY.values():  # every option of every block, by the flag the CLI takes
+        row = next(line for line in out.splitlines() if line.startswith(f"│ {info.name} "))
+        for name in info.options:
+            assert OPTIONS[name].flag[2:8] in row, (info.name, name)
+
+
+def test_inspect_prints_its_notes_on_stderr_like_insert(cli, tmp_path):
+    (tmp_path / "branchy.py").write_text(
+        "import torchvision\nfrom torch import nn\n\n\n"
+        "class Branchy(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = torchvision.models.resnet18(num_classes=4)\n\n"
+        "    def forward(self, x):  # branches on the data: only the body traces\n"
+        "        return self.body(x) if x.mean() > -100 else -self.body(x)\n\n\n"
+        "def build():\n    return Branchy()\n")
+    model = f"{tmp_path / 'branchy.py'}:build"
+    code, out, err = cli("inspect", model, "--input-size", "32")
+    assert code == 0 and "body.layer4.1" in out
+    assert "note: Branchy does not trace whole" in err and "note:" not in out
+    code, out, err_insert = cli("insert", model, "--input-size", "32", "--attn", "se")
+    assert code == 0 and "note: Branchy does not trace whole" in err_insert and "note:" not in out
