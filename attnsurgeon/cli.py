@@ -612,9 +612,9 @@ def profile(
 
         save_figure(draw_costs(result), plot)
     if json_out:
-        emit_json({**result.to_dict(), **({"plot": str(plot)} if plot is not None else {})})
+        emit_json({**result.to_dict(), "memory_efficient": memory_efficient, **({"plot": str(plot)} if plot is not None else {})})
         return
-    print_profile(result)
+    print_profile(result, memory_efficient)
     if plot is not None:
         _stdout().print(f"Cost plot: {_escape(str(plot))}")
 

@@ -146,7 +146,9 @@ class _Steps:
         self._file.close()
 
 
-def print_profile(result: Any) -> None:
+def print_profile(result: Any, memory_efficient: bool = False) -> None:
+    """``profile``'s table; ``memory_efficient``: the modified model recomputes its attention in the
+    backward pass, which the header says, with what the modified model then is."""
     from rich.table import Table
 
     from .profiling import FLOP_CONVENTION
@@ -156,7 +158,8 @@ def print_profile(result: Any) -> None:
     device = s.device if env["device_name"] == "cpu" else f"{s.device} ({env['device_name']})"
     out.print(f"[bold]{result.model}[/] ({result.source}) · input {'×'.join(map(str, result.input_size))} · "
               f"{device} · {s.dtype} · {s.mode} · {env['threads']} threads · torch {env['torch_version']}"
-              + (" · channels-last" if s.channels_last else "") + (" · compiled" if s.compile else ""))
+              + (" · channels-last" if s.channels_last else "") + (" · compiled" if s.compile else "")
+              + (" · memory-efficient" if memory_efficient else ""))
     alone = result.modified is None
     table = Table()
     for col in ("metric", "value") if alone else ("metric", "base", "modified", "delta", "delta %"):
@@ -174,6 +177,12 @@ def print_profile(result: Any) -> None:
         mod = f", modified {result.modified.compile_s:.1f} s" if result.modified else ""
         out.print(f"compile time (not in latency): base {result.base.compile_s:.1f} s{mod}")
     out.print(f"[dim]{FLOP_CONVENTION}[/]")
+    if memory_efficient:
+        what = ("the inserted blocks" if result.insertions else
+                "modified = the same model with its own attention gates")
+        out.print(f"memory-efficient: {what} (and the norm/activation before each) recomputed in the backward pass: "
+                  "the same parameters, MACs and outputs; what changes is a training step's peak memory and time"
+                  + ("" if s.mode == "train" else " (--mode train measures them; in inference nothing is recomputed)"))
     if result.insertions:
         per = Table(title="per insertion", title_justify="left")
         for col in ("module", "position", "params", "MACs"):

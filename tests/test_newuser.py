@@ -162,3 +162,49 @@ def test_inspect_prints_its_notes_on_stderr_like_insert(cli, tmp_path):
     assert "note: Branchy does not trace whole" in err and "note:" not in out
     code, out, err_insert = cli("insert", model, "--input-size", "32", "--attn", "se")
     assert code == 0 and "note: Branchy does not trace whole" in err_insert and "note:" not in out
+
+
+# --------------------------------------------------------------------------- 7. profile --memory-efficient says so
+
+
+def test_profile_memory_efficient_says_it_is_on_and_what_modified_is(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    fast = ("--input-size", "32", "--min-time", "0.02", "--max-time", "0.05", "--threads", "1")
+    code, out, err = cli("profile", "timm:seresnet18", "--memory-efficient", *fast)
+    assert code == 0, err
+    header, *rest = out.splitlines()
+    assert header.endswith("· memory-efficient")
+    said = " ".join(" ".join(rest).split())
+    assert "modified = the same model with its own attention gates" in said and "recomputed in the backward pass" in said
+    assert "--mode train measures them" in said  # inference: why base and modified have the same figures
+    code, out, err = cli("profile", "resnet18", "--attn", "se", "--memory-efficient", "--mode", "train", "--batch-size", "2", *fast)
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert "· memory-efficient" in said and "memory-efficient: the inserted blocks" in said and "--mode train measures" not in said
+    code, out, err = cli("profile", "resnet18", "--attn", "se", "--memory-efficient", "--json", *fast)
+    assert code == 0 and json.loads(out)["memory_efficient"] is True
+    code, out, _ = cli("profile", "resnet18", "--attn", "se", *fast)
+    assert code == 0 and "memory-efficient" not in out
+
+
+# --------------------------------------------------------------------------- 8. explain on random weights says so
+
+
+def test_explain_without_weights_says_they_are_random(cli, tmp_path):
+    pytest.importorskip("pytorch_grad_cam")
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "cat.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(image)
+    code, out, err = cli("explain", "resnet18", "--image", image, "--input-size", "64", "--out", tmp_path / "a")
+    assert code == 0, err
+    assert "tv:resnet18 has random weights (no --pretrained or --weights)" in " ".join(err.split())
+    assert "random weights" in json.loads((tmp_path / "a" / "explain.json").read_text())["notes"][0]
+    # with weights given, nothing to warn about
+    from safetensors.torch import save_file
+
+    save_file(torchvision.models.resnet18().state_dict(), str(tmp_path / "r18.safetensors"))
+    code, out, err = cli("explain", "resnet18", "--image", image, "--input-size", "64", "--weights",
+                         tmp_path / "r18.safetensors", "--out", tmp_path / "b")
+    assert code == 0 and "random weights" not in err, err
