@@ -208,3 +208,37 @@ def test_explain_without_weights_says_they_are_random(cli, tmp_path):
     code, out, err = cli("explain", "resnet18", "--image", image, "--input-size", "64", "--weights",
                          tmp_path / "r18.safetensors", "--out", tmp_path / "b")
     assert code == 0 and "random weights" not in err, err
+
+
+def test_sweep_plot_labels_do_not_collide_where_points_are_close():
+    """The SENet reduction sweep's points and two ECA rows with the same params and nearly the same
+    latency: every label must overlap no other label and no other point (matplotlib's own extents)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from attnsurgeon.sweep import draw_plot
+
+    def row(name, params_m, ms):
+        return {"status": "ok", "model": "resnet50", "name": name, "params": params_m * 1e6,
+                "latency_ms": {"median": ms}, "batch_size": 1}
+
+    rows = [row("base", 25.56, 80.0), row("r=2", 45.68, 86.0), row("r=4", 35.62, 83.1), row("r=8", 30.59, 82.4),
+            row("r=16", 28.07, 81.9), row("r=32", 26.81, 81.7), row("eca/standard", 25.56, 80.6),
+            row("eca/pre", 25.56, 80.7), row("eca/post", 25.56, 80.65), row("eca/identity", 25.57, 80.6)]
+    fig = draw_plot(rows)
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts]
+    assert sorted(t.get_text() for t in labels) == sorted(r["name"] for r in rows)
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (labels[i].get_text(), [t.get_text() for t in labels if t.get_window_extent(renderer) is b])
+    points = ax.transData.transform([(r["params"] / 1e6, r["latency_ms"]["median"]) for r in rows])
+    for t, box in zip(labels, boxes):
+        for (px, py), r in zip(points, rows):
+            assert not box.contains(px, py), (t.get_text(), r["name"])  # no label hides a point
+        assert ax.get_window_extent(renderer).contains(box.x0, box.y0) and ax.get_window_extent(renderer).contains(box.x1, box.y1)
+    plt.close(fig)
