@@ -22,6 +22,7 @@ scheduling differs, and the driver writes the rows as they arrive, exactly as th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -313,22 +314,42 @@ def _connect(ray: Any, address: str, cpus: int | None) -> bool:
             return False  # the instance this process already runs (a notebook, the tests)
         raise AttnSurgeonError("this process is already connected to Ray; run the sweep with --ray alone (no address "
                                "or --ray-cpus), or call ray.shutdown() first")
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    # Ray's own logging stays in its log files: only its errors reach the terminal (not the notice that
+    # token authentication is on, nor the workers' output)
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address == LOCAL:
         available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if cpus is not None and not 1 <= cpus <= available:
             raise AttnSurgeonError(f"--ray-cpus must be between 1 and the {available} CPUs of this machine, got {cpus}")
-        ray.init(num_cpus=cpus or available, include_dashboard=False, **quiet)
+        with _keep_sigterm():
+            ray.init(num_cpus=cpus or available, include_dashboard=False, **quiet)
         return True
     import attnsurgeon
 
     try:  # the cluster's workers run this driver's attnsurgeon, whatever the nodes have installed
-        ray.init(address=address, runtime_env={"py_modules": [os.path.dirname(attnsurgeon.__file__)]}, **quiet)
+        with _keep_sigterm():
+            ray.init(address=address, runtime_env={"py_modules": [os.path.dirname(attnsurgeon.__file__)]}, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise AttnSurgeonError(f"cannot join the Ray cluster at '{address}' ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                                "start one with `ray start --head` and pass its address (auto on a node of the cluster, "
                                "or ray://HEAD:10001)") from None
     return True
+
+
+@contextlib.contextmanager
+def _keep_sigterm() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across ``ray.init``, which installs a native one that dumps
+    a stack trace and kills the driver on the spot. With ours (the CLI's: SIGTERM unwinds like Ctrl-C)
+    a stopped sweep cancels its tasks, stops Ray, and keeps and draws the rows that finished."""
+    import signal
+    import threading
+
+    ours = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(ours) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, ours)
 
 
 def _slots(ray: Any, cpus: int, gpus: int) -> int:

@@ -242,3 +242,34 @@ def test_sweep_plot_labels_do_not_collide_where_points_are_close():
             assert not box.contains(px, py), (t.get_text(), r["name"])  # no label hides a point
         assert ax.get_window_extent(renderer).contains(box.x0, box.y0) and ax.get_window_extent(renderer).contains(box.x1, box.y1)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------- 5. stopping a sweep on Ray
+
+
+def test_stopping_a_ray_sweep_is_quiet_cancels_its_tasks_and_draws_what_finished(tmp_path):
+    pytest.importorskip("ray")
+    import signal
+    import time
+
+    out = tmp_path / "r"
+    args = ["sweep", "--models", "resnet18,timm:resnet10t", "--attn", "se,eca,cbam", "--input-size", "32", "--min-time",
+            "0.5", "--max-time", "1", "--threads", "1", "--out", str(out), "--ray", "--ray-cpus", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "attnsurgeon.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        rows = out / "rows.jsonl"
+        if rows.exists() and rows.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None  # rows are left to measure
+    proc.send_signal(signal.SIGTERM)  # what `timeout` and a batch system's time limit send
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    for noise in ("SIGTERM received", "AbslFailureSignalHandler", "Token authentication", "WARNING"):
+        assert noise not in err, err  # Ray's native dump and its start-up notices stay out of the terminal
+    kept = len((out / "rows.jsonl").read_text().splitlines())
+    assert 1 <= kept < 8 and err.splitlines()[-1].startswith(f"interrupted: {kept} finished row")
+    assert err.splitlines()[0].startswith("sweep: 0/8 rows done")
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"  # the plot of what finished, as the local sweep draws it
