@@ -634,9 +634,9 @@ def profile(
 
         save_figure(draw_costs(result), plot)
     if json_out:
-        emit_json({**result.to_dict(), **({"plot": str(plot)} if plot is not None else {})})
+        emit_json({**result.to_dict(), "memory_efficient": memory_efficient, **({"plot": str(plot)} if plot is not None else {})})
         return
-    print_profile(result)
+    print_profile(result, memory_efficient)
     if plot is not None:
         _stdout().print(f"Cost plot: {_escape(str(plot))}")
 
@@ -727,7 +727,7 @@ SweepModelsOpt = Annotated[Optional[str], typer.Option(
     "--models", help="Several models, crossed with the configurations: a list or globs (timm:resnet*,convnext_tiny; "
     "`list models` shows the names). Instead of MODEL, or to run a sweep recipe over them.", show_default="MODEL alone")]
 SweepRayOpt = Annotated[Optional[str], typer.Option(
-    "--ray", metavar="[ADDRESS]", help="Run the rows as Ray tasks (pip install 'attnsurgeon[ray]'): --ray alone starts "
+    "--ray", metavar="[ADDRESS]", help="Run the rows as Ray tasks (pip install 'attnsurgeon\\[ray]'): --ray alone starts "
     "Ray on this machine; auto or ray://HEAD:10001 joins a cluster. Each row asks for --threads CPUs (1 if unset), "
     "or one GPU with --device cuda.", show_default="rows measured here, one after another")]
 SweepRayCpusOpt = Annotated[Optional[int], typer.Option(
@@ -838,15 +838,35 @@ def sweep(
     from .sweep import run_sweep
 
     swept = models.split(",") if models is not None else spec.models or spec.model  # --models overrides a recipe's
-    with _SweepProgress() as bar:
-        result = run_sweep(swept, configurations, out, settings=settings, input_size=size,
-                           model_kwargs=spec.model_kwargs, target=target, resume=resume, force=force, progress=bar,
-                           ray=ray, ray_cpus=ray_cpus, memory_efficient=memory_efficient)
+    try:
+        with _SweepProgress() as bar:
+            result = run_sweep(swept, configurations, out, settings=settings, input_size=size,
+                               model_kwargs=spec.model_kwargs, target=target, resume=resume, force=force, progress=bar,
+                               ray=ray, ray_cpus=ray_cpus, memory_efficient=memory_efficient)
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM (a timeout, a batch job's limit)
+        if isinstance(exc, SystemExit) and not exc.code:
+            raise
+        _say_interrupted(out, force)
+        raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else exc.code) from None
     if json_out:
         emit_json({"folder": str(result.folder), "measured": result.measured, "plot": str(result.plot) if result.plot else None,
                    "rows": result.rows})
         return
     print_sweep(result)
+
+
+def _say_interrupted(out: Path, force: bool) -> None:
+    """What an interrupted sweep left, and how to finish it."""
+    from .sweep import ROWS_FILE, SWEEP_FILE
+
+    folder = out.expanduser()
+    if not (folder / SWEEP_FILE).exists():
+        _stderr().print("[yellow]interrupted[/] before the sweep started")
+        return
+    rows = folder / ROWS_FILE
+    kept = sum(1 for line in rows.read_text().splitlines() if line.strip()) if rows.exists() else 0
+    _stderr().print(f"[yellow]interrupted:[/] {kept} finished row{'s' * (kept != 1)} kept in {_escape(str(out))}; "
+                    "finish the sweep with the same arguments and --resume" + (" (in place of --force)" if force else ""))
 
 
 def _optional_ray_address(argv: list[str]) -> list[str]:
@@ -988,8 +1008,16 @@ def list_attn(json_out: JsonOpt = False) -> None:
         emit_json({"blocks": [i.to_dict() for i in REGISTRY.values()]})
         return
 
+    from .blocks.options import OPTIONS
+
+    def typed(name: str, default: Any) -> str:  # as it is typed: --lambda, not the API's e_lambda; --no-bias
+        flag = OPTIONS[name].flag
+        if isinstance(default, bool):
+            return flag if default else f"--no-{flag[2:]}"
+        return flag if default is None else f"{flag} {default}"
+
     def options(info: Any) -> str:
-        return ", ".join(k if v is None else f"{k}={v}" for k, v in info.options.items()) or "-"
+        return ", ".join(typed(k, v) for k, v in info.options.items()) or "-"
 
     print_table(("name", "what it does", "position", "options (default)", "paper"),
                 [(i.name, i.summary, i.position, options(i), i.paper) for i in REGISTRY.values()])
@@ -1012,11 +1040,13 @@ def list_positions(json_out: JsonOpt = False) -> None:
 @list_app.command("models")
 @command
 def list_models_cmd(
-    pattern: Annotated[Optional[str], typer.Argument(help="A glob (resnet*) or a substring (convnext).")] = None,
+    pattern: Annotated[Optional[str], typer.Argument(help="A glob (resnet*) or a substring (convnext); timm:PATTERN or "
+                                                     "tv:PATTERN keeps one library.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Model names from torchvision and timm, with their source. A bare name in both resolves to torchvision."""
-    from .models import list_models
+    """Model names from torchvision and timm, with their source, named as MODEL and --models take them
+    (tv:NAME / timm:NAME; a bare name in both libraries resolves to torchvision)."""
+    from .models import list_models, model_spec
 
     rows = list_models(pattern)
     if json_out:
@@ -1024,7 +1054,7 @@ def list_models_cmd(
         return
     if not rows:
         raise AttnSurgeonError(f"no model matches '{pattern}'")
-    print_table(("name", "source"), rows, caption=f"{len(rows)} models")
+    print_table(("model", "source"), [(model_spec(n, s), s) for n, s in rows], caption=f"{len(rows)} models")
 
 
 def main() -> None:

@@ -514,6 +514,9 @@ def explain(
     x, pixels = load_images(files, transform, mean, std)
 
     notes: list[str] = list(report.notes) if report else []
+    if loaded.weights is None and loaded.source in ("torchvision", "timm"):  # a library model, built untrained
+        notes.insert(0, f"{loaded.spec} has random weights (no --pretrained or --weights): its classes, probabilities "
+                        "and Grad-CAM maps say nothing about the images")
     insertions = report.insertions if report else []
     say("Finding the gates")
     gates = find_gates(modified if modified is not None else base_gm, insertions, base_gm, notes)

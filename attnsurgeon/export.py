@@ -138,6 +138,9 @@ def export(
     if spec.needs_recipe and report is None:
         raise AttnSurgeonError(f"a .{fmt} export needs the recipe of a model made by attnsurgeon "
                                "(attnsurgeon.insert or attnsurgeon.load); save plain weights with safetensors directly")
+    if spec.needs_recipe and report.model.startswith("object:") and getattr(report, "base_object", None) is None:
+        raise AttnSurgeonError(f"this model was made from a model object ({report.model[7:]}) that its report no longer "
+                               "holds, so the written file cannot be checked; insert into the object again and export that")
     check_exportable(model, fmt)
     if not spec.needs_recipe:  # pt2/onnx/ts hold the plain graph: a memory-efficient model's segments inlined
         from .memory import plain
@@ -191,7 +194,7 @@ def _write_and_check(spec: Format, model: Any, tmp: Path, size: tuple, batch: in
         if not dynamic:
             raise
         raise _NotDynamic(f"{spec.title} could not make it dynamic ({_why_not_dynamic(exc)})") from exc
-    run = spec.reader(tmp)
+    run = spec.reader(tmp, model)
     diffs, scale = [], max(1.0, max(output_scale(r) for r in references))
     for i, (c, ref) in enumerate(zip(checks, references)):
         try:
@@ -281,8 +284,13 @@ def _write_safetensors(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
     save_file(tensors, str(tmp), metadata=metadata)
 
 
-def _read_safetensors(tmp: Path) -> Callable[..., Any]:
-    return _no_grad(load(tmp).eval())
+def _read_safetensors(tmp: Path, model: Any) -> Callable[..., Any]:
+    """The written file rebuilt as :func:`load` rebuilds it; a model made from a module object is
+    rebuilt on a copy of that object (the caller's own is left as it is), as ``load(path, base=...)`` does."""
+    import copy
+
+    base = getattr(model.attnsurgeon_report, "base_object", None)
+    return _no_grad(load(tmp, base=copy.deepcopy(base) if base is not None else None).eval())
 
 
 def read_saved(path: str | os.PathLike) -> tuple[Recipe, dict[str, Any], dict[str, str]]:
@@ -375,7 +383,7 @@ def _write_pt2(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
     torch.export.save(program, str(tmp))
 
 
-def _read_pt2(tmp: Path) -> Callable[..., Any]:
+def _read_pt2(tmp: Path, model: Any) -> Callable[..., Any]:
     import torch
 
     return _no_grad(torch.export.load(str(tmp)).module())
@@ -406,7 +414,7 @@ def _write_onnx(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
         raise AttnSurgeonError(f"ONNX export failed{where}: {_first_line(chain[-1])}") from exc
 
 
-def _read_onnx(tmp: Path) -> Callable[..., Any]:
+def _read_onnx(tmp: Path, model: Any) -> Callable[..., Any]:
     import onnxruntime as ort
     import torch
 
@@ -440,7 +448,7 @@ def _write_ts(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
         raise AttnSurgeonError(f"TorchScript tracing failed: {_first_line(exc)}") from exc
 
 
-def _read_ts(tmp: Path) -> Callable[..., Any]:
+def _read_ts(tmp: Path, model: Any) -> Callable[..., Any]:
     import torch
 
     with warnings.catch_warnings():
@@ -469,7 +477,7 @@ class Format:
     extensions: tuple[str, ...]
     title: str  # how messages name it
     writer: Callable[[Any, Path, tuple, bool], None]  # (model, path, sample args, dynamic batch)
-    reader: Callable[[Path], Callable[..., Any]]  # path -> a function from inputs to outputs
+    reader: Callable[[Path, Any], Callable[..., Any]]  # (path, the model written) -> a function from inputs to outputs
     holds_batch: bool  # the file fixes its input shapes, so its batch is static or dynamic
     needs_recipe: bool = False  # only a model made by attnsurgeon can be written
     requires: tuple[str, ...] = ()  # modules it imports beyond attnsurgeon's own dependencies...

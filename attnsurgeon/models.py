@@ -74,15 +74,25 @@ def timm_names() -> list[str]:
 
 
 def list_models(pattern: str | None = None) -> list[tuple[str, str]]:
-    """``(name, source)`` for every model matching ``pattern`` (a glob, or a substring)."""
-    rows = [(n, "torchvision") for n in torchvision_names()]
-    rows += [(n, "timm") for n in timm_names()]
+    """``(name, source)`` for every model matching ``pattern`` (a glob, or a substring); a ``timm:`` or
+    ``tv:`` prefix keeps one library, as it does in a model name (``timm:resnet*``)."""
+    prefix, sep, rest = (pattern or "").partition(":")
+    only = _PREFIXES.get(prefix.lower()) if sep else None
+    if only is not None:
+        pattern = rest
+    rows = [(n, "torchvision") for n in torchvision_names()] if only in (None, "torchvision") else []
+    rows += [(n, "timm") for n in timm_names()] if only in (None, "timm") else []
     if pattern:
         pat = pattern.lower()
         if not any(ch in pat for ch in "*?["):
             pat = f"*{pat}*"
         rows = [r for r in rows if fnmatch.fnmatchcase(r[0].lower(), pat)]
     return sorted(rows, key=lambda r: (r[0], r[1]))
+
+
+def model_spec(name: str, source: str) -> str:
+    """The name with its library's prefix (``tv:resnet18``, ``timm:resnet18``): what resolves to that model."""
+    return f"{'tv' if source == 'torchvision' else 'timm'}:{name}"
 
 
 def expand_models(patterns: str | Iterable[str]) -> list[str]:
@@ -103,10 +113,10 @@ def expand_models(patterns: str | Iterable[str]) -> list[str]:
         if source not in ("torchvision", "timm", "auto"):
             out.append(item)  # a user's factory: built (or refused) where its rows run
         elif any(ch in name for ch in "*?["):
-            hits = [(n, s) for n, s in list_models(name) if source in ("auto", s)]
+            hits = list_models(item)  # the listing `attnsurgeon list models` shows, prefix and all
             if not hits:
-                raise AttnSurgeonError(f"'{item}' matches no model; `attnsurgeon list models PATTERN` lists the names")
-            out += [f"{'tv' if s == 'torchvision' else 'timm'}:{n}" for n, s in hits]
+                raise AttnSurgeonError(f"'{item}' matches no model; `attnsurgeon list models '{item}'` lists the names")
+            out += [model_spec(n, s) for n, s in hits]
         else:
             resolve_source(item)
             out.append(item)

@@ -147,7 +147,9 @@ class _Steps:
         self._file.close()
 
 
-def print_profile(result: Any) -> None:
+def print_profile(result: Any, memory_efficient: bool = False) -> None:
+    """``profile``'s table; ``memory_efficient``: the modified model recomputes its attention in the
+    backward pass, which the header says, with what the modified model then is."""
     from rich.table import Table
 
     from .profiling import FLOP_CONVENTION
@@ -157,7 +159,8 @@ def print_profile(result: Any) -> None:
     device = s.device if env["device_name"] == "cpu" else f"{s.device} ({env['device_name']})"
     out.print(f"[bold]{result.model}[/] ({result.source}) · input {'×'.join(map(str, result.input_size))} · "
               f"{device} · {s.dtype} · {s.mode} · {env['threads']} threads · torch {env['torch_version']}"
-              + (" · channels-last" if s.channels_last else "") + (" · compiled" if s.compile else ""))
+              + (" · channels-last" if s.channels_last else "") + (" · compiled" if s.compile else "")
+              + (" · memory-efficient" if memory_efficient else ""))
     alone = result.modified is None
     table = Table()
     for col in ("metric", "value") if alone else ("metric", "base", "modified", "delta", "delta %"):
@@ -175,6 +178,12 @@ def print_profile(result: Any) -> None:
         mod = f", modified {result.modified.compile_s:.1f} s" if result.modified else ""
         out.print(f"compile time (not in latency): base {result.base.compile_s:.1f} s{mod}")
     out.print(f"[dim]{FLOP_CONVENTION}[/]")
+    if memory_efficient:
+        what = ("the inserted blocks" if result.insertions else
+                "modified = the same model with its own attention gates")
+        out.print(f"memory-efficient: {what} (and the norm/activation before each) recomputed in the backward pass: "
+                  "the same parameters, MACs and outputs; what changes is a training step's peak memory and time"
+                  + ("" if s.mode == "train" else " (--mode train measures them; in inference nothing is recomputed)"))
     if result.insertions:
         per = Table(title="per insertion", title_justify="left")
         for col in ("module", "position", "params", "MACs"):
@@ -192,7 +201,8 @@ def print_profile(result: Any) -> None:
 
 
 class _SweepProgress(_Steps):
-    """A bar with ETA over the sweep's rows, on stderr."""
+    """A bar with ETA over the sweep's rows, on stderr; where stderr is not a terminal (a log, a batch
+    job), one line per change instead, so that a sweep stopped from outside has said how far it got."""
 
     def __init__(self) -> None:
         import os
@@ -201,10 +211,12 @@ class _SweepProgress(_Steps):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._file = os.fdopen(os.dup(2), "w")
+        self.lines = not self._file.isatty()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), console=Console(file=self._file), transient=True,
-                                 disable=not self._file.isatty())
+                                 disable=self.lines)
         self.task = None
+        self._said = ""
 
     def __enter__(self) -> "_SweepProgress":
         self.progress.__enter__()
@@ -217,6 +229,11 @@ class _SweepProgress(_Steps):
         else:
             text = f"measuring {name}" if name else "done"
         self.progress.update(self.task, total=total, completed=done, description=text)
+        line = f"sweep: {done}/{total} rows done · {text}"
+        if self.lines and line != self._said:
+            self._said = line
+            self._file.write(line + "\n")
+            self._file.flush()
 
 
 def print_sweep(result: Any) -> None:
@@ -294,8 +311,8 @@ def print_anatomy(loaded: Any, anatomy: Any, gates: list[str]) -> None:
         out.print("Attention already in the model: " + ", ".join(f"{n} ({t})" for n, t in anatomy.existing_attention))
         out.print(f"--replace can take the place of {len(gates)} channel/spatial gate{'s' if len(gates) != 1 else ''}"
                   + (f": {', '.join(gates[:3])}{', …' if len(gates) > 3 else ''}" if gates else "") + "; other attention is kept")
-    for note in anatomy.notes:
-        out.print(f"[dim]note: {note}[/]")
+    for note in anatomy.notes:  # on stderr, as insert prints its notes
+        _stderr().print(f"[dim]note: {_escape(note)}[/]")
 
 
 def print_anchors(rows: list[Any]) -> None:

@@ -69,6 +69,9 @@ class SurgeryReport:
     notes: list[str] = field(default_factory=list)
     target: list[str] | None = None  # the submodules that were traced and rewritten (None: the whole model)
     memory_efficient: list[Any] | None = None  # memory.Segment per recomputed gate; None: not asked for
+    # the nn.Module a model object was built from (source "object"): no name rebuilds it, so export
+    # checks a saved file by rebuilding the recipe on a copy of it. Not part of the report's dict.
+    base_object: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         extra = {} if self.memory_efficient is None else {"memory_efficient": [s.to_dict() for s in self.memory_efficient]}
@@ -234,7 +237,8 @@ def apply_plan(
     }
     notes += _attention_notes(anatomy, planned) if specs else []
     report = SurgeryReport(loaded.spec, loaded.source, size, params, insertions, specs, loaded.weights,
-                           dict(loaded.kwargs), notes, traced.targets, segments)
+                           dict(loaded.kwargs), notes, traced.targets, segments,
+                           loaded.model if loaded.source == "object" else None)
     gm.train(loaded.model.training)
     gm.attnsurgeon_report = report  # export and profile read the recipe from here
     return SurgeryResult(gm, report)

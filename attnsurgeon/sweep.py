@@ -6,7 +6,8 @@ sweep is the same measurement as ``attnsurgeon profile``, repeated. The output f
 * ``sweep.json`` — what is being swept (model, settings, configurations), checked on ``--resume``;
 * ``rows.jsonl`` — one line per finished row, appended and flushed as soon as it is measured;
 * ``results.csv`` / ``results.json`` — every finished row, rewritten (atomically) after each one;
-* ``plot.png`` — latency against parameters, one labelled point per configuration.
+* ``plot.png`` — latency against parameters, one labelled point per configuration,
+  each label placed where it covers no other label and no point.
 
 An interrupted sweep (Ctrl-C, a crash, a kill) keeps every finished row; ``resume=True`` measures
 only the rest. A configuration that fails (a position the model lacks) is recorded as a failed row
@@ -21,6 +22,7 @@ scheduling differs, and the driver writes the rows as they arrive, exactly as th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -312,22 +314,42 @@ def _connect(ray: Any, address: str, cpus: int | None) -> bool:
             return False  # the instance this process already runs (a notebook, the tests)
         raise AttnSurgeonError("this process is already connected to Ray; run the sweep with --ray alone (no address "
                                "or --ray-cpus), or call ray.shutdown() first")
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    # Ray's own logging stays in its log files: only its errors reach the terminal (not the notice that
+    # token authentication is on, nor the workers' output)
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address == LOCAL:
         available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if cpus is not None and not 1 <= cpus <= available:
             raise AttnSurgeonError(f"--ray-cpus must be between 1 and the {available} CPUs of this machine, got {cpus}")
-        ray.init(num_cpus=cpus or available, include_dashboard=False, **quiet)
+        with _keep_sigterm():
+            ray.init(num_cpus=cpus or available, include_dashboard=False, **quiet)
         return True
     import attnsurgeon
 
     try:  # the cluster's workers run this driver's attnsurgeon, whatever the nodes have installed
-        ray.init(address=address, runtime_env={"py_modules": [os.path.dirname(attnsurgeon.__file__)]}, **quiet)
+        with _keep_sigterm():
+            ray.init(address=address, runtime_env={"py_modules": [os.path.dirname(attnsurgeon.__file__)]}, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise AttnSurgeonError(f"cannot join the Ray cluster at '{address}' ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                                "start one with `ray start --head` and pass its address (auto on a node of the cluster, "
                                "or ray://HEAD:10001)") from None
     return True
+
+
+@contextlib.contextmanager
+def _keep_sigterm() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across ``ray.init``, which installs a native one that dumps
+    a stack trace and kills the driver on the spot. With ours (the CLI's: SIGTERM unwinds like Ctrl-C)
+    a stopped sweep cancels its tasks, stops Ray, and keeps and draws the rows that finished."""
+    import signal
+    import threading
+
+    ours = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(ours) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, ours)
 
 
 def _slots(ray: Any, cpus: int, gpus: int) -> int:
@@ -353,18 +375,22 @@ def _prepare_folder(out: Path, definition: dict, resume: bool, force: bool, sing
     if out.exists() and not out.is_dir():
         raise AttnSurgeonError(f"'{out}' exists and is not a folder")
     if sweep_file.exists():
-        if resume:
+        if not force:
             try:
                 previous = json.loads(sweep_file.read_text())
             except json.JSONDecodeError as exc:
                 raise AttnSurgeonError(f"'{sweep_file}' is not valid JSON ({exc}); start over with --force") from exc
-            if previous != json.loads(json.dumps(definition)):
-                changed = [k for k in definition if previous.get(k) != json.loads(json.dumps(definition[k]))]
-                raise AttnSurgeonError(f"the sweep in '{out}' was started with other values for: {', '.join(changed)}; "
-                                       "resume it with the same arguments, or start over with --force")
-            return _read_rows(rows_file, single)
-        if not force:
-            raise AttnSurgeonError(f"'{out}' already holds a sweep: pass --resume to finish it, or --force to start over")
+            wanted = json.loads(json.dumps(definition))
+            changed = [k for k in {**previous, **wanted} if previous.get(k) != wanted.get(k)]
+            if changed:  # another sweep: --resume cannot finish this one there
+                raise AttnSurgeonError(f"'{out}' already holds a different sweep, with other values for: {', '.join(changed)}; "
+                                       + ("resume it with the arguments it was started with, " if resume else "")
+                                       + "give this sweep another --out, or pass --force to replace that one")
+            if resume:
+                return _read_rows(rows_file, single)
+            finished = len(_read_rows(rows_file, single))
+            raise AttnSurgeonError(f"'{out}' already holds a sweep with these arguments ({finished} "
+                                   f"row{'s' * (finished != 1)} finished): pass --resume to finish it, or --force to start over")
         for name in (SWEEP_FILE, ROWS_FILE, "results.csv", "results.json", "plot.png"):
             (out / name).unlink(missing_ok=True)
     elif resume:
@@ -423,37 +449,101 @@ def _write_plot(out: Path, rows: list[dict]) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    fig = draw_plot(rows)
+    if fig is None:
+        return None
+    path = out / "plot.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def draw_plot(rows: list[dict]) -> Any:
+    """The figure of :func:`_write_plot`, or None when no row finished: each point labelled where its
+    label collides with no other label and no point (see :func:`_place_labels`)."""
+    import matplotlib.pyplot as plt
+
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     models = list(dict.fromkeys(r["model"] for r in ok))  # one colour per model, its base a black-edged square
     colours = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
+    points: list[tuple[float, float, str]] = []
     for k, model in enumerate(models):
         colour = "tab:blue" if len(models) == 1 else colours(k % colours.N)
-        mine = [r for r in ok if r["model"] == model]
-        for r in mine:
+        for r in (r for r in ok if r["model"] == model):
             is_base = r["name"] == BASE
-            latency = r["latency_ms"]["median"]
-            ax.scatter(r["params"] / 1e6, latency, marker="s" if is_base else "o", s=40, zorder=3,
+            xy = (r["params"] / 1e6, r["latency_ms"]["median"])
+            ax.scatter(*xy, marker="s" if is_base else "o", s=40, zorder=3,
                        color=("black" if len(models) == 1 else colour) if is_base else colour,
                        edgecolors="black" if is_base else "none")
-            label = model if is_base and len(models) > 1 else r["name"]
-            ax.annotate(label, (r["params"] / 1e6, latency), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            points.append((*xy, model if is_base and len(models) > 1 else r["name"]))
         if len(models) > 1:
             ax.scatter([], [], color=colour, label=model)
     if len(models) > 1:
         ax.legend(fontsize=7, loc="best")
+    ax.margins(0.12)  # room for the labels of the outermost points
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel(f"latency (ms), batch {ok[0].get('batch_size', 1)}")
     ax.set_title(f"{models[0] if len(models) == 1 else f'{len(models)} models'}: latency against parameters", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "plot.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    _place_labels(ax, points)
+    return fig
+
+
+# where a label may go around its point, nearest first: (dx, dy) directions, at growing distances in points
+_DIRECTIONS = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+_DISTANCES = [5, 14, 26, 40, 56]
+
+
+def _place_labels(ax: Any, points: list[tuple[float, float, str]]) -> None:
+    """Label each point at the first spot around it (nearest first) where its text overlaps no label
+    placed before, no point and nothing outside the axes; where none is free, at the spot with the
+    least overlap. A label set away from its point gets a thin leader line to it."""
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    dots = []
+    for x, y, _ in points:  # each marker's box, in pixels
+        px, py = ax.transData.transform((x, y))
+        r = 4 * fig.dpi / 72
+        dots.append(Bbox.from_extents(px - r, py - r, px + r, py + r))
+    placed: list[Any] = []
+
+    def overlap(a: Any, b: Any) -> float:
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return w * h if w > 0 and h > 0 else 0.0
+
+    for x, y, text in points:
+        best = None
+        for distance in _DISTANCES:
+            for dx, dy in _DIRECTIONS:
+                label = ax.annotate(text, (x, y), textcoords="offset points", fontsize=8,
+                                    xytext=(dx * distance, dy * distance),
+                                    ha={1: "left", -1: "right", 0: "center"}[dx],
+                                    va={1: "bottom", -1: "top", 0: "center"}[dy])
+                box = label.get_window_extent(renderer)
+                cost = (sum(overlap(box, b) for b in placed) + sum(overlap(box, d) for d in dots)
+                        + box.width * box.height - overlap(box, inside))  # the part outside the axes
+                label.remove()
+                if best is None or cost < best[0]:
+                    best = (cost, distance, dx, dy, box)
+                if cost == 0:
+                    break
+            if best[0] == 0:
+                break
+        _, distance, dx, dy, box = best
+        far = distance > _DISTANCES[0]
+        ax.annotate(text, (x, y), textcoords="offset points", fontsize=8, xytext=(dx * distance, dy * distance),
+                    ha={1: "left", -1: "right", 0: "center"}[dx], va={1: "bottom", -1: "top", 0: "center"}[dy],
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5", shrinkA=0, shrinkB=3) if far else None)
+        placed.append(box)
 
 
 # --------------------------------------------------------------------------- rows

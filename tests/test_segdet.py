@@ -189,8 +189,8 @@ def test_a_wrong_second_output_fails_the_export(tmp_path, monkeypatch):
     model, _ = attnsurgeon.insert(TwoHeads(), attn="se", reduction=4, input_size=(3, 16, 16))
     real = export_mod.FORMATS["ts"]
 
-    def corrupt(tmp):  # the reader returns the right 'out' and a wrong 'aux'
-        run = real.reader(tmp)
+    def corrupt(tmp, model):  # the reader returns the right 'out' and a wrong 'aux'
+        run = real.reader(tmp, model)
         return lambda *args: {"out": run(*args)["out"], "aux": run(*args)["aux"] + 1}
 
     monkeypatch.setitem(export_mod.FORMATS, "ts", replace(real, reader=corrupt))
