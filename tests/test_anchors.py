@@ -351,6 +351,7 @@ def test_memory_efficient_profile_and_plot_on_an_anchor(tmp_path):
     result = attnsurgeon.profile(base, attn="se", after="layer3.*.bn2", input_size=32, min_run_time=0.01,
                                  max_run_time=0.02)
     assert [r.module for r in result.insertions] == ["layer3.0.bn2_se", "layer3.1.bn2_se"]
+    assert result.insertions[0].where == "after layer3.0.bn2"  # the breakdown names the anchor
     from attnsurgeon.plot import write_insertion_map
 
     loaded = attnsurgeon.load_model("resnet18")

@@ -55,12 +55,13 @@ class InsertionCost:
     macs: int
     replaced: str | None = None  # class of the model's own attention module this one replaced
     memory_bytes: int | None = None  # --mode train: activations it keeps for backward that no base module keeps
+    anchor: str | None = None  # the module an 'after'/'before' insertion is anchored to
 
     @property
     def where(self) -> str:
-        """The position, or what the row replaced (``replaces SqueezeExcitation``)."""
+        """The position (``after layer3.0.conv2`` for an anchor), or what the row replaced (``replaces SqueezeExcitation``)."""
         if not self.replaced:
-            return self.position
+            return f"{self.position} {self.anchor}" if self.anchor else self.position
         if self.position == "conv":  # a conv block (sk, splat) in a convolution's place
             return f"conv: replaces {self.replaced}"
         return f"{'removes' if self.attn == 'none' else 'replaces'} {self.replaced}"
@@ -246,7 +247,7 @@ def profile(
                 for m in ins.took_along:  # ... and the calls of the modules it took along (a conv's BN and ReLU)
                     macs -= base_flops.by_module.get(m, 0) - mod_flops.by_module.get(m, 0)
             insertions.append(InsertionCost(ins.module, ins.block, ins.stage, ins.position, ins.attn,
-                                            ins.params - ins.replaced_params, macs, ins.replaced))
+                                            ins.params - ins.replaced_params, macs, ins.replaced, anchor=ins.anchor))
         unattributed = (mod_flops.macs - base_flops.macs) - sum(i.macs for i in insertions)
         for op, calls in mod_flops.uncounted.items():
             uncounted[op] = max(uncounted.get(op, 0), calls)
