@@ -368,8 +368,5 @@ def test_must_work_models(name, x_small):
     _, anatomy = attnsurgeon.inspect_model(model, input_size=SMALL)  # re-tracing keeps inserted blocks whole
     assert len(report.insertions) == len(anatomy.blocks) > 0
     assert report.params["delta"] == sum(i.params for i in report.insertions) > 0
-    model.eval()
-    with torch.no_grad():
-        got = model(x_small)
+    got = assert_each_is_read(model.eval(), [i.module for i in report.insertions], lambda: model(x_small))
     assert got.shape == (2, 1000) and torch.equal(got, expected)
-    assert_each_is_read(model, [i.module for i in report.insertions], lambda: model(x_small))
