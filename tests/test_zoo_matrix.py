@@ -32,9 +32,6 @@ MODELS = {  # model -> input size (vit_b_16 takes 224 only)
     "convnext_tiny": (3, 64, 64),
     "vit_b_16": (3, 224, 224),
 }
-
-
-GATE_POSITIONS = ("standard", "pre", "post", "identity", "3x3", "stage")
 OFFERED = {  # model -> the positions its blocks offer (vit_b_16: one stage of plain MLP/attention blocks)
     "resnet50": POSITIONS,
     "resnet18": POSITIONS,
