@@ -359,14 +359,15 @@ def _hf_cached_file(repo_id: str, filename: str | None) -> str | None:
 
 
 def _require_network(url: str, tried: str) -> None:
-    """Fail at once, not after minutes of retries, when the weights' host cannot be reached."""
+    """Fail at once, not after minutes of retries, when the weights' host cannot be reached: one
+    connection attempt, for at most ``ATTNSURGEON_NETWORK_TIMEOUT`` seconds (3 by default)."""
     import socket
     from urllib.parse import urlparse
 
     parsed = urlparse(url)
     host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        socket.create_connection((host, port), timeout=3).close()
+        socket.create_connection((host, port), timeout=float(os.environ.get("ATTNSURGEON_NETWORK_TIMEOUT", 3))).close()
     except OSError as exc:
         raise AttnSurgeonError(
             f"pretrained weights are not in the local cache and {host} cannot be reached ({exc}); tried {tried}. "

@@ -30,20 +30,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def closed_port_url() -> str:
+    """``http://127.0.0.1:PORT`` with nothing listening on PORT: a connection there is refused at once."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
-    """No network and empty weight caches: --pretrained must fail fast with the offline error."""
-    import attnsurgeon.models as models
-    from attnsurgeon import AttnSurgeonError
+    """Empty weight caches, and the weights' hosts unreachable: torchvision's weight URLs and timm's Hugging Face
+    endpoint point at a local port nothing listens on. Nothing of attnsurgeon is replaced: --pretrained goes through
+    models._require_network's real connection attempt, which is refused. Yields that host's URL."""
+    import huggingface_hub.constants
+    import torchvision
 
-    def unreachable(url, tried):
-        raise AttnSurgeonError(f"pretrained weights are not in the local cache and the host cannot be reached; tried {tried}. "
-                               "Download them where the network is reachable and pass --weights FILE.")
-
-    monkeypatch.setattr(models, "_require_network", unreachable)
+    host = closed_port_url()
+    monkeypatch.setenv("HF_ENDPOINT", host)
+    for name in torchvision.models.list_models():
+        for weights in torchvision.models.get_model_weights(name):
+            monkeypatch.setattr(weights.value, "url", f"{host}/{os.path.basename(weights.value.url)}")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read at import
     torch.hub.set_dir(str(tmp_path / "hub"))
-    yield
+    yield host
     torch.hub.set_dir(os.path.join(os.environ["TORCH_HOME"], "hub"))
 
 

@@ -2,6 +2,7 @@
 
 import os
 import textwrap
+import time
 
 import pytest
 import torch
@@ -163,9 +164,44 @@ def test_pretrained_from_the_local_cache(tmp_path, monkeypatch):
 
 
 def test_pretrained_unavailable_is_a_clear_error(offline_hub):
-    for name in ("resnet18", "timm:resnet18"):
-        with pytest.raises(AttnSurgeonError, match="--weights FILE"):
+    """The real check: one refused connection to the (local, closed) host, then the error, at once."""
+    import timm
+
+    timm.models.get_pretrained_cfg("resnet18")  # imports done: the clock below times the check
+    port = offline_hub.rsplit(":", 1)[1]
+    for name, url in (("resnet18", f"{offline_hub}/resnet18-"), ("timm:resnet18", "huggingface.co/timm/resnet18")):
+        start = time.monotonic()
+        with pytest.raises(AttnSurgeonError) as err:
             load_model(name, pretrained=True)
+        assert time.monotonic() - start < 2, name
+        text = str(err.value)
+        assert text.startswith("pretrained weights are not in the local cache and 127.0.0.1 cannot be reached (")
+        assert f"tried the local {'cache (' if name == 'resnet18' else 'Hugging Face cache'}" in text and url in text
+        assert "--weights FILE" in text and (port in text or name == "timm:resnet18")
+
+
+def test_a_host_that_never_answers_fails_within_the_timeout(tmp_path, monkeypatch):
+    """A host that drops the connection request (a local listener whose one-place queue is full: the kernel drops
+    further SYNs, as a firewall does) ends the attempt after ATTNSURGEON_NETWORK_TIMEOUT seconds. (An "unroutable"
+    address is no use for this where a sandbox's proxy accepts every connection.)"""
+    import socket
+
+    import huggingface_hub.constants
+    import timm
+
+    with socket.socket() as server, socket.socket() as queued:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        queued.connect(("127.0.0.1", port))  # fills the queue; nobody accepts
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("ATTNSURGEON_NETWORK_TIMEOUT", "0.3")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        timm.models.get_pretrained_cfg("resnet18")  # imports done: the clock times the check
+        start = time.monotonic()
+        with pytest.raises(AttnSurgeonError, match=r"and 127\.0\.0\.1 cannot be reached \(timed out\).*--weights FILE"):
+            load_model("timm:resnet18", pretrained=True)
+        assert 0.25 < time.monotonic() - start < 2
 
 
 def test_pretrained_and_weights_are_exclusive(tmp_path):

@@ -22,6 +22,8 @@ from attnsurgeon.blocks import build_block
 from attnsurgeon.layout import Layout, resolve_input_size
 from attnsurgeon.positions import POSITIONS
 
+from wiring import assert_each_is_read
+
 VIDEO = (3, 4, 32, 32)  # C, T, H, W: small enough for one forward pass per test
 
 
@@ -183,8 +185,8 @@ def test_r3d_18_at_every_position(attn):
         model, report = attnsurgeon.insert(base, attn, position, blocks=offered, init="identity", input_size=VIDEO)
         assert len(report.insertions) == len(offered) and {i.layout for i in report.insertions} == {"NCDHW"}
         assert report.params["delta"] == sum(i.params for i in report.insertions) > 0
-        with torch.no_grad():
-            assert torch.equal(model.eval()(x), expected), position
+        out = assert_each_is_read(model.eval(), [i.module for i in report.insertions], lambda: model(x))
+        assert torch.equal(out, expected), position
 
 
 def test_se_in_r3d_18_adds_the_2d_formula():
@@ -196,17 +198,39 @@ def test_se_in_r3d_18_adds_the_2d_formula():
 
 @pytest.mark.parametrize("name", ["mc3_18", "r2plus1d_18"])
 def test_other_video_resnets(name):
-    model, report = attnsurgeon.insert(name, "eca", keep_depth=True, input_size=VIDEO)
-    assert len(report.insertions) == 8 and all(i.options.get("keep_depth") for i in report.insertions)
+    """Frame-by-frame gates (keep_depth), identity-initialised: the base model's outputs, every gate read."""
+    torch.manual_seed(0)
+    base = attnsurgeon.load_model(name).model.eval()
+    x = torch.randn(1, *VIDEO)
     with torch.no_grad():
-        assert model.eval()(torch.randn(1, *VIDEO)).shape == (1, 400)
+        expected = base(x)
+    model, report = attnsurgeon.insert(base, "eca", keep_depth=True, init="identity", input_size=VIDEO)
+    assert len(report.insertions) == 8 and all(i.options.get("keep_depth") for i in report.insertions)
+    out = assert_each_is_read(model.eval(), [i.module for i in report.insertions], lambda: model(x))
+    assert out.shape == (1, 400) and torch.equal(out, expected)
 
 
-def test_s3d_and_video_transformers_insert():
-    _, report = attnsurgeon.insert("s3d", "se")  # its own clip size: 16 frames of 224 x 224 (shapes on the meta device)
-    assert report.input_size == (3, 16, 224, 224) and {i.layout for i in report.insertions} == {"NCDHW"}
-    _, report = attnsurgeon.insert("swin3d_t", "se", stages=[4])  # channels-last 5-D stages
-    assert {i.layout for i in report.insertions} == {"NDHWC"} and len(report.insertions) == 4  # 2 blocks, 2 merges each
+@pytest.mark.parametrize("name, stages, layout, count", [("s3d", None, "NCDHW", 77), ("swin3d_t", [4], "NDHWC", 4)])
+def test_s3d_and_video_transformers_insert_and_run(name, stages, layout, count):
+    """At their own clip size (16 frames of 224 × 224: shapes on the meta device), then run on a small clip: the
+    identity-initialised model gives the base model's outputs and reads every block. swin3d_t's stage 4 is
+    channels-last 5-D (2 blocks, 2 merges each); s3d's fixed 2×7×7 head pool is made adaptive so a 8×64×64 clip runs."""
+    torch.manual_seed(0)
+    loaded = attnsurgeon.load_model(name)
+    base = loaded.model.eval()
+    _, report = attnsurgeon.insert(loaded, "se", stages=stages)
+    assert report.input_size == (3, 16, 224, 224)
+    assert {i.layout for i in report.insertions} == {layout} and len(report.insertions) == count
+    if name == "s3d":
+        base.avgpool = nn.AdaptiveAvgPool3d(1)
+    clip = (3, 8, 64, 64) if name == "s3d" else (3, 4, 64, 64)
+    x = torch.randn(1, *clip)
+    with torch.no_grad():
+        expected = base(x)
+    model, report = attnsurgeon.insert(base, "se", stages=stages, init="identity", input_size=clip)
+    assert len(report.insertions) == count
+    out = assert_each_is_read(model.eval(), [i.module for i in report.insertions], lambda: model(x))
+    assert out.shape == (1, 400) and torch.equal(out, expected)
 
 
 def test_video_cli_and_profile(cli):
@@ -296,19 +320,47 @@ def audio_net(tmp_path):
     return f"{path}:build"
 
 
+def _audio_by_hand(net, x, position, gates):
+    """AudioNet's forward written out, with gate k where ``position`` puts it in block k (the positions' definitions)."""
+    x = net.stem(x)
+    for blk, g in zip(net.layer1, gates):
+        def branch(t, blk=blk):
+            return blk.bn2(blk.conv2(torch.relu(blk.bn1(blk.conv1(t)))))
+        x = {"standard": lambda: torch.relu(x + g(branch(x))),
+             "pre": lambda: torch.relu(x + branch(g(x))),
+             "post": lambda: g(torch.relu(x + branch(x))),
+             "identity": lambda: torch.relu(g(x) + branch(x)),
+             "3x3": lambda: torch.relu(x + blk.bn2(blk.conv2(g(torch.relu(blk.bn1(blk.conv1(x))))))),
+             }[position]()
+    return net.head(x.mean(-1))
+
+
 @pytest.mark.parametrize("attn", ["se", "eca", "cbam"])
 def test_a_users_1d_net(audio_net, attn):
+    """Identity-initialised blocks give the base outputs; with their default (random) weights, what the same modules
+    give where the position puts them in the forward written out by hand."""
     torch.manual_seed(0)
     base = attnsurgeon.load_model(audio_net).model.eval()
+    with torch.no_grad():  # non-trivial BN statistics, so that the BNs around the sites matter
+        for m in base.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
     x = torch.randn(2, 1, 4000)
     with torch.no_grad():
         expected = base(x)
+    options = {"reduction": 4} if attn != "eca" else {}
     for position in ("standard", "pre", "post", "identity", "3x3"):
-        model, report = attnsurgeon.insert(base, attn, position, init="identity", input_size="1,4000",
-                                           **({"reduction": 4} if attn != "eca" else {}))
+        model, report = attnsurgeon.insert(base, attn, position, init="identity", input_size="1,4000", **options)
         assert [(i.block, i.layout, i.channels) for i in report.insertions] == [("layer1.0", "NCL", 32), ("layer1.1", "NCL", 32)]
         with torch.no_grad():
             assert torch.equal(model.eval()(x), expected), position
+        model, _ = attnsurgeon.insert(base, attn, position, input_size="1,4000", **options)
+        gates = [model.get_submodule(i.module) for i in report.insertions]
+        with torch.no_grad():
+            got = model.eval()(x)
+            torch.testing.assert_close(got, _audio_by_hand(base, x, position, gates), rtol=0, atol=1e-5, msg=position)
+            assert (got - expected).abs().max() > 1e-3, position  # the gates change the outputs
     if attn == "cbam":  # the spatial gate is a k-tap 1-D conv: 2k weights + BN
         assert report.params["delta"] == 2 * (2 * 32 * 8 + 2 * 7 + 2)  # hidden 32/4
 

@@ -262,9 +262,10 @@ def test_bad_options_are_clear_errors():
 
 
 class _TokenMixer(nn.Module):
-    """(B, N, C) residual blocks, channels last: an MLP-Mixer-like toy."""
+    """(B, N, C) residual blocks, channels last: an MLP-Mixer-like toy. On a 3×40×56 image: 5×7 = 35 tokens of 24
+    channels."""
 
-    def __init__(self, dim=32, depth=2):
+    def __init__(self, dim=24, depth=2):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, 8, stride=8)
         self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
@@ -277,11 +278,18 @@ class _TokenMixer(nn.Module):
             x = x + blk(x)
         return self.head(x.mean(1))
 
+    def by_hand(self, x, unit, gates):
+        """forward, written out, with gate k applied in NCL (transposed by hand) where ``unit`` puts it in block k."""
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        for blk, gate in zip(self.blocks, gates):
+            x = unit(x, blk, lambda t: gate(t.transpose(1, 2)).transpose(1, 2))
+        return self.head(x.mean(1))
+
 
 class _ChannelsLastNet(nn.Module):
-    """NHWC residual blocks (ConvNeXt-style MLPs applied after a permute)."""
+    """NHWC residual blocks (ConvNeXt-style MLPs applied after a permute). On a 3×20×28 image: H = 5, W = 7, C = 24."""
 
-    def __init__(self, dim=16):
+    def __init__(self, dim=24):
         super().__init__()
         self.stem = nn.Conv2d(3, dim, 4, stride=4)
         self.mlps = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
@@ -293,21 +301,47 @@ class _ChannelsLastNet(nn.Module):
             x = x + mlp(x)
         return x.mean((1, 2))
 
+    def by_hand(self, x, unit, gates):
+        """forward, written out, with gate k applied in NCHW (permuted by hand) where ``unit`` puts it in block k."""
+        x = self.stem(x).permute(0, 2, 3, 1)
+        for mlp, gate in zip(self.mlps, gates):
+            x = unit(x, mlp, lambda t: gate(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return x.mean((1, 2))
 
-@pytest.mark.parametrize("net, layout, channels", [(_TokenMixer, "NLC", 32), (_ChannelsLastNet, "NHWC", 16)])
-def test_channels_last_layouts(net, layout, channels, x_small):
+
+# one residual unit x + f(x), with the gate g where each position puts it (the positions' definitions, by hand)
+_UNIT_WITH_GATE = {
+    "standard": lambda x, f, g: x + g(f(x)),
+    "pre": lambda x, f, g: x + f(g(x)),
+    "post": lambda x, f, g: g(x + f(x)),
+    "identity": lambda x, f, g: g(x) + f(x),
+}
+
+
+@pytest.mark.parametrize("net, size, layout", [(_TokenMixer, (3, 40, 56), "NLC"), (_ChannelsLastNet, (3, 20, 28), "NHWC")])
+@pytest.mark.parametrize("attn", ["se", "eca", "cbam"])
+def test_channels_last_layouts_with_real_weights(net, size, layout, attn):
+    """Blocks on channels-last maps, with their default (random) weights, give what the same modules give applied by
+    hand in channels-first order at each position. No two of H, W, C (or N, C) are equal, so a permutation that goes
+    the wrong way cannot keep the values; ECA, whose weights fit any channel count, is the one a shape check misses."""
     torch.manual_seed(0)
     base = net().eval()
+    x = torch.randn(2, *size)
     with torch.no_grad():
-        expected = base(x_small)
-    for attn in ("se", "eca", "cbam"):
-        model, report = insert(base, attn, init="identity", reduction=4 if attn != "eca" else None, input_size=SMALL)
-        assert {(i.layout, i.channels) for i in report.insertions} == {(layout, channels)}
+        expected = base(x)
+    options = {} if attn == "eca" else {"reduction": 4}
+    for position, unit in _UNIT_WITH_GATE.items():
+        model, report = insert(base, attn, position, input_size=size, **options)
+        assert [(i.layout, i.channels) for i in report.insertions] == [(layout, 24)] * 2, position
+        gates = [model.get_submodule(i.module) for i in report.insertions]  # in forward order: block add, then add_1
+        model.eval()
         with torch.no_grad():
-            assert torch.allclose(model.eval()(x_small), expected, atol=1e-6)
-        model, _ = insert(base, attn, reduction=4 if attn != "eca" else None, input_size=SMALL)
+            got = model(x)
+            torch.testing.assert_close(got, base.by_hand(x, unit, gates), rtol=0, atol=1e-5, msg=position)
+            assert (got - expected).abs().max() > 1e-3, position  # the gates change the outputs: the check has teeth
+        model, _ = insert(base, attn, position, init="identity", input_size=size, **options)
         with torch.no_grad():
-            assert model.eval()(x_small).shape == expected.shape
+            assert torch.allclose(model.eval()(x), expected, rtol=0, atol=1e-6), position
 
 
 # --------------------------------------------------------------------------- coverage of the models the issue names
@@ -321,11 +355,18 @@ MUST_WORK = [
 
 @pytest.mark.parametrize("name", MUST_WORK)
 def test_must_work_models(name, x_small):
+    """SE in every block, identity-initialised: the base model's outputs exactly, and every inserted SE on the path to
+    them (a module registered but not wired in would give the same outputs)."""
+    from wiring import assert_each_is_read
+
+    torch.manual_seed(0)
     loaded = attnsurgeon.load_model(name)
-    model, report = insert(loaded, "se", input_size=SMALL)
+    base = loaded.model.eval()
+    with torch.no_grad():
+        expected = base(x_small)
+    model, report = insert(loaded, "se", init="identity", input_size=SMALL)
     _, anatomy = attnsurgeon.inspect_model(model, input_size=SMALL)  # re-tracing keeps inserted blocks whole
     assert len(report.insertions) == len(anatomy.blocks) > 0
     assert report.params["delta"] == sum(i.params for i in report.insertions) > 0
-    model.eval()
-    with torch.no_grad():
-        assert model(x_small).shape == (2, 1000)
+    got = assert_each_is_read(model.eval(), [i.module for i in report.insertions], lambda: model(x_small))
+    assert got.shape == (2, 1000) and torch.equal(got, expected)
