@@ -12,11 +12,14 @@ the region plus the ops before it up to the last one that keeps its own input an
 back over dropout/drop-path and activations and norms, and stopping after the first norm or
 input-keeping activation (a ReLU or sigmoid keeps its *output*, which the segment then reads:
 it stays outside). The segment's nodes are replaced by one call of a :class:`Recompute` module
-that runs them — under :func:`torch.utils.checkpoint.checkpoint` (non-reentrant, RNG state
-preserved) in training with gradients on, directly otherwise. The segment calls the model's own
+that runs them directly, except in training with gradients on: then, where the segment starts
+with a batch norm (or with no norm) and holds no random op, selectively — once, with the large
+tensors backward needs rebuilt from the norm's input and statistics when it needs them
+(:mod:`attnsurgeon.recompute`, ``Segment.method == "selective"``) — and otherwise under
+:func:`torch.utils.checkpoint.checkpoint` (non-reentrant, RNG state preserved; ``"checkpoint"``). The segment calls the model's own
 modules, so no parameter moves or is renamed; ``Recompute`` owns no tensor, and
-``state_dict()`` is the plain model's. A norm in the segment is recomputed without updating its
-running statistics a second time.
+``state_dict()`` is the plain model's. A norm in a checkpointed segment is recomputed without
+updating its running statistics a second time.
 
 :func:`plain` gives the model back with every segment inlined again (what exports write).
 """
@@ -35,8 +38,8 @@ from torch.fx import Node
 from torch.utils.checkpoint import checkpoint
 
 from .errors import AttnSurgeonError
-from .recompute import SelectivePlan
 from .ops import _ACT_FUNCTIONS, _ACT_METHODS, _NORM_MODULES, _PASS_FUNCTIONS, _PASS_MODULES, _is_activation_module, _module
+from .recompute import SelectivePlan
 
 SUFFIX = "_recompute"  # Recompute modules hang beside the attention module: layer1.0.se_recompute
 

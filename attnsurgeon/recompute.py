@@ -21,9 +21,10 @@ Leaf blocks (the zoo's modules are leaves of the model's graph) are traced with 
 works, so that a block's inner products (CBAM's channel-gated map, read by its spatial gate) are
 recorded too; a block that does not trace runs whole, and only its input is rebuilt.
 
-A segment whose first op is not a batch norm this module knows (:data:`NORMS`), or that holds a
-dropout or drop path (their masks are as large as the map), has no plan: it is checkpointed
-(:mod:`attnsurgeon.memory`). A plan that, while running, sees an op save a large tensor it
+A drop path between the norm and the gate runs once, its per-sample scale drawn on a probe
+(:data:`PER_SAMPLE`), and its output is rebuilt as a product. A segment whose first op is a norm
+this module does not know (:data:`NORMS`: LayerNorm, GroupNorm…), or that holds a dropout (its mask
+is as large as the map), has no plan: it is checkpointed (:mod:`attnsurgeon.memory`). A plan that, while running, sees an op save a large tensor it
 cannot rebuild (an op it does not know) hands its segment to the checkpoint from the next call
 on: the result of that call is still exact, only its memory is that of the plain model.
 """
@@ -117,11 +118,18 @@ ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "sigmoid", "tanh", "relu",
                        "view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "contiguous"}
 """Ops (out of place) whose large output a plan rebuilds from their rebuilt inputs."""
 
-_STOCHASTIC = ("DropPath", "StochasticDepth", "DropBlock2d")
+PER_SAMPLE = ("DropPath", "StochasticDepth")
+"""Random modules that scale each sample by one number (drop path): run on a ones probe of shape
+(N, 1, …), they draw the same random numbers and return the scale, which the plan multiplies in
+itself — so their output is rebuilt like any product with a small tensor."""
+_STOCHASTIC = ("DropBlock2d",)
 
 
 def _stochastic(m: nn.Module | None, n: Node) -> bool:
+    """A random op whose mask is as large as the map (dropout): no plan."""
     if m is not None:
+        if type(m).__name__ in PER_SAMPLE:
+            return False
         return (isinstance(m, _PASS_MODULES) and not isinstance(m, nn.Identity)) or type(m).__name__ in _STOCHASTIC
     return n.op == "call_function" and n.target in _PASS_FUNCTIONS
 
@@ -252,7 +260,7 @@ class SelectivePlan:
     def __init__(self, segment: torch.fx.GraphModule, blocks: dict[str, torch.fx.GraphModule], norm: Node | None):
         self.segment = segment
         self.blocks = blocks  # leaf blocks opened into their ops, by target
-        self.norm = norm
+        self.norm = None if norm is None else norm.name  # a name: a Node would drag its graph into deepcopy
         self.unmatched: str | None = None  # set when a run met a large tensor it could not rebuild
 
     @classmethod
@@ -313,7 +321,7 @@ class SelectivePlan:
             return torch.fx.graph_module._get_attr(gm, n.target)
         if n.op == "call_module":
             m = gm.get_submodule(n.target)
-            if n is self.norm:
+            if gm is self.segment and n.name == self.norm:
                 (z,) = a
                 out, mean, invstd = _norm_of(m)(m, z)
                 run._add(out, _affine, (z, mean, invstd, m.weight, m.bias))
@@ -321,6 +329,11 @@ class SelectivePlan:
                 return out if act is None else run.call(ACTIVATIONS[type(act)], (act, out))
             if n.target in self.blocks:
                 return self._run(self.blocks[n.target], a, run)
+            if type(m).__name__ in PER_SAMPLE and len(a) == 1 and not kw and m.training:
+                (x,) = a
+                probe = torch.ones((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+                scale = m(probe)
+                return x if scale is probe else run.call(operator.mul, (x, scale))
             if type(m) in ACTIVATIONS and not kw:
                 return run.call(ACTIVATIONS[type(m)], (m, *a))
             return m(*a, **kw)
