@@ -12,11 +12,14 @@ the region plus the ops before it up to the last one that keeps its own input an
 back over dropout/drop-path and activations and norms, and stopping after the first norm or
 input-keeping activation (a ReLU or sigmoid keeps its *output*, which the segment then reads:
 it stays outside). The segment's nodes are replaced by one call of a :class:`Recompute` module
-that runs them — under :func:`torch.utils.checkpoint.checkpoint` (non-reentrant, RNG state
-preserved) in training with gradients on, directly otherwise. The segment calls the model's own
+that runs them directly, except in training with gradients on: then, where the segment starts
+with a batch norm (or with no norm) and holds no random op, selectively — once, with the large
+tensors backward needs rebuilt from the norm's input and statistics when it needs them
+(:mod:`attnsurgeon.recompute`, ``Segment.method == "selective"``) — and otherwise under
+:func:`torch.utils.checkpoint.checkpoint` (non-reentrant, RNG state preserved; ``"checkpoint"``). The segment calls the model's own
 modules, so no parameter moves or is renamed; ``Recompute`` owns no tensor, and
-``state_dict()`` is the plain model's. A norm in the segment is recomputed without updating its
-running statistics a second time.
+``state_dict()`` is the plain model's. A norm in a checkpointed segment is recomputed without
+updating its running statistics a second time.
 
 :func:`plain` gives the model back with every segment inlined again (what exports write).
 """
@@ -36,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import AttnSurgeonError
 from .ops import _ACT_FUNCTIONS, _ACT_METHODS, _NORM_MODULES, _PASS_FUNCTIONS, _PASS_MODULES, _is_activation_module, _module
+from .recompute import SelectivePlan
 
 SUFFIX = "_recompute"  # Recompute modules hang beside the attention module: layer1.0.se_recompute
 
@@ -48,13 +52,15 @@ class Segment:
     recompute: str  # the Recompute module that runs it (``layer1.0.se_recompute``)
     start: str | None  # the earliest op recomputed before the attention (``layer1.0.bn3``); None: the attention only
     ops: int  # nodes of the graph the segment holds
+    method: str = "checkpoint"  # "selective": the norm's output rebuilt (attnsurgeon.recompute); "checkpoint": all re-run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class Recompute(nn.Module):
-    """Runs a segment of its model's graph; in training with gradients on, under checkpoint.
+    """Runs a segment of its model's graph; in training with gradients on, with its large tensors
+    rebuilt in backward (a :class:`~attnsurgeon.recompute.SelectivePlan`) or under checkpoint.
 
     ``segment`` is a GraphModule over the model's own modules, held without registering it (its
     modules are registered where they were, under their own names), so this module owns no
@@ -64,12 +70,19 @@ class Recompute(nn.Module):
         super().__init__()
         object.__setattr__(self, "segment", segment)
         object.__setattr__(self, "norms", tuple(norms))
+        object.__setattr__(self, "plan", SelectivePlan.make(segment))
+
+    @property
+    def method(self) -> str:
+        return "selective" if self.plan is not None and self.plan.unmatched is None else "checkpoint"
 
     def forward(self, *args: Any) -> Any:
         if not _checkpointing(self):
             return self.segment.forward(*args)  # .forward: traced through onto the model's own modules
         if torch.compiler.is_compiling():  # dynamo's checkpoint op: AOT autograd recomputes, mutations applied once
             return checkpoint(self.segment.forward, *args, use_reentrant=False, preserve_rng_state=True)
+        if self.method == "selective":
+            return self.plan(*args)
         calls = [0]
 
         def run(*inputs: Any) -> Any:
@@ -82,7 +95,8 @@ class Recompute(nn.Module):
         return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
 
     def extra_repr(self) -> str:
-        return f"{len(self.segment.graph.nodes) - len(self.segment.graph.find_nodes(op='placeholder')) - 1} ops"
+        ops = len(self.segment.graph.nodes) - len(self.segment.graph.find_nodes(op="placeholder")) - 1
+        return f"{ops} ops, {self.method}"
 
 
 def _checkpointing(module: nn.Module) -> bool:
@@ -281,7 +295,8 @@ def _rewrite(gm: torch.fx.GraphModule, name: str, nodes: list[Node], source: Nod
     called = [m for n in nodes if (m := _module(gm, n)) is not None]  # a leaf block (timm's CBAM) holds its own norms
     norms = list({id(x): x for m in called for x in m.modules() if isinstance(x, nn.modules.batchnorm._NormBase)}.values())
     target = _free_name(gm, name + SUFFIX)
-    gm.add_submodule(target, Recompute(segment, norms))
+    recompute = Recompute(segment, norms)
+    gm.add_submodule(target, recompute)
     with graph.inserting_after(out):
         call = graph.call_module(target, tuple(externals))
     call.meta = {k: v for k, v in out.meta.items() if k in ("tensor_meta", "shape", "nn_module_stack")}
@@ -289,7 +304,7 @@ def _rewrite(gm: torch.fx.GraphModule, name: str, nodes: list[Node], source: Nod
     start = None if first is None else str(first.target) if first.op == "call_module" else first.name
     for n in reversed(nodes):
         graph.erase_node(n)
-    return Segment(name, target, start, len(nodes))
+    return Segment(name, target, start, len(nodes), recompute.method)
 
 
 def _free_name(gm: torch.fx.GraphModule, name: str) -> str:

@@ -14,7 +14,8 @@ bytes from the profiler's allocation records; max_memory_allocated on CUDA), the
 `attnsurgeon profile`, relative to the group's model without attention. Step time: median of
 alternating timed steps (benchmarks/_common.py), relative to the same model without
 --memory-efficient. Every model runs through the fx graph (the plain ones traced too), as `profile`
-compares them.
+compares them. After each group the memory-efficient models' segments are counted by method
+(selective: the norm's output rebuilt in backward; checkpoint: the segment re-run).
 
     python benchmarks/memory_efficient.py --batch-sizes 8,32 --time-batch-sizes 8 --rounds 5
 """
@@ -26,6 +27,7 @@ import copy
 import os
 import statistics
 import sys
+from collections import Counter
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +78,7 @@ def main() -> int:
 
     import torch
 
+    from attnsurgeon.memory import Recompute
     from attnsurgeon.profiling.measure import make_step, measure_memory
     from attnsurgeon.profiling.settings import Settings
 
@@ -111,6 +114,10 @@ def main() -> int:
                 for name, values in times.items():
                     step_ms[name, b] = statistics.median(values)
                     print(f"  {name} bs={b}: step {step_ms[name, b]:.1f} ms (n={len(values)})", flush=True)
+        for name, m in models.items():  # after the steps: a plan that met a map it cannot rebuild has fallen back
+            methods = Counter(r.method for r in m.modules() if isinstance(r, Recompute))
+            if methods:
+                print(f"  {name}: segments {', '.join(f'{k} {v}' for k, v in sorted(methods.items()))}", flush=True)
         for name, _, mem_ref, time_ref in rows:
             cells = [name] + [f"{peak[name, b]:.2f}" for b in sizes]
             cells += [f"{100 * (peak[name, b] / peak[mem_ref, b] - 1):+.1f} %" if mem_ref else "—" for b in sizes]

@@ -1,8 +1,10 @@
-"""--memory-efficient and `optimize`: gates recomputed in the backward pass (attnsurgeon.memory).
+"""--memory-efficient and `optimize`: gates recomputed in the backward pass (attnsurgeon.memory,
+attnsurgeon.recompute).
 
 The reference is always the same model without the rewrite: its outputs, its gradients, its batch
 norm statistics after one training step, its state_dict and its exported graph; memory is compared
-by the bytes autograd saves for backward (deterministic), against the model with no attention."""
+by the bytes autograd saves for backward (deterministic), against the model with no attention; what
+backward recomputes is read from the aten ops it runs, against the whole-segment checkpoint."""
 
 import copy
 import json
@@ -80,6 +82,10 @@ def _pair(base, **kwargs):
     return plain_model, efficient, report
 
 
+def _methods(model):
+    return [m.method for m in model.modules() if isinstance(m, Recompute)]
+
+
 def _saved_bytes(model, x):
     """Bytes autograd keeps for the backward pass of one training forward (each storage once)."""
     storages = {}
@@ -100,8 +106,9 @@ def test_dropout_and_batch_norm_in_the_recomputed_part(momentum):
     base = _Tiny(momentum=momentum)
     plain_model, efficient, report = _pair(base, attn="se", reduction=4)
     # the gate, the dropout and the norm before it are recomputed: the random mask must repeat
-    assert [(s.module, s.start, s.ops) for s in report.memory_efficient] == [
-        ("layers.0.se", "layers.0.bn2", 3), ("layers.1.se", "layers.1.bn2", 3)]
+    # the dropout's mask is as large as the map: no selective plan, the whole segment is checkpointed
+    assert [(s.module, s.start, s.ops, s.method) for s in report.memory_efficient] == [
+        ("layers.0.se", "layers.0.bn2", 3, "checkpoint"), ("layers.1.se", "layers.1.bn2", 3, "checkpoint")]
     x = torch.randn(4, 3, SIZE, SIZE)
     _assert_same_step(plain_model, efficient, x)
     _assert_same_step(plain_model, efficient, x)  # a second step: the statistics keep agreeing
@@ -114,7 +121,9 @@ def test_gradients_and_statistics_equal_the_plain_insertion(attn, position):
     base = timm.create_model("resnet26", drop_path_rate=0.2)  # bottlenecks with drop path
     plain_model, efficient, report = _pair(base, attn=attn, position=position)
     assert len(report.memory_efficient) == len(report.insertions) == 8
+    assert {s.method for s in report.memory_efficient} == {"selective"}
     _assert_same_step(plain_model, efficient, torch.randn(2, 3, SIZE, SIZE))
+    assert set(_methods(efficient)) == {"selective"}  # every large tensor the step kept was rebuilt
 
 
 def test_autocast_and_channels_last():
@@ -125,17 +134,90 @@ def test_autocast_and_channels_last():
     _assert_same_step(plain_model, efficient, x, dtype=torch.bfloat16)
 
 
-def test_the_gated_map_is_not_kept_for_backward():
-    """SE keeps its input (the bottleneck's last norm output) for backward; recomputed, the step
+@pytest.mark.parametrize("attn", ["se", "eca", "cbam"])
+def test_the_gated_map_is_not_kept_for_backward(attn):
+    """A gate keeps its input (the bottleneck's last norm output) for backward; rebuilt, the step
     keeps no more than the model without any attention (the gate vectors are smaller than the
-    feature maps the plain graph frees earlier)."""
+    feature maps the plain graph frees earlier), and no more than the whole-segment checkpoint."""
     torch.manual_seed(0)
     base = timm.create_model("resnet26")
     x = torch.randn(2, 3, SIZE, SIZE)
     without = _saved_bytes(trace(copy.deepcopy(base)), x)
-    plain_model, efficient, _ = _pair(base, attn="se")
-    assert _saved_bytes(plain_model, x) > 1.08 * without
+    plain_model, efficient, _ = _pair(base, attn=attn)
+    assert _saved_bytes(plain_model, x) > 1.02 * without
     assert _saved_bytes(efficient, x) <= 1.005 * without
+    checkpointed = copy.deepcopy(efficient)
+    for m in checkpointed.modules():
+        if isinstance(m, Recompute):
+            m.plan.unmatched = "forced"
+    assert set(_methods(checkpointed)) == {"checkpoint"}
+    assert _saved_bytes(efficient, x) <= _saved_bytes(checkpointed, x)
+
+
+def _backward_ops(model, x):
+    """aten ops (name -> count) one training step's backward pass runs."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    ops = Counter()
+    model.train()
+    loss = model(x).pow(2).mean()
+    with Log():
+        loss.backward()
+    return ops
+
+
+@pytest.mark.parametrize("attn", ["se", "cbam"])
+def test_backward_rebuilds_the_norm_output_only(attn):
+    """Backward runs no batch norm forward, no pooling and no gate again: one fused pass per gate
+    rebuilds the norm's output (CBAM: and one product, the map its spatial gate reads); the
+    whole-segment checkpoint runs the batch norm again for each."""
+    torch.manual_seed(0)
+    _, efficient, _ = _pair(timm.create_model("resnet26"), attn=attn)
+    checkpointed = copy.deepcopy(efficient)
+    for m in checkpointed.modules():
+        if isinstance(m, Recompute):
+            m.plan.unmatched = "forced"
+    x = torch.randn(2, 3, SIZE, SIZE)
+    selective, full = _backward_ops(efficient, x), _backward_ops(checkpointed, x)
+    norm_forward = ("native_batch_norm", "_batch_norm_with_update")
+    assert sum(full[k] for k in norm_forward) >= 8  # the reference recomputes every gate's norm
+    assert sum(selective[k] for k in norm_forward) == 0 and selective["addcmul"] == 8
+    assert selective["mean"] == 0 and selective["sigmoid"] == 0 and selective["convolution"] == 0
+
+
+class _ExpGate(nn.Module):
+    """A gate that keeps a map no plan rebuilds: exp keeps its own output."""
+
+    def forward(self, x):
+        return x * torch.exp(x).mean((2, 3), keepdim=True).sigmoid()
+
+
+class _Segmented(nn.Sequential):
+    """conv, norm, gate; the norm and the gate run by a Recompute, as the rewrite leaves them."""
+
+    def forward(self, x):
+        return self.recompute(self[0](x))
+
+
+def test_a_map_the_plan_cannot_rebuild_hands_the_segment_to_checkpoint():
+    torch.manual_seed(0)
+    plain_model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), _ExpGate())
+    graph = torch.fx.Graph()
+    graph.output(graph.call_module("2", (graph.call_module("1", (graph.placeholder("z"),)),)))
+    efficient = _Segmented(*copy.deepcopy(plain_model))
+    efficient.recompute = Recompute(torch.fx.GraphModule(efficient, graph), [efficient[1]])
+    assert efficient.recompute.method == "selective"
+    x = torch.randn(2, 3, 16, 16)
+    _assert_same_step(plain_model, efficient, x)  # exact, with exp's output kept
+    assert efficient.recompute.method == "checkpoint" and "(2, 8, 16, 16)" in efficient.recompute.plan.unmatched
+    _assert_same_step(plain_model, efficient, x)
 
 
 @pytest.mark.parametrize("name", ["timm:seresnet18", "timm:efficientnet_b0", "timm:mobilenetv3_small_050",
@@ -152,6 +234,7 @@ def test_optimize_the_attention_a_model_has(name):
     assert report.params["delta"] == 0 and not report.insertions
     x = torch.randn(2, 3, SIZE, SIZE)
     _assert_same_step(reference, efficient, x)
+    assert set(_methods(efficient)) == {"selective"}
     assert _saved_bytes(efficient, x) < _saved_bytes(reference, x)
 
 
