@@ -12,7 +12,9 @@ Iterating a sequence whose length the shapes fix is traced: the result of ``chun
 (``(*x.shape[:-1], -1)``). The tracer knows the model's input size: it runs the graph built so far
 on meta tensors (for real where an op has no meta kernel) for a batch of 1 and of 2, and takes the
 length when both agree (a length that follows the batch is refused, as fx refuses it):
-:meth:`_Tracer.iter`. That is how YOLO's ``C2f`` and ``C3k2`` trace, and any other model that splits
+:meth:`_Tracer.iter`. Conditions on shapes and dtypes (``if q_len > 1``) are settled the same way, on
+meta tensors only, for the input size traced at (as the rest of the graph's shapes are). Neither
+happens inside a module its library marks not traceable (timm's ``get_notrace_modules``). That is how YOLO's ``C2f`` and ``C3k2`` trace, and any other model that splits
 channels this way; fx itself only handles ``a, b = x.chunk(2, 1)``.
 """
 
@@ -51,6 +53,7 @@ class _Tracer(torch.fx.Tracer):
         self.input_size = input_size  # without the batch: the shapes behind :meth:`iter`
         self._lengths: dict[Node, int | None] = {}
         self._decisions: dict[Node, bool | None] = {}
+        self._notrace_depth = 0  # inside modules the library marks not traceable: nothing settled from shapes
         self.out_spec: Any = None  # the structure of an output fx would turn into a dict
         self.leaf_types = leaf_types
         self.notrace = notrace
@@ -121,29 +124,38 @@ class _Tracer(torch.fx.Tracer):
         return iter([obj[i] for i in range(count)])
 
     def _length(self, node: Node) -> int | None:
-        """The length of ``node``'s value where it is a tuple or list of the same length for a batch
-        of 1 and of 2 (so that it does not follow the batch), else None."""
+        """The length of ``node``'s value where it is a tuple or list whose length the shapes settle
+        (:meth:`_settled`), else None."""
         if node not in self._lengths:
-            values = [self._value_of(node, batch) for batch in (1, 2)]
-            lengths = {len(v) if isinstance(v, (tuple, list)) else None for v in values}
-            self._lengths[node] = lengths.pop() if len(lengths) == 1 else None
+            value = self._settled(node, lambda v: len(v) if isinstance(v, (tuple, list)) else None, real=True)
+            self._lengths[node] = value if isinstance(value, int) else None
         return self._lengths[node]
 
     def _decided(self, node: Node) -> bool | None:
-        """A condition on shapes or dtypes (``q_len > 1``, ``x.dtype != w.dtype``): its value on
-        meta tensors, where it is the same for a batch of 1 and of 2; None for anything else (a
-        condition on the data cannot be computed on meta tensors)."""
+        """A condition on shapes or dtypes (``q_len > 1``, ``x.dtype != w.dtype``) that the shapes
+        settle (:meth:`_settled`, on meta tensors only: a condition on the data cannot be computed
+        there); None for anything else."""
         if node not in self._decisions:
-            values = {self._value_of(node, batch, real=False) for batch in (1, 2)}
-            value = values.pop() if len(values) == 1 else None
+            value = self._settled(node, lambda v: v if isinstance(v, bool) else None, real=False)
             self._decisions[node] = value if isinstance(value, bool) else None
         return self._decisions[node]
 
+    def _settled(self, node: Node, read: Any, real: bool) -> Any:
+        """``read(value of node)`` where it is the same for a batch of 1 and of 2 (it does not follow
+        the batch); None otherwise, and inside a module its library marks not traceable (timm's
+        MobileViT block: its control flow stays its library's business). The value holds for the
+        sample input's other sizes: a condition on the resolution (ViT's ``height != image_size``
+        guard) is settled for the input size the model is traced at."""
+        if self._notrace_depth:
+            return None
+        first = read(self._value_of(node, 1, real))
+        return first if first is not None and read(self._value_of(node, 2, real)) == first else None
+
     def _value_of(self, node: Node, batch: int, real: bool = True) -> Any:
         """``node``'s value for a random input of ``batch`` samples of the input size: the graph so
-        far, run on meta tensors, else (``real``) for real; None where it does not run."""
+        far, run on meta tensors, else (``real``) for real; ``_NO_VALUE`` where it does not run."""
         if self.input_size is None:
-            return None
+            return _NO_VALUE
         from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
         from .shapes import _MetaProp, _ShapeProp
@@ -161,7 +173,27 @@ class _Tracer(torch.fx.Tracer):
                     return prop(gm).run(x())
                 except Exception:
                     continue
-        return None
+        return _NO_VALUE
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        self.scope_stack.append((qualname, type(m).__name__))
+        notrace = type(m) in self.notrace
+        self._notrace_depth += notrace
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.scope_stack[-1]
+            if self.failed_through is None and type(m) in self.through:
+                self.failed_through = type(m)
+            raise
+        finally:
+            self.scope_stack.pop()
+            self._notrace_depth -= notrace
+
+
+_NO_VALUE = object()  # the graph did not run
 
 
 class _InplaceProxy(torch.fx.Proxy):

@@ -173,3 +173,27 @@ def test_smp_scse_after_decoder_conv2_identity_and_train_step():
     loss = flatten_outputs(out(x))[0].mean()
     loss.backward()
     assert all(p.grad is not None for n, p in out.named_parameters() if "scse" in n)
+
+
+# --------------------------------------------------------------------------- back out
+
+
+@pytest.mark.parametrize("spec,config,attn,where", [
+    ("hf:resnet", TINY_RESNET, "se", {}),
+    ("smp:Unet:resnet18", {}, "scse", {"after": "decoder.blocks.*.conv2"}),
+    ("yolo:yolov8n", {}, "se", {}),
+])
+def test_safetensors_and_recipe_rebuild_with_load(spec, config, attn, where, tmp_path):
+    from attnsurgeon import export, load
+
+    loaded = load_model(spec, **config)
+    out, report = insert(loaded, attn, input_size=(3, 64, 64), **where)
+    path = tmp_path / "m.safetensors"
+    export(out, path)
+    again = load(path)
+    if spec.startswith(("hf:", "yolo:")):  # traced in parts: the library's class; smp traces whole
+        assert type(again) is type(loaded.model)
+    x = torch.randn(1, 3, 64, 64)
+    out.eval(), again.eval()
+    assert max_abs_diff(again(x), out(x)) == 0.0
+    assert {n for n, _ in again.named_parameters()} == {n for n, _ in out.named_parameters()}
