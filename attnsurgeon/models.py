@@ -3,6 +3,9 @@
 Names, in the order they are tried:
 
 * ``tv:NAME`` / ``timm:NAME`` force the library;
+* ``yolo:NAME``, ``hf:NAME``, ``smp:ARCH[:ENCODER]`` build from Ultralytics, Hugging Face
+  transformers and segmentation_models_pytorch, each an optional extra
+  (:mod:`attnsurgeon.integrations`: one module per library, one registry);
 * ``path/to/file.py:factory`` and ``package.module:factory`` call a user's factory;
 * a bare ``NAME`` is looked up in ``torchvision.models.list_models()`` first, then
   ``timm.list_models()`` (a name present in both resolves to torchvision).
@@ -25,8 +28,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import AttnSurgeonError, did_you_mean
+from .integrations import BY_SOURCE, INTEGRATIONS
 
-SOURCES = ("torchvision", "timm", "file", "module", "object")
+SOURCES = ("torchvision", "timm", *BY_SOURCE, "file", "module", "object")
 _PREFIXES = {"tv": "torchvision", "torchvision": "torchvision", "timm": "timm"}
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -58,6 +62,8 @@ class LoadedModel:
             return f"timm:{self.name}"
         if self.source == "object":
             return f"object:{self.name}"
+        if self.source in BY_SOURCE:
+            return f"{BY_SOURCE[self.source].prefix}:{self.name}"
         return self.name
 
 
@@ -75,13 +81,15 @@ def timm_names() -> list[str]:
 
 def list_models(pattern: str | None = None) -> list[tuple[str, str]]:
     """``(name, source)`` for every model matching ``pattern`` (a glob, or a substring); a ``timm:`` or
-    ``tv:`` prefix keeps one library, as it does in a model name (``timm:resnet*``)."""
+    ``tv:`` prefix keeps one library, as it does in a model name (``timm:resnet*``). The library sources'
+    models are named with their prefix (``yolo:yolov8n``)."""
     prefix, sep, rest = (pattern or "").partition(":")
     only = _PREFIXES.get(prefix.lower()) if sep else None
     if only is not None:
         pattern = rest
     rows = [(n, "torchvision") for n in torchvision_names()] if only in (None, "torchvision") else []
     rows += [(n, "timm") for n in timm_names()] if only in (None, "timm") else []
+    rows += integration_rows() if only is None else []
     if pattern:
         pat = pattern.lower()
         if not any(ch in pat for ch in "*?["):
@@ -91,8 +99,16 @@ def list_models(pattern: str | None = None) -> list[tuple[str, str]]:
 
 
 def model_spec(name: str, source: str) -> str:
-    """The name with its library's prefix (``tv:resnet18``, ``timm:resnet18``): what resolves to that model."""
+    """The name with its library's prefix (``tv:resnet18``, ``timm:resnet18``; a library source's rows carry
+    theirs: ``yolo:yolov8n``): what resolves to that model."""
+    if source in BY_SOURCE:
+        return name
     return f"{'tv' if source == 'torchvision' else 'timm'}:{name}"
+
+
+def integration_rows() -> list[tuple[str, str]]:
+    """``(prefix:name, source)`` for the models of every installed library source (``yolo:yolov8n``)."""
+    return [(f"{i.prefix}:{n}", i.source) for i in INTEGRATIONS.values() if i.installed for n in i.load().names()]
 
 
 def expand_models(patterns: str | Iterable[str]) -> list[str]:
@@ -110,7 +126,7 @@ def expand_models(patterns: str | Iterable[str]) -> list[str]:
     out: list[str] = []
     for item in items:
         source, name = parse_model_spec(item)
-        if source not in ("torchvision", "timm", "auto"):
+        if source not in ("torchvision", "timm", "auto", *BY_SOURCE):
             out.append(item)  # a user's factory: built (or refused) where its rows run
         elif any(ch in name for ch in "*?["):
             hits = list_models(item)  # the listing `attnsurgeon list models` shows, prefix and all
@@ -126,7 +142,8 @@ def expand_models(patterns: str | Iterable[str]) -> list[str]:
 def parse_model_spec(spec: str) -> tuple[str, str]:
     """Split a model spec into ``(source, name)`` without importing any library.
 
-    ``source`` is ``torchvision``, ``timm``, ``file``, ``module`` or ``auto`` (a bare name).
+    ``source`` is ``torchvision``, ``timm``, a library of :data:`INTEGRATIONS` (``ultralytics``,
+    ``huggingface``, ``smp``), ``file``, ``module`` or ``auto`` (a bare name).
     """
     spec = spec.strip()
     if not spec:
@@ -136,6 +153,10 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
         if not rest:
             raise AttnSurgeonError(f"'{spec}' names no model after '{prefix}:'")
         return _PREFIXES[prefix.lower()], rest
+    if sep and prefix.lower() in INTEGRATIONS:
+        if not rest:
+            raise AttnSurgeonError(f"'{spec}' names no model after '{prefix}:'")
+        return INTEGRATIONS[prefix.lower()].source, rest
     saved = (".safetensors", ".pt", ".pth", ".bin", ".onnx", ".pt2", ".ts", ".yaml", ".yml")
     if not sep and spec.lower().endswith(saved):
         hint = {
@@ -173,6 +194,8 @@ def resolve_source(spec: str) -> tuple[str, str]:
         raise AttnSurgeonError(f"unknown torchvision model '{name}'." + did_you_mean(name, torchvision_names()))
     if source == "timm" and name not in set(timm_names()):
         raise AttnSurgeonError(f"unknown timm model '{name}'." + did_you_mean(name, timm_names()))
+    if source in BY_SOURCE:
+        BY_SOURCE[source].load(spec).check(name)  # the library missing: one line naming the extra
     return source, name
 
 
@@ -248,6 +271,10 @@ def _load(source: str, name: str, pretrained: bool, weights: Any, model_kwargs: 
     elif source == "timm":
         model = _build_timm(name, pretrained, model_kwargs)
         input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+    elif source in BY_SOURCE:
+        library = BY_SOURCE[source].load()
+        model = library.build(name, pretrained, model_kwargs)
+        input_size = library.input_size(model, name)
     else:
         if pretrained:
             raise AttnSurgeonError(f"--pretrained needs a torchvision or timm model; load '{name}' weights with --weights FILE")

@@ -59,12 +59,17 @@ def trace_model(model: Any, size: tuple[int, ...], target: Any = None) -> Traced
     """Trace ``model`` whole, or the parts named by ``target`` (found automatically when the whole fails)."""
     from .tracing import trace
 
+    from .integrations import keeps_class
+
     targets = parse_target(target)
     if targets is None:
-        try:
-            return Traced(trace(model), None, [tuple(size)])
-        except AttnSurgeonError as exc:
-            whole_error = str(exc)
+        if keeps_class(model):  # a Hugging Face or ultralytics model stays itself: its parts are traced
+            whole_error = f"{type(model).__name__} keeps its class (its forward takes labels, or serves its library's own predict and train)"
+        else:
+            try:
+                return Traced(trace(model, tuple(size)), None, [tuple(size)])
+            except AttnSurgeonError as exc:
+                whole_error = str(exc)
         found = find_targets(model, size)
         if not found.targets:
             raise AttnSurgeonError(
@@ -81,17 +86,30 @@ def trace_model(model: Any, size: tuple[int, ...], target: Any = None) -> Traced
 # --------------------------------------------------------------------------- sample inputs of submodules
 
 
-def record_inputs(model: Any, size: tuple[int, ...]) -> dict[str, Any]:
+class RecordedInputs(dict):
+    """``{name: shape}`` (see :func:`record_inputs`), with ``kwargs``: ``{name: {key: value}}``, the
+    constant keyword arguments (None, a bool, a number, a string) the module was called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kwargs: dict[str, dict[str, Any]] = {}
+
+
+_CONSTANT = (type(None), bool, int, float, str)
+
+
+def record_inputs(model: Any, size: tuple[int, ...]) -> RecordedInputs:
     """Run ``model`` once (eval, batch 1) and record each submodule's first input.
 
-    Returns ``{name: shape}`` where the module was called with one tensor, ``{name: None}`` where
-    it was called with something else (a list, several tensors), nothing where it was not called.
+    Returns ``{name: shape}`` where the module was called with one tensor (and constant keyword
+    arguments, kept in ``.kwargs``: a part is traced at them), ``{name: None}`` where it was called
+    with something else (a list, several tensors), nothing where it was not called.
     """
     import torch
 
     from .samples import sample_args
 
-    seen: dict[str, Any] = {}
+    seen = RecordedInputs()
     handles = []
 
     def hook(name: str):
@@ -99,8 +117,10 @@ def record_inputs(model: Any, size: tuple[int, ...]) -> dict[str, Any]:
             if name in seen:
                 return
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            only = len(args) == 1 and len(tensors) == 1 and not any(isinstance(v, torch.Tensor) for v in kwargs.values())
+            only = len(args) == 1 and len(tensors) == 1 and all(isinstance(v, _CONSTANT) for v in kwargs.values())
             seen[name] = tuple(tensors[0].shape) if only else None
+            if only and kwargs:
+                seen.kwargs[name] = dict(kwargs)
         return pre
 
     for name, module in model.named_modules():
@@ -172,7 +192,7 @@ def _traces_with_blocks(model: Any, name: str, inputs: dict[str, Any]) -> bool:
     if not shape or len(shape) < 2:
         return False
     try:
-        analyse(trace(model.get_submodule(name)), tuple(shape[1:]))
+        analyse(trace(model.get_submodule(name), tuple(shape[1:]), _kwargs(inputs, name)), tuple(shape[1:]))
         return True
     except AttnSurgeonError:
         return False
@@ -197,7 +217,7 @@ def _check_target(model: Any, target: str, inputs: dict[str, Any], size: tuple[i
     from .tracing import trace
 
     try:
-        gm = trace(model.get_submodule(target))
+        gm = trace(model.get_submodule(target), tuple(shape[1:]), _kwargs(inputs, target))
     except AttnSurgeonError as exc:
         raise AttnSurgeonError(f"--target '{target}' does not trace: {exc}" + _traceable_hint(model, size, inputs)) from exc
     try:
@@ -212,7 +232,7 @@ def _traceable_hint(model: Any, size: tuple[int, ...], inputs: dict[str, Any]) -
 
     found = find_targets(model, size, inputs, exhaustive=True).targets
     try:
-        trace(model)
+        trace(model, tuple(size))
         whole = " The whole model traces too (leave --target out)."
     except AttnSurgeonError:
         whole = ""
@@ -239,7 +259,7 @@ def _trace_parts(model: Any, targets: list[str], inputs: dict[str, Any], whole_e
     holders = []
     for t in targets:
         sub = model.get_submodule(t)
-        part = trace(sub)
+        part = trace(sub, tuple(inputs[t][1:]), _kwargs(inputs, t))
         sizes.append(tuple(inputs[t][1:]))
         outputs.append(_copy_part(part.graph, graph, t, type(sub), attrs, part))
         holders.append((t, sub))
@@ -262,6 +282,8 @@ def _copy_part(src: Any, dst: Any, prefix: str, cls: type, attrs: dict[str, Any]
             if first:
                 ph = dst.placeholder(prefix.replace(".", "_"))
                 ph.meta = dict(n.meta)
+                ph.meta["as_codegen"] = src._codegen  # the part's output structure, for embed
+                ph.meta["as_called_with"] = getattr(owner, "_attnsurgeon_called_with", {})
                 val_map[n] = ph
                 first = False
             else:  # an optional argument: its default
@@ -314,12 +336,46 @@ def embed(model: Any, gm: Any, targets: list[str] | None) -> Any:
     for t, ph, value in zip(targets, placeholders, outs):
         holder = gm.get_submodule(t)
         original = model.get_submodule(t)
-        part = torch.fx.GraphModule(holder, _split(gm.graph, ph, value, t), class_name=type(original).__name__)
+        graph = _split(gm.graph, ph, value, t)
+        graph._codegen = ph.meta.get("as_codegen") or graph._codegen
+        part = torch.fx.GraphModule(holder, graph, class_name=type(original).__name__)
+        _tolerate_defaults(part, original, ph.meta.get("as_called_with") or {})
         _restore_unused_state(holder, part)
         _carry_attributes(original, part)
         part.train(original.training)
         parts[t] = part
     return _replaced(model, parts)
+
+
+def _kwargs(inputs: Any, name: str) -> dict[str, Any]:
+    return getattr(inputs, "kwargs", {}).get(name, {})
+
+
+def _tolerate_defaults(part: Any, original: Any, called_with: dict[str, Any]) -> None:
+    """Let the rewritten part be called as its parent calls the original: with the optional
+    arguments it was traced at (the constants its parent passed, None, its defaults) given too,
+    as Hugging Face passes ``return_dict=True``; anything else is refused, since the graph would
+    ignore it."""
+    import inspect
+
+    try:
+        params = inspect.signature(original.forward).parameters
+    except (TypeError, ValueError):
+        return
+    defaults = {name: p.default for name, p in params.items() if p.default is not p.empty}
+    defaults.update(called_with)
+    names = list(params)
+    graph_forward = type(part).forward  # a GraphModule's class is its own: patching it touches no other
+
+    def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        given = {**dict(zip(names[1:], args)), **kwargs}
+        odd = [k for k, v in given.items() if not (v is None or (k in defaults and v == defaults[k]))]
+        if odd:
+            raise TypeError(f"{type(original).__name__} was rewritten for a call with one input; "
+                            f"it cannot take {', '.join(odd)}")
+        return graph_forward(self, x)
+
+    type(part).forward = forward
 
 
 def _carry_attributes(original: Any, part: Any) -> None:

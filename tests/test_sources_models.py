@@ -1,0 +1,199 @@
+"""yolo:, hf: and smp: model sources: names, sample inputs, the missing-extra error, insertion with
+exact identity init, the model's own class and training step, profiles against the library's own
+summary."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from attnsurgeon import AttnSurgeonError, insert, load_model
+from attnsurgeon.models import list_models, parse_model_spec
+from attnsurgeon.samples import flatten_outputs, max_abs_diff
+
+ultralytics = pytest.importorskip("ultralytics")
+transformers = pytest.importorskip("transformers")
+smp = pytest.importorskip("segmentation_models_pytorch")
+
+TINY_VIT = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, image_size=32, patch_size=8)
+TINY_RESNET = dict(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256], embedding_size=16, num_labels=3)
+TINY_CONVNEXT = dict(depths=[1, 1, 2, 1], hidden_sizes=[16, 32, 64, 128], num_labels=3,
+                     layer_scale_init_value=1.0)  # the default 1e-6 leaves ECA gates within float rounding of 1
+
+
+def _perturbed_changes(model, report, x):
+    """How much the inserted blocks change their own input once their weights are moved off the
+    identity init, relative to that input: each block runs in the forward and acts."""
+    changes = []
+
+    def hook(module, args, output):
+        changes.append(float((output - args[0]).abs().max() / args[0].abs().max()))  # relative: YOLO's
+        # randomly initialised activations are ~1e-8 by model.9
+
+    handles = [model.get_submodule(i.module).register_forward_hook(hook) for i in report.insertions]
+    with torch.no_grad():
+        for i in report.insertions:
+            for p in model.get_submodule(i.module).parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        model(x)
+    for h in handles:
+        h.remove()
+    assert len(changes) == len(report.insertions)  # every block ran once
+    return min(changes)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def test_prefixes_resolve_and_list():
+    assert parse_model_spec("yolo:yolov8n") == ("ultralytics", "yolov8n")
+    assert parse_model_spec("hf:microsoft/resnet-50") == ("huggingface", "microsoft/resnet-50")
+    assert parse_model_spec("smp:Unet:resnet34") == ("smp", "Unet:resnet34")
+    names = {n for n, _ in list_models("yolo:yolov8n")} | {n for n, _ in list_models("hf:convnext")} \
+        | {n for n, _ in list_models("smp:unet:resnet34")}
+    assert {"yolo:yolov8n", "hf:convnext", "smp:Unet:resnet34"} <= names
+    # every scale ultralytics' own yolov8.yaml declares is listed
+    import yaml
+    from pathlib import Path
+
+    cfg = yaml.safe_load((Path(ultralytics.__file__).parent / "cfg/models/v8/yolov8.yaml").read_text())
+    assert {f"yolo:yolov8{s}" for s in cfg["scales"]} <= {n for n, _ in list_models("yolo:yolov8?")}
+
+
+@pytest.mark.parametrize("spec,message", [("yolo:yolov8q", "yolov8"), ("hf:convnxt", "convnext"),
+                                          ("smp:Unett", "Unet"), ("smp:Unet:resnet35", "resnet34")])
+def test_unknown_names_suggest(spec, message):
+    with pytest.raises(AttnSurgeonError, match=message):
+        load_model(spec)
+
+
+def test_sample_inputs_come_from_the_library_config():
+    assert load_model("hf:vit", **TINY_VIT).input_size == (3, 32, 32)
+    assert load_model("hf:convnext", num_channels=4, image_size=96, **TINY_CONVNEXT).input_size == (4, 96, 96)
+    unet = load_model("smp:Unet:resnet18")
+    assert unet.input_size[1] % unet.model.encoder.output_stride == 0
+    from ultralytics.utils import DEFAULT_CFG
+
+    assert load_model("yolo:yolov8n").input_size == (3, DEFAULT_CFG.imgsz, DEFAULT_CFG.imgsz)
+
+
+@pytest.mark.parametrize("spec,extra,library", [("yolo:yolov8n", "yolo", "ultralytics"),
+                                                ("hf:resnet", "hf", "transformers"),
+                                                ("smp:Unet", "smp", "segmentation_models_pytorch")])
+def test_missing_library_is_one_line_naming_the_extra(spec, extra, library, monkeypatch):
+    from typer.testing import CliRunner
+
+    from attnsurgeon.cli import app
+
+    monkeypatch.setitem(sys.modules, library, None)  # importlib.util.find_spec: not installed
+    result = CliRunner().invoke(app, ["insert", spec, "--attn", "se"])
+    assert result.exit_code == 2
+    lines = [l for l in result.output.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and f"pip install 'attnsurgeon[{extra}]'" in lines[0] and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- YOLO
+
+
+def test_yolo_cbam_after_sppf_and_se_in_every_c2f_bottleneck():
+    from ultralytics.nn.modules.block import Bottleneck, C2f
+
+    loaded = load_model("yolo:yolov8n")
+    size = (3, 128, 128)
+    x = torch.randn(1, *size)
+    base = loaded.model.eval()
+    out, report = insert(loaded, "cbam", after="model.9", init="identity", input_size=size)
+    assert type(out) is type(base) and [i.module for i in report.insertions] == ["model.9.cbam_after"]
+    out.eval()
+    assert max_abs_diff(out(x), base(x)) == 0.0
+    assert _perturbed_changes(out, report, x) > 1e-4
+
+    loaded = load_model("yolo:yolov8n")
+    base = loaded.model.eval()
+    out, report = insert(loaded, "se", init="identity", input_size=size)
+    bottlenecks = sorted(f"{c}.{n}" for c, m in base.named_modules() if isinstance(m, C2f)
+                         for n, b in m.named_modules() if isinstance(b, Bottleneck))
+    assert sorted(i.block for i in report.insertions) == bottlenecks
+    out.eval()
+    assert max_abs_diff(out(x), base(x)) == 0.0
+
+
+def test_yolo_profile_base_matches_ultralytics_summary():
+    from attnsurgeon import profile
+    from ultralytics.utils.torch_utils import get_flops, get_num_params
+
+    loaded = load_model("yolo:yolov8n")
+    result = profile(loaded, "eca", input_size=(3, 640, 640), min_run_time=0.05, max_run_time=0.2)
+    assert result.base.params == get_num_params(loaded.model)
+    gflops = get_flops(loaded.model, imgsz=640)  # ultralytics' own count (2 × MACs)
+    assert gflops > 0 and abs(2 * result.base.macs / 1e9 - gflops) / gflops < 0.03
+    assert result.modified.params > result.base.params and result.modified.macs > result.base.macs
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+@pytest.mark.parametrize("spec,attn,config", [("hf:resnet", "se", TINY_RESNET), ("hf:convnext", "eca", TINY_CONVNEXT),
+                                              ("hf:vit", "se", dict(TINY_VIT, num_labels=3))])
+def test_hf_insert_keeps_class_identity_exact_and_trains_with_labels(spec, attn, config):
+    loaded = load_model(spec, **config)
+    base = loaded.model.eval()
+    size = loaded.input_size if spec == "hf:vit" else (3, 64, 64)
+    out, report = insert(loaded, attn, init="identity", input_size=size)
+    assert type(out) is type(base) and report.insertions
+    x = torch.randn(2, *size)
+    out.eval()
+    assert type(out(x)) is type(base(x))
+    assert max_abs_diff(out(x), base(x)) == 0.0
+    out.train()
+    result = out(pixel_values=x, labels=torch.tensor([0, 2]))
+    assert result.loss is not None and torch.isfinite(result.loss)
+    result.loss.backward()
+    inserted = {i.module for i in report.insertions}
+    grads = {name.rsplit(".", 2)[0] for name, p in out.named_parameters() if p.grad is not None}
+    assert any(g.startswith(m) for m in inserted for g in grads)
+    out.eval()
+    assert _perturbed_changes(out, report, x) > 1e-4
+
+
+# --------------------------------------------------------------------------- smp
+
+
+def test_smp_scse_after_decoder_conv2_identity_and_train_step():
+    loaded = load_model("smp:Unet:resnet34")
+    base = loaded.model.eval()
+    size = (3, 64, 64)
+    out, report = insert(loaded, "scse", after="decoder.blocks.*.conv2", init="identity", input_size=size)
+    assert len(report.insertions) == len(base.decoder.blocks)
+    x = torch.randn(2, *size)
+    out.eval()
+    assert max_abs_diff(out(x), base(x)) == 0.0
+    out.train()
+    loss = flatten_outputs(out(x))[0].mean()
+    loss.backward()
+    assert all(p.grad is not None for n, p in out.named_parameters() if "scse" in n)
+
+
+# --------------------------------------------------------------------------- back out
+
+
+@pytest.mark.parametrize("spec,config,attn,where", [
+    ("hf:resnet", TINY_RESNET, "se", {}),
+    ("smp:Unet:resnet18", {}, "scse", {"after": "decoder.blocks.*.conv2"}),
+    ("yolo:yolov8n", {}, "se", {}),
+])
+def test_safetensors_and_recipe_rebuild_with_load(spec, config, attn, where, tmp_path):
+    from attnsurgeon import export, load
+
+    loaded = load_model(spec, **config)
+    out, report = insert(loaded, attn, input_size=(3, 64, 64), **where)
+    path = tmp_path / "m.safetensors"
+    export(out, path)
+    again = load(path)
+    if spec.startswith(("hf:", "yolo:")):  # traced in parts: the library's class; smp traces whole
+        assert type(again) is type(loaded.model)
+    x = torch.randn(1, 3, 64, 64)
+    out.eval(), again.eval()
+    assert max_abs_diff(again(x), out(x)) == 0.0
+    assert {n for n, _ in again.named_parameters()} == {n for n, _ in out.named_parameters()}
