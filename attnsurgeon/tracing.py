@@ -435,7 +435,8 @@ def _trace_failure(model: nn.Module, tracer: _Tracer, exc: Exception) -> str:
     if tracer.failed_in:
         qual, cls = tracer.failed_in
         where = f" in module '{qual or '(root)'}' ({cls})"
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and f.filename != __file__]  # the user's line, not the tracer's
     line = ""
     if frames:
         f = frames[-1]
