@@ -847,7 +847,11 @@ def sweep(
         if isinstance(exc, SystemExit) and not exc.code:
             raise
         _say_interrupted(out, force)
-        raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else exc.code) from None
+        import signal
+
+        # a SystemExit here is a termination: ours says 128 + SIGTERM, but where Ray's own handler
+        # caught the signal it says 1, so the status is set here, as a shell expects it after SIGTERM
+        raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM) from None
     if json_out:
         emit_json({"folder": str(result.folder), "measured": result.measured, "plot": str(result.plot) if result.plot else None,
                    "rows": result.rows})
