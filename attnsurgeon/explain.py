@@ -157,7 +157,7 @@ def _peak(cam: Any) -> tuple[int, int]:
 
 def collect_images(images: Iterable[str | os.PathLike]) -> list[Path]:
     """Files named, and the images in folders named (sorted); each checked to be a readable image."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     files: list[Path] = []
     for item in images:
@@ -177,7 +177,7 @@ def collect_images(images: Iterable[str | os.PathLike]) -> list[Path]:
         try:
             with Image.open(f) as im:
                 im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        except Exception as exc:  # PIL's errors, and whatever a plugin patched into Image.open raises (ultralytics' HEIF)
             raise AttnSurgeonError(f"cannot read image '{f}': it is not an image file PIL can open ({type(exc).__name__})") from None
     return files
 
