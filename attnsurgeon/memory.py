@@ -13,11 +13,11 @@ back over dropout/drop-path and activations and norms, and stopping after the fi
 input-keeping activation (a ReLU or sigmoid keeps its *output*, which the segment then reads:
 it stays outside). The segment's nodes are replaced by one call of a :class:`Recompute` module
 that runs them directly, except in training with gradients on: then, where the segment starts
-with a batch norm (or with no norm) and holds no random op, selectively — once, with the large
+with a batch norm (or with no norm) and holds no dropout, selectively — once, with the large
 tensors backward needs rebuilt from the norm's input and statistics when it needs them
 (:mod:`attnsurgeon.recompute`, ``Segment.method == "selective"``) — and otherwise under
-:func:`torch.utils.checkpoint.checkpoint` (non-reentrant, RNG state preserved; ``"checkpoint"``). The segment calls the model's own
-modules, so no parameter moves or is renamed; ``Recompute`` owns no tensor, and
+:func:`torch.utils.checkpoint.checkpoint` (non-reentrant, RNG state preserved; ``"checkpoint"``);
+under ``torch.compile`` always dynamo's checkpoint. The segment calls the model's own modules, so no parameter moves or is renamed; ``Recompute`` owns no tensor, and
 ``state_dict()`` is the plain model's. A norm in a checkpointed segment is recomputed without
 updating its running statistics a second time.
 
