@@ -34,7 +34,7 @@ from typing import Any, Iterable
 
 from torch.fx import Node
 
-from .errors import AttnSurgeonError, did_you_mean
+from .errors import AttnSurgeonError, did_you_mean, few
 
 
 @dataclass
@@ -182,7 +182,7 @@ def anchor_blocks(anatomy: Any, which: str, globs: list[str], stages: list[int] 
             what = ", ".join(filter(None, [f"stages {','.join(map(str, stages))}" if stages else "",
                                            f"blocks {','.join(blocks)}" if blocks else ""]))
             raise AttnSurgeonError(f"--{which} {','.join(globs)}: none of the {len(matched)} matching modules "
-                                   f"({_few(matched)}) lies inside the selected {what}; --stages/--blocks narrow the "
+                                   f"({few(matched, 3)}) lies inside the selected {what}; --stages/--blocks narrow the "
                                    "anchors to modules inside them")
         matched = inside
     order = {n: i for i, n in enumerate(anatomy.gm.graph.nodes)}
@@ -262,16 +262,16 @@ def _no_match(anatomy: Any, which: str, pattern: str, regions: dict[str, Region]
         sub = [f"{leaf}.{s}" for s, _ in anatomy.gm.get_submodule(leaf).named_modules() if s]
         hidden = match_modules(pattern, sub)
         if hidden:
-            return (f"--{which} {pattern}: {_few(hidden, 2)} lies inside {region.type} '{leaf}', which the tracer keeps "
+            return (f"--{which} {pattern}: {few(hidden, 2)} lies inside {region.type} '{leaf}', which the tracer keeps "
                     f"whole (a module it cannot trace through): anchor on '{leaf}' itself")
     if model_names is not None:
         outside = match_modules(pattern, [n for n in model_names if n not in regions])
         if outside and anatomy.target:
-            return (f"--{which} {pattern}: {_few(outside, 2)} lies outside the traced part"
+            return (f"--{which} {pattern}: {few(outside, 2)} lies outside the traced part"
                     f"{'s' if len(anatomy.target) > 1 else ''} ({', '.join(anatomy.target)}), which alone can be rewritten; "
                     "--target chooses the parts")
         if outside:
-            return (f"--{which} {pattern}: {_few(outside, 2)} is not called when the model runs on its sample input: "
+            return (f"--{which} {pattern}: {few(outside, 2)} is not called when the model runs on its sample input: "
                     "nothing to gate there")
     hint = did_you_mean(pattern, names)
     if not hint and "*" not in pattern:
@@ -293,7 +293,3 @@ def _is_tensor(n: Node) -> bool:
     from .shapes import _shape
 
     return _shape(n) is not None
-
-
-def _few(items: list[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

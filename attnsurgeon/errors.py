@@ -27,3 +27,8 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`` Did you mean: a, b?`` or an empty string."""
     hits = closest(word, choices)
     return f" Did you mean: {', '.join(hits)}?" if hits else ""
+
+
+def few(items: list[str], n: int = 5) -> str:
+    """The first ``n`` names, and how many more: ``a, b, c (+4 more)``."""
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

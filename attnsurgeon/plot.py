@@ -281,15 +281,14 @@ def draw_insertion_map(anatomy: Any, insertions: Iterable[Any] = (), *, values: 
         bar.set_label(f"share of the {'change in ' + what if removed else 'added ' + what} (%)", fontsize=7.5)
         bar.ax.tick_params(labelsize=6.5)
     if undrawn:
-        fig.text(0.5, 1 - 0.5 / fig.get_figheight(), f"not drawn (outside the blocks and stages): {_few(undrawn)}",
+        from .errors import few
+
+        fig.text(0.5, 1 - 0.5 / fig.get_figheight(), f"not drawn (outside the blocks and stages): {few(undrawn, 3)}",
                  fontsize=6.5, ha="center", va="top", color="#555")
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.18 / fig.get_figheight(), va="top")
     return fig
 
-
-def _few(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
 def _truncated(name: str, lo: float, hi: float) -> Any:

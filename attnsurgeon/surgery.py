@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, NamedTuple
 
-from .errors import AttnSurgeonError
+from .errors import AttnSurgeonError, few as _few
 from .layout import resolve_input_size  # noqa: F401  (the input size of every command: one rule)
 from .schema import NONE, InsertionSpec, check_replace, validate  # noqa: F401  (the schema, re-exported)
 
@@ -517,10 +517,6 @@ def _exists(gm: Any, path: str) -> bool:
             return False
         obj = getattr(obj, part)
     return True
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def _place_modules(planned: list[_Planned], gm: Any) -> None:
