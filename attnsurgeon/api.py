@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .anatomy import Anatomy, analyse
-from .models import LoadedModel, as_loaded
-from .parts import trace_model
-from .surgery import resolve_input_size
+from .graph.anatomy import Anatomy, analyse
+from .loading.models import LoadedModel, as_loaded
+from .graph.parts import trace_model
+from .rewriting.surgery import resolve_input_size
 
 
 def inspect_model(model: Any, *, input_size: Any = None, pretrained: bool = False, weights: Any = None,
                   target: Any = None) -> tuple[LoadedModel, Anatomy]:
     """Trace a model (or the parts named by ``target``, or found where the whole does not trace: see
-    :mod:`attnsurgeon.parts`) and find its stages, blocks, positions and existing attention.
+    :mod:`attnsurgeon.graph.parts`) and find its stages, blocks, positions and existing attention.
 
     Example:
         >>> loaded, anatomy = inspect_model("resnet18")

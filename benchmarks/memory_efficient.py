@@ -41,8 +41,8 @@ def build(group: str, size: int) -> list[tuple[str, object, str | None, str | No
     import timm
 
     from attnsurgeon import insert
-    from attnsurgeon.memory import optimize
-    from attnsurgeon.tracing import trace
+    from attnsurgeon.rewriting.memory import optimize
+    from attnsurgeon.graph.tracing import trace
 
     if group == "effnet":
         base = timm.create_model("efficientnet_b0")
@@ -78,9 +78,9 @@ def main() -> int:
 
     import torch
 
-    from attnsurgeon.memory import Recompute
+    from attnsurgeon.rewriting.memory import Recompute
     from attnsurgeon.profiling.measure import make_step, measure_memory
-    from attnsurgeon.profiling.settings import Settings
+    from attnsurgeon.planning.settings import Settings
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from attnsurgeon import InsertionSpec, apply_plan  # noqa: E402
 from attnsurgeon.api import inspect_model  # noqa: E402
-from attnsurgeon.explain import draw_sheet, explain  # noqa: E402
-from attnsurgeon.plot import draw_insertion_map, map_title  # noqa: E402
+from attnsurgeon.pictures.explain import draw_sheet, explain  # noqa: E402
+from attnsurgeon.pictures.plot import draw_insertion_map, map_title  # noqa: E402
 
 RNG = np.random.default_rng(0)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)

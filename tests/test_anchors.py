@@ -15,8 +15,8 @@ from torch import nn
 
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
-from attnsurgeon.anchors import glob_regex, match_modules
-from attnsurgeon.surgery import count_params, make_spec
+from attnsurgeon.graph.anchors import glob_regex, match_modules
+from attnsurgeon.rewriting.surgery import count_params, make_spec
 
 from conftest import SMALL
 
@@ -314,7 +314,7 @@ def test_recipe_and_sweep_grid_take_anchors(tmp_path, cli):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: resnet18\ninput_size: [3, 32, 32]\ninsertions:\n  - attn: se\n    after: layer3.*.conv1\n"
                       "  - attn: eca\n    before: [fc, layer4.0]\n")
-    from attnsurgeon.recipes import read_recipe
+    from attnsurgeon.planning.recipes import read_recipe
 
     code, _, err = cli("apply", recipe)  # the modules are known once the model is traced
     assert code == 2 and "r.yaml: insertion 2 of 2 (eca before fc,layer4.0): --before fc: the input of Linear" in err
@@ -352,7 +352,7 @@ def test_memory_efficient_profile_and_plot_on_an_anchor(tmp_path):
                                  max_run_time=0.02)
     assert [r.module for r in result.insertions] == ["layer3.0.bn2_se", "layer3.1.bn2_se"]
     assert result.insertions[0].where == "after layer3.0.bn2"  # the breakdown names the anchor
-    from attnsurgeon.plot import write_insertion_map
+    from attnsurgeon.pictures.plot import write_insertion_map
 
     loaded = attnsurgeon.load_model("resnet18")
     model, rep = attnsurgeon.insert(loaded, attn="se", after="layer3.*.bn2", input_size=32)
@@ -376,7 +376,7 @@ def test_explain_reads_the_gates_of_anchored_blocks(tmp_path):
     pytest.importorskip("pytorch_grad_cam")
     from test_explain import _image
 
-    from attnsurgeon.explain import explain
+    from attnsurgeon.pictures.explain import explain
 
     _image(tmp_path / "a.png")
     result = explain("resnet18", [tmp_path / "a.png"], attn="cbam", after="layer3.*.conv2", input_size=64)
@@ -403,7 +403,7 @@ def build():
 
 def test_yolov8n_through_a_factory_with_cbam_after_model_9(tmp_path, monkeypatch):
     pytest.importorskip("ultralytics")
-    from attnsurgeon.samples import flatten_outputs
+    from attnsurgeon.loading.samples import flatten_outputs
 
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     path = tmp_path / "yolo.py"

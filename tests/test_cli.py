@@ -121,7 +121,7 @@ def test_list_models(cli):
 
 
 def test_typos_are_refused_before_any_model_is_built(cli, monkeypatch):
-    import attnsurgeon.models as models
+    import attnsurgeon.loading.models as models
 
     def no_build(*a, **k):
         raise AssertionError("a model was built")

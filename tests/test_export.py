@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
-from attnsurgeon.export import RECIPE_KEY, export, load
+from attnsurgeon.saving.export import RECIPE_KEY, export, load
 
 CASES = [("resnet18", "se"), ("mobilenet_v3_small", "eca"), ("convnext_tiny", "cbam")]
 SIZE = (3, 64, 64)
@@ -215,7 +215,7 @@ def test_target_mistakes_are_refused(tmp_path):
 
 
 def test_an_interrupted_write_leaves_nothing(tmp_path):
-    from attnsurgeon._io import atomic_path
+    from attnsurgeon.core.files import atomic_path
 
     with pytest.raises(SystemExit):  # what SIGTERM becomes in the CLI
         with atomic_path(tmp_path / "m.onnx") as tmp:
@@ -234,7 +234,7 @@ def test_inspect_a_saved_model(tmp_path, cli):
 
 
 def test_load_base_gives_the_saved_base_weights(tmp_path):
-    from attnsurgeon.export import load_base
+    from attnsurgeon.saving.export import load_base
 
     model, report = _model("resnet18", "cbam")
     path = tmp_path / "m.safetensors"
@@ -248,10 +248,10 @@ def test_load_base_gives_the_saved_base_weights(tmp_path):
 
 
 def test_the_api_function_export_is_not_hidden_by_its_submodule():
-    """``import attnsurgeon.export`` (the CLI does) must leave ``attnsurgeon.export`` the function."""
+    """``import attnsurgeon.saving.export`` (the CLI does) must leave ``attnsurgeon.export`` the function."""
     import importlib
 
-    module = importlib.import_module("attnsurgeon.export")
+    module = importlib.import_module("attnsurgeon.saving.export")
     assert attnsurgeon.export is module.export and callable(attnsurgeon.load)
 
 
@@ -339,7 +339,7 @@ def test_a_model_that_fixes_its_batch_falls_back_to_a_static_one(ext, tmp_path):
 def test_the_fallback_warning_is_printed_by_the_cli(tmp_path, cli, monkeypatch):
     from types import SimpleNamespace
 
-    monkeypatch.setattr("attnsurgeon.models.load_model", lambda name, **kw: SimpleNamespace(model=_OddEven()))
+    monkeypatch.setattr("attnsurgeon.loading.models.load_model", lambda name, **kw: SimpleNamespace(model=_OddEven()))
     code, out, err = cli("export", "oddeven", "--out", tmp_path / "m.ts", "--input-size", "3,4,4")
     assert code == 0, err
     assert "warning: the batch is static (1)" in " ".join(err.split()) and "dynamic batch" not in out
@@ -348,7 +348,7 @@ def test_the_fallback_warning_is_printed_by_the_cli(tmp_path, cli, monkeypatch):
 def test_the_format_registry_drives_resolution_and_messages(tmp_path):
     from dataclasses import replace
 
-    from attnsurgeon.export import FORMATS, format_by_extension, resolve_format
+    from attnsurgeon.saving.export import FORMATS, format_by_extension, resolve_format
 
     assert list(FORMATS) == ["safetensors", "pt2", "onnx", "ts"]
     assert {ext: f.name for ext, f in format_by_extension().items()} == {
@@ -369,7 +369,7 @@ def test_the_readme_table_lists_every_format():
     import re
     from pathlib import Path
 
-    from attnsurgeon.export import FORMATS
+    from attnsurgeon.saving.export import FORMATS
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     rows = re.findall(r"^\| `(\.\w+)` \|", readme, re.M)

@@ -1,5 +1,5 @@
-"""--memory-efficient and `optimize`: gates recomputed in the backward pass (attnsurgeon.memory,
-attnsurgeon.recompute).
+"""--memory-efficient and `optimize`: gates recomputed in the backward pass (attnsurgeon.rewriting.memory,
+attnsurgeon.rewriting.recompute).
 
 The reference is always the same model without the rewrite: its outputs, its gradients, its batch
 norm statistics after one training step, its state_dict and its exported graph; memory is compared
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from attnsurgeon import AttnSurgeonError, insert
-from attnsurgeon.memory import Recompute, optimize, plain, recompute_modules
-from attnsurgeon.tracing import trace
+from attnsurgeon.rewriting.memory import Recompute, optimize, plain, recompute_modules
+from attnsurgeon.graph.tracing import trace
 
 SIZE = 64
 
@@ -223,7 +223,7 @@ def test_a_map_the_plan_cannot_rebuild_hands_the_segment_to_checkpoint():
 @pytest.mark.parametrize("name", ["timm:seresnet18", "timm:efficientnet_b0", "timm:mobilenetv3_small_050",
                                   "timm:regnety_002", "mobilenet_v3_small"])
 def test_optimize_the_attention_a_model_has(name):
-    from attnsurgeon.models import load_model
+    from attnsurgeon.loading.models import load_model
 
     base = load_model(name).model
     efficient, report = optimize(copy.deepcopy(base), input_size=SIZE)
@@ -296,7 +296,7 @@ def test_errors():
 
 
 def test_recipe_key():
-    from attnsurgeon.recipes import parse_recipe
+    from attnsurgeon.planning.recipes import parse_recipe
 
     recipe = parse_recipe({"model": "resnet18", "memory_efficient": True, "insertions": [{"attn": "se"}]})
     assert recipe.memory_efficient and recipe.to_dict()["memory_efficient"] is True

@@ -19,8 +19,8 @@ from torch import nn
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
 from attnsurgeon.blocks import build_block
-from attnsurgeon.layout import Layout, resolve_input_size
-from attnsurgeon.positions import POSITIONS
+from attnsurgeon.graph.layout import Layout, resolve_input_size
+from attnsurgeon.core.positions import POSITIONS
 
 from wiring import assert_each_is_read
 
@@ -259,7 +259,7 @@ def test_video_cli_and_profile(cli):
 
 
 def test_video_model_exports_in_every_format(tmp_path):
-    from attnsurgeon.export import export, load
+    from attnsurgeon.saving.export import export, load
 
     torch.manual_seed(0)
     model, _ = attnsurgeon.insert("r3d_18", "eca", stages=[3, 4], input_size=VIDEO)

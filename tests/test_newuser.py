@@ -12,7 +12,7 @@ import torchvision
 
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
-from attnsurgeon.samples import max_abs_diff
+from attnsurgeon.loading.samples import max_abs_diff
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
@@ -59,7 +59,7 @@ def test_list_models_takes_the_library_prefixes_and_shows_them(cli):
     code, out, _ = cli("list", "models", "resnet18")
     assert code == 0 and "tv:resnet18" in out and "timm:resnet18 " in out
     # --models 'timm:resnet1*' expands to exactly what the listing shows
-    from attnsurgeon.models import expand_models
+    from attnsurgeon.loading.models import expand_models
 
     assert expand_models("timm:resnet1*") == [f"timm:{n}" for n in sorted(timm.list_models("resnet1*"))]
 
@@ -70,7 +70,7 @@ SWEEP = ("sweep", "resnet18", "--input-size", "32", "--min-time", "0.05", "--max
 
 
 def test_a_folder_holding_a_different_sweep_says_so_and_resume_is_kept_for_the_same_one(cli, tmp_path, monkeypatch):
-    import attnsurgeon.sweep as sweep_mod
+    import attnsurgeon.sweeps.runner as sweep_mod
 
     def stop(jobs, progress):  # the sweep is written down, then stopped before its first row
         raise KeyboardInterrupt
@@ -218,7 +218,7 @@ def test_sweep_plot_labels_do_not_collide_where_points_are_close():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from attnsurgeon.sweep import draw_plot
+    from attnsurgeon.sweeps.runner import draw_plot
 
     def row(name, params_m, ms):
         return {"status": "ok", "model": "resnet50", "name": name, "params": params_m * 1e6,

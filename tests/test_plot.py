@@ -9,7 +9,7 @@ import torch
 
 from attnsurgeon import InsertionSpec, apply_plan
 from attnsurgeon.api import inspect_model
-from attnsurgeon.plot import FALLBACK_STYLE, POSITION_STYLES, draw_insertion_map, save_figure
+from attnsurgeon.pictures.plot import FALLBACK_STYLE, POSITION_STYLES, draw_insertion_map, save_figure
 
 # five positions of the SENet integration study, stacked in one plan on resnet18
 PLAN = [InsertionSpec("se", "standard", stages=[1]), InsertionSpec("cbam", "pre", stages=[2]),
@@ -103,7 +103,7 @@ def test_new_and_unknown_positions_are_drawn(stacked):
 
 
 def test_many_blocks_fold_into_rows_and_long_names_are_shortened():
-    from attnsurgeon.plot import block_labels, short_name
+    from attnsurgeon.pictures.plot import block_labels, short_name
 
     prefix, labels = block_labels([f"features.denseblock3.denselayer{k}.conv1" for k in range(1, 25)])
     assert prefix == "features.denseblock3."
@@ -146,7 +146,7 @@ def test_cli_bad_plot_arguments_fail_before_any_work(cli, tmp_path, monkeypatch,
 def test_insertion_macs_sum_to_the_models_difference(stacked):
     """--plot-metric macs: per-module MACs (fvcore with the element-wise handles), summing to the
     modified model's MACs less the base model's, counted independently on the whole models."""
-    from attnsurgeon.plot import insertion_macs
+    from attnsurgeon.pictures.plot import insertion_macs
     from attnsurgeon.profiling.flops import count_macs
 
     loaded, _ = inspect_model("resnet18", input_size=64)
@@ -181,9 +181,9 @@ def test_memory_kept_for_backward_per_insertion(position):
     base model does not keep; its output at pre and post, which the next conv keeps in place of the
     input it kept before) plus its pooled vector, hidden ReLU output and gate. The rows add up to
     the difference of the whole models' kept bytes, measured independently."""
-    from attnsurgeon.parts import base_like
+    from attnsurgeon.graph.parts import base_like
     from attnsurgeon.profiling.measure import saved_bytes_by_module
-    from attnsurgeon.profiling.settings import Settings
+    from attnsurgeon.planning.settings import Settings
 
     loaded, _ = inspect_model("resnet18", input_size=64)
     # blocks whose input has their own size (not a stage's first block, for pre); post not on the
@@ -203,7 +203,7 @@ def test_memory_kept_for_backward_per_insertion(position):
 
 
 def test_profile_plot_draws_the_bars(tmp_path):
-    from attnsurgeon.plot import draw_costs
+    from attnsurgeon.pictures.plot import draw_costs
     from attnsurgeon.profiling import profile
 
     result = profile("resnet18", attn="eca", stages=[4], input_size=64, mode="train", batch_sizes=[2],
@@ -230,7 +230,7 @@ def test_attributing_memory_keeps_no_activation_alive():
 
     from attnsurgeon import insert
     from attnsurgeon.profiling.measure import saved_bytes_by_module
-    from attnsurgeon.profiling.settings import Settings
+    from attnsurgeon.planning.settings import Settings
 
     gm, report = insert(torchvision.models.resnet18(weights=None), "se", stages=[1], input_size=(3, 32, 32))
     refs = []

@@ -16,8 +16,8 @@ from torch import nn
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
 from attnsurgeon.profiling import profile
-from attnsurgeon.schema import InsertionSpec, parse_insertion, validate
-from attnsurgeon.surgery import count_params, make_spec
+from attnsurgeon.planning.schema import InsertionSpec, parse_insertion, validate
+from attnsurgeon.rewriting.surgery import count_params, make_spec
 
 from conftest import SMALL
 

@@ -10,9 +10,9 @@ from timm.layers import make_divisible
 
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
-from attnsurgeon.recipes import parse_recipe, read_recipe
-from attnsurgeon.surgery import apply_plan
-from attnsurgeon.sweep import run_sweep
+from attnsurgeon.planning.recipes import parse_recipe, read_recipe
+from attnsurgeon.rewriting.surgery import apply_plan
+from attnsurgeon.sweeps.runner import run_sweep
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 FAST = {"min_run_time": 0.05, "max_run_time": 0.1}

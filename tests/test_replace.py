@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.ops import SqueezeExcitation
 
 from attnsurgeon import AttnSurgeonError, InsertionSpec, apply_plan, insert, profile
-from attnsurgeon.anatomy import attention_regions, trace, analyse
+from attnsurgeon.graph.anatomy import attention_regions, trace, analyse
 
 SMALL = (3, 64, 64)
 FAST = {"min_run_time": 0.05, "max_run_time": 0.1}
@@ -260,7 +260,7 @@ def test_profile_removal_says_what_the_se_cost():
 
 
 def test_recipe_replace_and_its_errors():
-    from attnsurgeon.recipes import parse_recipe
+    from attnsurgeon.planning.recipes import parse_recipe
 
     spec = parse_recipe({"model": "efficientnet_b0", "insertions": [{"attn": "none", "replace": True, "stages": [7]}]})
     assert spec.insertions[0].replace and spec.insertions[0].to_dict()["replace"] is True
@@ -278,7 +278,7 @@ def test_recipe_replace_and_its_errors():
 
 
 def test_saved_replacement_rebuilds_from_its_recipe(tmp_path):
-    from attnsurgeon.export import export, load
+    from attnsurgeon.saving.export import export, load
 
     gm, _ = insert("efficientnet_b0", "eca", replace=True, stages=[6, 7], input_size=SMALL)
     export(gm, tmp_path / "m.safetensors")

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import attnsurgeon
-from attnsurgeon.errors import AttnSurgeonError
-from attnsurgeon.export import export, load, read_saved
-from attnsurgeon.models import load_model
-from attnsurgeon.samples import flatten_outputs, max_abs_diff, sample_args
-from attnsurgeon.surgery import count_params
+from attnsurgeon.core.errors import AttnSurgeonError
+from attnsurgeon.saving.export import export, load, read_saved
+from attnsurgeon.loading.models import load_model
+from attnsurgeon.loading.samples import flatten_outputs, max_abs_diff, sample_args
+from attnsurgeon.rewriting.surgery import count_params
 
 from wiring import assert_each_is_read
 
@@ -189,7 +189,7 @@ def test_dict_outputs_profile_in_train_mode_and_every_export_format(tmp_path):
 
 
 def test_a_wrong_second_output_fails_the_export(tmp_path, monkeypatch):
-    export_mod = importlib.import_module("attnsurgeon.export")  # the module: attnsurgeon.export is the function
+    export_mod = importlib.import_module("attnsurgeon.saving.export")  # the module: attnsurgeon.export is the function
 
     model, _ = attnsurgeon.insert(TwoHeads(), attn="se", reduction=4, input_size=(3, 16, 16))
     real = export_mod.FORMATS["ts"]
@@ -309,7 +309,7 @@ def test_target_on_a_model_that_traces_whole_round_trips(tmp_path):
 
 
 def test_recipe_target_is_validated():
-    from attnsurgeon.recipes import parse_recipe
+    from attnsurgeon.planning.recipes import parse_recipe
 
     assert parse_recipe({"model": "m", "target": "backbone.body", "insertions": []}).target == ["backbone.body"]
     with pytest.raises(AttnSurgeonError, match="target: expected a module path"):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from attnsurgeon import AttnSurgeonError, insert, load_model
-from attnsurgeon.models import list_models, parse_model_spec
-from attnsurgeon.samples import flatten_outputs, max_abs_diff
+from attnsurgeon.loading.models import list_models, parse_model_spec
+from attnsurgeon.loading.samples import flatten_outputs, max_abs_diff
 
 ultralytics = pytest.importorskip("ultralytics")
 transformers = pytest.importorskip("transformers")

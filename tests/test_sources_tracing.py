@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from attnsurgeon import AttnSurgeonError
-from attnsurgeon.tracing import trace
+from attnsurgeon.graph.tracing import trace
 
 
 class Splits(nn.Module):
@@ -84,7 +84,7 @@ def test_yolo_c2f_traces_and_its_bottlenecks_are_residual_blocks():
     pytest.importorskip("ultralytics")
     from ultralytics.nn.modules.block import C2f
 
-    from attnsurgeon.anatomy import analyse
+    from attnsurgeon.graph.anatomy import analyse
 
     c2f = C2f(16, 16, n=2, shortcut=True).eval()
     gm = trace(c2f, (16, 8, 8))

@@ -18,9 +18,9 @@ import torchvision
 
 from attnsurgeon import AttnSurgeonError
 from attnsurgeon import sweep as sweep_mod
-from attnsurgeon.models import expand_models
-from attnsurgeon.recipes import parse_recipe
-from attnsurgeon.sweep import run_sweep
+from attnsurgeon.loading.models import expand_models
+from attnsurgeon.planning.recipes import parse_recipe
+from attnsurgeon.sweeps.runner import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"min_run_time": 0.05, "max_run_time": 0.1, "threads": 1}
@@ -104,7 +104,7 @@ def test_wrong_zoo_and_ray_arguments_are_one_line_errors(cli, tmp_path):
 
 
 def test_each_task_asks_for_one_measurements_resources():
-    from attnsurgeon.sweep import task_resources
+    from attnsurgeon.sweeps.runner import task_resources
 
     assert task_resources({"device": "cpu", "threads": 4}) == (4, 0, {"device": "cpu", "threads": 4})
     assert task_resources({"mode": "train"}) == (1, 0, {"mode": "train", "threads": 1})  # unset: one CPU, one thread

@@ -14,8 +14,8 @@ from torch import nn
 
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError, insert
-from attnsurgeon.anatomy import analyse, find_blocks, trace
-from attnsurgeon.surgery import count_params
+from attnsurgeon.graph.anatomy import analyse, find_blocks, trace
+from attnsurgeon.rewriting.surgery import count_params
 
 SMALL = (3, 64, 64)
 TINY = ["ghostnet_050", "mobilenetv3_small_050", "repghostnet_050", "efficientvit_b0", "test_efficientnet"]

@@ -23,7 +23,7 @@ import torch
 from attnsurgeon import AttnSurgeonError, apply_plan
 from attnsurgeon.api import inspect_model
 from attnsurgeon.blocks import REGISTRY, build_block
-from attnsurgeon.positions import POSITIONS
+from attnsurgeon.core.positions import POSITIONS
 
 MODELS = {  # model -> input size (vit_b_16 takes 224 only)
     "resnet50": (3, 64, 64),
@@ -215,7 +215,7 @@ def test_the_registry_reaches_the_cli_the_docs_and_the_zoo_recipe(cli):
     from pathlib import Path
 
     from attnsurgeon.blocks.options import OPTIONS
-    from attnsurgeon.recipes import read_recipe
+    from attnsurgeon.planning.recipes import read_recipe
 
     code, out, err = cli("list", "attn", "--json")
     assert code == 0, err

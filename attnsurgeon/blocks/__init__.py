@@ -17,7 +17,7 @@ Its :class:`BlockInfo` in :data:`REGISTRY` says the rest, once: the options it t
 defaults (``None`` = the block's own rule; each option's flag, help and rule live in
 :mod:`.options`), what it is (``kind``: a ``gate`` added on a tensor's path, or a ``conv`` that
 replaces a spatial convolution, hence the positions it allows:
-:data:`attnsurgeon.positions.KIND_POSITIONS`), its natural position, its paper. Adding a block is one file plus one entry here. Nothing here imports torch, so
+:data:`attnsurgeon.core.positions.KIND_POSITIONS`), its natural position, its paper. Adding a block is one file plus one entry here. Nothing here imports torch, so
 ``attnsurgeon list attn`` and ``--help`` stay fast; a block's file is imported when it is built.
 """
 
@@ -27,7 +27,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AttnSurgeonError, did_you_mean
+from ..core.errors import AttnSurgeonError, did_you_mean
 from .options import OPTIONS
 
 
@@ -58,7 +58,7 @@ class BlockInfo:
     @property
     def positions(self) -> tuple[str, ...]:
         """The positions its kind allows."""
-        from ..positions import KIND_POSITIONS
+        from ..core.positions import KIND_POSITIONS
 
         return KIND_POSITIONS[self.kind]
 

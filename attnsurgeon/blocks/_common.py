@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError
 
 
 def conv_nd(dims: int) -> type[nn.Module]:

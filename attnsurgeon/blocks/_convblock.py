@@ -3,7 +3,7 @@ their ``--init identity`` is refused."""
 
 from __future__ import annotations
 
-from ..errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError
 
 
 def square(block: str, conv, what: str) -> int:

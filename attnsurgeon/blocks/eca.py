@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from timm.layers import EcaModule
 
-from ..errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError
 from ._common import ScaledSigmoid, check_keep_depth, pool_axes
 
 

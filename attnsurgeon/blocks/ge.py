@@ -33,7 +33,7 @@ from timm.layers.gather_excite import GatherExcite
 from timm.layers.mlp import ConvMlp
 from torch import nn
 
-from ..errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError
 from ._common import ScaledSigmoid, flattened_if_not_2d, inner, reduced_channels, require_2d
 
 

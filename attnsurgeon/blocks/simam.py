@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError
 from ._common import pool_axes
 
 

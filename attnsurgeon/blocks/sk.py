@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from timm.layers.selective_kernel import SelectiveKernel
 
-from ..errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError
 from ._convblock import check_conv, refuse_identity, square
 
 CLASSES = (SelectiveKernel,)

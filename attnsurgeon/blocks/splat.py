@@ -19,7 +19,7 @@ from timm.layers import make_divisible
 from timm.layers.split_attn import SplitAttn
 from torch import nn
 
-from ..errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError
 from ._convblock import check_conv, refuse_identity
 
 CLASSES = (SplitAttn,)

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from ..errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError
 from .measure import Latency, Memory
 from .metrics import METRICS, TABLE_METRICS, Metric, difference, nested, percent
-from .settings import Settings
+from ..planning.settings import Settings
 
 FLOP_CONVENTION = (
     "MACs: one multiply-add in a conv/linear/matmul counts 1 (fvcore); element-wise ops count 1 per element, "
@@ -166,8 +166,8 @@ def profile(
     ``target`` names the submodules to rewrite (see :func:`attnsurgeon.insert`); the figures are
     always those of the whole model on its own input (a detector: a list of images, inference only).
     ``memory_efficient`` recomputes the inserted blocks in the backward pass (see
-    :mod:`attnsurgeon.memory`); without insertions, the modified model is the model with its own
-    attention gates recomputed (:func:`attnsurgeon.memory.optimize`): before and after, side by side.
+    :mod:`attnsurgeon.rewriting.memory`); without insertions, the modified model is the model with its own
+    attention gates recomputed (:func:`attnsurgeon.rewriting.memory.optimize`): before and after, side by side.
 
     Example:
         >>> result = profile("resnet50", attn="se", batch_sizes=[1, 8])
@@ -176,12 +176,12 @@ def profile(
     """
     import torch
 
-    from ..models import as_loaded, is_saved
-    from ..surgery import apply_plan, count_params, make_spec, resolve_input_size
-    from ..samples import sample_args
-    from .settings import check_settings
+    from ..loading.models import as_loaded, is_saved
+    from ..rewriting.surgery import apply_plan, count_params, make_spec, resolve_input_size
+    from ..loading.samples import sample_args
+    from ..planning.settings import check_settings
 
-    from .._native import quiet_torch_logs
+    from ..core.native import quiet_torch_logs
 
     quiet_torch_logs()
     say = progress or (lambda message: None)
@@ -211,7 +211,7 @@ def profile(
     size = resolve_input_size(input_size, loaded.input_size)
     _check_mode(loaded.model, settings.mode)  # settings the model cannot take, before any insertion or measurement
     if settings.channels_last:
-        from ..layout import channels_last_format
+        from ..graph.layout import channels_last_format
 
         channels_last_format(1 + len(size))  # before any measurement: 1-D inputs have no such format
     if loaded.saved:  # the saved modified model and its base, rebuilt from the recipe with the saved weights
@@ -257,7 +257,7 @@ def profile(
         # Time and weigh the base through the same fx code path as the modified model: the
         # generated forward frees intermediates earlier than hand-written code, and that must
         # not show up as a saving of the attention block (Δ memory of ECA came out negative).
-        from ..parts import base_like
+        from ..graph.parts import base_like
 
         models["base"] = base_like(base, report.target)
 
@@ -297,7 +297,7 @@ def _attribute_memory(model: Any, insertions: list[InsertionCost], figures: dict
                       settings: Settings) -> int | None:
     """Each insertion's activations kept for backward (``measure.saved_bytes_by_module``) at the first
     batch size; returns what of the Δ peak memory they do not explain."""
-    from ..samples import sample_args
+    from ..loading.samples import sample_args
     from .measure import saved_bytes_by_module
 
     b = settings.batch_sizes[0]
@@ -324,14 +324,14 @@ def _count_macs(model: Any, args: tuple, size: tuple[int, ...], targets: list[st
             return flops.count_macs(model, args)
         except Exception as exc:  # noqa: BLE001  (fvcore's JIT tracer fails in many ways)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            from ..parts import find_targets, record_inputs
+            from ..graph.parts import find_targets, record_inputs
 
             targets = targets or find_targets(model, size).targets
             if not targets:
                 raise AttnSurgeonError(f"fvcore cannot count the MACs of {type(model).__name__}: {reason}") from exc
             counted += [f"MACs count {', '.join(targets)} only: fvcore cannot run the whole "
                         f"{type(model).__name__} ({reason})", *targets]
-    from ..parts import record_inputs
+    from ..graph.parts import record_inputs
 
     targets = counted[1:]
     inputs = record_inputs(model, size)
@@ -349,7 +349,7 @@ def _count_macs(model: Any, args: tuple, size: tuple[int, ...], targets: list[st
 
 
 def _check_mode(model: Any, mode: str) -> None:
-    from ..samples import takes_targets
+    from ..loading.samples import takes_targets
 
     if mode == "train" and takes_targets(model):
         raise AttnSurgeonError(
@@ -364,8 +364,8 @@ def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], 
 
     from .measure import make_step, measure_latency, measure_memory, timed_call
 
-    from ..layout import channels_last_format
-    from ..samples import sample_args
+    from ..graph.layout import channels_last_format
+    from ..loading.samples import sample_args
 
     memory_format = None
     if settings.channels_last:  # channels_last for images, channels_last_3d for video

@@ -105,7 +105,7 @@ def count_macs(model: Any, example: Any) -> FlopCount:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
     from fvcore.nn import FlopCountAnalysis
 
-    from .._native import quiet_native_output
+    from ..core.native import quiet_native_output
 
     was_training = model.training
     model.eval()

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .settings import Settings
+from ..planning.settings import Settings
 
 
 @dataclass
@@ -38,7 +38,7 @@ def make_step(model: Any, x: tuple, settings: Settings) -> Callable[[], None]:
         (lambda: torch.autocast(device_type, dtype=getattr(torch, settings.dtype)))
         if settings.dtype != "float32" else contextlib.nullcontext
     )
-    from ..samples import flatten_outputs
+    from ..loading.samples import flatten_outputs
 
     if settings.mode == "inference":
         def step() -> None:
@@ -101,7 +101,7 @@ def measure_latency(steps: dict[str, Callable[[], None]], batch_size: int, setti
 
 def _benchmark() -> Any:
     """torch.utils.benchmark, imported without its 'No CUDA runtime is found' log line on CPU machines."""
-    from .._native import quiet_torch_logs
+    from ..core.native import quiet_torch_logs
 
     quiet_torch_logs()
     import torch.utils.benchmark as benchmark
@@ -149,7 +149,7 @@ def measure_memory(model: Any, x: Any, step: Callable[[], None], settings: Setti
 
 def _resident_bytes(model: Any, x: Any) -> int:
     seen: dict[int, int] = {}
-    from ..samples import flatten_outputs
+    from ..loading.samples import flatten_outputs
 
     for t in [*model.parameters(), *model.buffers(), *flatten_outputs(x)]:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -159,7 +159,7 @@ def _resident_bytes(model: Any, x: Any) -> int:
 def _cpu_step_peak(step: Callable[[], None]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    from .._native import quiet_native_output
+    from ..core.native import quiet_native_output
 
     with quiet_native_output():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

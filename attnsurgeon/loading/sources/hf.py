@@ -1,0 +1,106 @@
+"""Hugging Face transformers (``hf:microsoft/resnet-50``, ``hf:convnext``): a hub id is built from its
+config in the local cache (the class its config names), a model type (``resnet``, ``convnext``,
+``vit``) from that type's default config; keyword arguments set config fields (``num_labels=10``,
+``num_hidden_layers=2``). ``--pretrained`` loads a hub id's weights (local cache first).
+
+The model is the library's own class (``ResNetForImageClassification``): it takes
+``pixel_values`` and ``labels`` and returns its ``ModelOutput`` with the loss, rewritten or not.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from ...core.errors import AttnSurgeonError, did_you_mean
+
+LIBRARY, EXTRA = "transformers", "hf"
+
+
+def _types() -> dict[str, str]:
+    """Model type -> its image-classification class name (the vision models a type name builds)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    return dict(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+
+
+def _cached_ids() -> list[str]:
+    """Hub models whose config is in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return sorted(r.repo_id for r in scan_cache_dir().repos if r.repo_type == "model")
+    except Exception:  # no cache folder yet
+        return []
+
+
+def names() -> list[str]:
+    return sorted(_types()) + _cached_ids()
+
+
+def check(name: str) -> None:
+    if "/" not in name and name not in _types():
+        raise AttnSurgeonError(f"unknown Hugging Face model type '{name}' (not an image classifier of transformers)."
+                               + did_you_mean(name, list(_types()))
+                               + " A hub id (hf:microsoft/resnet-50) names a model of any type.")
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _from_hub(name: str, what: str, load: Any) -> Any:
+    """``load(local_files_only=...)``: the local cache first, then the hub where it can be reached."""
+    from ..models import _one_line, _require_network
+
+    tried = f"the local Hugging Face cache and {_hub_endpoint()}/{name}"
+    try:
+        return load(local_files_only=True)
+    except OSError:
+        pass  # not cached
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise AttnSurgeonError(f"the {what} of hf:{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                               f"tried {tried}. Download it where the network is reachable.")
+    _require_network(_hub_endpoint(), tried)
+    try:
+        return load(local_files_only=False)
+    except Exception as exc:
+        raise AttnSurgeonError(f"could not get the {what} of hf:{name} (tried {tried}): {_one_line(exc)}") from exc
+
+
+def _model_class(config: Any) -> Any:
+    """The class the config names (``architectures``), else its type's image classifier, else the bare model."""
+    import transformers
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    for arch in getattr(config, "architectures", None) or []:
+        if hasattr(transformers, arch):
+            return getattr(transformers, arch)
+    try:
+        return AutoModelForImageClassification._model_mapping[type(config)]
+    except KeyError:
+        return AutoModel._model_mapping[type(config)]
+
+
+def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    if "/" not in name:
+        if pretrained:
+            raise AttnSurgeonError(f"hf:{name} is a model type with random weights; --pretrained needs a hub id "
+                                   f"(hf:microsoft/resnet-50)")
+        config = AutoConfig.for_model(name, **kwargs)
+        return _model_class(config)(config)
+    config = _from_hub(name, "config", lambda **kw: AutoConfig.from_pretrained(name, **kw, **kwargs))
+    cls = _model_class(config)
+    if not pretrained:
+        return cls(config)
+    return _from_hub(name, "weights", lambda **kw: cls.from_pretrained(name, config=config, **kw))
+
+
+def input_size(model: Any, name: str) -> tuple[int, ...]:
+    """``(num_channels, image_size, image_size)`` from the config (224 where it names no size)."""
+    config = model.config
+    side = getattr(config, "image_size", None) or 224
+    h, w = (side, side) if isinstance(side, int) else tuple(side)[:2]
+    return (int(getattr(config, "num_channels", 3) or 3), int(h), int(w))

@@ -1,0 +1,99 @@
+"""Ultralytics YOLO (``yolo:yolov8n``, ``yolo11s-seg``, ``yolov8n-cls``): built from the package's own
+yaml, with no download; ``--pretrained`` loads the published ``.pt`` from the working folder or
+ultralytics' weights folder, else downloads it where the network is reachable.
+
+The model is ultralytics' own ``DetectionModel`` (``SegmentationModel``, ``ClassificationModel``,
+…, chosen by ultralytics from the yaml), so the rewritten one keeps its ``predict``/``val`` path.
+Training it in ultralytics' trainer without losing the blocks is :mod:`attnsurgeon.loading.sources.yolo_train`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+from ...core.errors import AttnSurgeonError, did_you_mean
+
+LIBRARY, EXTRA = "ultralytics", "yolo"
+_SCALED = re.compile(r"^(yolo(?:e-)?v?\d+)(.*)$")  # yolov8-seg -> yolov8{n,s,m,l,x}-seg
+
+
+@lru_cache(maxsize=1)
+def names() -> list[str]:
+    """Every model the package's yaml files define, one per scale (``yolov8n`` … ``yolov8x``)."""
+    spec = importlib.util.find_spec(LIBRARY)
+    root = Path(next(iter(spec.submodule_search_locations))) / "cfg" / "models"
+    out: list[str] = []
+    for path in sorted(root.rglob("*.yaml")):
+        text = path.read_text(errors="replace")
+        scales = re.search(r"^scales:.*?\n((?:[ \t]+.*\n|\s*#.*\n|\s*\n)*)", text, re.M)
+        found = re.findall(r"^[ \t]+([a-z]):", scales.group(1), re.M) if scales else []
+        match = _SCALED.match(path.stem)
+        if found and match:
+            out += [f"{match.group(1)}{s}{match.group(2)}" for s in found]
+        else:
+            out.append(path.stem)
+    return sorted(set(out))
+
+
+def check(name: str) -> None:
+    if name not in names():
+        raise AttnSurgeonError(f"unknown YOLO model '{name}' (not a yaml of ultralytics)." + did_you_mean(name, names())
+                               + " `attnsurgeon list models 'yolo:*'` lists them.")
+
+
+def _task_classes() -> dict[str, Any]:
+    from ultralytics.nn import tasks
+
+    return {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel, "classify": tasks.ClassificationModel,
+            "pose": tasks.PoseModel, "obb": tasks.OBBModel}
+
+
+def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
+    """ultralytics' model for ``name``: from ``NAME.yaml``, or the published ``NAME.pt``."""
+    if pretrained:
+        if kwargs:
+            raise AttnSurgeonError(f"--pretrained loads yolo:{name} as published; drop {dict(kwargs)}")
+        return _published(name)
+    from ultralytics.nn.tasks import guess_model_task, yaml_model_load
+
+    cfg = yaml_model_load(f"{name}.yaml")
+    task = guess_model_task(cfg)
+    cls = _task_classes().get(task)
+    if cls is None:
+        raise AttnSurgeonError(f"yolo:{name} is a '{task}' model; attnsurgeon builds {', '.join(_task_classes())}")
+    return cls(cfg, verbose=False, **kwargs)
+
+
+def _published(name: str) -> Any:
+    from ultralytics.nn.tasks import load_checkpoint
+    from ultralytics.utils import ASSETS_URL, SETTINGS
+
+    from ..models import _one_line, _require_network
+
+    file = f"{name}.pt"
+    places = [Path.cwd() / file, Path(SETTINGS["weights_dir"]) / file]
+    local = next((p for p in places if p.is_file()), None)
+    url = f"{ASSETS_URL}/{file}"
+    tried = f"{', '.join(map(str, places))} and {url}"
+    if local is None:
+        _require_network(url, tried)
+    try:
+        model, _ = load_checkpoint(str(local or file))  # ultralytics downloads a bare name it does not have
+    except Exception as exc:
+        raise AttnSurgeonError(f"could not load ultralytics' published weights for '{name}' (tried {tried}): "
+                               f"{_one_line(exc)}. Download {file} where the network is reachable.") from exc
+    return model.float()
+
+
+def input_size(model: Any, name: str) -> tuple[int, ...]:
+    """ultralytics' default image size: 640 (224 for the classifiers), or the checkpoint's own."""
+    from ultralytics.utils import DEFAULT_CFG
+
+    side = (getattr(model, "args", None) or {}).get("imgsz") if isinstance(getattr(model, "args", None), dict) else None
+    if not isinstance(side, int):
+        side = 224 if type(model).__name__ == "ClassificationModel" else int(DEFAULT_CFG.imgsz)
+    return (int(model.yaml.get("channels", 3)) if isinstance(getattr(model, "yaml", None), dict) else 3, side, side)

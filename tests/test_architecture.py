@@ -1,0 +1,129 @@
+"""The package's shape: folders that name the pipeline's stages, imports that point one way (from the
+command line down to the blocks), no import cycle, no module over 600 lines.
+
+Read from the source with :mod:`ast`, every ``import`` counted, also those inside functions (a
+function-level import is still a dependency; it only hides it). The order below is the one the
+architecture page draws; a new folder has to be placed in it before its first import passes.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "attnsurgeon"
+# bottom first: a folder may import its own modules and those of the folders before it, never after
+LAYERS = ("core", "blocks", "loading", "graph", "planning", "rewriting", "saving", "profiling", "pictures",
+          "sweeps", "cli")
+TOP = ("attnsurgeon", "attnsurgeon.api")  # the public API composes every layer
+MAX_LINES = 600
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules ``name`` imports, anywhere in its file."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                source = node.module or ""
+            targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:  # attnsurgeon.x.y where y is a name in module x
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                out.add(target)
+    return out
+
+
+def _layer(module: str) -> int:
+    if module in TOP:
+        return len(LAYERS)
+    folder = module.split(".")[1]
+    assert folder in LAYERS, f"{module}: the folder '{folder}' is not placed in LAYERS (tests/test_architecture.py)"
+    return LAYERS.index(folder)
+
+
+MODULES = _modules()
+GRAPH = {name: _imports(name, path, MODULES) for name, path in MODULES.items()}
+
+
+def test_every_module_lives_in_a_layer_folder():
+    loose = [m for m in MODULES if m not in TOP and m.count(".") < 1]
+    assert not loose
+    for m in MODULES:
+        _layer(m)
+
+
+def test_imports_point_down_the_pipeline():
+    upward = [f"{m} -> {t}" for m, targets in GRAPH.items() for t in sorted(targets)
+              if t.startswith("attnsurgeon") and _layer(t) > _layer(m)]
+    assert not upward, "imports that run up the pipeline:\n" + "\n".join(upward)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle():
+    assert not _cycles(GRAPH)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_module_over_600_lines(name):
+    lines = len(MODULES[name].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{MODULES[name].relative_to(PACKAGE.parent)} has {lines} lines"
