@@ -5,7 +5,8 @@ import torch):
 
 * :func:`insert` / :func:`apply_plan` — rewrite a model (``attnsurgeon.rewriting.surgery``);
 * :func:`inspect_model` — its stages, blocks and insertion positions (``attnsurgeon.graph.anatomy``);
-* :func:`load_model` — build a model by name and load weights (``attnsurgeon.loading.models``);
+* :func:`load_model` — build a model by name and load weights (``attnsurgeon.loading.models``), or
+  rebuild a saved one (``attnsurgeon.saving.saved``);
 * :func:`profile` — params, MACs/FLOPs, latency, peak memory, base vs modified (``attnsurgeon.profiling``);
 * :func:`export` / :func:`load` — write safetensors+recipe, pt2, onnx, ts; rebuild a saved model;
 * :class:`Recipe` / :func:`read_recipe` — insertion plans as data (``attnsurgeon.planning.recipes``);
@@ -18,20 +19,20 @@ from typing import Any
 
 from .core.errors import AttnSurgeonError
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 _LAZY = {
-    "insert": ("rewriting.surgery", "insert"),
-    "apply_plan": ("rewriting.surgery", "apply_plan"),
+    "insert": ("rewriting.apply", "insert"),
+    "apply_plan": ("rewriting.apply", "apply_plan"),
     "InsertionSpec": ("planning.schema", "InsertionSpec"),
     "SurgeryReport": ("rewriting.surgery", "SurgeryReport"),
-    "inspect_model": ("api", "inspect_model"),
-    "load_model": ("loading.models", "load_model"),
+    "inspect_model": ("graph.inspect", "inspect_model"),
+    "load_model": ("saving.saved", "load_model"),
     "list_models": ("loading.models", "list_models"),
     "profile": ("profiling", "profile"),
-    "optimize": ("rewriting.memory", "optimize"),
+    "optimize": ("rewriting.apply", "optimize"),
     "export": ("saving.export", "export"),
-    "load": ("saving.export", "load"),
+    "load": ("saving.saved", "load"),
     "Recipe": ("planning.recipes", "Recipe"),
     "read_recipe": ("planning.recipes", "read_recipe"),
 }

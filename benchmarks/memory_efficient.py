@@ -41,7 +41,7 @@ def build(group: str, size: int) -> list[tuple[str, object, str | None, str | No
     import timm
 
     from attnsurgeon import insert
-    from attnsurgeon.rewriting.memory import optimize
+    from attnsurgeon import optimize
     from attnsurgeon.graph.tracing import trace
 
     if group == "effnet":

@@ -34,7 +34,7 @@ def main() -> int:
     import attnsurgeon.profiling as profiling
 
     torch.set_num_threads(args.threads)
-    from attnsurgeon.loading.models import load_model
+    from attnsurgeon import load_model
 
     model = load_model(args.model).model.eval()
     x = torch.randn(1, 3, 224, 224)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from attnsurgeon import InsertionSpec, apply_plan  # noqa: E402
-from attnsurgeon.api import inspect_model  # noqa: E402
+from attnsurgeon import inspect_model  # noqa: E402
 from attnsurgeon.pictures.explain import draw_sheet, explain  # noqa: E402
 from attnsurgeon.pictures.plot import draw_insertion_map, map_title  # noqa: E402
 

@@ -44,7 +44,7 @@ def closed_port_url() -> str:
 def offline_hub(tmp_path, monkeypatch):
     """Empty weight caches, and the weights' hosts unreachable: torchvision's weight URLs and timm's Hugging Face
     endpoint point at a local port nothing listens on. Nothing of attnsurgeon is replaced: --pretrained goes through
-    models._require_network's real connection attempt, which is refused. Yields that host's URL."""
+    network.require_network's real connection attempt, which is refused. Yields that host's URL."""
     import huggingface_hub.constants
     import torchvision
 

@@ -4,7 +4,7 @@ import pytest
 from torch import nn
 
 from attnsurgeon import AttnSurgeonError
-from attnsurgeon.api import inspect_model
+from attnsurgeon import inspect_model
 
 SMALL = (3, 64, 64)
 

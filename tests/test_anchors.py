@@ -16,7 +16,8 @@ from torch import nn
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
 from attnsurgeon.graph.anchors import glob_regex, match_modules
-from attnsurgeon.rewriting.surgery import count_params, make_spec
+from attnsurgeon.rewriting.apply import make_spec
+from attnsurgeon.rewriting.surgery import count_params
 
 from conftest import SMALL
 

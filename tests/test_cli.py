@@ -126,7 +126,7 @@ def test_typos_are_refused_before_any_model_is_built(cli, monkeypatch):
     def no_build(*a, **k):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(models, "load_model", no_build)
+    monkeypatch.setattr(models, "build_model", no_build)
     for args in (["--position", "prre"], ["-r", "0"], ["--attn", "eca", "-k", "4"], ["--stages", "4-2"], ["--init", "zero"]):
         code, _, err = cli("insert", "resnet50", *args)
         assert code == 2 and "error:" in err, args

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
-from attnsurgeon.saving.export import RECIPE_KEY, export, load
+from attnsurgeon.saving.export import export
+from attnsurgeon.saving.saved import RECIPE_KEY, load
 
 CASES = [("resnet18", "se"), ("mobilenet_v3_small", "eca"), ("convnext_tiny", "cbam")]
 SIZE = (3, 64, 64)
@@ -234,7 +235,7 @@ def test_inspect_a_saved_model(tmp_path, cli):
 
 
 def test_load_base_gives_the_saved_base_weights(tmp_path):
-    from attnsurgeon.saving.export import load_base
+    from attnsurgeon.saving.saved import load_base
 
     model, report = _model("resnet18", "cbam")
     path = tmp_path / "m.safetensors"
@@ -339,7 +340,7 @@ def test_a_model_that_fixes_its_batch_falls_back_to_a_static_one(ext, tmp_path):
 def test_the_fallback_warning_is_printed_by_the_cli(tmp_path, cli, monkeypatch):
     from types import SimpleNamespace
 
-    monkeypatch.setattr("attnsurgeon.loading.models.load_model", lambda name, **kw: SimpleNamespace(model=_OddEven()))
+    monkeypatch.setattr("attnsurgeon.saving.saved.load_model", lambda name, **kw: SimpleNamespace(model=_OddEven()))
     code, out, err = cli("export", "oddeven", "--out", tmp_path / "m.ts", "--input-size", "3,4,4")
     assert code == 0, err
     assert "warning: the batch is static (1)" in " ".join(err.split()) and "dynamic batch" not in out

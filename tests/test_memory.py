@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from attnsurgeon import AttnSurgeonError, insert
-from attnsurgeon.rewriting.memory import Recompute, optimize, plain, recompute_modules
+from attnsurgeon import optimize
+from attnsurgeon.rewriting.memory import Recompute, plain, recompute_modules
 from attnsurgeon.graph.tracing import trace
 
 SIZE = 64
@@ -223,7 +224,7 @@ def test_a_map_the_plan_cannot_rebuild_hands_the_segment_to_checkpoint():
 @pytest.mark.parametrize("name", ["timm:seresnet18", "timm:efficientnet_b0", "timm:mobilenetv3_small_050",
                                   "timm:regnety_002", "mobilenet_v3_small"])
 def test_optimize_the_attention_a_model_has(name):
-    from attnsurgeon.loading.models import load_model
+    from attnsurgeon import load_model
 
     base = load_model(name).model
     efficient, report = optimize(copy.deepcopy(base), input_size=SIZE)

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from attnsurgeon import AttnSurgeonError
-from attnsurgeon.loading.models import list_models, load_model, parse_model_spec, resolve_source
+from attnsurgeon import load_model
+from attnsurgeon.loading.models import list_models, parse_model_spec, resolve_source
 
 
 def test_bare_name_in_both_libraries_resolves_to_torchvision():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnsurgeon import InsertionSpec, apply_plan
-from attnsurgeon.api import inspect_model
+from attnsurgeon import inspect_model
 from attnsurgeon.pictures.plot import FALLBACK_STYLE, POSITION_STYLES, draw_insertion_map, save_figure
 
 # five positions of the SENet integration study, stacked in one plan on resnet18

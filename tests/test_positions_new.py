@@ -17,7 +17,8 @@ import attnsurgeon
 from attnsurgeon import AttnSurgeonError
 from attnsurgeon.profiling import profile
 from attnsurgeon.planning.schema import InsertionSpec, parse_insertion, validate
-from attnsurgeon.rewriting.surgery import count_params, make_spec
+from attnsurgeon.rewriting.apply import make_spec
+from attnsurgeon.rewriting.surgery import count_params
 
 from conftest import SMALL
 

@@ -13,8 +13,9 @@ import torch
 
 import attnsurgeon
 from attnsurgeon.core.errors import AttnSurgeonError
-from attnsurgeon.saving.export import export, load, read_saved
-from attnsurgeon.loading.models import load_model
+from attnsurgeon.saving.export import export
+from attnsurgeon.saving.saved import load, read_saved
+from attnsurgeon import load_model
 from attnsurgeon.loading.samples import flatten_outputs, max_abs_diff, sample_args
 from attnsurgeon.rewriting.surgery import count_params
 

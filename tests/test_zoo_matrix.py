@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from attnsurgeon import AttnSurgeonError, apply_plan
-from attnsurgeon.api import inspect_model
+from attnsurgeon import inspect_model
 from attnsurgeon.blocks import REGISTRY, build_block
 from attnsurgeon.core.positions import POSITIONS
 

@@ -87,7 +87,7 @@ def command(fn: Callable) -> Callable:
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from ..core.version import __version__
 
         typer.echo(f"attnsurgeon {__version__}")
         raise typer.Exit()
@@ -432,7 +432,7 @@ def insert(
 
     refuse_saved(model)  # before loading it
     with progress(f"Loading {model} …"):
-        from ..loading.models import load_model
+        from ..saving.saved import load_model
 
         loaded = load_model(model, pretrained=pretrained, weights=weights)
     if fmt is not None:
@@ -440,7 +440,7 @@ def insert(
 
         check_exportable(loaded.model, fmt)  # a detector cannot become .onnx: say so before the surgery
     with progress("Tracing and inserting …"):
-        from ..rewriting.surgery import insert as do_insert
+        from ..rewriting.apply import insert as do_insert
 
         model_out, report = do_insert(loaded, attn, position, stage_list, block_list, init, input_size=input_size,
                                       replace=replace, target=target, memory_efficient=memory_efficient, **ins.anchors,
@@ -492,7 +492,7 @@ def export(
     check_tolerance(tolerance)
     check_target(out, format_, force)
     with progress(f"Loading {saved} …"):
-        from ..loading.models import load_model
+        from ..saving.saved import load_model
 
         model = load_model(saved).model  # a saved file: the modified model it holds
     with progress(f"Writing {out} and checking it …"):
@@ -536,11 +536,11 @@ def optimize(
 
     refuse_saved(model)
     with progress(f"Loading {model} …"):
-        from ..loading.models import load_model
+        from ..saving.saved import load_model
 
         loaded = load_model(model, pretrained=pretrained, weights=weights)
     with progress("Tracing and finding the attention …"):
-        from ..rewriting.memory import optimize as do_optimize
+        from ..rewriting.apply import optimize as do_optimize
 
         model_out, report = do_optimize(loaded, input_size=input_size, target=target)
     written = None
@@ -686,11 +686,11 @@ def apply(
         check_target(out, format_, force)
     try:
         with progress(f"Loading {spec.model} …"):
-            from ..loading.models import load_model
+            from ..saving.saved import load_model
 
             loaded = load_model(spec.model, **spec.model_kwargs)
         with progress("Inserting …"):
-            from ..rewriting.surgery import apply_plan
+            from ..rewriting.apply import apply_plan
 
             model_out, report = apply_plan(loaded, spec.insertions, input_size=input_size or spec.input_size,
                                            target=spec.target, memory_efficient=memory_efficient or spec.memory_efficient)
@@ -889,7 +889,7 @@ def _optional_ray_address(argv: list[str]) -> list[str]:
 
 def _takes(attn: str) -> tuple[str, ...]:
     from ..blocks import get_block
-    from ..rewriting.surgery import NONE
+    from ..planning.schema import NONE
 
     return () if attn == NONE else get_block(attn).options
 
@@ -911,13 +911,13 @@ def inspect(
     """Show MODEL's stages, blocks, the positions each block offers, and attention it already has."""
     _check_plot(plot)
     with progress(f"Loading {model} …"):
-        from ..loading.models import load_model
+        from ..saving.saved import load_model
 
         loaded = load_model(model)  # a saved file: the modified model it holds
         if loaded.saved:
             target = target or loaded.model.attnsurgeon_report.target
     with progress("Tracing …"):
-        from ..api import inspect_model
+        from ..graph.inspect import inspect_model
 
         _, anatomy = inspect_model(loaded, input_size=input_size, target=target)
         from ..graph.anatomy import attention_regions

@@ -32,3 +32,9 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 def few(items: list[str], n: int = 5) -> str:
     """The first ``n`` names, and how many more: ``a, b, c (+4 more)``."""
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

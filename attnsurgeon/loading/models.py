@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..core.errors import AttnSurgeonError, did_you_mean
+from ..core.errors import AttnSurgeonError, did_you_mean, one_line
+from .network import require_network
 from .sources import BY_SOURCE, INTEGRATIONS
 
 SOURCES = ("torchvision", "timm", *BY_SOURCE, "file", "module", "object")
@@ -199,7 +200,7 @@ def resolve_source(spec: str) -> tuple[str, str]:
     return source, name
 
 
-def load_model(
+def build_model(
     spec: str,
     *,
     pretrained: bool = False,
@@ -208,6 +209,9 @@ def load_model(
 ) -> LoadedModel:
     """Build the model named by ``spec`` and load its weights.
 
+    A saved modified model (``.safetensors`` with its recipe) is not built here but rebuilt by
+    :func:`attnsurgeon.load_model`, which applies its recipe (:mod:`attnsurgeon.saving.saved`).
+
     Args:
         spec: a model name (see the module docstring).
         pretrained: load the library's published weights (network or local cache).
@@ -215,14 +219,15 @@ def load_model(
         **model_kwargs: passed to the library's constructor (``num_classes=10``).
 
     Example:
-        >>> loaded = load_model("tv:resnet18", num_classes=10)
+        >>> loaded = build_model("tv:resnet18", num_classes=10)
         >>> loaded.source, loaded.input_size
         ('torchvision', (3, 224, 224))
     """
     if pretrained and weights is not None:
         raise AttnSurgeonError("give either --pretrained or --weights, not both")
     if is_saved(spec):
-        return _load_saved(spec, pretrained, weights, model_kwargs)
+        raise AttnSurgeonError(f"'{spec}' is a model saved by attnsurgeon: open it with attnsurgeon.load_model "
+                               "(or attnsurgeon.load), which rebuilds it from its recipe")
     if weights is not None:
         _check_weights_path(weights)  # before building: a typo should not cost a model build
     source, name = resolve_source(spec)
@@ -230,7 +235,7 @@ def load_model(
         return _load(source, name, pretrained, weights, model_kwargs)
     except TypeError as exc:  # model_kwargs the constructor does not take
         if model_kwargs and "argument" in str(exc):
-            raise AttnSurgeonError(f"building '{spec}' with {model_kwargs} failed: {_one_line(exc)}") from exc
+            raise AttnSurgeonError(f"building '{spec}' with {model_kwargs} failed: {one_line(exc)}") from exc
         raise
 
 
@@ -246,19 +251,6 @@ def refuse_saved(model: Any) -> None:
         raise AttnSurgeonError(f"'{saved}' is a file, not a model name: a model saved by attnsurgeon carries its own "
                                "insertions; put them and the new ones in one recipe (`attnsurgeon apply`), or "
                                "`profile`, `export` or `inspect` it as it is")
-
-
-def _load_saved(path: Any, pretrained: bool, weights: Any, model_kwargs: dict) -> LoadedModel:
-    """A saved modified model, rebuilt from its recipe, with its base model beside it."""
-    if pretrained or weights is not None or model_kwargs:
-        raise AttnSurgeonError(f"'{path}' carries its own weights and recipe; drop --pretrained/--weights")
-    from ..saving.export import load_base
-
-    base, modified = load_base(path)
-    report = modified.attnsurgeon_report
-    source, name = parse_model_spec(report.model) if not report.model.startswith("object:") else ("object", report.model[7:])
-    return LoadedModel(modified, name, source, tuple(report.input_size), str(path), dict(report.model_kwargs),
-                       saved=str(path), base=base)
 
 
 def _load(source: str, name: str, pretrained: bool, weights: Any, model_kwargs: dict) -> LoadedModel:
@@ -295,7 +287,7 @@ def as_loaded(model_or_spec: Any, **load_kwargs: Any) -> LoadedModel:
     if isinstance(model_or_spec, LoadedModel):
         return model_or_spec
     if isinstance(model_or_spec, (str, os.PathLike)):
-        return load_model(str(model_or_spec), **load_kwargs)
+        return build_model(str(model_or_spec), **load_kwargs)
     import torch
 
     if isinstance(model_or_spec, torch.nn.Module):
@@ -327,12 +319,12 @@ def _build_torchvision(name: str, pretrained: bool, kwargs: Mapping[str, Any]):
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     tried = f"the local cache ({cached}) and {url}"
     if not cached.is_file():
-        _require_network(url, tried)
+        require_network(url, tried)
     try:
         return torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
     except Exception as exc:  # a broken download, a corrupt cache entry
         raise AttnSurgeonError(
-            f"could not get torchvision's pretrained weights for '{name}' (tried {tried}): {_one_line(exc)}. "
+            f"could not get torchvision's pretrained weights for '{name}' (tried {tried}): {one_line(exc)}. "
             "Download them where the network is reachable and pass --weights FILE."
         ) from exc
 
@@ -362,13 +354,13 @@ def _build_timm(name: str, pretrained: bool, kwargs: Mapping[str, Any]):
     if cached:
         overlay = {"file": cached}  # no network round trip (and no retry loop) when the file is here
     else:
-        _require_network(f"https://{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').split('://')[-1]}"
+        require_network(f"https://{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').split('://')[-1]}"
                          if cfg.hf_hub_id else cfg.url, tried)
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except Exception as exc:
         raise AttnSurgeonError(
-            f"could not get timm's pretrained weights for '{name}' (tried {tried}): {_one_line(exc)}. "
+            f"could not get timm's pretrained weights for '{name}' (tried {tried}): {one_line(exc)}. "
             "Download them where the network is reachable and pass --weights FILE."
         ) from exc
 
@@ -383,23 +375,6 @@ def _hf_cached_file(repo_id: str, filename: str | None) -> str | None:
         if isinstance(path, str) and os.path.isfile(path):
             return path
     return None
-
-
-def _require_network(url: str, tried: str) -> None:
-    """Fail at once, not after minutes of retries, when the weights' host cannot be reached: one
-    connection attempt, for at most ``ATTNSURGEON_NETWORK_TIMEOUT`` seconds (3 by default)."""
-    import socket
-    from urllib.parse import urlparse
-
-    parsed = urlparse(url)
-    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=float(os.environ.get("ATTNSURGEON_NETWORK_TIMEOUT", 3))).close()
-    except OSError as exc:
-        raise AttnSurgeonError(
-            f"pretrained weights are not in the local cache and {host} cannot be reached ({exc}); tried {tried}. "
-            "Download them where the network is reachable and pass --weights FILE."
-        ) from exc
 
 
 def _build_user(source: str, spec: str, kwargs: Mapping[str, Any]):
@@ -420,12 +395,12 @@ def _build_user(source: str, spec: str, kwargs: Mapping[str, Any]):
             module_spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(mod_name, None)
-            raise AttnSurgeonError(f"importing '{target}' failed: {_one_line(exc)}") from exc
+            raise AttnSurgeonError(f"importing '{target}' failed: {one_line(exc)}") from exc
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise AttnSurgeonError(f"cannot import module '{target}': {_one_line(exc)}") from exc
+            raise AttnSurgeonError(f"cannot import module '{target}': {one_line(exc)}") from exc
     factory = getattr(module, factory_name, None)
     if factory is None or not callable(factory):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
@@ -433,7 +408,7 @@ def _build_user(source: str, spec: str, kwargs: Mapping[str, Any]):
     try:
         model = factory(**kwargs)
     except Exception as exc:
-        raise AttnSurgeonError(f"'{spec}' raised while building the model: {_one_line(exc)}") from exc
+        raise AttnSurgeonError(f"'{spec}' raised while building the model: {one_line(exc)}") from exc
     if not isinstance(model, torch.nn.Module):
         raise AttnSurgeonError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -518,7 +493,7 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         try:
             return dict(load_file(str(p)))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise AttnSurgeonError(f"'{path}' is not a readable safetensors file: {_one_line(exc)}") from exc
+            raise AttnSurgeonError(f"'{path}' is not a readable safetensors file: {one_line(exc)}") from exc
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -585,8 +560,3 @@ def check_state_dict(model: Any, state: Mapping[str, Any], what: str) -> None:
 def _few(items: list[str], n: int = 8) -> str:
     shown = ", ".join(items[:n])
     return shown + (f", … and {len(items) - n} more" if len(items) > n else "")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

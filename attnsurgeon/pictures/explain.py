@@ -474,9 +474,10 @@ def explain(
     """
     import torch
 
-    from ..api import inspect_model
+    from ..graph.inspect import inspect_model
     from ..loading.models import as_loaded, refuse_saved
-    from ..rewriting.surgery import apply_plan, make_spec, resolve_input_size
+    from ..graph.layout import resolve_input_size
+    from ..rewriting.apply import apply_plan, make_spec
 
     say = progress or (lambda message: None)
     _require_gradcam()

@@ -437,7 +437,7 @@ def _engineering() -> Any:
 def write_insertion_map(loaded: Any, modified: Any, report: Any, path: str | os.PathLike, metric: str = "params") -> Path:
     """``insert --plot``: the base model's anatomy (traced again, as ``inspect`` does) with the
     report's insertions, coloured by ``metric``; written to ``path``."""
-    from ..api import inspect_model
+    from ..graph.inspect import inspect_model
 
     check_plot_metric(metric)
     _, anatomy = inspect_model(loaded, input_size=report.input_size, target=report.target)

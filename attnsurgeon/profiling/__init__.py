@@ -167,7 +167,7 @@ def profile(
     always those of the whole model on its own input (a detector: a list of images, inference only).
     ``memory_efficient`` recomputes the inserted blocks in the backward pass (see
     :mod:`attnsurgeon.rewriting.memory`); without insertions, the modified model is the model with its own
-    attention gates recomputed (:func:`attnsurgeon.rewriting.memory.optimize`): before and after, side by side.
+    attention gates recomputed (:func:`attnsurgeon.optimize`): before and after, side by side.
 
     Example:
         >>> result = profile("resnet50", attn="se", batch_sizes=[1, 8])
@@ -176,8 +176,11 @@ def profile(
     """
     import torch
 
-    from ..loading.models import as_loaded, is_saved
-    from ..rewriting.surgery import apply_plan, count_params, make_spec, resolve_input_size
+    from ..loading.models import is_saved
+    from ..saving.saved import open_model
+    from ..graph.layout import resolve_input_size
+    from ..rewriting.apply import apply_plan, make_spec
+    from ..rewriting.surgery import count_params
     from ..loading.samples import sample_args
     from ..planning.settings import check_settings
 
@@ -206,7 +209,7 @@ def profile(
         if memory_efficient:
             raise AttnSurgeonError("a saved model carries its own recipe; make it memory-efficient before saving it "
                                    "(insert/optimize --memory-efficient --out)")
-    loaded = as_loaded(model, pretrained=pretrained, weights=weights)
+    loaded = open_model(model, pretrained=pretrained, weights=weights)
     spec, source = loaded.spec, loaded.source
     size = resolve_input_size(input_size, loaded.input_size)
     _check_mode(loaded.model, settings.mode)  # settings the model cannot take, before any insertion or measurement

@@ -255,25 +255,6 @@ def recompute_gates(gm: torch.fx.GraphModule, names: list[str] | None = None,
     return done
 
 
-def optimize(model: Any, *, input_size: Any = None, pretrained: bool = False, weights: Any = None,
-             target: Any = None) -> Any:
-    """The model with its own attention gates (SE in SE-ResNet, EfficientNet, MobileNetV3, RegNetY…)
-    recomputed in the backward pass: same outputs, parameters and names, less training memory.
-
-    Returns ``(model, report)`` like :func:`attnsurgeon.insert`; ``report.memory_efficient`` lists the
-    recomputed segments.
-
-    Example:
-        >>> model, report = optimize("timm:seresnet50")
-        >>> len(report.memory_efficient)
-        16
-    """
-    from .surgery import apply_plan
-
-    return apply_plan(model, [], input_size=input_size, pretrained=pretrained, weights=weights, target=target,
-                      memory_efficient=True)
-
-
 def _rewrite(gm: torch.fx.GraphModule, name: str, nodes: list[Node], source: Node, first: Node | None) -> Segment:
     graph = gm.graph
     inside = set(nodes)

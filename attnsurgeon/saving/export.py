@@ -27,14 +27,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.files import atomic_path
 from ..core.errors import AttnSurgeonError
+from .saved import FORMAT_KEY, FORMAT_VERSION, RECIPE_KEY, VERSIONS_KEY, load, recipe_of, versions
 
 if TYPE_CHECKING:
     from ..planning.recipes import Recipe
-
-RECIPE_KEY = "attnsurgeon.recipe"
-VERSIONS_KEY = "attnsurgeon.versions"
-FORMAT_KEY = "attnsurgeon.format"
-FORMAT_VERSION = "1"
 
 
 @dataclass
@@ -244,29 +240,6 @@ def check_exportable(model: Any, fmt: str) -> None:
 # --------------------------------------------------------------------------- safetensors + recipe
 
 
-def recipe_of(model: Any) -> Recipe:
-    """The recipe that rebuilds a model made by attnsurgeon."""
-    from ..planning.recipes import Recipe
-
-    report = getattr(model, "attnsurgeon_report", None)
-    if report is None:
-        raise AttnSurgeonError("this model carries no attnsurgeon recipe (it was not made by attnsurgeon.insert/load)")
-    return Recipe(report.model, list(report.plan), list(report.input_size), model_kwargs=dict(report.model_kwargs),
-                  target=getattr(report, "target", None),
-                  memory_efficient=getattr(report, "memory_efficient", None) is not None)
-
-
-def _versions() -> dict[str, str]:
-    import timm
-    import torch
-    import torchvision
-
-    from .. import __version__
-
-    return {"attnsurgeon": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__}
-
-
 def _write_safetensors(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
     from safetensors.torch import save_file
 
@@ -280,7 +253,7 @@ def _write_safetensors(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
             t = t.clone()
         seen.add(ptr)
         tensors[name] = t
-    metadata = {RECIPE_KEY: recipe.to_json(), VERSIONS_KEY: json.dumps(_versions()), FORMAT_KEY: FORMAT_VERSION}
+    metadata = {RECIPE_KEY: recipe.to_json(), VERSIONS_KEY: json.dumps(versions()), FORMAT_KEY: FORMAT_VERSION}
     save_file(tensors, str(tmp), metadata=metadata)
 
 
@@ -291,83 +264,6 @@ def _read_safetensors(tmp: Path, model: Any) -> Callable[..., Any]:
 
     base = getattr(model.attnsurgeon_report, "base_object", None)
     return _no_grad(load(tmp, base=copy.deepcopy(base) if base is not None else None).eval())
-
-
-def read_saved(path: str | os.PathLike) -> tuple[Recipe, dict[str, Any], dict[str, str]]:
-    """The recipe, the tensors and the versions of a saved model; a missing recipe is an error."""
-    from safetensors import SafetensorError, safe_open
-
-    from ..planning.recipes import parse_recipe
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise AttnSurgeonError(f"'{path}' does not exist")
-    if p.suffix.lower() != ".safetensors":
-        raise AttnSurgeonError(f"'{path}' is not a .safetensors file written by attnsurgeon")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AttnSurgeonError(f"'{path}' is not a readable safetensors file: {exc}") from exc
-    if RECIPE_KEY not in metadata:
-        raise AttnSurgeonError(f"'{path}' has no attnsurgeon recipe in its metadata: it holds weights only. "
-                               "Load them into a model with --weights instead")
-    try:
-        data = json.loads(metadata[RECIPE_KEY])
-    except json.JSONDecodeError as exc:
-        raise AttnSurgeonError(f"'{path}': its recipe is not valid JSON ({exc})") from exc
-    recipe = parse_recipe(data, f"the recipe in '{path}'")
-    versions = json.loads(metadata.get(VERSIONS_KEY, "{}") or "{}")
-    return recipe, tensors, versions
-
-
-def load(path: str | os.PathLike, *, base: Any = None) -> Any:
-    """Rebuild a saved modified model with its weights.
-
-    Args:
-        path: a ``.safetensors`` file written by ``insert --out`` or :func:`export`.
-        base: the base ``nn.Module`` to rebuild on, for recipes made from a module object
-            (its weights are overwritten with the saved ones).
-
-    Example:
-        >>> model = load("se50.safetensors")
-    """
-    _, model = load_base(path, base=base)
-    return model
-
-
-def load_base(path: str | os.PathLike, *, base: Any = None) -> tuple[Any, Any]:
-    """``(base model, modified model)`` from a saved file, both with the saved weights.
-
-    The rewritten graph shares the base model's modules, so loading the file into it loads the
-    base weights too: the base comes for free (``profile SAVED`` compares the two).
-    """
-    from ..loading.models import as_loaded, check_state_dict, load_model
-    from ..rewriting.surgery import apply_plan
-
-    recipe, tensors, _ = read_saved(path)
-    if base is not None:
-        loaded = as_loaded(base)
-        loaded.name, loaded.source = recipe.model, "object"
-    elif recipe.model.startswith("object:"):
-        raise AttnSurgeonError(f"'{path}' was made from a model object ({recipe.model[7:]}); "
-                               "rebuild it with attnsurgeon.load(path, base=that_model)")
-    else:
-        loaded = load_model(recipe.model, **recipe.model_kwargs)
-    if recipe.insertions or recipe.memory_efficient:
-        model, _ = apply_plan(loaded, recipe.insertions, input_size=recipe.input_size, target=recipe.target,
-                              memory_efficient=recipe.memory_efficient)
-    else:
-        model = loaded.model
-    try:
-        check_state_dict(model, tensors, f"'{path}'")
-    except AttnSurgeonError as exc:
-        raise AttnSurgeonError(f"the recipe in '{path}' does not match its tensors: {exc}") from exc
-    model.load_state_dict(tensors, strict=True)
-    model.eval()
-    loaded.model.eval()
-    return loaded.model, model
 
 
 # --------------------------------------------------------------------------- torch.export

@@ -185,7 +185,7 @@ def measure_row(job: Row) -> dict[str, Any]:
     The one function behind every row, local or on Ray; a failure is returned as a failed row.
     """
     from ..profiling import profile
-    from ..rewriting.surgery import resolve_input_size
+    from ..graph.layout import resolve_input_size
 
     start = time.perf_counter()
     config = job.configuration
@@ -210,7 +210,7 @@ def measure_row(job: Row) -> dict[str, Any]:
 
 
 def _load(model: str, kwargs: dict[str, Any]) -> Any:
-    from ..loading.models import load_model
+    from ..saving.saved import load_model
 
     key = json.dumps([model, kwargs], sort_keys=True, default=str)
     if key not in _loaded:
@@ -324,11 +324,10 @@ def _connect(ray: Any, address: str, cpus: int | None) -> bool:
         with _keep_sigterm():
             ray.init(num_cpus=cpus or available, include_dashboard=False, **quiet)
         return True
-    import attnsurgeon
 
     try:  # the cluster's workers run this driver's attnsurgeon, whatever the nodes have installed
         with _keep_sigterm():
-            ray.init(address=address, runtime_env={"py_modules": [os.path.dirname(attnsurgeon.__file__)]}, **quiet)
+            ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).resolve().parents[1])]}, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise AttnSurgeonError(f"cannot join the Ray cluster at '{address}' ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                                "start one with `ray start --head` and pass its address (auto on a node of the cluster, "

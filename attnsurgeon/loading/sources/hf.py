@@ -51,7 +51,8 @@ def _hub_endpoint() -> str:
 
 def _from_hub(name: str, what: str, load: Any) -> Any:
     """``load(local_files_only=...)``: the local cache first, then the hub where it can be reached."""
-    from ..models import _one_line, _require_network
+    from ...core.errors import one_line
+    from ..network import require_network
 
     tried = f"the local Hugging Face cache and {_hub_endpoint()}/{name}"
     try:
@@ -61,11 +62,11 @@ def _from_hub(name: str, what: str, load: Any) -> Any:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise AttnSurgeonError(f"the {what} of hf:{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                                f"tried {tried}. Download it where the network is reachable.")
-    _require_network(_hub_endpoint(), tried)
+    require_network(_hub_endpoint(), tried)
     try:
         return load(local_files_only=False)
     except Exception as exc:
-        raise AttnSurgeonError(f"could not get the {what} of hf:{name} (tried {tried}): {_one_line(exc)}") from exc
+        raise AttnSurgeonError(f"could not get the {what} of hf:{name} (tried {tried}): {one_line(exc)}") from exc
 
 
 def _model_class(config: Any) -> Any:

@@ -57,13 +57,13 @@ def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
     rest = {k: v for k, v in kwargs.items() if k != "encoder_weights"}
     if weights is None:
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=None, **rest)
-    from ..models import _one_line
+    from ...core.errors import one_line
 
     try:  # smp reads the encoder's weights from the Hugging Face cache, else the hub
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=weights, **rest)
     except Exception as exc:
         raise AttnSurgeonError(f"could not get the '{weights}' weights of smp encoder {encoder} (tried the local cache "
-                               f"and the hub): {_one_line(exc)}. Download them where the network is reachable, or "
+                               f"and the hub): {one_line(exc)}. Download them where the network is reachable, or "
                                "pass --weights FILE.") from exc
 
 

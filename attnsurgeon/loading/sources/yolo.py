@@ -72,7 +72,8 @@ def _published(name: str) -> Any:
     from ultralytics.nn.tasks import load_checkpoint
     from ultralytics.utils import ASSETS_URL, SETTINGS
 
-    from ..models import _one_line, _require_network
+    from ...core.errors import one_line
+    from ..network import require_network
 
     file = f"{name}.pt"
     places = [Path.cwd() / file, Path(SETTINGS["weights_dir"]) / file]
@@ -80,12 +81,12 @@ def _published(name: str) -> Any:
     url = f"{ASSETS_URL}/{file}"
     tried = f"{', '.join(map(str, places))} and {url}"
     if local is None:
-        _require_network(url, tried)
+        require_network(url, tried)
     try:
         model, _ = load_checkpoint(str(local or file))  # ultralytics downloads a bare name it does not have
     except Exception as exc:
         raise AttnSurgeonError(f"could not load ultralytics' published weights for '{name}' (tried {tried}): "
-                               f"{_one_line(exc)}. Download {file} where the network is reachable.") from exc
+                               f"{one_line(exc)}. Download {file} where the network is reachable.") from exc
     return model.float()
 
 

@@ -1,13 +1,14 @@
-"""Small entry points that combine loading and anatomy (the CLI's `inspect` goes through here)."""
+"""A model's anatomy from its name: load it, trace it (whole or in parts), find its stages, blocks,
+positions and existing attention. ``attnsurgeon inspect``, the insertion map and ``explain`` start here."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .graph.anatomy import Anatomy, analyse
-from .loading.models import LoadedModel, as_loaded
-from .graph.parts import trace_model
-from .rewriting.surgery import resolve_input_size
+from ..loading.models import LoadedModel, as_loaded
+from .anatomy import Anatomy, analyse
+from .layout import resolve_input_size
+from .parts import trace_model
 
 
 def inspect_model(model: Any, *, input_size: Any = None, pretrained: bool = False, weights: Any = None,

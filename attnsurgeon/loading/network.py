@@ -1,0 +1,28 @@
+"""Reaching the network for published weights, or failing in seconds when it cannot be reached.
+
+Every source (torchvision, timm, YOLO, Hugging Face, smp) first looks in its local cache; only a
+miss comes here, and one connection attempt decides, instead of a library's minutes of retries.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..core.errors import AttnSurgeonError
+
+
+def require_network(url: str, tried: str) -> None:
+    """Fail at once, not after minutes of retries, when the weights' host cannot be reached: one
+    connection attempt, for at most ``ATTNSURGEON_NETWORK_TIMEOUT`` seconds (3 by default)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=float(os.environ.get("ATTNSURGEON_NETWORK_TIMEOUT", 3))).close()
+    except OSError as exc:
+        raise AttnSurgeonError(
+            f"pretrained weights are not in the local cache and {host} cannot be reached ({exc}); tried {tried}. "
+            "Download them where the network is reachable and pass --weights FILE."
+        ) from exc
