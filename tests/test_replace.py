@@ -19,7 +19,9 @@ from torch import nn
 from torchvision.ops import SqueezeExcitation
 
 from attnsurgeon import AttnSurgeonError, InsertionSpec, apply_plan, insert, profile
-from attnsurgeon.graph.anatomy import attention_regions, trace, analyse
+from attnsurgeon.graph.anatomy import analyse
+from attnsurgeon.graph.attention import attention_regions
+from attnsurgeon.graph.tracing import trace
 
 SMALL = (3, 64, 64)
 FAST = {"min_run_time": 0.05, "max_run_time": 0.1}

@@ -14,7 +14,9 @@ from torch import nn
 
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError, insert
-from attnsurgeon.graph.anatomy import analyse, find_blocks, trace
+from attnsurgeon.graph.anatomy import analyse
+from attnsurgeon.graph.finders import find_blocks
+from attnsurgeon.graph.tracing import trace
 from attnsurgeon.rewriting.surgery import count_params
 
 SMALL = (3, 64, 64)

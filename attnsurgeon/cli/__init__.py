@@ -920,7 +920,7 @@ def inspect(
         from ..graph.inspect import inspect_model
 
         _, anatomy = inspect_model(loaded, input_size=input_size, target=target)
-        from ..graph.anatomy import attention_regions
+        from ..graph.attention import attention_regions
 
         gates = [r.name for r in attention_regions(anatomy.gm) if r.gate] if anatomy.existing_attention else []
         if anchors:

@@ -164,7 +164,7 @@ def anchor_blocks(anatomy: Any, which: str, globs: list[str], stages: list[int] 
     """One :class:`~attnsurgeon.graph.anatomy.Block` of kind ``anchor`` per module the globs match, with its
     ``which`` (``after``/``before``) site; ``stages``/``blocks`` keep the modules inside the selected
     blocks. Every refusal is one :class:`AttnSurgeonError`, raised before anything changes."""
-    from .anatomy import select_blocks
+    from .sites import select_blocks
 
     regions = module_regions(anatomy.gm)
     matched: list[str] = []
@@ -192,7 +192,8 @@ def anchor_blocks(anatomy: Any, which: str, globs: list[str], stages: list[int] 
 
 
 def _anchor_block(anatomy: Any, regions: dict[str, Region], region: Region, which: str) -> Any:
-    from .anatomy import Block, Site, _scope_upto
+    from .nodes import _scope_upto
+    from .sites import Block, Site
     from .shapes import _shape, layout_of
 
     name = region.name

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..loading.models import LoadedModel, as_loaded
-from .anatomy import Anatomy, analyse
+from .anatomy import analyse
+from .sites import Anatomy
 from .layout import resolve_input_size
 from .parts import trace_model
 

@@ -267,7 +267,7 @@ def gates_of(module: Any) -> dict[str, tuple[str, str | None]]:
 
 def find_gates(gm: Any, insertions: list[Any], base_gm: Any, notes: list[str]) -> list[Gate]:
     """The gates of every inserted module and of the model's own attention modules, in forward order."""
-    from ..graph.anatomy import attention_regions
+    from ..graph.attention import attention_regions
 
     gates: list[Gate] = []
     inserted = {i.module for i in insertions if i.attn != "none"}
@@ -353,7 +353,7 @@ def _kind(t: Any) -> str:
 
 
 def _in_layer(n: Any, name: str) -> bool:
-    from ..graph.anatomy import _in_module
+    from ..graph.attention import _in_module
 
     return _in_module(n, name)
 

@@ -185,7 +185,7 @@ def segment_nodes(gm: torch.fx.GraphModule, region: set[Node]) -> tuple[list[Nod
     """The nodes to recompute for an attention region (one tensor in, one out), the node the
     segment reads and the earliest op before the region it holds (None: none); None where the
     region does not read one tensor and return one."""
-    from ..graph.anatomy import region_io
+    from ..graph.attention import region_io
 
     inputs, outputs = region_io(region)
     if len(inputs) != 1 or len(outputs) != 1:
@@ -222,7 +222,7 @@ def recompute_gates(gm: torch.fx.GraphModule, names: list[str] | None = None,
     ``gm`` needs the shapes of :func:`attnsurgeon.graph.anatomy.analyse`; its graph is rewritten and
     recompiled in place. Regions that cannot be recomputed are described in ``notes``; nothing
     to recompute at all is an error."""
-    from ..graph.anatomy import _attention_modules, _attention_region, attention_regions
+    from ..graph.attention import _attention_modules, _attention_region, attention_regions
 
     notes = notes if notes is not None else []
     if names is None:

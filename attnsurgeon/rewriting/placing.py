@@ -61,12 +61,12 @@ def plan(anatomy: Any, specs: list[InsertionSpec], notes: list[str] | None = Non
 
 def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str], notes: list[str]) -> list[_Planned]:
     """One validated spec (:func:`attnsurgeon.planning.schema.validate`) against the anatomy."""
-    from ..graph.anatomy import select_blocks
+    from ..graph.sites import select_blocks
     from ..blocks import get_block
 
     if spec.replace or spec.attn == NONE:
         return _plan_replacement(anatomy, spec, taken)
-    from ..graph.anatomy import AttentionRegion
+    from ..graph.attention import AttentionRegion
     from ..core.positions import STAGE_POSITIONS
 
     planned: list[_Planned] = []
@@ -117,7 +117,8 @@ def _stage_ends(anatomy: Any, chosen: list[Any], spec: InsertionSpec) -> list[An
 def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> list[_Planned]:
     """``replace``: one item per attention gate in the selected blocks, with its module built for
     the channels at the gate's input (none for ``attn='none'``), named as the module it replaces."""
-    from ..graph.anatomy import attention_regions, select_blocks
+    from ..graph.attention import attention_regions
+    from ..graph.sites import select_blocks
     from ..blocks import build_block
 
     chosen = select_blocks(anatomy, spec.stages, spec.blocks)

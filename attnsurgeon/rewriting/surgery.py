@@ -260,7 +260,7 @@ class _Moved:
 
 def _replace(gm: Any, p: _Planned, moved: _Moved) -> Insertion:
     """Call ``p.module`` (None: nothing) on the region's input, in place of the region."""
-    from ..graph.anatomy import region_io
+    from ..graph.attention import region_io
 
     graph, nodes = gm.graph, p.region.nodes
     inputs, outputs = region_io(nodes)  # now: an earlier insertion may feed the region
