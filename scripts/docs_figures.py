@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from attnsurgeon import InsertionSpec, apply_plan  # noqa: E402
 from attnsurgeon import inspect_model  # noqa: E402
-from attnsurgeon.pictures.explain import draw_sheet, explain  # noqa: E402
+from attnsurgeon.pictures.explain import explain  # noqa: E402
+from attnsurgeon.pictures.sheet import draw_sheet  # noqa: E402
 from attnsurgeon.pictures.plot import draw_insertion_map, map_title  # noqa: E402
 
 RNG = np.random.default_rng(0)

@@ -9,7 +9,9 @@ from PIL import Image
 from torch import nn
 
 from attnsurgeon import AttnSurgeonError
-from attnsurgeon.pictures.explain import HIGH, LOW, explain, write_explanation
+from attnsurgeon.pictures.explain import explain
+from attnsurgeon.pictures.gates import HIGH, LOW
+from attnsurgeon.pictures.sheet import write_explanation
 
 RED = (8, 40, 24, 56)  # rows 8..23, columns 40..55: a red square in the top right
 BLUE = (40, 8, 56, 24)  # rows 40..55, columns 8..23: a blue square in the bottom left
@@ -162,7 +164,7 @@ def test_bad_input_is_one_clear_line_and_leaves_no_output(cli, tmp_path, make, k
 
 
 def test_a_failure_while_writing_leaves_no_partial_folder(tmp_path, monkeypatch):
-    import attnsurgeon.pictures.explain as ex
+    import attnsurgeon.pictures.sheet as ex
 
     files = [_image(tmp_path / "a.png"), _image(tmp_path / "b.png")]
     e = explain(Detector(), files)

@@ -986,7 +986,8 @@ def explain(
     from ..pictures.explain import collect_images
 
     files = collect_images(image)  # a missing or unreadable image fails before any model is built
-    from ..pictures.explain import explain as do_explain, write_explanation
+    from ..pictures.explain import explain as do_explain
+    from ..pictures.sheet import write_explanation
 
     with _Steps() as steps:
         result = do_explain(model, files, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks), init,
