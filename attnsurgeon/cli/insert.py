@@ -1,0 +1,102 @@
+"""``attnsurgeon insert``: rewrite a model, and show (or write) what changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from .app import app, command
+from .options import (
+    AttnOpt, DynamicOpt, ExportBatchOpt, ForceOpt, FormatOpt, InputSizeOpt, InsertionArgs, JsonOpt,
+    MemoryEfficientOpt, ModelArg, PlotMetricOpt, PlotOpt, PositionOpt, PretrainedOpt, TargetOpt, ToleranceOpt,
+    WeightsOpt, _EXTENSIONS, _check_plot, check_insertion_args, check_tolerance, insertion_options, parse_globs,
+    parse_ints,
+)
+from .render import _escape, _stdout, emit_json, print_export, print_report, progress
+
+
+# --------------------------------------------------------------------------- insert
+
+
+@app.command()
+@command
+@insertion_options
+def insert(
+    model: ModelArg,
+    attn: AttnOpt = "se",
+    position: PositionOpt = None,
+    ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
+    input_size: InputSizeOpt = None,
+    target: TargetOpt = None,
+    pretrained: PretrainedOpt = False,
+    weights: WeightsOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Write the modified model: {_EXTENSIONS} (.safetensors "
+                                                  "holds the recipe: reloadable). It is loaded back and checked.",
+                                                  show_default="nothing written")] = None,
+    format_: FormatOpt = None,
+    force: ForceOpt = False,
+    static_batch: DynamicOpt = False,
+    export_batch: ExportBatchOpt = 1,
+    tolerance: ToleranceOpt = 1e-4,
+    plot: PlotOpt = None,
+    plot_metric: PlotMetricOpt = "params",
+    json_out: JsonOpt = False,
+    memory_efficient: MemoryEfficientOpt = False,
+) -> None:
+    """Insert attention blocks into MODEL and report what was added (and write it with --out).
+
+    Example: attnsurgeon insert resnet50 --attn eca --stages 3,4 --out eca50.safetensors --plot map.png
+    """
+    options, init, replace = ins.options, ins.init, ins.replace
+    check_insertion_args(attn, position, options, init, replace, **ins.anchors)  # typos fail before loading anything
+    _check_plot(plot, plot_metric)
+    fmt = None
+    if out is not None:
+        from ..saving.export import check_target
+
+        check_tolerance(tolerance)
+        fmt = check_target(out, format_, force)  # unknown extension, missing folder, no --force: before any work
+    stage_list = parse_ints(ins.stages, "--stages")
+    block_list = parse_globs(ins.blocks)
+    from ..loading.models import refuse_saved
+
+    refuse_saved(model)  # before loading it
+    with progress(f"Loading {model} …"):
+        from ..saving.saved import load_model
+
+        loaded = load_model(model, pretrained=pretrained, weights=weights)
+    if fmt is not None:
+        from ..saving.export import check_exportable
+
+        check_exportable(loaded.model, fmt)  # a detector cannot become .onnx: say so before the surgery
+    with progress("Tracing and inserting …"):
+        from ..rewriting.apply import insert as do_insert
+
+        model_out, report = do_insert(loaded, attn, position, stage_list, block_list, init, input_size=input_size,
+                                      replace=replace, target=target, memory_efficient=memory_efficient, **ins.anchors,
+                                      **options)
+    written = None
+    if out is not None:
+        with progress(f"Writing {out} and checking it …"):
+            from ..saving.export import export as do_export
+
+            written = do_export(model_out, out, format=format_, batch_size=export_batch, dynamic_batch=not static_batch,
+                                force=force, tolerance=tolerance)
+    drawn = None
+    if plot is not None:
+        with progress(f"Drawing {plot} …"):
+            from ..pictures.plot import write_insertion_map
+
+            drawn = write_insertion_map(loaded, model_out, report, plot, plot_metric)
+    if json_out:
+        emit_json({**report.to_dict(), **({"export": written.to_dict()} if written else {}),
+                   **({"plot": str(drawn)} if drawn else {})})
+    else:
+        print_report(report)
+        if written:
+            print_export(written)
+        if drawn:
+            _stdout().print(f"Insertion map: {_escape(str(drawn))}")

@@ -1,0 +1,64 @@
+"""``attnsurgeon inspect``: a model's stages, blocks, positions, anchors and existing attention."""
+
+from __future__ import annotations
+
+
+import typer
+from typing_extensions import Annotated
+
+from .app import app, command
+from .options import InputSizeOpt, JsonOpt, ModelArg, PlotOpt, TargetOpt, _check_plot
+from .render import _escape, _stdout, emit_json, print_anatomy, print_anchors, progress
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@app.command()
+@command
+def inspect(
+    model: ModelArg,
+    input_size: InputSizeOpt = None,
+    target: TargetOpt = None,
+    plot: PlotOpt = None,
+    anchors: Annotated[bool, typer.Option("--anchors", help="Also list every module that can be an anchor of --after/--before, "
+                                          "with the maps it receives and gives.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show MODEL's stages, blocks, the positions each block offers, and attention it already has."""
+    _check_plot(plot)
+    with progress(f"Loading {model} …"):
+        from ..saving.saved import load_model
+
+        loaded = load_model(model)  # a saved file: the modified model it holds
+        if loaded.saved:
+            target = target or loaded.model.attnsurgeon_report.target
+    with progress("Tracing …"):
+        from ..graph.inspect import inspect_model
+
+        _, anatomy = inspect_model(loaded, input_size=input_size, target=target)
+        from ..graph.attention import attention_regions
+
+        gates = [r.name for r in attention_regions(anatomy.gm) if r.gate] if anatomy.existing_attention else []
+        if anchors:
+            from ..graph.anchors import anchor_table
+
+            table = anchor_table(anatomy)
+    if plot is not None:
+        with progress(f"Drawing {plot} …"):
+            from ..pictures.plot import draw_insertion_map, save_figure
+
+            title = f"{loaded.spec.split(':', 1)[-1]}: {len(anatomy.blocks)} blocks in {len(anatomy.stages)} stages"
+            save_figure(draw_insertion_map(anatomy, [], show_positions=True, title=title), plot)
+    if json_out:
+        emit_json({"model": loaded.spec, "source": loaded.origin, **anatomy.to_dict(), "replaceable_attention": gates,
+                   **({"anchors": [a.to_dict() for a in table]} if anchors else {}),
+                   **({"plot": str(plot)} if plot is not None else {})})
+        return
+    print_anatomy(loaded, anatomy, gates)
+    if anchors:
+        print_anchors(table)
+    if plot is not None:
+        _stdout().print(f"Block map: {_escape(str(plot))}")
+
+

@@ -1,0 +1,101 @@
+"""``attnsurgeon profile``: the cost of an insertion, base and modified measured side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from ..blocks import REGISTRY as BLOCKS
+from ..core.errors import AttnSurgeonError
+from .app import app, command
+from .options import (
+    BatchSizesOpt, ChannelsLastOpt, CompileOpt, DeviceOpt, DtypeOpt, InputSizeOpt, InsertionArgs, JsonOpt,
+    MaxTimeOpt, MemoryEfficientOpt, MinTimeOpt, ModeOpt, ModelArg, PROFILE_DEFAULTS, PositionOpt, PretrainedOpt,
+    TargetOpt, ThreadsOpt, WeightsOpt, _check_plot, check_insertion_args, insertion_options, parse_globs, parse_ints,
+)
+from .render import _escape, _stdout, _Steps, emit_json, print_profile
+
+
+# --------------------------------------------------------------------------- profile
+
+
+@app.command()
+@command
+@insertion_options
+def profile(
+    model: ModelArg,
+    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {', '.join(BLOCKS)} (none with "
+                                                "--replace). Default: none; the model is profiled alone.")] = None,
+    position: PositionOpt = None,
+    ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
+    device: DeviceOpt = PROFILE_DEFAULTS["device"],
+    dtype: DtypeOpt = PROFILE_DEFAULTS["dtype"],
+    batch_size: BatchSizesOpt = PROFILE_DEFAULTS["batch_size"],
+    mode: ModeOpt = PROFILE_DEFAULTS["mode"],
+    threads: ThreadsOpt = None,
+    channels_last: ChannelsLastOpt = False,
+    compile_: CompileOpt = False,
+    min_time: MinTimeOpt = PROFILE_DEFAULTS["min_time"],
+    max_time: MaxTimeOpt = PROFILE_DEFAULTS["max_time"],
+    input_size: InputSizeOpt = None,
+    target: TargetOpt = None,
+    pretrained: PretrainedOpt = False,
+    weights: WeightsOpt = None,
+    json_out: JsonOpt = False,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the figures as CSV to this file.", show_default="none")] = None,
+    markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Also write them as a markdown table.", show_default="none")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw per-insertion bars of Δ params, Δ MACs and, in --mode "
+                                                 "train, the activation memory each keeps for backward: .png, .svg or .pdf.",
+                                                 show_default="none")] = None,
+    memory_efficient: MemoryEfficientOpt = False,
+) -> None:
+    """Measure MODEL and, with --attn, its modified twin side by side: params, MACs/FLOPs, latency, peak memory.
+
+    Example: attnsurgeon profile resnet50 --attn se --stages 3,4 --batch-size 1,32
+    """
+    options, init, replace = ins.options, ins.init, ins.replace
+    if attn is not None:
+        check_insertion_args(attn, position, options, init, replace, **ins.anchors)
+    elif options or ins.anchors:
+        raise AttnSurgeonError("--after/--before and block options (--reduction, --kernel-size, ...) need --attn")
+    elif replace:
+        raise AttnSurgeonError("--replace needs --attn: the block to put in place of the model's attention, or none to remove it")
+    sizes = parse_ints(batch_size, "--batch-size") or []
+    _check_plot(plot)
+    if plot is not None and attn is None and not model.lower().endswith(".safetensors"):
+        raise AttnSurgeonError("--plot draws the cost of each insertion: give --attn (the model alone has none)")
+    for path in (csv_path, markdown_path):
+        if path is not None and not path.expanduser().parent.is_dir():
+            raise AttnSurgeonError(f"folder '{path.parent}' does not exist")
+    from ..profiling import profile as do_profile
+
+    with _Steps() as steps:
+        result = do_profile(
+            model, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks),
+            init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
+            channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
+            pretrained=pretrained, weights=weights, target=target, progress=steps, replace=replace,
+            memory_efficient=memory_efficient, **ins.anchors, **options,
+        )
+    from ..core.files import write_text_atomic
+    from ..profiling.report import to_csv, to_markdown
+
+    if csv_path is not None:
+        write_text_atomic(csv_path, to_csv(result))
+    if markdown_path is not None:
+        write_text_atomic(markdown_path, to_markdown(result))
+    if plot is not None:
+        from ..pictures.plot import draw_costs, save_figure
+
+        save_figure(draw_costs(result), plot)
+    if json_out:
+        emit_json({**result.to_dict(), "memory_efficient": memory_efficient, **({"plot": str(plot)} if plot is not None else {})})
+        return
+    print_profile(result, memory_efficient)
+    if plot is not None:
+        _stdout().print(f"Cost plot: {_escape(str(plot))}")
+
+
