@@ -104,6 +104,16 @@ def test_the_readme_is_a_front_door():
     assert any(re.search(r"!\[[^\]]*\]\(docs/[\w-]+\.png\)", line) for line in lines)  # one picture
 
 
+def test_the_install_page_prints_the_readmes_set_up_commands():
+    """The two set-up lines are printed twice (the README on GitHub, the Install page in the site): the same."""
+    def bash_lines(page):
+        return [line for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), flags=re.M | re.S)
+                for line in block.splitlines() if line.startswith("python3 -m venv")]
+
+    readme = bash_lines(README)
+    assert len(readme) == 2 and bash_lines(DOCS / "install.md") == readme
+
+
 def test_the_docs_extra_holds_the_theme_the_config_names():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
