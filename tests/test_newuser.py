@@ -1,4 +1,4 @@
-"""What a new user hits when following the README (issue 22): each test fails without its fix."""
+"""What a new user hits when following the README and the docs pages (issue 22): each test fails without its fix."""
 
 import json
 import os
@@ -33,7 +33,7 @@ def test_export_of_a_model_built_from_an_object_is_checked_on_that_object(tmp_pa
     # the check rebuilt the recipe on a copy: the user's object keeps its modules and weights
     assert {k: v for k, v in m.state_dict().items()}.keys() == before.keys()
     assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
-    # what the README says to do with the file: load it on a fresh object of the same architecture
+    # what docs/api.md says to do with the file: load it on a fresh object of the same architecture
     loaded = attnsurgeon.load(tmp_path / "x.safetensors", base=torchvision.models.resnet18())
     x = torch.randn(2, 3, 64, 64)
     assert max_abs_diff(loaded(x), gm.eval()(x)) == 0.0
@@ -130,6 +130,17 @@ def test_sweep_help_names_the_ray_extra(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")  # wide enough that Rich does not cut the help text
     code, out, _ = cli("sweep", "--help")
     assert code == 0 and "attnsurgeon[ray]" in " ".join(out.split())  # Rich markup swallowed "[ray]"
+
+
+def test_the_number_of_blocks_the_readme_and_the_docs_state_is_the_registrys():
+    import re
+
+    from attnsurgeon.blocks import REGISTRY
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    said = {(p.name, int(n)) for p in pages for n in re.findall(r"(?:the|zoo of) (\d+) blocks\b", p.read_text())}
+    assert {p for p, _ in said} >= {"README.md", "index.md"}
+    assert {n for _, n in said} == {len(REGISTRY)}, said
 
 
 def test_list_attn_shows_the_flags_as_they_are_typed(cli):

@@ -1,8 +1,9 @@
-"""Every `attnsurgeon` command in the README runs as printed (issue 22).
+"""Every `attnsurgeon` command in the README and the docs pages runs as printed (issue 22).
 
-The commands are read from the README's ```bash blocks. Every one must parse (its options exist,
-its values have the right type); the quick ones are run, in order, in one scratch folder as a new
-user would run them, and must exit 0. A command is left out of the run only for a reason listed in
+The commands are read from the ```bash blocks of the README, then of the docs pages in the order of
+mkdocs.yml's nav (the order a reader follows). Every one must parse (its options exist, its values
+have the right type); the quick ones are run, in order, in one scratch folder as a new user would
+run them, and must exit 0 — a command printed on several pages runs once, where it first appears. A command is left out of the run only for a reason listed in
 :data:`NOT_RUN` (it needs the network, files the user brings, a cluster, or minutes of timing);
 those still parse, and their pre-flight checks (names, stages, folders) are covered by their own
 tests. Two sweeps never share a folder unless the second resumes the first.
@@ -18,12 +19,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
 
-def readme_commands() -> list[tuple[int, list[str]]]:
-    """(line number, argv after `attnsurgeon`) for each command in the README's bash blocks."""
+def documented_pages() -> list[Path]:
+    """The README, the docs pages in nav order, then any page the nav leaves out (mkdocs refuses those too)."""
+    import yaml
+
+    def flatten(nav):
+        for entry in nav:
+            value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+            yield from flatten(value) if isinstance(value, list) else [DOCS / value]
+
+    nav = list(flatten(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]))
+    return [README, *nav, *sorted(set(DOCS.glob("*.md")) - set(nav))]
+
+
+def page_commands(page: Path) -> list[tuple[str, list[str]]]:
+    """(page:line, argv after `attnsurgeon`) for each command in the page's bash blocks."""
     commands, block, pending, start = [], False, "", 0
-    for number, line in enumerate(README.read_text().splitlines(), 1):
+    for number, line in enumerate(page.read_text().splitlines(), 1):
         if line.startswith("```"):
             block = line.strip() == "```bash"
             continue
@@ -38,11 +53,12 @@ def readme_commands() -> list[tuple[int, list[str]]]:
         for part in re.split(r"&&|;", text):
             argv = shlex.split(part, comments=True)
             if argv and Path(argv[0]).name == "attnsurgeon":
-                commands.append((start, argv[1:]))
+                commands.append((f"{page.relative_to(ROOT)}:{start}", argv[1:]))
     return commands
 
 
-COMMANDS = readme_commands()
+PAGES = documented_pages()
+COMMANDS = [command for page in PAGES for command in page_commands(page)]
 
 # Why a command is parsed but not run; the first matching rule wins. Everything else runs.
 NOT_RUN = [
@@ -64,10 +80,14 @@ def test_the_readme_has_its_commands():
     names = {argv[0] for _, argv in COMMANDS}
     assert len(COMMANDS) >= 50 and names >= {"insert", "inspect", "profile", "sweep", "export", "list", "apply", "explain"}
     assert sum(why_not_run(argv) is None for _, argv in COMMANDS) >= 25  # most of them really run
+    assert len(RUN) >= 25  # ... counted once each
+    assert set(PAGES) == {README, *DOCS.glob("*.md")} and len(PAGES) == len(set(PAGES))  # every page, once
+    readme = {argv[0] for place, argv in COMMANDS if place.startswith("README.md:")}
+    assert readme >= {"insert", "inspect", "profile", "sweep", "list", "apply", "explain"}  # the front door shows the main ones
 
 
-@pytest.mark.parametrize("line,argv", COMMANDS, ids=[f"L{n}" for n, _ in COMMANDS])
-def test_every_command_parses(line, argv, cli, monkeypatch):
+@pytest.mark.parametrize("place,argv", COMMANDS, ids=[place for place, _ in COMMANDS])
+def test_every_command_parses(place, argv, cli, monkeypatch):
     """Its subcommand and options exist and its values have their types: the command line is parsed
     by the real CLI, whose commands are swapped for ones that only record that they were called."""
     import functools
@@ -83,18 +103,20 @@ def test_every_command_parses(line, argv, cli, monkeypatch):
 
         monkeypatch.setattr(info, "callback", functools.wraps(info.callback)(record))
     code, _, err = cli(*cli_mod._optional_ray_address(argv))
-    assert code == 0 and len(called) == 1, f"README line {line}: attnsurgeon {' '.join(argv)}\n{err}"
+    assert code == 0 and len(called) == 1, f"{place}: attnsurgeon {' '.join(argv)}\n{err}"
 
 
 def test_no_two_sweeps_share_a_folder_unless_one_resumes_the_other():
     seen: dict[str, list[str]] = {}
-    for line, argv in COMMANDS:
-        if argv[0] != "sweep":
+    shown: set[tuple[str, ...]] = set()
+    for place, argv in COMMANDS:
+        if argv[0] != "sweep" or tuple(argv) in shown:  # the same command on another page is the same sweep
             continue
+        shown.add(tuple(argv))
         out = argv[argv.index("--out") + 1]
         args = [a for a in argv if a != "--resume"]
         if out in seen:
-            assert "--resume" in argv and seen[out] == args, f"README line {line}: another sweep already writes {out}"
+            assert "--resume" in argv and seen[out] == args, f"{place}: another sweep already writes {out}"
         seen[out] = args
 
 
@@ -106,13 +128,14 @@ def scratch(tmp_path_factory):
     return folder
 
 
-RUN = [(n, argv) for n, argv in COMMANDS if why_not_run(argv) is None]
+RUN = [(place, argv) for i, (place, argv) in enumerate(COMMANDS)
+       if why_not_run(argv) is None and argv not in [a for _, a in COMMANDS[:i]]]  # once, where it first appears
 
 
-@pytest.mark.parametrize("line,argv", RUN, ids=[f"L{n}" for n, _ in RUN])
-def test_the_quick_commands_run_as_printed(line, argv, scratch, cli, monkeypatch):
+@pytest.mark.parametrize("place,argv", RUN, ids=[place for place, _ in RUN])
+def test_the_quick_commands_run_as_printed(place, argv, scratch, cli, monkeypatch):
     from attnsurgeon import cli as cli_mod
 
     monkeypatch.chdir(scratch)
     code, out, err = cli(*cli_mod._optional_ray_address(argv))
-    assert code == 0, f"README line {line}: attnsurgeon {' '.join(argv)}\n{err[-2000:]}"
+    assert code == 0, f"{place}: attnsurgeon {' '.join(argv)}\n{err[-2000:]}"
