@@ -38,12 +38,8 @@ def load_model(
     (rebuilt from its recipe, with its base model beside it in ``.base``).
 
     Example:
-        >>> loaded = load_model("tv:resnet18", num_classes=10)
-        >>> loaded.source, loaded.input_size
-        ('torchvision', (3, 224, 224))
+        >>> load_model("se18.safetensors").base  # the base model, with the saved base weights
     """
-    if pretrained and weights is not None:
-        raise AttnSurgeonError("give either --pretrained or --weights, not both")
     if is_saved(spec):
         return _load_saved(spec, pretrained, weights, model_kwargs)
     return models.build_model(spec, pretrained=pretrained, weights=weights, **model_kwargs)
