@@ -131,6 +131,34 @@ def test_yolo_profile_base_matches_ultralytics_summary():
     assert result.modified.params > result.base.params and result.modified.macs > result.base.macs
 
 
+def _eca_kernel(channels, gamma=2, beta=1):
+    """ECA-Net's adaptive kernel size (Wang et al. 2020, eq. 12): the odd number nearest |log2(C) + b| / gamma, at least 3."""
+    import math
+
+    t = int(abs(math.log2(channels) + beta) / gamma)
+    return max(t if t % 2 else t + 1, 3)
+
+
+def test_cli_profile_yolo_with_eca(cli):
+    from ultralytics.nn.modules.block import Bottleneck
+    from ultralytics.utils.torch_utils import get_flops, get_num_params
+
+    code, out, err = cli("profile", "yolo:yolov8n", "--attn", "eca", "--input-size", "64", "--min-time", "0.05",
+                         "--max-time", "0.1", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    base = load_model("yolo:yolov8n").model
+    assert data["model"] == "yolo:yolov8n" and data["input_size"] == [3, 64, 64]
+    assert data["base"]["params"] == get_num_params(base)
+    gflops = get_flops(base, imgsz=64)  # ultralytics' own count at 64 px
+    assert abs(data["base"]["flops"] / 1e9 - gflops) / gflops < 0.03
+    # one ECA per C2f bottleneck, a 1-D conv of the paper's kernel size over that bottleneck's channels
+    convs = {f"{n}.eca": _eca_kernel(m.cv2.conv.out_channels) for n, m in base.named_modules() if isinstance(m, Bottleneck)}
+    assert {i["module"]: i["params"] for i in data["insertions"]} == convs
+    assert data["modified"]["params"] - data["base"]["params"] == sum(convs.values())
+    assert data["base"]["latency_ms"]["median"] > 0 and data["modified"]["latency_ms"]["median"] > 0
+
+
 # --------------------------------------------------------------------------- Hugging Face
 
 
