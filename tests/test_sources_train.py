@@ -138,3 +138,33 @@ def test_hugging_face_parts_keep_their_tolerant_forward_through_deepcopy_and_pic
         encoder = again.get_submodule(report.insertions[0].module.split(".stages")[0])
         with pytest.raises(TypeError, match="cannot take output_hidden_states"):
             encoder(torch.randn(2, 16, 16, 16), output_hidden_states=True)
+
+
+@pytest.mark.slow
+def test_smp_unet_with_blocks_exports_to_every_format_and_each_file_reproduces_it(tmp_path):
+    """Each file is read back by its own runtime (torch.export, TorchScript, onnxruntime; safetensors by
+    attnsurgeon.load, which rebuilds the architecture from the recipe) and run on a new input."""
+    pytest.importorskip("segmentation_models_pytorch")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from attnsurgeon import export, load
+
+    out, report = insert(load_model("smp:Unet:resnet18"), "scse", after="decoder.blocks.*.conv2", input_size=SIZE)
+    out.eval()
+    x = torch.randn(3, *SIZE)  # a batch none of the exports was checked at
+    with torch.no_grad():
+        reference = out(x)
+    readers = {
+        "pt2": lambda p: torch.export.load(str(p)).module(),
+        "ts": lambda p: torch.jit.load(str(p)),
+        "safetensors": lambda p: load(p).eval(),
+    }
+    for ext, read in readers.items():
+        export(out, tmp_path / f"unet.{ext}")
+        with torch.no_grad():
+            assert max_abs_diff(read(tmp_path / f"unet.{ext}")(x), reference) <= 1e-5, ext
+    export(out, tmp_path / "unet.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "unet.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert max_abs_diff(got, reference) <= 1e-4
+    again = load(tmp_path / "unet.safetensors")
+    assert {i.module for i in report.insertions} <= {n for n, _ in again.named_modules()}
