@@ -168,3 +168,29 @@ def test_smp_unet_with_blocks_exports_to_every_format_and_each_file_reproduces_i
     assert max_abs_diff(got, reference) <= 1e-4
     again = load(tmp_path / "unet.safetensors")
     assert {i.module for i in report.insertions} <= {n for n, _ in again.named_modules()}
+
+
+def test_hugging_face_save_pretrained_keeps_the_block_weights_and_from_pretrained_drops_them(tmp_path):
+    """What the README says of save_pretrained: the file holds every weight, the blocks' too; from_pretrained
+    rebuilds the class from its config and reports the blocks' weights as unexpected; the same insertion on a
+    fresh model takes the file's state dict back whole."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    config = dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128], embedding_size=8, num_labels=3)
+    out, report = insert(load_model("hf:resnet", **config), "se", input_size=SIZE)
+    blocks = {i.module for i in report.insertions}
+    out.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert set(saved) == set(out.state_dict())
+    assert {k.rsplit(".", 2)[0] for k in saved if any(k.startswith(b + ".") for b in blocks)} == blocks
+
+    again, info = type(out).from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["unexpected_keys"]) == {k for k in saved if any(k.startswith(b + ".") for b in blocks)}
+    assert not blocks & {n for n, _ in again.named_modules()}
+
+    fresh, _ = insert(load_model("hf:resnet", **config), "se", input_size=SIZE)
+    fresh.load_state_dict(saved)  # strict: every name matches
+    x = torch.randn(2, *SIZE)
+    out.eval(), fresh.eval()
+    assert max_abs_diff(fresh(x).logits, out(x).logits) == 0.0
