@@ -131,6 +131,34 @@ def test_yolo_profile_base_matches_ultralytics_summary():
     assert result.modified.params > result.base.params and result.modified.macs > result.base.macs
 
 
+def _eca_kernel(channels, gamma=2, beta=1):
+    """ECA-Net's adaptive kernel size (Wang et al. 2020, eq. 12): the odd number nearest |log2(C) + b| / gamma, at least 3."""
+    import math
+
+    t = int(abs(math.log2(channels) + beta) / gamma)
+    return max(t if t % 2 else t + 1, 3)
+
+
+def test_cli_profile_yolo_with_eca(cli):
+    from ultralytics.nn.modules.block import Bottleneck
+    from ultralytics.utils.torch_utils import get_flops, get_num_params
+
+    code, out, err = cli("profile", "yolo:yolov8n", "--attn", "eca", "--input-size", "64", "--min-time", "0.05",
+                         "--max-time", "0.1", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    base = load_model("yolo:yolov8n").model
+    assert data["model"] == "yolo:yolov8n" and data["input_size"] == [3, 64, 64]
+    assert data["base"]["params"] == get_num_params(base)
+    gflops = get_flops(base, imgsz=64)  # ultralytics' own count at 64 px
+    assert abs(data["base"]["flops"] / 1e9 - gflops) / gflops < 0.03
+    # one ECA per C2f bottleneck, a 1-D conv of the paper's kernel size over that bottleneck's channels
+    convs = {f"{n}.eca": _eca_kernel(m.cv2.conv.out_channels) for n, m in base.named_modules() if isinstance(m, Bottleneck)}
+    assert {i["module"]: i["params"] for i in data["insertions"]} == convs
+    assert data["modified"]["params"] - data["base"]["params"] == sum(convs.values())
+    assert data["base"]["latency_ms"]["median"] > 0 and data["modified"]["latency_ms"]["median"] > 0
+
+
 # --------------------------------------------------------------------------- Hugging Face
 
 
@@ -197,3 +225,58 @@ def test_safetensors_and_recipe_rebuild_with_load(spec, config, attn, where, tmp
     out.eval(), again.eval()
     assert max_abs_diff(again(x), out(x)) == 0.0
     assert {n for n, _ in again.named_parameters()} == {n for n, _ in out.named_parameters()}
+
+
+# --------------------------------------------------------------------------- --pretrained offline
+
+
+@pytest.fixture
+def silent_host(tmp_path, monkeypatch):
+    """Every weight host is a local listener that never answers (its one-place queue is full: the kernel drops
+    further connection requests, as a firewall does), the caches are empty, the hub client is not told it is
+    offline, and ATTNSURGEON_NETWORK_TIMEOUT is 0.3 s. Yields the host's URL."""
+    import socket
+
+    import huggingface_hub.constants
+    import ultralytics.utils
+
+    with socket.socket() as server, socket.socket() as queued:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        queued.connect(server.getsockname())  # fills the queue; nobody accepts
+        monkeypatch.setenv("ATTNSURGEON_NETWORK_TIMEOUT", "0.3")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.setattr(ultralytics.utils, "ASSETS_URL", f"{url}/assets")
+        monkeypatch.setattr(ultralytics.utils, "SETTINGS", {**ultralytics.utils.SETTINGS, "weights_dir": str(tmp_path)})
+        monkeypatch.chdir(tmp_path)
+        yield url
+
+
+@pytest.mark.parametrize("spec,where,warm", [("yolo:yolov8n", "/assets/yolov8n.pt", "yolo:yolov8n"),
+                                             ("hf:microsoft/resnet-50", "/microsoft/resnet-50", "hf:resnet"),
+                                             ("smp:Unet:resnet18", "/smp-hub/resnet18.imagenet", "smp:Unet:resnet18")])
+def test_pretrained_fails_in_seconds_with_one_line_when_the_host_never_answers(spec, where, warm, silent_host, cli):
+    import time
+
+    load_model(warm)  # the library's imports done: the clock below times the check
+    start = time.monotonic()
+    code, out, err = cli("insert", spec, "--attn", "se", "--pretrained", "--input-size", "64")
+    elapsed = time.monotonic() - start
+    assert code == 2 and elapsed < 5, (code, elapsed)
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "127.0.0.1 cannot be reached (timed out)" in lines[0] and f"{silent_host}{where}" in lines[0]
+    assert out == ""
+
+
+@pytest.mark.parametrize("spec", ["hf:microsoft/resnet-50", "smp:Unet:resnet18"])
+def test_pretrained_with_the_hub_offline_names_the_setting(spec, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(AttnSurgeonError, match=r"not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
+        load_model(spec, pretrained=True)

@@ -25,7 +25,7 @@ ModelArg = Annotated[
     str,
     typer.Argument(
         help="A torchvision or timm name (resnet50; tv:NAME / timm:NAME force the library), "
-        "path/to/file.py:factory or package.module:factory.",
+        "yolo:NAME, hf:NAME, smp:ARCH[:ENCODER], path/to/file.py:factory or package.module:factory.",
         show_default=False,
         metavar="MODEL",
     ),

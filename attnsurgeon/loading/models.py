@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..core.errors import AttnSurgeonError, did_you_mean, one_line
-from .network import require_network
+from .network import hf_cached_file, require_network
 from .sources import BY_SOURCE, INTEGRATIONS
 
 SOURCES = ("torchvision", "timm", *BY_SOURCE, "file", "module", "object")
@@ -348,7 +348,7 @@ def _build_timm(name: str, pretrained: bool, kwargs: Mapping[str, Any]):
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise AttnSurgeonError(f"timm publishes no weights for '{name}'; pass --weights FILE")
     overlay = {}
-    cached = _hf_cached_file(cfg.hf_hub_id, cfg.hf_hub_filename) if cfg.hf_hub_id else None
+    cached = hf_cached_file(cfg.hf_hub_id, cfg.hf_hub_filename) if cfg.hf_hub_id else None
     where = f"huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
     tried = f"the local Hugging Face cache and {where}"
     if cached:
@@ -363,18 +363,6 @@ def _build_timm(name: str, pretrained: bool, kwargs: Mapping[str, Any]):
             f"could not get timm's pretrained weights for '{name}' (tried {tried}): {one_line(exc)}. "
             "Download them where the network is reachable and pass --weights FILE."
         ) from exc
-
-
-def _hf_cached_file(repo_id: str, filename: str | None) -> str | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for fn in [filename] if filename else ["model.safetensors", "pytorch_model.bin"]:
-        path = try_to_load_from_cache(repo_id, fn)
-        if isinstance(path, str) and os.path.isfile(path):
-            return path
-    return None
 
 
 def _build_user(source: str, spec: str, kwargs: Mapping[str, Any]):

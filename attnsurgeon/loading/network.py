@@ -26,3 +26,16 @@ def require_network(url: str, tried: str) -> None:
             f"pretrained weights are not in the local cache and {host} cannot be reached ({exc}); tried {tried}. "
             "Download them where the network is reachable and pass --weights FILE."
         ) from exc
+
+
+def hf_cached_file(repo_id: str, filename: str | None) -> str | None:
+    """The path of a Hugging Face hub file in the local cache (a model's weights by default), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for fn in [filename] if filename else ["model.safetensors", "pytorch_model.bin"]:
+        path = try_to_load_from_cache(repo_id, fn)
+        if isinstance(path, str) and os.path.isfile(path):
+            return path
+    return None

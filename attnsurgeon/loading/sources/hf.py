@@ -49,6 +49,11 @@ def _hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set: the hub client reads its cache only (smp's encoder weights come from the hub, too)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
 def _from_hub(name: str, what: str, load: Any) -> Any:
     """``load(local_files_only=...)``: the local cache first, then the hub where it can be reached."""
     from ...core.errors import one_line
@@ -59,7 +64,7 @@ def _from_hub(name: str, what: str, load: Any) -> Any:
         return load(local_files_only=True)
     except OSError:
         pass  # not cached
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if hub_offline():
         raise AttnSurgeonError(f"the {what} of hf:{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                                f"tried {tried}. Download it where the network is reachable.")
     require_network(_hub_endpoint(), tried)

@@ -59,12 +59,46 @@ def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=None, **rest)
     from ...core.errors import one_line
 
+    tried = _require_weights(encoder, weights)
     try:  # smp reads the encoder's weights from the Hugging Face cache, else the hub
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=weights, **rest)
     except Exception as exc:
-        raise AttnSurgeonError(f"could not get the '{weights}' weights of smp encoder {encoder} (tried the local cache "
-                               f"and the hub): {one_line(exc)}. Download them where the network is reachable, or "
+        raise AttnSurgeonError(f"could not get the '{weights}' weights of smp encoder {encoder} (tried {tried}): "
+                               f"{one_line(exc)}. Download them where the network is reachable, or "
                                "pass --weights FILE.") from exc
+
+
+def _require_weights(encoder: str, weights: Any) -> str:
+    """Where the encoder's weights come from (the Hugging Face cache, else the hub); fails in seconds, not
+    after the hub client's retries, where they are not cached and the hub cannot be reached."""
+    import segmentation_models_pytorch as smp
+    from huggingface_hub import try_to_load_from_cache
+
+    from ..network import hf_cached_file, require_network
+    from .hf import _hub_endpoint, hub_offline
+
+    if encoder.startswith("tu-"):  # timm's weights, on the hub under timm's name
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(encoder[3:])
+        repo = cfg.hf_hub_id if cfg else None
+        cached = bool(repo) and hf_cached_file(repo, cfg.hf_hub_filename) is not None
+    else:
+        settings = smp.encoders.encoders[encoder]["pretrained_settings"].get(weights) or {}
+        repo = settings.get("repo_id")
+        cached = bool(repo) and isinstance(try_to_load_from_cache(repo, "model.safetensors",
+                                                                  revision=settings.get("revision")), str)
+    if not repo:
+        return "the hub"  # smp's (or timm's) own error names the weights the encoder has
+    tried = f"the local Hugging Face cache and {_hub_endpoint()}/{repo}"
+    if cached:
+        return tried
+    if hub_offline():
+        raise AttnSurgeonError(f"the '{weights}' weights of smp encoder {encoder} are not in the local Hugging Face "
+                               f"cache and HF_HUB_OFFLINE is set; tried {tried}. Download them where the network is "
+                               "reachable, or pass --weights FILE.")
+    require_network(_hub_endpoint(), tried)
+    return tried
 
 
 def input_size(model: Any, name: str) -> tuple[int, ...]:

@@ -3,8 +3,10 @@ yaml, with no download; ``--pretrained`` loads the published ``.pt`` from the wo
 ultralytics' weights folder, else downloads it where the network is reachable.
 
 The model is ultralytics' own ``DetectionModel`` (``SegmentationModel``, ``ClassificationModel``,
-…, chosen by ultralytics from the yaml), so the rewritten one keeps its ``predict``/``val`` path.
-Training it in ultralytics' trainer without losing the blocks is :mod:`attnsurgeon.loading.sources.yolo_train`.
+…, chosen by ultralytics from the yaml), so the rewritten one keeps its ``predict``/``val`` path:
+:func:`to_yolo` puts it in a ``YOLO`` object. ultralytics' trainer rebuilds its model from the yaml
+and would drop the blocks; :func:`trainer` is the task's trainer with ``get_model`` returning the
+rewritten model, and :func:`train` runs it (``best.pt``/``last.pt`` load with ``YOLO(path)``, blocks in).
 """
 
 from __future__ import annotations
@@ -98,3 +100,56 @@ def input_size(model: Any, name: str) -> tuple[int, ...]:
     if not isinstance(side, int):
         side = 224 if type(model).__name__ == "ClassificationModel" else int(DEFAULT_CFG.imgsz)
     return (int(model.yaml.get("channels", 3)) if isinstance(getattr(model, "yaml", None), dict) else 3, side, side)
+
+
+def to_yolo(model: Any) -> Any:
+    """``model`` (a rewritten ``DetectionModel`` …) inside ultralytics' ``YOLO`` object, for its
+    ``predict``, ``val`` and ``train`` (with :func:`trainer`)."""
+    from ultralytics import YOLO
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    yolo = YOLO(_yaml_of(model), verbose=False)  # the task, overrides and callbacks ultralytics sets up
+    model.task = yolo.task
+    model.args = {**DEFAULT_CFG_DICT, **yolo.overrides}
+    yolo.model = model
+    return yolo
+
+
+def _yaml_of(model: Any) -> str:
+    cfg = getattr(model, "yaml", None)
+    file = cfg.get("yaml_file") if isinstance(cfg, dict) else None
+    if not file:
+        raise AttnSurgeonError(f"{type(model).__name__} is not an ultralytics model built from a yaml "
+                               "(load it with yolo:NAME)")
+    return file
+
+
+def trainer(model: Any) -> type:
+    """ultralytics' trainer class for ``model``'s task whose ``get_model`` returns ``model`` itself:
+    the trainer would otherwise rebuild the model from its yaml (dropping the blocks) and copy the
+    weights that match. Pass it as ``YOLO.train(trainer=...)``; :func:`train` does."""
+    return _trainer(to_yolo(model))
+
+
+def _trainer(yolo: Any) -> type:
+    model = yolo.model
+    base = yolo.task_map[yolo.task]["trainer"]
+
+    def get_model(self: Any, cfg: Any = None, weights: Any = None, verbose: bool = True) -> Any:
+        nc = model.yaml.get("nc")
+        if nc is not None and nc != self.data["nc"]:
+            raise AttnSurgeonError(f"the rewritten model has {nc} classes and the data {self.data['nc']}: build it "
+                                   f"with nc={self.data['nc']} (load_model('yolo:NAME', nc={self.data['nc']})) "
+                                   "before inserting the blocks")
+        return model
+
+    return type(f"AttnSurgeon{base.__name__}", (base,), {"get_model": get_model, "__module__": __name__})
+
+
+def train(model: Any, **args: Any) -> Any:
+    """Train ``model`` in ultralytics' own trainer, blocks kept; ``args`` as ``YOLO.train`` takes them
+    (``data=``, ``epochs=``, ``imgsz=``, ``device=``, ``project=`` …). Returns the ``YOLO`` object,
+    which then holds the trained model (the trainer's ``best.pt``) and the trainer (``.trainer.last``)."""
+    yolo = to_yolo(model)
+    yolo.train(trainer=_trainer(yolo), **args)
+    return yolo
