@@ -19,6 +19,7 @@ an op creates during one training forward, weakly referenced, and still alive wh
 """
 
 import copy
+import re
 
 import pytest
 import timm
@@ -124,3 +125,35 @@ def test_the_count_sees_inside_a_segment():
     sizes = _map_sizes(plain_model, [s.module for s in report.memory_efficient], x)
     maps = FLOAT * sum(n * hw * _gate(plain_model.get_submodule(name))[0] for name, (n, hw) in sizes.items())
     assert kept_bytes(plain_model, x) - kept_bytes(checkpointed, x) >= maps
+
+
+def _cells(line):
+    """A Rich table row's cells (the header is drawn with heavy bars)."""
+    return [c.strip() for c in re.split("[│┃]", line)[1:-1]]
+
+
+def test_the_table_and_the_summary_say_each_segments_method(capsys):
+    from types import SimpleNamespace
+
+    from attnsurgeon.cli.render import print_memory_efficient
+    from attnsurgeon.rewriting.memory import Segment
+
+    segments = [Segment("layer1.0.se", "layer1.0.se_recompute", "layer1.0.bn3", 7, "selective"),
+                Segment("layer1.1.drop_se", "layer1.1.drop_se_recompute", "layer1.1.bn3", 8, "checkpoint"),
+                Segment("layer2.0.se", "layer2.0.se_recompute", None, 6, "selective")]
+    print_memory_efficient(SimpleNamespace(model="m", source="timm", memory_efficient=segments), table=True)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "attention module" in line)
+    assert _cells(header)[-1] == "method"
+    for s in segments:
+        (row,) = [line for line in lines if s.module + " " in line]
+        assert _cells(row)[-1] == s.method
+    assert "3 attention modules recomputed in the backward pass (2 with the norm/activation before them; " \
+           "2 selective, 1 checkpoint)" in lines[-1]
+
+
+def test_cli_optimize_lists_the_method(cli):
+    code, out, _ = cli("optimize", "timm:seresnet18", "--input-size", SIZE)
+    assert code == 0
+    rows = [line for line in out.splitlines() if ".se " in line]
+    assert len(rows) == 8 and all(_cells(row)[-1] == "selective" for row in rows)
