@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from typing import Any
 
 
@@ -91,14 +92,16 @@ def print_memory_efficient(report: Any, table: bool = False) -> None:
         from rich.table import Table
 
         t = Table(title=f"{report.model} ({report.source}) · attention recomputed in the backward pass", title_justify="left")
-        for col in ("attention module", "recomputed from", "ops"):
+        for col in ("attention module", "recomputed from", "ops", "method"):
             t.add_column(col, overflow="fold", justify="right" if col == "ops" else "left")
-        for s in segments:
-            t.add_row(s.module, s.start or "(the module alone)", str(s.ops))
+        for s in segments:  # method: "selective" (the maps rebuilt from the norm's input) or "checkpoint" (all re-run)
+            t.add_row(s.module, s.start or "(the module alone)", str(s.ops), s.method)
         out.print(t)
     widened = sum(1 for s in segments if s.start)
+    methods = Counter(s.method for s in segments)
     out.print(f"memory-efficient: {len(segments)} attention module{'s' if len(segments) != 1 else ''} recomputed in the "
-              f"backward pass ({widened} with the norm/activation before {'them' if widened != 1 else 'it'}) · "
+              f"backward pass ({widened} with the norm/activation before {'them' if widened != 1 else 'it'}; "
+              f"{', '.join(f'{n} {method}' for method, n in sorted(methods.items(), reverse=True))}) · "
               "outputs, parameters and names unchanged")
 
 
