@@ -14,39 +14,39 @@ import attnsurgeon
 from attnsurgeon.profiling import profile
 from attnsurgeon.profiling.flops import count_macs
 
+from formulas import cbam_hidden, cbam_macs, eca_kernel, eca_macs, se_hidden, se_macs
+
 FAST = dict(min_run_time=0.05, max_run_time=0.1, input_size=64)
 
 
-def se_macs(c, h, w, hidden):
-    # squeeze (mean), fc1, relu, fc2, sigmoid, broadcast multiply
-    return c * h * w + c * hidden + hidden + hidden * c + c + c * h * w
+# hidden widths and kernel sizes from the papers' rules as timm rounds them (tests/formulas.py), not read back from
+# the blocks
+HIDDEN = {c: se_hidden(c) for c in (256, 512)}
+ECA_K = {c: eca_kernel(c) for c in (256, 512)}
 
 
-def eca_macs(c, h, w, k):
-    # mean, 1-D conv across channels, sigmoid, multiply
-    return c * h * w + k * c + c + c * h * w
+def test_the_rules_give_the_widths_worked_out_by_hand():
+    assert HIDDEN == {c: cbam_hidden(c) for c in (256, 512)} == {256: 16, 512: 32}  # C/16, already multiples of 8
+    assert ECA_K == {256: 5, 512: 5}  # k = int((8 + 1) / 2) = 4 -> odd 5; int((9 + 1) / 2) = 5
+    assert [se_hidden(c) for c in (8, 64, 200)] == [8, 8, 16]  # at least 8; 12.5 rounds to 16
+    assert [cbam_hidden(c) for c in (8, 64, 200)] == [1, 4, 13]  # divisor 1: 0.5 -> 1, 12.5 -> 13
+    assert [eca_kernel(c) for c in (4, 64, 1024)] == [3, 3, 5]  # at least 3; int(7/2) = 3; int(11/2) = 5
 
 
-def cbam_macs(c, h, w, hidden, k=7):
-    channel = 2 * c * h * w + 2 * (c * hidden + hidden + hidden * c) + c + c + c * h * w  # avg+max MLP, add, gate, mul
-    spatial = 2 * c * h * w + 2 * k * k * h * w + 2 * h * w + h * w + c * h * w  # mean+amax over C, conv, BN, gate, mul
-    return channel + spatial
-
-
-@pytest.mark.parametrize("attn, formula", [
-    ("se", lambda c, h, w, i: se_macs(c, h, w, i.get("hidden"))),
-    ("eca", lambda c, h, w, i: eca_macs(c, h, w, i["kernel_size"])),
-    ("cbam", lambda c, h, w, i: cbam_macs(c, h, w, i["hidden"], i["kernel_size"])),
+@pytest.mark.parametrize("attn, macs, params", [
+    ("se", lambda c, h, w: se_macs(c, h, w, HIDDEN[c]), lambda c: 2 * c * HIDDEN[c] + HIDDEN[c] + c),  # biased fcs
+    ("eca", lambda c, h, w: eca_macs(c, h, w, ECA_K[c]), lambda c: ECA_K[c]),  # one bias-free 1-D conv
+    ("cbam", lambda c, h, w: cbam_macs(c, h, w, HIDDEN[c], 7), lambda c: 2 * c * HIDDEN[c] + 7 * 7 * 2 + 2),  # + BN
 ])
-def test_block_macs_match_the_analytic_formula(attn, formula):
+def test_block_macs_match_the_analytic_formula(attn, macs, params):
     result = profile("resnet18", attn, stages=[3, 4], **FAST)
-    _, report = attnsurgeon.insert("resnet18", attn, stages=[3, 4], input_size=64)
-    options = {i.module: i.options for i in report.insertions}
     resolution = {3: 4, 4: 2}  # 64 px input: layer3 at 4x4, layer4 at 2x2
+    assert [i.stage for i in result.insertions] == [3, 3, 4, 4]
     for ins in result.insertions:
         c = {3: 256, 4: 512}[ins.stage]
         h = w = resolution[ins.stage]
-        assert ins.macs == formula(c, h, w, options[ins.module]), ins.module
+        assert ins.macs == macs(c, h, w), ins.module
+        assert ins.params == params(c), ins.module
 
 
 def test_breakdown_sums_exactly_to_the_delta_at_every_position():
