@@ -12,6 +12,7 @@ import json
 import pytest
 import timm
 import torch
+from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
 from attnsurgeon import AttnSurgeonError, insert
@@ -47,6 +48,12 @@ class _Tiny(nn.Module):
 
     def forward(self, x):
         return self.head(self.layers(self.stem(x)).mean((2, 3)))
+
+
+def _bottlenecks(**kwargs):
+    """resnet26's layout (timm's ResNet, two bottlenecks per stage: eight gate sites) at an eighth of its widths: the
+    same segments to recompute, at a fraction of the compute."""
+    return ResNet(Bottleneck, (2, 2, 2, 2), channels=(8, 16, 32, 64), stem_width=16, num_classes=10, **kwargs)
 
 
 def _step(model, x, seed=1, dtype=None):
@@ -118,7 +125,7 @@ def test_dropout_and_batch_norm_in_the_recomputed_part(momentum):
 @pytest.mark.parametrize("position", ["standard", "pre", "post", "identity", "3x3"])
 def test_gradients_and_statistics_equal_the_plain_insertion(attn, position):
     torch.manual_seed(0)
-    base = timm.create_model("resnet26", drop_path_rate=0.2)  # bottlenecks with drop path
+    base = _bottlenecks(drop_path_rate=0.2)  # with drop path
     plain_model, efficient, report = _pair(base, attn=attn, position=position)
     assert len(report.memory_efficient) == len(report.insertions) == 8
     assert {s.method for s in report.memory_efficient} == {"selective"}
@@ -128,7 +135,7 @@ def test_gradients_and_statistics_equal_the_plain_insertion(attn, position):
 
 def test_autocast_and_channels_last():
     torch.manual_seed(0)
-    plain_model, efficient, _ = _pair(timm.create_model("resnet26", drop_path_rate=0.1), attn="cbam")
+    plain_model, efficient, _ = _pair(_bottlenecks(drop_path_rate=0.1), attn="cbam")
     plain_model, efficient = (m.to(memory_format=torch.channels_last) for m in (plain_model, efficient))
     x = torch.randn(2, 3, SIZE, SIZE).to(memory_format=torch.channels_last)
     _assert_same_step(plain_model, efficient, x, dtype=torch.bfloat16)
@@ -140,7 +147,7 @@ def test_the_gated_map_is_not_kept_for_backward(attn):
     keeps no more than the model without any attention (the gate vectors are smaller than the
     feature maps the plain graph frees earlier), and no more than the whole-segment checkpoint."""
     torch.manual_seed(0)
-    base = timm.create_model("resnet26")
+    base = _bottlenecks()
     x = torch.randn(2, 3, SIZE, SIZE)
     without = _saved_bytes(trace(copy.deepcopy(base)), x)
     plain_model, efficient, _ = _pair(base, attn=attn)
@@ -179,7 +186,7 @@ def test_backward_rebuilds_the_norm_output_only(attn):
     rebuilds the norm's output (CBAM: and one product, the map its spatial gate reads); the
     whole-segment checkpoint runs the batch norm again for each."""
     torch.manual_seed(0)
-    _, efficient, _ = _pair(timm.create_model("resnet26"), attn=attn)
+    _, efficient, _ = _pair(_bottlenecks(), attn=attn)
     checkpointed = copy.deepcopy(efficient)
     for m in checkpointed.modules():
         if isinstance(m, Recompute):

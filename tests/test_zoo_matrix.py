@@ -25,12 +25,12 @@ from attnsurgeon.api import inspect_model
 from attnsurgeon.blocks import REGISTRY, build_block
 from attnsurgeon.positions import POSITIONS
 
-MODELS = {  # model -> input size (vit_b_16 takes 224 only)
+MODELS = {  # model -> input size (vit_b_16 built for 64 px: 16 patches, the same blocks and tokens layout as at 224)
     "resnet50": (3, 64, 64),
     "resnet18": (3, 64, 64),
     "mobilenet_v3_large": (3, 64, 64),
     "convnext_tiny": (3, 64, 64),
-    "vit_b_16": (3, 224, 224),
+    "vit_b_16": (3, 64, 64),
 }
 OFFERED = {  # model -> the positions its blocks offer (vit_b_16: one stage of plain MLP/attention blocks)
     "resnet50": POSITIONS,
@@ -76,7 +76,8 @@ def traced(request):
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.get_model(request.param, weights=None).eval()
+    kwargs = {"image_size": MODELS["vit_b_16"][-1]} if request.param == "vit_b_16" else {}
+    model = torchvision.models.get_model(request.param, weights=None, **kwargs).eval()
     if request.param == "vit_b_16":  # torchvision zero-inits its head: every output would be the bias, whatever the blocks do
         torch.nn.init.normal_(model.heads.head.weight, std=0.02)
     size = MODELS[request.param]
