@@ -121,6 +121,7 @@ def test_dropout_and_batch_norm_in_the_recomputed_part(momentum):
     _assert_same_step(plain_model, efficient, x)  # a second step: the statistics keep agreeing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["se", "eca", "cbam"])
 @pytest.mark.parametrize("position", ["standard", "pre", "post", "identity", "3x3"])
 def test_gradients_and_statistics_equal_the_plain_insertion(attn, position):
@@ -133,6 +134,7 @@ def test_gradients_and_statistics_equal_the_plain_insertion(attn, position):
     assert set(_methods(efficient)) == {"selective"}  # every large tensor the step kept was rebuilt
 
 
+@pytest.mark.slow
 def test_autocast_and_channels_last():
     torch.manual_seed(0)
     plain_model, efficient, _ = _pair(_bottlenecks(drop_path_rate=0.1), attn="cbam")
@@ -141,6 +143,7 @@ def test_autocast_and_channels_last():
     _assert_same_step(plain_model, efficient, x, dtype=torch.bfloat16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["se", "eca", "cbam"])
 def test_the_gated_map_is_not_kept_for_backward(attn):
     """A gate keeps its input (the bottleneck's last norm output) for backward; rebuilt, the step
@@ -180,6 +183,7 @@ def _backward_ops(model, x):
     return ops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["se", "cbam"])
 def test_backward_rebuilds_the_norm_output_only(attn):
     """Backward runs no batch norm forward, no pooling and no gate again: one fused pass per gate
@@ -227,6 +231,7 @@ def test_a_map_the_plan_cannot_rebuild_hands_the_segment_to_checkpoint():
     _assert_same_step(plain_model, efficient, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["timm:seresnet18", "timm:efficientnet_b0", "timm:mobilenetv3_small_050",
                                   "timm:regnety_002", "mobilenet_v3_small"])
 def test_optimize_the_attention_a_model_has(name):
@@ -245,6 +250,7 @@ def test_optimize_the_attention_a_model_has(name):
     assert _saved_bytes(efficient, x) < _saved_bytes(reference, x)
 
 
+@pytest.mark.slow
 def test_nothing_changes_in_eval_names_or_state():
     torch.manual_seed(0)
     base = timm.create_model("resnet18")
@@ -266,6 +272,7 @@ def test_nothing_changes_in_eval_names_or_state():
     assert counts[0] == counts[1]
 
 
+@pytest.mark.slow
 def test_plain_is_the_plain_graph_and_exports_match(tmp_path):
     from attnsurgeon import export
 
@@ -283,6 +290,7 @@ def test_plain_is_the_plain_graph_and_exports_match(tmp_path):
     assert list(programs[0].state_dict) == list(programs[1].state_dict)
 
 
+@pytest.mark.slow
 def test_saved_model_stays_memory_efficient(tmp_path):
     from attnsurgeon import export, load
 
@@ -312,6 +320,7 @@ def test_recipe_key():
         parse_recipe({"model": "resnet18", "memory_efficient": "yes", "insertions": [{"attn": "se"}]})
 
 
+@pytest.mark.slow
 def test_cli_optimize_insert_and_errors(cli):
     code, out, _ = cli("optimize", "timm:seresnet18", "--input-size", SIZE, "--json")
     assert code == 0
@@ -325,6 +334,7 @@ def test_cli_optimize_insert_and_errors(cli):
     assert code == 2 and "no attention gate to recompute" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_cli_profile_before_and_after(cli):
     code, out, _ = cli("profile", "timm:efficientnet_b0", "--memory-efficient", "--mode", "train", "--input-size", SIZE,
                        "--batch-size", 8, "--min-time", 0.05, "--max-time", 0.1, "--json")
