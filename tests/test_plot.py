@@ -20,9 +20,16 @@ PLAN = [InsertionSpec("se", "standard", stages=[1]), InsertionSpec("cbam", "pre"
 
 
 @pytest.fixture(scope="module")
-def stacked():
+def stacked_models():
+    """resnet18 at 64 px, its anatomy, and PLAN applied to it (tests read them, none changes them)."""
     loaded, anatomy = inspect_model("resnet18", input_size=64)
-    _, report = apply_plan(loaded, PLAN, input_size=64)
+    modified, report = apply_plan(loaded, PLAN, input_size=64)
+    return loaded, anatomy, modified, report
+
+
+@pytest.fixture(scope="module")
+def stacked(stacked_models):
+    _, anatomy, _, report = stacked_models
     return anatomy, report
 
 
@@ -121,6 +128,7 @@ def test_many_blocks_fold_into_rows_and_long_names_are_shortened():
     assert len(rows) == 3  # 10 + 10 + 5
 
 
+@pytest.mark.slow
 def test_cli_insert_and_inspect_plot(cli, tmp_path):
     out = tmp_path / "map.svg"
     code, stdout, err = cli("insert", "resnet18", "--attn", "cbam", "--stages", "3,4", "--input-size", "64", "--plot", out)
@@ -145,15 +153,14 @@ def test_cli_bad_plot_arguments_fail_before_any_work(cli, tmp_path, monkeypatch,
     assert not list(tmp_path.iterdir())
 
 
-def test_insertion_macs_match_the_formulas_and_the_models_difference(stacked):
+def test_insertion_macs_match_the_formulas_and_the_models_difference(stacked_models):
     """--plot-metric macs: per-module MACs (fvcore with the element-wise handles), each the block's analytic count
     at its place, and their convolutions summing to what stock fvcore counts on the two whole models."""
     from fvcore.nn import FlopCountAnalysis
 
     from attnsurgeon.plot import insertion_macs
 
-    loaded, _ = inspect_model("resnet18", input_size=64)
-    modified, report = apply_plan(loaded, PLAN, input_size=64)
+    loaded, _, modified, report = stacked_models
     values = insertion_macs(loaded.model, modified, report)
     # resnet18 at 64 px: layer1 64 ch at 16x16, layer2 128 at 8x8, layer3 256 at 4x4, layer4 512 at 2x2; pre sits on
     # a block's input (layer2.0 takes layer1's map), identity on the shortcut's output, 3x3 after the first conv
@@ -194,6 +201,7 @@ def _saved_total(model, x):
     return sum(kept.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("position", ["standard", "pre", "post"])
 def test_memory_kept_for_backward_per_insertion(position):
     """SE keeps a map the size of its input (N·C·H·W: its input at the standard position, which the
@@ -221,6 +229,7 @@ def test_memory_kept_for_backward_per_insertion(position):
     assert sum(saved.values()) == _saved_total(modified, x) - _saved_total(base_like(loaded.model, None), x)
 
 
+@pytest.mark.slow
 def test_profile_plot_draws_the_bars(tmp_path):
     from attnsurgeon.plot import draw_costs
     from attnsurgeon.profiling import profile
@@ -238,6 +247,7 @@ def test_profile_plot_draws_the_bars(tmp_path):
     save_figure(fig, tmp_path / "costs.png")
 
 
+@pytest.mark.slow
 def test_attributing_memory_keeps_no_activation_alive():
     """saved_bytes_by_module runs one forward pass under saved_tensors_hooks; none of its activations
     may outlive the call (a pack hook returning its tensor kept them in a reference cycle that Python's
