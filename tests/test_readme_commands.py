@@ -109,6 +109,7 @@ def scratch(tmp_path_factory):
 RUN = [(n, argv) for n, argv in COMMANDS if why_not_run(argv) is None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line,argv", RUN, ids=[f"L{n}" for n, _ in RUN])
 def test_the_quick_commands_run_as_printed(line, argv, scratch, cli, monkeypatch):
     from attnsurgeon import cli as cli_mod
