@@ -126,6 +126,7 @@ def test_flatten_outputs_and_sample_args():
 # --------------------------------------------------------------------------- segmentation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SEGMENTERS)
 def test_segmentation_insert_forward_params(name):
     loaded = load_model(name)
@@ -164,6 +165,7 @@ class Residual(torch.nn.Module):
         return torch.relu(x + self.conv2(torch.relu(self.bn(self.conv1(x)))))
 
 
+@pytest.mark.slow
 def test_dict_outputs_profile_in_train_mode_and_every_export_format(tmp_path):
     """MACs, a training step (its loss from every output) and all four formats compare every output tensor."""
     from fvcore.nn import FlopCountAnalysis
@@ -203,6 +205,7 @@ def test_a_wrong_second_output_fails_the_export(tmp_path, monkeypatch):
     assert not (tmp_path / "m.ts").exists()
 
 
+@pytest.mark.slow
 def test_segmentation_safetensors_round_trip(tmp_path):
     loaded = load_model("lraspp_mobilenet_v3_large")
     model, _ = attnsurgeon.insert(loaded, attn="eca", input_size=(3, 64, 64))
@@ -214,6 +217,7 @@ def test_segmentation_safetensors_round_trip(tmp_path):
 # --------------------------------------------------------------------------- detection
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DETECTORS))
 def test_detector_surgery_on_its_backbone(name, tmp_path):
     loaded = load_model(name, **DETECTORS[name])
@@ -252,6 +256,7 @@ def test_detector_surgery_on_its_backbone(name, tmp_path):
     assert not (tmp_path / "det.onnx").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn"])  # one: the path is the same for all
 def test_detector_profile(name):
     from fvcore.nn import FlopCountAnalysis
@@ -273,6 +278,7 @@ def test_detector_profile(name):
         assert d[side]["latency_ms"]["median"] > 0 and d[side]["peak_memory_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_blocks_globs_match_full_names_and_target_chooses_a_part():
     loaded = load_model("retinanet_resnet50_fpn", **DETECTORS["retinanet_resnet50_fpn"])
     _, report = attnsurgeon.insert(loaded, attn="eca", blocks="backbone.body.layer4.*", target="backbone.body",
@@ -285,6 +291,7 @@ def test_blocks_globs_match_full_names_and_target_chooses_a_part():
     assert anatomy.blocks[0].name == "backbone.body.layer1.0"
 
 
+@pytest.mark.slow
 def test_target_errors_name_what_traces():
     loaded = load_model("fasterrcnn_mobilenet_v3_large_320_fpn", **DETECTORS["fasterrcnn_mobilenet_v3_large_320_fpn"])
     with pytest.raises(AttnSurgeonError, match=r"no submodule of that name\. Did you mean: backbone\.body.*"
@@ -296,6 +303,7 @@ def test_target_errors_name_what_traces():
         attnsurgeon.insert(loaded, attn="se", target="roi_heads.box_head", input_size=SIZE)
 
 
+@pytest.mark.slow
 def test_target_on_a_model_that_traces_whole_round_trips(tmp_path):
     model, report = attnsurgeon.insert("resnet18", attn="se", target="layer3", input_size=64)
     assert report.target == ["layer3"] and [i.block for i in report.insertions] == ["layer3.0", "layer3.1"]
@@ -335,6 +343,7 @@ def test_raft_small_through_its_feature_encoders():
 # --------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_detector_insert_inspect_and_errors(cli, tmp_path):
     import json
 
@@ -355,6 +364,7 @@ def test_cli_detector_insert_inspect_and_errors(cli, tmp_path):
     assert code == 2 and "cannot capture" in err and not (tmp_path / "d.pt2").exists()
 
 
+@pytest.mark.slow
 def test_profile_counts_the_traced_parts_where_fvcore_cannot_run_the_whole(monkeypatch):
     """Where fvcore fails on the whole model, MACs come from the traced parts, and the report says so."""
     import attnsurgeon.profiling.flops as flops
