@@ -331,7 +331,7 @@ class _OddEven(torch.nn.Module):
         return x * 2 if x.shape[0] % 2 else x + 1
 
 
-@pytest.mark.parametrize("ext", ["pt2", "onnx", "ts"])
+@pytest.mark.parametrize("ext", ["pt2", pytest.param("onnx", marks=pytest.mark.slow), "ts"])  # onnx: 4 s of exporter
 def test_a_model_that_fixes_its_batch_falls_back_to_a_static_one(ext, tmp_path):
     path = tmp_path / f"m.{ext}"
     written = export(_OddEven(), path, input_size=(3, 4, 4))
