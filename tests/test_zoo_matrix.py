@@ -71,7 +71,7 @@ def test_the_blocks_without_an_identity_init_are_the_pinned_ones():
     assert refused == NO_IDENTITY
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module", params=[m if m == "resnet18" else pytest.param(m, marks=pytest.mark.slow) for m in MODELS])
 def traced(request):
     import torchvision
 
@@ -153,6 +153,7 @@ def test_every_block_at_every_position_is_an_exact_identity_at_init(traced):
                 assert out.shape == y.shape and torch.isfinite(out).all(), (model_name, position, pairs)
 
 
+@pytest.mark.slow
 def test_identity_blocks_learn_and_stay_exact_in_train_mode():
     """resnet18, train mode (batch-norm on batch statistics): outputs equal, and the new parameters get gradients."""
     import torchvision
@@ -184,6 +185,7 @@ def test_identity_blocks_learn_and_stay_exact_in_train_mode():
                     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), (ins.attn, position)
 
 
+@pytest.mark.slow
 def test_flop_breakdown_of_every_block_sums_to_the_delta():
     """Profile resnet18 with every block of the zoo at its natural position: every op they use is
     counted, and the per-insertion MACs and parameters sum exactly to the totals' deltas."""
