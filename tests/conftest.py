@@ -10,7 +10,10 @@ os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), ".to
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: the suite's inputs are small, where a second thread buys little on a quiet machine and, on a
+# busy one, makes every op wait for a descheduled worker (a test of the memory-efficient pass took 13 s on two
+# threads, 7 s on one, with other work on the machine).
+torch.set_num_threads(1)
 
 SMALL = (3, 64, 64)  # input size for tests where the resolution does not matter
 

@@ -9,6 +9,7 @@ from attnsurgeon import inspect_model
 SMALL = (3, 64, 64)
 
 
+@pytest.mark.slow
 def test_resnet50_stages_blocks_and_sites():
     _, a = inspect_model("resnet50", input_size=SMALL)
     assert [s.name for s in a.stages] == ["layer1", "layer2", "layer3", "layer4"]
@@ -56,6 +57,7 @@ def test_existing_attention_in_torchvision_models():
     assert len(r.existing_attention) == 16
 
 
+@pytest.mark.slow
 def test_convnext_blocks_and_timm_stage_names():
     _, a = inspect_model("timm:convnext_tiny", input_size=SMALL)
     assert [s.name for s in a.stages] == ["stages.0", "stages.1", "stages.2", "stages.3"]
@@ -63,6 +65,7 @@ def test_convnext_blocks_and_timm_stage_names():
     assert all(b.layout == "NCHW" and b.skip == "identity" for b in a.blocks)
 
 
+@pytest.mark.slow
 def test_plain_cnns_are_split_into_conv_units():
     _, vgg = inspect_model("vgg11", input_size=SMALL)
     assert [b.name for b in vgg.blocks] == ["features.0", "features.3", "features.6", "features.8",

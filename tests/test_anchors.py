@@ -63,6 +63,7 @@ def test_globs_stay_within_a_dotted_name_unless_doubled():
 # --------------------------------------------------------------------------- the issue's examples
 
 
+@pytest.mark.slow
 def test_se_after_each_conv2_of_resnet50_stage3_sits_before_bn2():
     base = torchvision_resnet("resnet50")
     gm, report = attnsurgeon.insert(base, attn="se", after="layer3.*.conv2", input_size=SMALL, init="identity")
@@ -88,6 +89,7 @@ def torchvision_resnet(name: str) -> nn.Module:
     return torchvision.models.get_model(name).eval()
 
 
+@pytest.mark.slow
 def test_smp_unet_with_scse_anchors_equals_smps_own_scse_decoder():
     smp = pytest.importorskip("segmentation_models_pytorch")
     torch.manual_seed(0)
@@ -156,6 +158,7 @@ def test_after_a_conv1d_in_a_1d_net(tmp_path):
         assert not torch.allclose(gm(x), loaded.model(x), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_after_a_stage_of_a_video_model():
     base = torchvision_resnet("r3d_18")
     size = (3, 4, 32, 32)
@@ -191,6 +194,7 @@ def test_tokens_of_a_vit_and_a_2d_block_refused_there():
     assert _same_state(vit, before)
 
 
+@pytest.mark.slow
 def test_a_module_the_tracer_keeps_whole_is_an_anchor_but_not_what_is_inside_it():
     pytest.importorskip("timm")
     loaded = attnsurgeon.load_model("timm:mobilevit_xxs")
@@ -203,6 +207,7 @@ def test_a_module_the_tracer_keeps_whole_is_an_anchor_but_not_what_is_inside_it(
         attnsurgeon.insert(loaded, attn="se", after="stages.3.1.conv_kxk", input_size=SMALL)
 
 
+@pytest.mark.slow
 def test_detector_part_anchor_and_refusals_outside_it():
     from test_segdet import DETECTORS, SIZE
 
@@ -293,6 +298,7 @@ def test_stages_and_blocks_narrow_the_anchors():
         attnsurgeon.insert(base, attn="eca", before="fc", stages=[2], input_size=SMALL)
 
 
+@pytest.mark.slow
 def test_cli_insert_with_anchors_saves_and_reloads_and_exports_every_format(cli, tmp_path):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "a.safetensors"
@@ -311,6 +317,7 @@ def test_cli_insert_with_anchors_saves_and_reloads_and_exports_every_format(cli,
         assert code == 0, err  # each is loaded back and compared with the model by export itself
 
 
+@pytest.mark.slow
 def test_recipe_and_sweep_grid_take_anchors(tmp_path, cli):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: resnet18\ninput_size: [3, 32, 32]\ninsertions:\n  - attn: se\n    after: layer3.*.conv1\n"
@@ -336,6 +343,7 @@ def test_recipe_and_sweep_grid_take_anchors(tmp_path, cli):
     assert [r["delta"]["params"] for r in rows] == [_se_params(256, 16), _se_params(512, 32)]
 
 
+@pytest.mark.slow
 def test_memory_efficient_profile_and_plot_on_an_anchor(tmp_path):
     base = torchvision_resnet("resnet18")
     torch.manual_seed(0)
@@ -362,6 +370,7 @@ def test_memory_efficient_profile_and_plot_on_an_anchor(tmp_path):
     assert "insertion:layer3.0.bn2_se" in svg and "insertion:layer3.1.bn2_se" in svg
 
 
+@pytest.mark.slow
 def test_inspect_lists_the_anchors_with_shapes(cli):
     code, stdout, err = cli("inspect", "resnet18", "--anchors", "--input-size", "32", "--json")
     assert code == 0, err
@@ -373,6 +382,7 @@ def test_inspect_lists_the_anchors_with_shapes(cli):
     assert code == 0 and "layer3.0.conv2" in stdout and "--after" in stdout
 
 
+@pytest.mark.slow
 def test_explain_reads_the_gates_of_anchored_blocks(tmp_path):
     pytest.importorskip("pytorch_grad_cam")
     from test_explain import _image
@@ -385,6 +395,7 @@ def test_explain_reads_the_gates_of_anchored_blocks(tmp_path):
     assert {"layer3.0.conv2_cbam", "layer3.1.conv2_cbam"} <= gates
 
 
+@pytest.mark.slow
 def test_an_identity_placeholder_is_no_attention_the_model_has():
     smp = pytest.importorskip("segmentation_models_pytorch")
     _, plain = attnsurgeon.inspect_model(smp.Unet("resnet34", encoder_weights=None), input_size=(3, 64, 64))
@@ -402,6 +413,7 @@ def build():
 """
 
 
+@pytest.mark.slow
 def test_yolov8n_through_a_factory_with_cbam_after_model_9(tmp_path, monkeypatch):
     pytest.importorskip("ultralytics")
     from attnsurgeon.loading.samples import flatten_outputs

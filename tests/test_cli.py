@@ -25,12 +25,13 @@ def _imports_torch(args):
     return out.stdout.strip()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["insert", "--help"], ["list", "attn"], ["list", "positions"], ["inspect", "--help"],
-                                  ["explain", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], *(pytest.param(a, marks=pytest.mark.slow) for a in (  # a process each
+    ["insert", "--help"], ["list", "attn"], ["list", "positions"], ["inspect", "--help"], ["explain", "--help"]))])
 def test_help_and_lists_do_not_import_torch(args):
     assert _imports_torch(args) == "[]"
 
 
+@pytest.mark.slow
 def test_insert_json_schema_matches_the_api(cli):
     code, out, err = cli("insert", "resnet18", "--attn", "eca", "--stages", "3,4", "--input-size", "64", "--json")
     assert code == 0, err
@@ -54,6 +55,7 @@ def test_insert_table_names_modules_and_totals(cli):
     assert f"11,689,512 → {11_689_512 + 2 * per_block:,} ({2 * per_block:+,}," in out
 
 
+@pytest.mark.slow
 def test_per_stage_kernel_sizes_and_bias_flags(cli):
     code, out, err = cli("insert", "resnet50", "--attn", "eca", "-k", "3,5,5,7", "--input-size", "64", "--json")
     assert code == 0, err
@@ -71,7 +73,7 @@ def test_per_stage_kernel_sizes_and_bias_flags(cli):
         (["insert", "resnet18", "--stages", "5"], "the model has 4 stages"),
         (["insert", "resnet18", "--stages", "three"], "--stages"),
         (["insert", "resnet18", "--blocks", "layer9.*"], "matches no block"),
-        (["insert", "vgg11", "--position", "identity"], "not available"),
+        pytest.param(["insert", "vgg11", "--position", "identity"], "not available", marks=pytest.mark.slow),  # vgg11's size
         (["insert", "resnet18", "--reduction", "0"], "reduction must be a number > 0"),
         (["insert", "resnet18", "--weights", "missing.pt"], "does not exist"),
         (["insert", "resnet18", "--input-size", "big"], "input size"),
@@ -91,6 +93,7 @@ def test_wrong_input_is_one_line_and_exit_2(cli, args, message):
     assert out == ""
 
 
+@pytest.mark.slow
 def test_debug_anywhere_shows_the_traceback():
     exe = [sys.executable, "-c", "from attnsurgeon.cli import main; main()"]
     plain = subprocess.run([*exe, "insert", "resnet5O"], capture_output=True, text=True, env=ENV)
@@ -99,6 +102,7 @@ def test_debug_anywhere_shows_the_traceback():
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "AttnSurgeonError" in debug.stderr
 
 
+@pytest.mark.slow
 def test_inspect_json_and_table(cli):
     code, out, err = cli("inspect", "mobilenet_v3_large", "--input-size", "64", "--json")
     assert code == 0, err
@@ -111,6 +115,7 @@ def test_inspect_json_and_table(cli):
     assert code == 0 and "layer4.1" in out and "standard pre post identity 3x3" in out
 
 
+@pytest.mark.slow
 def test_list_models(cli):
     code, out, _ = cli("list", "models", "seresnet5*", "--json")
     assert code == 0
@@ -138,6 +143,7 @@ def test_list_json_is_one_object(cli):
         assert code == 0 and set(json.loads(out)) == {key}
 
 
+@pytest.mark.slow
 def test_insert_notes_existing_attention_and_reports_the_requested_reduction(cli):
     code, out, err = cli("insert", "mobilenet_v3_large", "--position", "3x3", "--stages", "2", "--input-size", "64", "--json")
     assert code == 0, err

@@ -71,6 +71,7 @@ def test_sample_inputs_follow_the_family(cov):
     assert [x.shape for x in cov.sample_inputs("optical_flow", (3, 64, 64))] == [(1, 3, 64, 64)] * 2
 
 
+@pytest.mark.slow
 def test_worker_runs_in_its_own_process_and_resumes(cov, tmp_path, capsys):
     timm = pytest.importorskip("timm")
     import torch

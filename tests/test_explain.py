@@ -56,6 +56,7 @@ def _inside(yx, box):
     return y0 <= yx[0] < y1 and x0 <= yx[1] < x1
 
 
+@pytest.mark.slow
 def test_gradcam_peaks_on_the_stimulus_that_drives_the_class(tmp_path):
     img = _image(tmp_path / "two.png")
     e = explain(Detector(), [img])
@@ -68,6 +69,7 @@ def test_gradcam_peaks_on_the_stimulus_that_drives_the_class(tmp_path):
     assert _inside(np.unravel_index(cam.argmax(), cam.shape), BLUE) and cam[RED[0]:RED[2], RED[1]:RED[3]].max() < 0.05
 
 
+@pytest.mark.slow
 def test_identity_init_gates_are_exactly_one_and_the_maps_agree(tmp_path):
     img = _image(tmp_path / "two.png")
     e = explain("resnet18", [img], attn="cbam", init="identity", input_size=64)
@@ -80,6 +82,7 @@ def test_identity_init_gates_are_exactly_one_and_the_maps_agree(tmp_path):
     np.testing.assert_allclose(e.modified[0].cam, e.base[0].cam, atol=1e-6)  # an identity changes nothing
 
 
+@pytest.mark.slow
 def test_gate_statistics_equal_values_read_by_independent_hooks(tmp_path):
     files = [_image(tmp_path / "a.png", seed=1), _image(tmp_path / "b.png", squares=(BLUE, RED), seed=2)]
     torch.manual_seed(0)
@@ -112,6 +115,7 @@ def test_gate_statistics_equal_values_read_by_independent_hooks(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["explain.json", "sheet_a.png", "sheet_b.png", "summary.png"]
 
 
+@pytest.mark.slow
 def test_the_models_own_attention_is_read_too(tmp_path):
     """mobilenet_v3_small's SE modules (torchvision's SqueezeExcitation, traced through) are found
     as attention regions; their gate is the Hardsigmoid they call."""
@@ -133,6 +137,7 @@ def test_the_models_own_attention_is_read_too(tmp_path):
         assert torch.equal(e.base[0].gates[(g.module, g.name)], seen[g.path][0])
 
 
+@pytest.mark.slow
 def test_torchvision_preprocessing_is_the_weights_own(tmp_path):
     from torchvision.models import ResNet18_Weights
 
@@ -184,6 +189,7 @@ def test_a_failure_while_writing_leaves_no_partial_folder(tmp_path, monkeypatch)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # ... and nothing is left
 
 
+@pytest.mark.slow
 def test_cli_explain_a_folder(cli, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -200,6 +206,7 @@ def test_cli_explain_a_folder(cli, tmp_path):
     assert (tmp_path / "out" / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_the_default_layer_is_the_last_map_with_a_spatial_extent(tmp_path):
     """torchvision's ConvNeXt ends in a channels-last 1×1 norm before its head: Grad-CAM goes to
     the last stage's output, whose 2×2 map (at 64 px) has a spatial extent."""
@@ -207,6 +214,7 @@ def test_the_default_layer_is_the_last_map_with_a_spatial_extent(tmp_path):
     assert e.layer == "features.7.2" and e.base[0].cam.shape == (64, 64)
 
 
+@pytest.mark.slow
 def test_an_existing_out_folder_is_kept_unless_force(cli, tmp_path):
     image = _image(tmp_path / "x.png")
     out = tmp_path / "out"

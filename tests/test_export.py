@@ -30,6 +30,7 @@ def _leftovers(folder):
     return [p.name for p in folder.iterdir() if ".part" in p.name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, attn", CASES)
 def test_round_trip_every_format(name, attn, tmp_path):
     model, report = _model(name, attn)
@@ -59,6 +60,7 @@ def test_round_trip_every_format(name, attn, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_exported_files_load_where_attnsurgeon_cannot_be_imported(tmp_path):
     model, _ = _model("resnet18", "se")
     x = torch.randn(2, *SIZE)
@@ -92,6 +94,7 @@ print({{k: float((v - y).abs().max()) for k, v in outs.items()}})
     assert set(diffs) == {"pt2", "ts", "onnx"} and all(d <= 1e-4 for d in diffs.values())
 
 
+@pytest.mark.slow
 def test_safetensors_carries_the_recipe_and_versions(tmp_path):
     model, _ = attnsurgeon.insert("resnet18", "eca", stages=[3, 4], kernel_size=[3, 5], init="identity", input_size=SIZE)
     path = tmp_path / "eca.safetensors"
@@ -109,6 +112,7 @@ def test_safetensors_carries_the_recipe_and_versions(tmp_path):
         assert torch.equal(rebuilt(x), model.eval()(x))
 
 
+@pytest.mark.slow
 def test_no_overwrite_without_force(tmp_path, cli):
     model, _ = _model("resnet18", "se")
     path = tmp_path / "m.ts"
@@ -122,6 +126,7 @@ def test_no_overwrite_without_force(tmp_path, cli):
     assert path.stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_failed_export_leaves_no_file(tmp_path):
     model, _ = _model("resnet18", "se")
     target = tmp_path / "m.onnx"
@@ -140,6 +145,7 @@ class _Histogram(torch.nn.Module):
         return x + torch.histc(x, bins=4).sum()
 
 
+@pytest.mark.slow
 def test_an_op_onnx_cannot_export_is_named(tmp_path):
     with pytest.raises(AttnSurgeonError, match=r"ONNX export failed at op aten\.histc"):
         export(_Histogram(), tmp_path / "h.onnx", input_size=(3, 8, 8))
@@ -154,6 +160,7 @@ def test_unknown_extension_and_missing_onnx_are_refused_before_work(tmp_path, mo
         export(torch.nn.Identity(), tmp_path / "m.onnx")
 
 
+@pytest.mark.slow
 def test_recipe_missing_or_mismatched_is_refused(tmp_path):
     model, _ = _model("resnet18", "se")
     good = tmp_path / "good.safetensors"
@@ -176,6 +183,7 @@ def test_recipe_missing_or_mismatched_is_refused(tmp_path):
         load(bad)
 
 
+@pytest.mark.slow
 def test_cli_insert_out_then_export_and_profile_the_saved_file(tmp_path, cli):
     saved = tmp_path / "cbam.safetensors"
     code, out, err = cli("insert", "resnet18", "--attn", "cbam", "--stages", "4", "--input-size", "64", "--out", saved, "--json")
@@ -194,6 +202,7 @@ def test_cli_insert_out_then_export_and_profile_the_saved_file(tmp_path, cli):
     assert code == 2 and "carries its own insertions" in err
 
 
+@pytest.mark.slow
 def test_files_get_the_usual_permissions(tmp_path):
     model, _ = _model("resnet18", "se")
     umask = os.umask(0)
@@ -225,6 +234,7 @@ def test_an_interrupted_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_inspect_a_saved_model(tmp_path, cli):
     model, _ = _model("resnet18", "se")
     export(model, tmp_path / "m.safetensors")
@@ -234,6 +244,7 @@ def test_inspect_a_saved_model(tmp_path, cli):
     assert data["model"] == "tv:resnet18" and len(data["existing_attention"]) == 8  # the inserted SE modules
 
 
+@pytest.mark.slow
 def test_load_base_gives_the_saved_base_weights(tmp_path):
     from attnsurgeon.saving.saved import load_base
 
@@ -256,6 +267,7 @@ def test_the_api_function_export_is_not_hidden_by_its_submodule():
     assert attnsurgeon.export is module.export and callable(attnsurgeon.load)
 
 
+@pytest.mark.slow
 def test_load_model_understands_a_saved_file(tmp_path):
     """One place loads a saved model for every command: the modified model, its base beside it."""
     model, report = attnsurgeon.insert("resnet18", "eca", stages=[4], input_size=SIZE)
@@ -280,6 +292,7 @@ def _onnx_run(path, x):
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
+@pytest.mark.slow
 def test_default_onnx_and_ts_run_at_other_batch_sizes(tmp_path):
     model, _ = _model("resnet18", "se")
     for ext in ("onnx", "ts"):
@@ -294,6 +307,7 @@ def test_default_onnx_and_ts_run_at_other_batch_sizes(tmp_path):
         assert torch.allclose(_onnx_run(tmp_path / "m.onnx", x), expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_static_batch_writes_a_fixed_batch(tmp_path, cli):
     import onnxruntime as ort
 
@@ -318,7 +332,7 @@ class _OddEven(torch.nn.Module):
         return x * 2 if x.shape[0] % 2 else x + 1
 
 
-@pytest.mark.parametrize("ext", ["pt2", "onnx", "ts"])
+@pytest.mark.parametrize("ext", ["pt2", pytest.param("onnx", marks=pytest.mark.slow), "ts"])  # onnx: 4 s of exporter
 def test_a_model_that_fixes_its_batch_falls_back_to_a_static_one(ext, tmp_path):
     path = tmp_path / f"m.{ext}"
     written = export(_OddEven(), path, input_size=(3, 4, 4))

@@ -12,6 +12,7 @@ import json
 import pytest
 import timm
 import torch
+from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
 from attnsurgeon import AttnSurgeonError, insert
@@ -48,6 +49,12 @@ class _Tiny(nn.Module):
 
     def forward(self, x):
         return self.head(self.layers(self.stem(x)).mean((2, 3)))
+
+
+def _bottlenecks(**kwargs):
+    """resnet26's layout (timm's ResNet, two bottlenecks per stage: eight gate sites) at an eighth of its widths: the
+    same segments to recompute, at a fraction of the compute."""
+    return ResNet(Bottleneck, (2, 2, 2, 2), channels=(8, 16, 32, 64), stem_width=16, num_classes=10, **kwargs)
 
 
 def _step(model, x, seed=1, dtype=None):
@@ -115,11 +122,12 @@ def test_dropout_and_batch_norm_in_the_recomputed_part(momentum):
     _assert_same_step(plain_model, efficient, x)  # a second step: the statistics keep agreeing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["se", "eca", "cbam"])
 @pytest.mark.parametrize("position", ["standard", "pre", "post", "identity", "3x3"])
 def test_gradients_and_statistics_equal_the_plain_insertion(attn, position):
     torch.manual_seed(0)
-    base = timm.create_model("resnet26", drop_path_rate=0.2)  # bottlenecks with drop path
+    base = _bottlenecks(drop_path_rate=0.2)  # with drop path
     plain_model, efficient, report = _pair(base, attn=attn, position=position)
     assert len(report.memory_efficient) == len(report.insertions) == 8
     assert {s.method for s in report.memory_efficient} == {"selective"}
@@ -127,21 +135,23 @@ def test_gradients_and_statistics_equal_the_plain_insertion(attn, position):
     assert set(_methods(efficient)) == {"selective"}  # every large tensor the step kept was rebuilt
 
 
+@pytest.mark.slow
 def test_autocast_and_channels_last():
     torch.manual_seed(0)
-    plain_model, efficient, _ = _pair(timm.create_model("resnet26", drop_path_rate=0.1), attn="cbam")
+    plain_model, efficient, _ = _pair(_bottlenecks(drop_path_rate=0.1), attn="cbam")
     plain_model, efficient = (m.to(memory_format=torch.channels_last) for m in (plain_model, efficient))
     x = torch.randn(2, 3, SIZE, SIZE).to(memory_format=torch.channels_last)
     _assert_same_step(plain_model, efficient, x, dtype=torch.bfloat16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["se", "eca", "cbam"])
 def test_the_gated_map_is_not_kept_for_backward(attn):
     """A gate keeps its input (the bottleneck's last norm output) for backward; rebuilt, the step
     keeps no more than the model without any attention (the gate vectors are smaller than the
     feature maps the plain graph frees earlier), and no more than the whole-segment checkpoint."""
     torch.manual_seed(0)
-    base = timm.create_model("resnet26")
+    base = _bottlenecks()
     x = torch.randn(2, 3, SIZE, SIZE)
     without = _saved_bytes(trace(copy.deepcopy(base)), x)
     plain_model, efficient, _ = _pair(base, attn=attn)
@@ -174,13 +184,14 @@ def _backward_ops(model, x):
     return ops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["se", "cbam"])
 def test_backward_rebuilds_the_norm_output_only(attn):
     """Backward runs no batch norm forward, no pooling and no gate again: one fused pass per gate
     rebuilds the norm's output (CBAM: and one product, the map its spatial gate reads); the
     whole-segment checkpoint runs the batch norm again for each."""
     torch.manual_seed(0)
-    _, efficient, _ = _pair(timm.create_model("resnet26"), attn=attn)
+    _, efficient, _ = _pair(_bottlenecks(), attn=attn)
     checkpointed = copy.deepcopy(efficient)
     for m in checkpointed.modules():
         if isinstance(m, Recompute):
@@ -221,6 +232,7 @@ def test_a_map_the_plan_cannot_rebuild_hands_the_segment_to_checkpoint():
     _assert_same_step(plain_model, efficient, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["timm:seresnet18", "timm:efficientnet_b0", "timm:mobilenetv3_small_050",
                                   "timm:regnety_002", "mobilenet_v3_small"])
 def test_optimize_the_attention_a_model_has(name):
@@ -239,6 +251,7 @@ def test_optimize_the_attention_a_model_has(name):
     assert _saved_bytes(efficient, x) < _saved_bytes(reference, x)
 
 
+@pytest.mark.slow
 def test_nothing_changes_in_eval_names_or_state():
     torch.manual_seed(0)
     base = timm.create_model("resnet18")
@@ -260,6 +273,7 @@ def test_nothing_changes_in_eval_names_or_state():
     assert counts[0] == counts[1]
 
 
+@pytest.mark.slow
 def test_plain_is_the_plain_graph_and_exports_match(tmp_path):
     from attnsurgeon import export
 
@@ -277,6 +291,7 @@ def test_plain_is_the_plain_graph_and_exports_match(tmp_path):
     assert list(programs[0].state_dict) == list(programs[1].state_dict)
 
 
+@pytest.mark.slow
 def test_saved_model_stays_memory_efficient(tmp_path):
     from attnsurgeon import export, load
 
@@ -306,6 +321,7 @@ def test_recipe_key():
         parse_recipe({"model": "resnet18", "memory_efficient": "yes", "insertions": [{"attn": "se"}]})
 
 
+@pytest.mark.slow
 def test_cli_optimize_insert_and_errors(cli):
     code, out, _ = cli("optimize", "timm:seresnet18", "--input-size", SIZE, "--json")
     assert code == 0
@@ -319,6 +335,7 @@ def test_cli_optimize_insert_and_errors(cli):
     assert code == 2 and "no attention gate to recompute" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_cli_profile_before_and_after(cli):
     code, out, _ = cli("profile", "timm:efficientnet_b0", "--memory-efficient", "--mode", "train", "--input-size", SIZE,
                        "--batch-size", 8, "--min-time", 0.05, "--max-time", 0.1, "--json")

@@ -13,6 +13,7 @@ from attnsurgeon import load_model
 from attnsurgeon.loading.models import list_models, parse_model_spec, resolve_source
 
 
+@pytest.mark.slow
 def test_bare_name_in_both_libraries_resolves_to_torchvision():
     assert resolve_source("resnet50") == ("torchvision", "resnet50")
     assert resolve_source("timm:resnet50") == ("timm", "resnet50")
@@ -34,6 +35,7 @@ def test_spec_parsing_without_imports():
         parse_model_spec("tv:")
 
 
+@pytest.mark.slow
 def test_list_models_pattern_names_the_source():
     rows = list_models("resnet50")
     assert ("resnet50", "torchvision") in rows and ("resnet50", "timm") in rows

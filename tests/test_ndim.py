@@ -169,6 +169,7 @@ def _blocks_at(report, position):
     return [i for i in report.insertions if i.position == position]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["se", "eca", "cbam"])
 def test_r3d_18_at_every_position(attn):
     torch.manual_seed(0)
@@ -196,6 +197,7 @@ def test_se_in_r3d_18_adds_the_2d_formula():
     assert report.params["delta"] == sum(2 * (2 * c * h + h + c) for c, h in hidden.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mc3_18", "r2plus1d_18"])
 def test_other_video_resnets(name):
     """Frame-by-frame gates (keep_depth), identity-initialised: the base model's outputs, every gate read."""
@@ -210,6 +212,7 @@ def test_other_video_resnets(name):
     assert out.shape == (1, 400) and torch.equal(out, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, stages, layout, count", [("s3d", None, "NCDHW", 77), ("swin3d_t", [4], "NDHWC", 4)])
 def test_s3d_and_video_transformers_insert_and_run(name, stages, layout, count):
     """At their own clip size (16 frames of 224 × 224: shapes on the meta device), then run on a small clip: the
@@ -233,6 +236,7 @@ def test_s3d_and_video_transformers_insert_and_run(name, stages, layout, count):
     assert out.shape == (1, 400) and torch.equal(out, expected)
 
 
+@pytest.mark.slow
 def test_video_cli_and_profile(cli):
     code, out, err = cli("insert", "r3d_18", "--attn", "cbam", "--stages", "4", "--input-size", "3,4,32,32", "--json")
     assert code == 0, err
@@ -258,6 +262,7 @@ def test_video_cli_and_profile(cli):
     assert result.modified.memory[1].peak_bytes > 0 and result.modified.latency[1].median_ms > 0
 
 
+@pytest.mark.slow
 def test_video_model_exports_in_every_format(tmp_path):
     from attnsurgeon.saving.export import export, load
 

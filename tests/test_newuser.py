@@ -96,6 +96,7 @@ def test_a_folder_holding_a_different_sweep_says_so_and_resume_is_kept_for_the_s
 # --------------------------------------------------------------------------- 6. stopped from outside, not on a terminal
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_outside_a_terminal_has_said_how_far_it_got_and_how_to_finish(tmp_path):
     import signal
     import time
@@ -178,6 +179,7 @@ def test_inspect_prints_its_notes_on_stderr_like_insert(cli, tmp_path):
 # --------------------------------------------------------------------------- 7. profile --memory-efficient says so
 
 
+@pytest.mark.slow
 def test_profile_memory_efficient_says_it_is_on_and_what_modified_is(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")
     fast = ("--input-size", "32", "--min-time", "0.02", "--max-time", "0.05", "--threads", "1")
@@ -201,6 +203,7 @@ def test_profile_memory_efficient_says_it_is_on_and_what_modified_is(cli, monkey
 # --------------------------------------------------------------------------- 8. explain on random weights says so
 
 
+@pytest.mark.slow
 def test_explain_without_weights_says_they_are_random(cli, tmp_path):
     pytest.importorskip("pytorch_grad_cam")
     import numpy as np
@@ -258,6 +261,7 @@ def test_sweep_plot_labels_do_not_collide_where_points_are_close():
 # --------------------------------------------------------------------------- 5. stopping a sweep on Ray
 
 
+@pytest.mark.slow
 def test_stopping_a_ray_sweep_is_quiet_cancels_its_tasks_and_draws_what_finished(tmp_path):
     pytest.importorskip("ray")
     import signal

@@ -11,6 +11,8 @@ from attnsurgeon import InsertionSpec, apply_plan
 from attnsurgeon import inspect_model
 from attnsurgeon.pictures.plot import FALLBACK_STYLE, POSITION_STYLES, draw_insertion_map, save_figure
 
+from formulas import cbam_hidden, cbam_macs, eca_kernel, eca_macs, se_hidden, se_macs
+
 # five positions of the SENet integration study, stacked in one plan on resnet18
 PLAN = [InsertionSpec("se", "standard", stages=[1]), InsertionSpec("cbam", "pre", stages=[2]),
         InsertionSpec("eca", "identity", stages=[3]), InsertionSpec("se", "3x3", stages=[4]),
@@ -18,9 +20,16 @@ PLAN = [InsertionSpec("se", "standard", stages=[1]), InsertionSpec("cbam", "pre"
 
 
 @pytest.fixture(scope="module")
-def stacked():
+def stacked_models():
+    """resnet18 at 64 px, its anatomy, and PLAN applied to it (tests read them, none changes them)."""
     loaded, anatomy = inspect_model("resnet18", input_size=64)
-    _, report = apply_plan(loaded, PLAN, input_size=64)
+    modified, report = apply_plan(loaded, PLAN, input_size=64)
+    return loaded, anatomy, modified, report
+
+
+@pytest.fixture(scope="module")
+def stacked(stacked_models):
+    _, anatomy, _, report = stacked_models
     return anatomy, report
 
 
@@ -119,6 +128,7 @@ def test_many_blocks_fold_into_rows_and_long_names_are_shortened():
     assert len(rows) == 3  # 10 + 10 + 5
 
 
+@pytest.mark.slow
 def test_cli_insert_and_inspect_plot(cli, tmp_path):
     out = tmp_path / "map.svg"
     code, stdout, err = cli("insert", "resnet18", "--attn", "cbam", "--stages", "3,4", "--input-size", "64", "--plot", out)
@@ -143,18 +153,34 @@ def test_cli_bad_plot_arguments_fail_before_any_work(cli, tmp_path, monkeypatch,
     assert not list(tmp_path.iterdir())
 
 
-def test_insertion_macs_sum_to_the_models_difference(stacked):
-    """--plot-metric macs: per-module MACs (fvcore with the element-wise handles), summing to the
-    modified model's MACs less the base model's, counted independently on the whole models."""
-    from attnsurgeon.pictures.plot import insertion_macs
-    from attnsurgeon.profiling.flops import count_macs
+def test_insertion_macs_match_the_formulas_and_the_models_difference(stacked_models):
+    """--plot-metric macs: per-module MACs (fvcore with the element-wise handles), each the block's analytic count
+    at its place, and their convolutions summing to what stock fvcore counts on the two whole models."""
+    from fvcore.nn import FlopCountAnalysis
 
-    loaded, _ = inspect_model("resnet18", input_size=64)
-    modified, report = apply_plan(loaded, PLAN, input_size=64)
+    from attnsurgeon.pictures.plot import insertion_macs
+
+    loaded, _, modified, report = stacked_models
     values = insertion_macs(loaded.model, modified, report)
+    # resnet18 at 64 px: layer1 64 ch at 16x16, layer2 128 at 8x8, layer3 256 at 4x4, layer4 512 at 2x2; pre sits on
+    # a block's input (layer2.0 takes layer1's map), identity on the shortcut's output, 3x3 after the first conv
+    places = {"layer1.0.se": ("se", 64, 16), "layer1.1.se": ("se", 64, 16),
+              "layer2.0.cbam_pre": ("cbam", 64, 16), "layer2.1.cbam_pre": ("cbam", 128, 8),
+              "layer3.0.eca_identity": ("eca", 256, 4), "layer3.1.eca_identity": ("eca", 256, 4),
+              "layer4.0.se_3x3": ("se", 512, 2), "layer4.1.se_3x3": ("se", 512, 2),
+              "layer4.0.eca_post": ("eca", 512, 2), "layer4.1.eca_post": ("eca", 512, 2)}
+    macs = {"se": lambda c, h: se_macs(c, h, h, se_hidden(c)), "cbam": lambda c, h: cbam_macs(c, h, h, cbam_hidden(c)),
+            "eca": lambda c, h: eca_macs(c, h, h, eca_kernel(c))}
+    assert values == {module: macs[kind](c, h) for module, (kind, c, h) in places.items()}
+    # stock fvcore counts only the convolutions and norms: SE's two 1x1 convs, CBAM's shared MLP (twice), its 7x7
+    # spatial conv and BN (2 per element in eval), ECA's 1-D conv; so the difference of the two whole models, each
+    # counted on its own, is theirs alone
     x = torch.randn(1, 3, 64, 64)
-    assert sum(values.values()) == count_macs(modified, (x,)).macs - count_macs(loaded.model, (x,)).macs
-    assert values["layer1.0.se"] > 0
+    stock = [FlopCountAnalysis(m.eval(), (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+             for m in (loaded.model, modified)]
+    convs = {"se": lambda c, h: 2 * c * se_hidden(c), "eca": lambda c, h: eca_kernel(c) * c,
+             "cbam": lambda c, h: 4 * c * cbam_hidden(c) + 2 * 7 * 7 * h * h + 2 * h * h}
+    assert stock[1] - stock[0] == sum(convs[kind](c, h) for kind, c, h in places.values())
 
 
 def _saved_total(model, x):
@@ -175,6 +201,7 @@ def _saved_total(model, x):
     return sum(kept.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("position", ["standard", "pre", "post"])
 def test_memory_kept_for_backward_per_insertion(position):
     """SE keeps a map the size of its input (N·C·H·W: its input at the standard position, which the
@@ -197,11 +224,12 @@ def test_memory_kept_for_backward_per_insertion(position):
     for ins in report.insertions:
         c = ins.channels
         h = 64 // 4 if ins.stage == 1 else 64 // 32
-        hidden = ins.options["hidden"]
+        hidden = se_hidden(c)  # C/16 rounded to a multiple of 8, at least 8: 8 for 64 channels, 32 for 512
         assert saved[ins.module] == 4 * n * (c * h * h + c + hidden + c), ins.module
     assert sum(saved.values()) == _saved_total(modified, x) - _saved_total(base_like(loaded.model, None), x)
 
 
+@pytest.mark.slow
 def test_profile_plot_draws_the_bars(tmp_path):
     from attnsurgeon.pictures.plot import draw_costs
     from attnsurgeon.profiling import profile
@@ -219,6 +247,7 @@ def test_profile_plot_draws_the_bars(tmp_path):
     save_figure(fig, tmp_path / "costs.png")
 
 
+@pytest.mark.slow
 def test_attributing_memory_keeps_no_activation_alive():
     """saved_bytes_by_module runs one forward pass under saved_tensors_hooks; none of its activations
     may outlive the call (a pack hook returning its tensor kept them in a reference cycle that Python's

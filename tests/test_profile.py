@@ -14,41 +14,44 @@ import attnsurgeon
 from attnsurgeon.profiling import profile
 from attnsurgeon.profiling.flops import count_macs
 
+from formulas import cbam_hidden, cbam_macs, eca_kernel, eca_macs, se_hidden, se_macs
+
 FAST = dict(min_run_time=0.05, max_run_time=0.1, input_size=64)
 
 
-def se_macs(c, h, w, hidden):
-    # squeeze (mean), fc1, relu, fc2, sigmoid, broadcast multiply
-    return c * h * w + c * hidden + hidden + hidden * c + c + c * h * w
+# hidden widths and kernel sizes from the papers' rules as timm rounds them (tests/formulas.py), not read back from
+# the blocks
+HIDDEN = {c: se_hidden(c) for c in (256, 512)}
+ECA_K = {c: eca_kernel(c) for c in (256, 512)}
 
 
-def eca_macs(c, h, w, k):
-    # mean, 1-D conv across channels, sigmoid, multiply
-    return c * h * w + k * c + c + c * h * w
+def test_the_rules_give_the_widths_worked_out_by_hand():
+    assert HIDDEN == {c: cbam_hidden(c) for c in (256, 512)} == {256: 16, 512: 32}  # C/16, already multiples of 8
+    assert ECA_K == {256: 5, 512: 5}  # k = int((8 + 1) / 2) = 4 -> odd 5; int((9 + 1) / 2) = 5
+    assert [se_hidden(c) for c in (8, 64, 200)] == [8, 8, 16]  # at least 8; 12.5 rounds to 16
+    assert [cbam_hidden(c) for c in (8, 64, 200)] == [1, 4, 13]  # divisor 1: 0.5 -> 1, 12.5 -> 13
+    assert [eca_kernel(c) for c in (4, 64, 1024)] == [3, 3, 5]  # at least 3; int(7/2) = 3; int(11/2) = 5
 
 
-def cbam_macs(c, h, w, hidden, k=7):
-    channel = 2 * c * h * w + 2 * (c * hidden + hidden + hidden * c) + c + c + c * h * w  # avg+max MLP, add, gate, mul
-    spatial = 2 * c * h * w + 2 * k * k * h * w + 2 * h * w + h * w + c * h * w  # mean+amax over C, conv, BN, gate, mul
-    return channel + spatial
-
-
-@pytest.mark.parametrize("attn, formula", [
-    ("se", lambda c, h, w, i: se_macs(c, h, w, i.get("hidden"))),
-    ("eca", lambda c, h, w, i: eca_macs(c, h, w, i["kernel_size"])),
-    ("cbam", lambda c, h, w, i: cbam_macs(c, h, w, i["hidden"], i["kernel_size"])),
+@pytest.mark.parametrize("attn, macs, params", [
+    pytest.param("se", lambda c, h, w: se_macs(c, h, w, HIDDEN[c]), lambda c: 2 * c * HIDDEN[c] + HIDDEN[c] + c,
+                 marks=pytest.mark.slow),  # biased fcs
+    ("eca", lambda c, h, w: eca_macs(c, h, w, ECA_K[c]), lambda c: ECA_K[c]),  # one bias-free 1-D conv
+    pytest.param("cbam", lambda c, h, w: cbam_macs(c, h, w, HIDDEN[c], 7), lambda c: 2 * c * HIDDEN[c] + 7 * 7 * 2 + 2,
+                 marks=pytest.mark.slow),  # + the spatial conv's BN
 ])
-def test_block_macs_match_the_analytic_formula(attn, formula):
+def test_block_macs_match_the_analytic_formula(attn, macs, params):
     result = profile("resnet18", attn, stages=[3, 4], **FAST)
-    _, report = attnsurgeon.insert("resnet18", attn, stages=[3, 4], input_size=64)
-    options = {i.module: i.options for i in report.insertions}
     resolution = {3: 4, 4: 2}  # 64 px input: layer3 at 4x4, layer4 at 2x2
+    assert [i.stage for i in result.insertions] == [3, 3, 4, 4]
     for ins in result.insertions:
         c = {3: 256, 4: 512}[ins.stage]
         h = w = resolution[ins.stage]
-        assert ins.macs == formula(c, h, w, options[ins.module]), ins.module
+        assert ins.macs == macs(c, h, w), ins.module
+        assert ins.params == params(c), ins.module
 
 
+@pytest.mark.slow
 def test_breakdown_sums_exactly_to_the_delta_at_every_position():
     for position in ("standard", "pre", "post", "identity", "3x3"):
         r = profile("resnet18", "cbam", position, **FAST)
@@ -57,6 +60,7 @@ def test_breakdown_sums_exactly_to_the_delta_at_every_position():
         assert sum(i.params for i in r.insertions) == r.modified.params - r.base.params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_small", "timm:convnext_atto", "vit_b_16"])
 def test_base_macs_agree_with_fvcore_on_the_unmodified_model(name):
     loaded = attnsurgeon.load_model(name)
@@ -69,6 +73,7 @@ def test_base_macs_agree_with_fvcore_on_the_unmodified_model(name):
     assert ours.uncounted == {}
 
 
+@pytest.mark.slow
 def test_flops_are_twice_the_macs_and_reported_per_image():
     r = profile("resnet18", "se", batch_sizes=[1, 2], **FAST)
     d = r.to_dict()
@@ -98,6 +103,7 @@ def test_cpu_peak_memory_counts_tensor_bytes():
     assert r.base.memory[1].peak_bytes == step + resident
 
 
+@pytest.mark.slow
 def test_training_peak_exceeds_inference_and_se_raises_it():
     inference = profile("resnet18", "se", **FAST)
     train = profile("resnet18", "se", mode="train", **FAST)
@@ -106,12 +112,14 @@ def test_training_peak_exceeds_inference_and_se_raises_it():
     assert train.modified.memory[1].step_peak_bytes > train.base.memory[1].step_peak_bytes
 
 
+@pytest.mark.slow
 def test_the_rewrite_itself_costs_no_memory():
     """Base and modified both run as fx graphs: a tiny ECA can only add memory, never save it."""
     r = profile("resnet18", "eca", **FAST)
     assert r.modified.memory[1].step_peak_bytes >= r.base.memory[1].step_peak_bytes
 
 
+@pytest.mark.slow
 def test_latency_figures_are_sane():
     r = profile("resnet18", "eca", batch_sizes=[1, 3], threads=1, **FAST)
     for fig in (r.base, r.modified):
@@ -121,6 +129,7 @@ def test_latency_figures_are_sane():
     assert r.environment["threads"] == 1
 
 
+@pytest.mark.slow
 def test_json_schema(cli):
     code, out, err = cli("profile", "resnet18", "--attn", "se", "--stages", "4", "--batch-size", "1,2",
                          "--input-size", "64", "--min-time", "0.05", "--max-time", "0.1", "--json")
@@ -139,6 +148,7 @@ def test_json_schema(cli):
     assert single["modified"] is None and set(single["base"]["latency_ms"]) >= {"median", "iqr"}
 
 
+@pytest.mark.slow
 def test_csv_and_markdown_files(cli, tmp_path):
     code, out, err = cli("profile", "resnet18", "--attn", "eca", "--input-size", "64", "--min-time", "0.05",
                          "--max-time", "0.1", "--csv", tmp_path / "r.csv", "--markdown", tmp_path / "r.md")
@@ -164,6 +174,7 @@ def test_profile_errors(cli, args, message):
     assert code == 2 and message in err and out == "" and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_no_native_noise_reaches_the_terminal(capfd):
     profile("resnet18", "se", stages=[4], **FAST)
     captured = capfd.readouterr()

@@ -132,6 +132,7 @@ RUN = [(place, argv) for i, (place, argv) in enumerate(COMMANDS)
        if why_not_run(argv) is None and argv not in [a for _, a in COMMANDS[:i]]]  # once, where it first appears
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("place,argv", RUN, ids=[place for place, _ in RUN])
 def test_the_quick_commands_run_as_printed(place, argv, scratch, cli, monkeypatch):
     from attnsurgeon import cli as cli_mod

@@ -51,10 +51,12 @@ def params_of(recipe, configuration=None):
 # --------------------------------------------------------------------------- shipped recipes
 
 
+@pytest.mark.slow
 def test_se_resnet50_equals_timm_seresnet50():
     assert params_of("se-resnet50.yaml") == sum(p.numel() for p in timm.create_model("seresnet50").parameters())
 
 
+@pytest.mark.slow
 def test_reduction_ablation_matches_the_formula_and_the_paper():
     paper = {2: 45.7, 4: 35.7, 8: 30.7, 16: 28.1, 32: 26.9}  # millions, SENet's reduction-ratio table
     for r, reported in paper.items():
@@ -63,6 +65,7 @@ def test_reduction_ablation_matches_the_formula_and_the_paper():
         assert abs(ours / 1e6 - reported) < 0.15
 
 
+@pytest.mark.slow
 def test_integration_ablation_matches_the_formula():
     at = {"standard": lambda i, w, o: o, "post": lambda i, w, o: o, "identity": lambda i, w, o: o,
           "pre": lambda i, w, o: i, "3x3": lambda i, w, o: w}
@@ -72,6 +75,7 @@ def test_integration_ablation_matches_the_formula():
     assert abs(params_of("senet-integration-ablation.yaml", "3x3") / 1e6 - 25.8) < 0.15  # the paper's SE-3x3
 
 
+@pytest.mark.slow
 def test_stage_ablation_matches_the_formula():
     names = ["stage 2 (res2)", "stage 3 (res3)", "stage 4 (res4)", "stage 5 (res5)"]
     for stage, name in enumerate(names, 1):
@@ -79,6 +83,7 @@ def test_stage_ablation_matches_the_formula():
     assert params_of("senet-stage-ablation.yaml", "all stages") == RESNET50 + sum(se(o) for *_, o in blocks())
 
 
+@pytest.mark.slow
 def test_eca_and_cbam_recipes_match_the_formula():
     kernels = {1: 3, 2: 5, 3: 5, 4: 7}
     assert params_of("eca-resnet50.yaml") == RESNET50 + sum(kernels[s] for s, *_ in blocks()) == RESNET50 + 80
@@ -143,6 +148,7 @@ def test_yaml_is_read_safely(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_apply_cli(cli, tmp_path):
     code, out, err = cli("apply", RECIPES / "eca-resnet50.yaml", "--json", "--out", tmp_path / "eca.safetensors")
     assert code == 0, err
@@ -154,6 +160,7 @@ def test_apply_cli(cli, tmp_path):
     assert code == 2 and "is a sweep recipe" in err
 
 
+@pytest.mark.slow
 def test_apply_profile_uses_the_recipe_settings(cli, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: resnet18\ninput_size: 64\ninsertions: [{attn: se, stages: [4]}]\n"
@@ -167,6 +174,7 @@ def test_apply_profile_uses_the_recipe_settings(cli, tmp_path):
 # --------------------------------------------------------------------------- sweeps
 
 
+@pytest.mark.slow
 def test_small_sweep_writes_csv_json_png(cli, tmp_path):
     out = tmp_path / "sweep"
     code, stdout, err = cli("sweep", "resnet18", "--attn", "se,eca", "--position", "standard,pre", "--input-size", "64",
@@ -188,6 +196,7 @@ def test_small_sweep_writes_csv_json_png(cli, tmp_path):
     assert set(se_std["latency_ms"]) == {"median", "iqr"}  # nested as in `profile --json`
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_keeps_rows_and_resume_measures_only_the_rest(tmp_path):
     spec = parse_recipe({"model": "resnet18", "grid": {"attn": ["se", "eca", "cbam"]}})
     out = tmp_path / "s"
@@ -213,6 +222,7 @@ def test_interrupted_sweep_keeps_rows_and_resume_measures_only_the_rest(tmp_path
     assert [r["name"] for r in result.rows] == ["base", "se", "eca", "cbam"]
 
 
+@pytest.mark.slow
 def test_a_failing_configuration_becomes_a_failed_row(tmp_path, cli):
     # every block is selected: the blocks without a skip are left out with a note, the row is measured
     out = tmp_path / "mnv2"

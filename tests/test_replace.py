@@ -61,6 +61,7 @@ def _same_outputs(a, b, x):
 # --------------------------------------------------------------------------- the models of the issue
 
 
+@pytest.mark.slow
 def test_efficientnet_b0_se_to_eca():
     base = _tv("efficientnet_b0")
     se = {n: m for n, m in base.named_modules() if isinstance(m, SqueezeExcitation)}
@@ -78,6 +79,7 @@ def test_efficientnet_b0_se_to_eca():
     _same_outputs(gm, _swapped(base, se, lambda name, _: gm.get_submodule(name)), _x())
 
 
+@pytest.mark.slow
 def test_efficientnet_b0_se_removed_and_identity_init_is_removal_plus_an_identity():
     base = _tv("efficientnet_b0")
     se = [n for n, m in base.named_modules() if isinstance(m, SqueezeExcitation)]
@@ -116,6 +118,7 @@ def test_regnet_y_400mf_se_removed():
     _same_outputs(gm, reference, _x())
 
 
+@pytest.mark.slow
 def test_timm_seresnet50_without_se_is_timm_resnet50():
     gm, report = insert("timm:seresnet50", "none", replace=True, input_size=SMALL)
     resnet50 = timm.create_model("resnet50").eval()
@@ -124,6 +127,7 @@ def test_timm_seresnet50_without_se_is_timm_resnet50():
     _same_outputs(gm, resnet50, _x())
 
 
+@pytest.mark.slow
 def test_timm_seresnet50_se_to_se_keeps_parameters_keys_and_outputs():
     torch.manual_seed(0)
     se50 = timm.create_model("seresnet50").eval()
@@ -137,6 +141,7 @@ def test_timm_seresnet50_se_to_se_keeps_parameters_keys_and_outputs():
 # --------------------------------------------------------------------------- stacking
 
 
+@pytest.mark.slow
 def test_removed_se_then_standard_se_is_seresnet50_again():
     plan = [InsertionSpec("none", replace=True), InsertionSpec("se")]
     gm, report = apply_plan("timm:seresnet50", plan, input_size=SMALL)
@@ -252,6 +257,7 @@ def test_replace_errors():
 # --------------------------------------------------------------------------- profile, recipes, export, CLI
 
 
+@pytest.mark.slow
 def test_profile_removal_says_what_the_se_cost():
     r = profile("mobilenet_v3_small", "none", replace=True, input_size=SMALL, **FAST)
     d = r.to_dict()
@@ -279,6 +285,7 @@ def test_recipe_replace_and_its_errors():
     assert [i.module for i in report.insertions] == ["features.7.0.block.2"]
 
 
+@pytest.mark.slow
 def test_saved_replacement_rebuilds_from_its_recipe(tmp_path):
     from attnsurgeon.saving.export import export, load
 
@@ -287,6 +294,7 @@ def test_saved_replacement_rebuilds_from_its_recipe(tmp_path):
     _same_outputs(load(tmp_path / "m.safetensors"), gm, _x())
 
 
+@pytest.mark.slow
 def test_cli_replace(cli):
     code, out, err = cli("insert", "efficientnet_b0", "--attn", "eca", "--replace", "--input-size", "64", "--json")
     assert code == 0, err
@@ -299,6 +307,7 @@ def test_cli_replace(cli):
     assert "features.7.0.block.2" in out and "SqueezeExcitation (111,792)" in out and "1 attention module removed" in out
 
 
+@pytest.mark.slow
 def test_inspect_says_what_replace_can_take(cli):
     code, out, err = cli("inspect", "mobilenet_v3_small", "--input-size", "64", "--json")
     assert code == 0, err

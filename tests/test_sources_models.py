@@ -96,6 +96,7 @@ def test_missing_library_is_one_line_naming_the_extra(spec, extra, library, monk
 # --------------------------------------------------------------------------- YOLO
 
 
+@pytest.mark.slow
 def test_yolo_cbam_after_sppf_and_se_in_every_c2f_bottleneck():
     from ultralytics.nn.modules.block import Bottleneck, C2f
 
@@ -119,6 +120,7 @@ def test_yolo_cbam_after_sppf_and_se_in_every_c2f_bottleneck():
     assert max_abs_diff(out(x), base(x)) == 0.0
 
 
+@pytest.mark.slow
 def test_yolo_profile_base_matches_ultralytics_summary():
     from attnsurgeon import profile
     from ultralytics.utils.torch_utils import get_flops, get_num_params
@@ -206,6 +208,7 @@ def test_smp_scse_after_decoder_conv2_identity_and_train_step():
 # --------------------------------------------------------------------------- back out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,config,attn,where", [
     ("hf:resnet", TINY_RESNET, "se", {}),
     ("smp:Unet:resnet18", {}, "scse", {"after": "decoder.blocks.*.conv2"}),

@@ -41,6 +41,7 @@ def _users(node):
 # --------------------------------------------------------------------------- placement
 
 
+@pytest.mark.slow
 def test_positions_on_a_bottleneck_with_projection():
     cases = {
         "standard": ("layer2.0.se", "layer2.0.bn3"),
@@ -85,6 +86,7 @@ def test_positions_on_a_basic_block_with_identity_skip():
     assert _src(node).args[0].target == "layer1.0.bn1" and _users(node) == {"layer1.0.conv2"}
 
 
+@pytest.mark.slow
 def test_positions_on_an_inverted_residual():
     gm, _ = insert("mobilenet_v2", "se", "3x3", blocks=["features.3"], input_size=SMALL)
     node = _call(gm, "features.3.se_3x3")
@@ -114,6 +116,7 @@ def test_stacking_post_then_pre_nests_and_same_site_keeps_order():
 # --------------------------------------------------------------------------- parity with timm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [18, 34, 50])
 def test_params_equal_timm_seresnet(depth):
     _, report = insert(f"timm:resnet{depth}", "se", input_size=SMALL)
@@ -122,6 +125,7 @@ def test_params_equal_timm_seresnet(depth):
     assert report.params["base"] == sum(p.numel() for p in timm.create_model(f"resnet{depth}").parameters())
 
 
+@pytest.mark.slow
 def test_outputs_equal_timm_seresnet50_given_the_same_weights(x_small):
     model, _ = insert("timm:resnet50", "se", input_size=SMALL)
     torch.manual_seed(0)
@@ -141,6 +145,7 @@ def test_outputs_equal_timm_seresnet50_given_the_same_weights(x_small):
 # --------------------------------------------------------------------------- init and keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["se", "eca", "cbam"])
 def test_identity_init_is_exact_at_every_position_and_still_learns(attn, x_small):
     torch.manual_seed(0)
@@ -201,6 +206,7 @@ def test_unused_parameters_keep_their_names():
     assert {"spare.weight", "spare.bias"} <= set(model.state_dict())
 
 
+@pytest.mark.slow
 def test_training_mode_stays_live_for_dropout_and_drop_path(x_small):
     """Stochastic modules are kept whole, so model.train() still turns them on after surgery."""
     model, _ = insert(timm.create_model("convnext_tiny", drop_path_rate=0.5), "eca", stages=[4], input_size=SMALL)
@@ -216,6 +222,7 @@ def test_training_mode_stays_live_for_dropout_and_drop_path(x_small):
 # --------------------------------------------------------------------------- options
 
 
+@pytest.mark.slow
 def test_eca_adaptive_kernel_and_per_stage_kernels():
     def adaptive(c, gamma=2, b=1):
         t = int(abs(math.log2(c) + b) / gamma)
@@ -231,6 +238,7 @@ def test_eca_adaptive_kernel_and_per_stage_kernels():
     assert {ins.stage: ins.options["kernel_size"] for ins in report.insertions} == {3: 5, 4: 9}
 
 
+@pytest.mark.slow
 def test_reduction_and_bias_change_the_parameter_count():
     for r in (2, 4, 8, 16, 32):
         _, report = insert("resnet50", "se", reduction=r, bias=False, rd_divisor=1, stages=[4], input_size=SMALL)
@@ -318,6 +326,7 @@ _UNIT_WITH_GATE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net, size, layout", [(_TokenMixer, (3, 40, 56), "NLC"), (_ChannelsLastNet, (3, 20, 28), "NHWC")])
 @pytest.mark.parametrize("attn", ["se", "eca", "cbam"])
 def test_channels_last_layouts_with_real_weights(net, size, layout, attn):
@@ -353,6 +362,7 @@ MUST_WORK = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MUST_WORK)
 def test_must_work_models(name, x_small):
     """SE in every block, identity-initialised: the base model's outputs exactly, and every inserted SE on the path to

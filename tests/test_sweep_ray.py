@@ -48,6 +48,7 @@ def test_model_globs_expand_through_the_libraries_listings():
         expand_models("resnet18,resnet1B")
 
 
+@pytest.mark.slow
 def test_zoo_sweep_crosses_models_with_configurations_and_groups_by_model(tmp_path):
     """Run in a fresh interpreter: a local sweep never imports Ray."""
     out = tmp_path / "zoo"
@@ -136,6 +137,7 @@ def ray_address():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_sweep_gives_the_local_sweeps_rows(ray_address, tmp_path):
     models = ["resnet18", "timm:resnet10t"]
     local = run_sweep(models, CONFIGS, tmp_path / "local", settings=FAST, input_size=32)
@@ -154,6 +156,7 @@ def test_ray_sweep_gives_the_local_sweeps_rows(ray_address, tmp_path):
     assert (tmp_path / "ray" / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_a_task_that_raises_or_dies_becomes_a_failed_row(ray_address, tmp_path, monkeypatch):
     factory = tmp_path / "broken.py"
     factory.write_text("import os\n\ndef boom():\n    raise RuntimeError('boom in the factory')\n\n"
@@ -172,6 +175,7 @@ def test_a_task_that_raises_or_dies_becomes_a_failed_row(ray_address, tmp_path, 
     assert len((tmp_path / "s" / "rows.jsonl").read_text().splitlines()) == 6
 
 
+@pytest.mark.slow
 def test_killing_the_driver_keeps_finished_rows_and_resume_measures_the_rest(ray_address, tmp_path, cli):
     out = tmp_path / "s"
     args = ["sweep", "resnet18", "--attn", "se,eca,cbam", "--position", "standard,pre", "--input-size", "32",

@@ -23,6 +23,7 @@ SMALL = (3, 64, 64)
 TINY = ["ghostnet_050", "mobilenetv3_small_050", "repghostnet_050", "efficientvit_b0", "test_efficientnet"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_blocks_get_the_hidden_width_timms_se_gives_them(name):
     model, report = insert(f"timm:{name}", "se", input_size=SMALL)
@@ -54,6 +55,7 @@ def test_a_reduction_larger_than_the_channels_rounds_as_timm_does():
 # --------------------------------------------------------------------------- opaque blocks
 
 
+@pytest.mark.slow
 def test_default_selection_skips_opaque_blocks_with_a_note(cli):
     _, report = insert("timm:mobilevit_xxs", "se", input_size=SMALL)
     opaque = ["stages.2.1", "stages.3.1", "stages.4.1"]  # timm's MobileVitBlock, registered not traceable
@@ -68,6 +70,7 @@ def test_default_selection_skips_opaque_blocks_with_a_note(cli):
     assert code == 0 and json.loads(out)["notes"] == report.notes
 
 
+@pytest.mark.slow
 def test_a_block_named_explicitly_that_cannot_take_the_position_is_an_error(cli):
     with pytest.raises(AttnSurgeonError, match=r"position 'standard' is not available in block stages\.2\.1 \(opaque.*"
                                                r"1 of the 2 selected blocks offer it: leave the others out of --blocks"):
@@ -79,6 +82,7 @@ def test_a_block_named_explicitly_that_cannot_take_the_position_is_an_error(cli)
     assert [i.block for i in report.insertions] == ["stages.3.1"] and report.params["delta"] == count_params(SEModule(64))
 
 
+@pytest.mark.slow
 def test_a_stages_selection_skips_with_a_note_and_fails_only_when_nothing_fits():
     _, report = insert("timm:mobilevit_xxs", "se", stages=[3], input_size=SMALL)
     assert [i.block for i in report.insertions] == ["stages.2.0"]
@@ -100,6 +104,7 @@ def test_a_block_the_attention_cannot_be_built_for_is_skipped_unless_named():
         insert("resnet18", "eca", kernel_size=1001, input_size=SMALL)  # fits nowhere: an error
 
 
+@pytest.mark.slow
 def test_the_skip_survives_save_and_load(tmp_path):
     model, report = insert("timm:mobilevit_xxs", "se", input_size=SMALL)
     attnsurgeon.export(model, tmp_path / "m.safetensors")

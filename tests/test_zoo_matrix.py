@@ -25,12 +25,12 @@ from attnsurgeon import inspect_model
 from attnsurgeon.blocks import REGISTRY, build_block
 from attnsurgeon.core.positions import POSITIONS
 
-MODELS = {  # model -> input size (vit_b_16 takes 224 only)
+MODELS = {  # model -> input size (vit_b_16 built for 64 px: 16 patches, the same blocks and tokens layout as at 224)
     "resnet50": (3, 64, 64),
     "resnet18": (3, 64, 64),
     "mobilenet_v3_large": (3, 64, 64),
     "convnext_tiny": (3, 64, 64),
-    "vit_b_16": (3, 224, 224),
+    "vit_b_16": (3, 64, 64),
 }
 OFFERED = {  # model -> the positions its blocks offer (vit_b_16: one stage of plain MLP/attention blocks)
     "resnet50": POSITIONS,
@@ -71,12 +71,13 @@ def test_the_blocks_without_an_identity_init_are_the_pinned_ones():
     assert refused == NO_IDENTITY
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module", params=[m if m == "resnet18" else pytest.param(m, marks=pytest.mark.slow) for m in MODELS])
 def traced(request):
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.get_model(request.param, weights=None).eval()
+    kwargs = {"image_size": MODELS["vit_b_16"][-1]} if request.param == "vit_b_16" else {}
+    model = torchvision.models.get_model(request.param, weights=None, **kwargs).eval()
     if request.param == "vit_b_16":  # torchvision zero-inits its head: every output would be the bias, whatever the blocks do
         torch.nn.init.normal_(model.heads.head.weight, std=0.02)
     size = MODELS[request.param]
@@ -152,6 +153,7 @@ def test_every_block_at_every_position_is_an_exact_identity_at_init(traced):
                 assert out.shape == y.shape and torch.isfinite(out).all(), (model_name, position, pairs)
 
 
+@pytest.mark.slow
 def test_identity_blocks_learn_and_stay_exact_in_train_mode():
     """resnet18, train mode (batch-norm on batch statistics): outputs equal, and the new parameters get gradients."""
     import torchvision
@@ -183,6 +185,7 @@ def test_identity_blocks_learn_and_stay_exact_in_train_mode():
                     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), (ins.attn, position)
 
 
+@pytest.mark.slow
 def test_flop_breakdown_of_every_block_sums_to_the_delta():
     """Profile resnet18 with every block of the zoo at its natural position: every op they use is
     counted, and the per-insertion MACs and parameters sum exactly to the totals' deltas."""
