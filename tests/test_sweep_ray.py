@@ -17,7 +17,7 @@ import timm
 import torchvision
 
 from attnsurgeon import AttnSurgeonError
-from attnsurgeon import sweep as sweep_mod
+from attnsurgeon.sweeps import runner as sweep_mod
 from attnsurgeon.loading.models import expand_models
 from attnsurgeon.planning.recipes import parse_recipe
 from attnsurgeon.sweeps.runner import run_sweep
