@@ -127,3 +127,27 @@ def test_the_cycle_finder_finds_cycles():
 def test_no_module_over_600_lines(name):
     lines = len(MODULES[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{MODULES[name].relative_to(PACKAGE.parent)} has {lines} lines"
+
+
+# the public API, as the README and the docs use it: these names stay where they are whatever moves below
+PUBLIC = {"insert": "function", "apply_plan": "function", "optimize": "function", "profile": "function",
+          "export": "function", "load": "function", "load_model": "function", "list_models": "function",
+          "inspect_model": "function", "read_recipe": "function", "InsertionSpec": "class", "Recipe": "class",
+          "SurgeryReport": "class", "AttnSurgeonError": "class"}
+
+
+def test_the_public_api_resolves_to_what_it_names():
+    import inspect as pyinspect
+
+    import attnsurgeon
+
+    assert set(PUBLIC) <= set(attnsurgeon.__all__)
+    for name, kind in PUBLIC.items():
+        obj = getattr(attnsurgeon, name)
+        assert (pyinspect.isclass(obj) if kind == "class" else pyinspect.isfunction(obj)), name
+        assert obj.__name__ == name, f"attnsurgeon.{name} is {obj.__module__}.{obj.__name__}"
+    # importing any module (the CLI imports saving.export) leaves the package's functions in place
+    import attnsurgeon.saving.export  # noqa: F401
+    import attnsurgeon.profiling  # noqa: F401
+
+    assert pyinspect.isfunction(attnsurgeon.export) and pyinspect.isfunction(attnsurgeon.profile)
