@@ -1,4 +1,4 @@
-"""Draw the two figures in the README (docs/insertion-map.png, docs/explain-sheet.png).
+"""Draw the two figures of the README and the docs (docs/insertion-map.png, docs/explain-sheet.png).
 
     python scripts/docs_figures.py            # about 2 minutes on 2 CPU cores
 
@@ -84,7 +84,7 @@ def main() -> None:
         weights = Path(tmp) / "r18-squares.pt"
         train_squares(weights)
         image = Path(tmp) / "blue-square.png"
-        square_image(0)  # the RNG's draws as when the figure in the README was made
+        square_image(0)  # the RNG's draws as when the figure in the docs was made
         Image.fromarray(square_image(1)).save(image)
         e = explain("resnet18", [image], attn="cbam", stages=[3, 4], input_size=64, layer="layer3", weights=weights)
         save_small(draw_sheet(e, 0), docs / "explain-sheet.png")
