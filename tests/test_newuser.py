@@ -12,6 +12,7 @@ import torchvision
 
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
+from processes import wait_for_a_row
 from attnsurgeon.loading.samples import max_abs_diff
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,18 +100,12 @@ def test_a_folder_holding_a_different_sweep_says_so_and_resume_is_kept_for_the_s
 @pytest.mark.slow
 def test_a_sweep_killed_outside_a_terminal_has_said_how_far_it_got_and_how_to_finish(tmp_path):
     import signal
-    import time
 
     out = tmp_path / "s"
     args = [*SWEEP[:5], "0.5", "--max-time", "1", "--threads", "1", "--attn", "se,eca,cbam", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "attnsurgeon.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)  # stderr a pipe, as under `timeout ... > log`
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        rows = out / "rows.jsonl"
-        if rows.exists() and rows.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.2)
+    wait_for_a_row(proc, out / "rows.jsonl")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -265,19 +260,13 @@ def test_sweep_plot_labels_do_not_collide_where_points_are_close():
 def test_stopping_a_ray_sweep_is_quiet_cancels_its_tasks_and_draws_what_finished(tmp_path):
     pytest.importorskip("ray")
     import signal
-    import time
 
     out = tmp_path / "r"
     args = ["sweep", "--models", "resnet18,timm:resnet10t", "--attn", "se,eca,cbam", "--input-size", "32", "--min-time",
             "0.5", "--max-time", "1", "--threads", "1", "--out", str(out), "--ray", "--ray-cpus", "2"]
     proc = subprocess.Popen([sys.executable, "-m", "attnsurgeon.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        rows = out / "rows.jsonl"
-        if rows.exists() and rows.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.2)
+    wait_for_a_row(proc, out / "rows.jsonl")
     assert proc.poll() is None  # rows are left to measure
     proc.send_signal(signal.SIGTERM)  # what `timeout` and a batch system's time limit send
     _, err = proc.communicate(timeout=120)

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from attnsurgeon.sweeps import runner as sweep_mod
 from attnsurgeon.loading.models import expand_models
 from attnsurgeon.planning.recipes import parse_recipe
 from attnsurgeon.sweeps.runner import run_sweep
+from processes import wait_for_a_row
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"min_run_time": 0.05, "max_run_time": 0.1, "threads": 1}
@@ -183,11 +183,7 @@ def test_killing_the_driver_keeps_finished_rows_and_resume_measures_the_rest(ray
     proc = subprocess.Popen([sys.executable, "-c", f"import sys; from attnsurgeon.cli import main; sys.argv = {['x'] + args!r}; main()"],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     rows_file = out / "rows.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if rows_file.exists() and rows_file.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.2)
+    wait_for_a_row(proc, rows_file)
     assert proc.poll() is None, proc.stderr.read().decode()  # still running: rows are left to measure
     proc.send_signal(signal.SIGKILL)  # no cleanup at all
     proc.wait()
