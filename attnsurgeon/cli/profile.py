@@ -10,6 +10,7 @@ from typing_extensions import Annotated
 
 from ..blocks import REGISTRY as BLOCKS
 from ..core.errors import AttnSurgeonError
+from ..core.files import existing_folder
 from .app import app, command
 from .options import (
     BatchSizesOpt, ChannelsLastOpt, CompileOpt, DeviceOpt, DtypeOpt, InputSizeOpt, InsertionArgs, JsonOpt,
@@ -68,8 +69,8 @@ def profile(
     if plot is not None and attn is None and not model.lower().endswith(".safetensors"):
         raise AttnSurgeonError("--plot draws the cost of each insertion: give --attn (the model alone has none)")
     for path in (csv_path, markdown_path):
-        if path is not None and not path.expanduser().parent.is_dir():
-            raise AttnSurgeonError(f"folder '{path.parent}' does not exist")
+        if path is not None:
+            existing_folder(path.expanduser())
     from ..profiling import profile as do_profile
 
     with _Steps() as steps:

@@ -11,6 +11,15 @@ from typing import Iterator
 from .errors import AttnSurgeonError
 
 
+def existing_folder(target: Path, what: str = "") -> Path:
+    """The folder ``target`` would be written into; an error naming it (after ``what``, such as
+    ``"--plot: "``) where it does not exist."""
+    folder = target.parent
+    if not folder.is_dir():
+        raise AttnSurgeonError(f"{what}folder '{folder}' does not exist")
+    return folder
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike, *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is renamed onto ``target``.
@@ -23,9 +32,7 @@ def atomic_path(target: str | os.PathLike, *, force: bool = True) -> Iterator[Pa
         raise AttnSurgeonError(f"'{target}' is a folder; give a file name such as {target / 'model.safetensors'}")
     if target.exists() and not force:
         raise AttnSurgeonError(f"'{target}' exists; pass --force to overwrite it")
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise AttnSurgeonError(f"folder '{folder}' does not exist")
+    folder = existing_folder(target)
     # the temporary name keeps the real extension: some writers (onnx, torch.export) look at it
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".part{target.suffix}", dir=folder)
     os.close(fd)
@@ -57,9 +64,7 @@ def check_new_dir(target: str | os.PathLike, force: bool = False) -> None:
         raise AttnSurgeonError(f"'{target}' is a file; --out takes a folder")
     if target.exists() and not force:
         raise AttnSurgeonError(f"'{target}' exists; pass --force to replace it, or choose another --out folder")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise AttnSurgeonError(f"folder '{parent}' does not exist")
+    existing_folder(target)
 
 
 @contextmanager
@@ -75,7 +80,7 @@ def atomic_dir(target: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
 
     target = Path(target).expanduser()
     check_new_dir(target, force)
-    parent = target.parent if str(target.parent) else Path(".")
+    parent = target.parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=parent))
     try:
         yield tmp

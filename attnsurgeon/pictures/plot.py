@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..core.errors import AttnSurgeonError
+from ..core.files import existing_folder
 
 PLOT_FORMATS = ("png", "svg", "pdf")
 PLOT_METRICS = ("params", "macs")
@@ -74,9 +75,7 @@ def check_plot_path(path: str | os.PathLike) -> str:
     if fmt not in PLOT_FORMATS:
         raise AttnSurgeonError(f"--plot: cannot tell the figure format from '{p.name}'; end the name with "
                                + ", ".join(f".{f}" for f in PLOT_FORMATS))
-    folder = p.parent if str(p.parent) else Path(".")
-    if not folder.is_dir():
-        raise AttnSurgeonError(f"--plot: folder '{folder}' does not exist")
+    existing_folder(p, "--plot: ")
     if p.is_dir():
         raise AttnSurgeonError(f"--plot: '{p}' is a folder; give a file name such as {p / 'map.png'}")
     return fmt

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..core.files import atomic_path
+from ..core.files import atomic_path, existing_folder
 from ..core.errors import AttnSurgeonError
 from .saved import FORMAT_KEY, FORMAT_VERSION, RECIPE_KEY, VERSIONS_KEY, load, recipe_of, versions
 
@@ -79,8 +79,7 @@ def check_target(path: str | os.PathLike, fmt: str | None = None, force: bool = 
     p = Path(path).expanduser()
     if p.is_dir():
         raise AttnSurgeonError(f"'{p}' is a folder; give a file name such as {p / ('model.' + fmt)}")
-    if not p.parent.is_dir():
-        raise AttnSurgeonError(f"folder '{p.parent}' does not exist")
+    existing_folder(p)
     if p.exists() and not force:
         raise AttnSurgeonError(f"'{p}' exists; pass --force to overwrite it")
     FORMATS[fmt].check_requirements()
