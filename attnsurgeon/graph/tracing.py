@@ -47,8 +47,10 @@ class _Tracer(torch.fx.Tracer):
       in-place op the graph cannot see (``kept_whole``).
     """
 
-    def __init__(self, leaf_types: tuple[type, ...], notrace: frozenset, kept_whole: set, autowrap_functions: tuple,
-                 input_size: tuple[int, ...] | None = None):
+    def __init__(self, leaf_types: tuple[type, ...] = (), notrace: frozenset = frozenset(), kept_whole: set | None = None,
+                 autowrap_functions: tuple = (), input_size: tuple[int, ...] | None = None):
+        # every argument has a default: fx records the tracer's class on the GraphModule and builds it
+        # bare to read the generated code back when the model is unpickled (torch.save of the model)
         super().__init__(autowrap_functions=autowrap_functions)
         self.input_size = input_size  # without the batch: the shapes behind :meth:`iter`
         self._lengths: dict[Node, int | None] = {}
@@ -57,7 +59,7 @@ class _Tracer(torch.fx.Tracer):
         self.out_spec: Any = None  # the structure of an output fx would turn into a dict
         self.leaf_types = leaf_types
         self.notrace = notrace
-        self.kept_whole = kept_whole
+        self.kept_whole = set() if kept_whole is None else kept_whole
         self.through: set[type] = set()
         self.scope_stack: list[tuple[str, str]] = []
         self.failed_in: tuple[str, str] | None = None  # the innermost module being traced when it broke
@@ -293,6 +295,7 @@ def trace(model: nn.Module, input_size: tuple[int, ...] | None = None,
                 try:
                     graph = tracer.trace(model, concrete_args=fixed or None)
                 finally:
+                    constants = _trace_constants(tracer, model)
                     stored = _restore_attributes(saved)
                 if stored:  # a cache (YOLO's anchors): a graph cannot hold that side effect
                     raise torch.fx.proxy.TraceError(f"its forward stores a traced value on module "
@@ -313,7 +316,7 @@ def trace(model: nn.Module, input_size: tuple[int, ...] | None = None,
     elif tracer.out_spec is not None:
         graph._codegen = _OutputTreeCodeGen(tracer.out_spec)
     _drop_fixed_inputs(graph)
-    gm = torch.fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    gm = _graph_module(model, graph, constants)
     _restore_unused_state(model, gm)
     for attr in _CARRIED_ATTRS:
         if hasattr(model, attr) and not hasattr(gm, attr):
@@ -335,6 +338,27 @@ class _OutputTreeCodeGen(torch.fx.graph._PyTreeCodeGen):
 
     def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, **kwargs: Any) -> str:
         return torch.fx.graph.CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, **kwargs)
+
+
+def _trace_constants(tracer: _Tracer, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors fx stored on the model as ``_tensor_constantN`` while tracing: values the forward
+    computed from shapes (Swin's relative-position and BEiT's tables, EVA's and DINOv3's rotary
+    embeddings) that the graph reads by ``get_attr``. They are taken off the model with the rest of
+    what tracing wrote (:func:`_restore_attributes`) and handed to the GraphModule instead."""
+    names = set(tracer.tensor_attrs.values())
+    return {k: v for k, v in model.__dict__.items() if k in names and isinstance(v, torch.Tensor)}
+
+
+def _graph_module(model: nn.Module, graph: torch.fx.Graph, constants: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
+    """The GraphModule of ``graph`` over ``model``, holding the trace's tensor constants as buffers
+    (fx's own convention), so that the graph runs, copies, pickles and saves with them while the
+    user's model is left without them."""
+    model.__dict__.update(constants)
+    try:
+        return torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    finally:
+        for name in constants:
+            model.__dict__.pop(name, None)
 
 
 def _attributes(model: nn.Module) -> list[tuple[str, nn.Module, dict]]:
