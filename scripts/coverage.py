@@ -66,8 +66,11 @@ def timm_modules() -> dict[str, list[str]]:
     return {m: names for m, names in families.items() if names}
 
 
-def meta_params(name: str, limit_s: float) -> int:
-    """Parameters of timm model ``name``, built on the meta device (no memory, no init) within ``limit_s``."""
+def meta_params(name: str, limit_s: float) -> tuple[int, str]:
+    """Parameters of timm model ``name``, built on the meta device (no memory, no init) within
+    ``limit_s``, and its structure: the model's class and the set of its modules' classes (two
+    models of a family with different structures take different constructor paths: Swin V2 and
+    Swin V2 CR, a ViT with rotary embeddings and one without)."""
     import timm
     import torch
 
@@ -80,27 +83,31 @@ def meta_params(name: str, limit_s: float) -> int:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = timm.create_model(name, pretrained=False)
-        return sum(p.numel() for p in model.parameters())
+        classes = sorted({type(m).__name__ for m in model.modules()} - {type(model).__name__})
+        return sum(p.numel() for p in model.parameters()), f"{type(model).__name__}({','.join(classes)})"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
 
 
-def family_sizes(names: list[str], limit_s: float) -> tuple[dict[str, int], dict[str, str]]:
-    """Meta-device parameter counts of ``names``, and the reason for each that does not build."""
-    sizes, failures = {}, {}
+def family_sizes(names: list[str], limit_s: float) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
+    """Meta-device parameter counts of ``names``, their structures (:func:`meta_params`), and the
+    reason for each that does not build."""
+    sizes, structures, failures = {}, {}, {}
     for name in names:
         try:
-            sizes[name] = meta_params(name, limit_s)
+            sizes[name], structures[name] = meta_params(name, limit_s)
         except Exception as exc:  # noqa: BLE001 - any failure only removes the candidate
             failures[name] = one_line(exc)
-    return sizes, failures
+    return sizes, structures, failures
 
 
 def smallest_timm_models(cache: Path, runner: "Runner", jobs: int, limit_s: float) -> dict:
     """For every timm module family, its model with the fewest parameters (cached in ``cache``).
 
-    Returns ``{"families": {module: {"model", "params", "models", "meta_failures"}}, "seconds", ...}``.
+    Returns ``{"families": {module: {"model", "params", "models", "meta_failures", "sizes",
+    "structures"}}, "seconds", ...}`` (``sizes`` and ``structures`` of every model that builds, for
+    :func:`sample_family`).
     A model that does not build on the meta device within ``limit_s`` is not a candidate; a family
     none of whose models builds there gets its first model by name (``params: None``). Families
     are counted ``jobs`` at a time, each in its own process.
@@ -108,7 +115,7 @@ def smallest_timm_models(cache: Path, runner: "Runner", jobs: int, limit_s: floa
     import timm
     import torch
 
-    key = {"timm": timm.__version__, "torch": torch.__version__}
+    key = {"timm": timm.__version__, "torch": torch.__version__, "cache": 2}
     if cache.is_file():
         data = json.loads(cache.read_text())
         if data.get("versions") == key:
@@ -120,9 +127,10 @@ def smallest_timm_models(cache: Path, runner: "Runner", jobs: int, limit_s: floa
     def choose(module: str) -> dict:
         names = modules[module]
         status, result = runner.call(family_sizes, (names, limit_s), timeout=limit_s * len(names) + 60)
-        sizes, failures = result if status == "ok" else ({}, {"*": f"{status}: {result}"})
+        sizes, structures, failures = result if status == "ok" else ({}, {}, {"*": f"{status}: {result}"})
         best = min(sizes, key=lambda n: (sizes[n], n)) if sizes else names[0]  # none builds on meta: the first name
-        return {"model": best, "params": sizes.get(best), "models": len(names), "meta_failures": failures}
+        return {"model": best, "params": sizes.get(best), "models": len(names), "meta_failures": failures,
+                "sizes": sizes, "structures": structures}
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         largest_first = sorted(modules, key=lambda m: -len(modules[m]))  # the long families do not come last
@@ -137,6 +145,27 @@ def smallest_timm_models(cache: Path, runner: "Runner", jobs: int, limit_s: floa
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(data, indent=1))
     return {**data, "cached": False}
+
+
+def sample_family(choice: dict, per_family: int, max_params: float | None) -> list[str]:
+    """A stratified sample of one timm family (a :func:`smallest_timm_models` entry): its smallest
+    model, its median by parameters, then the smallest model of each structure not yet taken
+    (another model class, or other layer classes: a different constructor path), smallest first,
+    up to ``per_family`` models; ``per_family=0`` takes every model. Only models with at most
+    ``max_params`` parameters are candidates; a family with none of them keeps its smallest."""
+    sizes, structures = choice.get("sizes") or {}, choice.get("structures") or {}
+    if not sizes:
+        return [choice["model"]]
+    fitting = sorted((n for n in sizes if max_params is None or sizes[n] <= max_params), key=lambda n: (sizes[n], n))
+    if not fitting:
+        return [min(sizes, key=lambda n: (sizes[n], n))]
+    if per_family == 0:
+        return fitting
+    picked = [fitting[0], fitting[(len(fitting) - 1) // 2]]
+    for name in fitting:
+        if structures.get(name) not in {structures.get(p) for p in picked}:
+            picked.append(name)
+    return list(dict.fromkeys(picked))[:per_family]
 
 
 def family_of(spec: str, tv: dict[str, list[str]], timm_families: dict[str, list[str]]) -> str:
@@ -205,18 +234,23 @@ def sample_inputs(family: str, input_size) -> tuple:
 
 
 def try_model(spec: str, family: str, input_size: str | None = None, threads: int = 1) -> dict:
-    """`insert --attn se` and one forward pass; the row that goes into results.jsonl."""
+    """`insert --attn se --init identity` and one forward pass, checked against the base model's
+    (the blocks start as identities: a rewrite that loses or reorders anything shows); the row
+    that goes into results.jsonl."""
     import torch
 
     import attnsurgeon
     from attnsurgeon import AttnSurgeonError
+    from attnsurgeon.loading.models import build_model
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     row: dict = {"status": "ok", "reason": None}
     start = time.perf_counter()
     try:
-        model, report = attnsurgeon.insert(spec, attn="se", input_size=input_size)
+        loaded = build_model(spec)
+        loaded.model.eval()
+        model, report = attnsurgeon.insert(loaded, attn="se", init="identity", input_size=input_size)
         row.update(blocks=len({i.block for i in report.insertions}), insertions=len(report.insertions),
                    params=report.params["base"], params_delta=report.params["delta"],
                    params_percent=report.params["percent"], input_size=list(report.input_size), notes=list(report.notes))
@@ -225,18 +259,42 @@ def try_model(spec: str, family: str, input_size: str | None = None, threads: in
             raise AttnSurgeonError("no attention block was inserted")
         model.eval()
         forward = time.perf_counter()
+        inputs = sample_inputs(family, report.input_size)
         try:
             with torch.no_grad():
-                model(*sample_inputs(family, report.input_size))
+                got = model(*inputs)
         except Exception as exc:  # the rewrite must keep the model runnable: a bug
             raise AttnSurgeonError(f"internal error: the rewritten model does not run: {type(exc).__name__}: {one_line(exc)}") from exc
         row["forward_s"] = round(time.perf_counter() - forward, 2)
+        with torch.no_grad():
+            want = loaded.model(*inputs)
+        row["identity_diff"] = identity_diff(got, want)
+        if row["identity_diff"] is not None and row["identity_diff"] > 1e-4:
+            raise AttnSurgeonError(f"internal error: --init identity is not exact: outputs differ by up to "
+                                   f"{row['identity_diff']:.3g} (relative to the output's scale)")
     except AttnSurgeonError as exc:  # what the CLI prints as `error: ...`
         reason = str(exc)
         row.update(status="internal" if reason.startswith("internal error") else "error", reason=reason)
     except Exception as exc:  # what the CLI prints as `internal error: ...`
         row.update(status="internal", reason=f"internal error: {type(exc).__name__}: {one_line(exc)}")
     return row
+
+
+def identity_diff(got, want) -> float | None:
+    """The largest difference between two outputs' floating-point tensors, relative to the
+    largest magnitude in ``want`` (None where they hold none, or differ in structure)."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    def tensors(out) -> list:
+        leaves = tree_leaves(out.to_tuple() if hasattr(out, "to_tuple") else out)  # a Hugging Face ModelOutput
+        return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+    a, b = tensors(got), tensors(want)
+    if not b or len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return None
+    scale = max(float(y.abs().max()) for y in b if y.numel()) or 1.0
+    return max(float((x - y).abs().max()) for x, y in zip(a, b) if y.numel()) / scale
 
 
 def _child(conn, fn, args: tuple) -> None:
@@ -355,7 +413,10 @@ def summary_lines(rows: list[dict]) -> list[tuple[str, int, int]]:
         lines.append(("torchvision, all", sum(r["status"] == "ok" for r in tv), len(tv)))
     tm = [r for r in rows if r["family"].startswith("timm:")]
     if tm:
-        lines.append(("timm families (smallest model of each)", sum(r["status"] == "ok" for r in tm), len(tm)))
+        families = len({r["family"] for r in tm})
+        label = ("timm families (smallest model of each)" if families == len(tm)
+                 else f"timm models ({families} families)")
+        lines.append((label, sum(r["status"] == "ok" for r in tm), len(tm)))
     other = [r for r in rows if r["family"] == "other"]
     if other:
         lines.append(("other models", sum(r["status"] == "ok" for r in other), len(other)))
@@ -392,7 +453,7 @@ def print_summary(rows: list[dict]) -> None:
 def markdown(rows: list[dict], timm_choice: dict | None = None) -> str:
     out = ["| family | models | `insert --attn se` + forward pass |", "|---|---:|---:|"]
     for label, ok, total in summary_lines(rows):
-        strong = label in ("torchvision, all", "timm families (smallest model of each)")
+        strong = label == "torchvision, all" or label.startswith("timm")
         cell = f"{ok} ({_pct(ok, total)})"
         out.append(f"| {label} | {total} | {'**' + cell + '**' if strong else cell} |")
     failures = [r for r in rows if r["status"] != "ok"]
@@ -405,14 +466,21 @@ def markdown(rows: list[dict], timm_choice: dict | None = None) -> str:
         out += [f"- `{r['model']}`: {note.replace('<', '&lt;')}" for r in noted for note in r["notes"]]
         out += ["", "</details>"]
     if timm_choice:
-        out += ["", "<details><summary>The timm model tried for each family</summary>", "",
-                "| timm module | models | smallest (meta-device parameter count) | result |", "|---|---:|---|---|"]
+        out += ["", "<details><summary>The timm models tried in each family</summary>", "",
+                "| timm module | models | tried (meta-device parameter count): result |", "|---|---:|---|"]
         status = {r["model"]: r["status"] for r in rows}
         for module, c in timm_choice["families"].items():
-            if f"timm:{c['model']}" not in status:  # not in this run
+            sizes = c.get("sizes") or {}
+            tried = [r["model"] for r in rows if r["family"] == f"timm:{module}"]
+            if not tried:  # not in this run
                 continue
-            params = f"{c['params'] / 1e6:.2f} M" if c["params"] is not None else "none builds on the meta device"
-            out.append(f"| {module} | {c['models']} | `{c['model']}` ({params}) | {status['timm:' + c['model']]} |")
+
+            def size(name: str) -> str:
+                n = sizes.get(name.removeprefix("timm:"), c["params"] if name == f"timm:{c['model']}" else None)
+                return f"{n / 1e6:.2f} M" if n is not None else "does not build on the meta device"
+
+            cells = ", ".join(f"`{m.removeprefix('timm:')}` ({size(m)}): {status[m]}" for m in tried)
+            out.append(f"| {module} | {c['models']} | {cells} |")
         out += ["", "</details>"]
     return "\n".join(out) + "\n"
 
@@ -433,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads per model (default: CPU cores / jobs)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per model (default 300)")
     parser.add_argument("--input-size", help="passed to every model's insert (default: each model's own)")
+    parser.add_argument("--per-family", type=int, default=1,
+                        help="timm models per family: 1 (default) the smallest; N: the smallest, the median and one "
+                             "of each other structure (constructor path), N at most; 0: every model")
+    parser.add_argument("--max-params", type=float, default=120,
+                        help="with --per-family other than 1: only timm models up to this many million parameters "
+                             "(default 120)")
     parser.add_argument("--out", default="out/coverage", help="results folder (default out/coverage)")
     parser.add_argument("--resume", action="store_true", help="keep OUT/results.jsonl and skip the models it has")
     parser.add_argument("--only-failures", action="store_true", help="tables list the failures only")
@@ -461,7 +535,12 @@ def main(argv: list[str] | None = None) -> int:
             timm_choice = smallest_timm_models(out / "timm_families.json", runner, args.jobs, args.meta_build_timeout)
             how = f"read from {out / 'timm_families.json'}" if timm_choice["cached"] else "chosen"
             print(f"  {len(timm_choice['families'])} families, {how} (choosing took {timm_choice['seconds']} s)", flush=True)
-            catalogue.update({f"timm:{m}": [f"timm:{c['model']}"] for m, c in timm_choice["families"].items()})
+            if args.per_family == 1:
+                catalogue.update({f"timm:{m}": [f"timm:{c['model']}"] for m, c in timm_choice["families"].items()})
+            else:
+                limit = args.max_params * 1e6
+                catalogue.update({f"timm:{m}": [f"timm:{n}" for n in sample_family(c, args.per_family, limit)]
+                                  for m, c in timm_choice["families"].items()})
         pairs = select(catalogue, families, args.limit)
 
     if args.resume:

@@ -105,3 +105,27 @@ def test_runner_reports_timeouts_and_crashes(cov):
     assert runner.call(time.sleep, (30,), timeout=0.5) == ("timeout", None)
     assert runner.call(os._exit, (3,), timeout=60) == ("crash", "exit code 3")
     assert runner.call(os.abort, (), timeout=60) == ("crash", "signal 6")
+
+
+def test_a_stratified_sample_takes_the_smallest_the_median_and_each_other_structure(cov):
+    choice = {"model": "a", "params": 1, "sizes": {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "big": 500_000_000},
+              "structures": {"a": "ViT(Attn)", "b": "ViT(Attn)", "c": "ViT(Attn)", "d": "ViT(RopeAttn)", "e": "ViT(RopeAttn)",
+                             "big": "ViT(Other)"}}
+    # sorted by size a..e (big is over the limit): the smallest, the median (c), then the first other structure (d)
+    assert cov.sample_family(choice, per_family=3, max_params=120e6) == ["a", "c", "d"]
+    assert cov.sample_family(choice, per_family=2, max_params=120e6) == ["a", "c"]
+    assert cov.sample_family(choice, per_family=0, max_params=120e6) == ["a", "b", "c", "d", "e"]  # every model
+    assert cov.sample_family(choice, per_family=9, max_params=None) == ["a", "c", "d", "big"]
+    only_big = {"model": "big", "params": 5e8, "sizes": {"big": 5e8}, "structures": {"big": "X()"}}
+    assert cov.sample_family(only_big, per_family=3, max_params=120e6) == ["big"]  # none fits: the smallest
+    assert cov.sample_family({"model": "x", "params": None}, per_family=3, max_params=1) == ["x"]  # an old cache
+
+
+def test_identity_diff_is_relative_and_reads_nested_outputs(cov):
+    import torch
+
+    a = torch.tensor([10.0, -20.0])
+    assert cov.identity_diff({"x": a, "y": [a]}, {"x": a, "y": [a]}) == 0.0
+    assert cov.identity_diff(a + torch.tensor([0.0, 2.0]), a) == pytest.approx(0.1)  # 2 / 20
+    assert cov.identity_diff(a, a[:1]) is None  # different shapes: not comparable
+    assert cov.identity_diff(torch.ones(2, dtype=torch.long), torch.ones(2, dtype=torch.long)) is None
