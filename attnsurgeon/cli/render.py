@@ -199,6 +199,8 @@ def print_profile(result: Any, memory_efficient: bool = False) -> None:
                     f"{sum(i.macs for i in result.insertions) + result.unattributed_macs:,}")
         out.print(per)
     err = _stderr()
+    for note in result.notes:  # as insert says them
+        err.print(f"[dim]note: {_escape(note)}[/]")
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {_escape(w)}")
 
