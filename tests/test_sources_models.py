@@ -3,6 +3,7 @@ exact identity init, the model's own class and training step, profiles against t
 summary."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -94,6 +95,37 @@ def test_missing_library_is_one_line_naming_the_extra(spec, extra, library, monk
 
 
 # --------------------------------------------------------------------------- YOLO
+
+
+def test_yolo_models_build_without_ultralytics_chatter():
+    """ultralytics logs a summary on stdout when it builds a classifier, even with verbose=False: that printed
+    a line before the object of ``insert yolo:yolo11n-cls --json`` (issue 29). Built quietly, by default too."""
+    import logging
+
+    from attnsurgeon.loading.sources.yolo import to_yolo
+    from ultralytics.utils import LOGGER
+
+    level, seen = LOGGER.level, []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    LOGGER.addHandler(handler)
+    try:
+        model = load_model("yolo:yolo11n-cls").model
+        to_yolo(model)
+    finally:
+        LOGGER.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == []
+    assert LOGGER.level == level  # put back: ultralytics' own predict and train log as they do
+
+
+@pytest.mark.slow
+def test_insert_json_of_a_yolo_classifier_is_one_object_on_stdout():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "attnsurgeon.cli", "insert", "yolo:yolov8n-cls", "--attn", "se",
+                          "--json"], capture_output=True, text=True, env={**os.environ, "YOLO_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["model"] == "yolo:yolov8n-cls"
 
 
 @pytest.mark.slow

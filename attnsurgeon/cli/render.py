@@ -8,9 +8,11 @@ stderr; ``--json`` objects are written by :func:`emit_json`. Nothing here import
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 
 def _stderr():
@@ -32,9 +34,44 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
+_json_out: list[Any] = []  # where emit_json writes while a --json command runs (see json_stdout)
+
+
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    out = _json_out[-1] if _json_out else sys.stdout
+    out.write(json.dumps(obj, indent=2, default=str) + "\n")
+    out.flush()
+
+
+@contextmanager
+def json_stdout() -> Iterator[None]:
+    """Under ``--json`` stdout holds the one JSON object and nothing else: while the command runs, whatever
+    else writes to stdout goes to stderr, whether it prints, logs through a handler that kept the stream
+    it found at import (ultralytics' model summary), or writes to file descriptor 1 from native code."""
+    real = sys.stdout
+    real.flush()
+    try:
+        fd = real.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (the test runner's capture): Python level only
+        fd = None
+    if fd == 1:
+        out = os.fdopen(os.dup(1), "w", encoding=getattr(real, "encoding", None) or "utf-8")
+        sys.stderr.flush()
+        os.dup2(2, 1)
+    else:
+        out = real
+    _json_out.append(out)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout = real
+        _json_out.pop()
+        if out is not real:
+            sys.stderr.flush()
+            real.flush()  # what went to fd 1 in the meantime, by its stream's buffer, lands on stderr
+            os.dup2(out.fileno(), 1)
+            out.close()
 
 
 def progress(message: str):
