@@ -315,3 +315,63 @@ def test_pretrained_with_the_hub_offline_names_the_setting(spec, tmp_path, monke
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(AttnSurgeonError, match=r"not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_model(spec, pretrained=True)
+
+
+# --------------------------------------------------------------------------- Hugging Face offline (issue 29)
+
+TINY_RESNET_SMALL = dict(depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8, num_labels=3)
+
+
+@pytest.mark.parametrize("extra", [[], ["--weights", "w.safetensors"]])
+def test_a_hub_id_whose_config_is_not_cached_says_the_config_is_missing_and_the_ways_offline(extra, silent_host, cli):
+    """Without --pretrained the config is what is missing, not 'pretrained weights', and --weights FILE is no way out."""
+    if extra:
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, "w.safetensors")
+    code, out, err = cli("insert", "hf:microsoft/resnet-50", "--attn", "se", *extra)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and out == "", err
+    assert "the config of hf:microsoft/resnet-50 is not in the local cache" in lines[0]
+    assert "pretrained weights" not in lines[0]
+    assert all(way in lines[0] for way in ("hf:resnet", "hf:./", "attnsurgeon list models 'hf:*'", "--weights FILE does not"))
+
+
+def test_a_local_folder_with_its_config_builds_offline_and_pretrained_reads_its_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    saved = transformers.ResNetForImageClassification(transformers.ResNetConfig(**TINY_RESNET_SMALL))
+    saved.config.save_pretrained(tmp_path / "config-only")
+    loaded = load_model("hf:./config-only")
+    assert type(loaded.model).__name__ == "ResNetForImageClassification" and loaded.model.config.num_labels == 3
+    assert load_model("hf:./config-only", num_labels=5).model.config.num_labels == 5  # kwargs set config fields
+    out, report = insert(loaded, "se", input_size=(3, 32, 32))
+    assert isinstance(out, transformers.ResNetForImageClassification) and report.insertions
+
+    saved.save_pretrained(tmp_path / "with-weights")
+    again = load_model(f"hf:{tmp_path / 'with-weights'}", pretrained=True).model
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in again.state_dict().items())
+    with pytest.raises(AttnSurgeonError, match=r"^hf:\./config-only --pretrained: the folder has a config.json but no weights"):
+        load_model("hf:./config-only", pretrained=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AttnSurgeonError, match=r"^hf:\./empty: the folder has no config.json"):
+        load_model("hf:./empty")
+    with pytest.raises(AttnSurgeonError, match=r"^hf:\./missing: no such folder"):
+        load_model("hf:./missing")
+
+
+def test_a_cached_hub_id_builds_offline_and_is_listed(tmp_path, monkeypatch):
+    """A hub id whose config.json is in the local Hugging Face cache (laid out as the hub client writes it)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-resnet" / "snapshots" / "abc123"
+    transformers.ResNetConfig(**TINY_RESNET_SMALL).save_pretrained(snapshot)
+    (cache / "models--someone--tiny-resnet" / "refs").mkdir()
+    (cache / "models--someone--tiny-resnet" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    model = load_model("hf:someone/tiny-resnet").model
+    assert type(model).__name__ == "ResNetForImageClassification" and model.config.hidden_sizes == [8, 16]
+    assert ("hf:someone/tiny-resnet", "huggingface") in list_models("hf:*")
