@@ -357,8 +357,9 @@ def print_anatomy(loaded: Any, anatomy: Any, gates: list[str]) -> None:
         _stderr().print(f"[dim]note: {_escape(note)}[/]")
 
 
-def print_anchors(rows: list[Any]) -> None:
-    """``inspect --anchors``: every module, what it receives and gives, and whether a block fits there."""
+def print_anchors(rows: list[Any], glob: str = "**", left_out: int = 0) -> None:
+    """``inspect --anchors [GLOB]``: the modules, what each receives and gives, and whether a block fits there;
+    with a glob, how many rows it left out."""
     from rich.table import Table
 
     def shape(value: Any, layout: str | None) -> str:
@@ -376,6 +377,9 @@ def print_anchors(rows: list[Any]) -> None:
         table.add_row(_escape(r.name), r.type, str(r.stage or "-"), shape(r.input, r.layout_in),
                       shape(r.output, r.layout_out) if not r.why_not else f"[dim]{_escape(r.why_not)}[/]")
     _stdout().print(table)
+    if left_out:
+        _stdout().print(f"{len(rows)} rows shown (the modules matching '{_escape(glob)}' and those inside them), "
+                        f"{left_out} left out: `--anchors` alone lists every module")
 
 
 def print_table(columns: tuple[str, ...], rows: list[tuple], caption: str | None = None) -> None:
