@@ -375,3 +375,22 @@ def test_a_cached_hub_id_builds_offline_and_is_listed(tmp_path, monkeypatch):
     model = load_model("hf:someone/tiny-resnet").model
     assert type(model).__name__ == "ResNetForImageClassification" and model.config.hidden_sizes == [8, 16]
     assert ("hf:someone/tiny-resnet", "huggingface") in list_models("hf:*")
+
+
+def test_the_smp_result_is_a_graph_module_whose_parts_keep_smps_names_as_the_docs_say():
+    """docs/sources.md says why an smp result is not smp's class (issue 29, item 4) and what a user does
+    instead: the encoder's and decoder's parameters under smp's own names, smp's state dict loading into it with
+    only the blocks' keys missing, predict as eval + inference_mode."""
+    loaded = load_model("smp:Unet:resnet18")
+    base = loaded.model
+    out, report = insert(loaded, "scse", after="decoder.blocks.*.conv2", input_size=(3, 64, 64))
+    assert not isinstance(out, smp.Unet) and type(out).__name__ == "Unet"  # as documented; update the docs if it changes
+    for part in ("encoder", "decoder", "segmentation_head"):
+        assert [n for n, _ in base.get_submodule(part).named_parameters()] == [
+            n for n, _ in out.get_submodule(part).named_parameters() if "_scse" not in n]
+    blocks = {i.module for i in report.insertions}
+    result = out.load_state_dict(base.state_dict(), strict=False)
+    assert not result.unexpected_keys and {k.rsplit(".", 2)[0] for k in result.missing_keys} == blocks
+    out.eval(), base.eval()
+    with torch.inference_mode():
+        assert out(torch.randn(1, 3, 64, 64)).shape == base.predict(torch.randn(1, 3, 64, 64)).shape
