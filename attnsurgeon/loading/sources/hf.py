@@ -29,9 +29,10 @@ def _types() -> dict[str, str]:
 def _cached_ids() -> list[str]:
     """Hub models whose config is in the local Hugging Face cache."""
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir
 
-        return sorted(r.repo_id for r in scan_cache_dir().repos if r.repo_type == "model")
+        # the cache the loading reads (constants.HF_HUB_CACHE, read now: scan_cache_dir's default is bound at import)
+        return sorted(r.repo_id for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_type == "model")
     except Exception:  # no cache folder yet
         return []
 
