@@ -433,3 +433,22 @@ def test_yolov8n_through_a_factory_with_cbam_after_model_9(tmp_path, monkeypatch
         _perturb(model, ["model.9.cbam_after"])
         changed = [not torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(flatten_outputs(model(x)), base_out)]
         assert changed and all(changed)  # every head map reads SPPF through the FPN
+
+
+@pytest.mark.slow
+def test_inspect_anchors_takes_a_glob_and_says_how_many_rows_it_left_out(cli):
+    """213 rows for a U-Net, the decoder's from row 143 (issue 29): a glob keeps the modules it matches and
+    those inside them; the rest are counted; a glob that matches nothing is a one-line error."""
+    code, stdout, err = cli("inspect", "resnet18", "--anchors", "layer4.*", "--input-size", "32", "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    names = [r["module"] for r in data["anchors"]]
+    assert names and all(n.startswith("layer4.") for n in names) and "layer4.1.conv2" in names
+    code, every, _ = cli("inspect", "resnet18", "--anchors", "--input-size", "32", "--json")
+    total = len(json.loads(every)["anchors"])
+    assert data["anchors_left_out"] == total - len(names) > 0 and json.loads(every)["anchors_left_out"] == 0
+    code, stdout, _ = cli("inspect", "resnet18", "layer4.1", "--input-size", "32")  # a glob implies --anchors
+    assert code == 0 and f"6 rows shown (the modules matching 'layer4.1' and those inside them), {total - 6} left out" in stdout
+    code, stdout, err = cli("inspect", "resnet18", "--anchors", "layr4.*", "--input-size", "32")
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
+    assert "--anchors layr4.*: no module matches" in err and "layer4" in err

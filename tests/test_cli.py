@@ -174,3 +174,21 @@ def test_help_shows_flags_as_flags_and_every_default(cli):
                 if not (shown or isinstance(p.show_default, str) or "Default" in (p.help or "")):
                     missing.append(f"{name} {p.opts[0]}")
     assert missing == []
+
+
+def test_under_json_stdout_holds_the_object_alone_whoever_else_writes_to_it():
+    """A library that prints, logs through a handler holding the stdout it found at import (ultralytics' model
+    summary), or writes to file descriptor 1 from native code: under --json all of it goes to stderr (issue 29)."""
+    code = (
+        "import logging, os, sys\n"
+        "log = logging.getLogger('chatty'); log.addHandler(logging.StreamHandler(sys.stdout)); log.setLevel(logging.INFO)\n"
+        "from attnsurgeon.cli.render import emit_json, json_stdout\n"
+        "with json_stdout():\n"
+        "    print('printed'); log.info('logged'); sys.stdout.flush(); os.write(1, b'native\\n')\n"
+        "    emit_json({'ok': 1})\n"
+        "    print('printed later')\n"
+        "print('after')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True)
+    assert out.stdout == '{\n  "ok": 1\n}\nafter\n'
+    assert all(word in out.stderr for word in ("printed", "logged", "native", "printed later"))

@@ -105,13 +105,21 @@ def test_the_readme_is_a_front_door():
 
 
 def test_the_install_page_prints_the_readmes_set_up_commands():
-    """The two set-up lines are printed twice (the README on GitHub, the Install page in the site): the same."""
+    """The set-up lines (and the CPU-only torch) are printed twice (the README on GitHub, the Install page in the site): the same."""
     def bash_lines(page):
         return [line for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), flags=re.M | re.S)
                 for line in block.splitlines() if line.startswith("python3 -m venv")]
 
     readme = bash_lines(README)
-    assert len(readme) == 2 and bash_lines(DOCS / "install.md") == readme
+    assert len(readme) == 3 and bash_lines(DOCS / "install.md") == readme
+
+
+def test_the_set_up_says_how_to_install_the_cpu_only_torch():
+    """The default install pulls the CUDA torch (6 GB) on a machine without a GPU (issue 29): both pages give
+    the CPU pair, torch and torchvision from the same index (a CPU torch with a CUDA torchvision fails to import)."""
+    line = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+    for page in (README, DOCS / "install.md"):
+        assert line in page.read_text(), page
 
 
 def test_the_docs_extra_holds_the_theme_the_config_names():

@@ -169,6 +169,13 @@ def test_inspect_prints_its_notes_on_stderr_like_insert(cli, tmp_path):
     assert "note: Branchy does not trace whole" in err and "note:" not in out
     code, out, err_insert = cli("insert", model, "--input-size", "32", "--attn", "se")
     assert code == 0 and "note: Branchy does not trace whole" in err_insert and "note:" not in out
+    # profile says it in the same words: a note, not a warning (issue 29); and keeps it apart in --json
+    code, out, err_profile = cli("profile", model, "--input-size", "32", "--attn", "se", "--min-time", "0.01",
+                                 "--max-time", "0.02")
+    assert code == 0 and "note: Branchy does not trace whole" in err_profile and "warning: Branchy" not in err_profile
+    data = attnsurgeon.profile(model, attn="se", input_size=(3, 32, 32), min_run_time=0.01, max_run_time=0.02).to_dict()
+    assert any("does not trace whole" in n for n in data["notes"])
+    assert not any("does not trace whole" in w for w in data["warnings"])
 
 
 # --------------------------------------------------------------------------- 7. profile --memory-efficient says so

@@ -232,7 +232,7 @@ def test_a_failing_configuration_becomes_a_failed_row(tmp_path, cli):
     rows = {r["name"]: r for r in json.loads(stdout)["rows"]}
     assert rows["standard"]["status"] == "ok"
     assert rows["identity"]["status"] == "ok" and len(rows["identity"]["insertions"]) == 10  # the 10 residual blocks
-    assert any("se skipped 7 blocks" in w and "position 'identity' is not available" in w for w in rows["identity"]["warnings"])
+    assert any("se skipped 7 blocks" in w and "position 'identity' is not available" in w for w in rows["identity"]["notes"])
     # a block named with --blocks that cannot take the position fails its row
     out = tmp_path / "named"
     code, stdout, err = cli("sweep", "mobilenet_v2", "--attn", "se", "--position", "identity", "--blocks", "features.1",

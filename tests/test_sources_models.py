@@ -3,6 +3,7 @@ exact identity init, the model's own class and training step, profiles against t
 summary."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -94,6 +95,37 @@ def test_missing_library_is_one_line_naming_the_extra(spec, extra, library, monk
 
 
 # --------------------------------------------------------------------------- YOLO
+
+
+def test_yolo_models_build_without_ultralytics_chatter():
+    """ultralytics logs a summary on stdout when it builds a classifier, even with verbose=False: that printed
+    a line before the object of ``insert yolo:yolo11n-cls --json`` (issue 29). Built quietly, by default too."""
+    import logging
+
+    from attnsurgeon.loading.sources.yolo import to_yolo
+    from ultralytics.utils import LOGGER
+
+    level, seen = LOGGER.level, []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    LOGGER.addHandler(handler)
+    try:
+        model = load_model("yolo:yolo11n-cls").model
+        to_yolo(model)
+    finally:
+        LOGGER.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == []
+    assert LOGGER.level == level  # put back: ultralytics' own predict and train log as they do
+
+
+@pytest.mark.slow
+def test_insert_json_of_a_yolo_classifier_is_one_object_on_stdout():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "attnsurgeon.cli", "insert", "yolo:yolov8n-cls", "--attn", "se",
+                          "--json"], capture_output=True, text=True, env={**os.environ, "YOLO_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["model"] == "yolo:yolov8n-cls"
 
 
 @pytest.mark.slow
@@ -283,3 +315,82 @@ def test_pretrained_with_the_hub_offline_names_the_setting(spec, tmp_path, monke
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(AttnSurgeonError, match=r"not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_model(spec, pretrained=True)
+
+
+# --------------------------------------------------------------------------- Hugging Face offline (issue 29)
+
+TINY_RESNET_SMALL = dict(depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8, num_labels=3)
+
+
+@pytest.mark.parametrize("extra", [[], ["--weights", "w.safetensors"]])
+def test_a_hub_id_whose_config_is_not_cached_says_the_config_is_missing_and_the_ways_offline(extra, silent_host, cli):
+    """Without --pretrained the config is what is missing, not 'pretrained weights', and --weights FILE is no way out."""
+    if extra:
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, "w.safetensors")
+    code, out, err = cli("insert", "hf:microsoft/resnet-50", "--attn", "se", *extra)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and out == "", err
+    assert "the config of hf:microsoft/resnet-50 is not in the local cache" in lines[0]
+    assert "pretrained weights" not in lines[0]
+    assert all(way in lines[0] for way in ("hf:resnet", "hf:./", "attnsurgeon list models 'hf:*'", "--weights FILE does not"))
+
+
+def test_a_local_folder_with_its_config_builds_offline_and_pretrained_reads_its_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    saved = transformers.ResNetForImageClassification(transformers.ResNetConfig(**TINY_RESNET_SMALL))
+    saved.config.save_pretrained(tmp_path / "config-only")
+    loaded = load_model("hf:./config-only")
+    assert type(loaded.model).__name__ == "ResNetForImageClassification" and loaded.model.config.num_labels == 3
+    assert load_model("hf:./config-only", num_labels=5).model.config.num_labels == 5  # kwargs set config fields
+    out, report = insert(loaded, "se", input_size=(3, 32, 32))
+    assert isinstance(out, transformers.ResNetForImageClassification) and report.insertions
+
+    saved.save_pretrained(tmp_path / "with-weights")
+    again = load_model(f"hf:{tmp_path / 'with-weights'}", pretrained=True).model
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in again.state_dict().items())
+    with pytest.raises(AttnSurgeonError, match=r"^hf:\./config-only --pretrained: the folder has a config.json but no weights"):
+        load_model("hf:./config-only", pretrained=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AttnSurgeonError, match=r"^hf:\./empty: the folder has no config.json"):
+        load_model("hf:./empty")
+    with pytest.raises(AttnSurgeonError, match=r"^hf:\./missing: no such folder"):
+        load_model("hf:./missing")
+
+
+def test_a_cached_hub_id_builds_offline_and_is_listed(tmp_path, monkeypatch):
+    """A hub id whose config.json is in the local Hugging Face cache (laid out as the hub client writes it)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-resnet" / "snapshots" / "abc123"
+    transformers.ResNetConfig(**TINY_RESNET_SMALL).save_pretrained(snapshot)
+    (cache / "models--someone--tiny-resnet" / "refs").mkdir()
+    (cache / "models--someone--tiny-resnet" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    model = load_model("hf:someone/tiny-resnet").model
+    assert type(model).__name__ == "ResNetForImageClassification" and model.config.hidden_sizes == [8, 16]
+    assert ("hf:someone/tiny-resnet", "huggingface") in list_models("hf:*")
+
+
+def test_the_smp_result_is_a_graph_module_whose_parts_keep_smps_names_as_the_docs_say():
+    """docs/sources.md says why an smp result is not smp's class (issue 29, item 4) and what a user does
+    instead: the encoder's and decoder's parameters under smp's own names, smp's state dict loading into it with
+    only the blocks' keys missing, predict as eval + inference_mode."""
+    loaded = load_model("smp:Unet:resnet18")
+    base = loaded.model
+    out, report = insert(loaded, "scse", after="decoder.blocks.*.conv2", input_size=(3, 64, 64))
+    assert not isinstance(out, smp.Unet) and type(out).__name__ == "Unet"  # as documented; update the docs if it changes
+    for part in ("encoder", "decoder", "segmentation_head"):
+        assert [n for n, _ in base.get_submodule(part).named_parameters()] == [
+            n for n, _ in out.get_submodule(part).named_parameters() if "_scse" not in n]
+    blocks = {i.module for i in report.insertions}
+    result = out.load_state_dict(base.state_dict(), strict=False)
+    assert not result.unexpected_keys and {k.rsplit(".", 2)[0] for k in result.missing_keys} == blocks
+    out.eval(), base.eval()
+    with torch.inference_mode():
+        assert out(torch.randn(1, 3, 64, 64)).shape == base.predict(torch.randn(1, 3, 64, 64)).shape

@@ -194,3 +194,39 @@ def test_hugging_face_save_pretrained_keeps_the_block_weights_and_from_pretraine
     x = torch.randn(2, *SIZE)
     out.eval(), fresh.eval()
     assert max_abs_diff(fresh(x).logits, out(x).logits) == 0.0
+
+
+def test_each_extra_installs_what_its_librarys_own_workflows_need():
+    """``pip install 'attnsurgeon[hf]'`` then ``transformers.Trainer`` failed: it needs accelerate; ultralytics'
+    ONNX export warned 'simplifier failure' without onnxslim (issue 29)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    extras = {k: {d.split(">")[0].split("[")[0] for d in v}
+              for k, v in tomllib.loads(text)["project"]["optional-dependencies"].items()}
+    assert {"transformers", "accelerate"} <= extras["hf"]
+    assert {"ultralytics", "onnx", "onnxruntime", "onnxslim"} <= extras["yolo"]  # ultralytics' export(format="onnx")
+    assert extras["hf"] | extras["yolo"] <= extras["test"]
+
+
+@pytest.mark.slow
+def test_hugging_face_model_with_blocks_trains_in_transformers_trainer(tmp_path):
+    """The docs' recipe: the rewritten model in ``transformers.Trainer`` (which needs accelerate) for two
+    steps; the loss comes from the model's own ``labels`` path and the blocks' weights move."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+
+    config = dict(depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8, num_labels=2)
+    model, report = insert(load_model("hf:resnet", **config), "se", input_size=SIZE)
+    block = report.insertions[0].module
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(block + ".")}
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(*SIZE, generator=g), "labels": i % 2} for i in range(4)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                          learning_rate=0.1, report_to=[], save_strategy="no", use_cpu=True,
+                                          logging_strategy="no", dataloader_num_workers=0)
+    result = transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    assert result.global_step == 2 and np.isfinite(result.training_loss)
+    after = model.state_dict()
+    assert before and any(not torch.equal(v, after[k]) for k, v in before.items())

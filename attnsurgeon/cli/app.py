@@ -17,7 +17,7 @@ import typer
 from typing_extensions import Annotated
 
 from ..core.errors import AttnSurgeonError
-from .render import _escape, _stderr
+from .render import _escape, _stderr, json_stdout
 
 
 def _flags_show_no_type() -> None:
@@ -56,6 +56,9 @@ def command(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            if kwargs.get("json_out"):  # stdout is the JSON object's alone: a library's chatter goes to stderr
+                with json_stdout():
+                    return fn(*args, **kwargs)
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise

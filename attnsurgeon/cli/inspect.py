@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Optional
 
 import typer
 from typing_extensions import Annotated
@@ -21,12 +22,17 @@ def inspect(
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
     plot: PlotOpt = None,
+    glob: Annotated[Optional[str], typer.Argument(
+        help="With --anchors (which it implies): keep the modules this glob matches and those inside them "
+             "('decoder.*', '**.conv2'; * within one dotted name), and say how many rows were left out.",
+        show_default=False, metavar="[GLOB]")] = None,
     anchors: Annotated[bool, typer.Option("--anchors", help="Also list every module that can be an anchor of --after/--before, "
-                                          "with the maps it receives and gives.")] = False,
+                                          "with the maps it receives and gives (GLOB keeps some).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show MODEL's stages, blocks, the positions each block offers, and attention it already has."""
     _check_plot(plot)
+    anchors = anchors or glob is not None
     with progress(f"Loading {model} …"):
         from ..saving.saved import load_model
 
@@ -41,9 +47,11 @@ def inspect(
 
         gates = [r.name for r in attention_regions(anatomy.gm) if r.gate] if anatomy.existing_attention else []
         if anchors:
-            from ..graph.anchors import anchor_table
+            from ..graph.anchors import anchor_table, anchors_matching
 
-            table = anchor_table(anatomy)
+            every = anchor_table(anatomy)
+            table = anchors_matching(every, glob or "**")
+            left_out = len(every) - len(table)
     if plot is not None:
         with progress(f"Drawing {plot} …"):
             from ..pictures.plot import draw_insertion_map, save_figure
@@ -52,12 +60,13 @@ def inspect(
             save_figure(draw_insertion_map(anatomy, [], show_positions=True, title=title), plot)
     if json_out:
         emit_json({"model": loaded.spec, "source": loaded.origin, **anatomy.to_dict(), "replaceable_attention": gates,
-                   **({"anchors": [a.to_dict() for a in table]} if anchors else {}),
+                   **({"anchors": [a.to_dict() for a in table], "anchors_left_out": left_out}
+                      if anchors else {}),
                    **({"plot": str(plot)} if plot is not None else {})})
         return
     print_anatomy(loaded, anatomy, gates)
     if anchors:
-        print_anchors(table)
+        print_anchors(table, glob or "**", left_out)
     if plot is not None:
         _stdout().print(f"Block map: {_escape(str(plot))}")
 

@@ -8,9 +8,11 @@ stderr; ``--json`` objects are written by :func:`emit_json`. Nothing here import
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 
 def _stderr():
@@ -32,9 +34,44 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
+_json_out: list[Any] = []  # where emit_json writes while a --json command runs (see json_stdout)
+
+
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    out = _json_out[-1] if _json_out else sys.stdout
+    out.write(json.dumps(obj, indent=2, default=str) + "\n")
+    out.flush()
+
+
+@contextmanager
+def json_stdout() -> Iterator[None]:
+    """Under ``--json`` stdout holds the one JSON object and nothing else: while the command runs, whatever
+    else writes to stdout goes to stderr, whether it prints, logs through a handler that kept the stream
+    it found at import (ultralytics' model summary), or writes to file descriptor 1 from native code."""
+    real = sys.stdout
+    real.flush()
+    try:
+        fd = real.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (the test runner's capture): Python level only
+        fd = None
+    if fd == 1:
+        out = os.fdopen(os.dup(1), "w", encoding=getattr(real, "encoding", None) or "utf-8")
+        sys.stderr.flush()
+        os.dup2(2, 1)
+    else:
+        out = real
+    _json_out.append(out)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout = real
+        _json_out.pop()
+        if out is not real:
+            sys.stderr.flush()
+            real.flush()  # what went to fd 1 in the meantime, by its stream's buffer, lands on stderr
+            os.dup2(out.fileno(), 1)
+            out.close()
 
 
 def progress(message: str):
@@ -199,6 +236,8 @@ def print_profile(result: Any, memory_efficient: bool = False) -> None:
                     f"{sum(i.macs for i in result.insertions) + result.unattributed_macs:,}")
         out.print(per)
     err = _stderr()
+    for note in result.notes:  # as insert says them
+        err.print(f"[dim]note: {_escape(note)}[/]")
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {_escape(w)}")
 
@@ -318,8 +357,9 @@ def print_anatomy(loaded: Any, anatomy: Any, gates: list[str]) -> None:
         _stderr().print(f"[dim]note: {_escape(note)}[/]")
 
 
-def print_anchors(rows: list[Any]) -> None:
-    """``inspect --anchors``: every module, what it receives and gives, and whether a block fits there."""
+def print_anchors(rows: list[Any], glob: str = "**", left_out: int = 0) -> None:
+    """``inspect --anchors [GLOB]``: the modules, what each receives and gives, and whether a block fits there;
+    with a glob, how many rows it left out."""
     from rich.table import Table
 
     def shape(value: Any, layout: str | None) -> str:
@@ -337,6 +377,9 @@ def print_anchors(rows: list[Any]) -> None:
         table.add_row(_escape(r.name), r.type, str(r.stage or "-"), shape(r.input, r.layout_in),
                       shape(r.output, r.layout_out) if not r.why_not else f"[dim]{_escape(r.why_not)}[/]")
     _stdout().print(table)
+    if left_out:
+        _stdout().print(f"{len(rows)} rows shown (the modules matching '{_escape(glob)}' and those inside them), "
+                        f"{left_out} left out: `--anchors` alone lists every module")
 
 
 def print_table(columns: tuple[str, ...], rows: list[tuple], caption: str | None = None) -> None:

@@ -156,6 +156,18 @@ def anchor_table(anatomy: Any) -> list[AnchorInfo]:
     return rows
 
 
+def anchors_matching(rows: list[AnchorInfo], pattern: str) -> list[AnchorInfo]:
+    """The rows of ``inspect --anchors GLOB``: the modules the glob matches and those inside them
+    (``decoder.*`` keeps ``decoder.blocks.0.conv1``); a glob that matches no module is an error."""
+    rx = glob_regex(pattern)
+    kept = [r for r in rows if any(rx.match(".".join(r.name.split(".")[:i + 1])) for i in range(r.name.count(".") + 1))]
+    if not kept:
+        raise AttnSurgeonError(f"--anchors {pattern}: no module matches (globs: * within one dotted name, ** across "
+                               "names)." + did_you_mean(pattern, [r.name for r in rows])
+                               + " `--anchors` alone lists every module")
+    return kept
+
+
 # --------------------------------------------------------------------------- resolving an anchored spec
 
 

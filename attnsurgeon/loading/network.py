@@ -11,9 +11,11 @@ import os
 from ..core.errors import AttnSurgeonError
 
 
-def require_network(url: str, tried: str) -> None:
+def require_network(url: str, tried: str, missing: str = "pretrained weights are",
+                     remedy: str = "Download them where the network is reachable and pass --weights FILE.") -> None:
     """Fail at once, not after minutes of retries, when the weights' host cannot be reached: one
-    connection attempt, for at most ``ATTNSURGEON_NETWORK_TIMEOUT`` seconds (3 by default)."""
+    connection attempt, for at most ``ATTNSURGEON_NETWORK_TIMEOUT`` seconds (3 by default). ``missing``
+    and ``remedy`` say what is not cached and what to do (a model's config is no weights file)."""
     import socket
     from urllib.parse import urlparse
 
@@ -23,8 +25,7 @@ def require_network(url: str, tried: str) -> None:
         socket.create_connection((host, port), timeout=float(os.environ.get("ATTNSURGEON_NETWORK_TIMEOUT", 3))).close()
     except OSError as exc:
         raise AttnSurgeonError(
-            f"pretrained weights are not in the local cache and {host} cannot be reached ({exc}); tried {tried}. "
-            "Download them where the network is reachable and pass --weights FILE."
+            f"{missing} not in the local cache and {host} cannot be reached ({exc}); tried {tried}. {remedy}"
         ) from exc
 
 

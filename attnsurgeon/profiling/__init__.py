@@ -82,6 +82,7 @@ class ProfileResult:
     warnings: list[str]
     environment: dict[str, Any]
     unattributed_memory_bytes: int | None = None  # --mode train: Δ peak memory (first batch size) less the per-insertion rows
+    notes: list[str] = field(default_factory=list)  # the insertion's notes (what it skipped, the parts traced), as insert says them
 
     def rows(self) -> list[tuple[Metric, int, float, float | None, float | None, float | None]]:
         """(metric, batch size, base, modified, delta, delta %) for tables, CSV and Markdown."""
@@ -123,6 +124,7 @@ class ProfileResult:
             "fvcore_default_macs": self.fvcore_default_macs,
             "flop_convention": FLOP_CONVENTION,
             "settings": {**self.settings.to_dict(), "input_size": list(self.input_size), **self.environment},
+            "notes": self.notes,
             "warnings": self.warnings,
             "unattributed_memory_bytes": self.unattributed_memory_bytes,
         }
@@ -276,7 +278,8 @@ def profile(
     finally:
         torch.set_num_threads(previous_threads)
 
-    warnings = list(report.notes) if report is not None else []  # what the insertion skipped, say
+    notes = list(report.notes) if report is not None else []  # what the insertion skipped, say
+    warnings = []  # what the measurement doubts
     for name, fig in figures.items():
         for b, lat in fig.latency.items():
             if lat.noisy:
@@ -293,7 +296,7 @@ def profile(
         "device_name": torch.cuda.get_device_name(settings.device) if settings.device.startswith("cuda") else "cpu",
     }
     return ProfileResult(spec, source, size, settings, figures["base"], figures.get("modified"),
-                         insertions, unattributed, uncounted, fvcore_default, warnings, environment, unattributed_memory)
+                         insertions, unattributed, uncounted, fvcore_default, warnings, environment, unattributed_memory, notes)
 
 
 def _attribute_memory(model: Any, insertions: list[InsertionCost], figures: dict[str, ModelFigures], size: tuple[int, ...],

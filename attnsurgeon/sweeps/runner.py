@@ -566,6 +566,7 @@ def _row(name: str, model: str, result: Any) -> dict[str, Any]:
         "base": nested(TABLE_METRICS, [b], lambda m, _: m.read(base, b)),
         "delta": nested(changes, [b], lambda m, _: difference(m.read(base, b), m.read(fig, b))),
         "delta_percent": nested(changes, [b], lambda m, _: percent(m.read(base, b), m.read(fig, b))),
+        "notes": result.notes,
         "warnings": result.warnings,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -12,10 +12,12 @@ rewritten model, and :func:`train` runs it (``best.pt``/``last.pt`` load with ``
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from ...core.errors import AttnSurgeonError, did_you_mean
 
@@ -59,7 +61,8 @@ def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
     if pretrained:
         if kwargs:
             raise AttnSurgeonError(f"--pretrained loads yolo:{name} as published; drop {dict(kwargs)}")
-        return _published(name)
+        with quiet():
+            return _published(name)
     from ultralytics.nn.tasks import guess_model_task, yaml_model_load
 
     cfg = yaml_model_load(f"{name}.yaml")
@@ -67,7 +70,22 @@ def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
     cls = _task_classes().get(task)
     if cls is None:
         raise AttnSurgeonError(f"yolo:{name} is a '{task}' model; attnsurgeon builds {', '.join(_task_classes())}")
-    return cls(cfg, verbose=False, **kwargs)
+    with quiet():
+        return cls(cfg, verbose=False, **kwargs)
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """ultralytics' logger below warnings: it logs a model summary on stdout whenever it builds a model (a
+    classifier's even with ``verbose=False``), which is not what a user of attnsurgeon asked to see."""
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    LOGGER.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
 
 
 def _published(name: str) -> Any:
@@ -108,7 +126,8 @@ def to_yolo(model: Any) -> Any:
     from ultralytics import YOLO
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
-    yolo = YOLO(_yaml_of(model), verbose=False)  # the task, overrides and callbacks ultralytics sets up
+    with quiet():  # YOLO builds a model from the yaml again (and logs its summary), to be replaced below
+        yolo = YOLO(_yaml_of(model), verbose=False)  # the task, overrides and callbacks ultralytics sets up
     model.task = yolo.task
     model.args = {**DEFAULT_CFG_DICT, **yolo.overrides}
     yolo.model = model
