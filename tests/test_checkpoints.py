@@ -182,3 +182,55 @@ def test_a_recipe_builds_with_model_args_and_weights_and_its_saved_recipe_record
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(attnsurgeon.load(out).eval()(x), _by_hand("raw", files)(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_yolo_checkpoint_is_the_base_model_with_its_classes_and_training_continues(cli, tmp_path, monkeypatch):
+    """A YOLOv8n trained by ultralytics on 2 classes (its best.pt) as the base: insert, profile and train."""
+    pytest.importorskip("ultralytics")
+    from test_sources_train import _tiny_dataset
+    from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import get_num_params
+
+    from attnsurgeon.loading.sources.yolo import train
+
+    data = _tiny_dataset(tmp_path / "data", nc=2)
+    args = dict(epochs=1, imgsz=64, batch=2, workers=0, device="cpu", plots=False, amp=False, verbose=False,
+                project=str(tmp_path / "runs"), exist_ok=True)
+    first = YOLO("yolov8n.yaml")
+    first.train(data=str(data), name="base", **args)
+    best = first.trainer.best
+    assert best.is_file()
+    monkeypatch.chdir(tmp_path / "runs" / "base")  # a relative name, as a user types it next to the file
+    spec = "yolo:weights/best.pt"
+    params = get_num_params(YOLO(str(best)).model)  # ultralytics' own count (what its model summary prints)
+
+    loaded = attnsurgeon.load_model(spec)
+    assert loaded.model.nc == 2 and loaded.model.names == {0: "c0", 1: "c1"}
+    assert loaded.input_size == (3, 64, 64)  # the training image size, kept
+    assert loaded.spec == f"yolo:{best.resolve()}"  # absolute: a saved recipe rebuilds from anywhere
+
+    code, stdout, stderr = cli("insert", spec, "--attn", "cbam", "--after", "model.9", "--json")
+    assert code == 0, stderr
+    assert [i["module"] for i in json.loads(stdout)["insertions"]] == ["model.9.cbam_after"]
+    code, stdout, stderr = cli("profile", spec, "--json", "--min-time", "0.01", "--max-time", "0.05")
+    assert code == 0, stderr
+    assert json.loads(stdout)["base"]["params"] == params
+
+    out, report = attnsurgeon.insert(spec, "cbam", after="model.9")
+    del args["imgsz"]  # the checkpoint's own, as YOLO(best.pt).train(data=...) keeps it
+    yolo = train(out, data=str(data), name="again", **args)
+    assert yolo.trainer.args.imgsz == 64 and yolo.trainer.model is out
+    again = YOLO(str(yolo.trainer.last))
+    assert again.model.nc == 2 and "model.9.cbam_after" in dict(again.model.named_modules())
+
+
+def test_yolo_checkpoint_errors_are_one_line(cli, tmp_path):
+    pytest.importorskip("ultralytics")
+    code, _, stderr = cli("insert", "best.pt")
+    assert _one_error(code, stderr) and "yolo:PATH.pt" in stderr
+    code, _, stderr = cli("insert", "yolo:missing/best.pt")
+    assert _one_error(code, stderr) and "does not exist" in stderr
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    code, _, stderr = cli("insert", f"yolo:{tmp_path / 'junk.pt'}")
+    assert _one_error(code, stderr) and "not an ultralytics checkpoint" in stderr
