@@ -234,3 +234,28 @@ def test_yolo_checkpoint_errors_are_one_line(cli, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     code, _, stderr = cli("insert", f"yolo:{tmp_path / 'junk.pt'}")
     assert _one_error(code, stderr) and "not an ultralytics checkpoint" in stderr
+
+
+@pytest.mark.slow
+def test_smp_folder_from_save_pretrained_is_the_base_model(cli, tmp_path, monkeypatch):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    smp.Unet("resnet18", encoder_weights=None, classes=3).save_pretrained(str(tmp_path / "unet"))
+    monkeypatch.chdir(tmp_path)
+    loaded = attnsurgeon.load_model("smp:./unet")
+    assert loaded.spec == f"smp:{(tmp_path / 'unet').resolve()}" and loaded.model.segmentation_head[0].out_channels == 3
+    out = tmp_path / "unet-scse.safetensors"
+    code, stdout, stderr = cli("insert", "smp:./unet", "--attn", "scse", "--after", "decoder.blocks.*.conv2",
+                               "--init", "identity", "--input-size", "64", "--out", out, "--json")
+    assert code == 0, stderr
+    json.loads(stdout)  # smp's own "Loading weights" print stays off stdout
+    by_hand = smp.from_pretrained(str(tmp_path / "unet")).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(attnsurgeon.load(out).eval()(x), by_hand(x), rtol=0, atol=1e-5)
+    (tmp_path / "empty").mkdir()
+    for spec, message in [("smp:./nowhere", "does not exist"), ("smp:./empty", "no config.json and no model.safetensors")]:
+        code, _, stderr = cli("insert", spec)
+        assert _one_error(code, stderr) and message in " ".join(stderr.split())
+    code, _, stderr = cli("insert", "smp:./unet", "--model-arg", "classes=5")
+    assert _one_error(code, stderr) and "carries its own" in stderr
