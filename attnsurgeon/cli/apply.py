@@ -59,7 +59,7 @@ def apply(
         with progress(f"Loading {spec.model} …"):
             from ..saving.saved import load_model
 
-            loaded = load_model(spec.model, **spec.model_kwargs)
+            loaded = load_model(spec.model, **spec.load_args())
         with progress("Inserting …"):
             from ..rewriting.apply import apply_plan
 

@@ -12,8 +12,8 @@ from ..blocks import REGISTRY as BLOCKS
 from ..core.errors import AttnSurgeonError
 from .app import app, command
 from .options import (
-    InputSizeOpt, InsertionArgs, JsonOpt, ModelArg, PositionOpt, PretrainedOpt, WeightsOpt, check_insertion_args,
-    insertion_options, parse_globs, parse_ints,
+    InputSizeOpt, InsertionArgs, JsonOpt, ModelArg, ModelArgsOpt, PositionOpt, PretrainedOpt, WeightsKeyOpt, WeightsOpt,
+    check_insertion_args, insertion_options, parse_globs, parse_ints, parse_model_args,
 )
 from .render import _Steps, emit_json, print_explanation
 
@@ -41,6 +41,8 @@ def explain(
     input_size: InputSizeOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
+    weights_key: WeightsKeyOpt = None,
+    model_arg: ModelArgsOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder (once the new one is complete).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -53,6 +55,7 @@ def explain(
         check_insertion_args(attn, position, options, init, replace, **ins.anchors)
     elif options or replace or ins.stages or ins.blocks or ins.anchors:
         raise AttnSurgeonError("--stages/--blocks/--after/--before/--replace and block options need --attn")
+    model_args = parse_model_args(model_arg)
     from ..core.files import check_new_dir
 
     check_new_dir(out, force)
@@ -65,7 +68,7 @@ def explain(
     with _Steps() as steps:
         result = do_explain(model, files, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks), init,
                             class_index=class_index, layer=layer, input_size=input_size, pretrained=pretrained,
-                            weights=weights, replace=replace, progress=steps, **ins.anchors, **options)
+                            weights=weights, weights_key=weights_key, model_args=model_args, replace=replace, progress=steps, **ins.anchors, **options)
         written = write_explanation(result, out, force=force, progress=steps)
     if json_out:
         emit_json({**result.to_dict(), "folder": str(out), "files": [str(w) for w in written]})

@@ -11,9 +11,9 @@ from typing_extensions import Annotated
 from .app import app, command
 from .options import (
     AttnOpt, DynamicOpt, ExportBatchOpt, ForceOpt, FormatOpt, InputSizeOpt, InsertionArgs, JsonOpt,
-    MemoryEfficientOpt, ModelArg, PlotMetricOpt, PlotOpt, PositionOpt, PretrainedOpt, TargetOpt, ToleranceOpt,
-    WeightsOpt, _EXTENSIONS, _check_plot, check_insertion_args, check_tolerance, insertion_options, parse_globs,
-    parse_ints,
+    MemoryEfficientOpt, ModelArg, ModelArgsOpt, PlotMetricOpt, PlotOpt, PositionOpt, PretrainedOpt, TargetOpt, ToleranceOpt,
+    WeightsKeyOpt, WeightsOpt, _EXTENSIONS, _check_plot, check_insertion_args, check_tolerance, insertion_options,
+    parse_globs, parse_ints, parse_model_args,
 )
 from .render import _escape, _stdout, emit_json, print_export, print_report, progress
 
@@ -33,6 +33,8 @@ def insert(
     target: TargetOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
+    weights_key: WeightsKeyOpt = None,
+    model_arg: ModelArgsOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Write the modified model: {_EXTENSIONS} (.safetensors "
                                                   "holds the recipe: reloadable). It is loaded back and checked.",
                                                   show_default="nothing written")] = None,
@@ -52,6 +54,7 @@ def insert(
     """
     options, init, replace = ins.options, ins.init, ins.replace
     check_insertion_args(attn, position, options, init, replace, **ins.anchors)  # typos fail before loading anything
+    model_args = parse_model_args(model_arg)
     _check_plot(plot, plot_metric)
     fmt = None
     if out is not None:
@@ -67,7 +70,7 @@ def insert(
     with progress(f"Loading {model} …"):
         from ..saving.saved import load_model
 
-        loaded = load_model(model, pretrained=pretrained, weights=weights)
+        loaded = load_model(model, pretrained=pretrained, weights=weights, weights_key=weights_key, **model_args)
     if fmt is not None:
         from ..saving.export import check_exportable
 

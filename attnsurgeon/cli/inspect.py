@@ -8,7 +8,7 @@ import typer
 from typing_extensions import Annotated
 
 from .app import app, command
-from .options import InputSizeOpt, JsonOpt, ModelArg, PlotOpt, TargetOpt, _check_plot
+from .options import InputSizeOpt, JsonOpt, ModelArg, ModelArgsOpt, PlotOpt, TargetOpt, _check_plot, parse_model_args
 from .render import _escape, _stdout, emit_json, print_anatomy, print_anchors, progress
 
 
@@ -21,6 +21,7 @@ def inspect(
     model: ModelArg,
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
+    model_arg: ModelArgsOpt = None,
     plot: PlotOpt = None,
     glob: Annotated[Optional[str], typer.Argument(
         help="With --anchors (which it implies): keep the modules this glob matches and those inside them "
@@ -33,10 +34,11 @@ def inspect(
     """Show MODEL's stages, blocks, the positions each block offers, and attention it already has."""
     _check_plot(plot)
     anchors = anchors or glob is not None
+    model_args = parse_model_args(model_arg)
     with progress(f"Loading {model} …"):
         from ..saving.saved import load_model
 
-        loaded = load_model(model)  # a saved file: the modified model it holds
+        loaded = load_model(model, **model_args)  # a saved file: the modified model it holds
         if loaded.saved:
             target = target or loaded.model.attnsurgeon_report.target
     with progress("Tracing …"):

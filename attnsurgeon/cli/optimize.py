@@ -10,8 +10,8 @@ from typing_extensions import Annotated
 
 from .app import app, command
 from .options import (
-    ForceOpt, FormatOpt, InputSizeOpt, JsonOpt, ModelArg, PretrainedOpt, TargetOpt, ToleranceOpt, WeightsOpt,
-    _EXTENSIONS, check_tolerance,
+    ForceOpt, FormatOpt, InputSizeOpt, JsonOpt, ModelArg, ModelArgsOpt, PretrainedOpt, TargetOpt, ToleranceOpt,
+    WeightsKeyOpt, WeightsOpt, _EXTENSIONS, check_tolerance, parse_model_args,
 )
 from .render import _escape, _stderr, emit_json, print_export, progress
 
@@ -24,6 +24,8 @@ def optimize(
     target: TargetOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
+    weights_key: WeightsKeyOpt = None,
+    model_arg: ModelArgsOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Write the optimized model: {_EXTENSIONS} (.safetensors "
                                                   "holds the recipe; the other formats hold the plain graph).",
                                                   show_default="nothing written")] = None,
@@ -37,6 +39,7 @@ def optimize(
 
     Example: attnsurgeon optimize timm:seresnet50 --out seresnet50-me.safetensors
     """
+    model_args = parse_model_args(model_arg)
     if out is not None:
         from ..saving.export import check_target
 
@@ -48,7 +51,7 @@ def optimize(
     with progress(f"Loading {model} …"):
         from ..saving.saved import load_model
 
-        loaded = load_model(model, pretrained=pretrained, weights=weights)
+        loaded = load_model(model, pretrained=pretrained, weights=weights, weights_key=weights_key, **model_args)
     with progress("Tracing and finding the attention …"):
         from ..rewriting.apply import optimize as do_optimize
 

@@ -25,7 +25,9 @@ ModelArg = Annotated[
     str,
     typer.Argument(
         help="A torchvision or timm name (resnet50; tv:NAME / timm:NAME force the library), "
-        "yolo:NAME, hf:NAME, smp:ARCH[:ENCODER], path/to/file.py:factory or package.module:factory.",
+        "yolo:NAME, hf:NAME, smp:ARCH[:ENCODER], path/to/file.py:factory or package.module:factory. "
+        "yolo:PATH.pt starts from an ultralytics checkpoint (best.pt), smp:./FOLDER from smp's save_pretrained; "
+        "ultralytics' .pt is a pickle, loaded as YOLO(PATH) loads it: only a file you trust.",
         show_default=False,
         metavar="MODEL",
     ),
@@ -71,9 +73,49 @@ TargetOpt = Annotated[
 ]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Load the library's published weights (network or local cache).")]
 WeightsOpt = Annotated[
-    Optional[Path], typer.Option("--weights", help="Load a .safetensors or .pt/.pth state dict into the base model before surgery.",
+    Optional[Path], typer.Option("--weights", help="Load a state dict or a training checkpoint (.safetensors, .pt, .pth, "
+                                 ".pth.tar, .ckpt, .bin) into the base model before surgery; read without running a "
+                                 "pickle. A checkpoint's EMA weights are taken first, then state_dict, model, "
+                                 "model_state_dict; module./model. prefixes are taken off where that fits the names.",
                                  show_default="random weights, unless --pretrained")
 ]
+WeightsKeyOpt = Annotated[
+    Optional[str], typer.Option("--weights-key", help="The entry of the --weights checkpoint to load (state_dict, "
+                                "state_dict_ema, model, ...).", show_default="the first found, EMA first")
+]
+ModelArgsOpt = Annotated[
+    Optional[list[str]], typer.Option("--model-arg", help="KEY=VALUE, repeatable: an argument of the model's builder "
+                                      "(num_classes=7, in_chans=1 for timm/torchvision; nc=2 for YOLO; num_labels=3 for "
+                                      "hf; classes=3 for smp). VALUE is read as YAML: 7, 0.1, true, null, [64, 64], text.",
+                                      show_default="the builder's defaults", metavar="KEY=VALUE")
+]
+# names the loader takes itself: given as --model-arg they would shadow its own options
+_LOADER_ARGS = {"pretrained": "--pretrained", "weights": "--weights", "weights_key": "--weights-key"}
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """``["num_classes=7", "drop_rate=0.1"]`` -> ``{"num_classes": 7, "drop_rate": 0.1}`` (values as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise AttnSurgeonError(f"--model-arg '{item}': expected KEY=VALUE, such as num_classes=7")
+        if key in _LOADER_ARGS:
+            raise AttnSurgeonError(f"--model-arg {key}: use {_LOADER_ARGS[key]}")
+        if key in out:
+            raise AttnSurgeonError(f"--model-arg {key} is given twice")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise AttnSurgeonError(f"--model-arg '{item}': '{text}' is not a YAML value (quote text: name='a: b')") from None
+        if isinstance(value, dict):
+            raise AttnSurgeonError(f"--model-arg '{item}': a value is a number, true/false, null, text or a list; "
+                                   "give a mapping in a recipe's model_args")
+        out[key] = value
+    return out
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 MemoryEfficientOpt = Annotated[bool, typer.Option("--memory-efficient", help="In training, recompute each inserted block "
                                                   "(and the norm before it) in the backward pass instead of keeping its "

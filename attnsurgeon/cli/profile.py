@@ -14,8 +14,9 @@ from ..core.files import existing_folder
 from .app import app, command
 from .options import (
     BatchSizesOpt, ChannelsLastOpt, CompileOpt, DeviceOpt, DtypeOpt, InputSizeOpt, InsertionArgs, JsonOpt,
-    MaxTimeOpt, MemoryEfficientOpt, MinTimeOpt, ModeOpt, ModelArg, PROFILE_DEFAULTS, PositionOpt, PretrainedOpt,
-    TargetOpt, ThreadsOpt, WeightsOpt, _check_plot, check_insertion_args, insertion_options, parse_globs, parse_ints,
+    MaxTimeOpt, MemoryEfficientOpt, MinTimeOpt, ModeOpt, ModelArg, ModelArgsOpt, PROFILE_DEFAULTS, PositionOpt,
+    PretrainedOpt, TargetOpt, ThreadsOpt, WeightsKeyOpt, WeightsOpt, _check_plot, check_insertion_args,
+    insertion_options, parse_globs, parse_ints, parse_model_args,
 )
 from .render import _escape, _stdout, _Steps, emit_json, print_profile
 
@@ -45,6 +46,8 @@ def profile(
     target: TargetOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
+    weights_key: WeightsKeyOpt = None,
+    model_arg: ModelArgsOpt = None,
     json_out: JsonOpt = False,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the figures as CSV to this file.", show_default="none")] = None,
     markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Also write them as a markdown table.", show_default="none")] = None,
@@ -65,6 +68,7 @@ def profile(
     elif replace:
         raise AttnSurgeonError("--replace needs --attn: the block to put in place of the model's attention, or none to remove it")
     sizes = parse_ints(batch_size, "--batch-size") or []
+    model_args = parse_model_args(model_arg)
     _check_plot(plot)
     if plot is not None and attn is None and not model.lower().endswith(".safetensors"):
         raise AttnSurgeonError("--plot draws the cost of each insertion: give --attn (the model alone has none)")
@@ -78,7 +82,7 @@ def profile(
             model, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks),
             init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
             channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
-            pretrained=pretrained, weights=weights, target=target, progress=steps, replace=replace,
+            pretrained=pretrained, weights=weights, weights_key=weights_key, model_args=model_args, target=target, progress=steps, replace=replace,
             memory_efficient=memory_efficient, **ins.anchors, **options,
         )
     from ..core.files import write_text_atomic

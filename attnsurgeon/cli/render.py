@@ -84,7 +84,8 @@ def print_report(report: Any) -> None:
 
     out = _stdout()
     size = "×".join(map(str, report.input_size))
-    weights = f" · weights: {report.weights}" if report.weights else ""
+    key = f" ({report.weights_key})" if getattr(report, "weights_key", None) else ""
+    weights = f" · weights: {_escape(report.weights)}{key}" if report.weights else ""
     part = f" · traced: {', '.join(report.target)}" if report.target else ""
     table = Table(title=f"{report.model} ({report.source}) · input {size}{weights}{part}", title_justify="left")
     swaps = [i for i in report.insertions if i.replaced]

@@ -13,9 +13,9 @@ from ..core.positions import POSITIONS
 from ..core.errors import AttnSurgeonError
 from .app import app, command
 from .options import (
-    ChannelsLastOpt, InputSizeOpt, InsertionArgs, JsonOpt, MemoryEfficientOpt, RecipeBatchSizesOpt, RecipeDeviceOpt,
-    RecipeDtypeOpt, RecipeMaxTimeOpt, RecipeMinTimeOpt, RecipeModeOpt, TargetOpt, ThreadsOpt, _profile_overrides,
-    _takes, check_insertion_args, insertion_options, parse_globs, parse_ints,
+    ChannelsLastOpt, InputSizeOpt, InsertionArgs, JsonOpt, MemoryEfficientOpt, ModelArgsOpt, RecipeBatchSizesOpt,
+    RecipeDeviceOpt, RecipeDtypeOpt, RecipeMaxTimeOpt, RecipeMinTimeOpt, RecipeModeOpt, TargetOpt, ThreadsOpt,
+    _profile_overrides, _takes, check_insertion_args, insertion_options, parse_globs, parse_ints, parse_model_args,
 )
 from .render import _escape, _stderr, _SweepProgress, emit_json, print_sweep
 
@@ -58,6 +58,7 @@ def sweep(
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted sweep in --out: finished rows are kept.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out folder that holds a sweep.")] = False,
     models: SweepModelsOpt = None,
+    model_arg: ModelArgsOpt = None,
     ray: SweepRayOpt = None,
     ray_cpus: SweepRayCpusOpt = None,
     json_out: JsonOpt = False,
@@ -77,6 +78,7 @@ def sweep(
     if resume and force:
         raise AttnSurgeonError("--resume and --force conflict: --resume keeps the finished rows, --force discards them")
     options, init, replace, stages, blocks = ins.options, ins.init, ins.replace, ins.stages, ins.blocks
+    model_args = parse_model_args(model_arg)
     if model is None and models is None:
         raise AttnSurgeonError("give a MODEL, a sweep RECIPE, or --models (a list or glob of models)")
     is_recipe = model is not None and model.lower().endswith((".yaml", ".yml"))
@@ -85,6 +87,8 @@ def sweep(
             raise AttnSurgeonError("give either a sweep recipe or --attn/--position/--after/--before/--stages/--blocks/"
                                    "--replace and block options, not both")
         spec = read_recipe(model)
+        if spec.weights is not None:
+            raise AttnSurgeonError(f"{model}: a sweep measures cost, which weights do not change: drop 'weights'")
         configurations = spec.configurations
         if configurations is None:  # a single recipe is a one-row sweep
             from ..planning.recipes import Configuration
@@ -138,7 +142,7 @@ def sweep(
     try:
         with _SweepProgress() as bar:
             result = run_sweep(swept, configurations, out, settings=settings, input_size=size,
-                               model_kwargs=spec.model_kwargs, target=target, resume=resume, force=force, progress=bar,
+                               model_kwargs={**spec.model_kwargs, **model_args}, target=target, resume=resume, force=force, progress=bar,
                                ray=ray, ray_cpus=ray_cpus, memory_efficient=memory_efficient)
     except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM (a timeout, a batch job's limit)
         if isinstance(exc, SystemExit) and not exc.code:

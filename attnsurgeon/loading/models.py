@@ -10,16 +10,16 @@ Names, in the order they are tried:
 * a bare ``NAME`` is looked up in ``torchvision.models.list_models()`` first, then
   ``timm.list_models()`` (a name present in both resolves to torchvision).
 
-Weights come from the library (``pretrained=True``) or from a file (``weights=PATH``): a
-``.safetensors`` file, or a ``.pt``/``.pth``/``.bin`` state dict read with
-``torch.load(weights_only=True)`` so that a pickle holding anything but tensors is refused.
+Weights come from the library (``pretrained=True``) or from a file (``weights=PATH``): a state dict
+or a training checkpoint, read without running a pickle (:mod:`attnsurgeon.loading.weights`).
+Builder arguments (``num_classes=7``; ``--model-arg`` on the command line, ``model_args:`` in a
+recipe) go to the library's constructor.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import importlib
-import re
 import importlib.util
 import os
 import sys
@@ -30,10 +30,13 @@ from typing import Any, Iterable, Mapping
 from ..core.errors import AttnSurgeonError, did_you_mean, one_line
 from .network import hf_cached_file, require_network
 from .sources import BY_SOURCE, INTEGRATIONS
+from .weights import WEIGHT_SUFFIXES, check_weights_path, load_weights
 
 SOURCES = ("torchvision", "timm", *BY_SOURCE, "file", "module", "object")
 _PREFIXES = {"tv": "torchvision", "torchvision": "torchvision", "timm": "timm"}
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# the builder argument that sets the number of classes, named where a weights file's classifier differs
+CLASSES_ARGS = {"torchvision": "num_classes", "timm": "num_classes",
+                **{i.source: i.classes_arg for i in INTEGRATIONS.values() if i.classes_arg}}
 
 
 @dataclass
@@ -48,6 +51,8 @@ class LoadedModel:
     kwargs: dict = field(default_factory=dict)  # constructor arguments (num_classes=10)
     saved: str | None = None  # a model saved by attnsurgeon: its file; ``model`` is then the modified model
     base: Any = None  # ... and this its base model, with the saved weights (``profile SAVED`` compares them)
+    weights_key: str | None = None  # the checkpoint's entry the weights were taken from (``state_dict_ema``)
+    notes: list[str] = field(default_factory=list)  # what the loading did that a report should say
 
     @property
     def origin(self) -> str:
@@ -158,9 +163,11 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
         if not rest:
             raise AttnSurgeonError(f"'{spec}' names no model after '{prefix}:'")
         return INTEGRATIONS[prefix.lower()].source, rest
-    saved = (".safetensors", ".pt", ".pth", ".bin", ".onnx", ".pt2", ".ts", ".yaml", ".yml")
+    saved = (*WEIGHT_SUFFIXES, ".onnx", ".pt2", ".ts", ".yaml", ".yml")
     if not sep and spec.lower().endswith(saved):
         hint = {
+            ".pt": "an ultralytics checkpoint (best.pt) is named yolo:PATH.pt; load a state dict or a training "
+                   "checkpoint into a named model with --weights",
             ".safetensors": "a model saved by attnsurgeon: `profile`, `export` and `inspect` take it (they load it first); "
                             "load plain weights with --weights",
             ".yaml": "a recipe: run it with `attnsurgeon apply` or `attnsurgeon sweep`",
@@ -205,6 +212,7 @@ def build_model(
     *,
     pretrained: bool = False,
     weights: str | os.PathLike | None = None,
+    weights_key: str | None = None,
     **model_kwargs: Any,
 ) -> LoadedModel:
     """Build the model named by ``spec`` and load its weights.
@@ -215,8 +223,11 @@ def build_model(
     Args:
         spec: a model name (see the module docstring).
         pretrained: load the library's published weights (network or local cache).
-        weights: a ``.safetensors`` / ``.pt`` / ``.pth`` state dict loaded into the model.
-        **model_kwargs: passed to the library's constructor (``num_classes=10``).
+        weights: a state dict or a training checkpoint (``.safetensors``, ``.pt``, ``.pth``, ``.pth.tar``,
+            ``.ckpt``, ``.bin``: :mod:`attnsurgeon.loading.weights`) loaded into the model.
+        weights_key: the checkpoint's entry to take (``state_dict``); by default the first of
+            :data:`~attnsurgeon.loading.weights.CHECKPOINT_KEYS` it has (timm's EMA weights first).
+        **model_kwargs: passed to the library's constructor (``num_classes=10``; ``nc=2`` for YOLO).
 
     Example:
         >>> loaded = build_model("tv:resnet18", num_classes=10)
@@ -229,10 +240,12 @@ def build_model(
         raise AttnSurgeonError(f"'{spec}' is a model saved by attnsurgeon: open it with attnsurgeon.load_model "
                                "(or attnsurgeon.load), which rebuilds it from its recipe")
     if weights is not None:
-        _check_weights_path(weights)  # before building: a typo should not cost a model build
+        check_weights_path(weights)  # before building: a typo should not cost a model build
+    elif weights_key is not None:
+        raise AttnSurgeonError("--weights-key chooses an entry of a --weights checkpoint: give --weights")
     source, name = resolve_source(spec)
     try:
-        return _load(source, name, pretrained, weights, model_kwargs)
+        return _load(source, name, pretrained, weights, weights_key, model_kwargs)
     except TypeError as exc:  # model_kwargs the constructor does not take
         if model_kwargs and "argument" in str(exc):
             raise AttnSurgeonError(f"building '{spec}' with {model_kwargs} failed: {one_line(exc)}") from exc
@@ -253,7 +266,8 @@ def refuse_saved(model: Any) -> None:
                                "`profile`, `export` or `inspect` it as it is")
 
 
-def _load(source: str, name: str, pretrained: bool, weights: Any, model_kwargs: dict) -> LoadedModel:
+def _load(source: str, name: str, pretrained: bool, weights: Any, weights_key: str | None,
+          model_kwargs: dict) -> LoadedModel:
     if source == "torchvision":
         model = _build_torchvision(name, pretrained, model_kwargs)
         input_size = _torchvision_input_size(name)
@@ -267,6 +281,7 @@ def _load(source: str, name: str, pretrained: bool, weights: Any, model_kwargs: 
         library = BY_SOURCE[source].load()
         model = library.build(name, pretrained, model_kwargs)
         input_size = library.input_size(model, name)
+        name = getattr(library, "locate", lambda n: n)(name)  # a file or folder: recorded absolute
     else:
         if pretrained:
             raise AttnSurgeonError(f"--pretrained needs a torchvision or timm model; load '{name}' weights with --weights FILE")
@@ -277,9 +292,16 @@ def _load(source: str, name: str, pretrained: bool, weights: Any, model_kwargs: 
         name = f"{Path(target).expanduser().resolve()}:{factory}"
     loaded = LoadedModel(model, name, source, input_size, "pretrained" if pretrained else None, dict(model_kwargs))
     if weights is not None:
-        load_weights(model, weights)
-        loaded.weights = str(weights)
+        _load_file(loaded, weights, weights_key)
     return loaded
+
+
+def _load_file(loaded: LoadedModel, path: Any, key: str | None) -> None:
+    """Load a weights file into ``loaded.model`` and record where the weights came from."""
+    found = load_weights(loaded.model, path, key, CLASSES_ARGS.get(loaded.source))
+    loaded.weights, loaded.weights_key = str(Path(path).expanduser().resolve()), found.key
+    if found.note:
+        loaded.notes.append(found.note)
 
 
 def as_loaded(model_or_spec: Any, **load_kwargs: Any) -> LoadedModel:
@@ -293,10 +315,14 @@ def as_loaded(model_or_spec: Any, **load_kwargs: Any) -> LoadedModel:
     if isinstance(model_or_spec, torch.nn.Module):
         if load_kwargs.get("pretrained"):
             raise AttnSurgeonError("pretrained=True needs a model name, not a module")
-        if load_kwargs.get("weights") is not None:
-            load_weights(model_or_spec, load_kwargs["weights"])
+        builder = {k: v for k, v in load_kwargs.items() if k not in ("pretrained", "weights", "weights_key")}
+        if builder:
+            raise AttnSurgeonError(f"builder arguments ({builder}) need a model name, not a built module")
         size = _detector_input_size(model_or_spec, default_input_size(model_or_spec))
-        return LoadedModel(model_or_spec, type(model_or_spec).__name__, "object", size)
+        loaded = LoadedModel(model_or_spec, type(model_or_spec).__name__, "object", size)
+        if load_kwargs.get("weights") is not None:
+            _load_file(loaded, load_kwargs["weights"], load_kwargs.get("weights_key"))
+        return loaded
     raise AttnSurgeonError(f"expected a model name or an nn.Module, got {type(model_or_spec).__name__}")
 
 
@@ -451,100 +477,3 @@ def _detector_input_size(model: Any, default: tuple[int, ...]) -> tuple[int, ...
     side = getattr(transform, "min_size", None) or getattr(transform, "size", None)
     side = side[0] if isinstance(side, (list, tuple)) else side
     return (3, int(side), int(side)) if isinstance(side, int) else (3, 320, 320)
-
-
-# --------------------------------------------------------------------------- weights
-
-
-def _check_weights_path(path: str | os.PathLike) -> Path:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise AttnSurgeonError(f"weights file '{path}' is a folder, not a file")
-    if not p.is_file():
-        raise AttnSurgeonError(f"weights file '{path}' does not exist")
-    if p.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise AttnSurgeonError(
-            f"weights file '{path}': unknown extension '{p.suffix}' (expected {', '.join(WEIGHT_SUFFIXES)})"
-        )
-    return p
-
-
-def read_state_dict(path: str | os.PathLike) -> dict:
-    """Read a state dict safely: safetensors, or ``torch.load(weights_only=True)``."""
-    import torch
-
-    p = _check_weights_path(path)
-    if p.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return dict(load_file(str(p)))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise AttnSurgeonError(f"'{path}' is not a readable safetensors file: {one_line(exc)}") from exc
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc)
-        # torch names the offending global; junk bytes fail with "Unsupported operand" instead
-        if "Unsupported global" in text or "was not an allowed global" in text:
-            culprit = re.search(r"GLOBAL ([\w.]+)", text)
-            raise AttnSurgeonError(
-                f"refused to load '{path}': it holds Python objects other than tensors"
-                + (f" ({culprit.group(1)})" if culprit else "")
-                + ", and unpickling them could run code. Save a plain state dict "
-                "(torch.save(model.state_dict(), f)) or use .safetensors."
-            ) from exc
-        # torch's own message advises weights_only=False, i.e. running the pickle: not our advice
-        reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        detail = reason.group(1).strip() if reason else f"{type(exc).__name__}"
-        raise AttnSurgeonError(f"'{path}' is not a PyTorch weights file (a state dict saved with torch.save): {detail}") from exc
-    return _unwrap_state_dict(obj, path)
-
-
-def _unwrap_state_dict(obj: Any, path: Any) -> dict:
-    import torch
-
-    # Checkpoints from training scripts nest the weights one level down.
-    for key in ("state_dict", "model", "model_state_dict", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise AttnSurgeonError(f"'{path}' does not hold a state dict (a mapping of names to tensors)")
-    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
-
-
-def load_weights(model: Any, path: str | os.PathLike) -> None:
-    """Load a weights file into ``model`` strictly; mismatches are an error that lists them."""
-    state = read_state_dict(path)
-    check_state_dict(model, state, str(path))
-    model.load_state_dict(state, strict=True)
-
-
-def check_state_dict(model: Any, state: Mapping[str, Any], what: str) -> None:
-    """Raise, listing them, if ``state`` has missing, unexpected or wrongly shaped tensors."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_few(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatches ({len(wrong)}): {_few(wrong)}")
-    if problems:
-        raise AttnSurgeonError(f"weights in {what} do not fit the model: " + "; ".join(problems))
-
-
-def _few(items: list[str], n: int = 8) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f", … and {len(items) - n} more" if len(items) > n else "")

@@ -223,6 +223,8 @@ def explain(
     input_size: Any = None,
     pretrained: bool = False,
     weights: Any = None,
+    weights_key: str | None = None,
+    model_args: dict[str, Any] | None = None,
     replace: bool = False,
     progress: Callable[[str], None] | None = None,
     **block_options: Any,
@@ -249,7 +251,7 @@ def explain(
         specs.append(make_spec(attn, position, stages, blocks, init, replace=replace, **block_options))
     refuse_saved(model)
     say("Loading the model")
-    loaded = as_loaded(model, pretrained=pretrained, weights=weights)
+    loaded = as_loaded(model, pretrained=pretrained, weights=weights, weights_key=weights_key, **(model_args or {}))
     size = resolve_input_size(input_size, loaded.input_size)
     if len(size) != 3 or size[0] != 3:
         raise AttnSurgeonError(f"explain reads RGB images: {loaded.spec} takes inputs of {tuple(size)}, not 3×H×W")
@@ -276,7 +278,7 @@ def explain(
     transform, mean, std, described = preprocessing(loaded, size)
     x, pixels = load_images(files, transform, mean, std)
 
-    notes: list[str] = list(report.notes) if report else []
+    notes: list[str] = list(report.notes if report else loaded.notes)
     if loaded.weights is None and loaded.source in ("torchvision", "timm"):  # a library model, built untrained
         notes.insert(0, f"{loaded.spec} has random weights (no --pretrained or --weights): its classes, probabilities "
                         "and Grad-CAM maps say nothing about the images")

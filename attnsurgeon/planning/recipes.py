@@ -5,6 +5,9 @@ saved ``.safetensors`` model (``attnsurgeon.load``), so a saved model can be re-
 recipe::
 
     model: timm:resnet50
+    model_args: {num_classes: 7}   # optional: the builder's arguments (--model-arg on the command line)
+    weights: runs/model_best.pth.tar   # optional: a state dict or a training checkpoint (--weights), or pretrained
+    weights_key: state_dict        # optional: the checkpoint's entry (--weights-key); by default EMA weights first
     input_size: [3, 224, 224]      # optional; [3, 16, 112, 112] for video, [1, 16000] for 1-D
     memory_efficient: true         # optional: recompute the inserted blocks in backward (attnsurgeon.rewriting.memory)
     target: backbone.body          # optional: the submodule(s) to rewrite (attnsurgeon.graph.parts)
@@ -48,7 +51,7 @@ from typing import Any
 from ..core.errors import AttnSurgeonError
 from .schema import INSERTION_KEYS, InsertionSpec, Where, is_int, no_unknown, parse_insertion, positive_ints, typed
 
-RECIPE_KEYS = ("name", "description", "model", "models", "model_kwargs", "input_size", "target", "insertions", "configurations",
+RECIPE_KEYS = ("name", "description", "model", "models", "model_args", "model_kwargs", "weights", "weights_key", "input_size", "target", "insertions", "configurations",
                "grid", "profile", "memory_efficient")
 CONFIGURATION_KEYS = ("name", "insertions")
 GRID_KEYS = ("attn", "position", "after", "before", "stages", "blocks", "init", "options", "replace")
@@ -80,6 +83,14 @@ class Recipe:
     target: list[str] | None = None  # the submodules to rewrite (attnsurgeon.graph.parts); None: the whole model or found
     models: list[str] | None = None  # a zoo sweep recipe's models (names or globs); ``model`` is then empty
     memory_efficient: bool = False  # recompute the inserted blocks (no insertions: the model's own gates) in backward
+    weights: str | None = None  # where the base weights come from: a file, or "pretrained"; None: the builder's
+    weights_key: str | None = None  # the checkpoint's entry the weights come from
+
+    def load_args(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`attnsurgeon.load_model` that build the recipe's base model."""
+        if self.weights == "pretrained":
+            return {"pretrained": True, **self.model_kwargs}
+        return {"weights": self.weights, "weights_key": self.weights_key, **self.model_kwargs}
 
     @property
     def is_sweep(self) -> bool:
@@ -95,7 +106,10 @@ class Recipe:
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         if self.model_kwargs:
-            d["model_kwargs"] = self.model_kwargs
+            d["model_args"] = self.model_kwargs
+        for key in ("weights", "weights_key"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
         if self.memory_efficient:
             d["memory_efficient"] = True
         return d
@@ -155,12 +169,20 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
         if not (isinstance(items, list) and items and all(isinstance(t, str) and t.strip() for t in items)):
             raise AttnSurgeonError(f"{where(('target',))}: expected a module path (backbone.body) or a list of them")
         target = [t.strip() for t in items]
-    kwargs = data.get("model_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise AttnSurgeonError(f"{where(('model_kwargs',))}: expected a mapping of keyword arguments")
+    if "model_args" in data and "model_kwargs" in data:  # model_kwargs: how earlier saved files spell it
+        raise AttnSurgeonError(f"{where(('model_kwargs',))}: give 'model_args' (model_kwargs is its older name), not both")
+    args_key = "model_kwargs" if "model_kwargs" in data else "model_args"
+    kwargs = data.get(args_key) or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise AttnSurgeonError(f"{where((args_key,))}: expected a mapping of the builder's arguments ({{num_classes: 7}})")
+    weights = typed(data, "weights", str, (), where)
+    weights_key = typed(data, "weights_key", str, (), where)
+    if weights_key is not None and weights in (None, "pretrained"):
+        raise AttnSurgeonError(f"{where(('weights_key',))}: chooses an entry of a 'weights' checkpoint file: give 'weights'")
     memory_efficient = typed(data, "memory_efficient", bool, (), where) or False
     return Recipe(model, insertions, input_size, profile, typed(data, "name", str, (), where),
-                  typed(data, "description", str, (), where), dict(kwargs), configurations, target, models, memory_efficient)
+                  typed(data, "description", str, (), where), dict(kwargs), configurations, target, models, memory_efficient,
+                  weights, weights_key)
 
 
 def _parse_insertions(raw: Any, path: tuple, where: Where, allow_empty: bool = False) -> list[InsertionSpec]:

@@ -154,6 +154,8 @@ def profile(
     max_run_time: float = 4.0,
     pretrained: bool = False,
     weights: Any = None,
+    weights_key: str | None = None,
+    model_args: dict[str, Any] | None = None,
     target: Any = None,
     progress: ProgressFn | None = None,
     replace: bool = False,
@@ -170,6 +172,8 @@ def profile(
     ``memory_efficient`` recomputes the inserted blocks in the backward pass (see
     :mod:`attnsurgeon.rewriting.memory`); without insertions, the modified model is the model with its own
     attention gates recomputed (:func:`attnsurgeon.optimize`): before and after, side by side.
+    ``pretrained``, ``weights``, ``weights_key`` and ``model_args`` (the builder's arguments) load a
+    model given by name, as :func:`attnsurgeon.load_model` does.
 
     Example:
         >>> result = profile("resnet50", attn="se", batch_sizes=[1, 8])
@@ -204,14 +208,15 @@ def profile(
     if is_saved(model):  # what a saved modified model cannot take, said before loading it
         if specs:
             raise AttnSurgeonError("a saved model carries its own insertions; profile it without --attn")
-        if pretrained or weights is not None:
-            raise AttnSurgeonError("a saved model carries its own weights; drop --pretrained/--weights")
+        if pretrained or weights is not None or model_args:
+            raise AttnSurgeonError("a saved model carries its own weights and builder arguments; "
+                                   "drop --pretrained/--weights/--model-arg")
         if target is not None:
             raise AttnSurgeonError("a saved model carries its own target; profile it without --target")
         if memory_efficient:
             raise AttnSurgeonError("a saved model carries its own recipe; make it memory-efficient before saving it "
                                    "(insert/optimize --memory-efficient --out)")
-    loaded = open_model(model, pretrained=pretrained, weights=weights)
+    loaded = open_model(model, pretrained=pretrained, weights=weights, weights_key=weights_key, **(model_args or {}))
     spec, source = loaded.spec, loaded.source
     size = resolve_input_size(input_size, loaded.input_size)
     _check_mode(loaded.model, settings.mode)  # settings the model cannot take, before any insertion or measurement
@@ -278,7 +283,7 @@ def profile(
     finally:
         torch.set_num_threads(previous_threads)
 
-    notes = list(report.notes) if report is not None else []  # what the insertion skipped, say
+    notes = list(report.notes if report is not None else loaded.notes)  # what loading and the insertion did, say
     warnings = []  # what the measurement doubts
     for name, fig in figures.items():
         for b, lat in fig.latency.items():

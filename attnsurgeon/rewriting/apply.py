@@ -25,6 +25,8 @@ def insert(
     input_size: Any = None,
     pretrained: bool = False,
     weights: Any = None,
+    weights_key: str | None = None,
+    model_args: dict[str, Any] | None = None,
     replace: bool = False,
     target: Any = None,
     memory_efficient: bool = False,
@@ -43,7 +45,8 @@ def insert(
         blocks: globs over block names (``"layer3.*"``); all by default.
         init: ``default`` or ``identity`` (the modified model starts with the base model's outputs).
         input_size: ``224``, ``(224, 224)`` or ``(3, 224, 224)``; the model's own default if None.
-        pretrained / weights: see :func:`attnsurgeon.loading.models.build_model`.
+        pretrained / weights / weights_key: see :func:`attnsurgeon.loading.models.build_model`.
+        model_args: the builder's arguments where ``model`` is a name (``{"num_classes": 7}``).
         replace: put the block in place of the attention gates the selected blocks already have
             (SE, ECA, CBAM...) instead of beside them; with ``attn="none"`` they are removed.
         target: the submodule(s) to rewrite (``"backbone.body"``, a list, or ``"a,b"``); by default the
@@ -68,7 +71,7 @@ def insert(
     """
     spec = make_spec(attn, position, stages, blocks, init, replace=replace, after=after, before=before, **block_options)
     return apply_plan(model, [spec], input_size=input_size, pretrained=pretrained, weights=weights, target=target,
-                      memory_efficient=memory_efficient)
+                      memory_efficient=memory_efficient, weights_key=weights_key, model_args=model_args)
 
 
 def make_spec(attn: str, position: str | None = None, stages: Iterable[int] | None = None,
@@ -96,6 +99,8 @@ def apply_plan(
     weights: Any = None,
     target: Any = None,
     memory_efficient: bool = False,
+    weights_key: str | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> SurgeryResult:
     """Apply several insertions (stacked in order) to a model; see :func:`insert`. With
     ``memory_efficient`` and no insertions, the model's own attention gates are made memory-efficient
@@ -108,7 +113,8 @@ def apply_plan(
     specs = [s if isinstance(s, InsertionSpec) else InsertionSpec.from_dict(s) for s in specs]
     if not specs and not memory_efficient:
         raise AttnSurgeonError("the plan has no insertions")
-    done = rewrite(model, specs, input_size=input_size, pretrained=pretrained, weights=weights, target=target)
+    done = rewrite(model, specs, input_size=input_size, pretrained=pretrained, weights=weights, target=target,
+                   weights_key=weights_key, model_args=model_args)
     segments = None
     if memory_efficient:
         from .memory import recompute_gates
@@ -119,7 +125,7 @@ def apply_plan(
 
 
 def optimize(model: Any, *, input_size: Any = None, pretrained: bool = False, weights: Any = None,
-             target: Any = None) -> Any:
+             target: Any = None, weights_key: str | None = None, model_args: dict[str, Any] | None = None) -> Any:
     """The model with its own attention gates (SE in SE-ResNet, EfficientNet, MobileNetV3, RegNetY…)
     recomputed in the backward pass: same outputs, parameters and names, less training memory.
 
@@ -132,4 +138,4 @@ def optimize(model: Any, *, input_size: Any = None, pretrained: bool = False, we
         16
     """
     return apply_plan(model, [], input_size=input_size, pretrained=pretrained, weights=weights, target=target,
-                      memory_efficient=True)
+                      memory_efficient=True, weights_key=weights_key, model_args=model_args)

@@ -72,6 +72,7 @@ class SurgeryReport:
     # the nn.Module a model object was built from (source "object"): no name rebuilds it, so export
     # checks a saved file by rebuilding the recipe on a copy of it. Not part of the report's dict.
     base_object: Any = field(default=None, repr=False, compare=False)
+    weights_key: str | None = None  # the checkpoint's entry the weights came from
 
     def to_dict(self) -> dict[str, Any]:
         extra = {} if self.memory_efficient is None else {"memory_efficient": [s.to_dict() for s in self.memory_efficient]}
@@ -80,6 +81,7 @@ class SurgeryReport:
             "target": self.target,
             "source": self.source,
             "weights": self.weights,
+            "weights_key": self.weights_key,
             "model_kwargs": self.model_kwargs,
             "input_size": list(self.input_size),
             "params": dict(self.params),
@@ -117,7 +119,8 @@ class Rewrite:
 
 
 def rewrite(model: Any, specs: list[InsertionSpec], *, input_size: Any = None, pretrained: bool = False,
-            weights: Any = None, target: Any = None) -> Rewrite:
+            weights: Any = None, target: Any = None, weights_key: str | None = None,
+            model_args: dict[str, Any] | None = None) -> Rewrite:
     """Load and trace ``model``, plan ``specs`` against its anatomy and rewrite the traced graph;
     the model itself is not changed until :func:`finish`. No specs: the graph as traced."""
     from ..graph.anatomy import analyse
@@ -127,7 +130,7 @@ def rewrite(model: Any, specs: list[InsertionSpec], *, input_size: Any = None, p
     from ..loading.models import as_loaded, refuse_saved
 
     refuse_saved(model)
-    loaded = as_loaded(model, pretrained=pretrained, weights=weights)
+    loaded = as_loaded(model, pretrained=pretrained, weights=weights, weights_key=weights_key, **(model_args or {}))
     size = resolve_input_size(input_size, loaded.input_size)
     base_params = count_params(loaded.model)
     traced = trace_model(loaded.model, size, target)
@@ -135,7 +138,7 @@ def rewrite(model: Any, specs: list[InsertionSpec], *, input_size: Any = None, p
     anatomy = analyse(gm, traced.analysis_size, require_blocks=not specs or not all(s.anchor for s in specs))
     anatomy.target = traced.targets
     anatomy.model_modules = [n for n, _ in loaded.model.named_modules() if n]
-    notes: list[str] = list(traced.notes)
+    notes: list[str] = list(loaded.notes) + list(traced.notes)
     planned = plan(anatomy, specs, notes)
     _place_modules(planned, gm)
     insertions = _rewrite(gm, planned)
@@ -165,7 +168,7 @@ def finish(done: Rewrite, segments: list[Any] | None = None) -> SurgeryResult:
     notes = done.notes + (_attention_notes(done.anatomy, done.planned) if specs else [])
     report = SurgeryReport(loaded.spec, loaded.source, done.size, params, done.insertions, specs, loaded.weights,
                            dict(loaded.kwargs), notes, done.traced.targets, segments,
-                           loaded.model if loaded.source == "object" else None)
+                           loaded.model if loaded.source == "object" else None, weights_key=loaded.weights_key)
     gm.train(loaded.model.training)
     gm.attnsurgeon_report = report  # export and profile read the recipe from here
     return SurgeryResult(gm, report)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.errors import AttnSurgeonError
 from ..loading import models
 from ..loading.models import LoadedModel, as_loaded, is_saved, parse_model_spec
+from ..loading.weights import check_state_dict
 
 if TYPE_CHECKING:
     from ..planning.recipes import Recipe
@@ -55,7 +56,7 @@ def open_model(model_or_spec: Any, **load_kwargs: Any) -> LoadedModel:
 def _load_saved(path: Any, pretrained: bool, weights: Any, model_kwargs: dict) -> LoadedModel:
     """A saved modified model, rebuilt from its recipe, with its base model beside it."""
     if pretrained or weights is not None or model_kwargs:
-        raise AttnSurgeonError(f"'{path}' carries its own weights and recipe; drop --pretrained/--weights")
+        raise AttnSurgeonError(f"'{path}' carries its own weights and recipe; drop --pretrained/--weights/--model-arg")
     base, modified = load_base(path)
     report = modified.attnsurgeon_report
     source, name = parse_model_spec(report.model) if not report.model.startswith("object:") else ("object", report.model[7:])
@@ -72,7 +73,8 @@ def recipe_of(model: Any) -> Recipe:
         raise AttnSurgeonError("this model carries no attnsurgeon recipe (it was not made by attnsurgeon.insert/load)")
     return Recipe(report.model, list(report.plan), list(report.input_size), model_kwargs=dict(report.model_kwargs),
                   target=getattr(report, "target", None),
-                  memory_efficient=getattr(report, "memory_efficient", None) is not None)
+                  memory_efficient=getattr(report, "memory_efficient", None) is not None,
+                  weights=report.weights, weights_key=getattr(report, "weights_key", None))
 
 
 def versions() -> dict[str, str]:
@@ -145,15 +147,16 @@ def load_base(path: str | os.PathLike, *, base: Any = None) -> tuple[Any, Any]:
     elif recipe.model.startswith("object:"):
         raise AttnSurgeonError(f"'{path}' was made from a model object ({recipe.model[7:]}); "
                                "rebuild it with attnsurgeon.load(path, base=that_model)")
-    else:
+    else:  # the builder's arguments shape the model; its weights, wherever they came from, are in the file
         loaded = models.build_model(recipe.model, **recipe.model_kwargs)
+        loaded.weights, loaded.weights_key = recipe.weights, recipe.weights_key  # so that a re-saved recipe keeps them
     if recipe.insertions or recipe.memory_efficient:
         model, _ = apply_plan(loaded, recipe.insertions, input_size=recipe.input_size, target=recipe.target,
                               memory_efficient=recipe.memory_efficient)
     else:
         model = loaded.model
     try:
-        models.check_state_dict(model, tensors, f"'{path}'")
+        check_state_dict(model, tensors, f"'{path}'")
     except AttnSurgeonError as exc:
         raise AttnSurgeonError(f"the recipe in '{path}' does not match its tensors: {exc}") from exc
     model.load_state_dict(tensors, strict=True)

@@ -10,7 +10,9 @@ through :data:`INTEGRATIONS` (a new library is one module plus one line):
 * ``build(name, pretrained, kwargs)``: the model, built offline from the library's own config unless
   ``pretrained`` asks for published weights (the local cache first, then the network, failing in
   seconds when neither has them);
-* ``input_size(model, name)``: the sample input the library's config says the model takes.
+* ``input_size(model, name)``: the sample input the library's config says the model takes;
+* optionally ``locate(name)``: where the name is a file or folder (``yolo:runs/best.pt``), the name
+  that finds it from anywhere (its absolute path), which a saved recipe records.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Integration:
     # from ``labels``; ultralytics' serves predict, val and its trainer). Such models are traced in
     # parts (their blocks' containers), never whole, whichever way they were built.
     keep_class: str | None = None
+    classes_arg: str | None = None  # the builder argument that sets the number of classes (``nc``)
 
     def load(self, spec: str = "") -> ModuleType:
         """The hooks module; the library missing is a one-line error naming the extra."""
@@ -52,10 +55,11 @@ class Integration:
 
 INTEGRATIONS = {
     "yolo": Integration("yolo", "ultralytics", "attnsurgeon.loading.sources.yolo", "ultralytics", "yolo",
-                        "ultralytics.nn.tasks.BaseModel"),
+                        "ultralytics.nn.tasks.BaseModel", classes_arg="nc"),
     "hf": Integration("hf", "huggingface", "attnsurgeon.loading.sources.hf", "transformers", "hf",
-                      "transformers.modeling_utils.PreTrainedModel"),
-    "smp": Integration("smp", "smp", "attnsurgeon.loading.sources.smp", "segmentation_models_pytorch", "smp"),
+                      "transformers.modeling_utils.PreTrainedModel", classes_arg="num_labels"),
+    "smp": Integration("smp", "smp", "attnsurgeon.loading.sources.smp", "segmentation_models_pytorch", "smp",
+                       classes_arg="classes"),
 }
 BY_SOURCE = {i.source: i for i in INTEGRATIONS.values()}
 

@@ -1,10 +1,16 @@
 """segmentation_models_pytorch (``smp:Unet:resnet34``, ``smp:FPN``, ``smp:DeepLabV3Plus:efficientnet-b0``):
 ``ARCH[:ENCODER]`` (the encoder defaults to resnet34, as in smp), encoder weights off unless
 ``--pretrained``; keyword arguments go to ``smp.create_model`` (``classes=3``).
+
+``smp:./FOLDER`` is a model written by smp's ``save_pretrained`` (``config.json`` and
+``model.safetensors``: no pickle), rebuilt by ``smp.from_pretrained`` with its weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+from pathlib import Path
 from typing import Any, Mapping
 
 from ...core.errors import AttnSurgeonError, did_you_mean
@@ -45,12 +51,39 @@ def _split(name: str) -> tuple[str, str]:
     return arch.lower(), encoder
 
 
+def is_folder(name: str) -> bool:
+    """``./runs/unet``, ``/data/unet``, ``~/unet``: a folder, not ``ARCH[:ENCODER]``."""
+    return "/" in name or "\\" in name or name.startswith((".", "~")) or Path(name).expanduser().is_dir()
+
+
+def locate(name: str) -> str:
+    """A folder by its absolute path, so that a saved recipe rebuilds from anywhere."""
+    return str(Path(name).expanduser().resolve()) if is_folder(name) else name
+
+
 def check(name: str) -> None:
-    _split(name)
+    if not is_folder(name):
+        _split(name)
+        return
+    import segmentation_models_pytorch as smp
+
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise AttnSurgeonError(f"smp model folder '{name}' does not exist")
+    if not hasattr(smp, "from_pretrained"):
+        raise AttnSurgeonError(f"smp:{name}: segmentation_models_pytorch {smp.__version__} cannot read folders "
+                               "(from_pretrained came in 0.4); pip install -U segmentation-models-pytorch")
+    absent = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
+    if absent:
+        raise AttnSurgeonError(f"'{name}' is not a folder written by smp's save_pretrained: it has no "
+                               f"{' and no '.join(absent)}")
 
 
 def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
     import segmentation_models_pytorch as smp
+
+    if is_folder(name):
+        return _from_folder(name, pretrained, kwargs)
 
     arch, encoder = _split(name)
     weights = kwargs.get("encoder_weights", "imagenet" if pretrained else None)
@@ -66,6 +99,21 @@ def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
         raise AttnSurgeonError(f"could not get the '{weights}' weights of smp encoder {encoder} (tried {tried}): "
                                f"{one_line(exc)}. Download them where the network is reachable, or "
                                "pass --weights FILE.") from exc
+
+
+def _from_folder(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
+    import segmentation_models_pytorch as smp
+
+    from ...core.errors import one_line
+
+    if pretrained or kwargs:
+        raise AttnSurgeonError(f"smp:{name} carries its own architecture and weights: drop "
+                               + ("--pretrained" if pretrained else f"{dict(kwargs)}"))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # smp prints "Loading weights from local directory"
+            return smp.from_pretrained(str(Path(name).expanduser()))
+    except Exception as exc:
+        raise AttnSurgeonError(f"smp could not rebuild the model in '{name}': {one_line(exc)}") from exc
 
 
 def _require_weights(encoder: str, weights: Any) -> str:

@@ -7,6 +7,11 @@ The model is ultralytics' own ``DetectionModel`` (``SegmentationModel``, ``Class
 :func:`to_yolo` puts it in a ``YOLO`` object. ultralytics' trainer rebuilds its model from the yaml
 and would drop the blocks; :func:`trainer` is the task's trainer with ``get_model`` returning the
 rewritten model, and :func:`train` runs it (``best.pt``/``last.pt`` load with ``YOLO(path)``, blocks in).
+
+``yolo:PATH.pt`` starts from an ultralytics checkpoint (the user's ``best.pt``, or a published one by
+path): its class count, names and training image size are kept, so that :func:`train` continues on
+the user's data (``data=`` given, as ``YOLO(PATH).train(data=...)`` takes it). ultralytics' ``.pt`` is a pickle by design and is read as
+``YOLO(PATH)`` reads it, which runs it: a file the user trusts. (``--weights`` never reads one so.)
 """
 
 from __future__ import annotations
@@ -43,7 +48,23 @@ def names() -> list[str]:
     return sorted(set(out))
 
 
+def is_checkpoint(name: str) -> bool:
+    """``yolo:runs/train/weights/best.pt``: an ultralytics checkpoint, not a yaml's name."""
+    return name.lower().endswith(".pt")
+
+
+def locate(name: str) -> str:
+    """A checkpoint by its absolute path, so that a saved recipe rebuilds from anywhere."""
+    return str(Path(name).expanduser().resolve()) if is_checkpoint(name) else name
+
+
 def check(name: str) -> None:
+    if is_checkpoint(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            published = f"; yolo:{path.stem} --pretrained loads ultralytics' published one" if path.stem in names() else ""
+            raise AttnSurgeonError(f"ultralytics checkpoint '{name}' does not exist{published}")
+        return
     if name not in names():
         raise AttnSurgeonError(f"unknown YOLO model '{name}' (not a yaml of ultralytics)." + did_you_mean(name, names())
                                + " `attnsurgeon list models 'yolo:*'` lists them.")
@@ -57,7 +78,9 @@ def _task_classes() -> dict[str, Any]:
 
 
 def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
-    """ultralytics' model for ``name``: from ``NAME.yaml``, or the published ``NAME.pt``."""
+    """ultralytics' model for ``name``: from ``NAME.yaml``, the published ``NAME.pt``, or a checkpoint file."""
+    if is_checkpoint(name):
+        return _checkpoint(name, pretrained, kwargs)
     if pretrained:
         if kwargs:
             raise AttnSurgeonError(f"--pretrained loads yolo:{name} as published; drop {dict(kwargs)}")
@@ -110,6 +133,24 @@ def _published(name: str) -> Any:
     return model.float()
 
 
+def _checkpoint(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
+    """The model of an ultralytics checkpoint, read as ``YOLO(path)`` reads it (a pickle: a file the user trusts)."""
+    from ultralytics.nn.tasks import load_checkpoint
+
+    from ...core.errors import one_line
+
+    if pretrained:
+        raise AttnSurgeonError(f"yolo:{name} carries its own weights: drop --pretrained")
+    if kwargs:
+        raise AttnSurgeonError(f"yolo:{name} carries its own architecture and classes: drop {dict(kwargs)} "
+                               "(a new class count is a new model: yolo:NAME with --model-arg nc=N)")
+    try:
+        model, _ = load_checkpoint(str(Path(name).expanduser()))
+    except Exception as exc:
+        raise AttnSurgeonError(f"'{name}' is not an ultralytics checkpoint that YOLO() loads: {one_line(exc)}") from exc
+    return model.float()
+
+
 def input_size(model: Any, name: str) -> tuple[int, ...]:
     """ultralytics' default image size: 640 (224 for the classifiers), or the checkpoint's own."""
     from ultralytics.utils import DEFAULT_CFG
@@ -128,6 +169,9 @@ def to_yolo(model: Any) -> Any:
 
     with quiet():  # YOLO builds a model from the yaml again (and logs its summary), to be replaced below
         yolo = YOLO(_yaml_of(model), verbose=False)  # the task, overrides and callbacks ultralytics sets up
+    if getattr(model, "pt_path", None) and isinstance(getattr(model, "args", None), dict):
+        # from a checkpoint: the training arguments YOLO(path) keeps (image size, data, task)
+        yolo.overrides.update(YOLO._reset_ckpt_args(model.args))
     model.task = yolo.task
     model.args = {**DEFAULT_CFG_DICT, **yolo.overrides}
     yolo.model = model
