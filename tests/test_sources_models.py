@@ -347,6 +347,7 @@ def test_a_local_folder_with_its_config_builds_offline_and_pretrained_reads_its_
     assert load_model("hf:./config-only", num_labels=5).model.config.num_labels == 5  # kwargs set config fields
     out, report = insert(loaded, "se", input_size=(3, 32, 32))
     assert isinstance(out, transformers.ResNetForImageClassification) and report.insertions
+    assert loaded.name == str(tmp_path / "config-only")  # recorded absolute: a saved recipe rebuilds from anywhere
 
     saved.save_pretrained(tmp_path / "with-weights")
     again = load_model(f"hf:{tmp_path / 'with-weights'}", pretrained=True).model

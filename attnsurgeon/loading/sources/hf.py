@@ -46,6 +46,12 @@ def is_folder(name: str) -> bool:
     return name.startswith((".", "/", "~"))
 
 
+def locate(name: str) -> str:
+    """A folder by its absolute path, so that a saved recipe rebuilds from anywhere (as smp's and
+    YOLO's files are recorded)."""
+    return os.path.abspath(os.path.expanduser(name)) if is_folder(name) else name
+
+
 def _folder(name: str) -> str:
     """The folder's path, checked: it holds the ``config.json`` the model is built from."""
     path = os.path.expanduser(name)
