@@ -12,6 +12,8 @@ import sys
 from collections import Counter
 from typing import Any
 
+from ..blocks.external import display_name
+
 
 def _stderr():
     from rich.console import Console
@@ -60,7 +62,7 @@ def print_report(report: Any) -> None:
     for i in report.insertions:
         opts = ", ".join(f"{k}={v}" for k, v in i.options.items())
         where = f"{i.position} {i.anchor}" if getattr(i, "anchor", None) else i.position
-        row = [i.block, str(i.stage or "-"), where, i.attn, str(i.channels), f"{i.params:,}", i.module, opts]
+        row = [i.block, str(i.stage or "-"), where, display_name(i.attn), str(i.channels), f"{i.params:,}", i.module, opts]
         if swaps:
             row.insert(6, f"{i.replaced} ({i.replaced_params:,})" if i.replaced else "")
         table.add_row(*row)
