@@ -238,3 +238,66 @@ def test_a_sweep_grid_mixes_zoo_names_and_references(gate_dir):
     assert attns == ["se", "se", f"{gate_dir / 'sub' / 'gate.py'}:Gate", f"{gate_dir / 'sub' / 'gate.py'}:Gate",
                      "timm:gc", "timm:gc"]  # the file next to the recipe, not the one in the working folder
     assert get_block(attns[2]).external.file == str(gate_dir / "sub" / "gate.py")
+
+
+# --------------------------------------------------------------------------- timm's own blocks, ultralytics' CBAM
+
+
+def _timm_parity(model_name: str, attn: str) -> None:
+    """``timm:NAME`` at the standard position equals timm's own ResNet built with that attn_layer:
+    the same parameters, and the same outputs once timm's weights are copied in."""
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model(model_name).eval()
+    ours, report = insert(base, f"timm:{attn}", input_size=SIZE)
+    theirs = timm.create_model(model_name, block_args=dict(attn_layer=attn)).eval()
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    leaf = report.insertions[0].module.rpartition(".")[2]
+    assert [i.module.replace(f".{leaf}", ".se") for i in report.insertions] == \
+        [n for n, _ in theirs.named_modules() if n.endswith(".se")]  # in every bottleneck, where timm puts it
+    renamed = {k.replace(f".{leaf}.", ".se."): v for k, v in ours.state_dict().items()}
+    assert set(renamed) == set(theirs.state_dict())
+    ours.load_state_dict({k.replace(".se.", f".{leaf}."): v for k, v in theirs.state_dict().items()})
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_eca_at_the_standard_position_is_timms_eca_resnet():
+    _timm_parity("resnet26", "eca")
+
+
+@pytest.mark.parametrize("attn", ["se", "cbam", "gc"])
+def test_timm_blocks_at_the_standard_position_are_timms_resnet_with_that_attn_layer(attn):
+    _timm_parity("resnet26", attn)
+
+
+@pytest.mark.slow
+def test_timm_eca_in_resnet50_is_timms_eca_resnet50():
+    _timm_parity("resnet50", "eca")
+
+
+@pytest.mark.slow
+def test_ultralytics_cbam_after_model_9_of_yolov8n_builds_and_trains_one_step():
+    from ultralytics.nn.modules.conv import CBAM
+
+    from attnsurgeon import load_model
+
+    torch.manual_seed(0)
+    model, report = insert(load_model("yolo:yolov8n", nc=2), "ultralytics.nn.modules.conv:CBAM", after="model.9",
+                           input_size=SIZE)
+    (row,) = report.insertions
+    block = model.get_submodule(row.module)
+    assert isinstance(block, CBAM) and row.channels == 256 and row.params == 256 * 256 + 256 + 2 * 7 * 7
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = model(torch.randn(2, *SIZE))
+    from wiring import flat_outputs
+
+    loss = sum(o.float().pow(2).mean() for o in flat_outputs(out))
+    loss.backward()
+    assert block.channel_attention.fc.weight.grad.abs().sum() > 0
+    optimizer.step()
+    assert any(not torch.equal(before[k], v) for k, v in block.state_dict().items())
