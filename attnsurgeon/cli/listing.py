@@ -24,8 +24,7 @@ def list_attn(json_out: JsonOpt = False) -> None:
     from ..blocks.external import FORM_HELP
 
     if json_out:
-        emit_json({"blocks": [i.to_dict() for i in REGISTRY.values()],
-                   "references": [{"form": k, "description": v} for k, v in FORM_HELP.items()]})
+        emit_json({"blocks": [i.to_dict() for i in REGISTRY.values()]})
         return
 
     from ..blocks.options import OPTIONS

@@ -36,7 +36,7 @@ AttnOpt = Annotated[str, typer.Option("--attn", "-a", help=f"Attention block: {A
                                       "model's own.")]
 OptionOpt = Annotated[Optional[list[str]], typer.Option(
     "--option", "-O", help="A block option as key=value, repeatable; the value is read as YAML (4, 0.5, true, [4, 8] one per "
-    "selected stage). Any option of a zoo block, or any parameter of a class given by reference.", show_default=False)]
+    "selected stage). Any option of a zoo block, or any parameter of a class given by reference.", show_default="none")]
 ReplaceOpt = Annotated[bool, typer.Option("--replace", help="Put the block in place of the attention gates the selected blocks "
                                           "already have (SE in EfficientNet, MobileNetV3, RegNetY...) instead of beside them; "
                                           "--attn none removes them.")]
