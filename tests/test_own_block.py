@@ -301,3 +301,15 @@ def test_ultralytics_cbam_after_model_9_of_yolov8n_builds_and_trains_one_step():
     assert block.channel_attention.fc.weight.grad.abs().sum() > 0
     optimizer.step()
     assert any(not torch.equal(before[k], v) for k, v in block.state_dict().items())
+
+
+def test_the_same_relative_reference_in_another_folder_names_that_folders_file(tmp_path, monkeypatch):
+    for name, reduction in (("a", 2), ("b", 4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "gate.py").write_text(GATE.replace("reduction=8", f"reduction={reduction}"))
+    counts = []
+    for name in ("a", "b"):
+        monkeypatch.chdir(tmp_path / name)
+        block = build_block("gate.py:Gate", 64, size=(4, 4))
+        counts.append(sum(p.numel() for p in block.parameters()))
+    assert counts == [gate_params(64, 2), gate_params(64, 4)]

@@ -80,7 +80,7 @@ def anchor_reference(ref: Any, folder: str | None) -> Any:
 def resolve_block(ref: Any) -> Any:
     """The :class:`~attnsurgeon.blocks.BlockInfo` of a reference (see the module docstring), once
     per process: a file is imported once, a class inspected once."""
-    key = ref if isinstance(ref, str) else _object_name(ref)
+    key = _absolute(ref) if isinstance(ref, str) else _object_name(ref)  # gate.py means another file elsewhere
     if key in _RESOLVED and _RESOLVED[key].external.current():
         return _RESOLVED[key]
     if isinstance(ref, str):
@@ -100,6 +100,14 @@ def resolve_block(ref: Any) -> Any:
 def _is_file_ref(ref: str) -> bool:
     path = ref.rpartition(":")[0]
     return path.endswith(".py") or "/" in path or os.sep in path
+
+
+def _absolute(ref: str) -> str:
+    """A file reference with its file's absolute path (relative ones are the working folder's)."""
+    if not _is_file_ref(ref):
+        return ref
+    path, _, name = ref.rpartition(":")
+    return f"{os.path.abspath(path)}:{name}"
 
 
 def _object_name(obj: Any) -> str:
