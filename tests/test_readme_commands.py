@@ -65,6 +65,8 @@ NOT_RUN = [
     (lambda a: "--pretrained" in a, "downloads published weights"),
     (lambda a: any(f in a for f in ("cat.jpg", "my_audio.py:build", "yolo.py:build", "output/train/model_best.pth.tar",
                                     "yolo:runs/detect/train/weights/best.pt")), "needs a file the user brings"),
+    (lambda a: any("gate.py:Gate" in x or x.startswith("gate50.") for x in a),
+     "needs the page's gate.py (tests/test_own_block.py writes it and runs these)"),
     (lambda a: "--ray" in a or "cuda" in a, "needs a Ray cluster or a GPU"),
     (lambda a: a[0] in ("sweep", "profile") or "--profile" in a, "times models for minutes"),
     (lambda a: any(m in a for m in ("maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn")),

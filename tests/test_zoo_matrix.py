@@ -46,7 +46,7 @@ REFUSED = {  # (model, position) -> the zoo blocks that fit no site there, and w
     ("mobilenet_v3_large", "conv"): ({"sk", "splat"}, "groups"),
     ("convnext_tiny", "conv"): ({"sk", "splat"}, "groups"),
 }
-NO_IDENTITY = {"simam", "sk", "splat"}  # simam has no parameters; sk and splat cannot reproduce the conv they replace
+NO_IDENTITY = {"sk", "splat"}  # sk and splat cannot reproduce the conv they replace (simam: the α-gate)
 
 
 def allowed_positions(info) -> tuple[str, ...]:
@@ -121,7 +121,7 @@ def _plans(anatomy):
 
 
 def test_every_block_at_every_position_is_an_exact_identity_at_init(traced):
-    """Blocks with an identity init give exactly the base outputs; the others (simam, sk, splat:
+    """Blocks with an identity init give exactly the base outputs (simam through the α-gate); the others (sk, splat:
     no identity exists) go in with their default init and must run, keeping the output's shape.
     Either way every inserted module's output must reach the model's."""
     from wiring import assert_each_is_read

@@ -158,7 +158,7 @@ def reference_simam(x, e_lambda=1e-4):  # ZjjConan/SimAM simam_module.forward
     return x * torch.sigmoid(y)
 
 
-def test_simam_is_the_reference_and_refuses_identity_init():
+def test_simam_is_the_reference_and_starts_as_an_identity_through_the_alpha_gate():
     m = build_block("simam", 64, size=(9, 9), e_lambda=1e-3)
     x = torch.randn(2, 64, 9, 9)
     torch.testing.assert_close(m(x), reference_simam(x, 1e-3))
@@ -167,8 +167,11 @@ def test_simam_is_the_reference_and_refuses_identity_init():
     seq = build_block("simam", 8, size=(20,))
     s = torch.randn(2, 8, 20)
     torch.testing.assert_close(seq(s), reference_simam(s.unsqueeze(-1)).squeeze(-1))
-    with pytest.raises(AttnSurgeonError, match="simam has no parameters"):
-        build_block("simam", 64, "identity", size=(9, 9))
+    gated = build_block("simam", 64, "identity", size=(9, 9), e_lambda=1e-3)  # x + α·(SimAM(x) − x), α = 0
+    assert torch.equal(gated(x), x) and n_params(gated) == 1
+    with torch.no_grad():
+        gated.alpha.fill_(1.0)
+    torch.testing.assert_close(gated(x), reference_simam(x, 1e-3))
     with pytest.raises(AttnSurgeonError, match="single position"):
         build_block("simam", 64, size=(1, 1))
     counted = count_macs(m, x[:1])

@@ -23,44 +23,12 @@ replaces a spatial convolution, hence the positions it allows:
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import AttnSurgeonError, did_you_mean
+from .info import BlockInfo
 from .options import OPTIONS
-
-
-@dataclass(frozen=True)
-class BlockInfo:
-    name: str
-    module: str  # the file that builds it
-    summary: str
-    paper: str
-    options: dict[str, Any]  # the block options it takes -> its default (None: the block's own rule)
-    position: str = "standard"  # where it goes when --position is not given
-    kind: str = "gate"  # "gate": added on a tensor's path; "conv": takes the place of a spatial conv
-
-    def __post_init__(self) -> None:
-        unknown = [k for k in self.options if k not in OPTIONS]
-        assert not unknown, f"{self.name}: options {unknown} are not declared in blocks/options.py"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "summary": self.summary, "kind": self.kind, "position": self.position,
-                "positions": list(self.positions), "paper": self.paper,
-                "options": [{"name": k, "default": v, "flag": OPTIONS[k].flag, "kind": OPTIONS[k].kind,
-                             "per_stage": OPTIONS[k].per_stage, **({"choices": list(OPTIONS[k].choices)} if OPTIONS[k].choices else {}),
-                             "help": OPTIONS[k].help} for k, v in self.options.items()]}
-
-    def impl(self):
-        return importlib.import_module(self.module)
-
-    @property
-    def positions(self) -> tuple[str, ...]:
-        """The positions its kind allows."""
-        from ..core.positions import KIND_POSITIONS
-
-        return KIND_POSITIONS[self.kind]
 
 
 REGISTRY: dict[str, BlockInfo] = {
@@ -172,19 +140,30 @@ class FeatureMap:
         return len(self.size)
 
 
-def get_block(name: str) -> BlockInfo:
-    info = REGISTRY.get(str(name).lower())
-    if info is None:
-        raise AttnSurgeonError(
-            f"unknown attention block '{name}' (known: {', '.join(REGISTRY)})." + did_you_mean(str(name), REGISTRY)
-        )
-    return info
+def get_block(name: Any) -> BlockInfo:
+    """The one lookup of a block: a zoo name (``se``), or a reference to a class anywhere
+    (``gate.py:Gate``, ``pkg.mod:Class``, ``timm:eca``, or the class itself), resolved once by
+    :func:`.external.resolve_block` into a :class:`BlockInfo` like the zoo's."""
+    from .external import FORMS, is_reference, resolve_block
+
+    info = REGISTRY.get(name.lower()) if isinstance(name, str) else None
+    if info is not None:
+        return info
+    if is_reference(name):
+        return resolve_block(name)
+    raise AttnSurgeonError(
+        f"unknown attention block '{name}' (known: {', '.join(REGISTRY)}; or a class by reference: "
+        f"{', '.join(FORMS)})." + did_you_mean(str(name), REGISTRY)
+    )
 
 
-def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+def check_options(name: Any, options: dict[str, Any]) -> dict[str, Any]:
     """Drop unset (None) options; refuse options the block does not take, and values out of range."""
     info = get_block(name)
     given = {k: v for k, v in options.items() if v is not None}
+    if info.external is not None:  # its constructor's parameters; its values are its own business
+        info.external.check_options(given, info.options)
+        return given
     bad = [k for k in given if k not in info.options]
     if bad:
         takes = ", ".join(info.options) or "no options"
@@ -208,25 +187,35 @@ def build_block(name: str, channels: int, init: str = "default", *, size: tuple[
         raise AttnSurgeonError(f"{info.name} replaces a convolution and is built only at position 'conv'" if conv is None
                                else f"{info.name} is a {info.kind} and cannot take the place of a convolution")
     impl = info.impl()
-    module = impl.build(FeatureMap(int(channels), tuple(size), conv), **{**info.options, **check_options(name, options)})
+    defaults = {} if info.external is not None else info.options  # a class fills in its own defaults
+    module = impl.build(FeatureMap(int(channels), tuple(size), conv), **{**defaults, **check_options(name, options)})
     if init == "identity":
-        impl.init_identity(module)
+        module = impl.init_identity(module) or module  # in place, or a new module (the α-gate)
     return module
 
 
 def describe_block(name: str, module: Any, requested: dict[str, Any]) -> dict[str, Any]:
     """What ``module`` was built with: the options as requested (defaults filled in), then what
     they came to (``{"reduction": 16, "hidden": 8, "bias": True}``: 8 after rounding 64/16 up)."""
+    from ._alpha import AlphaGate
+
     info = get_block(name)
     defaults = {k: v for k, v in info.options.items() if v is not None}
+    if isinstance(module, AlphaGate):
+        return {**defaults, **requested, **info.impl().describe(module.block), "identity": "α-gate"}
     return {**defaults, **requested, **info.impl().describe(module)}
 
 
 def block_classes(kind: str | None = None) -> tuple[type, ...]:
     """The module classes the zoo builds (kept whole, as leaves, when a model is traced); with
     ``kind``, those of the blocks of that kind only (``"conv"``: SelectiveKernel, SplitAttn)."""
+    from ._alpha import AlphaGate
+    from .external import resolved_classes
+
     classes: list[type] = []
     for info in REGISTRY.values():
         if kind is None or info.kind == kind:
             classes.extend(info.impl().CLASSES)
+    if kind in (None, "gate"):  # blocks given by reference are gates; the α-gate wraps any of them
+        classes.extend((*resolved_classes(), AlphaGate))
     return tuple(classes)

@@ -8,8 +8,9 @@ Each neuron's importance is the inverse of its minimal energy, in closed form fr
 mean and variance over the positions: ``e = (x − μ)² / (4·(Σ(x − μ)²/(n − 1) + λ)) + ½`` and
 ``y = x · σ(e)`` (λ = 1e-4; n = number of positions). No parameters. Any rank.
 
-It has no parameters, so it cannot start as an identity that learns: ``--init identity`` is
-refused for it (the default init is the block itself).
+It has no parameters, so it has no identity of its own: ``--init identity`` wraps it as
+``x + α·(SimAM(x) − x)`` with a learnable α = 0 (:class:`~attnsurgeon.blocks._alpha.AlphaGate`),
+exact at the start.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core.errors import AttnSurgeonError
+from ._alpha import AlphaGate
 from ._common import pool_axes
 
 
@@ -49,8 +51,8 @@ def build(fmap, *, e_lambda: float) -> SimAM:
     return SimAM(e_lambda, fmap.dims)
 
 
-def init_identity(module: SimAM) -> None:
-    raise AttnSurgeonError("simam has no parameters, so it cannot start as an identity that learns; use --init default")
+def init_identity(module: SimAM) -> AlphaGate:
+    return AlphaGate(module)
 
 
 def describe(module: SimAM) -> dict:

@@ -8,10 +8,10 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..blocks import REGISTRY as BLOCKS
 from ..core.errors import AttnSurgeonError
 from .app import app, command
 from .options import (
+    ATTN_HELP,
     InputSizeOpt, InsertionArgs, JsonOpt, ModelArg, ModelArgsOpt, PositionOpt, PretrainedOpt, WeightsKeyOpt, WeightsOpt,
     check_insertion_args, insertion_options, parse_globs, parse_ints, parse_model_args,
 )
@@ -30,7 +30,7 @@ def explain(
                                               show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the sheets, summary.png and explain.json (must not exist, "
                                       "unless --force).", show_default=False)],
-    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {', '.join(BLOCKS)} (none with "
+    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {ATTN_HELP} (none with "
                                                 "--replace). Default: none; the model is explained alone.")] = None,
     position: PositionOpt = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)

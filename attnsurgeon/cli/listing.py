@@ -21,6 +21,7 @@ from .render import emit_json, print_table
 def list_attn(json_out: JsonOpt = False) -> None:
     """The attention blocks that can be inserted, with their options and papers."""
     from ..blocks import REGISTRY
+    from ..blocks.external import FORM_HELP
 
     if json_out:
         emit_json({"blocks": [i.to_dict() for i in REGISTRY.values()]})
@@ -39,6 +40,8 @@ def list_attn(json_out: JsonOpt = False) -> None:
 
     print_table(("name", "what it does", "position", "options (default)", "paper"),
                 [(i.name, i.summary, i.position, options(i), i.paper) for i in REGISTRY.values()])
+    print_table(("or by reference", "what it names (options: --option key=value, the constructor's parameters)"),
+                list(FORM_HELP.items()))
 
 
 @list_app.command("positions")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import typer
 from typing_extensions import Annotated
 
-from ..core.errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError, one_line
 from ..saving.export import FORMATS  # the format registry (torch-free)
 
 # --------------------------------------------------------------------------- shared options
@@ -32,8 +32,13 @@ ModelArg = Annotated[
         metavar="MODEL",
     ),
 ]
-AttnOpt = Annotated[str, typer.Option("--attn", "-a", help=f"Attention block: {', '.join(BLOCKS)} (see `attnsurgeon list attn`); "
-                                      "none with --replace removes the model's own.")]
+ATTN_HELP = (f"{', '.join(BLOCKS)} (see `attnsurgeon list attn`), or your own class by reference: path/to/file.py:Class, "
+             "package.module:Class, timm:NAME")
+AttnOpt = Annotated[str, typer.Option("--attn", "-a", help=f"Attention block: {ATTN_HELP}; none with --replace removes the "
+                                      "model's own.")]
+OptionOpt = Annotated[Optional[list[str]], typer.Option(
+    "--option", "-O", help="A block option as key=value, repeatable; the value is read as YAML (4, 0.5, true, [4, 8] one per "
+    "selected stage). Any option of a zoo block, or any parameter of a class given by reference.", show_default="none")]
 ReplaceOpt = Annotated[bool, typer.Option("--replace", help="Put the block in place of the attention gates the selected blocks "
                                           "already have (SE in EfficientNet, MobileNetV3, RegNetY...) instead of beside them; "
                                           "--attn none removes them.")]
@@ -288,6 +293,7 @@ class InsertionArgs:
     replace: bool = False
     after: str | None = None
     before: str | None = None
+    option: list[str] | None = None  # --option key=value, as typed
     raw_options: dict[str, Any] = field(default_factory=dict)  # block option -> as typed
 
     @property
@@ -300,13 +306,44 @@ class InsertionArgs:
     def options(self) -> dict[str, Any]:
         """The block options that were given, parsed (``-k 3,5,5,7`` -> ``[3, 5, 5, 7]``)."""
         opts = {k: _block_option_value(k, v) for k, v in self.raw_options.items()}
-        return {k: v for k, v in opts.items() if v is not None}
+        opts = {k: v for k, v in opts.items() if v is not None}
+        for key, value in parse_key_values(self.option).items():
+            if key in opts:
+                raise AttnSurgeonError(f"--option {key}=… and {_flag(key)} both given: give one")
+            opts[key] = value
+        return opts
+
+
+def _flag(name: str) -> str:
+    from ..blocks.options import OPTIONS
+
+    return OPTIONS[name].flag if name in OPTIONS else f"--{name}"
+
+
+def parse_key_values(items: list[str] | None, what: str = "--option") -> dict[str, Any]:
+    """``['reduction=4', 'stages=[4, 8]']`` -> ``{'reduction': 4, 'stages': [4, 8]}``: YAML values."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, eq, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key.isidentifier():
+            raise AttnSurgeonError(f"{what} '{item}': expected key=value (reduction=4, act=relu, kernel_sizes=[3, 5])")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise AttnSurgeonError(f"{what} '{item}': the value is not YAML ({one_line(exc)})") from None
+        if key in out:
+            raise AttnSurgeonError(f"{what} {key} given twice")
+        out[key] = value
+    return out
 
 
 INSERTION_PARAMS = [
     ("after", AfterOpt, None), ("before", BeforeOpt, None),
     ("stages", StagesOpt, None), ("blocks", BlocksOpt, None), ("init", InitOpt, "default"),
-    *((name, *_block_option_param(name)) for name in _block_option_names()),
+    *((name, *_block_option_param(name)) for name in _block_option_names()), ("option", OptionOpt, None),
     ("replace", ReplaceOpt, False),
 ]
 
@@ -328,7 +365,7 @@ def insertion_options(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         given = {name: kwargs.pop(name) for name, _, _ in INSERTION_PARAMS if name in kwargs}
-        ins = InsertionArgs(**{k: given.pop(k) for k in ("stages", "blocks", "init", "replace", "after", "before")
+        ins = InsertionArgs(**{k: given.pop(k) for k in ("stages", "blocks", "init", "replace", "after", "before", "option")
                                if k in given},
                             raw_options=given)
         return fn(*args, ins=ins, **kwargs)

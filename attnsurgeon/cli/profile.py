@@ -8,11 +8,11 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..blocks import REGISTRY as BLOCKS
 from ..core.errors import AttnSurgeonError
 from ..core.files import existing_folder
 from .app import app, command
 from .options import (
+    ATTN_HELP,
     BatchSizesOpt, ChannelsLastOpt, CompileOpt, DeviceOpt, DtypeOpt, InputSizeOpt, InsertionArgs, JsonOpt,
     MaxTimeOpt, MemoryEfficientOpt, MinTimeOpt, ModeOpt, ModelArg, ModelArgsOpt, PROFILE_DEFAULTS, PositionOpt,
     PretrainedOpt, TargetOpt, ThreadsOpt, WeightsKeyOpt, WeightsOpt, _check_plot, check_insertion_args,
@@ -29,7 +29,7 @@ from .render import _escape, _stdout, _Steps, emit_json, print_profile
 @insertion_options
 def profile(
     model: ModelArg,
-    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {', '.join(BLOCKS)} (none with "
+    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {ATTN_HELP} (none with "
                                                 "--replace). Default: none; the model is profiled alone.")] = None,
     position: PositionOpt = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)

@@ -14,6 +14,8 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from ..blocks.external import display_name
+
 
 def _stderr():
     from rich.console import Console
@@ -98,7 +100,7 @@ def print_report(report: Any) -> None:
     for i in report.insertions:
         opts = ", ".join(f"{k}={v}" for k, v in i.options.items())
         where = f"{i.position} {i.anchor}" if getattr(i, "anchor", None) else i.position
-        row = [i.block, str(i.stage or "-"), where, i.attn, str(i.channels), f"{i.params:,}", i.module, opts]
+        row = [i.block, str(i.stage or "-"), where, display_name(i.attn), str(i.channels), f"{i.params:,}", i.module, opts]
         if swaps:
             row.insert(6, f"{i.replaced} ({i.replaced_params:,})" if i.replaced else "")
         table.add_row(*row)

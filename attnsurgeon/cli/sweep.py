@@ -8,11 +8,12 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..blocks import REGISTRY as BLOCKS
 from ..core.positions import POSITIONS
+from ..blocks import get_block
 from ..core.errors import AttnSurgeonError
 from .app import app, command
 from .options import (
+    ATTN_HELP,
     ChannelsLastOpt, InputSizeOpt, InsertionArgs, JsonOpt, MemoryEfficientOpt, ModelArgsOpt, RecipeBatchSizesOpt,
     RecipeDeviceOpt, RecipeDtypeOpt, RecipeMaxTimeOpt, RecipeMinTimeOpt, RecipeModeOpt, TargetOpt, ThreadsOpt,
     _profile_overrides, _takes, check_insertion_args, insertion_options, parse_globs, parse_ints, parse_model_args,
@@ -40,7 +41,7 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for sweep.json, rows.jsonl, results.csv/.json and plot.png.", show_default=False)],
     model: Annotated[Optional[str], typer.Argument(help="A model name, or a sweep recipe (.yaml) with its configurations "
                                                    "(or --models instead).", show_default=False, metavar="MODEL|RECIPE")] = None,
-    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention blocks to sweep, a list of {','.join(BLOCKS)} "
+    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention blocks to sweep, a comma-separated list of {ATTN_HELP} "
                                                 "(none with --replace); required without a sweep recipe.", show_default="none")] = None,
     position: Annotated[Optional[str], typer.Option("--position", "-p", help=f"Positions to sweep, a list of {','.join(POSITIONS)}. "
                                                     "Default: each block's natural position.", show_default=False)] = None,
@@ -113,7 +114,7 @@ def sweep(
         for a in attns:  # block options go to the blocks that take them (--reduction: se and cbam, not eca)
             own = {k: v for k, v in options.items() if k in _takes(a)}
             for p in positions:
-                if p and len(attns) > 1 and a != "none" and a in BLOCKS and p not in BLOCKS[a].positions:
+                if p and len(attns) > 1 and a != "none" and p not in get_block(a).positions:
                     skipped.append(f"{a} at {p}")
                     continue
                 check_insertion_args(a, p, own, init, replace, **ins.anchors)

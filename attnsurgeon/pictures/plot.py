@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..blocks.external import display_name
 from ..core.errors import AttnSurgeonError
 from ..core.files import existing_folder
 
@@ -315,7 +316,7 @@ def _marker_xy(x0: float, y0: float, st: PositionStyle, k: int, n: int) -> tuple
 def map_title(report: Any, metric: str, values: dict[str, float]) -> str:
     """``resnet50 + se (standard): 16 modules, +2.51 M parameters (+9.9 %)``."""
     ins = report.insertions
-    kinds = list(dict.fromkeys(f"{i.attn} ({i.position})" for i in ins))  # in the plan's order
+    kinds = list(dict.fromkeys(f"{display_name(i.attn)} ({i.position})" for i in ins))  # in the plan's order
     head = f"{report.model.split(':', 1)[-1]} + {', '.join(kinds)}" if kinds else report.model
     delta = report.params.get("delta", 0)
     pct = report.params.get("percent")

@@ -118,9 +118,12 @@ class Recipe:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | None = None) -> Recipe:
-    """Validate plain data (from YAML or JSON) into a :class:`Recipe`; errors name the place."""
-    where = Where(source, lines)
+def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | None = None,
+                 folder: str | None = None) -> Recipe:
+    """Validate plain data (from YAML or JSON) into a :class:`Recipe`; errors name the place. Block
+    files it names (``attn: gate.py:Gate``) are looked for in ``folder`` (the recipe's), then in the
+    working folder."""
+    where = Where(source, lines, folder)
     if not isinstance(data, dict):
         raise AttnSurgeonError(f"{where(())}: a recipe is a mapping with 'model' and 'insertions'")
     no_unknown(data, RECIPE_KEYS, (), where)
@@ -285,7 +288,7 @@ def read_recipe(path: str | Path) -> Recipe:
     except UnicodeDecodeError:
         raise AttnSurgeonError(f"'{path}' is not a text file: a recipe is YAML (see recipes/)") from None
     data, lines = load_yaml_with_lines(text, str(path))
-    return parse_recipe(data, str(path), lines)
+    return parse_recipe(data, str(path), lines, str(p.resolve().parent))
 
 
 def load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:

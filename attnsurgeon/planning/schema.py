@@ -89,13 +89,15 @@ class SpecError(AttnSurgeonError):
 def validate(spec: InsertionSpec) -> InsertionSpec:
     """Check ``spec`` against the registries: the block, the position, the init, ``replace`` and
     the block's options. Raises :class:`SpecError`; returns the spec."""
-    from ..blocks import INITS, REGISTRY, check_options
+    from ..blocks import INITS, check_options, get_block
     from ..core.positions import POSITIONS
 
+    if spec.attn != NONE:
+        try:  # a zoo name, or a class by reference (imported and inspected here, once)
+            spec.attn = get_block(spec.attn).name
+        except AttnSurgeonError as exc:
+            raise SpecError(str(exc), ("attn",)) from None
     attn = spec.attn
-    if attn not in REGISTRY and attn != NONE:
-        raise SpecError(f"unknown attention block '{attn}' (known: {', '.join(REGISTRY)})." + did_you_mean(str(attn), REGISTRY),
-                        ("attn",))
     check_anchor(spec)
     if spec.position not in POSITIONS and spec.position not in ANCHORS:
         raise SpecError(f"unknown position '{spec.position}' (choose from {', '.join(POSITIONS)}, or give --after/--before "
@@ -136,10 +138,10 @@ def check_anchor(spec: InsertionSpec) -> None:
 def check_position(attn: str, position: str, replace: bool = False) -> None:
     """The registry's rule: a block's kind names the positions it allows (gates go anywhere but
     ``conv``, and after or before any module; conv blocks only at ``conv``)."""
-    from ..blocks import REGISTRY
+    from ..blocks import REGISTRY, get_block
     from ..core.positions import KIND_POSITIONS
 
-    info = REGISTRY[attn]
+    info = get_block(attn)
     if info.kind == "conv" and replace:
         raise SpecError(f"{attn} takes the place of a convolution, not of an attention gate: --replace is for gates "
                         f"({', '.join(n for n, i in REGISTRY.items() if i.kind == 'gate')})", ("replace",))
@@ -181,9 +183,10 @@ def check_replace(attn: str, position: str, replace: bool, options: dict[str, An
 class Where:
     """Where a value sits: a key path, plus its line when read from a YAML file."""
 
-    def __init__(self, source: str, lines: dict[tuple, int] | None = None):
+    def __init__(self, source: str, lines: dict[tuple, int] | None = None, folder: str | None = None):
         self.source = source
         self.lines = lines or {}
+        self.folder = folder  # a recipe file's folder: block files (attn: gate.py:Gate) are relative to it
 
     def __call__(self, path: tuple) -> str:
         dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
@@ -204,7 +207,9 @@ def parse_insertion(item: Any, path: tuple = (), where: Where | None = None) -> 
             raise AttnSurgeonError(f"{where(path + (key,))}: '{key}' is a block option: write it under options "
                                    f"(options: {{{key}: {json.dumps(item[key])}}})")
     no_unknown(item, INSERTION_KEYS, path, where)
-    attn = typed(item, "attn", str, path, where, required=True)
+    from ..blocks.external import anchor_reference
+
+    attn = anchor_reference(typed(item, "attn", str, path, where, required=True), where.folder)
     replace = bool(typed(item, "replace", bool, path, where))
     position = typed(item, "position", str, path, where)  # None: the block's natural position
     init = typed(item, "init", str, path, where) or "default"

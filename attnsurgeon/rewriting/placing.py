@@ -93,7 +93,7 @@ def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str], notes: list[st
                            for n in (site.replaces, *site.absorbs)]
             region = AttentionRegion(name, "+".join(taken_along), frozenset({site.replaces, *site.absorbs}), site=site)
         else:
-            name = _module_name(anatomy.gm, block, info.name, spec.position, taken, parent=site.module)
+            name = _module_name(anatomy.gm, block, info.short, spec.position, taken, parent=site.module)
         taken.add(name)
         planned.append(_Planned(spec, block, site, per_stage[block.stage], name, module, region))
     return planned
