@@ -17,7 +17,7 @@ from torch.fx import Node
 from ..core.errors import AttnSurgeonError
 from .layout import Layout
 from ..core.positions import POSITIONS  # torch-free, for the CLI
-from .shapes import _shape, layout_of
+from .shapes import shape_of, layout_of
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Anatomy:
 
 
 def _site(position: str, producer: Node, consumers: Iterable[Node]) -> Site | None:
-    shape = _shape(producer)
+    shape = shape_of(producer)
     layout = layout_of(producer)
     consumers = tuple(dict.fromkeys(consumers))
     if shape is None or layout is None or not consumers:

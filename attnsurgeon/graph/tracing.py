@@ -32,7 +32,7 @@ from torch.fx import Node
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..core.errors import AttnSurgeonError
-from ..core.ops import _ATTENTION_CLASS, _WEIGHTED_MODULES
+from ..core.ops import ATTENTION_CLASS, WEIGHTED_MODULES
 
 
 class _Tracer(torch.fx.Tracer):
@@ -226,9 +226,9 @@ class _InplaceProxy(torch.fx.Proxy):
 
 def _opens_up(m: nn.Module) -> bool:
     """A not-traceable container worth opening: it holds weighted layers and is no attention op."""
-    if _ATTENTION_CLASS.search(type(m).__name__):
+    if ATTENTION_CLASS.search(type(m).__name__):
         return False
-    return any(isinstance(c, _WEIGHTED_MODULES) for name, c in m.named_modules() if name)
+    return any(isinstance(c, WEIGHTED_MODULES) for name, c in m.named_modules() if name)
 
 
 def _leaf_types() -> tuple[type, ...]:

@@ -208,9 +208,9 @@ def _check_replacement(attn: str, module: Any, site: Any) -> None:
 
     import torch
 
-    from ..graph.shapes import _shape
+    from ..graph.shapes import shape_of
 
-    want = _shape(site.replaces)
+    want = shape_of(site.replaces)
     with torch.no_grad():
         got = tuple(copy.deepcopy(module).to("meta").eval()(torch.empty(site.shape, device="meta")).shape)
     if want is not None and got != tuple(want):

@@ -42,7 +42,7 @@ from torch import nn
 from torch.fx import Node
 from torch.fx.node import map_aggregate
 
-from ..core.ops import _NORM_FUNCTIONS, _NORM_MODULES, _PASS_FUNCTIONS, _PASS_MODULES
+from ..core.ops import NORM_FUNCTIONS, NORM_MODULES, PASS_FUNCTIONS, PASS_MODULES
 
 LARGE = 4  # a tensor whose storage is at least 1/LARGE of the segment input's is large
 
@@ -130,8 +130,8 @@ def _stochastic(m: nn.Module | None, n: Node) -> bool:
     if m is not None:
         if type(m).__name__ in PER_SAMPLE:
             return False
-        return (isinstance(m, _PASS_MODULES) and not isinstance(m, nn.Identity)) or type(m).__name__ in _STOCHASTIC
-    return n.op == "call_function" and n.target in _PASS_FUNCTIONS
+        return (isinstance(m, PASS_MODULES) and not isinstance(m, nn.Identity)) or type(m).__name__ in _STOCHASTIC
+    return n.op == "call_function" and n.target in PASS_FUNCTIONS
 
 
 # --------------------------------------------------------------------------- the plan
@@ -274,8 +274,8 @@ class SelectivePlan:
         modules = {n: segment.get_submodule(n.target) for n in ops if n.op == "call_module"}
         first = modules.get(ops[0]) if ops else None
         norm = ops[0] if first is not None and _norm_of(first) is not None else None
-        if norm is None and (not ops or isinstance(first, _NORM_MODULES) or ops[0].op == "call_function"
-                             and ops[0].target in _NORM_FUNCTIONS):
+        if norm is None and (not ops or isinstance(first, NORM_MODULES) or ops[0].op == "call_function"
+                             and ops[0].target in NORM_FUNCTIONS):
             return None  # a norm this module cannot rebuild
         blocks: dict[str, torch.fx.GraphModule] = {}
         for n in ops:
