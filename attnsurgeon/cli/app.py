@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import typer
 from typing_extensions import Annotated
 
-from ..core.errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError, one_line
 from .render import _escape, _stderr, json_stdout
 
 
@@ -74,7 +74,7 @@ def command(fn: Callable) -> Callable:
             if _state["debug"]:
                 raise
             _stderr().print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {_escape(str(exc).splitlines()[0] if str(exc) else '')}\n"
+                f"[bold red]internal error:[/] {_escape(one_line(exc))}\n"
                 "Run again with --debug for the traceback, and please report it."
             )
             raise typer.Exit(1) from None

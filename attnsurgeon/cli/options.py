@@ -13,6 +13,7 @@ import typer
 from typing_extensions import Annotated
 
 from ..core.errors import AttnSurgeonError, one_line
+from ..core.lists import split_list
 from ..saving.export import FORMATS  # the format registry (torch-free)
 
 # --------------------------------------------------------------------------- shared options
@@ -212,9 +213,9 @@ def parse_ints(text: str | None, what: str) -> list[int] | None:
 
 def parse_globs(text: str | None, what: str = "--blocks") -> list[str] | None:
     """'layer3.*, layer4.2' -> ['layer3.*', 'layer4.2']; an empty value is an error, not 'all'."""
-    if text is None:
+    globs = split_list(text)
+    if globs is None:
         return None
-    globs = [g.strip() for g in text.split(",") if g.strip()]
     if not globs:
         raise AttnSurgeonError(f"{what}: '{text}' names no block; leave the option out to select every block")
     return globs

@@ -11,6 +11,7 @@ from typing_extensions import Annotated
 from ..core.positions import POSITIONS
 from ..blocks import get_block
 from ..core.errors import AttnSurgeonError
+from ..core.lists import split_list
 from .app import app, command
 from .options import (
     ATTN_HELP,
@@ -139,7 +140,7 @@ def sweep(
                                        max_time, channels_last))
     from ..sweeps.runner import run_sweep
 
-    swept = models.split(",") if models is not None else spec.models or spec.model  # --models overrides a recipe's
+    swept = split_list(models) if models is not None else spec.models or spec.model  # --models overrides a recipe's
     try:
         with _SweepProgress() as bar:
             result = run_sweep(swept, configurations, out, settings=settings, input_size=size,

@@ -25,7 +25,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ..core.errors import AttnSurgeonError, did_you_mean
+from ..core.errors import AttnSurgeonError, did_you_mean, one_line
+from ..core.lists import split_list
 
 
 @dataclass
@@ -46,13 +47,8 @@ class Traced:
 
 def parse_target(target: Any) -> list[str] | None:
     """``None``/``""`` -> None; ``"a.b"``, ``"a,b"`` or a list -> a list of dotted paths."""
-    if target is None or target == "" or target == []:
-        return None
-    items = target.split(",") if isinstance(target, str) else list(target)
-    names = [str(t).strip() for t in items if str(t).strip()]
-    if not names:
-        return None
-    return names
+    names = [str(t) for t in split_list(target) or []]
+    return names or None
 
 
 def trace_model(model: Any, size: tuple[int, ...], target: Any = None) -> Traced:
@@ -135,7 +131,7 @@ def record_inputs(model: Any, size: tuple[int, ...]) -> RecordedInputs:
     except Exception as exc:
         raise AttnSurgeonError(
             f"the model does not run on its sample input ({_describe_input(model, size)}): "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} "
+            f"{one_line(exc, with_type=False)} "
             "(set --input-size to what the model expects)"
         ) from exc
     finally:

@@ -15,7 +15,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx import Node
 
-from ..core.errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError, one_line
 from .layout import Layout
 from ..core.ops import CHANNEL_FIRST_MODULES, CHANNEL_LAST_MODULES, called_module
 
@@ -103,7 +103,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, input_size: tuple[int, ...], batc
                 _ShapeProp(gm).run(*(torch.randn(s, dtype=dtype, device=device) for s in shapes))
         except Exception as exc:
             raise AttnSurgeonError(
-                f"the model does not run on an input of shape {tuple(shape)}: {str(exc).strip().splitlines()[0]}"
+                f"the model does not run on an input of shape {tuple(shape)}: {one_line(exc, with_type=False)}"
                 " (set --input-size to what the model expects)"
             ) from exc
         return "real"

@@ -31,7 +31,7 @@ from torch import nn
 from torch.fx import Node
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..core.errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError, one_line
 from ..core.ops import ATTENTION_CLASS, WEIGHTED_MODULES
 
 
@@ -465,7 +465,7 @@ def _trace_failure(model: nn.Module, tracer: _Tracer, exc: Exception) -> str:
     if frames:
         f = frames[-1]
         line = f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno}" + (f" `{f.line.strip()}`" if f.line else "")
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    msg = one_line(exc, with_type=False)
     return (
         f"cannot trace {type(model).__name__} with torch.fx: tracing stopped{where}{line}: {msg}. "
         "Data-dependent control flow cannot be traced; wrap that code in a module and register "
