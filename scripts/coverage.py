@@ -105,7 +105,7 @@ def family_sizes(names: list[str], limit_s: float) -> tuple[dict[str, int], dict
     return sizes, structures, failures
 
 
-def smallest_timm_models(cache: Path, runner: "Runner", jobs: int, limit_s: float) -> dict:
+def smallest_timm_models(cache: Path, runner: Runner, jobs: int, limit_s: float) -> dict:
     """For every timm module family, its model with the fewest parameters (cached in ``cache``).
 
     Returns ``{"families": {module: {"model", "params", "models", "meta_failures", "sizes",

@@ -205,7 +205,7 @@ def test_the_public_api_resolves_to_what_it_names():
         assert (pyinspect.isclass(obj) if kind == "class" else pyinspect.isfunction(obj)), name
         assert obj.__name__ == name, f"attnsurgeon.{name} is {obj.__module__}.{obj.__name__}"
     # importing any module (the CLI imports saving.export) leaves the package's functions in place
-    import attnsurgeon.saving.export  # noqa: F401
     import attnsurgeon.profiling  # noqa: F401
+    import attnsurgeon.saving.export  # noqa: F401
 
     assert pyinspect.isfunction(attnsurgeon.export) and pyinspect.isfunction(attnsurgeon.profile)

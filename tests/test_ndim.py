@@ -19,8 +19,8 @@ from torch import nn
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
 from attnsurgeon.blocks import build_block
-from attnsurgeon.graph.layout import Layout, resolve_input_size
 from attnsurgeon.core.positions import POSITIONS
+from attnsurgeon.graph.layout import Layout, resolve_input_size
 
 from formulas import n_params
 from wiring import assert_each_is_read

@@ -7,7 +7,6 @@ the models whose attention modules are swapped by hand (``setattr``).
 
 import copy
 import json
-import operator
 
 import pytest
 import timm

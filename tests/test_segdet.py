@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import attnsurgeon
-from attnsurgeon.core.errors import AttnSurgeonError
-from attnsurgeon.saving.export import export
-from attnsurgeon.saving.saved import load, read_saved
 from attnsurgeon import load_model
+from attnsurgeon.core.errors import AttnSurgeonError
 from attnsurgeon.loading.samples import flatten_outputs, max_abs_diff, sample_args
 from attnsurgeon.rewriting.surgery import count_params
+from attnsurgeon.saving.export import export
+from attnsurgeon.saving.saved import load, read_saved
 
 from formulas import se_params
 from wiring import assert_each_is_read
@@ -98,14 +98,13 @@ def test_pretrained_detector_offline_is_a_clear_error(offline_hub):
 
 
 def test_flatten_outputs_and_sample_args():
-    from typing import List
 
     a, b = torch.ones(2), torch.zeros(3)
     assert [t.shape for t in flatten_outputs({"out": a, "aux": [b, (a,)], "n": 3})] == [(2,), (3,), (2,)]
     assert max_abs_diff({"out": a}, {"out": a + 1}) == 1.0 and max_abs_diff([a], [b]) == float("inf")
 
     class Detector(torch.nn.Module):  # torchvision's detectors' signature
-        def forward(self, images: List[torch.Tensor], targets=None):
+        def forward(self, images: list[torch.Tensor], targets=None):
             return images
 
     class Flow(torch.nn.Module):  # RAFT's

@@ -42,10 +42,9 @@ def _inserted(model, report):
 @pytest.mark.slow
 def test_yolo_trains_one_epoch_in_ultralytics_trainer_and_the_checkpoint_keeps_the_blocks(tmp_path):
     from ultralytics import YOLO
+    from ultralytics.nn.modules.block import Bottleneck
 
     from attnsurgeon.loading.sources.yolo import train
-
-    from ultralytics.nn.modules.block import Bottleneck
 
     data = _tiny_dataset(tmp_path / "data")
     loaded = load_model("yolo:yolov8n", nc=2)

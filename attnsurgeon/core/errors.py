@@ -8,7 +8,7 @@ that message alone; any other exception is a bug and is reported as one.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class AttnSurgeonError(Exception):

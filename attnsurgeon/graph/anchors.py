@@ -29,8 +29,9 @@ before ``decoder.blocks.0.conv1``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from torch.fx import Node
 
@@ -137,7 +138,7 @@ class AnchorInfo:
 
 def anchor_table(anatomy: Any) -> list[AnchorInfo]:
     """Every module of the traced graph with the maps it receives and gives (for ``inspect --anchors``)."""
-    from .shapes import shape_of, layout_of
+    from .shapes import layout_of, shape_of
 
     rows = []
     for region in module_regions(anatomy.gm).values():
@@ -205,8 +206,8 @@ def anchor_blocks(anatomy: Any, which: str, globs: list[str], stages: list[int] 
 
 def _anchor_block(anatomy: Any, regions: dict[str, Region], region: Region, which: str) -> Any:
     from .nodes import _scope_upto
+    from .shapes import layout_of, shape_of
     from .sites import Block, Site
-    from .shapes import shape_of, layout_of
 
     name = region.name
     if len(region.calls) > 1:

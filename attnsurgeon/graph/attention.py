@@ -7,8 +7,8 @@ can take out (:func:`attention_regions`). The memory-efficient pass recomputes t
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.fx
@@ -17,8 +17,8 @@ from torch.fx import Node
 
 from ..core.ops import ATTENTION_CLASS, called_module
 from .nodes import _is_add, _scope
+from .shapes import propagate_shapes, shape_of
 from .sites import Site, _site
-from .shapes import shape_of, propagate_shapes
 
 __all__ = [
     "existing_attention", "attention_modules", "AttentionRegion", "region_io", "attention_regions", "in_module",

@@ -8,7 +8,7 @@ position (:func:`_complete`), the ``conv`` site and what it absorbs, the stages 
 from __future__ import annotations
 
 import operator
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.fx
@@ -18,11 +18,18 @@ from torch.fx import Node
 
 from ..core.ops import ATTENTION_CLASS, CONV_MODULES, PASS_MODULES, WEIGHTED_MODULES, called_module
 from .nodes import (
-    _Graph, _innermost_container, _is_activation, _is_add, _is_chain_op, _is_stochastic_leaf, _scope, _scope_upto,
+    _Graph,
+    _innermost_container,
+    _is_activation,
+    _is_add,
+    _is_chain_op,
+    _is_stochastic_leaf,
+    _scope,
+    _scope_upto,
     _spatial_kernel,
 )
-from .sites import Block, Site, Stage, _site
 from .shapes import shape_of
+from .sites import Block, Site, Stage, _site
 
 
 def _complete(block: Block, sites: list[Site | None], nodes: Iterable[Node], scope: dict, main: str = "standard") -> Block | None:

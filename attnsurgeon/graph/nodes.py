@@ -7,7 +7,7 @@ node runs in).
 from __future__ import annotations
 
 import heapq
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.fx
@@ -16,9 +16,20 @@ from torch import nn
 from torch.fx import Node
 
 from ..core.ops import (
-    ACT_FUNCTIONS, ACT_METHODS, ADD_FUNCTIONS, ADD_METHODS, ATTENTION_CLASS, CONV_MODULES, NORM_FUNCTIONS,
-    NORM_MODULES, PASS_FUNCTIONS, PASS_MODULES, WEIGHTED_FUNCTIONS, WEIGHTED_MODULES, is_activation_module,
+    ACT_FUNCTIONS,
+    ACT_METHODS,
+    ADD_FUNCTIONS,
+    ADD_METHODS,
+    ATTENTION_CLASS,
+    CONV_MODULES,
+    NORM_FUNCTIONS,
+    NORM_MODULES,
+    PASS_FUNCTIONS,
+    PASS_MODULES,
+    WEIGHTED_FUNCTIONS,
+    WEIGHTED_MODULES,
     called_module,
+    is_activation_module,
 )
 from .shapes import shape_of
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from ..core.errors import AttnSurgeonError, did_you_mean, one_line
 from ..core.lists import split_list
@@ -53,9 +54,8 @@ def parse_target(target: Any) -> list[str] | None:
 
 def trace_model(model: Any, size: tuple[int, ...], target: Any = None) -> Traced:
     """Trace ``model`` whole, or the parts named by ``target`` (found automatically when the whole fails)."""
-    from .tracing import trace
-
     from ..loading.sources import keeps_class
+    from .tracing import trace
 
     targets = parse_target(target)
     if targets is None:

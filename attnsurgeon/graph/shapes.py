@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from ..core.errors import AttnSurgeonError, one_line
-from .layout import Layout
 from ..core.ops import CHANNEL_FIRST_MODULES, CHANNEL_LAST_MODULES, called_module
+from .layout import Layout
 
 __all__ = ["propagate_shapes", "shape_of", "propagate_channel_axis", "layout_of"]
 

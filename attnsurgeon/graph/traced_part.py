@@ -11,7 +11,8 @@ The behaviour lives here, in the class, as torchvision's ``DualGraphModule`` kee
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.fx
 

@@ -23,9 +23,10 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from ..core.errors import AttnSurgeonError, did_you_mean, one_line
 from ..core.lists import split_list

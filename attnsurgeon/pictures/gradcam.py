@@ -9,7 +9,6 @@ from typing import Any
 
 from ..core.errors import AttnSurgeonError
 
-
 TAP = "attnsurgeon_cam_tap"
 
 
@@ -22,7 +21,7 @@ def _in_layer(n: Any, name: str) -> bool:
 def layer_node(gm: Any, layer: str | None) -> Any:
     """The graph node whose output is ``layer``'s output (the last node of the module's forward that
     is read outside it), or by default the last node with a spatial (N, C, H, W) output."""
-    from ..graph.shapes import shape_of, layout_of
+    from ..graph.shapes import layout_of, shape_of
 
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
     if layer is None:
@@ -87,7 +86,7 @@ def gradcam(gm: Any, node: Any, x: Any, classes: list[int]) -> Any:
 
 
 def _check_layer_node(node: Any, layer: str | None, gm: Any, what: str) -> None:
-    from ..graph.shapes import shape_of, layout_of
+    from ..graph.shapes import layout_of, shape_of
 
     if node is None:
         if layer is None:

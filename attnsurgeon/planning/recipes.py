@@ -50,7 +50,7 @@ from typing import Any
 
 from ..core.errors import AttnSurgeonError, one_line
 from ..core.lists import split_list
-from .schema import INSERTION_KEYS, InsertionSpec, Where, is_int, no_unknown, parse_insertion, positive_ints, typed
+from .schema import InsertionSpec, Where, is_int, no_unknown, parse_insertion, positive_ints, typed
 
 RECIPE_KEYS = ("name", "description", "model", "models", "model_args", "model_kwargs", "weights", "weights_key", "input_size", "target", "insertions", "configurations",
                "grid", "profile", "memory_efficient")

@@ -64,7 +64,7 @@ class InsertionSpec:
         return {k: v for k, v in d.items() if v not in (None, {}, False) or k in ("attn", "position", "init")}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "insertion") -> "InsertionSpec":
+    def from_dict(cls, d: dict[str, Any], where: str = "insertion") -> InsertionSpec:
         """Read and validate plain data, as a recipe's insertion is."""
         return parse_insertion(d, (), Where(where))
 

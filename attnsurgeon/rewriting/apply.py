@@ -7,7 +7,8 @@ back into the model.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..core.errors import AttnSurgeonError
 from ..planning.schema import NONE, InsertionSpec, globs, validate

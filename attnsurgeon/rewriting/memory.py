@@ -27,8 +27,9 @@ updating its running statistics a second time.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx
@@ -38,7 +39,15 @@ from torch.fx import Node
 from torch.utils.checkpoint import checkpoint
 
 from ..core.errors import AttnSurgeonError
-from ..core.ops import ACT_FUNCTIONS, ACT_METHODS, NORM_MODULES, PASS_FUNCTIONS, PASS_MODULES, is_activation_module, called_module
+from ..core.ops import (
+    ACT_FUNCTIONS,
+    ACT_METHODS,
+    NORM_MODULES,
+    PASS_FUNCTIONS,
+    PASS_MODULES,
+    called_module,
+    is_activation_module,
+)
 from .recompute import SelectivePlan
 
 SUFFIX = "_recompute"  # Recompute modules hang beside the attention module: layer1.0.se_recompute

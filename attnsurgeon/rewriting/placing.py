@@ -61,13 +61,13 @@ def plan(anatomy: Any, specs: list[InsertionSpec], notes: list[str] | None = Non
 
 def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str], notes: list[str]) -> list[_Planned]:
     """One validated spec (:func:`attnsurgeon.planning.schema.validate`) against the anatomy."""
-    from ..graph.sites import select_blocks
     from ..blocks import get_block
+    from ..graph.sites import select_blocks
 
     if spec.replace or spec.attn == NONE:
         return _plan_replacement(anatomy, spec, taken)
-    from ..graph.attention import AttentionRegion
     from ..core.positions import STAGE_POSITIONS
+    from ..graph.attention import AttentionRegion
 
     planned: list[_Planned] = []
     info = get_block(spec.attn)
@@ -117,9 +117,9 @@ def _stage_ends(anatomy: Any, chosen: list[Any], spec: InsertionSpec) -> list[An
 def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> list[_Planned]:
     """``replace``: one item per attention gate in the selected blocks, with its module built for
     the channels at the gate's input (none for ``attn='none'``), named as the module it replaces."""
+    from ..blocks import build_block
     from ..graph.attention import attention_regions
     from ..graph.sites import select_blocks
-    from ..blocks import build_block
 
     chosen = select_blocks(anatomy, spec.stages, spec.blocks)
     if not chosen:

@@ -32,8 +32,9 @@ on: the result of that call is still exact, only its memory is that of the plain
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -153,7 +154,7 @@ class _Ref:
 class _Handle:
     __slots__ = ("run", "key")
 
-    def __init__(self, run: "_Run", key: tuple):
+    def __init__(self, run: _Run, key: tuple):
         self.run, self.key = run, key
 
 
@@ -165,7 +166,7 @@ class _Run:
     """One forward call's records: how each large tensor was made, and, in backward, the rebuilt
     tensors that handles still wait for."""
 
-    def __init__(self, plan: "SelectivePlan", root: torch.Tensor):
+    def __init__(self, plan: SelectivePlan, root: torch.Tensor):
         self.plan = plan
         self.root_storage = root.untyped_storage().data_ptr()
         self.shape = (root.shape[:1], root.shape[2:])  # batch and spatial axes: an activation map's
@@ -264,7 +265,7 @@ class SelectivePlan:
         self.unmatched: str | None = None  # set when a run met a large tensor it could not rebuild
 
     @classmethod
-    def make(cls, segment: torch.fx.GraphModule) -> "SelectivePlan | None":
+    def make(cls, segment: torch.fx.GraphModule) -> SelectivePlan | None:
         """A plan where the segment reads one tensor, starts with a known batch norm of it or with
         no norm at all, and holds no random op; None otherwise."""
         placeholders = segment.graph.find_nodes(op="placeholder")
