@@ -60,7 +60,8 @@ def test_none_means_not_given():
 def test_a_zoo_sweep_reads_models_the_same_way():
     from attnsurgeon.planning.recipes import parse_recipe
 
-    recipe = parse_recipe({"models": " resnet18 , , resnet34", "configurations": [{"name": "se", "insertions": [{"attn": "se"}]}]}, "t")
+    configurations = [{"name": "se", "insertions": [{"attn": "se"}]}]
+    recipe = parse_recipe({"models": " resnet18 , , resnet34", "configurations": configurations}, "t")
     assert recipe.models == ["resnet18", "resnet34"]
     with pytest.raises(AttnSurgeonError, match="models"):
-        parse_recipe({"models": " , ", "configurations": [{"name": "se", "insertions": [{"attn": "se"}]}]}, "t")
+        parse_recipe({"models": " , ", "configurations": configurations}, "t")

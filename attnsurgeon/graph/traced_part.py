@@ -61,7 +61,7 @@ class TracedPart(torch.fx.GraphModule):
 def _tolerant(graph_forward: Callable[..., Any], owner: str, names: list[str],
               defaults: dict[str, Any]) -> Callable[..., Any]:
     def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-        given = {**dict(zip(names[1:], args)), **kwargs}
+        given = {**dict(zip(names[1:], args, strict=False)), **kwargs}  # fewer arguments than names
         odd = [k for k, v in given.items() if not (v is None or (k in defaults and v == defaults[k]))]
         odd += [f"{len(args) - len(names) + 1} more positional argument(s)"] if len(args) >= len(names) else []
         if odd:
