@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 from .core.errors import AttnSurgeonError
-
 from .core.version import __version__
 
 _LAZY = {

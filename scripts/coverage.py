@@ -43,6 +43,9 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from attnsurgeon.core.errors import one_line
+from attnsurgeon.core.lists import split_list
+
 TORCHVISION_FAMILIES = ("classification", "quantization", "video", "segmentation", "detection", "optical_flow")
 STATUSES = ("ok", "error", "internal", "timeout", "crash")  # error: a clear AttnSurgeonError message
 
@@ -98,11 +101,11 @@ def family_sizes(names: list[str], limit_s: float) -> tuple[dict[str, int], dict
         try:
             sizes[name], structures[name] = meta_params(name, limit_s)
         except Exception as exc:  # noqa: BLE001 - any failure only removes the candidate
-            failures[name] = one_line(exc)
+            failures[name] = one_line(exc, with_type=False)
     return sizes, structures, failures
 
 
-def smallest_timm_models(cache: Path, runner: "Runner", jobs: int, limit_s: float) -> dict:
+def smallest_timm_models(cache: Path, runner: Runner, jobs: int, limit_s: float) -> dict:
     """For every timm module family, its model with the fewest parameters (cached in ``cache``).
 
     Returns ``{"families": {module: {"model", "params", "models", "meta_failures", "sizes",
@@ -216,11 +219,6 @@ def select(catalogue: dict[str, list[str]], families: list[str] | None = None, l
 # --------------------------------------------------------------------------- one model, in its own process
 
 
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def sample_inputs(family: str, input_size) -> tuple:
     """The forward pass's arguments for a model of ``family`` at ``input_size`` (without the batch)."""
     import torch
@@ -264,7 +262,7 @@ def try_model(spec: str, family: str, input_size: str | None = None, threads: in
             with torch.no_grad():
                 got = model(*inputs)
         except Exception as exc:  # the rewrite must keep the model runnable: a bug
-            raise AttnSurgeonError(f"internal error: the rewritten model does not run: {type(exc).__name__}: {one_line(exc)}") from exc
+            raise AttnSurgeonError(f"internal error: the rewritten model does not run: {one_line(exc)}") from exc
         row["forward_s"] = round(time.perf_counter() - forward, 2)
         with torch.no_grad():
             want = loaded.model(*inputs)
@@ -276,7 +274,7 @@ def try_model(spec: str, family: str, input_size: str | None = None, threads: in
         reason = str(exc)
         row.update(status="internal" if reason.startswith("internal error") else "error", reason=reason)
     except Exception as exc:  # what the CLI prints as `internal error: ...`
-        row.update(status="internal", reason=f"internal error: {type(exc).__name__}: {one_line(exc)}")
+        row.update(status="internal", reason=f"internal error: {one_line(exc)}")
     return row
 
 
@@ -525,10 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     tv, timm_families = torchvision_catalogue(), timm_modules()
     timm_choice = None
     if args.models:
-        specs = [m.strip() for m in args.models.split(",") if m.strip()]
+        specs = split_list(args.models)
         pairs = [(family_of(s, tv, timm_families), s) for s in specs]
     else:
-        families = [f.strip() for f in args.family.split(",") if f.strip()] if args.family else None
+        families = split_list(args.family) if args.family else None
         catalogue = dict(tv)
         if not families or any(f == "timm" or f.startswith("timm:") for f in families):
             print("choosing the smallest model of every timm family (meta device; cached) ...", flush=True)

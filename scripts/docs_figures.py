@@ -23,11 +23,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attnsurgeon import InsertionSpec, apply_plan  # noqa: E402
-from attnsurgeon import inspect_model  # noqa: E402
+from attnsurgeon import (  # noqa: E402
+    InsertionSpec,
+    apply_plan,
+    inspect_model,  # noqa: E402
+)
 from attnsurgeon.pictures.explain import explain  # noqa: E402
-from attnsurgeon.pictures.sheet import draw_sheet  # noqa: E402
 from attnsurgeon.pictures.plot import draw_insertion_map, map_title  # noqa: E402
+from attnsurgeon.pictures.sheet import draw_sheet  # noqa: E402
 
 RNG = np.random.default_rng(0)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)

@@ -28,6 +28,17 @@ def eca_kernel(c: int, gamma: int = 2, b: int = 1) -> int:
     return max(t if t % 2 else t + 1, 3)
 
 
+def n_params(module) -> int:
+    """The parameters ``module`` holds: the count a test compares a formula with."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def se_params(c: int, hidden: int | None = None) -> int:
+    """SE's two 1x1 convs with biases; ``hidden`` is timm's C/16 rounded to 8 unless given."""
+    hidden = se_hidden(c) if hidden is None else hidden
+    return c * hidden + hidden + hidden * c + c
+
+
 def se_macs(c, h, w, hidden):
     # squeeze (mean), fc1, relu, fc2, sigmoid, broadcast multiply
     return c * h * w + c * hidden + hidden + hidden * c + c + c * h * w

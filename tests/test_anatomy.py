@@ -3,8 +3,7 @@
 import pytest
 from torch import nn
 
-from attnsurgeon import AttnSurgeonError
-from attnsurgeon import inspect_model
+from attnsurgeon import AttnSurgeonError, inspect_model
 
 SMALL = (3, 64, 64)
 

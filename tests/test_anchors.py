@@ -20,10 +20,7 @@ from attnsurgeon.rewriting.apply import make_spec
 from attnsurgeon.rewriting.surgery import count_params
 
 from conftest import SMALL
-
-
-def _se_params(c: int, hidden: int) -> int:
-    return c * hidden + hidden + hidden * c + c  # two 1x1 convs with biases
+from formulas import se_params
 
 
 def _perturb(model: nn.Module, modules: list[str]) -> None:
@@ -74,7 +71,7 @@ def test_se_after_each_conv2_of_resnet50_stage3_sits_before_bn2():
         se = _node(gm, f"{b}.conv2_se")
         assert se.args[0].target == f"{b}.conv2" and list(se.args[0].users) == [se]
         assert [u.target for u in se.users] == [f"{b}.bn2"]
-    assert report.params["delta"] == 6 * _se_params(256, 16)  # timm's rule: 256 / 16 = 16 hidden
+    assert report.params["delta"] == 6 * se_params(256, 16)  # timm's rule: 256 / 16 = 16 hidden
     x = torch.randn(2, *SMALL)
     with torch.no_grad():
         assert torch.equal(gm.eval()(x), base.eval()(x))  # identity init: exact
@@ -165,7 +162,7 @@ def test_after_a_stage_of_a_video_model():
     gm, report = attnsurgeon.insert(base, attn="se", after="layer2", input_size=size, init="identity")
     (ins,) = report.insertions
     assert (ins.module, ins.layout, ins.channels, ins.stage) == ("layer2_se", "NCDHW", 128, 2)
-    assert report.params["delta"] == _se_params(128, 8)
+    assert report.params["delta"] == se_params(128, 8)
     x = torch.randn(1, *size)
     with torch.no_grad():
         assert torch.equal(gm.eval()(x), base(x))
@@ -340,7 +337,7 @@ def test_recipe_and_sweep_grid_take_anchors(tmp_path, cli):
     assert code == 0, err
     rows = [r for r in json.loads(stdout)["rows"] if r["name"] != "base"]
     assert [r["name"] for r in rows] == ["after=layer3", "after=layer4"] and all(r["status"] == "ok" for r in rows)
-    assert [r["delta"]["params"] for r in rows] == [_se_params(256, 16), _se_params(512, 32)]
+    assert [r["delta"]["params"] for r in rows] == [se_params(256, 16), se_params(512, 32)]
 
 
 @pytest.mark.slow

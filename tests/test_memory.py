@@ -15,10 +15,9 @@ import torch
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
-from attnsurgeon import AttnSurgeonError, insert
-from attnsurgeon import optimize
-from attnsurgeon.rewriting.memory import Recompute, plain, recompute_modules
+from attnsurgeon import AttnSurgeonError, insert, optimize
 from attnsurgeon.graph.tracing import trace
+from attnsurgeon.rewriting.memory import Recompute, plain, recompute_modules
 
 SIZE = 64
 

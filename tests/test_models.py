@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attnsurgeon import AttnSurgeonError
-from attnsurgeon import load_model
+from attnsurgeon import AttnSurgeonError, load_model
 from attnsurgeon.loading.models import list_models, parse_model_spec, resolve_source
 
 

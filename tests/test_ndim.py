@@ -19,9 +19,10 @@ from torch import nn
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
 from attnsurgeon.blocks import build_block
-from attnsurgeon.graph.layout import Layout, resolve_input_size
 from attnsurgeon.core.positions import POSITIONS
+from attnsurgeon.graph.layout import Layout, resolve_input_size
 
+from formulas import n_params
 from wiring import assert_each_is_read
 
 VIDEO = (3, 4, 32, 32)  # C, T, H, W: small enough for one forward pass per test
@@ -139,12 +140,9 @@ def test_parameter_counts_follow_the_2d_formulas(dims):
     size = (6,) * dims
     c = 64
 
-    def n(module):
-        return sum(p.numel() for p in module.parameters())
-
-    assert n(build_block("se", c, size=size)) == 2 * c * 8 + 8 + c  # hidden = 64/16 rounded up to 8
-    assert n(build_block("eca", c, size=size)) == 3  # adaptive k for 64 channels
-    assert n(build_block("cbam", c, size=size, kernel_size=5)) == 2 * c * 4 + 2 * 5 ** dims + 2  # MLP, k^d conv, BN
+    assert n_params(build_block("se", c, size=size)) == 2 * c * 8 + 8 + c  # hidden = 64/16 rounded up to 8
+    assert n_params(build_block("eca", c, size=size)) == 3  # adaptive k for 64 channels
+    assert n_params(build_block("cbam", c, size=size, kernel_size=5)) == 2 * c * 4 + 2 * 5 ** dims + 2  # MLP, k^d conv, BN
 
 
 @pytest.mark.parametrize("dims", [1, 3])

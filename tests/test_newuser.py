@@ -12,8 +12,9 @@ import torchvision
 
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
-from processes import wait_for_a_row
 from attnsurgeon.loading.samples import max_abs_diff
+
+from processes import wait_for_a_row
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}

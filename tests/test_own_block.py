@@ -17,6 +17,7 @@ import torchvision
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError, insert
 from attnsurgeon.blocks import build_block, get_block
+
 from formulas import se_macs
 
 GATE = textwrap.dedent('''

@@ -7,8 +7,7 @@ import matplotlib
 import pytest
 import torch
 
-from attnsurgeon import InsertionSpec, apply_plan
-from attnsurgeon import inspect_model
+from attnsurgeon import InsertionSpec, apply_plan, inspect_model
 from attnsurgeon.pictures.plot import FALLBACK_STYLE, POSITION_STYLES, draw_insertion_map, save_figure
 
 from formulas import cbam_hidden, cbam_macs, eca_kernel, eca_macs, se_hidden, se_macs
@@ -209,8 +208,8 @@ def test_memory_kept_for_backward_per_insertion(position):
     input it kept before) plus its pooled vector, hidden ReLU output and gate. The rows add up to
     the difference of the whole models' kept bytes, measured independently."""
     from attnsurgeon.graph.parts import base_like
-    from attnsurgeon.profiling.measure import saved_bytes_by_module
     from attnsurgeon.planning.settings import Settings
+    from attnsurgeon.profiling.measure import saved_bytes_by_module
 
     loaded, _ = inspect_model("resnet18", input_size=64)
     # blocks whose input has their own size (not a stage's first block, for pre); post not on the
@@ -258,8 +257,8 @@ def test_attributing_memory_keeps_no_activation_alive():
     import torchvision
 
     from attnsurgeon import insert
-    from attnsurgeon.profiling.measure import saved_bytes_by_module
     from attnsurgeon.planning.settings import Settings
+    from attnsurgeon.profiling.measure import saved_bytes_by_module
 
     gm, report = insert(torchvision.models.resnet18(weights=None), "se", stages=[1], input_size=(3, 32, 32))
     refs = []

@@ -15,8 +15,8 @@ from torch import nn
 
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError
-from attnsurgeon.profiling import profile
 from attnsurgeon.planning.schema import InsertionSpec, parse_insertion, validate
+from attnsurgeon.profiling import profile
 from attnsurgeon.rewriting.apply import make_spec
 from attnsurgeon.rewriting.surgery import count_params
 

@@ -9,9 +9,8 @@ import timm
 from timm.layers import make_divisible
 
 import attnsurgeon
-from attnsurgeon import AttnSurgeonError
+from attnsurgeon import AttnSurgeonError, apply_plan
 from attnsurgeon.planning.recipes import parse_recipe, read_recipe
-from attnsurgeon import apply_plan
 from attnsurgeon.sweeps.runner import run_sweep
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

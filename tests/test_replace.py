@@ -7,7 +7,6 @@ the models whose attention modules are swapped by hand (``setattr``).
 
 import copy
 import json
-import operator
 
 import pytest
 import timm
@@ -23,12 +22,10 @@ from attnsurgeon.graph.anatomy import analyse
 from attnsurgeon.graph.attention import attention_regions
 from attnsurgeon.graph.tracing import trace
 
+from formulas import n_params
+
 SMALL = (3, 64, 64)
 FAST = {"min_run_time": 0.05, "max_run_time": 0.1}
-
-
-def _params(m):
-    return sum(p.numel() for p in m.parameters())
 
 
 def _tv(name):
@@ -70,10 +67,10 @@ def test_efficientnet_b0_se_to_eca():
     for ins in report.insertions:
         old = se[ins.module]
         assert ins.channels == old.fc1.in_channels and ins.replaced == "SqueezeExcitation"
-        assert ins.replaced_params == _params(old) and ins.params == _params(EcaModule(ins.channels))
+        assert ins.replaced_params == n_params(old) and ins.params == n_params(EcaModule(ins.channels))
         assert isinstance(gm.get_submodule(ins.module), EcaModule)
-    expected = _params(base) - sum(_params(m) for m in se.values()) + sum(_params(EcaModule(m.fc1.in_channels)) for m in se.values())
-    assert report.params["modified"] == _params(gm) == expected
+    expected = n_params(base) - sum(n_params(m) for m in se.values()) + sum(n_params(EcaModule(m.fc1.in_channels)) for m in se.values())
+    assert report.params["modified"] == n_params(gm) == expected
     assert not [n for n in gm.graph.nodes if any(v[1] is SqueezeExcitation for v in (n.meta.get("nn_module_stack") or {}).values())]
     # the rewritten model is the eager model with each SE swapped for the new ECA module, by hand
     _same_outputs(gm, _swapped(base, se, lambda name, _: gm.get_submodule(name)), _x())
@@ -86,7 +83,7 @@ def test_efficientnet_b0_se_removed_and_identity_init_is_removal_plus_an_identit
     removed, report = insert(base, "none", replace=True, input_size=SMALL)
     assert [i.attn for i in report.insertions] == ["none"] * 16 and all(i.params == 0 for i in report.insertions)
     reference = _swapped(base, se, lambda *_: nn.Identity())
-    assert report.params["modified"] == _params(removed) == _params(reference)
+    assert report.params["modified"] == n_params(removed) == n_params(reference)
     assert report.params["delta"] == -sum(i.replaced_params for i in report.insertions)
     x = _x()
     _same_outputs(removed, reference, x)
@@ -103,7 +100,7 @@ def test_mobilenet_v3_large_se_to_cbam():
     assert len(report.insertions) == len(se) == 8
     for ins in report.insertions:
         assert ins.channels == se[ins.module].fc1.in_channels
-        assert ins.params == _params(CbamModule(ins.channels, rd_ratio=1 / 16))  # timm's CBAM, its defaults
+        assert ins.params == n_params(CbamModule(ins.channels, rd_ratio=1 / 16))  # timm's CBAM, its defaults
     assert report.params["delta"] == sum(i.params - i.replaced_params for i in report.insertions)
     _same_outputs(gm, _swapped(base, se, lambda name, _: gm.get_submodule(name)), _x())
 
@@ -114,7 +111,7 @@ def test_regnet_y_400mf_se_removed():
     gm, report = insert(base, "none", replace=True, input_size=SMALL)
     assert len(se) == 16 and sorted(i.module for i in report.insertions) == sorted(se)
     reference = _swapped(base, se, lambda *_: nn.Identity())
-    assert report.params["modified"] == _params(reference)
+    assert report.params["modified"] == n_params(reference)
     _same_outputs(gm, reference, _x())
 
 
@@ -122,7 +119,7 @@ def test_regnet_y_400mf_se_removed():
 def test_timm_seresnet50_without_se_is_timm_resnet50():
     gm, report = insert("timm:seresnet50", "none", replace=True, input_size=SMALL)
     resnet50 = timm.create_model("resnet50").eval()
-    assert report.params["modified"] == _params(gm) == _params(resnet50)
+    assert report.params["modified"] == n_params(gm) == n_params(resnet50)
     gm.load_state_dict(resnet50.state_dict(), strict=True)  # the very same keys
     _same_outputs(gm, resnet50, _x())
 
@@ -145,7 +142,7 @@ def test_timm_seresnet50_se_to_se_keeps_parameters_keys_and_outputs():
 def test_removed_se_then_standard_se_is_seresnet50_again():
     plan = [InsertionSpec("none", replace=True), InsertionSpec("se")]
     gm, report = apply_plan("timm:seresnet50", plan, input_size=SMALL)
-    assert report.params["modified"] == _params(timm.create_model("seresnet50"))
+    assert report.params["modified"] == n_params(timm.create_model("seresnet50"))
     new = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "layer1.0.se2"]
     assert len(new) == 1 and new[0].args[0].target == "layer1.0.bn3"  # the SE's old site, now fed by bn3
 
@@ -261,7 +258,7 @@ def test_replace_errors():
 def test_profile_removal_says_what_the_se_cost():
     r = profile("mobilenet_v3_small", "none", replace=True, input_size=SMALL, **FAST)
     d = r.to_dict()
-    assert d["delta"]["params"] == -sum(_params(m) for m in _tv("mobilenet_v3_small").modules() if isinstance(m, SqueezeExcitation))
+    assert d["delta"]["params"] == -sum(n_params(m) for m in _tv("mobilenet_v3_small").modules() if isinstance(m, SqueezeExcitation))
     assert d["delta"]["macs"] < 0 and r.unattributed_macs == 0
     assert sum(i["macs"] for i in d["insertions"]) == d["delta"]["macs"]  # each row: what its module cost
     assert {i["replaced"] for i in d["insertions"]} == {"SqueezeExcitation"}

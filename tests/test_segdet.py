@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import attnsurgeon
-from attnsurgeon.core.errors import AttnSurgeonError
-from attnsurgeon.saving.export import export
-from attnsurgeon.saving.saved import load, read_saved
 from attnsurgeon import load_model
+from attnsurgeon.core.errors import AttnSurgeonError
 from attnsurgeon.loading.samples import flatten_outputs, max_abs_diff, sample_args
 from attnsurgeon.rewriting.surgery import count_params
+from attnsurgeon.saving.export import export
+from attnsurgeon.saving.saved import load, read_saved
 
-from formulas import make_divisible
+from formulas import se_params
 from wiring import assert_each_is_read
 
 # Small settings: the transform's working size, few proposals and detections (recorded in the recipe).
@@ -53,12 +53,6 @@ def no_downloads(monkeypatch):
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", refuse)  # torchvision asks for any weights at all
     yield calls
     assert not calls
-
-
-def _se_params(channels: int, reduction: int = 16, divisor: int = 8) -> int:
-    """timm's SEModule: two 1x1 convs with bias, hidden width C/r rounded to the divisor (tests/formulas.py)."""
-    hidden = make_divisible(channels / reduction, divisor)
-    return 2 * channels * hidden + hidden + channels
 
 
 # --------------------------------------------------------------------------- building
@@ -104,14 +98,13 @@ def test_pretrained_detector_offline_is_a_clear_error(offline_hub):
 
 
 def test_flatten_outputs_and_sample_args():
-    from typing import List
 
     a, b = torch.ones(2), torch.zeros(3)
     assert [t.shape for t in flatten_outputs({"out": a, "aux": [b, (a,)], "n": 3})] == [(2,), (3,), (2,)]
     assert max_abs_diff({"out": a}, {"out": a + 1}) == 1.0 and max_abs_diff([a], [b]) == float("inf")
 
     class Detector(torch.nn.Module):  # torchvision's detectors' signature
-        def forward(self, images: List[torch.Tensor], targets=None):
+        def forward(self, images: list[torch.Tensor], targets=None):
             return images
 
     class Flow(torch.nn.Module):  # RAFT's
@@ -133,7 +126,7 @@ def test_segmentation_insert_forward_params(name):
     loaded = load_model(name)
     model, report = attnsurgeon.insert(loaded, attn="se", init="identity", input_size=(3, 64, 64))
     assert report.target is None  # traced whole
-    assert report.params["delta"] == sum(_se_params(i.channels) for i in report.insertions) > 0
+    assert report.params["delta"] == sum(se_params(i.channels) for i in report.insertions) > 0
     assert report.params["delta"] == count_params(model) - count_params(loaded.model)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -231,7 +224,7 @@ def test_detector_surgery_on_its_backbone(name, tmp_path):
     for ins in report.insertions:  # full paths from the top model, and real modules there
         assert ins.block.startswith("backbone.") and ins.module.startswith(ins.block + ".")
         model.get_submodule(ins.module)
-    assert report.params["delta"] == sum(_se_params(i.channels) for i in report.insertions) > 0
+    assert report.params["delta"] == sum(se_params(i.channels) for i in report.insertions) > 0
     assert report.params["delta"] == count_params(model) - count_params(base)
     assert not any(".se" in k for k in base.state_dict())  # the base model is left as it was
     args = sample_args(base, SIZE, 1, generator=torch.Generator().manual_seed(0))

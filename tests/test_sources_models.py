@@ -55,8 +55,9 @@ def test_prefixes_resolve_and_list():
         | {n for n, _ in list_models("smp:unet:resnet34")}
     assert {"yolo:yolov8n", "hf:convnext", "smp:Unet:resnet34"} <= names
     # every scale ultralytics' own yolov8.yaml declares is listed
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     cfg = yaml.safe_load((Path(ultralytics.__file__).parent / "cfg/models/v8/yolov8.yaml").read_text())
     assert {f"yolo:yolov8{s}" for s in cfg["scales"]} <= {n for n, _ in list_models("yolo:yolov8?")}
@@ -102,8 +103,9 @@ def test_yolo_models_build_without_ultralytics_chatter():
     a line before the object of ``insert yolo:yolo11n-cls --json`` (issue 29). Built quietly, by default too."""
     import logging
 
-    from attnsurgeon.loading.sources.yolo import to_yolo
     from ultralytics.utils import LOGGER
+
+    from attnsurgeon.loading.sources.yolo import to_yolo
 
     level, seen = LOGGER.level, []
     handler = logging.Handler()
@@ -154,8 +156,9 @@ def test_yolo_cbam_after_sppf_and_se_in_every_c2f_bottleneck():
 
 @pytest.mark.slow
 def test_yolo_profile_base_matches_ultralytics_summary():
-    from attnsurgeon import profile
     from ultralytics.utils.torch_utils import get_flops, get_num_params
+
+    from attnsurgeon import profile
 
     loaded = load_model("yolo:yolov8n")
     result = profile(loaded, "eca", input_size=(3, 640, 640), min_run_time=0.05, max_run_time=0.2)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attnsurgeon import insert, load_model
+from attnsurgeon.graph.traced_part import TracedPart
 from attnsurgeon.loading.samples import flatten_outputs, max_abs_diff
 
 ultralytics = pytest.importorskip("ultralytics")
@@ -41,10 +42,9 @@ def _inserted(model, report):
 @pytest.mark.slow
 def test_yolo_trains_one_epoch_in_ultralytics_trainer_and_the_checkpoint_keeps_the_blocks(tmp_path):
     from ultralytics import YOLO
+    from ultralytics.nn.modules.block import Bottleneck
 
     from attnsurgeon.loading.sources.yolo import train
-
-    from ultralytics.nn.modules.block import Bottleneck
 
     data = _tiny_dataset(tmp_path / "data")
     loaded = load_model("yolo:yolov8n", nc=2)
@@ -117,6 +117,7 @@ def test_traced_parts_keep_their_attributes_through_deepcopy_and_pickle():
     for again in (copy.deepcopy(out), _pickled(out), _pickled(copy.deepcopy(out))):
         layer = again.model[2]
         assert (layer.f, layer.i, type(layer).__name__) == (out.model[2].f, 2, "C2f")
+        assert isinstance(layer, TracedPart)  # the behaviour is its class's, not patched onto a copy
         assert _inserted(again, report) == _inserted(out, report)
         assert max_abs_diff(flatten_outputs(again(x)), reference) == 0.0
 
@@ -136,6 +137,7 @@ def test_hugging_face_parts_keep_their_tolerant_forward_through_deepcopy_and_pic
         assert type(result) is type(reference) and torch.equal(result.loss, reference.loss)
         assert max_abs_diff(result.logits, reference.logits) == 0.0
         encoder = again.get_submodule(report.insertions[0].module.split(".stages")[0])
+        assert isinstance(encoder, TracedPart)
         with pytest.raises(TypeError, match="cannot take output_hidden_states"):
             encoder(torch.randn(2, 16, 16, 16), output_hidden_states=True)
 

@@ -353,6 +353,46 @@ def test_channels_last_layouts_with_real_weights(net, size, layout, attn):
             assert torch.allclose(model.eval()(x), expected, rtol=0, atol=1e-6), position
 
 
+class _Conv1dNet(nn.Module):
+    """(B, C, L) residual conv blocks: the 1-D layout, channels first. On a 1×300 signal: L = 30, C = 24."""
+
+    def __init__(self, dim=24):
+        super().__init__()
+        self.stem = nn.Conv1d(1, dim, 10, stride=10)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv1d(dim, dim, 3, padding=1), nn.BatchNorm1d(dim), nn.ReLU())
+                                    for _ in range(2))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for blk in self.blocks:
+            x = x + blk(x)
+        return x.mean(2)
+
+    def by_hand(self, x, unit, gates):
+        x = self.stem(x)
+        for blk, gate in zip(self.blocks, gates):
+            x = unit(x, blk, gate)
+        return x.mean(2)
+
+
+@pytest.mark.parametrize("net, size, layout", [(_ChannelsLastNet, (3, 20, 28), "NHWC"), (_TokenMixer, (3, 40, 56), "NLC"),
+                                               (_Conv1dNet, (1, 300), "NCL")])
+def test_each_layout_with_real_weights_fast(net, size, layout):
+    """The fast subset's check of each layout (the slow test above runs every block and position): ECA, whose
+    weights fit any channel count, at the standard position, against the same gates applied by hand in
+    channels-first order. A permutation around the block that goes the wrong way fails it."""
+    torch.manual_seed(0)
+    base = net().eval()
+    x = torch.randn(2, *size)
+    model, report = insert(base, "eca", "standard", input_size=size)
+    assert [(i.layout, i.channels) for i in report.insertions] == [(layout, 24)] * 2
+    gates = [model.get_submodule(i.module) for i in report.insertions]
+    with torch.no_grad():
+        got, expected = model.eval()(x), base(x)
+        torch.testing.assert_close(got, base.by_hand(x, _UNIT_WITH_GATE["standard"], gates), rtol=0, atol=1e-5)
+        assert (got - expected).abs().max() > 1e-3  # the gates change the outputs: the check has teeth
+
+
 # --------------------------------------------------------------------------- coverage of the models the issue names
 
 MUST_WORK = [

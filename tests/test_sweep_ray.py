@@ -16,10 +16,11 @@ import timm
 import torchvision
 
 from attnsurgeon import AttnSurgeonError
-from attnsurgeon.sweeps import runner as sweep_mod
 from attnsurgeon.loading.models import expand_models
 from attnsurgeon.planning.recipes import parse_recipe
+from attnsurgeon.sweeps import runner as sweep_mod
 from attnsurgeon.sweeps.runner import run_sweep
+
 from processes import wait_for_a_row
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,7 @@ import copy
 import pytest
 import torch
 
-from attnsurgeon import AttnSurgeonError, apply_plan
-from attnsurgeon import inspect_model
+from attnsurgeon import AttnSurgeonError, apply_plan, inspect_model
 from attnsurgeon.blocks import REGISTRY, build_block
 from attnsurgeon.core.positions import POSITIONS
 

@@ -13,9 +13,7 @@ from attnsurgeon import AttnSurgeonError, insert
 from attnsurgeon.blocks import build_block
 from attnsurgeon.profiling.flops import count_macs
 
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
+from formulas import n_params
 
 
 def randomise(m: nn.Module) -> nn.Module:

@@ -30,7 +30,6 @@ from ..core.errors import AttnSurgeonError, did_you_mean
 from .info import BlockInfo
 from .options import OPTIONS
 
-
 REGISTRY: dict[str, BlockInfo] = {
     info.name: info
     for info in (

@@ -13,10 +13,17 @@ becomes a k (1-D) or k×k×k (3-D) conv, so its parameters are 2·k^d + 2 for d 
 from __future__ import annotations
 
 import torch
-from timm.layers.cbam import ChannelAttn, CbamModule
+from timm.layers.cbam import CbamModule, ChannelAttn
 
-
-from ._common import ScaledSigmoid, batchnorm_nd, check_kernel_fits, conv_nd, pool_axes, reduced_channels, zero_gate_input_mlp
+from ._common import (
+    ScaledSigmoid,
+    batchnorm_nd,
+    check_kernel_fits,
+    conv_nd,
+    pool_axes,
+    reduced_channels,
+    zero_gate_input_mlp,
+)
 
 
 class ChannelAttnNd(ChannelAttn):

@@ -37,7 +37,6 @@ from ..core.errors import AttnSurgeonError
 from ._common import ScaledSigmoid, flattened_if_not_2d, inner, reduced_channels, require_2d
 
 
-
 class GatherExciteModule(GatherExcite):
     """timm's ``GatherExcite`` (timm's defaults: ReLU, BN, sigmoid gate) with a constructor that runs."""
 

@@ -15,7 +15,7 @@ gate calls ``F.sigmoid`` directly, so it is built as :class:`LightChannelGate`, 
 from __future__ import annotations
 
 import torch
-from timm.layers.cbam import LightChannelAttn, LightCbamModule
+from timm.layers.cbam import LightCbamModule, LightChannelAttn
 
 from . import cbam
 from ._common import check_kernel_fits, reduced_channels, require_2d

@@ -22,7 +22,6 @@ from timm.layers.non_local_attn import NonLocalAttn
 from ._common import flattened_if_not_2d, inner
 
 
-
 class NonLocalBlock(NonLocalAttn):
     """timm's ``NonLocalAttn`` returning its output in its input's memory layout: timm's comes out
     channels-last strided (from its permutes), which sends the next convolutions down another

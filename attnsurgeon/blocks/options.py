@@ -8,8 +8,9 @@ the same rules, and ``list attn`` shows them. Adding an option is one entry here
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 def _number(v: Any) -> bool:

@@ -11,12 +11,12 @@ line of explanation (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
-from typing_extensions import Annotated
 
-from ..core.errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError, one_line
 from .render import _escape, _stderr, json_stdout
 
 
@@ -74,7 +74,7 @@ def command(fn: Callable) -> Callable:
             if _state["debug"]:
                 raise
             _stderr().print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {_escape(str(exc).splitlines()[0] if str(exc) else '')}\n"
+                f"[bold red]internal error:[/] {_escape(one_line(exc))}\n"
                 "Run again with --debug for the traceback, and please report it."
             )
             raise typer.Exit(1) from None
@@ -94,7 +94,7 @@ def _version(value: bool) -> None:
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,
 ) -> None:
     """Rewrite a model, inspect it, profile it, export it."""

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
 from ..core.errors import AttnSurgeonError
 from .app import app, command
 from .options import (
-    ForceOpt, FormatOpt, InputSizeOpt, JsonOpt, MemoryEfficientOpt, RecipeBatchSizesOpt, RecipeDeviceOpt,
-    RecipeDtypeOpt, RecipeMaxTimeOpt, RecipeMinTimeOpt, RecipeModeOpt, ThreadsOpt, _EXTENSIONS, _profile_overrides,
+    _EXTENSIONS,
+    ForceOpt,
+    FormatOpt,
+    InputSizeOpt,
+    JsonOpt,
+    MemoryEfficientOpt,
+    RecipeBatchSizesOpt,
+    RecipeDeviceOpt,
+    RecipeDtypeOpt,
+    RecipeMaxTimeOpt,
+    RecipeMinTimeOpt,
+    RecipeModeOpt,
+    ThreadsOpt,
+    _profile_overrides,
 )
 from .render import _escape, _stdout, _Steps, emit_json, print_export, print_profile, print_report, progress
-
 
 # --------------------------------------------------------------------------- recipes and sweeps
 
@@ -26,7 +36,7 @@ RecipeArg = Annotated[str, typer.Argument(help="A YAML recipe (see recipes/).", 
 @command
 def apply(
     recipe: RecipeArg,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Write the modified model ({_EXTENSIONS}).",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help=f"Write the modified model ({_EXTENSIONS}).",
                                                   show_default="nothing written")] = None,
     format_: FormatOpt = None,
     force: ForceOpt = False,

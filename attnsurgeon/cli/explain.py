@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
 from ..core.errors import AttnSurgeonError
 from .app import app, command
 from .options import (
     ATTN_HELP,
-    InputSizeOpt, InsertionArgs, JsonOpt, ModelArg, ModelArgsOpt, PositionOpt, PretrainedOpt, WeightsKeyOpt, WeightsOpt,
-    check_insertion_args, insertion_options, parse_globs, parse_ints, parse_model_args,
+    InputSizeOpt,
+    InsertionArgs,
+    JsonOpt,
+    ModelArg,
+    ModelArgsOpt,
+    PositionOpt,
+    PretrainedOpt,
+    WeightsKeyOpt,
+    WeightsOpt,
+    check_insertion_args,
+    insertion_options,
+    parse_globs,
+    parse_ints,
+    parse_model_args,
 )
 from .render import _Steps, emit_json, print_explanation
-
 
 # --------------------------------------------------------------------------- explain
 
@@ -30,13 +40,13 @@ def explain(
                                               show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the sheets, summary.png and explain.json (must not exist, "
                                       "unless --force).", show_default=False)],
-    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {ATTN_HELP} (none with "
+    attn: Annotated[str | None, typer.Option("--attn", "-a", help=f"Attention block to insert: {ATTN_HELP} (none with "
                                                 "--replace). Default: none; the model is explained alone.")] = None,
     position: PositionOpt = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
-    class_index: Annotated[Optional[int], typer.Option("--class", help="Class index for Grad-CAM.",
+    class_index: Annotated[int | None, typer.Option("--class", help="Class index for Grad-CAM.",
                                                        show_default="the base model's top class")] = None,
-    layer: Annotated[Optional[str], typer.Option("--layer", help="Module whose output Grad-CAM reads (layer4, layer3.1).",
+    layer: Annotated[str | None, typer.Option("--layer", help="Module whose output Grad-CAM reads (layer4, layer3.1).",
                                                  show_default="the last spatial feature map")] = None,
     input_size: InputSizeOpt = None,
     pretrained: PretrainedOpt = False,

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
 from .app import app, command
 from .options import (
-    DynamicOpt, ExportBatchOpt, ForceOpt, FormatOpt, InputSizeOpt, JsonOpt, ToleranceOpt, _EXTENSIONS,
+    _EXTENSIONS,
+    DynamicOpt,
+    ExportBatchOpt,
+    ForceOpt,
+    FormatOpt,
+    InputSizeOpt,
+    JsonOpt,
+    ToleranceOpt,
     check_tolerance,
 )
 from .render import emit_json, print_export, progress

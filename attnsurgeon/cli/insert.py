@@ -3,20 +3,41 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
 from .app import app, command
 from .options import (
-    AttnOpt, DynamicOpt, ExportBatchOpt, ForceOpt, FormatOpt, InputSizeOpt, InsertionArgs, JsonOpt,
-    MemoryEfficientOpt, ModelArg, ModelArgsOpt, PlotMetricOpt, PlotOpt, PositionOpt, PretrainedOpt, TargetOpt, ToleranceOpt,
-    WeightsKeyOpt, WeightsOpt, _EXTENSIONS, _check_plot, check_insertion_args, check_tolerance, insertion_options,
-    parse_globs, parse_ints, parse_model_args,
+    _EXTENSIONS,
+    AttnOpt,
+    DynamicOpt,
+    ExportBatchOpt,
+    ForceOpt,
+    FormatOpt,
+    InputSizeOpt,
+    InsertionArgs,
+    JsonOpt,
+    MemoryEfficientOpt,
+    ModelArg,
+    ModelArgsOpt,
+    PlotMetricOpt,
+    PlotOpt,
+    PositionOpt,
+    PretrainedOpt,
+    TargetOpt,
+    ToleranceOpt,
+    WeightsKeyOpt,
+    WeightsOpt,
+    _check_plot,
+    check_insertion_args,
+    check_tolerance,
+    insertion_options,
+    parse_globs,
+    parse_ints,
+    parse_model_args,
 )
 from .render import _escape, _stdout, emit_json, print_export, print_report, progress
-
 
 # --------------------------------------------------------------------------- insert
 
@@ -35,7 +56,7 @@ def insert(
     weights: WeightsOpt = None,
     weights_key: WeightsKeyOpt = None,
     model_arg: ModelArgsOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Write the modified model: {_EXTENSIONS} (.safetensors "
+    out: Annotated[Path | None, typer.Option("--out", "-o", help=f"Write the modified model: {_EXTENSIONS} (.safetensors "
                                                   "holds the recipe: reloadable). It is loaded back and checked.",
                                                   show_default="nothing written")] = None,
     format_: FormatOpt = None,

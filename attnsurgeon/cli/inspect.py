@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
 from .app import app, command
 from .options import InputSizeOpt, JsonOpt, ModelArg, ModelArgsOpt, PlotOpt, TargetOpt, _check_plot, parse_model_args
 from .render import _escape, _stdout, emit_json, print_anatomy, print_anchors, progress
-
 
 # --------------------------------------------------------------------------- inspect
 
@@ -23,7 +21,7 @@ def inspect(
     target: TargetOpt = None,
     model_arg: ModelArgsOpt = None,
     plot: PlotOpt = None,
-    glob: Annotated[Optional[str], typer.Argument(
+    glob: Annotated[str | None, typer.Argument(
         help="With --anchors (which it implies): keep the modules this glob matches and those inside them "
              "('decoder.*', '**.conv2'; * within one dotted name), and say how many rows were left out.",
         show_default=False, metavar="[GLOB]")] = None,

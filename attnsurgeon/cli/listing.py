@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any
 
 import typer
-from typing_extensions import Annotated
 
 from ..core.errors import AttnSurgeonError
 from .app import command, list_app
 from .options import JsonOpt
 from .render import emit_json, print_table
-
 
 # --------------------------------------------------------------------------- list
 
@@ -61,7 +59,7 @@ def list_positions(json_out: JsonOpt = False) -> None:
 @list_app.command("models")
 @command
 def list_models_cmd(
-    pattern: Annotated[Optional[str], typer.Argument(help="A glob (resnet*) or a substring (convnext); timm:PATTERN or "
+    pattern: Annotated[str | None, typer.Argument(help="A glob (resnet*) or a substring (convnext); timm:PATTERN or "
                                                      "tv:PATTERN keeps one library.")] = None,
     json_out: JsonOpt = False,
 ) -> None:

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
 from .app import app, command
 from .options import (
-    ForceOpt, FormatOpt, InputSizeOpt, JsonOpt, ModelArg, ModelArgsOpt, PretrainedOpt, TargetOpt, ToleranceOpt,
-    WeightsKeyOpt, WeightsOpt, _EXTENSIONS, check_tolerance, parse_model_args,
+    _EXTENSIONS,
+    ForceOpt,
+    FormatOpt,
+    InputSizeOpt,
+    JsonOpt,
+    ModelArg,
+    ModelArgsOpt,
+    PretrainedOpt,
+    TargetOpt,
+    ToleranceOpt,
+    WeightsKeyOpt,
+    WeightsOpt,
+    check_tolerance,
+    parse_model_args,
 )
 from .render import _escape, _stderr, emit_json, print_export, progress
 
@@ -26,7 +37,7 @@ def optimize(
     weights: WeightsOpt = None,
     weights_key: WeightsKeyOpt = None,
     model_arg: ModelArgsOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Write the optimized model: {_EXTENSIONS} (.safetensors "
+    out: Annotated[Path | None, typer.Option("--out", "-o", help=f"Write the optimized model: {_EXTENSIONS} (.safetensors "
                                                   "holds the recipe; the other formats hold the plain graph).",
                                                   show_default="nothing written")] = None,
     format_: FormatOpt = None,

@@ -5,21 +5,21 @@ derived from the registries: blocks, positions, formats), the parsers of their v
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-from typing_extensions import Annotated
-
-from ..core.errors import AttnSurgeonError, one_line
-from ..saving.export import FORMATS  # the format registry (torch-free)
 
 # --------------------------------------------------------------------------- shared options
 # Each option is declared once here; help texts name what the registries hold (torch-free imports).
-
-from ..blocks import INITS, REGISTRY as BLOCKS  # noqa: E402
+from ..blocks import INITS  # noqa: E402
+from ..blocks import REGISTRY as BLOCKS
+from ..core.errors import AttnSurgeonError, one_line
+from ..core.lists import split_list
 from ..core.positions import POSITIONS  # noqa: E402
+from ..saving.export import FORMATS  # the format registry (torch-free)
 
 ModelArg = Annotated[
     str,
@@ -36,60 +36,60 @@ ATTN_HELP = (f"{', '.join(BLOCKS)} (see `attnsurgeon list attn`), or your own cl
              "package.module:Class, timm:NAME")
 AttnOpt = Annotated[str, typer.Option("--attn", "-a", help=f"Attention block: {ATTN_HELP}; none with --replace removes the "
                                       "model's own.")]
-OptionOpt = Annotated[Optional[list[str]], typer.Option(
+OptionOpt = Annotated[list[str] | None, typer.Option(
     "--option", "-O", help="A block option as key=value, repeatable; the value is read as YAML (4, 0.5, true, [4, 8] one per "
     "selected stage). Any option of a zoo block, or any parameter of a class given by reference.", show_default="none")]
 ReplaceOpt = Annotated[bool, typer.Option("--replace", help="Put the block in place of the attention gates the selected blocks "
                                           "already have (SE in EfficientNet, MobileNetV3, RegNetY...) instead of beside them; "
                                           "--attn none removes them.")]
 PositionOpt = Annotated[
-    Optional[str], typer.Option("--position", "-p", help=f"{', '.join(POSITIONS)} (see `attnsurgeon list positions`). "
+    str | None, typer.Option("--position", "-p", help=f"{', '.join(POSITIONS)} (see `attnsurgeon list positions`). "
                                 "Default: the block's natural position (`attnsurgeon list attn`).", show_default=False)
 ]
 StagesOpt = Annotated[
-    Optional[str], typer.Option("--stages", "-s", help="Stages to modify, 1-based as `inspect` numbers them: 3,4 or 2-4. Default: all. "
+    str | None, typer.Option("--stages", "-s", help="Stages to modify, 1-based as `inspect` numbers them: 3,4 or 2-4. Default: all. "
                                                  "Blocks there that cannot take the insertion are skipped with a note.")
 ]
 BlocksOpt = Annotated[
-    Optional[str], typer.Option("--blocks", "-b", help="Comma-separated globs over block names: 'layer3.*,layer4.2'. Default: all. "
+    str | None, typer.Option("--blocks", "-b", help="Comma-separated globs over block names: 'layer3.*,layer4.2'. Default: all. "
                                                  "A named block that cannot take the insertion is an error.")
 ]
 AfterOpt = Annotated[
-    Optional[str], typer.Option("--after", help="Instead of --position: put the block on the output of every module whose name "
+    str | None, typer.Option("--after", help="Instead of --position: put the block on the output of every module whose name "
                                 "matches, comma-separated globs (layer3.*.conv2, model.9, '**.conv2'; * stays within one "
                                 "dotted name). `inspect MODEL --anchors` lists the modules. With --stages/--blocks: only "
                                 "modules inside them.", show_default="none: --position applies")
 ]
 BeforeOpt = Annotated[
-    Optional[str], typer.Option("--before", help="Instead of --position: put the block on the input of every module whose name "
+    str | None, typer.Option("--before", help="Instead of --position: put the block on the input of every module whose name "
                                 "matches (head, decoder.blocks.*.conv1); only that module reads the block's output.",
                                 show_default="none: --position applies")
 ]
 InitOpt = Annotated[str, typer.Option("--init", help=f"{' or '.join(INITS)}: identity makes every inserted block start as an "
                                       "exact identity.")]
 InputSizeOpt = Annotated[
-    Optional[str], typer.Option("--input-size", help="Sample input, any rank: S (image side), H,W, C,H,W; C,T,H,W or T,H,W "
+    str | None, typer.Option("--input-size", help="Sample input, any rank: S (image side), H,W, C,H,W; C,T,H,W or T,H,W "
                                 "for video; C,L for 1-D signals. Default: the model's own (3,16,112,112 for r3d_18).")
 ]
 TargetOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--target", "-t", help="Submodule(s) to trace (and rewrite), dotted paths: backbone.body (comma-separated for several). "
                  "Default: the whole model, or where it does not trace (detectors) the largest parts that do."),
 ]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Load the library's published weights (network or local cache).")]
 WeightsOpt = Annotated[
-    Optional[Path], typer.Option("--weights", help="Load a state dict or a training checkpoint (.safetensors, .pt, .pth, "
+    Path | None, typer.Option("--weights", help="Load a state dict or a training checkpoint (.safetensors, .pt, .pth, "
                                  ".pth.tar, .ckpt, .bin) into the base model before surgery; read without running a "
                                  "pickle. A checkpoint's EMA weights are taken first, then state_dict, model, "
                                  "model_state_dict; module./model. prefixes are taken off where that fits the names.",
                                  show_default="random weights, unless --pretrained")
 ]
 WeightsKeyOpt = Annotated[
-    Optional[str], typer.Option("--weights-key", help="The entry of the --weights checkpoint to load (state_dict, "
+    str | None, typer.Option("--weights-key", help="The entry of the --weights checkpoint to load (state_dict, "
                                 "state_dict_ema, model, ...).", show_default="the first found, EMA first")
 ]
 ModelArgsOpt = Annotated[
-    Optional[list[str]], typer.Option("--model-arg", help="KEY=VALUE, repeatable: an argument of the model's builder "
+    list[str] | None, typer.Option("--model-arg", help="KEY=VALUE, repeatable: an argument of the model's builder "
                                       "(num_classes=7, in_chans=1 for timm/torchvision; nc=2 for YOLO; num_labels=3 for "
                                       "hf; classes=3 for smp). VALUE is read as YAML: 7, 0.1, true, null, [64, 64], text.",
                                       show_default="the builder's defaults", metavar="KEY=VALUE")
@@ -128,7 +128,7 @@ MemoryEfficientOpt = Annotated[bool, typer.Option("--memory-efficient", help="In
                                                   "the model's own attention, before and after.")]
 _EXTENSIONS = ", ".join(ext for f in FORMATS.values() for ext in f.extensions)  # from the format registry
 FormatOpt = Annotated[
-    Optional[str], typer.Option("--format", help=f"{', '.join(FORMATS)}.", show_default="from the --out extension")
+    str | None, typer.Option("--format", help=f"{', '.join(FORMATS)}.", show_default="from the --out extension")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out file.")]
 DynamicOpt = Annotated[bool, typer.Option("--static-batch/--dynamic-batch", help="Fix the batch size of the file at "
@@ -140,7 +140,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or m
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 (autocast).")]
 BatchSizesOpt = Annotated[str, typer.Option("--batch-size", help="One or more batch sizes: 1,32 (a sweep's table uses the first).")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="inference, or train: a whole forward+backward step.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads.", show_default="torch's, one per core")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads.", show_default="torch's, one per core")]
 ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Run in channels-last memory format (channels_last_3d "
                                                "for video).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile both models; compile time is reported on its own line.")]
@@ -155,7 +155,7 @@ def _recipe_default(option: Any, default: Any) -> Any:
 
     info = copy.copy(option.__metadata__[0])
     info.show_default = f"the recipe's, else {default}"
-    return Annotated[Optional[option.__origin__], info]
+    return Annotated[option.__origin__ | None, info]
 
 
 RecipeDeviceOpt = _recipe_default(DeviceOpt, PROFILE_DEFAULTS["device"])
@@ -170,7 +170,7 @@ ToleranceOpt = Annotated[
 
 # figures (attnsurgeon.pictures.plot, attnsurgeon.pictures.explain): their own options, beside the insertion options
 PlotOpt = Annotated[
-    Optional[Path], typer.Option("--plot", help="Also draw a figure to this file: .png, .svg or .pdf (matplotlib).",
+    Path | None, typer.Option("--plot", help="Also draw a figure to this file: .png, .svg or .pdf (matplotlib).",
                                  show_default="none")
 ]
 PlotMetricOpt = Annotated[str, typer.Option("--plot-metric", help="What colours the insertion map: each module's share of "
@@ -212,9 +212,9 @@ def parse_ints(text: str | None, what: str) -> list[int] | None:
 
 def parse_globs(text: str | None, what: str = "--blocks") -> list[str] | None:
     """'layer3.*, layer4.2' -> ['layer3.*', 'layer4.2']; an empty value is an error, not 'all'."""
-    if text is None:
+    globs = split_list(text)
+    if globs is None:
         return None
-    globs = [g.strip() for g in text.split(",") if g.strip()]
     if not globs:
         raise AttnSurgeonError(f"{what}: '{text}' names no block; leave the option out to select every block")
     return globs

@@ -3,32 +3,49 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
-from ..core.positions import POSITIONS
 from ..blocks import get_block
 from ..core.errors import AttnSurgeonError
+from ..core.lists import split_list
+from ..core.positions import POSITIONS
 from .app import app, command
 from .options import (
     ATTN_HELP,
-    ChannelsLastOpt, InputSizeOpt, InsertionArgs, JsonOpt, MemoryEfficientOpt, ModelArgsOpt, RecipeBatchSizesOpt,
-    RecipeDeviceOpt, RecipeDtypeOpt, RecipeMaxTimeOpt, RecipeMinTimeOpt, RecipeModeOpt, TargetOpt, ThreadsOpt,
-    _profile_overrides, _takes, check_insertion_args, insertion_options, parse_globs, parse_ints, parse_model_args,
+    ChannelsLastOpt,
+    InputSizeOpt,
+    InsertionArgs,
+    JsonOpt,
+    MemoryEfficientOpt,
+    ModelArgsOpt,
+    RecipeBatchSizesOpt,
+    RecipeDeviceOpt,
+    RecipeDtypeOpt,
+    RecipeMaxTimeOpt,
+    RecipeMinTimeOpt,
+    RecipeModeOpt,
+    TargetOpt,
+    ThreadsOpt,
+    _profile_overrides,
+    _takes,
+    check_insertion_args,
+    insertion_options,
+    parse_globs,
+    parse_ints,
+    parse_model_args,
 )
 from .render import _escape, _stderr, _SweepProgress, emit_json, print_sweep
 
-
-SweepModelsOpt = Annotated[Optional[str], typer.Option(
+SweepModelsOpt = Annotated[str | None, typer.Option(
     "--models", help="Several models, crossed with the configurations: a list or globs (timm:resnet*,convnext_tiny; "
     "`list models` shows the names). Instead of MODEL, or to run a sweep recipe over them.", show_default="MODEL alone")]
-SweepRayOpt = Annotated[Optional[str], typer.Option(
+SweepRayOpt = Annotated[str | None, typer.Option(
     "--ray", metavar="[ADDRESS]", help="Run the rows as Ray tasks (pip install 'attnsurgeon\\[ray]'): --ray alone starts "
     "Ray on this machine; auto or ray://HEAD:10001 joins a cluster. Each row asks for --threads CPUs (1 if unset), "
     "or one GPU with --device cuda.", show_default="rows measured here, one after another")]
-SweepRayCpusOpt = Annotated[Optional[int], typer.Option(
+SweepRayCpusOpt = Annotated[int | None, typer.Option(
     "--ray-cpus", min=1, help="CPUs the local Ray instance may use (rows at once: this over --threads).",
     show_default="all of this machine's")]
 RAY_LOCAL = "local"  # what `--ray` alone means (see _optional_ray_address)
@@ -39,11 +56,11 @@ RAY_LOCAL = "local"  # what `--ray` alone means (see _optional_ray_address)
 @insertion_options
 def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for sweep.json, rows.jsonl, results.csv/.json and plot.png.", show_default=False)],
-    model: Annotated[Optional[str], typer.Argument(help="A model name, or a sweep recipe (.yaml) with its configurations "
+    model: Annotated[str | None, typer.Argument(help="A model name, or a sweep recipe (.yaml) with its configurations "
                                                    "(or --models instead).", show_default=False, metavar="MODEL|RECIPE")] = None,
-    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention blocks to sweep, a comma-separated list of {ATTN_HELP} "
+    attn: Annotated[str | None, typer.Option("--attn", "-a", help=f"Attention blocks to sweep, a comma-separated list of {ATTN_HELP} "
                                                 "(none with --replace); required without a sweep recipe.", show_default="none")] = None,
-    position: Annotated[Optional[str], typer.Option("--position", "-p", help=f"Positions to sweep, a list of {','.join(POSITIONS)}. "
+    position: Annotated[str | None, typer.Option("--position", "-p", help=f"Positions to sweep, a list of {','.join(POSITIONS)}. "
                                                     "Default: each block's natural position.", show_default=False)] = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
     device: RecipeDeviceOpt = None,
@@ -139,7 +156,7 @@ def sweep(
                                        max_time, channels_last))
     from ..sweeps.runner import run_sweep
 
-    swept = models.split(",") if models is not None else spec.models or spec.model  # --models overrides a recipe's
+    swept = split_list(models) if models is not None else spec.models or spec.model  # --models overrides a recipe's
     try:
         with _SweepProgress() as bar:
             result = run_sweep(swept, configurations, out, settings=settings, input_size=size,

@@ -8,7 +8,7 @@ that message alone; any other exception is a bug and is reported as one.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class AttnSurgeonError(Exception):
@@ -34,7 +34,11 @@ def few(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
+def one_line(exc: BaseException, *, with_type: bool = True) -> str:
+    """An exception as one line: its type and the first line of its message. ``with_type=False``:
+    the first line alone (where the sentence around it already says what failed), or the type's name
+    where the message is empty."""
     text = str(exc).strip().splitlines()
+    if not with_type:
+        return text[0] if text else type(exc).__name__
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

@@ -13,8 +13,8 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 NOISE = re.compile(
     r"gpuGetDeviceCount failed|^USDT:|SyncActivityProfilerHandler|profiler_(start|stop)\]|"

@@ -14,40 +14,47 @@ from torch import nn
 from torch.fx import Node
 from torchvision.ops.misc import FrozenBatchNorm2d  # pretrained detectors' backbones use it
 
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
-_ACT_FUNCTIONS = {
+__all__ = [
+    "ADD_FUNCTIONS", "ADD_METHODS", "ACT_FUNCTIONS", "NORM_FUNCTIONS", "PASS_FUNCTIONS", "ACT_METHODS",
+    "NORM_MODULES", "PASS_MODULES", "CONV_MODULES", "WEIGHTED_MODULES", "WEIGHTED_FUNCTIONS",
+    "CHANNEL_FIRST_MODULES", "CHANNEL_LAST_MODULES", "ATTENTION_CLASS", "is_activation_module", "called_module",
+]
+
+
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+ACT_FUNCTIONS = {
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu,
     F.elu, F.mish, F.selu, F.celu, F.hardtanh, torch.tanh, F.softplus,
 }
-_NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}
-_PASS_FUNCTIONS = {F.dropout, F.dropout2d, F.alpha_dropout}
-_ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "gelu"}
+NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}
+PASS_FUNCTIONS = {F.dropout, F.dropout2d, F.alpha_dropout}
+ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "gelu"}
 
-_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, FrozenBatchNorm2d)
-_PASS_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd)
-_CONV_MODULES = (nn.modules.conv._ConvNd,)
-_WEIGHTED_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
-_WEIGHTED_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.matmul, torch.bmm, F.scaled_dot_product_attention}
-_CHANNEL_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, FrozenBatchNorm2d,
+NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, FrozenBatchNorm2d)
+PASS_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd)
+CONV_MODULES = (nn.modules.conv._ConvNd,)
+WEIGHTED_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
+WEIGHTED_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.matmul, torch.bmm, F.scaled_dot_product_attention}
+CHANNEL_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, FrozenBatchNorm2d,
                           nn.modules.instancenorm._InstanceNorm)
-_CHANNEL_LAST_MODULES = (nn.Linear, nn.LayerNorm)
+CHANNEL_LAST_MODULES = (nn.Linear, nn.LayerNorm)
 
 # Attention a model already has, found by class name (SE in MobileNetV3/EfficientNet/RegNetY, ...).
-_ATTENTION_CLASS = re.compile(
+ATTENTION_CLASS = re.compile(
     r"SqueezeExcit|SEModule|SELayer|^SE$|Eca|Cbam|GatherExcite|GlobalContext|SelectiveKernel|SplitAttn"
     r"|CoordAttn|NonLocal|Attention$|^Attention|MultiheadAttention|WindowAttention|Attn$"
 )
 
 
-def _is_activation_module(m: nn.Module) -> bool:
+def is_activation_module(m: nn.Module) -> bool:
     mod = type(m).__module__
     if isinstance(m, (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax)):
         return False
     return mod.startswith("torch.nn.modules.activation") or mod.startswith("timm.layers.activations")
 
 
-def _module(gm: torch.fx.GraphModule, n: Node) -> nn.Module | None:
+def called_module(gm: torch.fx.GraphModule, n: Node) -> nn.Module | None:
     if n.op != "call_module":
         return None
     try:

@@ -34,7 +34,6 @@ puts them together in :func:`analyse`.
 
 from __future__ import annotations
 
-
 import torch
 import torch.fx
 
@@ -42,8 +41,8 @@ from ..core.errors import AttnSurgeonError
 from .attention import existing_attention
 from .finders import _add_stage_sites, _group_stages, find_blocks
 from .nodes import _Graph
-from .sites import Anatomy
 from .shapes import propagate_channel_axis, propagate_shapes
+from .sites import Anatomy
 
 
 def analyse(gm: torch.fx.GraphModule, input_size: tuple[int, ...], require_blocks: bool = True) -> Anatomy:

@@ -29,8 +29,9 @@ before ``decoder.blocks.0.conv1``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from torch.fx import Node
 
@@ -137,7 +138,7 @@ class AnchorInfo:
 
 def anchor_table(anatomy: Any) -> list[AnchorInfo]:
     """Every module of the traced graph with the maps it receives and gives (for ``inspect --anchors``)."""
-    from .shapes import _shape, layout_of
+    from .shapes import layout_of, shape_of
 
     rows = []
     for region in module_regions(anatomy.gm).values():
@@ -151,7 +152,7 @@ def anchor_table(anatomy: Any) -> list[AnchorInfo]:
         elif lin is None and lout is None:
             why = "neither its input nor its output is one feature map"
         rows.append(AnchorInfo(region.name, region.type, _stage_of(anatomy, region.name), len(region.calls),
-                               _shape(x) if x is not None else None, _shape(y) if y is not None else None,
+                               shape_of(x) if x is not None else None, shape_of(y) if y is not None else None,
                                lin.name if lin else None, lout.name if lout else None, why))
     return rows
 
@@ -205,8 +206,8 @@ def anchor_blocks(anatomy: Any, which: str, globs: list[str], stages: list[int] 
 
 def _anchor_block(anatomy: Any, regions: dict[str, Region], region: Region, which: str) -> Any:
     from .nodes import _scope_upto
+    from .shapes import layout_of, shape_of
     from .sites import Block, Site
-    from .shapes import _shape, layout_of
 
     name = region.name
     if len(region.calls) > 1:
@@ -228,7 +229,7 @@ def _anchor_block(anatomy: Any, regions: dict[str, Region], region: Region, whic
                                    f"({_values(starts)}); anchor on a module whose input is one feature map")
         producer = starts[0]
         consumers = [n for n in region.nodes if producer in n.all_input_nodes]
-    shape, layout = _shape(producer), layout_of(producer)
+    shape, layout = shape_of(producer), layout_of(producer)
     if shape is None or layout is None:
         side = "output" if which == "after" else "input"
         got = f"a {tuple(shape)} tensor" if shape is not None else "not a tensor"
@@ -295,14 +296,14 @@ def _no_match(anatomy: Any, which: str, pattern: str, regions: dict[str, Region]
 
 
 def _values(nodes: list[Node]) -> str:
-    from .shapes import _shape
+    from .shapes import shape_of
 
     if not nodes:
         return "none of its own"
-    return f"{len(nodes)} values: " + ", ".join(str(tuple(_shape(n))) if _shape(n) is not None else n.name for n in nodes[:3])
+    return f"{len(nodes)} values: " + ", ".join(str(tuple(shape_of(n))) if shape_of(n) is not None else n.name for n in nodes[:3])
 
 
 def _is_tensor(n: Node) -> bool:
-    from .shapes import _shape
+    from .shapes import shape_of
 
-    return _shape(n) is not None
+    return shape_of(n) is not None

@@ -7,18 +7,23 @@ can take out (:func:`attention_regions`). The memory-efficient pass recomputes t
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.fx
 from torch import nn
 from torch.fx import Node
 
-from ..core.ops import _ATTENTION_CLASS, _module
+from ..core.ops import ATTENTION_CLASS, called_module
 from .nodes import _is_add, _scope
+from .shapes import propagate_shapes, shape_of
 from .sites import Site, _site
-from .shapes import _shape, propagate_shapes
+
+__all__ = [
+    "existing_attention", "attention_modules", "AttentionRegion", "region_io", "attention_regions", "in_module",
+    "attention_region",
+]
 
 
 def existing_attention(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
@@ -28,20 +33,20 @@ def existing_attention(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
     SqueezeExcitation) are read from the scopes the tracer recorded on each node.
     """
     found: list[tuple[str, str]] = []
-    for name, cls in _attention_modules(gm):
+    for name, cls in attention_modules(gm):
         if not any(name.startswith(p + ".") for p, _ in found):
             found.append((name, cls))
     return found
 
 
-def _attention_modules(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
+def attention_modules(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
     """Every module whose class name says attention, nested ones too, in forward order; a placeholder
     that does nothing (smp's ``Attention`` wrapping an ``nn.Identity`` when no attention is configured)
     is none."""
     seen: dict[str, str] = {}
     works: dict[str, bool] = {}  # does its forward do anything but pass its input on?
     for n in gm.graph.nodes:
-        m = _module(gm, n)
+        m = called_module(gm, n)
         passes = isinstance(m, nn.Identity)
         for qual, cls in _scope(n):
             seen.setdefault(qual, cls)
@@ -49,7 +54,7 @@ def _attention_modules(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
         if m is not None:
             seen.setdefault(n.target, type(m).__name__)
             works[n.target] = works.get(n.target, False) or not passes
-    return [(name, cls) for name, cls in seen.items() if name and works.get(name) and _ATTENTION_CLASS.search(cls)]
+    return [(name, cls) for name, cls in seen.items() if name and works.get(name) and ATTENTION_CLASS.search(cls)]
 
 
 
@@ -87,7 +92,7 @@ def attention_regions(gm: torch.fx.GraphModule) -> list[AttentionRegion]:
     """The attention modules already in the model as regions, each checked for whether it is a
     replaceable gate: the outermost gates, and the outermost others that hold no gate (an SE inside
     a block whose class name says attention is found). Needs the shapes of :func:`analyse`."""
-    regions = [_attention_region(gm, name, cls) for name, cls in _attention_modules(gm)]
+    regions = [attention_region(gm, name, cls) for name, cls in attention_modules(gm)]
     gates = [r for r in regions if r.gate]
     out: list[AttentionRegion] = []
     for r in regions:
@@ -99,21 +104,21 @@ def attention_regions(gm: torch.fx.GraphModule) -> list[AttentionRegion]:
     return out
 
 
-def _in_module(n: Node, name: str) -> bool:
+def in_module(n: Node, name: str) -> bool:
     if n.op in ("call_module", "get_attr") and (n.target == name or str(n.target).startswith(name + ".")):
         return True
     return any((v[0] if isinstance(v, tuple) else v) == name for v in (n.meta.get("nn_module_stack") or {}).values())
 
 
-def _attention_region(gm: torch.fx.GraphModule, name: str, cls: str) -> AttentionRegion:
-    nodes = frozenset(n for n in gm.graph.nodes if _in_module(n, name) and n.op not in ("placeholder", "output"))
+def attention_region(gm: torch.fx.GraphModule, name: str, cls: str) -> AttentionRegion:
+    nodes = frozenset(n for n in gm.graph.nodes if in_module(n, name) and n.op not in ("placeholder", "output"))
     region = AttentionRegion(name, cls, nodes)
     inputs, outputs = region_io(nodes)
     if not nodes:
         region.why = "the traced forward never calls it"
     elif len(inputs) != 1 or len(outputs) != 1:
         region.why = f"it reads {len(inputs)} tensors and returns {len(outputs)} (a gate reads one and returns one)"
-    elif _shape(outputs[0]) != _shape(inputs[0]):
+    elif shape_of(outputs[0]) != shape_of(inputs[0]):
         region.why = "it does not return one tensor shaped like its input (a gate keeps the shape)"
     else:
         x, y = inputs[0], outputs[0]
@@ -121,7 +126,7 @@ def _attention_region(gm: torch.fx.GraphModule, name: str, cls: str) -> Attentio
         if region.site is None:
             region.why = "its input is not a feature map"
         elif len(nodes) == 1 and y.op == "call_module" and y.target == name:
-            region.gate, region.why = _leaf_gates(gm.get_submodule(name), _shape(x))
+            region.gate, region.why = _leaf_gates(gm.get_submodule(name), shape_of(x))
         else:
             region.gate = _gates_input(nodes, x, y)
             region.why = "" if region.gate else _NOT_A_GATE
@@ -151,7 +156,7 @@ def _gates_input(nodes: frozenset, x: Node, y: Node) -> bool:
             return False
         for main, modulator in (args, args[::-1]):
             source = _unexpanded(modulator)
-            if source not in nodes or _shape(main) != _shape(n):
+            if source not in nodes or shape_of(main) != shape_of(n):
                 continue
             smaller = (_numel(source) or 0) < (_numel(main) or 0)
             if (is_mul or smaller) and reaches(main, depth + 1):
@@ -169,7 +174,7 @@ def _unexpanded(n: Node) -> Node:
 
 
 def _numel(n: Node) -> int | None:
-    shape = _shape(n)
+    shape = shape_of(n)
     if shape is None:
         return None
     out = 1
@@ -188,7 +193,7 @@ def _leaf_gates(module: nn.Module, shape: tuple[int, ...]) -> tuple[bool, str]:
     xs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     inner = frozenset(n for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
-    if len(xs) != 1 or not isinstance(out, Node) or _shape(out) != tuple(shape):
+    if len(xs) != 1 or not isinstance(out, Node) or shape_of(out) != tuple(shape):
         return False, "it does not map one tensor to one of the same shape"
     if not _gates_input(inner, xs[0], out):
         return False, _NOT_A_GATE

@@ -8,7 +8,7 @@ position (:func:`_complete`), the ``conv`` site and what it absorbs, the stages 
 from __future__ import annotations
 
 import operator
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.fx
@@ -16,13 +16,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
-from ..core.ops import _ATTENTION_CLASS, _CONV_MODULES, _PASS_MODULES, _WEIGHTED_MODULES, _module
+from ..core.ops import ATTENTION_CLASS, CONV_MODULES, PASS_MODULES, WEIGHTED_MODULES, called_module
 from .nodes import (
-    _Graph, _innermost_container, _is_activation, _is_add, _is_chain_op, _is_stochastic_leaf, _scope, _scope_upto,
+    _Graph,
+    _innermost_container,
+    _is_activation,
+    _is_add,
+    _is_chain_op,
+    _is_stochastic_leaf,
+    _scope,
+    _scope_upto,
     _spatial_kernel,
 )
+from .shapes import shape_of
 from .sites import Block, Site, Stage, _site
-from .shapes import _shape
 
 
 def _complete(block: Block, sites: list[Site | None], nodes: Iterable[Node], scope: dict, main: str = "standard") -> Block | None:
@@ -63,9 +70,9 @@ def _conv_site(g: _Graph, region: Iterable[Node]) -> Site | None:
     convs = sorted((n for n in region if _spatial_kernel(g.gm, n)), key=g.index.__getitem__)
     if not convs or convs[0].op != "call_module":
         return None
-    n, m = convs[0], _module(g.gm, convs[0])
+    n, m = convs[0], called_module(g.gm, convs[0])
     x = n.args[0] if n.args and isinstance(n.args[0], Node) else None
-    if x is None or not isinstance(m, _CONV_MODULES) or isinstance(m, nn.modules.conv._ConvTransposeNd):
+    if x is None or not isinstance(m, CONV_MODULES) or isinstance(m, nn.modules.conv._ConvTransposeNd):
         return None
     if sum(1 for u in g.nodes if u.op == "call_module" and u.target == n.target) > 1:
         return None  # one conv called twice (shared weights): replacing the module would change both calls
@@ -134,7 +141,7 @@ def _closing_activation(g: _Graph, merge: Node, module: str) -> Node:
     while len(out.users) == 1:
         user = next(iter(out.users))
         in_block = any(q == module for q, _ in _scope(user)) or module == ""
-        if in_block and (_is_activation(g.gm, user) or _is_stochastic_leaf(_module(g.gm, user) or nn.Module())):
+        if in_block and (_is_activation(g.gm, user) or _is_stochastic_leaf(called_module(g.gm, user) or nn.Module())):
             out = user
         else:
             break
@@ -160,15 +167,15 @@ def _residual_blocks(g: _Graph) -> list[Block]:
         if not _is_add(n):
             continue
         args = [a for a in n.args[:2] if isinstance(a, Node)]
-        out = _shape(n)
-        if len(args) != 2 or out is None or len(out) < 3 or any(_shape(a) != out for a in args):
+        out = shape_of(n)
+        if len(args) != 2 or out is None or len(out) < 3 or any(shape_of(a) != out for a in args):
             continue
         if n.meta.get("as_caxis") is None:
             continue  # no conv/linear fixes the channels here (e.g. per-head tensors inside attention)
         if out[n.meta["as_caxis"]] == 1:
             continue  # a one-channel map (CSATv2's spatial-attention transformer): no channels to weigh
         fork = g.latest_common_ancestor(args[0], args[1])
-        if fork is None or _shape(fork) is None:
+        if fork is None or shape_of(fork) is None:
             continue
         branches = [g.branch(fork, a) for a in args]
         weights = [g.weight(b) for b in branches]
@@ -231,15 +238,15 @@ def _per_channel_linear(g: _Graph, region: set[Node], fork: Node) -> bool:
     ``dwconv(x) + bn(x)``): a layer, not a block that transforms its input."""
     carried = region | {fork}
     for n in region:
-        m = _module(g.gm, n)
+        m = called_module(g.gm, n)
         if m is not None:
-            if isinstance(m, _CONV_MODULES):
+            if isinstance(m, CONV_MODULES):
                 if not m.groups == m.in_channels == m.out_channels:
                     return False
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 if _is_activation(g.gm, n):
                     return False
-            elif not (isinstance(m, _PASS_MODULES) or _is_stochastic_leaf(m)):
+            elif not (isinstance(m, PASS_MODULES) or _is_stochastic_leaf(m)):
                 return False
             continue
         if n.op not in ("call_function", "call_method"):
@@ -250,7 +257,7 @@ def _per_channel_linear(g: _Graph, region: set[Node], fork: Node) -> bool:
         if target in _PRODUCTS and sum(1 for a in n.all_input_nodes if a in carried) <= 1:
             continue  # a scale (a parameter, a constant), not a product of two branches
         if target in (F.conv1d, F.conv2d, F.conv3d):
-            w = _shape(n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
+            w = shape_of(n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
             groups = n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1)
             if w and w[1] == 1 and groups == w[0]:
                 continue
@@ -319,10 +326,10 @@ def _opaque_blocks(g: _Graph, found: list[Block]) -> list[Block]:
     inside = set().union(*(b.nodes for b in found)) if found else set()
     blocks = []
     for n in g.nodes:
-        m = _module(g.gm, n)
+        m = called_module(g.gm, n)
         if m is None or n in inside or type(m).__module__.startswith("torch.nn") or "." not in n.target:
             continue  # a root-level module (a head, a stem) is no block
-        if _ATTENTION_CLASS.search(type(m).__name__) or not any(isinstance(c, _WEIGHTED_MODULES) for c in m.modules()):
+        if ATTENTION_CLASS.search(type(m).__name__) or not any(isinstance(c, WEIGHTED_MODULES) for c in m.modules()):
             continue
         block = Block(n.target, n.target, type(m).__name__, "opaque", None, 0, (), "", g.index[n])
         inp = next((a for a in n.all_input_nodes if a.op != "get_attr"), None)
@@ -336,8 +343,8 @@ def _conv_units(g: _Graph) -> list[Block]:
     """conv [+ norm] + activation, in models without residual merges."""
     blocks = []
     for n in g.nodes:
-        m = _module(g.gm, n)
-        is_conv = (m is not None and isinstance(m, _CONV_MODULES)) or (
+        m = called_module(g.gm, n)
+        is_conv = (m is not None and isinstance(m, CONV_MODULES)) or (
             n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.conv3d))
         if not is_conv:
             continue

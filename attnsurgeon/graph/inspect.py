@@ -7,9 +7,9 @@ from typing import Any
 
 from ..loading.models import LoadedModel, as_loaded
 from .anatomy import analyse
-from .sites import Anatomy
 from .layout import resolve_input_size
 from .parts import trace_model
+from .sites import Anatomy
 
 
 def inspect_model(model: Any, *, input_size: Any = None, pretrained: bool = False, weights: Any = None,

@@ -11,8 +11,9 @@ channels-last one (ConvNeXt's NHWC stages, ViT tokens).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from ..core.errors import AttnSurgeonError
 
@@ -26,7 +27,7 @@ class Layout:
     caxis: int  # the axis that holds channels (1 = channels first, ndim - 1 = channels last)
 
     @staticmethod
-    def of(ndim: int, caxis: int | None) -> "Layout | None":
+    def of(ndim: int, caxis: int | None) -> Layout | None:
         """The layout of a tensor of rank ``ndim`` with channels at ``caxis``; None where no block can
         go (no spatial axis, more than three, or channels neither first nor last)."""
         if caxis is None or not 3 <= ndim <= 5:
@@ -35,7 +36,7 @@ class Layout:
         return Layout(ndim, caxis) if caxis in (1, ndim - 1) else None
 
     @staticmethod
-    def parse(name: str) -> "Layout":
+    def parse(name: str) -> Layout:
         """``Layout.parse('NHWC')`` -> Layout(4, 3)."""
         for ndim in (3, 4, 5):
             for caxis in (1, ndim - 1):

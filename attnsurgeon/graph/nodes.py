@@ -7,7 +7,7 @@ node runs in).
 from __future__ import annotations
 
 import heapq
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.fx
@@ -16,11 +16,22 @@ from torch import nn
 from torch.fx import Node
 
 from ..core.ops import (
-    _ACT_FUNCTIONS, _ACT_METHODS, _ADD_FUNCTIONS, _ADD_METHODS, _ATTENTION_CLASS, _CONV_MODULES, _NORM_FUNCTIONS,
-    _NORM_MODULES, _PASS_FUNCTIONS, _PASS_MODULES, _WEIGHTED_FUNCTIONS, _WEIGHTED_MODULES, _is_activation_module,
-    _module,
+    ACT_FUNCTIONS,
+    ACT_METHODS,
+    ADD_FUNCTIONS,
+    ADD_METHODS,
+    ATTENTION_CLASS,
+    CONV_MODULES,
+    NORM_FUNCTIONS,
+    NORM_MODULES,
+    PASS_FUNCTIONS,
+    PASS_MODULES,
+    WEIGHTED_FUNCTIONS,
+    WEIGHTED_MODULES,
+    called_module,
+    is_activation_module,
 )
-from .shapes import _shape
+from .shapes import shape_of
 
 
 class _Graph:
@@ -76,47 +87,47 @@ class _Graph:
         return on_path
 
     def is_weighted(self, n: Node) -> bool:
-        m = _module(self.gm, n)
+        m = called_module(self.gm, n)
         if m is not None:
             if isinstance(m, self.conv_blocks):
                 return True  # a conv block in a conv's place (ours, timm's skresnet/resnest) does the conv's work
-            if _ATTENTION_CLASS.search(type(m).__name__) and not isinstance(m, nn.MultiheadAttention):
+            if ATTENTION_CLASS.search(type(m).__name__) and not isinstance(m, nn.MultiheadAttention):
                 return False  # attention gates (ours or the model's) are not the branch's own work
-            return isinstance(m, _WEIGHTED_MODULES) or (any(True for _ in m.parameters()) and not _is_chain_op(self.gm, n))
-        if n.op == "call_function" and n.target in _WEIGHTED_FUNCTIONS:
+            return isinstance(m, WEIGHTED_MODULES) or (any(True for _ in m.parameters()) and not _is_chain_op(self.gm, n))
+        if n.op == "call_function" and n.target in WEIGHTED_FUNCTIONS:
             return True
         # a function fed a weight matrix does the branch's work (torchvision's shifted_window_attention)
         return n.op in ("call_function", "call_method") and any(
-            a.op == "get_attr" and len(_shape(a) or ()) >= 2 for a in n.all_input_nodes)
+            a.op == "get_attr" and len(shape_of(a) or ()) >= 2 for a in n.all_input_nodes)
 
     def weight(self, nodes: Iterable[Node]) -> int:
         return sum(1 for n in nodes if self.is_weighted(n))
 
 
 def _is_add(n: Node) -> bool:
-    return (n.op == "call_function" and n.target in _ADD_FUNCTIONS) or (n.op == "call_method" and n.target in _ADD_METHODS)
+    return (n.op == "call_function" and n.target in ADD_FUNCTIONS) or (n.op == "call_method" and n.target in ADD_METHODS)
 
 
 def _is_chain_op(gm: torch.fx.GraphModule, n: Node) -> bool:
     """Norms, activations and pass-through ops that close a conv unit."""
-    m = _module(gm, n)
+    m = called_module(gm, n)
     if m is not None:
-        return isinstance(m, _NORM_MODULES + _PASS_MODULES) or _is_activation_module(m) or _is_stochastic_leaf(m)
+        return isinstance(m, NORM_MODULES + PASS_MODULES) or is_activation_module(m) or _is_stochastic_leaf(m)
     if n.op == "call_function":
-        return n.target in _ACT_FUNCTIONS | _NORM_FUNCTIONS | _PASS_FUNCTIONS
+        return n.target in ACT_FUNCTIONS | NORM_FUNCTIONS | PASS_FUNCTIONS
     if n.op == "call_method":
-        return n.target in _ACT_METHODS - {"sigmoid"}
+        return n.target in ACT_METHODS - {"sigmoid"}
     return False
 
 
 def _is_activation(gm: torch.fx.GraphModule, n: Node) -> bool:
-    m = _module(gm, n)
+    m = called_module(gm, n)
     if m is not None:
-        return _is_activation_module(m) or (isinstance(m, _NORM_MODULES) and type(m).__name__.endswith("Act2d")
+        return is_activation_module(m) or (isinstance(m, NORM_MODULES) and type(m).__name__.endswith("Act2d")
                                             and not isinstance(getattr(m, "act", None), nn.Identity))
     if n.op == "call_function":
-        return n.target in _ACT_FUNCTIONS
-    return n.op == "call_method" and n.target in (_ACT_METHODS - {"sigmoid"})
+        return n.target in ACT_FUNCTIONS
+    return n.op == "call_method" and n.target in (ACT_METHODS - {"sigmoid"})
 
 
 def _is_stochastic_leaf(m: nn.Module) -> bool:
@@ -125,12 +136,12 @@ def _is_stochastic_leaf(m: nn.Module) -> bool:
 
 
 def _spatial_kernel(gm: torch.fx.GraphModule, n: Node) -> bool:
-    m = _module(gm, n)
-    if m is not None and isinstance(m, _CONV_MODULES):
+    m = called_module(gm, n)
+    if m is not None and isinstance(m, CONV_MODULES):
         return any(k > 1 for k in m.kernel_size)
     if n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.conv3d):
         w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-        ws = _shape(w)
+        ws = shape_of(w)
         return bool(ws and any(k > 1 for k in ws[2:]))
     return False
 

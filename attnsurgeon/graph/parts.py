@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
-from ..core.errors import AttnSurgeonError, did_you_mean
+from ..core.errors import AttnSurgeonError, did_you_mean, one_line
+from ..core.lists import split_list
 
 
 @dataclass
@@ -46,20 +48,14 @@ class Traced:
 
 def parse_target(target: Any) -> list[str] | None:
     """``None``/``""`` -> None; ``"a.b"``, ``"a,b"`` or a list -> a list of dotted paths."""
-    if target is None or target == "" or target == []:
-        return None
-    items = target.split(",") if isinstance(target, str) else list(target)
-    names = [str(t).strip() for t in items if str(t).strip()]
-    if not names:
-        return None
-    return names
+    names = [str(t) for t in split_list(target) or []]
+    return names or None
 
 
 def trace_model(model: Any, size: tuple[int, ...], target: Any = None) -> Traced:
     """Trace ``model`` whole, or the parts named by ``target`` (found automatically when the whole fails)."""
-    from .tracing import trace
-
     from ..loading.sources import keeps_class
+    from .tracing import trace
 
     targets = parse_target(target)
     if targets is None:
@@ -135,7 +131,7 @@ def record_inputs(model: Any, size: tuple[int, ...]) -> RecordedInputs:
     except Exception as exc:
         raise AttnSurgeonError(
             f"the model does not run on its sample input ({_describe_input(model, size)}): "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} "
+            f"{one_line(exc, with_type=False)} "
             "(set --input-size to what the model expects)"
         ) from exc
     finally:
@@ -323,8 +319,7 @@ def embed(model: Any, gm: Any, targets: list[str] | None) -> Any:
     The ancestors of each target are shallow copies (their other children are shared, not copied),
     so ``model`` itself is left as it was.
     """
-    import torch.fx
-
+    from .traced_part import TracedPart
     from .tracing import _restore_unused_state
 
     if targets is None:
@@ -338,7 +333,7 @@ def embed(model: Any, gm: Any, targets: list[str] | None) -> Any:
         original = model.get_submodule(t)
         graph = _split(gm.graph, ph, value, t)
         graph._codegen = ph.meta.get("as_codegen") or graph._codegen
-        part = torch.fx.GraphModule(holder, graph, class_name=type(original).__name__)
+        part = TracedPart(holder, graph, class_name=type(original).__name__)
         _tolerate_defaults(part, original, ph.meta.get("as_called_with") or {})
         _restore_unused_state(holder, part)
         _carry_attributes(original, part)
@@ -365,68 +360,14 @@ def _tolerate_defaults(part: Any, original: Any, called_with: dict[str, Any]) ->
     if params is not None:
         defaults = {name: p.default for name, p in params.items() if p.default is not p.empty}
         defaults.update(called_with)
-        part.__dict__["_attnsurgeon_tolerates"] = (type(original).__name__, list(params), defaults)
-    _keep_through_copies(part)
-
-
-def _keep_through_copies(part: Any) -> None:
-    """Give the part's class (a GraphModule's class is its own: patching it touches no other) the
-    tolerant forward, and keep that and the part's attributes through ``copy.deepcopy`` and pickling.
-    Both rebuild a GraphModule from its graph or code with a fresh class, and deepcopy keeps only
-    what the graph uses: ultralytics' EMA (a deepcopy) lost the layer's ``f``/``i`` its parent reads,
-    and its checkpoints (pickles) the tolerant forward."""
-    cls = type(part)
-    tolerates = part.__dict__.get("_attnsurgeon_tolerates")
-    if tolerates is not None:
-        owner, names, defaults = tolerates
-        graph_forward = cls.forward
-
-        def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-            given = {**dict(zip(names[1:], args)), **kwargs}
-            odd = [k for k, v in given.items() if not (v is None or (k in defaults and v == defaults[k]))]
-            odd += [f"{len(args) - len(names) + 1} more positional argument(s)"] if len(args) >= len(names) else []
-            if odd:
-                raise TypeError(f"{owner} was rewritten for a call with one input; it cannot take {', '.join(odd)}")
-            return graph_forward(self, x)
-
-        cls.forward = forward
-    cls.__deepcopy__ = _deepcopy_part
-    cls.__reduce__ = _reduce_part
-
-
-def _deepcopy_part(self: Any, memo: dict) -> Any:
-    import torch.fx
-
-    new = torch.fx.GraphModule.__deepcopy__(self, memo)
-    type(new).__name__ = type(self).__name__  # C2f, as the part was named after its original
-    for key, value in self.__dict__.items():  # what unpickling keeps, too (torch.fx's reduce_graph_module)
-        if key not in new.__dict__:
-            new.__dict__[key] = copy.deepcopy(value, memo)
-    _keep_through_copies(new)
-    return new
-
-
-def _reduce_part(self: Any) -> tuple:
-    import torch.fx
-
-    reduced = torch.fx.GraphModule.__reduce__(self)
-    _keep_through_copies(self)  # __reduce__ recompiles: the class's forward is the graph's again
-    return _unpickle_part, (*reduced, type(self).__name__, self.graph._codegen)
+        part.tolerate(type(original).__name__, list(params), defaults)
 
 
 def _unpickle_part(rebuild: Any, args: tuple, class_name: str, codegen: Any) -> Any:
-    import torch.fx
-    from torch.utils._pytree import tree_leaves
+    """What pickles of a part written before :class:`TracedPart` name; they unpickle as one."""
+    from .traced_part import _unpickle
 
-    part = rebuild(*args)  # fx traces the pickled code again: a ModelOutput it returns comes back a dict
-    type(part).__name__ = class_name
-    if isinstance(codegen, torch.fx.graph._PyTreeCodeGen):  # the part's own output structure again
-        output = next(n for n in part.graph.nodes if n.op == "output")
-        output.args = (tree_leaves(output.args[0]),)
-        part.graph._codegen = codegen
-        part.recompile()
-    _keep_through_copies(part)
-    return part
+    return _unpickle(rebuild, args, class_name, codegen)
 
 
 def _carry_attributes(original: Any, part: Any) -> None:

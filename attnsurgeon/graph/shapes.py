@@ -15,9 +15,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx import Node
 
-from ..core.errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError, one_line
+from ..core.ops import CHANNEL_FIRST_MODULES, CHANNEL_LAST_MODULES, called_module
 from .layout import Layout
-from ..core.ops import _CHANNEL_FIRST_MODULES, _CHANNEL_LAST_MODULES, _module
+
+__all__ = ["propagate_shapes", "shape_of", "propagate_channel_axis", "layout_of"]
 
 
 class _ShapeProp(torch.fx.Interpreter):
@@ -101,7 +103,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, input_size: tuple[int, ...], batc
                 _ShapeProp(gm).run(*(torch.randn(s, dtype=dtype, device=device) for s in shapes))
         except Exception as exc:
             raise AttnSurgeonError(
-                f"the model does not run on an input of shape {tuple(shape)}: {str(exc).strip().splitlines()[0]}"
+                f"the model does not run on an input of shape {tuple(shape)}: {one_line(exc, with_type=False)}"
                 " (set --input-size to what the model expects)"
             ) from exc
         return "real"
@@ -109,7 +111,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, input_size: tuple[int, ...], batc
         gm.train(was_training)
 
 
-def _shape(n: Any) -> tuple[int, ...] | None:
+def shape_of(n: Any) -> tuple[int, ...] | None:
     return n.meta.get("as_shape") if isinstance(n, Node) else None
 
 
@@ -124,15 +126,15 @@ def propagate_channel_axis(gm: torch.fx.GraphModule) -> None:
     input whose size along the axis they keep.
     """
     for n in gm.graph.nodes:
-        out = _shape(n)
+        out = shape_of(n)
         axis: int | None = None
         if out is not None and len(out) >= 2:
-            m = _module(gm, n)
+            m = called_module(gm, n)
             if n.op == "placeholder":
                 axis = 1 if len(out) >= 3 else None
-            elif m is not None and isinstance(m, _CHANNEL_FIRST_MODULES):
+            elif m is not None and isinstance(m, CHANNEL_FIRST_MODULES):
                 axis = 1
-            elif m is not None and isinstance(m, _CHANNEL_LAST_MODULES) and not type(m).__name__.endswith("2d"):
+            elif m is not None and isinstance(m, CHANNEL_LAST_MODULES) and not type(m).__name__.endswith("2d"):
                 axis = len(out) - 1
             elif n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.conv3d, F.batch_norm):
                 axis = 1
@@ -147,7 +149,7 @@ def _moved_axis(n: Node, out: tuple[int, ...]) -> int | None:
     src = next((a for a in n.all_input_nodes if a.meta.get("as_caxis") is not None), None)
     if src is None:
         return None
-    ax, ins = src.meta["as_caxis"], _shape(src)
+    ax, ins = src.meta["as_caxis"], shape_of(src)
     name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
     if name == "permute":
         dims = [d for d in n.args[1:]] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else list(n.args[1])
@@ -170,7 +172,7 @@ _RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as",
 
 def layout_of(n: Node) -> Layout | None:
     """The :class:`~attnsurgeon.graph.layout.Layout` of an insertable tensor (rank 3 to 5), else None."""
-    shape = _shape(n)
+    shape = shape_of(n)
     if shape is None:
         return None
     axis = n.meta.get("as_caxis")

@@ -7,17 +7,18 @@ pick). The finders that fill it are in :mod:`attnsurgeon.graph.finders`.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx
 from torch.fx import Node
 
 from ..core.errors import AttnSurgeonError
-from .layout import Layout
 from ..core.positions import POSITIONS  # torch-free, for the CLI
-from .shapes import _shape, layout_of
+from .layout import Layout
+from .shapes import layout_of, shape_of
 
 
 @dataclass
@@ -133,7 +134,7 @@ class Anatomy:
 
 
 def _site(position: str, producer: Node, consumers: Iterable[Node]) -> Site | None:
-    shape = _shape(producer)
+    shape = shape_of(producer)
     layout = layout_of(producer)
     consumers = tuple(dict.fromkeys(consumers))
     if shape is None or layout is None or not consumers:

@@ -31,8 +31,8 @@ from torch import nn
 from torch.fx import Node
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..core.errors import AttnSurgeonError
-from ..core.ops import _ATTENTION_CLASS, _WEIGHTED_MODULES
+from ..core.errors import AttnSurgeonError, one_line
+from ..core.ops import ATTENTION_CLASS, WEIGHTED_MODULES
 
 
 class _Tracer(torch.fx.Tracer):
@@ -226,9 +226,9 @@ class _InplaceProxy(torch.fx.Proxy):
 
 def _opens_up(m: nn.Module) -> bool:
     """A not-traceable container worth opening: it holds weighted layers and is no attention op."""
-    if _ATTENTION_CLASS.search(type(m).__name__):
+    if ATTENTION_CLASS.search(type(m).__name__):
         return False
-    return any(isinstance(c, _WEIGHTED_MODULES) for name, c in m.named_modules() if name)
+    return any(isinstance(c, WEIGHTED_MODULES) for name, c in m.named_modules() if name)
 
 
 def _leaf_types() -> tuple[type, ...]:
@@ -465,7 +465,7 @@ def _trace_failure(model: nn.Module, tracer: _Tracer, exc: Exception) -> str:
     if frames:
         f = frames[-1]
         line = f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno}" + (f" `{f.line.strip()}`" if f.line else "")
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    msg = one_line(exc, with_type=False)
     return (
         f"cannot trace {type(model).__name__} with torch.fx: tracing stopped{where}{line}: {msg}. "
         "Data-dependent control flow cannot be traced; wrap that code in a module and register "

@@ -23,11 +23,13 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from ..core.errors import AttnSurgeonError, did_you_mean, one_line
+from ..core.lists import split_list
 from .network import hf_cached_file, require_network
 from .sources import BY_SOURCE, INTEGRATIONS
 from .weights import WEIGHT_SUFFIXES, check_weights_path, load_weights
@@ -125,8 +127,7 @@ def expand_models(patterns: str | Iterable[str]) -> list[str]:
     as given, a library name checked first (an unknown name is an error with suggestions). Repeats
     are dropped, the order kept.
     """
-    items = patterns.split(",") if isinstance(patterns, str) else list(patterns)
-    items = [str(p).strip() for p in items if str(p).strip()]
+    items = [str(p) for p in split_list(patterns) or []]
     if not items:
         raise AttnSurgeonError("no models given: expected a list such as 'timm:resnet*,convnext_tiny'")
     out: list[str] = []

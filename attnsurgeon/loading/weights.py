@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from ..core.errors import AttnSurgeonError, one_line
+from ..core.errors import AttnSurgeonError, few, one_line
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".pth.tar", ".ckpt", ".bin")
 # where checkpoints keep their weights, the one taken first first (timm: EMA before raw)
@@ -197,12 +198,12 @@ def check_state_dict(model: Any, state: Mapping[str, Any], what: str, classes_ar
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {_few(missing)}")
+        problems.append(f"missing keys ({len(missing)}): {few(missing, 8)}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_few(unexpected)}")
+        problems.append(f"unexpected keys ({len(unexpected)}): {few(unexpected, 8)}")
     if wrong:
         shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in wrong]
-        problems.append(f"shape mismatches ({len(wrong)}): {_few(shapes)}")
+        problems.append(f"shape mismatches ({len(wrong)}): {few(shapes, 8)}")
     if problems:
         hint = "" if missing or unexpected else _classes_hint({k: (state[k].shape, own[k].shape) for k in wrong},
                                                               classes_arg)
@@ -223,7 +224,3 @@ def _classes_hint(shapes: dict[str, tuple], classes_arg: str | None) -> str:
            else f"build the model with {n_file} classes")
     return f". The file's classifier has {n_file} outputs and the model's {n_model}: {fix}"
 
-
-def _few(items: list[str], n: int = 8) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f", … and {len(items) - n} more" if len(items) > n else "")

@@ -20,9 +20,10 @@ with an insertion, the modified one, and gathers
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..core.errors import AttnSurgeonError
 from .gates import HIGH, LOW, Gate, _gate_entry, find_gates, read_gates
@@ -239,8 +240,8 @@ def explain(
     import torch
 
     from ..graph.inspect import inspect_model
-    from ..loading.models import as_loaded, refuse_saved
     from ..graph.layout import resolve_input_size
+    from ..loading.models import as_loaded, refuse_saved
     from ..rewriting.apply import apply_plan, make_spec
 
     say = progress or (lambda message: None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-
 LOW, HIGH = 0.05, 0.95  # a gate value below LOW is 'near 0', above HIGH 'near 1'
 
 

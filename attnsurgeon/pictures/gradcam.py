@@ -9,25 +9,24 @@ from typing import Any
 
 from ..core.errors import AttnSurgeonError
 
-
 TAP = "attnsurgeon_cam_tap"
 
 
 def _in_layer(n: Any, name: str) -> bool:
-    from ..graph.attention import _in_module
+    from ..graph.attention import in_module
 
-    return _in_module(n, name)
+    return in_module(n, name)
 
 
 def layer_node(gm: Any, layer: str | None) -> Any:
     """The graph node whose output is ``layer``'s output (the last node of the module's forward that
     is read outside it), or by default the last node with a spatial (N, C, H, W) output."""
-    from ..graph.shapes import _shape, layout_of
+    from ..graph.shapes import layout_of, shape_of
 
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
     if layer is None:
         for n in reversed(nodes):
-            shape, layout = _shape(n), layout_of(n)
+            shape, layout = shape_of(n), layout_of(n)
             if shape is not None and layout is not None and layout.name in ("NCHW", "NHWC") and \
                     shape[layout.spatial_axes[0]] * shape[layout.spatial_axes[1]] > 1:
                 return n
@@ -87,7 +86,7 @@ def gradcam(gm: Any, node: Any, x: Any, classes: list[int]) -> Any:
 
 
 def _check_layer_node(node: Any, layer: str | None, gm: Any, what: str) -> None:
-    from ..graph.shapes import _shape, layout_of
+    from ..graph.shapes import layout_of, shape_of
 
     if node is None:
         if layer is None:
@@ -95,7 +94,7 @@ def _check_layer_node(node: Any, layer: str | None, gm: Any, what: str) -> None:
         names = list(dict.fromkeys(str(n.target).split(".")[0] for n in gm.graph.nodes if n.op == "call_module"))
         raise AttnSurgeonError(f"--layer '{layer}' is no module the traced {what} model calls; name a module such as "
                                f"{', '.join(names[:10])} or a block in it (`attnsurgeon inspect MODEL` lists the blocks)")
-    shape = _shape(node)
+    shape = shape_of(node)
     layout = layout_of(node)
     spatial = [shape[a] for a in layout.spatial_axes] if layout is not None and shape is not None else []
     if shape is None or len(shape) != 4 or layout is None or layout.name not in ("NCHW", "NHWC") or spatial[0] * spatial[1] < 2:

@@ -14,9 +14,10 @@ figure can be checked element by element.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..blocks.external import display_name
 from ..core.errors import AttnSurgeonError
@@ -346,8 +347,8 @@ def insertion_macs(base: Any, modified: Any, report: Any) -> dict[str, float]:
     a replacement counts the new module's less the old one's."""
     import torch
 
-    from ..profiling import _count_macs
     from ..loading.samples import sample_args
+    from ..profiling import _count_macs
 
     one = sample_args(base, tuple(report.input_size), 1, generator=torch.Generator().manual_seed(0))
     counted: list[str] = []

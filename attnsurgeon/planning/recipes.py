@@ -48,8 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import AttnSurgeonError
-from .schema import INSERTION_KEYS, InsertionSpec, Where, is_int, no_unknown, parse_insertion, positive_ints, typed
+from ..core.errors import AttnSurgeonError, one_line
+from ..core.lists import split_list
+from .schema import InsertionSpec, Where, is_int, no_unknown, parse_insertion, positive_ints, typed
 
 RECIPE_KEYS = ("name", "description", "model", "models", "model_args", "model_kwargs", "weights", "weights_key", "input_size", "target", "insertions", "configurations",
                "grid", "profile", "memory_efficient")
@@ -135,11 +136,10 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
         if kinds == ["insertions"]:
             raise AttnSurgeonError(f"{where(('models',))}: 'models' belongs to a sweep recipe (configurations or grid); "
                                    "a recipe with insertions has one 'model'")
-        models = data["models"]
-        models = models.split(",") if isinstance(models, str) else models
-        if not (isinstance(models, list) and models and all(isinstance(m, str) and m.strip() for m in models)):
+        models = split_list(data["models"]) if isinstance(data["models"], (str, list)) else data["models"]
+        if not (isinstance(models, list) and models and all(isinstance(m, str) for m in models)):
             raise AttnSurgeonError(f"{where(('models',))}: expected a list of model names or globs ([timm:resnet*, convnext_tiny])")
-        models, model = [m.strip() for m in models], ""
+        model = ""
     else:
         model = typed(data, "model", str, (), where, required=True)
     if len(kinds) != 1:
@@ -300,7 +300,7 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or one_line(exc, with_type=False)
         raise AttnSurgeonError(f"{source}{where}: not valid YAML: {problem}") from None
     lines: dict[tuple, int] = {}
     constructor = yaml.SafeLoader("")
@@ -328,7 +328,7 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]
         try:
             return constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:  # a scalar with a tag the safe loader does not know
-            raise AttnSurgeonError(f"{source}, line {node.start_mark.line + 1}: {str(exc).splitlines()[0]} "
+            raise AttnSurgeonError(f"{source}, line {node.start_mark.line + 1}: {one_line(exc, with_type=False)} "
                                    "(a recipe is plain data)") from exc
 
     data = walk(root, ()) if root is not None else None

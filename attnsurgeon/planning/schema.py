@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..core.errors import AttnSurgeonError, did_you_mean
+from ..core.lists import split_list
 from ..core.positions import ANCHORS
 
 NONE = "none"  # attn="none" with replace: remove the model's own attention gates
@@ -63,7 +64,7 @@ class InsertionSpec:
         return {k: v for k, v in d.items() if v not in (None, {}, False) or k in ("attn", "position", "init")}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "insertion") -> "InsertionSpec":
+    def from_dict(cls, d: dict[str, Any], where: str = "insertion") -> InsertionSpec:
         """Read and validate plain data, as a recipe's insertion is."""
         return parse_insertion(d, (), Where(where))
 
@@ -244,14 +245,14 @@ def typed(d: dict, key: str, kind: type, path: tuple, where: Where, required: bo
 
 
 def globs(value: Any, place: str, what: str) -> list[str] | None:
-    """``'a.*, b'`` or ``['a.*', 'b']`` -> ``['a.*', 'b']``; None stays None; anything else is an error at ``place``."""
-    if value is None:
+    """``'a.*, b'`` or ``['a.*', ' b']`` -> ``['a.*', 'b']`` (:func:`~attnsurgeon.core.lists.split_list`); None
+    stays None; an empty list (``''``, ``' , '``, ``[]``) or anything else is an error at ``place``."""
+    items = split_list(value) if isinstance(value, (str, list, tuple)) else value
+    if items is None:
         return None
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not (isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value)):
+    if not (isinstance(items, list) and items and all(isinstance(v, str) for v in items)):
         raise AttnSurgeonError(f"{place}: expected a list of {what} globs, got {value!r}")
-    return [v.strip() for v in value]
+    return items
 
 
 def positive_ints(value: Any, place: str, what: str) -> list[int] | None:

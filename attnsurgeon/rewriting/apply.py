@@ -7,10 +7,11 @@ back into the model.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..core.errors import AttnSurgeonError
-from ..planning.schema import NONE, InsertionSpec, validate
+from ..planning.schema import NONE, InsertionSpec, globs, validate
 from .surgery import SurgeryResult, finish, rewrite
 
 
@@ -79,15 +80,14 @@ def make_spec(attn: str, position: str | None = None, stages: Iterable[int] | No
               after: Iterable[str] | str | None = None, before: Iterable[str] | str | None = None,
               **block_options: Any) -> InsertionSpec:
     """An :class:`InsertionSpec` from :func:`insert`-style arguments (``blocks``, ``after`` and
-    ``before`` may be 'a.*,b.1')."""
-    def listed(globs: Any) -> list[str] | None:
-        if isinstance(globs, str):
-            globs = [g.strip() for g in globs.split(",") if g.strip()]
-        return list(globs) if globs is not None else None
-
-    return validate(InsertionSpec(attn, position, list(stages) if stages else None, listed(blocks) or None, init,
+    ``before`` may be 'a.*,b.1'; an empty list is an error, as on the command line and in a recipe)."""
+    blocks, after, before = (globs(value if value is None or isinstance(value, str) else list(value), key, what)
+                             for value, key, what in
+                             ((blocks, "blocks", "block-name"), (after, "after", "module-name"),
+                              (before, "before", "module-name")))
+    return validate(InsertionSpec(attn, position, list(stages) if stages else None, blocks, init,
                                   {k: v for k, v in block_options.items() if v is not None}, bool(replace),
-                                  listed(after), listed(before)))
+                                  after, before))
 
 
 def apply_plan(

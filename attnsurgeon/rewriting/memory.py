@@ -27,8 +27,9 @@ updating its running statistics a second time.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx
@@ -38,7 +39,15 @@ from torch.fx import Node
 from torch.utils.checkpoint import checkpoint
 
 from ..core.errors import AttnSurgeonError
-from ..core.ops import _ACT_FUNCTIONS, _ACT_METHODS, _NORM_MODULES, _PASS_FUNCTIONS, _PASS_MODULES, _is_activation_module, _module
+from ..core.ops import (
+    ACT_FUNCTIONS,
+    ACT_METHODS,
+    NORM_MODULES,
+    PASS_FUNCTIONS,
+    PASS_MODULES,
+    called_module,
+    is_activation_module,
+)
 from .recompute import SelectivePlan
 
 SUFFIX = "_recompute"  # Recompute modules hang beside the attention module: layer1.0.se_recompute
@@ -144,34 +153,34 @@ def _kind(gm: torch.fx.GraphModule, n: Node) -> str | None:
     activations), 'output' (keeps its output: relu, sigmoid, tanh), 'pass' (dropout, drop path,
     identity) or None (not element-wise: the segment starts after it)."""
     if n.op == "call_module":
-        m = _module(gm, n)
+        m = called_module(gm, n)
         if m is None:
             return None
-        if isinstance(m, _NORM_MODULES):
+        if isinstance(m, NORM_MODULES):
             return "input"
         if isinstance(m, _KEEPS_OUTPUT_MODULES):
             return "output"
-        if _is_activation_module(m):
+        if is_activation_module(m):
             return "input"
-        if isinstance(m, _PASS_MODULES) or type(m).__name__ in ("DropPath", "StochasticDepth"):
+        if isinstance(m, PASS_MODULES) or type(m).__name__ in ("DropPath", "StochasticDepth"):
             return "pass"
         return None
     if n.op == "call_function":
         if n.target in _KEEPS_OUTPUT_FUNCTIONS:
             return "output"
-        if n.target in _ACT_FUNCTIONS or n.target in _STATELESS_NORM_FUNCTIONS:
+        if n.target in ACT_FUNCTIONS or n.target in _STATELESS_NORM_FUNCTIONS:
             return "input"
-        return "pass" if n.target in _PASS_FUNCTIONS else None
+        return "pass" if n.target in PASS_FUNCTIONS else None
     if n.op == "call_method":
         if n.target in _KEEPS_OUTPUT_METHODS:
             return "output"
-        return "input" if n.target in _ACT_METHODS else None
+        return "input" if n.target in ACT_METHODS else None
     return None
 
 
 def _in_place(gm: torch.fx.GraphModule, n: Node) -> bool:
     if n.op == "call_module":
-        return bool(getattr(_module(gm, n), "inplace", False))
+        return bool(getattr(called_module(gm, n), "inplace", False))
     if n.op == "call_function":
         return bool(n.kwargs.get("inplace")) or getattr(n.target, "__name__", "").endswith("_")
     return n.op == "call_method" and str(n.target).endswith("_")
@@ -222,7 +231,7 @@ def recompute_gates(gm: torch.fx.GraphModule, names: list[str] | None = None,
     ``gm`` needs the shapes of :func:`attnsurgeon.graph.anatomy.analyse`; its graph is rewritten and
     recompiled in place. Regions that cannot be recomputed are described in ``notes``; nothing
     to recompute at all is an error."""
-    from ..graph.attention import _attention_modules, _attention_region, attention_regions
+    from ..graph.attention import attention_modules, attention_region, attention_regions
 
     notes = notes if notes is not None else []
     if names is None:
@@ -238,8 +247,8 @@ def recompute_gates(gm: torch.fx.GraphModule, names: list[str] | None = None,
         if not names:
             raise AttnSurgeonError("--memory-efficient: the plan inserts no block to recompute (it only removes "
                                    "attention); drop --memory-efficient, or use `attnsurgeon optimize` on a model with gates")
-        types = dict(_attention_modules(gm))
-        regions = [_attention_region(gm, name, types.get(name) or type(gm.get_submodule(name)).__name__) for name in names]
+        types = dict(attention_modules(gm))
+        regions = [attention_region(gm, name, types.get(name) or type(gm.get_submodule(name)).__name__) for name in names]
     done: list[Segment] = []
     for region in regions:
         found_nodes = segment_nodes(gm, set(region.nodes)) if region.nodes else None
@@ -273,7 +282,7 @@ def _rewrite(gm: torch.fx.GraphModule, name: str, nodes: list[Node], source: Nod
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(env[out])
     segment = torch.fx.GraphModule(gm, sub, class_name="Segment")
-    called = [m for n in nodes if (m := _module(gm, n)) is not None]  # a leaf block (timm's CBAM) holds its own norms
+    called = [m for n in nodes if (m := called_module(gm, n)) is not None]  # a leaf block (timm's CBAM) holds its own norms
     norms = list({id(x): x for m in called for x in m.modules() if isinstance(x, nn.modules.batchnorm._NormBase)}.values())
     target = _free_name(gm, name + SUFFIX)
     recompute = Recompute(segment, norms)
@@ -336,7 +345,7 @@ def _inlined(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
     env: dict[Node, Any] = {}
     for n in gm.graph.nodes:
-        m = _module(gm, n)
+        m = called_module(gm, n)
         if isinstance(m, Recompute):
             inner = m.segment.graph
             values = dict(zip(inner.find_nodes(op="placeholder"), [env[a] for a in n.args]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.errors import AttnSurgeonError, few as _few
+from ..core.errors import AttnSurgeonError, few
 from ..planning.schema import NONE, InsertionSpec, validate
 
 
@@ -36,11 +36,11 @@ def _attention_notes(anatomy: Any, planned: list[_Planned]) -> list[str]:
     if not names:
         return []
     if not replaced:
-        return [f"the model already has {len(names)} attention module(s) ({_few(names, 3)}); the new blocks are added "
+        return [f"the model already has {len(names)} attention module(s) ({few(names, 3)}); the new blocks are added "
                 "to them, not in their place (--replace puts them in their place)"]
     kept = [n for n in names if n not in replaced and not any(r.startswith(n + ".") for r in replaced)]
     return [f"{len(kept)} attention module(s) of the model are kept as they were, outside the selected blocks or "
-            f"not channel/spatial gates: {_few(kept, 3)}"] if kept else []
+            f"not channel/spatial gates: {few(kept, 3)}"] if kept else []
 
 
 def plan(anatomy: Any, specs: list[InsertionSpec], notes: list[str] | None = None) -> list[_Planned]:
@@ -61,13 +61,13 @@ def plan(anatomy: Any, specs: list[InsertionSpec], notes: list[str] | None = Non
 
 def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str], notes: list[str]) -> list[_Planned]:
     """One validated spec (:func:`attnsurgeon.planning.schema.validate`) against the anatomy."""
-    from ..graph.sites import select_blocks
     from ..blocks import get_block
+    from ..graph.sites import select_blocks
 
     if spec.replace or spec.attn == NONE:
         return _plan_replacement(anatomy, spec, taken)
-    from ..graph.attention import AttentionRegion
     from ..core.positions import STAGE_POSITIONS
+    from ..graph.attention import AttentionRegion
 
     planned: list[_Planned] = []
     info = get_block(spec.attn)
@@ -107,8 +107,8 @@ def _stage_ends(anatomy: Any, chosen: list[Any], spec: InsertionSpec) -> list[An
     if not kept:
         last = [anatomy.stages[b.stage - 1].blocks[-1].name for b in chosen]
         raise AttnSurgeonError(f"position '{spec.position}' goes after the last block of a stage, and the selected "
-                               f"blocks ({_few([b.name for b in chosen], 3)}) end no stage; select stages with --stages, "
-                               f"or name the last block of one ({_few(list(dict.fromkeys(last)), 3)})")
+                               f"blocks ({few([b.name for b in chosen], 3)}) end no stage; select stages with --stages, "
+                               f"or name the last block of one ({few(list(dict.fromkeys(last)), 3)})")
     if not spec.stages and not spec.blocks:  # by default every stage that has a following stage: the last has none
         kept = [b for b in kept if spec.position in b.sites] or kept
     return kept
@@ -117,9 +117,9 @@ def _stage_ends(anatomy: Any, chosen: list[Any], spec: InsertionSpec) -> list[An
 def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> list[_Planned]:
     """``replace``: one item per attention gate in the selected blocks, with its module built for
     the channels at the gate's input (none for ``attn='none'``), named as the module it replaces."""
+    from ..blocks import build_block
     from ..graph.attention import attention_regions
     from ..graph.sites import select_blocks
-    from ..blocks import build_block
 
     chosen = select_blocks(anatomy, spec.stages, spec.blocks)
     if not chosen:
@@ -132,7 +132,7 @@ def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> lis
             found.append((block, region))
     if not found:
         stages = sorted({b.stage for r in regions for b in anatomy.blocks if r.nodes & b.nodes})
-        where = (f"the model's {len(regions)} attention modules ({_few([r.name for r in regions], 2)}) are in "
+        where = (f"the model's {len(regions)} attention modules ({few([r.name for r in regions], 2)}) are in "
                  f"stage{'s' if len(stages) != 1 else ''} {', '.join(map(str, stages))}" if stages
                  else "the model's attention modules are in no block" if regions
                  else "the model has no attention modules of its own")
@@ -143,7 +143,7 @@ def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> lis
         kinds: dict[tuple[str, str], list[str]] = {}
         for _, r in found:
             kinds.setdefault((r.type, r.why), []).append(r.name)
-        why = "; ".join(f"{len(names)} {cls} ({_few(names, 1)}): {reason}" for (cls, reason), names in kinds.items())
+        why = "; ".join(f"{len(names)} {cls} ({few(names, 1)}): {reason}" for (cls, reason), names in kinds.items())
         raise AttnSurgeonError(f"--replace: no attention module in the selected blocks is a channel/spatial gate that "
                                f"can be replaced ({why}); SE, ECA, CBAM, GE and GC-like modules can be")
     per_stage = _per_stage_options(spec, sorted({b.stage for b, _ in gates}))
@@ -195,7 +195,7 @@ def _fitting_blocks(spec: InsertionSpec, chosen: list[Any], per_stage: dict[int,
     if errors and (spec.blocks or spec.anchor or not fitting):  # a module the user named must take the block
         raise AttnSurgeonError(errors[0] if spec.blocks or not unbuildable else unbuildable[0][1])
     if lacking:
-        notes.append(f"{spec.attn} skipped {len(lacking)} block{'s' if len(lacking) > 1 else ''} ({_few([b.name for b in lacking])}): "
+        notes.append(f"{spec.attn} skipped {len(lacking)} block{'s' if len(lacking) > 1 else ''} ({few([b.name for b in lacking])}): "
                      f"position '{spec.position}' is not available there ({_why_not_offered(spec.position, lacking)})")
     for _, why in unbuildable:
         notes.append(f"{spec.attn} skipped {why}")
@@ -208,9 +208,9 @@ def _check_replacement(attn: str, module: Any, site: Any) -> None:
 
     import torch
 
-    from ..graph.shapes import _shape
+    from ..graph.shapes import shape_of
 
-    want = _shape(site.replaces)
+    want = shape_of(site.replaces)
     with torch.no_grad():
         got = tuple(copy.deepcopy(module).to("meta").eval()(torch.empty(site.shape, device="meta")).shape)
     if want is not None and got != tuple(want):
@@ -238,7 +238,7 @@ def _not_offered(spec: InsertionSpec, chosen: list[Any], lacking: list[Any]) -> 
     hint = (f"{offering} of the {len(chosen)} selected blocks offer it: leave the others out of --blocks" if offering
             else "`attnsurgeon inspect MODEL` lists the positions of each block")
     return (f"position '{spec.position}' is not available in block{'s' if len(lacking) > 1 else ''} "
-            f"{_few([b.name for b in lacking])} ({_why_not_offered(spec.position, lacking)}); {hint}")
+            f"{few([b.name for b in lacking])} ({_why_not_offered(spec.position, lacking)}); {hint}")
 
 
 def _per_stage_options(spec: InsertionSpec, stages: list[int]) -> dict[int, dict[str, Any]]:

@@ -32,8 +32,9 @@ on: the result of that call is still exact, only its memory is that of the plain
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -42,7 +43,7 @@ from torch import nn
 from torch.fx import Node
 from torch.fx.node import map_aggregate
 
-from ..core.ops import _NORM_FUNCTIONS, _NORM_MODULES, _PASS_FUNCTIONS, _PASS_MODULES
+from ..core.ops import NORM_FUNCTIONS, NORM_MODULES, PASS_FUNCTIONS, PASS_MODULES
 
 LARGE = 4  # a tensor whose storage is at least 1/LARGE of the segment input's is large
 
@@ -130,8 +131,8 @@ def _stochastic(m: nn.Module | None, n: Node) -> bool:
     if m is not None:
         if type(m).__name__ in PER_SAMPLE:
             return False
-        return (isinstance(m, _PASS_MODULES) and not isinstance(m, nn.Identity)) or type(m).__name__ in _STOCHASTIC
-    return n.op == "call_function" and n.target in _PASS_FUNCTIONS
+        return (isinstance(m, PASS_MODULES) and not isinstance(m, nn.Identity)) or type(m).__name__ in _STOCHASTIC
+    return n.op == "call_function" and n.target in PASS_FUNCTIONS
 
 
 # --------------------------------------------------------------------------- the plan
@@ -153,7 +154,7 @@ class _Ref:
 class _Handle:
     __slots__ = ("run", "key")
 
-    def __init__(self, run: "_Run", key: tuple):
+    def __init__(self, run: _Run, key: tuple):
         self.run, self.key = run, key
 
 
@@ -165,7 +166,7 @@ class _Run:
     """One forward call's records: how each large tensor was made, and, in backward, the rebuilt
     tensors that handles still wait for."""
 
-    def __init__(self, plan: "SelectivePlan", root: torch.Tensor):
+    def __init__(self, plan: SelectivePlan, root: torch.Tensor):
         self.plan = plan
         self.root_storage = root.untyped_storage().data_ptr()
         self.shape = (root.shape[:1], root.shape[2:])  # batch and spatial axes: an activation map's
@@ -264,7 +265,7 @@ class SelectivePlan:
         self.unmatched: str | None = None  # set when a run met a large tensor it could not rebuild
 
     @classmethod
-    def make(cls, segment: torch.fx.GraphModule) -> "SelectivePlan | None":
+    def make(cls, segment: torch.fx.GraphModule) -> SelectivePlan | None:
         """A plan where the segment reads one tensor, starts with a known batch norm of it or with
         no norm at all, and holds no random op; None otherwise."""
         placeholders = segment.graph.find_nodes(op="placeholder")
@@ -274,8 +275,8 @@ class SelectivePlan:
         modules = {n: segment.get_submodule(n.target) for n in ops if n.op == "call_module"}
         first = modules.get(ops[0]) if ops else None
         norm = ops[0] if first is not None and _norm_of(first) is not None else None
-        if norm is None and (not ops or isinstance(first, _NORM_MODULES) or ops[0].op == "call_function"
-                             and ops[0].target in _NORM_FUNCTIONS):
+        if norm is None and (not ops or isinstance(first, NORM_MODULES) or ops[0].op == "call_function"
+                             and ops[0].target in NORM_FUNCTIONS):
             return None  # a norm this module cannot rebuild
         blocks: dict[str, torch.fx.GraphModule] = {}
         for n in ops:

@@ -25,13 +25,13 @@ region's input; ``attn='none'`` only removes it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 from ..core.errors import AttnSurgeonError
 from ..planning.schema import InsertionSpec
-from .placing import _Planned, _attention_notes, plan
-
+from .placing import _attention_notes, _Planned, plan
 
 
 @dataclass

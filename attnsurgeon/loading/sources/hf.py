@@ -12,7 +12,8 @@ The model is the library's own class (``ResNetForImageClassification``): it take
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ...core.errors import AttnSurgeonError, did_you_mean
 

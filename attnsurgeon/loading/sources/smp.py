@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ...core.errors import AttnSurgeonError, did_you_mean
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from ...core.errors import AttnSurgeonError, did_you_mean
 
