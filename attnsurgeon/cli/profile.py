@@ -15,7 +15,7 @@ from .app import app, command
 from .options import (
     BatchSizesOpt, ChannelsLastOpt, CompileOpt, DeviceOpt, DtypeOpt, InputSizeOpt, InsertionArgs, JsonOpt,
     MaxTimeOpt, MemoryEfficientOpt, MinTimeOpt, ModeOpt, ModelArg, PROFILE_DEFAULTS, PositionOpt, PretrainedOpt,
-    TargetOpt, ThreadsOpt, WeightsOpt, _check_plot, check_insertion_args, insertion_options, parse_globs, parse_ints,
+    TargetCiOpt, TargetOpt, ThreadsOpt, WeightsOpt, _check_plot, check_insertion_args, insertion_options, parse_globs, parse_ints,
 )
 from .render import _escape, _stdout, _Steps, emit_json, print_profile
 
@@ -41,6 +41,7 @@ def profile(
     compile_: CompileOpt = False,
     min_time: MinTimeOpt = PROFILE_DEFAULTS["min_time"],
     max_time: MaxTimeOpt = PROFILE_DEFAULTS["max_time"],
+    target_ci: TargetCiOpt = None,
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
     pretrained: PretrainedOpt = False,
@@ -78,7 +79,7 @@ def profile(
             model, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks),
             init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
             channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
-            pretrained=pretrained, weights=weights, target=target, progress=steps, replace=replace,
+            target_ci=target_ci, pretrained=pretrained, weights=weights, target=target, progress=steps, replace=replace,
             memory_efficient=memory_efficient, **ins.anchors, **options,
         )
     from ..core.files import write_text_atomic

@@ -156,6 +156,8 @@ def print_profile(result: Any, memory_efficient: bool = False) -> None:
     from rich.table import Table
 
     from ..profiling import FLOP_CONVENTION
+    from ..profiling.intervals import format_interval
+    from ..profiling.report import delta_cell
 
     out = _stdout()
     s, env = result.settings, result.environment
@@ -168,15 +170,16 @@ def print_profile(result: Any, memory_efficient: bool = False) -> None:
     table = Table()
     for col in ("metric", "value") if alone else ("metric", "base", "modified", "delta", "delta %"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for metric, b, base, mod, delta, pct in result.rows():
+    for metric, b, base, mod, delta, pct, ci in result.rows():
         if alone:
             table.add_row(metric.row_label(b), metric.format(base))
         elif not metric.delta:  # a spread has no meaningful difference
             table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), "", "")
         else:
-            table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), metric.format(delta, True),
-                          "-" if pct is None else f"{pct:+.{_digits(pct)}f}%")
+            shown = format_interval(*ci) if ci else "-" if pct is None else f"{pct:+.{_digits(pct)}f}%"
+            table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), delta_cell(metric, delta, ci), shown)
     out.print(table)
+    print_timing(result)
     if result.base.compile_s is not None:
         mod = f", modified {result.modified.compile_s:.1f} s" if result.modified else ""
         out.print(f"compile time (not in latency): base {result.base.compile_s:.1f} s{mod}")
@@ -201,6 +204,31 @@ def print_profile(result: Any, memory_efficient: bool = False) -> None:
     err = _stderr()
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {_escape(w)}")
+
+
+def print_timing(result: Any) -> None:
+    """Under the table: how latency was timed, what the machine was doing, and how to read the intervals."""
+    from ..profiling.intervals import MIN_ROUNDS
+
+    env = result.environment
+    lines = []
+    for b, lat in result.base.latency.items():
+        mod = result.modified.latency.get(b) if result.modified else None
+        warm = f"warm-up {lat.warmup}" + (f"/{mod.warmup}" if mod else "") + " calls until stable"
+        lines.append(f"batch {b}: {lat.runs} {'paired, alternating ' if mod else ''}rounds of {lat.calls} call(s) · {warm}")
+    load = env.get("load_average") or {}
+    if load.get("start") and load.get("end"):
+        lines.append(f"load average {'/'.join(f'{v:.2f}' for v in load['start'])} at the start, "
+                     f"{'/'.join(f'{v:.2f}' for v in load['end'])} at the end (1/5/15 min) · {env['threads']} thread{'s' if env['threads'] != 1 else ''}")
+    out = _stdout()
+    out.print("[dim]timing: " + " · ".join(lines) + "[/]")
+    if result.modified is None:
+        return
+    rounds = [lat.runs for lat in result.modified.latency.values()]
+    out.print("[dim]Δ latency %: median of the per-round ratios modified/base, [95 % interval] (order statistics); "
+              "where it contains 0, no difference is resolved: --target-ci PCT times until it is within ±PCT, up to --max-time"
+              + (f"; an interval needs {MIN_ROUNDS} rounds: raise --max-time" if rounds and min(rounds) < MIN_ROUNDS else "")
+              + "[/]")
 
 
 class _SweepProgress(_Steps):

@@ -14,7 +14,7 @@ from ..core.errors import AttnSurgeonError
 from .app import app, command
 from .options import (
     ChannelsLastOpt, InputSizeOpt, InsertionArgs, JsonOpt, MemoryEfficientOpt, RecipeBatchSizesOpt, RecipeDeviceOpt,
-    RecipeDtypeOpt, RecipeMaxTimeOpt, RecipeMinTimeOpt, RecipeModeOpt, TargetOpt, ThreadsOpt, _profile_overrides,
+    RecipeDtypeOpt, RecipeMaxTimeOpt, RecipeMinTimeOpt, RecipeModeOpt, TargetCiOpt, TargetOpt, ThreadsOpt, _profile_overrides,
     _takes, check_insertion_args, insertion_options, parse_globs, parse_ints,
 )
 from .render import _escape, _stderr, _SweepProgress, emit_json, print_sweep
@@ -53,6 +53,7 @@ def sweep(
     channels_last: ChannelsLastOpt = False,
     min_time: RecipeMinTimeOpt = None,
     max_time: RecipeMaxTimeOpt = None,
+    target_ci: TargetCiOpt = None,
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted sweep in --out: finished rows are kept.")] = False,
@@ -131,7 +132,7 @@ def sweep(
         spec = parse_recipe({"model": model or "", "configurations": configurations}, "the command line")
         configurations, settings, size = spec.configurations, {}, input_size
     settings.update(_profile_overrides(device, dtype, batch_size, mode, threads, min_time,
-                                       max_time, channels_last))
+                                       max_time, channels_last, target_ci))
     from ..sweeps.runner import run_sweep
 
     swept = models.split(",") if models is not None else spec.models or spec.model  # --models overrides a recipe's
