@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -106,13 +107,14 @@ def block_time(step: Callable[[], None], calls: int, device: str) -> float:
 def measure_latency(steps: dict[str, Callable[[], None]], batch_size: int, settings: Settings,
                     pairs: list[tuple[str, str]] | None = None, clock: Clock | None = None) -> dict[str, Latency]:
     """Time several models in paired, interleaved rounds: each model warmed up until stable, then in
-    every round each model once (ABAB, then BABA, so neither always goes first), so that drift on a
-    shared machine hits them alike and cancels in the per-round ratios.
+    every round each model once, the order reversed every other round (AB, BA, AB, ...: neither always goes
+    first), so that drift on a shared machine hits them alike and cancels in the per-round ratios.
 
     Stops once every model has ``min_run_time`` seconds of timed calls and ``ROUNDS`` rounds, and
     either the interval of each pair in ``pairs`` (modified, reference; default: every model against
     the first) is within ``±target_ci`` %, or, without a target, no model is noisy (IQR/median under
-    10 %); and at ``max_run_time`` whatever the state. Each pair's first model gets ``vs_base``."""
+    10 %); and at ``max_run_time`` (after two rounds at least) whatever the state. Each pair's first model
+    gets ``vs_base``, the paired interval (:mod:`attnsurgeon.profiling.intervals`)."""
     clock = clock or (lambda step, calls: block_time(step, calls, settings.device))
     names = list(steps)
     pairs = pairs if pairs is not None else [(n, names[0]) for n in names[1:]]
@@ -131,17 +133,22 @@ def measure_latency(steps: dict[str, Callable[[], None]], batch_size: int, setti
     calls = dict.fromkeys(names, same)
     rounds: dict[str, list[float]] = {n: [] for n in names}
     spent = dict.fromkeys(names, 0.0)
-    r = 0
+    r, next_look = 0, ROUNDS
     while True:
         for name in names if r % 2 == 0 else reversed(names):
             t = clock(steps[name], calls[name])
             rounds[name].append(t)
             spent[name] += t * calls[name]
         r += 1
-        if max(spent.values()) >= settings.max_run_time:
+        if max(spent.values()) >= settings.max_run_time and r >= 2:  # two rounds at least: a spread, whatever the budget
             break
-        if r >= ROUNDS and min(spent.values()) >= settings.min_run_time and _settled(rounds, pairs, settings.target_ci):
+        if r < next_look or min(spent.values()) < settings.min_run_time:
+            continue
+        if _settled(rounds, pairs, settings.target_ci):
             break
+        # Looked at every round, an interval that narrows by chance would stop the timing more often when its
+        # rounds happen to agree, and cover less than 95 %; a quarter more rounds before each new look keeps that small.
+        next_look = max(r + 1, math.ceil(1.25 * r)) if settings.target_ci is not None else r + 1
     out = {name: _latency(values, batch_size, calls[name], warmup[name]) for name, values in rounds.items()}
     for mod, ref in pairs:
         out[mod].vs_base = ratio_interval(rounds[mod], rounds[ref])
