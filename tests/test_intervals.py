@@ -135,3 +135,42 @@ def test_profile_says_no_difference_resolved_for_identical_timings(cli, monkeypa
     ci = json.loads(out)["delta_ci"]
     assert ci["latency_ms"]["median"]["resolved"] is False and ci["latency_ms"]["median"]["low"] <= 0
     assert ci["throughput"]["rounds"] >= 10
+
+
+def test_the_sweep_plot_draws_each_interval_as_an_error_bar():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from attnsurgeon.sweeps.plot import draw_plot, latency_bar
+
+    def row(name, ms, ci=None, pct=None):
+        r = {"name": name, "model": "m", "status": "ok", "params": 1e6, "latency_ms": {"median": ms}, "batch_size": 1}
+        if ci:
+            r |= {"delta_ci": {"latency_ms": {"median": {"low": ci[0], "high": ci[1]}}},
+                  "delta_percent": {"latency_ms": {"median": pct}}}
+        return r
+
+    rows = [row("base", 10.0), row("se", 11.0, (5.0, 15.0), 10.0), row("few", 12.0, (None, None), 20.0)]
+    assert latency_bar(rows[0]) is None and latency_bar(rows[2]) is None
+    low, high = latency_bar(rows[1])  # +10 % [+5, +15] around 11 ms: 11 × 1.05 / 1.10 and 11 × 1.15 / 1.10
+    assert low == pytest.approx(10.5) and high == pytest.approx(11.5)
+    fig = draw_plot(rows)
+    segments = [seg for c in fig.axes[0].collections for seg in getattr(c, "get_segments", lambda: [])()]
+    assert any(seg[0][1] == pytest.approx(10.5) and seg[1][1] == pytest.approx(11.5) for seg in segments)
+
+
+@pytest.mark.slow
+def test_sweep_rows_carry_the_interval(monkeypatch, tmp_path):
+    from attnsurgeon.planning.recipes import Configuration
+    from attnsurgeon.planning.schema import InsertionSpec
+    from attnsurgeon.sweeps.runner import run_sweep
+
+    rng = random.Random(1)
+    monkeypatch.setattr(measure, "block_time", lambda step, calls, device: 0.01 * math.exp(rng.gauss(0, 0.05)))
+    config = Configuration("se4", [InsertionSpec(attn="se", stages=[4])])
+    result = run_sweep("resnet18", [config], tmp_path, input_size=64,
+                       settings={"min_run_time": 0.2, "max_run_time": 1.0, "threads": 1})
+    base, se = result.rows
+    assert "delta_ci" not in base and se["delta_ci"]["latency_ms"]["median"]["rounds"] >= 10
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"latency_ms_median_delta_ci_low", "throughput_delta_ci_high"} <= set(header)

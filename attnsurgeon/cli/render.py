@@ -270,7 +270,9 @@ class _SweepProgress(_Steps):
 def print_sweep(result: Any) -> None:
     from rich.table import Table
 
+    from ..profiling.intervals import format_interval
     from ..profiling.metrics import METRICS, get
+    from ..profiling.report import UNRESOLVED
 
     out = _stdout()
     rows = result.rows
@@ -298,8 +300,15 @@ def print_sweep(result: Any) -> None:
             for m in shown:
                 value, pct = get(r, m.key), get(r["delta_percent"], m.key)
                 cells.append(m.format(value, unit=False) + (flag if m.key.startswith("latency") else ""))
-                cells.append("" if base or pct is None else
-                             f"{m.format(get(r['delta'], m.key), True, unit=False)} ({pct:+.{_digits(pct)}f}%)")
+                ci = get(r.get("delta_ci") or {}, m.key) if m.interval else None
+                if base or pct is None:
+                    cells.append("")
+                elif ci:  # the paired interval: "+1.23 (+3.2% [+1.9, +4.6])", or no difference resolved
+                    unresolved = ci["low"] is not None and ci["low"] <= 0 <= ci["high"]
+                    cells.append(f"{UNRESOLVED if unresolved else m.format(get(r['delta'], m.key), True, unit=False)} "
+                                 f"({format_interval(pct, ci['low'], ci['high'])})")
+                else:
+                    cells.append(f"{m.format(get(r['delta'], m.key), True, unit=False)} ({pct:+.{_digits(pct)}f}%)")
             table.add_row(*cells)
         out.print(table)
     for i, r in enumerate(failures, 1):
@@ -309,7 +318,8 @@ def print_sweep(result: Any) -> None:
         out.print("[yellow]![/] noisy timing: IQR above 10% of the median (other work on the machine, or more threads "
                   "than free cores: try --threads 1 or a longer --max-time); treat those Δ latency figures with care.")
     reused = len(rows) - len(result.measured)
-    out.print(f"Δ figures compare each row with the base model measured alongside it. "
+    out.print(f"Δ figures compare each row with the base model measured alongside it; Δ latency: median of the paired "
+              "per-round ratios [95 % interval]. "
               f"{len(result.measured)} row(s) measured now" + (f", {reused} kept from the earlier run" if reused else "") + ".")
     out.print(f"wrote {result.folder}/results.csv, results.json, rows.jsonl" + (", plot.png" if result.plot else ""))
 
