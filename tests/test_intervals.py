@@ -106,6 +106,9 @@ def test_target_ci_times_until_the_interval_is_that_narrow():
     assert tight["modified"].vs_base.half_width <= 1.0
     capped = run(1.03, 7, Settings(min_run_time=0.2, max_run_time=0.5, target_ci=0.01))  # unreachable: stops at max
     assert sum(capped["base"].rounds_ms) * capped["base"].calls / 1000 < 0.5 + 0.1
+    slow = measure_latency({"base": "base", "modified": "modified"}, 1, Settings(min_run_time=0.1, max_run_time=0.5),
+                           clock=FakeMachine(1.03, 7, base_s=1.0).clock)  # 1 s a call, 0.5 s allowed
+    assert slow["base"].runs == MIN_ROUNDS and slow["modified"].vs_base.low is not None  # six: the fewest with an interval
 
 
 def test_warm_up_waits_until_three_calls_agree():

@@ -176,7 +176,7 @@ def print_profile(result: Any, memory_efficient: bool = False) -> None:
         elif not metric.delta:  # a spread has no meaningful difference
             table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), "", "")
         else:
-            shown = format_interval(*ci) if ci else "-" if pct is None else f"{pct:+.{_digits(pct)}f}%"
+            shown = _escape(format_interval(*ci)) if ci else "-" if pct is None else f"{pct:+.{_digits(pct)}f}%"
             table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), delta_cell(metric, delta, ci), shown)
     out.print(table)
     print_timing(result)
@@ -227,7 +227,7 @@ def print_timing(result: Any) -> None:
     rounds = [lat.runs for lat in result.modified.latency.values()]
     out.print("[dim]Δ latency %: median of the per-round ratios modified/base, [95 % interval] (order statistics); "
               "where it contains 0, no difference is resolved: --target-ci PCT times until it is within ±PCT, up to --max-time"
-              + (f"; an interval needs {MIN_ROUNDS} rounds: raise --max-time" if rounds and min(rounds) < MIN_ROUNDS else "")
+              + (f"; an interval needs {MIN_ROUNDS} rounds" if rounds and min(rounds) < MIN_ROUNDS else "")
               + "[/]")
 
 
@@ -306,7 +306,7 @@ def print_sweep(result: Any) -> None:
                 elif ci:  # the paired interval: "+1.23 (+3.2% [+1.9, +4.6])", or no difference resolved
                     unresolved = ci["low"] is not None and ci["low"] <= 0 <= ci["high"]
                     cells.append(f"{UNRESOLVED if unresolved else m.format(get(r['delta'], m.key), True, unit=False)} "
-                                 f"({format_interval(pct, ci['low'], ci['high'])})")
+                                 f"({_escape(format_interval(pct, ci['low'], ci['high']))})")
                 else:
                     cells.append(f"{m.format(get(r['delta'], m.key), True, unit=False)} ({pct:+.{_digits(pct)}f}%)")
             table.add_row(*cells)

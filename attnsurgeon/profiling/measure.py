@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..planning.settings import Settings
-from .intervals import RatioInterval, ratio_interval
+from .intervals import MIN_ROUNDS, RatioInterval, ratio_interval
 
 
 @dataclass
@@ -113,7 +113,8 @@ def measure_latency(steps: dict[str, Callable[[], None]], batch_size: int, setti
     Stops once every model has ``min_run_time`` seconds of timed calls and ``ROUNDS`` rounds, and
     either the interval of each pair in ``pairs`` (modified, reference; default: every model against
     the first) is within ``±target_ci`` %, or, without a target, no model is noisy (IQR/median under
-    10 %); and at ``max_run_time`` (after two rounds at least) whatever the state. Each pair's first model
+    10 %); and at ``max_run_time`` whatever the state, once there are ``MIN_ROUNDS`` (6) rounds, the fewest
+    that give an interval (a model slower than max_run_time / 6 a call is timed longer than that). Each pair's first model
     gets ``vs_base``, the paired interval (:mod:`attnsurgeon.profiling.intervals`)."""
     clock = clock or (lambda step, calls: block_time(step, calls, settings.device))
     names = list(steps)
@@ -140,7 +141,7 @@ def measure_latency(steps: dict[str, Callable[[], None]], batch_size: int, setti
             rounds[name].append(t)
             spent[name] += t * calls[name]
         r += 1
-        if max(spent.values()) >= settings.max_run_time and r >= 2:  # two rounds at least: a spread, whatever the budget
+        if max(spent.values()) >= settings.max_run_time and r >= MIN_ROUNDS:  # the fewest with an interval, whatever the budget
             break
         if r < next_look or min(spent.values()) < settings.min_run_time:
             continue
