@@ -270,7 +270,7 @@ class _SweepProgress(_Steps):
 def print_sweep(result: Any) -> None:
     from rich.table import Table
 
-    from ..profiling.intervals import format_interval
+    from ..profiling.intervals import format_interval, unresolved
     from ..profiling.metrics import METRICS, get
     from ..profiling.report import UNRESOLVED
 
@@ -304,8 +304,7 @@ def print_sweep(result: Any) -> None:
                 if base or pct is None:
                     cells.append("")
                 elif ci:  # the paired interval: "+1.23 (+3.2% [+1.9, +4.6])", or no difference resolved
-                    unresolved = ci["low"] is not None and ci["low"] <= 0 <= ci["high"]
-                    cells.append(f"{UNRESOLVED if unresolved else m.format(get(r['delta'], m.key), True, unit=False)} "
+                    cells.append(f"{UNRESOLVED if unresolved(ci['low'], ci['high']) else m.format(get(r['delta'], m.key), True, unit=False)} "
                                  f"({_escape(format_interval(pct, ci['low'], ci['high']))})")
                 else:
                     cells.append(f"{m.format(get(r['delta'], m.key), True, unit=False)} ({pct:+.{_digits(pct)}f}%)")

@@ -85,6 +85,11 @@ def ratio_interval(modified: list[float], base: list[float], confidence: float =
     return RatioInterval(statistics.median(ratios), low, high, len(ratios), confidence)
 
 
+def unresolved(low: float | None, high: float | None) -> bool:
+    """Whether an interval of a change, in percent, contains no change (0): "no difference resolved"."""
+    return low is not None and high is not None and low <= 0 <= high
+
+
 def format_interval(change: float | None, low: float | None, high: float | None) -> str:
     """``+3.2% [+1.9, +4.6]``; ``+3.2% [too few rounds]`` without an interval."""
     if change is None:

@@ -7,7 +7,7 @@ import io
 from typing import Any
 
 from . import ProfileResult
-from .intervals import format_interval
+from .intervals import format_interval, unresolved
 from .metrics import Metric
 
 UNRESOLVED = "no difference resolved"
@@ -17,7 +17,7 @@ def delta_cell(metric: Metric, delta: float | None, ci: tuple | None) -> str:
     """The Δ column: the difference, or where its 95 % interval contains 0, "no difference resolved"."""
     if not metric.delta:
         return ""
-    if ci is not None and ci[1] is not None and ci[1] <= 0 <= ci[2]:
+    if ci is not None and unresolved(ci[1], ci[2]):
         return UNRESOLVED
     return metric.format(delta, True)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..core.files import atomic_path, write_text_atomic
+from ..core.files import write_text_atomic
 from ..core.errors import AttnSurgeonError
 from ..planning.recipes import Configuration
 from .plot import BASE, draw_plot, write_plot as _write_plot  # noqa: F401  (draw_plot: the figure, for callers)
