@@ -139,6 +139,8 @@ def test_json_schema(cli):
         assert {"params", "macs", "flops", "latency_ms", "throughput", "peak_memory_bytes"} <= set(d[side])
         assert set(d[side]["latency_ms"]) == {"1", "2"}  # several batch sizes: keyed by batch size
     assert {"median", "iqr"} <= set(d["base"]["latency_ms"]["1"])
+    ci = d["delta_ci"]["latency_ms"]["2"]["median"]  # the paired interval, per batch size
+    assert ci["low"] <= d["delta_percent"]["latency_ms"]["2"]["median"] <= ci["high"] and ci["rounds"] >= 6
     assert d["settings"]["device"] == "cpu" and d["settings"]["batch_sizes"] == [1, 2]
     assert {"dtype", "threads", "torch_version", "mode"} <= set(d["settings"])
     assert [i["module"] for i in d["insertions"]] == ["layer4.0.se", "layer4.1.se"]
