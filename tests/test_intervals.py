@@ -177,3 +177,13 @@ def test_sweep_rows_carry_the_interval(monkeypatch, tmp_path):
     assert "delta_ci" not in base and se["delta_ci"]["latency_ms"]["median"]["rounds"] >= 10
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert {"latency_ms_median_delta_ci_low", "throughput_delta_ci_high"} <= set(header)
+
+
+def test_a_recipe_takes_target_ci_and_checks_it():
+    from attnsurgeon.core.errors import AttnSurgeonError
+    from attnsurgeon.planning.recipes import parse_recipe
+
+    recipe = parse_recipe({"model": "resnet18", "insertions": [{"attn": "se"}], "profile": {"target_ci": 1.5}})
+    assert recipe.profile["target_ci"] == 1.5
+    with pytest.raises(AttnSurgeonError, match="profile.target_ci: expected > 0"):
+        parse_recipe({"model": "resnet18", "insertions": [{"attn": "se"}], "profile": {"target_ci": 0}})
