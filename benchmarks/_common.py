@@ -1,29 +1,46 @@
-"""Shared by the benchmarks: alternate rounds of torch.utils.benchmark, pooled medians."""
+"""Shared by the benchmarks: the timing protocol `attnsurgeon profile` uses (paired, interleaved rounds,
+warm-up until stable; attnsurgeon.profiling.measure.measure_latency) and the intervals it reports."""
 
 from __future__ import annotations
 
 import logging
-import statistics
+import os
+import time
 from typing import Callable
 
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-def alternate(steps: dict[str, Callable[[], None]], rounds: int, seconds: float, threads: int) -> dict[str, list[float]]:
-    """Run each step in alternating rounds (ABAB...); returns every timed block per step, in ms."""
-    import torch.utils.benchmark as benchmark
+def paired(steps: dict[str, Callable[[], None]], min_time: float, max_time: float, threads: int,
+           pairs: list[tuple[str, str]] | None = None, target_ci: float | None = None) -> dict:
+    """Time the steps side by side in alternating rounds; returns attnsurgeon's ``Latency`` per step,
+    each pair's first step with ``vs_base``, the paired ratio's median and 95 % interval."""
+    import torch
 
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for r in range(rounds):
-        order = list(steps) if r % 2 == 0 else list(reversed(steps))
-        for name in order:
-            m = benchmark.Timer("step()", globals={"step": steps[name]}, num_threads=threads).blocked_autorange(min_run_time=seconds)
-            times[name].extend(1000 * t for t in m.times)
-    return times
+    from attnsurgeon.planning.settings import Settings
+    from attnsurgeon.profiling.measure import measure_latency
+
+    torch.set_num_threads(threads)
+    settings = Settings(min_run_time=min_time, max_run_time=max_time, threads=threads, target_ci=target_ci)
+    return measure_latency(steps, 1, settings, pairs=pairs)
 
 
-def summary(times: dict[str, list[float]]) -> dict[str, float]:
-    return {k: statistics.median(v) for k, v in times.items()}
+def interval_text(latency) -> str:
+    """``+3.2 % [+1.9, +4.6]`` from a Latency's ``vs_base`` (``resolved`` or not said after it)."""
+    from attnsurgeon.profiling.intervals import format_interval
+
+    r = latency.vs_base
+    if r is None:
+        return "—"
+    change, low, high = r.percent()
+    resolved = "" if r.low is None or r.resolved else " (no difference resolved)"
+    return format_interval(change, low, high).replace("%", " %") + resolved
+
+
+def machine() -> str:
+    """The load average now (1/5/15 min) and the clock, for the lines above and under a table."""
+    try:
+        load = "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except (AttributeError, OSError):
+        load = "n/a"
+    return f"load average {load} · {time.strftime('%Y-%m-%d %H:%M:%S')}"

@@ -2,9 +2,10 @@
 """Does the rewritten graph add overhead of its own?
 
 Latency of `insert timm:resnet50 --attn se` against timm's hand-written `seresnet50`, with the
-same weights, measured side by side in alternating rounds (target: median ratio <= 1.02).
+same weights, measured side by side with `profile`'s protocol (paired, alternating rounds; target: the
+upper end of the ratio's 95 % interval <= 1.02).
 
-    python benchmarks/graph_overhead.py --rounds 10 --batch-size 1 --threads 2
+    python benchmarks/graph_overhead.py --min-time 10 --max-time 40 --batch-size 1 --threads 2
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import alternate, summary
+from _common import interval_text, machine, paired
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per model per round")
+    parser.add_argument("--min-time", type=float, default=10.0, help="timed seconds per model, at least (and 10 rounds)")
+    parser.add_argument("--max-time", type=float, default=40.0, help="... and at most")
+    parser.add_argument("--target-ci", type=float, default=None, help="time until the interval is within ±this %%")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--input-size", type=int, default=224)
@@ -44,13 +46,19 @@ def main() -> int:
                 model(x)
         return step
 
-    times = alternate({"timm seresnet50": run(ref), "attnsurgeon resnet50+se": run(ours)}, args.rounds, args.seconds, args.threads)
-    med = summary(times)
-    for name, value in med.items():
-        print(f"{name:26s} median {value:8.2f} ms  (n={len(times[name])})")
-    ratio = med["attnsurgeon resnet50+se"] / med["timm seresnet50"]
-    print(f"ratio attnsurgeon/timm: {ratio:.3f}  (target <= 1.02; batch {args.batch_size}, {args.threads} threads, "
-          f"torch {torch.__version__})")
+    print(f"at the start: {machine()}")
+    ref_name, our_name = "timm seresnet50", "attnsurgeon resnet50+se"
+    lat = paired({ref_name: run(ref), our_name: run(ours)}, args.min_time, args.max_time, args.threads,
+                 [(our_name, ref_name)], args.target_ci)
+    for name, value in lat.items():
+        print(f"{name:26s} median {value.median_ms:8.2f} ms  (IQR {value.iqr_ms:.2f}, {value.runs} rounds of {value.calls})")
+    r = lat[our_name].vs_base
+    verdict = ("met" if r.high is not None and r.high <= 1.02 else
+               "not resolved (too few rounds)" if r.high is None else "not shown: the interval reaches past 1.02")
+    print(f"ratio attnsurgeon/timm: {r.median:.3f} [{r.low or float('nan'):.3f}, {r.high or float('nan'):.3f}] "
+          f"({interval_text(lat[our_name])}); target upper end <= 1.02: {verdict}; batch {args.batch_size}, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    print(f"at the end: {machine()}")
     return 0
 
 

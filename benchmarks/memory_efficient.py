@@ -11,13 +11,15 @@ step (forward + backward, as `profile --mode train` takes it):
 
 Peak memory: attnsurgeon.profiling.measure.measure_memory (resident weights + the step's peak tensor
 bytes from the profiler's allocation records; max_memory_allocated on CUDA), the same code path as
-`attnsurgeon profile`, relative to the group's model without attention. Step time: median of
-alternating timed steps (benchmarks/_common.py), relative to the same model without
---memory-efficient. Every model runs through the fx graph (the plain ones traced too), as `profile`
+`attnsurgeon profile`, relative to the group's model without attention. Step time: `profile`'s timing
+protocol (benchmarks/_common.py: the group's models in paired, alternating rounds, warm-up until
+stable), its median; Δ step, relative to the same model without --memory-efficient, is the median of
+the per-round ratios with its 95 % interval (attnsurgeon.profiling.intervals), which says whether
+the difference is resolved. Every model runs through the fx graph (the plain ones traced too), as `profile`
 compares them. After each group the memory-efficient models' segments are counted by method
 (selective: the norm's output rebuilt in backward; checkpoint: the segment re-run).
 
-    python benchmarks/memory_efficient.py --batch-sizes 8,32 --time-batch-sizes 8 --rounds 5
+    python benchmarks/memory_efficient.py --batch-sizes 8,32 --time-batch-sizes 8 --max-time 120
 """
 
 from __future__ import annotations
@@ -25,13 +27,11 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 from collections import Counter
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import alternate  # noqa: E402
+from _common import interval_text, machine, paired  # noqa: E402
 
 GROUPS = ("se", "eca", "cbam", "effnet")
 
@@ -70,7 +70,10 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-sizes", default="8,32", help="batch sizes whose peak memory is measured")
     parser.add_argument("--time-batch-sizes", default="8", help="batch sizes whose step time is measured ('' for none)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per model (one step each)")
+    parser.add_argument("--min-time", type=float, default=1.0, help="timed seconds per model, at least (and 10 rounds)")
+    parser.add_argument("--max-time", type=float, default=120.0, help="timed seconds per model, at most")
+    parser.add_argument("--target-ci", type=float, default=None,
+                        help="time until every Δ step's 95 %% interval is within ±this %% (up to --max-time)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
@@ -87,19 +90,17 @@ def main() -> int:
     sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     timed = [int(b) for b in args.time_batch_sizes.split(",") if b]
     settings = Settings(device=args.device, mode="train", batch_sizes=sizes)
-    load = os.getloadavg()
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
     lines = [f"torch {torch.__version__} · {args.device} · float32 · train step · {args.size}² · {threads} threads · "
-             f"load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} · started {started}", ""]
+             f"at the start: {machine()}", f"`python benchmarks/memory_efficient.py {' '.join(sys.argv[1:])}`", ""]
     header = ["model"] + [f"peak MiB (bs={b})" for b in sizes] + [f"Δ peak vs no attention (bs={b})" for b in sizes]
-    header += [f"step ms (bs={b})" for b in timed] + [f"Δ step vs not memory-efficient (bs={b})" for b in timed]
+    header += [f"step ms (bs={b})" for b in timed] + [f"Δ step vs not memory-efficient, [95 % interval] (bs={b})" for b in timed]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print(lines[0], flush=True)
     for group in args.groups.split(","):
         rows = build(group, args.size)
         models = {name: m.to(args.device).train() for name, m, _, _ in rows}
         peak: dict[tuple[str, int], float] = {}
-        step_ms: dict[tuple[str, int], float] = {}
+        timing: dict[tuple[str, int], object] = {}  # attnsurgeon's Latency
         for b in sorted(set(sizes) | set(timed)):
             torch.manual_seed(0)
             x = (torch.randn(b, 3, args.size, args.size, device=args.device),)
@@ -110,10 +111,11 @@ def main() -> int:
                     peak[name, b] = measure_memory(models[name], x, step, settings).peak_bytes / 2**20
                     print(f"  {name} bs={b}: peak {peak[name, b]:.2f} MiB", flush=True)
             if b in timed:
-                times = alternate(steps, args.rounds, 1e-3, threads)
-                for name, values in times.items():
-                    step_ms[name, b] = statistics.median(values)
-                    print(f"  {name} bs={b}: step {step_ms[name, b]:.1f} ms (n={len(values)})", flush=True)
+                pairs = [(name, ref) for name, _, _, ref in rows if ref]
+                for name, lat in paired(steps, args.min_time, args.max_time, threads, pairs, args.target_ci).items():
+                    timing[name, b] = lat
+                    print(f"  {name} bs={b}: step {lat.median_ms:.1f} ms (IQR {lat.iqr_ms:.1f}, {lat.runs} rounds of "
+                          f"{lat.calls}, warm-up {lat.warmup}) {interval_text(lat)}", flush=True)
         for name, m in models.items():  # after the steps: a plan that met a map it cannot rebuild has fallen back
             methods = Counter(r.method for r in m.modules() if isinstance(r, Recompute))
             if methods:
@@ -121,12 +123,12 @@ def main() -> int:
         for name, _, mem_ref, time_ref in rows:
             cells = [name] + [f"{peak[name, b]:.2f}" for b in sizes]
             cells += [f"{100 * (peak[name, b] / peak[mem_ref, b] - 1):+.1f} %" if mem_ref else "—" for b in sizes]
-            cells += [f"{step_ms[name, b]:.0f}" for b in timed]
-            cells += [f"{100 * (step_ms[name, b] / step_ms[time_ref, b] - 1):+.1f} %" if time_ref else "—" for b in timed]
+            cells += [f"{timing[name, b].median_ms:.0f}" for b in timed]
+            cells += [interval_text(timing[name, b]) if time_ref else "—" for b in timed]
             lines.append("| " + " | ".join(cells) + " |")
         del models, steps
-    load = os.getloadavg()
-    lines += ["", f"load average at the end {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} · finished {time.strftime('%H:%M:%S')}"]
+    lines += ["", f"at the end: {machine()} · Δ step: median of the per-round ratios, [95 % interval] (order statistics; "
+              "'no difference resolved' where it contains 0)"]
     text = "\n".join(lines)
     print(text)
     if args.markdown:

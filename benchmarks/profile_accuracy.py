@@ -2,7 +2,9 @@
 """Does `attnsurgeon profile` report the latency a direct torch.utils.benchmark measurement sees?
 
 Alternates `attnsurgeon.profile(MODEL)` (the model alone) with a direct Timer("model(x)") under
-inference_mode, same model object, same threads, and compares the medians (target: within 5%).
+inference_mode, same model object, same threads, and compares the medians (target: within 5%). The
+reference is torch.utils.benchmark's own Timer, not `profile`'s protocol (benchmarks/_common.paired):
+a check of that protocol against an independent one.
 Also times the whole command `attnsurgeon profile resnet50 --attn eca --batch-size 1` (target: < 30 s).
 
     python benchmarks/profile_accuracy.py --model resnet50 --repeats 3
@@ -18,7 +20,17 @@ import subprocess
 import sys
 import time
 
-from _common import alternate
+from _common import machine
+
+
+def direct_timer(step, threads: int) -> float:
+    """Median ms of torch.utils.benchmark's blocked_autorange over 2 s, after three warm-up calls."""
+    import torch.utils.benchmark as benchmark
+
+    for _ in range(3):
+        step()
+    m = benchmark.Timer("step()", globals={"step": step}, num_threads=threads).blocked_autorange(min_run_time=2.0)
+    return 1000 * m.median
 
 
 def main() -> int:
@@ -47,11 +59,12 @@ def main() -> int:
     for _ in range(args.repeats):
         r = profiling.profile(model, threads=args.threads, input_size=224)
         ours.append(r.base.latency[1].median_ms)
-        theirs.append(statistics.median(alternate({"direct": direct}, rounds=2, seconds=1.0, threads=args.threads)["direct"]))
+        theirs.append(direct_timer(direct, args.threads))
     a, b = statistics.median(ours), statistics.median(theirs)
     print(f"attnsurgeon profile     median {a:8.2f} ms  (runs: {', '.join(f'{v:.2f}' for v in ours)})")
     print(f"direct Timer(model(x))  median {b:8.2f} ms  (runs: {', '.join(f'{v:.2f}' for v in theirs)})")
-    print(f"difference: {100 * (a - b) / b:+.1f}%  (target within ±5%; {args.model}, batch 1, {args.threads} threads)")
+    print(f"difference: {100 * (a - b) / b:+.1f}%  (target within ±5%; {args.model}, batch 1, {args.threads} threads; "
+          f"{machine()})")
 
     if not args.skip_wall:
         exe = shutil.which("attnsurgeon") or os.path.join(os.path.dirname(sys.executable), "attnsurgeon")

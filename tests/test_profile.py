@@ -139,6 +139,8 @@ def test_json_schema(cli):
         assert {"params", "macs", "flops", "latency_ms", "throughput", "peak_memory_bytes"} <= set(d[side])
         assert set(d[side]["latency_ms"]) == {"1", "2"}  # several batch sizes: keyed by batch size
     assert {"median", "iqr"} <= set(d["base"]["latency_ms"]["1"])
+    ci = d["delta_ci"]["latency_ms"]["2"]["median"]  # the paired interval, per batch size
+    assert ci["low"] <= d["delta_percent"]["latency_ms"]["2"]["median"] <= ci["high"] and ci["rounds"] >= 6
     assert d["settings"]["device"] == "cpu" and d["settings"]["batch_sizes"] == [1, 2]
     assert {"dtype", "threads", "torch_version", "mode"} <= set(d["settings"])
     assert [i["module"] for i in d["insertions"]] == ["layer4.0.se", "layer4.1.se"]
@@ -154,7 +156,8 @@ def test_csv_and_markdown_files(cli, tmp_path):
                          "--max-time", "0.1", "--csv", tmp_path / "r.csv", "--markdown", tmp_path / "r.md")
     assert code == 0, err
     rows = (tmp_path / "r.csv").read_text().splitlines()
-    assert rows[0] == "model,metric,base,modified,delta,delta_percent" and rows[1].startswith("tv:resnet18,params,")
+    assert rows[0] == "model,metric,base,modified,delta,delta_percent,delta_ci_low,delta_ci_high"
+    assert rows[1].startswith("tv:resnet18,params,")
     md = (tmp_path / "r.md").read_text()
     assert "| params |" in md and "| layer1.0.eca | standard |" in md
     assert not list(tmp_path.glob(".*part"))  # no temporary file left behind
@@ -168,6 +171,7 @@ def test_csv_and_markdown_files(cli, tmp_path):
     (["--mode", "eval"], "unknown mode"),
     (["--reduction", "8"], "need --attn"),
     (["--csv", "/no/such/folder/r.csv"], "does not exist"),
+    (["--target-ci", "0"], "--target-ci must be a positive percentage"),
 ])
 def test_profile_errors(cli, args, message):
     code, out, err = cli("profile", "resnet18", "--input-size", "64", *args)

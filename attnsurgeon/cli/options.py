@@ -145,7 +145,11 @@ ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Run in c
                                                "for video).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile both models; compile time is reported on its own line.")]
 MinTimeOpt = Annotated[float, typer.Option("--min-time", help="Seconds of timed runs per model and batch size, at least.")]
-MaxTimeOpt = Annotated[float, typer.Option("--max-time", help="... and at most; timing stops early once IQR/median < 10%.")]
+MaxTimeOpt = Annotated[float, typer.Option("--max-time", help="... and at most; timing stops early once IQR/median < 10% "
+                                           "(or, with --target-ci, once the intervals are that narrow).")]
+TargetCiOpt = Annotated[Optional[float], typer.Option(
+    "--target-ci", metavar="PCT", help="Keep timing, up to --max-time, until the 95% interval of every Δ latency is within ±PCT "
+    "percent (e.g. 1).", show_default="none: stop at --min-time once timings are steady")]
 PROFILE_DEFAULTS = {"device": "cpu", "dtype": "float32", "batch_size": "1", "mode": "inference", "min_time": 1.0, "max_time": 4.0}
 
 
@@ -376,9 +380,10 @@ def insertion_options(fn: Callable) -> Callable:
 
 
 
-def _profile_overrides(device, dtype, batch_size, mode, threads, min_time, max_time, channels_last=None) -> dict[str, Any]:
+def _profile_overrides(device, dtype, batch_size, mode, threads, min_time, max_time, channels_last=None,
+                       target_ci=None) -> dict[str, Any]:
     overrides = {"device": device, "dtype": dtype, "mode": mode, "threads": threads, "min_run_time": min_time,
-                 "max_run_time": max_time, "channels_last": channels_last or None,
+                 "max_run_time": max_time, "channels_last": channels_last or None, "target_ci": target_ci,
                  "batch_sizes": parse_ints(batch_size, "--batch-size") if batch_size else None}
     return {k: v for k, v in overrides.items() if v is not None}
 

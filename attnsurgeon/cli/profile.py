@@ -15,7 +15,7 @@ from .options import (
     ATTN_HELP,
     BatchSizesOpt, ChannelsLastOpt, CompileOpt, DeviceOpt, DtypeOpt, InputSizeOpt, InsertionArgs, JsonOpt,
     MaxTimeOpt, MemoryEfficientOpt, MinTimeOpt, ModeOpt, ModelArg, ModelArgsOpt, PROFILE_DEFAULTS, PositionOpt,
-    PretrainedOpt, TargetOpt, ThreadsOpt, WeightsKeyOpt, WeightsOpt, _check_plot, check_insertion_args,
+    PretrainedOpt, TargetCiOpt, TargetOpt, ThreadsOpt, WeightsKeyOpt, WeightsOpt, _check_plot, check_insertion_args,
     insertion_options, parse_globs, parse_ints, parse_model_args,
 )
 from .render import _escape, _stdout, _Steps, emit_json, print_profile
@@ -42,6 +42,7 @@ def profile(
     compile_: CompileOpt = False,
     min_time: MinTimeOpt = PROFILE_DEFAULTS["min_time"],
     max_time: MaxTimeOpt = PROFILE_DEFAULTS["max_time"],
+    target_ci: TargetCiOpt = None,
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
     pretrained: PretrainedOpt = False,
@@ -82,7 +83,7 @@ def profile(
             model, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks),
             init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
             channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
-            pretrained=pretrained, weights=weights, weights_key=weights_key, model_args=model_args, target=target, progress=steps, replace=replace,
+            target_ci=target_ci, pretrained=pretrained, weights=weights, weights_key=weights_key, model_args=model_args, target=target, progress=steps, replace=replace,
             memory_efficient=memory_efficient, **ins.anchors, **options,
         )
     from ..core.files import write_text_atomic

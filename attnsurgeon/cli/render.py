@@ -196,6 +196,8 @@ def print_profile(result: Any, memory_efficient: bool = False) -> None:
     from rich.table import Table
 
     from ..profiling import FLOP_CONVENTION
+    from ..profiling.intervals import format_interval
+    from ..profiling.report import delta_cell
 
     out = _stdout()
     s, env = result.settings, result.environment
@@ -208,15 +210,16 @@ def print_profile(result: Any, memory_efficient: bool = False) -> None:
     table = Table()
     for col in ("metric", "value") if alone else ("metric", "base", "modified", "delta", "delta %"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for metric, b, base, mod, delta, pct in result.rows():
+    for metric, b, base, mod, delta, pct, ci in result.rows():
         if alone:
             table.add_row(metric.row_label(b), metric.format(base))
         elif not metric.delta:  # a spread has no meaningful difference
             table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), "", "")
         else:
-            table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), metric.format(delta, True),
-                          "-" if pct is None else f"{pct:+.{_digits(pct)}f}%")
+            shown = _escape(format_interval(*ci)) if ci else "-" if pct is None else f"{pct:+.{_digits(pct)}f}%"
+            table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), delta_cell(metric, delta, ci), shown)
     out.print(table)
+    print_timing(result)
     if result.base.compile_s is not None:
         mod = f", modified {result.modified.compile_s:.1f} s" if result.modified else ""
         out.print(f"compile time (not in latency): base {result.base.compile_s:.1f} s{mod}")
@@ -243,6 +246,31 @@ def print_profile(result: Any, memory_efficient: bool = False) -> None:
         err.print(f"[dim]note: {_escape(note)}[/]")
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {_escape(w)}")
+
+
+def print_timing(result: Any) -> None:
+    """Under the table: how latency was timed, what the machine was doing, and how to read the intervals."""
+    from ..profiling.intervals import MIN_ROUNDS
+
+    env = result.environment
+    lines = []
+    for b, lat in result.base.latency.items():
+        mod = result.modified.latency.get(b) if result.modified else None
+        warm = f"warm-up {lat.warmup}" + (f"/{mod.warmup}" if mod else "") + " calls until stable"
+        lines.append(f"batch {b}: {lat.runs} {'paired, alternating ' if mod else ''}rounds of {lat.calls} call(s) · {warm}")
+    load = env.get("load_average") or {}
+    if load.get("start") and load.get("end"):
+        lines.append(f"load average {'/'.join(f'{v:.2f}' for v in load['start'])} at the start, "
+                     f"{'/'.join(f'{v:.2f}' for v in load['end'])} at the end (1/5/15 min) · {env['threads']} thread{'s' if env['threads'] != 1 else ''}")
+    out = _stdout()
+    out.print("[dim]timing: " + " · ".join(lines) + "[/]")
+    if result.modified is None:
+        return
+    rounds = [lat.runs for lat in result.modified.latency.values()]
+    out.print("[dim]Δ latency %: median of the per-round ratios modified/base, [95 % interval] (order statistics); "
+              "where it contains 0, no difference is resolved: --target-ci PCT times until it is within ±PCT, up to --max-time"
+              + (f"; an interval needs {MIN_ROUNDS} rounds" if rounds and min(rounds) < MIN_ROUNDS else "")
+              + "[/]")
 
 
 class _SweepProgress(_Steps):
@@ -284,7 +312,9 @@ class _SweepProgress(_Steps):
 def print_sweep(result: Any) -> None:
     from rich.table import Table
 
+    from ..profiling.intervals import format_interval, unresolved
     from ..profiling.metrics import METRICS, get
+    from ..profiling.report import UNRESOLVED
 
     out = _stdout()
     rows = result.rows
@@ -312,8 +342,14 @@ def print_sweep(result: Any) -> None:
             for m in shown:
                 value, pct = get(r, m.key), get(r["delta_percent"], m.key)
                 cells.append(m.format(value, unit=False) + (flag if m.key.startswith("latency") else ""))
-                cells.append("" if base or pct is None else
-                             f"{m.format(get(r['delta'], m.key), True, unit=False)} ({pct:+.{_digits(pct)}f}%)")
+                ci = get(r.get("delta_ci") or {}, m.key) if m.interval else None
+                if base or pct is None:
+                    cells.append("")
+                elif ci:  # the paired interval: "+1.23 (+3.2% [+1.9, +4.6])", or no difference resolved
+                    cells.append(f"{UNRESOLVED if unresolved(ci['low'], ci['high']) else m.format(get(r['delta'], m.key), True, unit=False)} "
+                                 f"({_escape(format_interval(pct, ci['low'], ci['high']))})")
+                else:
+                    cells.append(f"{m.format(get(r['delta'], m.key), True, unit=False)} ({pct:+.{_digits(pct)}f}%)")
             table.add_row(*cells)
         out.print(table)
     for i, r in enumerate(failures, 1):
@@ -323,7 +359,8 @@ def print_sweep(result: Any) -> None:
         out.print("[yellow]![/] noisy timing: IQR above 10% of the median (other work on the machine, or more threads "
                   "than free cores: try --threads 1 or a longer --max-time); treat those Δ latency figures with care.")
     reused = len(rows) - len(result.measured)
-    out.print(f"Δ figures compare each row with the base model measured alongside it. "
+    out.print(f"Δ figures compare each row with the base model measured alongside it; Δ latency: median of the paired "
+              "per-round ratios [95 % interval]. "
               f"{len(result.measured)} row(s) measured now" + (f", {reused} kept from the earlier run" if reused else "") + ".")
     out.print(f"wrote {result.folder}/results.csv, results.json, rows.jsonl" + (", plot.png" if result.plot else ""))
 

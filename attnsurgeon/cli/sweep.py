@@ -26,6 +26,7 @@ from .options import (
     RecipeMaxTimeOpt,
     RecipeMinTimeOpt,
     RecipeModeOpt,
+    TargetCiOpt,
     TargetOpt,
     ThreadsOpt,
     _profile_overrides,
@@ -71,6 +72,7 @@ def sweep(
     channels_last: ChannelsLastOpt = False,
     min_time: RecipeMinTimeOpt = None,
     max_time: RecipeMaxTimeOpt = None,
+    target_ci: TargetCiOpt = None,
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted sweep in --out: finished rows are kept.")] = False,
@@ -153,7 +155,7 @@ def sweep(
         spec = parse_recipe({"model": model or "", "configurations": configurations}, "the command line")
         configurations, settings, size = spec.configurations, {}, input_size
     settings.update(_profile_overrides(device, dtype, batch_size, mode, threads, min_time,
-                                       max_time, channels_last))
+                                       max_time, channels_last, target_ci))
     from ..sweeps.runner import run_sweep
 
     swept = split_list(models) if models is not None else spec.models or spec.model  # --models overrides a recipe's

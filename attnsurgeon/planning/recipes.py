@@ -57,7 +57,7 @@ RECIPE_KEYS = ("name", "description", "model", "models", "model_args", "model_kw
 CONFIGURATION_KEYS = ("name", "insertions")
 GRID_KEYS = ("attn", "position", "after", "before", "stages", "blocks", "init", "options", "replace")
 PROFILE_KEYS = ("device", "dtype", "batch_sizes", "mode", "threads", "channels_last", "compile",
-                "min_run_time", "max_run_time")
+                "min_run_time", "max_run_time", "target_ci")
 
 
 @dataclass
@@ -256,7 +256,7 @@ def _check_profile(profile: dict, where: Where) -> None:
     from .settings import DTYPES, MODES
 
     types = {"device": str, "dtype": str, "mode": str, "threads": int, "channels_last": bool, "compile": bool,
-             "min_run_time": (int, float), "max_run_time": (int, float)}
+             "min_run_time": (int, float), "max_run_time": (int, float), "target_ci": (int, float)}
     for key, kind in types.items():
         if key in profile and (not isinstance(profile[key], kind) or (kind is int and isinstance(profile[key], bool))):
             raise AttnSurgeonError(f"{where(('profile', key))}: expected {getattr(kind, '__name__', 'a number')}, got {profile[key]!r}")
@@ -267,6 +267,7 @@ def _check_profile(profile: dict, where: Where) -> None:
         "threads": (lambda v: v >= 1, "≥ 1"),
         "min_run_time": (lambda v: v > 0, "> 0"),
         "max_run_time": (lambda v: v > 0, "> 0"),
+        "target_ci": (lambda v: v > 0, "> 0 (percent)"),
     }
     for key, (ok, what) in values.items():
         if key in profile and not ok(profile[key]):

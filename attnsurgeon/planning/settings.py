@@ -24,6 +24,7 @@ class Settings:
     compile: bool = False
     min_run_time: float = 1.0  # seconds of timed runs per model and batch size, at least
     max_run_time: float = 4.0  # ... and at most (adaptive stopping in between)
+    target_ci: float | None = None  # keep timing (up to max_run_time) until each Δ latency's 95 % interval is within ±this %
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,6 +48,8 @@ def check_settings(s: Settings) -> Settings:
     if s.min_run_time <= 0 or s.max_run_time < s.min_run_time:
         raise AttnSurgeonError(f"timing needs 0 < --min-time ≤ --max-time (min_run_time ≤ max_run_time), "
                                f"got {s.min_run_time} and {s.max_run_time}")
+    if s.target_ci is not None and not s.target_ci > 0:
+        raise AttnSurgeonError(f"--target-ci must be a positive percentage (the interval's half-width), got {s.target_ci}")
     s.device = _check_device(str(s.device).lower(), torch)
     return s
 

@@ -6,8 +6,8 @@
 * parameters from ``model.parameters()`` (shared tensors once), split per insertion;
 * MACs with fvcore plus element-wise handles (``profiling.flops``), FLOPs = 2 × MACs, with a
   per-insertion breakdown whose rows sum exactly to the total delta;
-* latency with ``torch.utils.benchmark`` (warm-up, CUDA synchronisation, median and IQR, adaptive
-  stopping), alternating the two models; throughput in images/s;
+* latency in paired, interleaved rounds (warm-up until stable, CUDA synchronisation, median and IQR),
+  and for each Δ latency the median of the per-round ratios with its 95 % interval; throughput in images/s;
 * peak tensor memory of one step (inference, or forward+backward with ``mode='train'``).
 """
 
@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 from ..core.errors import AttnSurgeonError
 from .measure import Latency, Memory
-from .metrics import METRICS, TABLE_METRICS, Metric, difference, nested, percent
+from .metrics import METRICS, TABLE_METRICS, Metric, change, difference, interval, nested
 from ..planning.settings import Settings
 
 FLOP_CONVENTION = (
@@ -84,16 +84,17 @@ class ProfileResult:
     unattributed_memory_bytes: int | None = None  # --mode train: Δ peak memory (first batch size) less the per-insertion rows
     notes: list[str] = field(default_factory=list)  # the insertion's notes (what it skipped, the parts traced), as insert says them
 
-    def rows(self) -> list[tuple[Metric, int, float, float | None, float | None, float | None]]:
-        """(metric, batch size, base, modified, delta, delta %) for tables, CSV and Markdown."""
+    def rows(self) -> list[tuple[Metric, int, Any, Any, float | None, float | None, tuple | None]]:
+        """(metric, batch size, base, modified, delta, delta %, interval) for tables, CSV and Markdown;
+        the interval is (Δ %, low %, high %) of the paired rounds (latency, throughput), else None."""
         out = []
         m = self.modified
         for metric in TABLE_METRICS:
             for b in self.settings.batch_sizes if metric.per_batch else self.settings.batch_sizes[:1]:
                 base = metric.read(self.base, b)
                 mod = metric.read(m, b) if m else None
-                delta, pct = (difference(base, mod), percent(base, mod)) if metric.delta else (None, None)
-                out.append((metric, b, base, mod, delta, pct))
+                delta, pct = (difference(base, mod), change(metric, self.base, m, b)) if metric.delta else (None, None)
+                out.append((metric, b, base, mod, delta, pct, metric.ci(m, b) if metric.delta else None))
         return out
 
     def delta(self) -> dict[str, Any] | None:
@@ -103,10 +104,18 @@ class ProfileResult:
         return nested(changes, self.settings.batch_sizes, lambda m, b: difference(m.read(self.base, b), m.read(self.modified, b)))
 
     def delta_percent(self) -> dict[str, Any] | None:
+        """Δ % per metric; for latency and throughput the median of the paired per-round ratios."""
         if self.modified is None:
             return None
         changes = [m for m in METRICS if m.delta]
-        return nested(changes, self.settings.batch_sizes, lambda m, b: percent(m.read(self.base, b), m.read(self.modified, b)))
+        return nested(changes, self.settings.batch_sizes, lambda m, b: change(m, self.base, self.modified, b))
+
+    def delta_ci(self) -> dict[str, Any] | None:
+        """The 95 % interval of each Δ % that has one: ``{"low", "high", "confidence", "rounds", "resolved"}``."""
+        if self.modified is None:
+            return None
+        return nested([m for m in METRICS if m.interval], self.settings.batch_sizes,
+                      lambda m, b: interval(m, self.modified, b))
 
     def to_dict(self) -> dict[str, Any]:
         bs = self.settings.batch_sizes
@@ -118,6 +127,7 @@ class ProfileResult:
             "modified": self.modified.to_dict(bs) if self.modified else None,
             "delta": self.delta(),
             "delta_percent": self.delta_percent(),
+            "delta_ci": self.delta_ci(),
             "insertions": [vars(i) for i in self.insertions],
             "unattributed_macs": self.unattributed_macs,
             "uncounted_ops": self.uncounted_ops,
@@ -152,6 +162,7 @@ def profile(
     compile: bool = False,
     min_run_time: float = 1.0,
     max_run_time: float = 4.0,
+    target_ci: float | None = None,
     pretrained: bool = False,
     weights: Any = None,
     weights_key: str | None = None,
@@ -175,6 +186,10 @@ def profile(
     ``pretrained``, ``weights``, ``weights_key`` and ``model_args`` (the builder's arguments) load a
     model given by name, as :func:`attnsurgeon.load_model` does.
 
+    Latency is timed in paired, alternating rounds; each Δ latency and Δ throughput comes with the 95 %
+    interval of the per-round ratios (``to_dict()["delta_ci"]``, :mod:`attnsurgeon.profiling.intervals`);
+    ``target_ci`` keeps timing, up to ``max_run_time``, until every such interval is within ±that %.
+
     Example:
         >>> result = profile("resnet50", attn="se", batch_sizes=[1, 8])
         >>> result.to_dict()["delta"]["params"]
@@ -195,7 +210,8 @@ def profile(
     quiet_torch_logs()
     say = progress or (lambda message: None)
     settings = check_settings(Settings(device, dtype, list([batch_sizes] if isinstance(batch_sizes, int) else batch_sizes),
-                                       mode, threads, channels_last, compile, min_run_time, max_run_time))
+                                       mode, threads, channels_last, compile, min_run_time, max_run_time,
+                                       target_ci))
     specs = list(plan or [])
     if attn is not None:
         specs.append(make_spec(attn, position, stages, blocks, init, replace=replace, **block_options))
@@ -274,6 +290,7 @@ def profile(
     previous_threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    load_start = _load_average()
     try:
         _time_and_measure(models, figures, size, settings, say)
         unattributed_memory = None
@@ -299,9 +316,19 @@ def profile(
         "threads": settings.threads or previous_threads,
         "torch_version": torch.__version__,
         "device_name": torch.cuda.get_device_name(settings.device) if settings.device.startswith("cuda") else "cpu",
+        "load_average": {"start": load_start, "end": _load_average()},  # 1, 5, 15 min; None where the OS has none
     }
     return ProfileResult(spec, source, size, settings, figures["base"], figures.get("modified"),
                          insertions, unattributed, uncounted, fvcore_default, warnings, environment, unattributed_memory, notes)
+
+
+def _load_average() -> list[float] | None:
+    import os
+
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # Windows
+        return None
 
 
 def _attribute_memory(model: Any, insertions: list[InsertionCost], figures: dict[str, ModelFigures], size: tuple[int, ...],

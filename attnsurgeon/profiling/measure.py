@@ -1,22 +1,28 @@
-"""Latency (torch.utils.benchmark) and peak memory of one step: inference, or forward+backward."""
+"""Latency (paired, interleaved rounds) and peak memory of one step: inference, or forward+backward."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..planning.settings import Settings
+from .intervals import MIN_ROUNDS, RatioInterval, ratio_interval
 
 
 @dataclass
 class Latency:
     median_ms: float
     iqr_ms: float
-    runs: int
+    runs: int  # timed rounds
     batch_size: int
+    rounds_ms: list[float] = field(default_factory=list)  # each round's time per call, in the order timed
+    calls: int = 1  # calls per round
+    warmup: int = 0  # untimed calls before the rounds (until three in a row agreed within 10 %)
+    vs_base: RatioInterval | None = None  # the modified model's: paired per-round ratio to the base
 
     @property
     def throughput(self) -> float:
@@ -72,47 +78,98 @@ def timed_call(step: Callable[[], None], device: str) -> float:
     return time.perf_counter() - start
 
 
-def measure_latency(steps: dict[str, Callable[[], None]], batch_size: int, settings: Settings,
-                    rounds: int = 2) -> dict[str, Latency]:
-    """Time several models side by side: ``rounds`` alternating adaptive_autorange passes each,
-    merged, so that drift on a shared machine hits them alike. CUDA timings are synchronised by
-    torch.utils.benchmark's timer."""
-    benchmark = _benchmark()
+# (step, calls) -> seconds per call of one block of ``calls`` calls; a test passes a fake one
+Clock = Callable[[Callable[[], None], int], float]
 
-    threads = settings.threads or _default_threads()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for name, step in steps.items():  # warm-up: allocator, caches, lazy init
-        for _ in range(2):
+ROUNDS = 10  # paired rounds at least (more while --target-ci is not met, up to --max-time)
+WARMUP_MAX = 10  # untimed calls at most, per model, before the rounds
+
+
+def block_time(step: Callable[[], None], calls: int, device: str) -> float:
+    """Seconds per call of ``calls`` back-to-back calls, synchronised, with the garbage collector off
+    (as ``timeit`` and ``torch.utils.benchmark`` time)."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
             step()
-    for r in range(rounds):
-        order = list(steps) if r % 2 == 0 else list(reversed(steps))
-        for name in order:
-            timer = benchmark.Timer(stmt="step()", globals={"step": steps[name]}, num_threads=threads,
-                                    label=name, description=f"batch {batch_size}")
-            m = timer.adaptive_autorange(threshold=0.1, min_run_time=settings.min_run_time / rounds,
-                                         max_run_time=settings.max_run_time / rounds)
-            times[name].extend(m.times)
-    out = {}
-    for name, values in times.items():
-        q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
-        out[name] = Latency(1000 * statistics.median(values), 1000 * (q[2] - q[0]), len(values), batch_size)
+        synchronize(device)
+        return (time.perf_counter() - start) / calls
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def measure_latency(steps: dict[str, Callable[[], None]], batch_size: int, settings: Settings,
+                    pairs: list[tuple[str, str]] | None = None, clock: Clock | None = None) -> dict[str, Latency]:
+    """Time several models in paired, interleaved rounds: each model warmed up until stable, then in
+    every round each model once, the order reversed every other round (AB, BA, AB, ...: neither always goes
+    first), so that drift on a shared machine hits them alike and cancels in the per-round ratios.
+
+    Stops once every model has ``min_run_time`` seconds of timed calls and ``ROUNDS`` rounds, and
+    either the interval of each pair in ``pairs`` (modified, reference; default: every model against
+    the first) is within ``±target_ci`` %, or, without a target, no model is noisy (IQR/median under
+    10 %); and at ``max_run_time`` whatever the state, once there are ``MIN_ROUNDS`` (6) rounds, the fewest
+    that give an interval (a model slower than max_run_time / 6 a call is timed longer than that). Each pair's first model
+    gets ``vs_base``, the paired interval (:mod:`attnsurgeon.profiling.intervals`)."""
+    clock = clock or (lambda step, calls: block_time(step, calls, settings.device))
+    names = list(steps)
+    pairs = pairs if pairs is not None else [(n, names[0]) for n in names[1:]]
+    warmup, per_call = {}, {}
+    for name in names:  # allocator, caches, lazy init; until three calls in a row agree within 10 %
+        clock(steps[name], 1)
+        seen: list[float] = []
+        while len(seen) < WARMUP_MAX and sum(seen) < settings.max_run_time / 4:
+            seen.append(clock(steps[name], 1))
+            if len(seen) >= 3 and max(seen[-3:]) <= 1.1 * min(seen[-3:]):
+                break
+        warmup[name], per_call[name] = 1 + len(seen), statistics.median(seen[-3:])
+    # One call count for all: each round's calls of base and modified take about as long, and a round
+    # takes about min_run_time / ROUNDS.
+    same = max(1, round(settings.min_run_time / ROUNDS / max(statistics.mean(per_call.values()), 1e-9)))
+    calls = dict.fromkeys(names, same)
+    rounds: dict[str, list[float]] = {n: [] for n in names}
+    spent = dict.fromkeys(names, 0.0)
+    r, next_look = 0, ROUNDS
+    while True:
+        for name in names if r % 2 == 0 else reversed(names):
+            t = clock(steps[name], calls[name])
+            rounds[name].append(t)
+            spent[name] += t * calls[name]
+        r += 1
+        if max(spent.values()) >= settings.max_run_time and r >= MIN_ROUNDS:  # the fewest with an interval, whatever the budget
+            break
+        if r < next_look or min(spent.values()) < settings.min_run_time:
+            continue
+        if _settled(rounds, pairs, settings.target_ci):
+            break
+        # Looked at every round, an interval that narrows by chance would stop the timing more often when its
+        # rounds happen to agree, and cover less than 95 %; a quarter more rounds before each new look keeps that small.
+        next_look = max(r + 1, math.ceil(1.25 * r)) if settings.target_ci is not None else r + 1
+    out = {name: _latency(values, batch_size, calls[name], warmup[name]) for name, values in rounds.items()}
+    for mod, ref in pairs:
+        out[mod].vs_base = ratio_interval(rounds[mod], rounds[ref])
     return out
 
 
-def _benchmark() -> Any:
-    """torch.utils.benchmark, imported without its 'No CUDA runtime is found' log line on CPU machines."""
-    from ..core.native import quiet_torch_logs
+def _settled(rounds: dict[str, list[float]], pairs: list[tuple[str, str]], target_ci: float | None) -> bool:
+    if target_ci is None:
+        return not any(_latency(v, 1, 1, 0).noisy for v in rounds.values())
+    for mod, ref in pairs:
+        interval = ratio_interval(rounds[mod], rounds[ref])
+        if interval is None or interval.half_width is None or interval.half_width > target_ci:
+            return False
+    return True
 
-    quiet_torch_logs()
-    import torch.utils.benchmark as benchmark
 
-    return benchmark
-
-
-def _default_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+def _latency(seconds: list[float], batch_size: int, calls: int, warmup: int) -> Latency:
+    ms = [1000 * t for t in seconds]
+    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+    return Latency(statistics.median(ms), q[2] - q[0], len(ms), batch_size, ms, calls, warmup)
 
 
 @dataclass

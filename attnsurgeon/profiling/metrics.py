@@ -25,6 +25,14 @@ class Metric:
     delta: bool = True  # a difference means something (not for a spread or a run count)
     table: bool = True  # in tables, CSV, Markdown and sweep rows (False: the JSON objects only)
     summary: bool = False  # a column of the sweep's one-line-per-configuration table
+    # (modified figures, batch size) -> the paired interval of the change (intervals.RatioInterval), None where none
+    interval: Callable[[Any, int], Any] | None = None
+    inverse: bool = False  # a rate (throughput): its change is 1 / the latency ratio
+
+    def ci(self, fig: Any, batch: int) -> tuple[float, float | None, float | None] | None:
+        """(change %, low %, high %) of this figure from the paired rounds, or None (no interval kept)."""
+        r = self.interval(fig, batch) if self.interval is not None and fig is not None else None
+        return r.percent(self.inverse) if r is not None else None
 
     def format(self, value: float | None, signed: bool = False, unit: bool = True) -> str:
         if value is None:
@@ -45,6 +53,10 @@ def _latency(attr: str) -> Callable[[Any, int], Any]:
     return lambda fig, b: getattr(fig.latency[b], attr) if b in fig.latency else None
 
 
+def _vs_base(fig: Any, b: int) -> Any:
+    return fig.latency[b].vs_base if b in fig.latency else None
+
+
 def _memory(attr: str) -> Callable[[Any, int], Any]:
     return lambda fig, b: getattr(fig.memory[b], attr) if b in fig.memory else None
 
@@ -53,10 +65,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("params", "params", lambda fig, b: fig.params, digits=0, summary=True),
     Metric("macs", "MACs", lambda fig, b: fig.macs, unit="G", scale=1e9, digits=4, thousands=False, summary=True),
     Metric("flops", "FLOPs", lambda fig, b: fig.flops, unit="G", scale=1e9, digits=4, thousands=False, summary=True),
-    Metric("latency_ms.median", "latency", _latency("median_ms"), unit="ms", per_batch=True, summary=True),
+    Metric("latency_ms.median", "latency", _latency("median_ms"), unit="ms", per_batch=True, summary=True,
+           interval=_vs_base),
     Metric("latency_ms.iqr", "latency IQR", _latency("iqr_ms"), unit="ms", per_batch=True, delta=False),
     Metric("latency_ms.runs", "timed runs", _latency("runs"), per_batch=True, delta=False, table=False, digits=0),
-    Metric("throughput", "throughput", _latency("throughput"), unit="img/s", per_batch=True, digits=1),
+    Metric("throughput", "throughput", _latency("throughput"), unit="img/s", per_batch=True, digits=1,
+           interval=_vs_base, inverse=True),
     Metric("peak_memory_bytes", "peak memory", _memory("peak_bytes"), unit="MiB", scale=2**20, digits=2, per_batch=True,
            summary=True),
     Metric("step_peak_memory_bytes", "step peak memory", _memory("step_peak_bytes"), unit="MiB", scale=2**20, digits=2,
@@ -70,6 +84,19 @@ def percent(base: float | None, value: float | None) -> float | None:
     if base is None or value is None or not base:
         return None
     return 100.0 * (value - base) / base
+
+
+def change(metric: Metric, base: Any, fig: Any, batch: int) -> float | None:
+    """Δ % of ``metric`` from ``base`` to ``fig`` (ModelFigures): the median of the paired per-round
+    ratios where the rounds were kept (latency, throughput), else the ratio of the two figures."""
+    ci = metric.ci(fig, batch)
+    return ci[0] if ci is not None else percent(metric.read(base, batch), metric.read(fig, batch) if fig else None)
+
+
+def interval(metric: Metric, fig: Any, batch: int) -> dict | None:
+    """``delta_ci``'s entry: ``{"low", "high", "confidence", "rounds", "resolved"}`` in percent, or None."""
+    r = metric.interval(fig, batch) if metric.interval is not None and fig is not None else None
+    return r.to_dict(metric.inverse) if r is not None else None
 
 
 def difference(base: float | None, value: float | None) -> float | None:

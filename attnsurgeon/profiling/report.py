@@ -7,15 +7,29 @@ import io
 from typing import Any
 
 from . import ProfileResult
+from .intervals import format_interval, unresolved
+from .metrics import Metric
+
+UNRESOLVED = "no difference resolved"
+
+
+def delta_cell(metric: Metric, delta: float | None, ci: tuple | None) -> str:
+    """The Δ column: the difference, or where its 95 % interval contains 0, "no difference resolved"."""
+    if not metric.delta:
+        return ""
+    if ci is not None and unresolved(ci[1], ci[2]):
+        return UNRESOLVED
+    return metric.format(delta, True)
 
 
 def to_csv(result: ProfileResult) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["model", "metric", "base", "modified", "delta", "delta_percent"])
-    for metric, b, base, mod, delta, pct in result.rows():
+    writer.writerow(["model", "metric", "base", "modified", "delta", "delta_percent", "delta_ci_low", "delta_ci_high"])
+    for metric, b, base, mod, delta, pct, ci in result.rows():
         name = f"{metric.key} (bs={b})" if metric.per_batch else metric.key
-        writer.writerow([result.model, name, _num(base), _num(mod), _num(delta), _num(pct, 4)])
+        low, high = ci[1:] if ci else (None, None)
+        writer.writerow([result.model, name, _num(base), _num(mod), _num(delta), _num(pct, 4), _num(low, 4), _num(high, 4)])
     return buf.getvalue()
 
 
@@ -28,9 +42,10 @@ def to_markdown(result: ProfileResult) -> str:
         "| metric | base | modified | delta | delta % |",
         "|---|---:|---:|---:|---:|",
     ]
-    for metric, b, base, mod, delta, pct in result.rows():
+    for metric, b, base, mod, delta, pct, ci in result.rows():
+        shown = format_interval(*ci) if ci else "-" if pct is None else f"{pct:+.2f}%"
         lines.append(f"| {metric.row_label(b)} | {metric.format(base)} | {metric.format(mod)} | "
-                     f"{metric.format(delta, True) if metric.delta else ''} | {'-' if pct is None else f'{pct:+.2f}%'} |")
+                     f"{delta_cell(metric, delta, ci)} | {shown} |")
     if result.insertions:
         lines += ["", "| inserted module | position | params | MACs |", "|---|---|---:|---:|"]
         for i in result.insertions:

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..core.files import atomic_path, write_text_atomic
+from ..core.files import write_text_atomic
 from ..core.errors import AttnSurgeonError
 from ..planning.recipes import Configuration
+from .plot import BASE, draw_plot, write_plot as _write_plot  # noqa: F401  (draw_plot: the figure, for callers)
 
 SWEEP_FILE = "sweep.json"
 ROWS_FILE = "rows.jsonl"
-BASE = "base"
 def _csv_columns() -> list[str]:
     """name, status, then per metric its value, delta, delta % and the base's value; then the rest."""
     from ..profiling.metrics import TABLE_METRICS
@@ -46,6 +46,7 @@ def _csv_columns() -> list[str]:
     columns = ["model", "name", "status"]
     for m in TABLE_METRICS:
         columns += [m.column] + ([f"{m.column}_delta", f"{m.column}_delta_pct", f"base_{m.column}"] if m.delta else [])
+        columns += [f"{m.column}_delta_ci_low", f"{m.column}_delta_ci_high"] if m.delta and m.interval else []
     return columns + ["reason", "insertions", "seconds"]
 
 
@@ -434,115 +435,12 @@ def _write_tables(out: Path, rows: list[dict]) -> None:
             flat[f"{m.column}_delta"] = get(row.get("delta", {}), m.key)
             flat[f"{m.column}_delta_pct"] = get(row.get("delta_percent", {}), m.key)
             flat[f"base_{m.column}"] = get(row.get("base", {}), m.key)
+            ci = get(row.get("delta_ci") or {}, m.key) if m.interval else None
+            if ci:
+                flat[f"{m.column}_delta_ci_low"], flat[f"{m.column}_delta_ci_high"] = ci["low"], ci["high"]
         writer.writerow(flat)
     write_text_atomic(out / "results.csv", buf.getvalue())
     write_text_atomic(out / "results.json", json.dumps(rows, indent=2) + "\n")
-
-
-def _write_plot(out: Path, rows: list[dict]) -> Path | None:
-    """Latency against parameters, one labelled point per finished row (matplotlib, Agg)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig = draw_plot(rows)
-    if fig is None:
-        return None
-    path = out / "plot.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
-
-
-def draw_plot(rows: list[dict]) -> Any:
-    """The figure of :func:`_write_plot`, or None when no row finished: each point labelled where its
-    label collides with no other label and no point (see :func:`_place_labels`)."""
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    models = list(dict.fromkeys(r["model"] for r in ok))  # one colour per model, its base a black-edged square
-    colours = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
-    points: list[tuple[float, float, str]] = []
-    for k, model in enumerate(models):
-        colour = "tab:blue" if len(models) == 1 else colours(k % colours.N)
-        for r in (r for r in ok if r["model"] == model):
-            is_base = r["name"] == BASE
-            xy = (r["params"] / 1e6, r["latency_ms"]["median"])
-            ax.scatter(*xy, marker="s" if is_base else "o", s=40, zorder=3,
-                       color=("black" if len(models) == 1 else colour) if is_base else colour,
-                       edgecolors="black" if is_base else "none")
-            points.append((*xy, model if is_base and len(models) > 1 else r["name"]))
-        if len(models) > 1:
-            ax.scatter([], [], color=colour, label=model)
-    if len(models) > 1:
-        ax.legend(fontsize=7, loc="best")
-    ax.margins(0.12)  # room for the labels of the outermost points
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel(f"latency (ms), batch {ok[0].get('batch_size', 1)}")
-    ax.set_title(f"{models[0] if len(models) == 1 else f'{len(models)} models'}: latency against parameters", fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _place_labels(ax, points)
-    return fig
-
-
-# where a label may go around its point, nearest first: (dx, dy) directions, at growing distances in points
-_DIRECTIONS = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
-_DISTANCES = [5, 14, 26, 40, 56]
-
-
-def _place_labels(ax: Any, points: list[tuple[float, float, str]]) -> None:
-    """Label each point at the first spot around it (nearest first) where its text overlaps no label
-    placed before, no point and nothing outside the axes; where none is free, at the spot with the
-    least overlap. A label set away from its point gets a thin leader line to it."""
-    from matplotlib.transforms import Bbox
-
-    fig = ax.figure
-    renderer = fig.canvas.get_renderer()
-    inside = ax.get_window_extent(renderer)
-    dots = []
-    for x, y, _ in points:  # each marker's box, in pixels
-        px, py = ax.transData.transform((x, y))
-        r = 4 * fig.dpi / 72
-        dots.append(Bbox.from_extents(px - r, py - r, px + r, py + r))
-    placed: list[Any] = []
-
-    def overlap(a: Any, b: Any) -> float:
-        w = min(a.x1, b.x1) - max(a.x0, b.x0)
-        h = min(a.y1, b.y1) - max(a.y0, b.y0)
-        return w * h if w > 0 and h > 0 else 0.0
-
-    for x, y, text in points:
-        best = None
-        for distance in _DISTANCES:
-            for dx, dy in _DIRECTIONS:
-                label = ax.annotate(text, (x, y), textcoords="offset points", fontsize=8,
-                                    xytext=(dx * distance, dy * distance),
-                                    ha={1: "left", -1: "right", 0: "center"}[dx],
-                                    va={1: "bottom", -1: "top", 0: "center"}[dy])
-                box = label.get_window_extent(renderer)
-                cost = (sum(overlap(box, b) for b in placed) + sum(overlap(box, d) for d in dots)
-                        + box.width * box.height - overlap(box, inside))  # the part outside the axes
-                label.remove()
-                if best is None or cost < best[0]:
-                    best = (cost, distance, dx, dy, box)
-                if cost == 0:
-                    break
-            if best[0] == 0:
-                break
-        _, distance, dx, dy, box = best
-        far = distance > _DISTANCES[0]
-        ax.annotate(text, (x, y), textcoords="offset points", fontsize=8, xytext=(dx * distance, dy * distance),
-                    ha={1: "left", -1: "right", 0: "center"}[dx], va={1: "bottom", -1: "top", 0: "center"}[dy],
-                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5", shrinkA=0, shrinkB=3) if far else None)
-        placed.append(box)
 
 
 # --------------------------------------------------------------------------- rows
@@ -551,11 +449,12 @@ def _place_labels(ax: Any, points: list[tuple[float, float, str]]) -> None:
 def _row(name: str, model: str, result: Any) -> dict[str, Any]:
     """The row of one configuration: its figures at the first batch size, nested as in ``profile
     --json``, and the base model's, measured alongside in the same run, with the differences."""
-    from ..profiling.metrics import TABLE_METRICS, difference, nested, percent
+    from ..profiling.metrics import TABLE_METRICS, change, difference, interval, nested
 
     b = result.settings.batch_sizes[0]
     base, fig = result.base, result.modified or result.base
     changes = [m for m in TABLE_METRICS if m.delta]
+    ci = {"delta_ci": nested([m for m in changes if m.interval], [b], lambda m, _: interval(m, result.modified, b))}
     return {
         "name": name,
         "status": "ok",
@@ -565,8 +464,9 @@ def _row(name: str, model: str, result: Any) -> dict[str, Any]:
         **nested(TABLE_METRICS, [b], lambda m, _: m.read(fig, b)),
         "base": nested(TABLE_METRICS, [b], lambda m, _: m.read(base, b)),
         "delta": nested(changes, [b], lambda m, _: difference(m.read(base, b), m.read(fig, b))),
-        "delta_percent": nested(changes, [b], lambda m, _: percent(m.read(base, b), m.read(fig, b))),
+        "delta_percent": nested(changes, [b], lambda m, _: change(m, base, fig, b)),
         "notes": result.notes,
+        **(ci if result.modified is not None else {}),  # the paired 95 % interval of Δ latency and Δ throughput
         "warnings": result.warnings,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
