@@ -14,6 +14,7 @@ from typing_extensions import Annotated
 
 from ..core.errors import AttnSurgeonError
 from ..saving.export import FORMATS  # the format registry (torch-free)
+from ..profiling.runtimes import RUNTIMES  # the runtime registry (torch-free)
 
 # --------------------------------------------------------------------------- shared options
 # Each option is declared once here; help texts name what the registries hold (torch-free imports).
@@ -99,6 +100,12 @@ ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Run in c
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile both models; compile time is reported on its own line.")]
 MinTimeOpt = Annotated[float, typer.Option("--min-time", help="Seconds of timed runs per model and batch size, at least.")]
 MaxTimeOpt = Annotated[float, typer.Option("--max-time", help="... and at most; timing stops early once IQR/median < 10%.")]
+RuntimeOpt = Annotated[Optional[str], typer.Option(
+    "--runtime", help=f"Where to time both models, one or several: {', '.join(RUNTIMES)} (each exported, loaded there and "
+    "checked against eager's outputs first). A sweep measures every configuration in each.", show_default="eager")]
+QuantizeOpt = Annotated[Optional[str], typer.Option(
+    "--quantize", help="int8: also time ONNX Runtime's static int8 quantization (calibrated on 4 sample batches) and "
+    "print its output error against the float model.", show_default="none")]
 PROFILE_DEFAULTS = {"device": "cpu", "dtype": "float32", "batch_size": "1", "mode": "inference", "min_time": 1.0, "max_time": 4.0}
 
 
@@ -161,6 +168,15 @@ def parse_ints(text: str | None, what: str) -> list[int] | None:
     if not out:
         raise AttnSurgeonError(f"{what}: '{text}' names nothing; give integers such as 3,4 or 2-4")
     return out
+
+
+def parse_runtimes(text: str | None) -> list[str]:
+    """``eager,onnxruntime`` -> the runtime names, refused in one line if unknown; eager by default."""
+    names = [n.strip().lower() for n in (text or "eager").split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNTIMES]
+    if unknown or not names:
+        raise AttnSurgeonError(f"unknown runtime '{', '.join(unknown) or text}': choose from {', '.join(RUNTIMES)}")
+    return list(dict.fromkeys(names))
 
 
 def parse_globs(text: str | None, what: str = "--blocks") -> list[str] | None:

@@ -82,6 +82,7 @@ class ProfileResult:
     warnings: list[str]
     environment: dict[str, Any]
     unattributed_memory_bytes: int | None = None  # --mode train: Δ peak memory (first batch size) less the per-insertion rows
+    runtimes: list[Any] = field(default_factory=list)  # runtimes.RuntimeFigures, one per --runtime (and precision)
 
     def rows(self) -> list[tuple[Metric, int, float, float | None, float | None, float | None]]:
         """(metric, batch size, base, modified, delta, delta %) for tables, CSV and Markdown."""
@@ -91,6 +92,8 @@ class ProfileResult:
             for b in self.settings.batch_sizes if metric.per_batch else self.settings.batch_sizes[:1]:
                 base = metric.read(self.base, b)
                 mod = metric.read(m, b) if m else None
+                if metric.per_batch and base is None and mod is None:  # not measured in eager (--runtime without it)
+                    continue
                 delta, pct = (difference(base, mod), percent(base, mod)) if metric.delta else (None, None)
                 out.append((metric, b, base, mod, delta, pct))
         return out
@@ -125,6 +128,7 @@ class ProfileResult:
             "settings": {**self.settings.to_dict(), "input_size": list(self.input_size), **self.environment},
             "warnings": self.warnings,
             "unattributed_memory_bytes": self.unattributed_memory_bytes,
+            "runtimes": [r.to_dict(bs) for r in self.runtimes],
         }
 
 
@@ -156,6 +160,8 @@ def profile(
     progress: ProgressFn | None = None,
     replace: bool = False,
     memory_efficient: bool = False,
+    runtimes: Iterable[str] | str = ("eager",),
+    quantize: str | None = None,
     **block_options: Any,
 ) -> ProfileResult:
     """Measure a model and, with ``attn`` or ``plan``, its modified twin, side by side.
@@ -168,6 +174,9 @@ def profile(
     ``memory_efficient`` recomputes the inserted blocks in the backward pass (see
     :mod:`attnsurgeon.rewriting.memory`); without insertions, the modified model is the model with its own
     attention gates recomputed (:func:`attnsurgeon.optimize`): before and after, side by side.
+    ``runtimes`` (names of :data:`~attnsurgeon.profiling.runtimes.RUNTIMES`, ``"eager"`` by default)
+    times both models in each runtime too, after checking its outputs against eager's; ``quantize="int8"``
+    adds an int8 row for ONNX Runtime (static quantization). The per-insertion figures are eager's.
 
     Example:
         >>> result = profile("resnet50", attn="se", batch_sizes=[1, 8])
@@ -189,7 +198,11 @@ def profile(
     quiet_torch_logs()
     say = progress or (lambda message: None)
     settings = check_settings(Settings(device, dtype, list([batch_sizes] if isinstance(batch_sizes, int) else batch_sizes),
-                                       mode, threads, channels_last, compile, min_run_time, max_run_time))
+                                       mode, threads, channels_last, compile, min_run_time, max_run_time,
+                                       list(dict.fromkeys([runtimes] if isinstance(runtimes, str) else runtimes)), quantize))
+    from .runtimes import check_runtimes
+
+    check_runtimes(settings.runtimes, settings, settings.quantize)
     specs = list(plan or [])
     if attn is not None:
         specs.append(make_spec(attn, position, stages, blocks, init, replace=replace, **block_options))
@@ -268,7 +281,15 @@ def profile(
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        _time_and_measure(models, figures, size, settings, say)
+        if "eager" in settings.runtimes:
+            _time_and_measure(models, figures, size, settings, say)
+        measured_runtimes = []
+        if settings.runtimes != ["eager"]:
+            from .runtimes import measure_runtimes
+
+            for m in models.values():
+                m.to("cpu").eval()  # exported from the CPU
+            measured_runtimes = measure_runtimes(models, figures, size, settings, settings.runtimes, settings.quantize, say)
         unattributed_memory = None
         if settings.mode == "train" and modified is not None and insertions:
             say("Attributing memory to the insertions")
@@ -293,7 +314,8 @@ def profile(
         "device_name": torch.cuda.get_device_name(settings.device) if settings.device.startswith("cuda") else "cpu",
     }
     return ProfileResult(spec, source, size, settings, figures["base"], figures.get("modified"),
-                         insertions, unattributed, uncounted, fvcore_default, warnings, environment, unattributed_memory)
+                         insertions, unattributed, uncounted, fvcore_default, warnings, environment, unattributed_memory,
+                         measured_runtimes)
 
 
 def _attribute_memory(model: Any, insertions: list[InsertionCost], figures: dict[str, ModelFigures], size: tuple[int, ...],
