@@ -14,8 +14,8 @@ from ..core.errors import AttnSurgeonError
 from .app import app, command
 from .options import (
     ChannelsLastOpt, InputSizeOpt, InsertionArgs, JsonOpt, MemoryEfficientOpt, RecipeBatchSizesOpt, RecipeDeviceOpt,
-    RecipeDtypeOpt, RecipeMaxTimeOpt, RecipeMinTimeOpt, RecipeModeOpt, TargetOpt, ThreadsOpt, _profile_overrides,
-    _takes, check_insertion_args, insertion_options, parse_globs, parse_ints,
+    RecipeDtypeOpt, RecipeMaxTimeOpt, RecipeMinTimeOpt, RecipeModeOpt, RuntimeOpt, TargetOpt, ThreadsOpt, _profile_overrides,
+    _takes, check_insertion_args, insertion_options, parse_globs, parse_ints, parse_runtimes,
 )
 from .render import _escape, _stderr, _SweepProgress, emit_json, print_sweep
 
@@ -62,6 +62,7 @@ def sweep(
     ray_cpus: SweepRayCpusOpt = None,
     json_out: JsonOpt = False,
     memory_efficient: MemoryEfficientOpt = False,
+    runtime: RuntimeOpt = None,
 ) -> None:
     """Profile MODEL under every combination of --attn and --position (or a sweep recipe's configurations).
 
@@ -132,6 +133,8 @@ def sweep(
         configurations, settings, size = spec.configurations, {}, input_size
     settings.update(_profile_overrides(device, dtype, batch_size, mode, threads, min_time,
                                        max_time, channels_last))
+    if runtime is not None:  # a grid axis: every configuration measured in each runtime
+        settings["runtimes"] = parse_runtimes(runtime)
     from ..sweeps.runner import run_sweep
 
     swept = models.split(",") if models is not None else spec.models or spec.model  # --models overrides a recipe's

@@ -15,7 +15,7 @@ the other rows are measured all the same.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +54,9 @@ class Runtime:
     def missing(self) -> str | None:
         """Why it cannot run here (a package is not installed), in one line; None if it can."""
         for module in self.requires:
-            if importlib.util.find_spec(module) is None:
+            try:
+                importlib.import_module(module)
+            except ImportError:
                 return f"{self.title} needs the {module} package: pip install 'attnsurgeon[{self.extra}]'"
         return None
 

@@ -345,12 +345,17 @@ def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike, calibrat
         def get_next(self) -> dict | None:
             return next(self.batches, None)
 
+    import logging
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)  # its advice to pre-process, logged on the root logger
             quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ)
     except Exception as exc:
         raise AttnSurgeonError(f"ONNX Runtime int8 quantization failed: {_first_line(exc)}") from exc
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _dynamic_shapes(x: tuple, dynamic: bool) -> Any:
