@@ -167,3 +167,16 @@ def test_compile_rows_are_checked_against_eager():
     row = _by_label(result)["compile"]
     assert row.error is None, row.error
     assert row.max_abs_diff["base"] <= TOLERANCE and row.base.latency[1].median_ms > 0
+
+
+@pytest.mark.slow
+def test_a_sweep_takes_the_runtime_as_a_grid_axis(cli, tmp_path):
+    code, out, err = cli("sweep", "resnet18", "--attn", "se", "--runtime", "eager,torchscript", "--input-size", "32",
+                         "--min-time", "0.02", "--max-time", "0.05", "--threads", "1", "--out", tmp_path / "s", "--json")
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)["rows"]}
+    assert list(rows) == ["base@eager", "se@eager", "base@torchscript", "se@torchscript"]
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["se@torchscript"]["runtime"] == "torchscript" and "runtime" not in rows["se@eager"]
+    assert rows["se@torchscript"]["delta"]["params"] == rows["se@eager"]["delta"]["params"] > 0  # counts: the model's
+    assert rows["se@torchscript"]["latency_ms"]["median"] > 0

@@ -304,6 +304,12 @@ def profile(
                 warnings.append(f"{name} latency at batch {b} is noisy: IQR {lat.iqr_ms:.2f} ms is "
                                 f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median; other work competes for the CPU "
                                 "(try --threads 1 or fewer than the free cores) or raise --max-time")
+    for row in measured_runtimes:
+        for name, timed in (("base", row.base), ("modified", row.modified)):
+            for b, lat in (timed.latency.items() if row.runtime != "eager" and timed is not None else ()):
+                if lat.noisy:
+                    warnings.append(f"{name} latency in {row.label} at batch {b} is noisy: IQR {lat.iqr_ms:.2f} ms is "
+                                    f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median")
     if counted:
         warnings.append(counted[0])
     if uncounted:
