@@ -156,7 +156,7 @@ def test_csv_and_markdown_files(cli, tmp_path):
                          "--max-time", "0.1", "--csv", tmp_path / "r.csv", "--markdown", tmp_path / "r.md")
     assert code == 0, err
     rows = (tmp_path / "r.csv").read_text().splitlines()
-    assert rows[0] == "model,metric,base,modified,delta,delta_percent,delta_ci_low,delta_ci_high"
+    assert rows[0] == "model,metric,base,modified,delta,delta_percent,delta_ci_low,delta_ci_high,runtime"
     assert rows[1].startswith("tv:resnet18,params,")
     md = (tmp_path / "r.md").read_text()
     assert "| params |" in md and "| layer1.0.eca | standard |" in md

@@ -19,6 +19,7 @@ from ..blocks import REGISTRY as BLOCKS
 from ..core.errors import AttnSurgeonError, one_line
 from ..core.lists import split_list
 from ..core.positions import POSITIONS  # noqa: E402
+from ..profiling.runtimes import RUNTIMES  # the runtime registry (torch-free)
 from ..saving.export import FORMATS  # the format registry (torch-free)
 
 ModelArg = Annotated[
@@ -150,6 +151,12 @@ MaxTimeOpt = Annotated[float, typer.Option("--max-time", help="... and at most; 
 TargetCiOpt = Annotated[Optional[float], typer.Option(
     "--target-ci", metavar="PCT", help="Keep timing, up to --max-time, until the 95% interval of every Δ latency is within ±PCT "
     "percent (e.g. 1).", show_default="none: stop at --min-time once timings are steady")]
+RuntimeOpt = Annotated[Optional[str], typer.Option(
+    "--runtime", help=f"Where to time both models, one or several: {', '.join(RUNTIMES)} (each exported, loaded there and "
+    "checked against eager's outputs first). A sweep measures every configuration in each.", show_default="eager")]
+QuantizeOpt = Annotated[Optional[str], typer.Option(
+    "--quantize", help="int8: also time ONNX Runtime's static int8 quantization (calibrated on 4 sample batches) and "
+    "print its output error against the float model.", show_default="none")]
 PROFILE_DEFAULTS = {"device": "cpu", "dtype": "float32", "batch_size": "1", "mode": "inference", "min_time": 1.0, "max_time": 4.0}
 
 
@@ -212,6 +219,15 @@ def parse_ints(text: str | None, what: str) -> list[int] | None:
     if not out:
         raise AttnSurgeonError(f"{what}: '{text}' names nothing; give integers such as 3,4 or 2-4")
     return out
+
+
+def parse_runtimes(text: str | None) -> list[str]:
+    """``eager,onnxruntime`` -> the runtime names, refused in one line if unknown; eager by default."""
+    names = [n.lower() for n in split_list(text or "eager") or []]
+    unknown = [n for n in names if n not in RUNTIMES]
+    if unknown or not names:
+        raise AttnSurgeonError(f"unknown runtime '{', '.join(unknown) or text}': choose from {', '.join(RUNTIMES)}")
+    return list(dict.fromkeys(names))
 
 
 def parse_globs(text: str | None, what: str = "--blocks") -> list[str] | None:

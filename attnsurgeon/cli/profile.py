@@ -15,8 +15,8 @@ from .options import (
     ATTN_HELP,
     BatchSizesOpt, ChannelsLastOpt, CompileOpt, DeviceOpt, DtypeOpt, InputSizeOpt, InsertionArgs, JsonOpt,
     MaxTimeOpt, MemoryEfficientOpt, MinTimeOpt, ModeOpt, ModelArg, ModelArgsOpt, PROFILE_DEFAULTS, PositionOpt,
-    PretrainedOpt, TargetCiOpt, TargetOpt, ThreadsOpt, WeightsKeyOpt, WeightsOpt, _check_plot, check_insertion_args,
-    insertion_options, parse_globs, parse_ints, parse_model_args,
+    PretrainedOpt, QuantizeOpt, RuntimeOpt, TargetCiOpt, TargetOpt, ThreadsOpt, WeightsKeyOpt, WeightsOpt, _check_plot, check_insertion_args,
+    insertion_options, parse_globs, parse_ints, parse_model_args, parse_runtimes,
 )
 from .render import _escape, _stdout, _Steps, emit_json, print_profile
 
@@ -56,10 +56,14 @@ def profile(
                                                  "train, the activation memory each keeps for backward: .png, .svg or .pdf.",
                                                  show_default="none")] = None,
     memory_efficient: MemoryEfficientOpt = False,
+    runtime: RuntimeOpt = None,
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Measure MODEL and, with --attn, its modified twin side by side: params, MACs/FLOPs, latency, peak memory.
 
     Example: attnsurgeon profile resnet50 --attn se --stages 3,4 --batch-size 1,32
+
+    In the deployment runtimes: attnsurgeon profile resnet50 --attn se --runtime eager,onnxruntime,openvino
     """
     options, init, replace = ins.options, ins.init, ins.replace
     if attn is not None:
@@ -70,6 +74,7 @@ def profile(
         raise AttnSurgeonError("--replace needs --attn: the block to put in place of the model's attention, or none to remove it")
     sizes = parse_ints(batch_size, "--batch-size") or []
     model_args = parse_model_args(model_arg)
+    runtimes = parse_runtimes(runtime)
     _check_plot(plot)
     if plot is not None and attn is None and not model.lower().endswith(".safetensors"):
         raise AttnSurgeonError("--plot draws the cost of each insertion: give --attn (the model alone has none)")
@@ -84,7 +89,7 @@ def profile(
             init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
             channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
             target_ci=target_ci, pretrained=pretrained, weights=weights, weights_key=weights_key, model_args=model_args, target=target, progress=steps, replace=replace,
-            memory_efficient=memory_efficient, **ins.anchors, **options,
+            memory_efficient=memory_efficient, runtimes=runtimes, quantize=quantize, **ins.anchors, **options,
         )
     from ..core.files import write_text_atomic
     from ..profiling.report import to_csv, to_markdown

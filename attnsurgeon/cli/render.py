@@ -241,6 +241,7 @@ def print_profile(result: Any, memory_efficient: bool = False) -> None:
         per.add_row("[bold]total[/]", "", f"{sum(i.params for i in result.insertions):,}",
                     f"{sum(i.macs for i in result.insertions) + result.unattributed_macs:,}")
         out.print(per)
+    print_runtimes(result)
     err = _stderr()
     for note in result.notes:  # as insert says them
         err.print(f"[dim]note: {_escape(note)}[/]")
@@ -271,6 +272,44 @@ def print_timing(result: Any) -> None:
               "where it contains 0, no difference is resolved: --target-ci PCT times until it is within ±PCT, up to --max-time"
               + (f"; an interval needs {MIN_ROUNDS} rounds" if rounds and min(rounds) < MIN_ROUNDS else "")
               + "[/]")
+
+
+def print_runtimes(result: Any) -> None:
+    """``profile --runtime``: latency and memory per runtime, base and modified, each checked against eager."""
+    from rich.table import Table
+
+    from ..profiling.intervals import format_interval
+    from ..profiling.report import delta_cell
+
+    if not result.runtimes or [r.runtime for r in result.runtimes] == ["eager"]:
+        return
+    out = _stdout()
+    alone = result.modified is None
+    table = Table(title="per runtime (outputs checked against eager first; the per-insertion figures are eager's)",
+                  title_justify="left")
+    for col in ("runtime", "metric", *(("value",) if alone else ("base", "modified", "delta", "delta %")), "output check"):
+        table.add_column(col, justify="left" if col in ("runtime", "metric", "output check") else "right")
+    failures = []
+    for r in result.runtimes:
+        rows = r.rows(result.settings.batch_sizes)
+        if r.error:
+            failures.append(r)
+            table.add_row(r.label, f"[red]not measured ({len(failures)})[/]", *[""] * (1 if alone else 4), "", end_section=True)
+        for i, (metric, b, base, mod, delta, pct, ci) in enumerate(rows):
+            shown = _escape(format_interval(*ci)) if ci else "" if pct is None or not metric.delta else f"{pct:+.{_digits(pct)}f}%"
+            cells = [metric.format(base)] if alone else [
+                metric.format(base), metric.format(mod), delta_cell(metric, delta, ci), shown]
+            table.add_row(r.label if i == 0 else "", metric.row_label(b), *cells,
+                          (r.check() if r.runtime != "eager" else "(the reference)") if i == 0 else "",
+                          end_section=i == len(rows) - 1)
+    out.print(table)
+    for i, r in enumerate(failures, 1):
+        out.print(f"[red]not measured ({i})[/] {r.label}: {_escape(r.error)}")
+    int8 = [r for r in result.runtimes if r.precision == "int8" and r.max_abs_diff]
+    for r in int8:
+        out.print(f"{r.label} output error against the float model: " + ", ".join(
+            f"{name} max abs diff {diff:.3g}" for name, diff in r.max_abs_diff.items())
+            + f" (output scale {r.output_scale:.3g})")
 
 
 class _SweepProgress(_Steps):

@@ -26,6 +26,7 @@ from .options import (
     RecipeMaxTimeOpt,
     RecipeMinTimeOpt,
     RecipeModeOpt,
+    RuntimeOpt,
     TargetCiOpt,
     TargetOpt,
     ThreadsOpt,
@@ -36,6 +37,7 @@ from .options import (
     parse_globs,
     parse_ints,
     parse_model_args,
+    parse_runtimes,
 )
 from .render import _escape, _stderr, _SweepProgress, emit_json, print_sweep
 
@@ -83,6 +85,7 @@ def sweep(
     ray_cpus: SweepRayCpusOpt = None,
     json_out: JsonOpt = False,
     memory_efficient: MemoryEfficientOpt = False,
+    runtime: RuntimeOpt = None,
 ) -> None:
     """Profile MODEL under every combination of --attn and --position (or a sweep recipe's configurations).
 
@@ -156,6 +159,8 @@ def sweep(
         configurations, settings, size = spec.configurations, {}, input_size
     settings.update(_profile_overrides(device, dtype, batch_size, mode, threads, min_time,
                                        max_time, channels_last, target_ci))
+    if runtime is not None:  # a grid axis: every configuration measured in each runtime
+        settings["runtimes"] = parse_runtimes(runtime)
     from ..sweeps.runner import run_sweep
 
     swept = split_list(models) if models is not None else spec.models or spec.model  # --models overrides a recipe's

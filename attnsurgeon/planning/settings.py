@@ -25,6 +25,8 @@ class Settings:
     min_run_time: float = 1.0  # seconds of timed runs per model and batch size, at least
     max_run_time: float = 4.0  # ... and at most (adaptive stopping in between)
     target_ci: float | None = None  # keep timing (up to max_run_time) until each Δ latency's 95 % interval is within ±this %
+    runtimes: list[str] = field(default_factory=lambda: ["eager"])  # where the models run (profiling.runtimes)
+    quantize: str | None = None  # int8: the runtimes that quantize get an int8 row too
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -83,6 +83,7 @@ class ProfileResult:
     environment: dict[str, Any]
     unattributed_memory_bytes: int | None = None  # --mode train: Δ peak memory (first batch size) less the per-insertion rows
     notes: list[str] = field(default_factory=list)  # the insertion's notes (what it skipped, the parts traced), as insert says them
+    runtimes: list[Any] = field(default_factory=list)  # runtimes.RuntimeFigures, one per --runtime (and precision)
 
     def rows(self) -> list[tuple[Metric, int, Any, Any, float | None, float | None, tuple | None]]:
         """(metric, batch size, base, modified, delta, delta %, interval) for tables, CSV and Markdown;
@@ -93,6 +94,8 @@ class ProfileResult:
             for b in self.settings.batch_sizes if metric.per_batch else self.settings.batch_sizes[:1]:
                 base = metric.read(self.base, b)
                 mod = metric.read(m, b) if m else None
+                if metric.per_batch and base is None and mod is None:  # not measured in eager (--runtime without it)
+                    continue
                 delta, pct = (difference(base, mod), change(metric, self.base, m, b)) if metric.delta else (None, None)
                 out.append((metric, b, base, mod, delta, pct, metric.ci(m, b) if metric.delta else None))
         return out
@@ -137,6 +140,7 @@ class ProfileResult:
             "notes": self.notes,
             "warnings": self.warnings,
             "unattributed_memory_bytes": self.unattributed_memory_bytes,
+            "runtimes": [r.to_dict(bs) for r in self.runtimes],
         }
 
 
@@ -171,6 +175,8 @@ def profile(
     progress: ProgressFn | None = None,
     replace: bool = False,
     memory_efficient: bool = False,
+    runtimes: Iterable[str] | str = ("eager",),
+    quantize: str | None = None,
     **block_options: Any,
 ) -> ProfileResult:
     """Measure a model and, with ``attn`` or ``plan``, its modified twin, side by side.
@@ -189,6 +195,10 @@ def profile(
     Latency is timed in paired, alternating rounds; each Δ latency and Δ throughput comes with the 95 %
     interval of the per-round ratios (``to_dict()["delta_ci"]``, :mod:`attnsurgeon.profiling.intervals`);
     ``target_ci`` keeps timing, up to ``max_run_time``, until every such interval is within ±that %.
+
+    ``runtimes`` (names of :data:`~attnsurgeon.profiling.runtimes.RUNTIMES`, ``"eager"`` by default)
+    times both models in each runtime too, after checking its outputs against eager's; ``quantize="int8"``
+    adds an int8 row for ONNX Runtime (static quantization). The per-insertion figures are eager's.
 
     Example:
         >>> result = profile("resnet50", attn="se", batch_sizes=[1, 8])
@@ -211,7 +221,11 @@ def profile(
     say = progress or (lambda message: None)
     settings = check_settings(Settings(device, dtype, list([batch_sizes] if isinstance(batch_sizes, int) else batch_sizes),
                                        mode, threads, channels_last, compile, min_run_time, max_run_time,
-                                       target_ci))
+                                       target_ci,
+                                       list(dict.fromkeys([runtimes] if isinstance(runtimes, str) else runtimes)), quantize))
+    from .runtimes import check_runtimes
+
+    check_runtimes(settings.runtimes, settings, settings.quantize)
     specs = list(plan or [])
     if attn is not None:
         specs.append(make_spec(attn, position, stages, blocks, init, replace=replace, **block_options))
@@ -292,7 +306,15 @@ def profile(
         torch.set_num_threads(settings.threads)
     load_start = _load_average()
     try:
-        _time_and_measure(models, figures, size, settings, say)
+        if "eager" in settings.runtimes:
+            _time_and_measure(models, figures, size, settings, say)
+        measured_runtimes = []
+        if settings.runtimes != ["eager"]:
+            from .runtimes import measure_runtimes
+
+            for m in models.values():
+                m.to("cpu").eval()  # exported from the CPU
+            measured_runtimes = measure_runtimes(models, figures, size, settings, settings.runtimes, settings.quantize, say)
         unattributed_memory = None
         if settings.mode == "train" and modified is not None and insertions:
             say("Attributing memory to the insertions")
@@ -308,6 +330,12 @@ def profile(
                 warnings.append(f"{name} latency at batch {b} is noisy: IQR {lat.iqr_ms:.2f} ms is "
                                 f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median; other work competes for the CPU "
                                 "(try --threads 1 or fewer than the free cores) or raise --max-time")
+    for row in measured_runtimes:
+        for name, timed in (("base", row.base), ("modified", row.modified)):
+            for b, lat in (timed.latency.items() if row.runtime != "eager" and timed is not None else ()):
+                if lat.noisy:
+                    warnings.append(f"{name} latency in {row.label} at batch {b} is noisy: IQR {lat.iqr_ms:.2f} ms is "
+                                    f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median")
     if counted:
         warnings.append(counted[0])
     if uncounted:
@@ -319,7 +347,8 @@ def profile(
         "load_average": {"start": load_start, "end": _load_average()},  # 1, 5, 15 min; None where the OS has none
     }
     return ProfileResult(spec, source, size, settings, figures["base"], figures.get("modified"),
-                         insertions, unattributed, uncounted, fvcore_default, warnings, environment, unattributed_memory, notes)
+                         insertions, unattributed, uncounted, fvcore_default, warnings, environment, unattributed_memory, notes,
+                         measured_runtimes)
 
 
 def _load_average() -> list[float] | None:

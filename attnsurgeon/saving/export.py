@@ -310,12 +310,52 @@ def _write_onnx(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
 
 
 def _read_onnx(tmp: Path, model: Any) -> Callable[..., Any]:
-    import onnxruntime as ort
     import torch
 
-    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    session = onnx_session(tmp)
     names = [i.name for i in session.get_inputs()]
     return lambda *args: [torch.from_numpy(o) for o in session.run(None, {n: t.numpy() for n, t in zip(names, args)})]
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
+    """An ONNX Runtime session on ``path``: the one place an ONNX file is opened (the export check
+    and ``profile --runtime onnxruntime``); ``threads`` sets its intra-op thread pool."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: its warnings about unused initialisers are not the user's
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike, calibration: list[tuple]) -> None:
+    """An int8 copy of an ONNX file by ONNX Runtime's static quantization (QDQ, int8 weights, uint8
+    activations), its activation ranges calibrated on ``calibration``: a few batches of sample inputs."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    names = [i.name for i in onnx_session(source).get_inputs()]
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{n: t.numpy() for n, t in zip(names, args)} for args in calibration])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    import logging
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)  # its advice to pre-process, logged on the root logger
+            quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ)
+    except Exception as exc:
+        raise AttnSurgeonError(f"ONNX Runtime int8 quantization failed: {_first_line(exc)}") from exc
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _dynamic_shapes(x: tuple, dynamic: bool) -> Any:

@@ -105,6 +105,7 @@ def run_sweep(
     if len(sizes) != 1:
         raise AttnSurgeonError(f"a sweep measures one batch size (its table has one latency column); got {sizes}")
     settings["batch_sizes"] = sizes
+    runtimes = list(settings.pop("runtimes", None) or ["eager"])  # a grid axis: every row in each runtime
     names = [c.name for c in configurations]
     if not configurations:
         raise AttnSurgeonError("the sweep has no configurations")
@@ -132,12 +133,16 @@ def run_sweep(
     single = models[0] if isinstance(model, str) else None
     if memory_efficient:  # only when set: folders written before it existed still resume
         definition["memory_efficient"] = True
+    if runtimes != ["eager"]:  # likewise
+        definition["runtimes"] = runtimes
     done = _prepare_folder(out, definition, resume, force, single)
 
     by_name = {c.name: c for c in configurations}
-    order = [(m, n) for m in models for n in [BASE] + names]  # the rows, in the order of the tables
-    jobs = [Row(m, by_name.get(n), n, settings, input_size, model_kwargs or {}, target, memory_efficient)
-            for m, n in order if (m, n) not in done]
+    grid = [(m, rt, n) for m in models for rt in runtimes for n in [BASE] + names]
+    order = [(m, _in_runtime(n, rt, runtimes)) for m, rt, n in grid]  # the rows, in the order of the tables
+    jobs = [Row(m, by_name.get(n), _in_runtime(n, rt, runtimes), {**settings, "runtimes": [rt]}, input_size,
+                model_kwargs or {}, target, memory_efficient)
+            for m, rt, n in grid if (m, _in_runtime(n, rt, runtimes)) not in done]
     measured: list[str] = []
     run = _run_on_ray(jobs, ray, ray_cpus, progress) if ray is not None else _run_here(jobs, progress)
     try:
@@ -153,6 +158,11 @@ def run_sweep(
         rows = [done[k] for k in order if k in done]
         plot = _write_plot(out, rows) if rows else None
     return SweepResult(out, rows, measured, plot)
+
+
+def _in_runtime(name: str, runtime: str, runtimes: list[str]) -> str:
+    """A row's name: the configuration's, with ``@runtime`` where the sweep measures in other runtimes than eager."""
+    return name if runtimes == ["eager"] else f"{name}@{runtime}"
 
 
 def _label(key: tuple[str, str], single: str | None) -> str:
@@ -453,18 +463,27 @@ def _row(name: str, model: str, result: Any) -> dict[str, Any]:
 
     b = result.settings.batch_sizes[0]
     base, fig = result.base, result.modified or result.base
+    timed = result.runtimes[0] if result.runtimes and result.runtimes[0].runtime != "eager" else None
+    if timed is not None and timed.error:
+        raise AttnSurgeonError(f"{timed.label}: {timed.error}")
+
+    mine, theirs = ((timed.modified or timed.base), timed.base) if timed is not None else (None, None)
+    read = lambda m, figures, timed_figures: m.read(timed_figures if timed is not None and m.per_batch else figures, b)  # noqa: E731
     changes = [m for m in TABLE_METRICS if m.delta]
-    ci = {"delta_ci": nested([m for m in changes if m.interval], [b], lambda m, _: interval(m, result.modified, b))}
+    pick = lambda m: (theirs, mine) if timed is not None and m.per_batch else (base, fig)  # noqa: E731
+    modified = (timed.modified if timed is not None else None) or result.modified
+    ci = {"delta_ci": nested([m for m in changes if m.interval], [b], lambda m, _: interval(m, modified, b))}
     return {
         "name": name,
         "status": "ok",
         "model": model,  # as the sweep names it (the key of the row with its name)
         "batch_size": b,
+        **({"runtime": timed.runtime} if timed is not None else {}),
         "insertions": [vars(i) for i in result.insertions],
-        **nested(TABLE_METRICS, [b], lambda m, _: m.read(fig, b)),
-        "base": nested(TABLE_METRICS, [b], lambda m, _: m.read(base, b)),
-        "delta": nested(changes, [b], lambda m, _: difference(m.read(base, b), m.read(fig, b))),
-        "delta_percent": nested(changes, [b], lambda m, _: change(m, base, fig, b)),
+        **nested(TABLE_METRICS, [b], lambda m, _: read(m, fig, mine)),
+        "base": nested(TABLE_METRICS, [b], lambda m, _: read(m, base, theirs)),
+        "delta": nested(changes, [b], lambda m, _: difference(read(m, base, theirs), read(m, fig, mine))),
+        "delta_percent": nested(changes, [b], lambda m, _: change(m, *pick(m), b)),
         "notes": result.notes,
         **(ci if result.modified is not None else {}),  # the paired 95 % interval of Δ latency and Δ throughput
         "warnings": result.warnings,
