@@ -259,3 +259,16 @@ def test_smp_folder_from_save_pretrained_is_the_base_model(cli, tmp_path, monkey
         assert _one_error(code, stderr) and message in " ".join(stderr.split())
     code, _, stderr = cli("insert", "smp:./unet", "--model-arg", "classes=5")
     assert _one_error(code, stderr) and "carries its own" in stderr
+
+
+def test_a_saved_model_opens_when_no_weights_are_asked_for_and_refuses_a_weights_key(tmp_path):
+    """profile SAVED passes weights_key=None along: that is no request (it was refused as one after the merge)."""
+    import attnsurgeon
+    from attnsurgeon.saving.saved import open_model
+
+    model, _ = attnsurgeon.insert("resnet18", attn="se", stages=[4], input_size=32)
+    attnsurgeon.export(model, tmp_path / "se.safetensors")
+    loaded = open_model(tmp_path / "se.safetensors", pretrained=False, weights=None, weights_key=None)
+    assert loaded.saved == str(tmp_path / "se.safetensors")
+    with pytest.raises(AttnSurgeonError, match="carries its own weights and recipe; drop"):
+        open_model(tmp_path / "se.safetensors", weights_key="state_dict")

@@ -33,6 +33,7 @@ def load_model(
     *,
     pretrained: bool = False,
     weights: str | os.PathLike | None = None,
+    weights_key: str | None = None,
     **model_kwargs: Any,
 ) -> LoadedModel:
     """A model by name (:func:`attnsurgeon.loading.models.build_model`) or a saved modified model
@@ -42,8 +43,8 @@ def load_model(
         >>> load_model("se18.safetensors").base  # the base model, with the saved base weights
     """
     if is_saved(spec):
-        return _load_saved(spec, pretrained, weights, model_kwargs)
-    return models.build_model(spec, pretrained=pretrained, weights=weights, **model_kwargs)
+        return _load_saved(spec, pretrained or weights is not None or weights_key is not None or bool(model_kwargs))
+    return models.build_model(spec, pretrained=pretrained, weights=weights, weights_key=weights_key, **model_kwargs)
 
 
 def open_model(model_or_spec: Any, **load_kwargs: Any) -> LoadedModel:
@@ -53,10 +54,12 @@ def open_model(model_or_spec: Any, **load_kwargs: Any) -> LoadedModel:
     return as_loaded(model_or_spec, **load_kwargs)
 
 
-def _load_saved(path: Any, pretrained: bool, weights: Any, model_kwargs: dict) -> LoadedModel:
-    """A saved modified model, rebuilt from its recipe, with its base model beside it."""
-    if pretrained or weights is not None or model_kwargs:
-        raise AttnSurgeonError(f"'{path}' carries its own weights and recipe; drop --pretrained/--weights/--model-arg")
+def _load_saved(path: Any, given: bool) -> LoadedModel:
+    """A saved modified model, rebuilt from its recipe, with its base model beside it; ``given``: the
+    caller asked for weights or builder arguments, which a saved model has of its own."""
+    if given:
+        raise AttnSurgeonError(f"'{path}' carries its own weights and recipe; "
+                               "drop --pretrained/--weights/--weights-key/--model-arg")
     base, modified = load_base(path)
     report = modified.attnsurgeon_report
     source, name = parse_model_spec(report.model) if not report.model.startswith("object:") else ("object", report.model[7:])
