@@ -157,10 +157,10 @@ def test_insertion_macs_match_the_formulas_and_the_models_difference(stacked_mod
     at its place, and their convolutions summing to what stock fvcore counts on the two whole models."""
     from fvcore.nn import FlopCountAnalysis
 
-    from attnsurgeon.pictures.plot import insertion_macs
+    from attnsurgeon.profiling.macs import count_insertion_macs
 
     loaded, _, modified, report = stacked_models
-    values = insertion_macs(loaded.model, modified, report)
+    values = count_insertion_macs(loaded.model, modified, report)
     # resnet18 at 64 px: layer1 64 ch at 16x16, layer2 128 at 8x8, layer3 256 at 4x4, layer4 512 at 2x2; pre sits on
     # a block's input (layer2.0 takes layer1's map), identity on the shortcut's output, 3x3 after the first conv
     places = {"layer1.0.se": ("se", 64, 16), "layer1.1.se": ("se", 64, 16),
@@ -267,3 +267,20 @@ def test_attributing_memory_keeps_no_activation_alive():
     handle.remove()
     gc.collect()
     assert saved["layer1.0.se"] > 0 and refs and refs[0]() is None
+
+
+@pytest.mark.parametrize("attn", ["sk", "splat"])
+def test_the_map_and_profile_give_one_mac_count_per_insertion_for_conv_blocks(attn):
+    """sk and splat take the place of a conv, with its BN and activation: the map's --plot-metric macs counts
+    the swap as profile's table does (the map once left out what the block took along)."""
+    import attnsurgeon
+    from attnsurgeon.loading.models import build_model
+    from attnsurgeon.profiling import profile
+    from attnsurgeon.profiling.macs import count_insertion_macs
+
+    loaded = build_model("resnet18")
+    modified, report = attnsurgeon.insert(loaded, attn=attn, stages=[4], input_size=32)
+    assert any(i.took_along for i in report.insertions), "the block took nothing along: the test tests nothing"
+    on_the_map = count_insertion_macs(loaded.model, modified, report)
+    result = profile(loaded, attn=attn, stages=[4], input_size=32, min_run_time=0.01, max_run_time=0.05)
+    assert on_the_map == {i.module: i.macs for i in result.insertions}

@@ -342,28 +342,6 @@ def _signed(n: float) -> str:
     return f"{s}{a:.0f}"
 
 
-def insertion_macs(base: Any, modified: Any, report: Any) -> dict[str, float]:
-    """MACs per inserted module (fvcore with the element-wise handles, as ``profile`` counts them);
-    a replacement counts the new module's less the old one's."""
-    import torch
-
-    from ..loading.samples import sample_args
-    from ..profiling import _count_macs
-
-    one = sample_args(base, tuple(report.input_size), 1, generator=torch.Generator().manual_seed(0))
-    counted: list[str] = []
-    mod = _count_macs(modified, one, tuple(report.input_size), report.target, counted)
-    base_count = _count_macs(base, one, tuple(report.input_size), report.target, counted) if any(
-        i.replaced for i in report.insertions) else None
-    out = {}
-    for i in report.insertions:
-        macs = mod.by_module.get(i.module, 0) if i.attn != "none" else 0
-        if i.replaced and base_count is not None:
-            macs -= base_count.by_module.get(i.module, 0)
-        out[i.module] = float(macs)
-    return out
-
-
 # --------------------------------------------------------------------------- profile's bars
 
 
@@ -442,7 +420,10 @@ def write_insertion_map(loaded: Any, modified: Any, report: Any, path: str | os.
 
     check_plot_metric(metric)
     _, anatomy = inspect_model(loaded, input_size=report.input_size, target=report.target)
-    values = insertion_macs(loaded.model, modified, report) if metric == "macs" else None
+    from ..profiling.macs import count_insertion_macs
+
+    values = count_insertion_macs(loaded.model, modified, report) if metric == "macs" else None
+    values = {k: float(v) for k, v in values.items()} if values is not None else None
     shown = values or {i.module: float(i.params - i.replaced_params) for i in report.insertions}
     fig = draw_insertion_map(anatomy, report.insertions, values=values, metric=metric, title=map_title(report, metric, shown))
     return save_figure(fig, path)

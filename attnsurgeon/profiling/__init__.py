@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from ..core.errors import AttnSurgeonError
+from .macs import count_model_macs, insertion_macs
 from .measure import Latency, Memory
 from .metrics import METRICS, TABLE_METRICS, Metric, change, difference, interval, nested
 from ..planning.settings import Settings
@@ -269,7 +270,7 @@ def profile(
     say("Counting FLOPs")
     one = sample_args(base, size, 1, generator=torch.Generator().manual_seed(0))
     counted: list[str] = []  # the parts fvcore counted, where it cannot count the whole model
-    base_flops = _count_macs(base, one, size, report.target if report else None, counted)
+    base_flops = count_model_macs(base, one, size, report.target if report else None, counted)
     figures = {"base": ModelFigures(count_params(base), base_flops.macs)}
     models = {"base": base}
     insertions: list[InsertionCost] = []
@@ -277,15 +278,12 @@ def profile(
     uncounted = dict(base_flops.uncounted)
     fvcore_default = {"base": base_flops.fvcore_default_macs}
     if modified is not None:
-        mod_flops = _count_macs(modified, one, size, report.target, counted)
+        mod_flops = count_model_macs(modified, one, size, report.target, counted)
         figures["modified"] = ModelFigures(count_params(modified), mod_flops.macs)
         models["modified"] = modified
+        per_insertion = insertion_macs(report, base_flops, mod_flops)
         for ins in report.insertions:
-            macs = mod_flops.by_module.get(ins.module, 0) if ins.attn != "none" else 0
-            if ins.replaced:  # the new module sits under the old one's name: the row is the swap
-                macs -= base_flops.by_module.get(ins.module, 0)
-                for m in ins.took_along:  # ... and the calls of the modules it took along (a conv's BN and ReLU)
-                    macs -= base_flops.by_module.get(m, 0) - mod_flops.by_module.get(m, 0)
+            macs = per_insertion[ins.module]
             insertions.append(InsertionCost(ins.module, ins.block, ins.stage, ins.position, ins.attn,
                                             ins.params - ins.replaced_params, macs, ins.replaced, anchor=ins.anchor))
         unattributed = (mod_flops.macs - base_flops.macs) - sum(i.macs for i in insertions)
@@ -377,42 +375,6 @@ def _attribute_memory(model: Any, insertions: list[InsertionCost], figures: dict
     if base is None or mod is None:
         return None
     return (mod.peak_bytes - base.peak_bytes) - sum(saved.values())
-
-
-def _count_macs(model: Any, args: tuple, size: tuple[int, ...], targets: list[str] | None, counted: list[str]) -> Any:
-    """fvcore on the whole model; where it cannot run it, on the traced parts. After a fallback,
-    ``counted`` holds the warning and then the parts, and the next model is counted the same way."""
-    import torch
-
-    from . import flops
-
-    if not counted:
-        try:
-            return flops.count_macs(model, args)
-        except Exception as exc:  # noqa: BLE001  (fvcore's JIT tracer fails in many ways)
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            from ..graph.parts import find_targets, record_inputs
-
-            targets = targets or find_targets(model, size).targets
-            if not targets:
-                raise AttnSurgeonError(f"fvcore cannot count the MACs of {type(model).__name__}: {reason}") from exc
-            counted += [f"MACs count {', '.join(targets)} only: fvcore cannot run the whole "
-                        f"{type(model).__name__} ({reason})", *targets]
-    from ..graph.parts import record_inputs
-
-    targets = counted[1:]
-    inputs = record_inputs(model, size)
-    parts = [flops.count_macs(model.get_submodule(t), torch.randn(inputs[t])) for t in targets]
-    by_module = {f"{t}.{k}" if k else t: v for t, p in zip(targets, parts) for k, v in p.by_module.items()}
-    by_operator: dict[str, int] = {}
-    uncounted: dict[str, int] = {}
-    for p in parts:
-        for k, v in p.by_operator.items():
-            by_operator[k] = by_operator.get(k, 0) + v
-        for k, v in p.uncounted.items():
-            uncounted[k] = uncounted.get(k, 0) + v
-    return flops.FlopCount(sum(p.macs for p in parts), by_operator, by_module, uncounted,
-                           sum(p.fvcore_default_macs for p in parts))
 
 
 def _check_mode(model: Any, mode: str) -> None:
