@@ -31,22 +31,29 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The package modules ``name`` imports, anywhere in its file."""
+def _import_statements(name: str, path: Path) -> list[tuple[str | None, list[str]]]:
+    """Each import in ``name``'s file, anywhere in it: ``(None, modules)`` for ``import a.b``, and
+    ``(absolute source module, names)`` for ``from .x import y, z``."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out: set[str] = set()
+    found: list[tuple[str | None, list[str]]] = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
+            found.append((None, [a.name for a in node.names]))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 source = ".".join([*base, *([node.module] if node.module else [])])
             else:
                 source = node.module or ""
-            targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source for a in node.names]
-        else:
-            continue
+            found.append((source, [a.name for a in node.names]))
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules ``name`` imports, anywhere in its file."""
+    out: set[str] = set()
+    for source, names in _import_statements(name, path):
+        targets = names if source is None else [f"{source}.{a}" if f"{source}.{a}" in modules else source for a in names]
         for target in targets:
             while target and target not in modules:  # attnsurgeon.x.y where y is a name in module x
                 target = target.rpartition(".")[0]
@@ -131,21 +138,9 @@ def _folder(module: str) -> str:
 
 def _private_crossings(name: str, path: Path) -> set[str]:
     """``module -> imported.name`` for each ``_``-prefixed name (or module) ``name`` imports from another folder."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            imported = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                source = ".".join([*base, *([node.module] if node.module else [])])
-            else:
-                source = node.module or ""
-            imported = [f"{source}.{a.name}" for a in node.names]
-        else:
-            continue
-        for full in imported:
+    for source, names in _import_statements(name, path):
+        for full in names if source is None else [f"{source}.{a}" for a in names]:
             parts = full.split(".")
             if parts[0] != "attnsurgeon" or len(parts) < 2 or _folder(full) == _folder(name):
                 continue

@@ -164,35 +164,36 @@ class Exports:
     def path(self, name: str, model: Any, fmt: str) -> Path:
         from ..saving.export import FORMATS, export
 
-        key = (name, fmt)
-        if key not in self._done:
+        def write() -> Path:
             path = self.folder / f"{name}{FORMATS[fmt].extensions[0]}"
-            try:  # one batch size: a static batch; several: a dynamic one (export falls back to static and says why)
-                export(model, path, format=fmt, input_size=self.size, batch_size=self.batch_sizes[0],
-                       dynamic_batch=len(self.batch_sizes) > 1, force=True)
-                self._done[key] = path
-            except AttnSurgeonError as exc:
-                self._done[key] = AttnSurgeonError(f"{name} model: {exc}")
-        done = self._done[key]
-        if isinstance(done, AttnSurgeonError):
-            raise done
-        return done
+            # one batch size: a static batch; several: a dynamic one (export falls back to static and says why)
+            export(model, path, format=fmt, input_size=self.size, batch_size=self.batch_sizes[0],
+                   dynamic_batch=len(self.batch_sizes) > 1, force=True)
+            return path
+
+        return self._once((name, fmt), name, write)
 
     def quantized(self, name: str, model: Any) -> Path:
         from ..loading.samples import sample_args
         from ..saving.export import quantize_onnx
 
-        key = (name, "onnx-int8")
-        if key not in self._done:
+        def write() -> Path:
             import torch
 
             source = self.path(name, model, "onnx")
             gen = torch.Generator().manual_seed(1)  # other batches than the timed and checked ones
             batches = [sample_args(model, self.size, self.batch_sizes[0], generator=gen) for _ in range(CALIBRATION_BATCHES)]
             target = self.folder / f"{name}.int8.onnx"
+            quantize_onnx(source, target, batches)
+            return target
+
+        return self._once((name, "onnx-int8"), name, write)
+
+    def _once(self, key: tuple[str, str], name: str, write: Callable[[], Path]) -> Path:
+        """``write()``'s file the first time, the same file after; a failure is kept and raised again."""
+        if key not in self._done:
             try:
-                quantize_onnx(source, target, batches)
-                self._done[key] = target
+                self._done[key] = write()
             except AttnSurgeonError as exc:
                 self._done[key] = AttnSurgeonError(f"{name} model: {exc}")
         done = self._done[key]
