@@ -72,6 +72,13 @@ def main() -> int:
     print(f"direct InferenceSession.run loop          median {b:8.2f} ms  (runs: {', '.join(f'{v:.2f}' for v in theirs)})")
     print(f"difference: {100 * (a - b) / b:+.1f}%  (target within ±5%; {args.model}, {args.input_size} px, batch 1, "
           f"{args.threads} threads, onnxruntime {ort.__version__})")
+    from attnsurgeon.profiling.intervals import format_interval, ratio_interval
+
+    paired = ratio_interval(ours, theirs)  # each repeat's profile against the loop right after it
+    if paired is not None:
+        print(f"per-repeat ratio profile/loop: {format_interval(*paired.percent())} (95 % interval, {len(ours)} repeats)")
+    else:
+        print(f"per-repeat ratio profile/loop: no interval from {len(ours)} repeats (6 at least)")
     return 0
 
 
