@@ -3,6 +3,8 @@ with eager's own; latency figures are checked for presence only (the 5 % agreeme
 InferenceSession.run loop is benchmarks/runtime_accuracy.py)."""
 
 import json
+import os
+import textwrap
 import sys
 
 import pytest
@@ -180,3 +182,39 @@ def test_a_sweep_takes_the_runtime_as_a_grid_axis(cli, tmp_path):
     assert rows["se@torchscript"]["runtime"] == "torchscript" and "runtime" not in rows["se@eager"]
     assert rows["se@torchscript"]["delta"]["params"] == rows["se@eager"]["delta"]["params"] > 0  # counts: the model's
     assert rows["se@torchscript"]["latency_ms"]["median"] > 0
+
+
+def test_a_model_that_does_not_export_is_one_line_not_the_exporters_graph_dump(tmp_path):
+    """A size taken from the data (.item()): torch.export refuses it, and torch prints the graph it had (three
+    times, 50 lines here; thousands for a detector) as it does. export and profile --runtime say it in one line."""
+    import subprocess
+
+    script = textwrap.dedent("""
+        import torch, attnsurgeon
+        from torch import nn
+
+        class Gate(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+            def forward(self, x):
+                y = self.conv(x)
+                n = int((y > 0).sum().item() > 0) + 1
+                return y.reshape(y.shape[0], -1)[:, : n * 4]
+
+        try:
+            attnsurgeon.export(Gate().eval(), "m.onnx", input_size=(3, 8, 8))
+        except attnsurgeon.AttnSurgeonError as exc:
+            print("export:", exc)
+        r = attnsurgeon.profile(Gate().eval(), input_size=(3, 8, 8), runtimes=["eager", "onnxruntime"], threads=1,
+                                min_run_time=0.01, max_run_time=0.05)
+        print("profile:", [(x.runtime, x.error) for x in r.runtimes])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    export_line, profile_line = done.stdout.strip().splitlines()[-2:]
+    assert export_line.startswith("export: ONNX export failed: GuardOnDataDependentSymNode")
+    assert "('eager', None)" in profile_line and "('onnxruntime', 'base model: ONNX export failed" in profile_line
+    assert not (tmp_path / "m.onnx").exists()
+    assert "def forward" not in done.stderr and len(done.stderr.splitlines()) < 5, done.stderr[:3000]

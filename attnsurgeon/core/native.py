@@ -55,3 +55,25 @@ def quiet_torch_logs() -> None:
     import logging
 
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+@contextmanager
+def quiet_torch_warnings() -> Iterator[None]:
+    """Within: torch's own loggers at ERROR, and what Python code prints dropped. torch.export, the
+    ONNX exporter and torch.compile log warnings and print graphs (thousands of lines for a detector
+    whose export fails, a recompile each new shape) where attnsurgeon says in one line what failed:
+    their failures reach the caller as exceptions."""
+    import contextlib
+    import io
+    import logging
+
+    names = ["torch", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("torch."))]
+    saved = [(logger, logger.level) for logger in map(logging.getLogger, names)]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)

@@ -310,8 +310,10 @@ def measure_runtimes(models: dict[str, Any], eager: dict[str, Any], size: tuple[
                      runtimes: list[str], quantize: str | None, say: Callable[[str], None]) -> list[RuntimeFigures]:
     """One :class:`RuntimeFigures` per runtime (and per precision, with ``quantize``), in order;
     ``eager`` holds the figures profile measured in eager PyTorch."""
+    from ..core.native import quiet_torch_warnings
+
     rows = []
-    with tempfile.TemporaryDirectory(prefix="attnsurgeon-runtimes-") as folder:
+    with tempfile.TemporaryDirectory(prefix="attnsurgeon-runtimes-") as folder, quiet_torch_warnings():
         exports = Exports(Path(folder), size, settings.batch_sizes)
         for name in runtimes:
             runtime = RUNTIMES[name]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.files import atomic_path, existing_folder
+from ..core.native import quiet_torch_warnings
 from ..core.errors import AttnSurgeonError
 from .saved import FORMAT_KEY, FORMAT_VERSION, RECIPE_KEY, VERSIONS_KEY, load, recipe_of, versions
 
@@ -144,7 +145,7 @@ def export(
     was_training = model.training
     model.eval()
     try:
-        with atomic_path(path, force=force) as tmp:
+        with atomic_path(path, force=force) as tmp, quiet_torch_warnings():
             if dynamic_batch and spec.holds_batch:
                 try:
                     result = _write_and_check(spec, model, tmp, size, max(batch_size, 2), True, tolerance)
