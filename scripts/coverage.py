@@ -279,20 +279,17 @@ def try_model(spec: str, family: str, input_size: str | None = None, threads: in
 
 
 def identity_diff(got, want) -> float | None:
-    """The largest difference between two outputs' floating-point tensors, relative to the
-    largest magnitude in ``want`` (None where they hold none, or differ in structure)."""
-    import torch
-    from torch.utils._pytree import tree_leaves
+    """The largest difference between two outputs (``export``'s own measure), relative to the largest
+    magnitude in ``want``; None where ``want`` holds no floating-point tensor or the two differ in
+    structure."""
+    import math
 
-    def tensors(out) -> list:
-        leaves = tree_leaves(out.to_tuple() if hasattr(out, "to_tuple") else out)  # a Hugging Face ModelOutput
-        return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    from attnsurgeon.loading.samples import flatten_outputs, max_abs_diff, output_scale
 
-    a, b = tensors(got), tensors(want)
-    if not b or len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+    if not any(t.is_floating_point() for t in flatten_outputs(want)):
         return None
-    scale = max(float(y.abs().max()) for y in b if y.numel()) or 1.0
-    return max(float((x - y).abs().max()) for x, y in zip(a, b) if y.numel()) / scale
+    diff = max_abs_diff(got, want)
+    return None if math.isinf(diff) else diff / (output_scale(want) or 1.0)
 
 
 def _child(conn, fn, args: tuple) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..core.files import write_text_atomic
-from ..core.errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError, one_line
 from ..planning.recipes import Configuration
 from .plot import BASE, draw_plot, write_plot as _write_plot  # noqa: F401  (draw_plot: the figure, for callers)
 
@@ -340,7 +340,7 @@ def _connect(ray: Any, address: str, cpus: int | None) -> bool:
         with _keep_sigterm():
             ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).resolve().parents[1])]}, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise AttnSurgeonError(f"cannot join the Ray cluster at '{address}' ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+        raise AttnSurgeonError(f"cannot join the Ray cluster at '{address}' ({one_line(exc, with_type=False)}); "
                                "start one with `ray start --head` and pass its address (auto on a node of the cluster, "
                                "or ray://HEAD:10001)") from None
     return True
