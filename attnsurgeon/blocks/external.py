@@ -126,9 +126,8 @@ def _import_target(ref: str) -> tuple[Any, str]:
     if where == "timm":
         return _timm_target(name), f"timm:{name}"
     if _is_file_ref(ref):
-        path = os.path.abspath(where)
-        module = _import_file(path, where)
-        canonical = f"{path}:{name}"
+        canonical = _absolute(ref)
+        module = _import_file(canonical.rpartition(":")[0], where)
     else:
         if where.startswith("python") and "@" in name:
             raise AttnSurgeonError(f"'{ref}' was a class given in Python to another process (defined in a script or a "
