@@ -282,7 +282,8 @@ def _load(source: str, name: str, pretrained: bool, weights: Any, weights_key: s
         library = BY_SOURCE[source].load()
         model = library.build(name, pretrained, model_kwargs)
         input_size = library.input_size(model, name)
-        name = getattr(library, "locate", lambda n: n)(name)  # a file or folder: recorded absolute
+        if getattr(library, "is_local", lambda n: False)(name):  # a file or folder: recorded absolute
+            name = str(Path(name).expanduser().resolve())
     else:
         if pretrained:
             raise AttnSurgeonError(f"--pretrained needs a torchvision or timm model; load '{name}' weights with --weights FILE")

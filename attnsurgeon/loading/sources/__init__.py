@@ -11,8 +11,9 @@ through :data:`INTEGRATIONS` (a new library is one module plus one line):
   ``pretrained`` asks for published weights (the local cache first, then the network, failing in
   seconds when neither has them);
 * ``input_size(model, name)``: the sample input the library's config says the model takes;
-* optionally ``locate(name)``: where the name is a file or folder (``yolo:runs/best.pt``), the name
-  that finds it from anywhere (its absolute path), which a saved recipe records.
+* optionally ``is_local(name)``: whether the name is a file or folder (``yolo:runs/best.pt``,
+  ``hf:./model``); such a name is recorded by its absolute path, so that a saved recipe finds it
+  from anywhere.
 """
 
 from __future__ import annotations

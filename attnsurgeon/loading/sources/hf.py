@@ -47,11 +47,6 @@ def is_folder(name: str) -> bool:
     return name.startswith((".", "/", "~"))
 
 
-def locate(name: str) -> str:
-    """A folder by its absolute path, so that a saved recipe rebuilds from anywhere (as smp's and
-    YOLO's files are recorded)."""
-    return os.path.abspath(os.path.expanduser(name)) if is_folder(name) else name
-
 
 def _folder(name: str) -> str:
     """The folder's path, checked: it holds the ``config.json`` the model is built from."""
@@ -158,3 +153,6 @@ def input_size(model: Any, name: str) -> tuple[int, ...]:
     side = getattr(config, "image_size", None) or 224
     h, w = (side, side) if isinstance(side, int) else tuple(side)[:2]
     return (int(getattr(config, "num_channels", 3) or 3), int(h), int(w))
+
+
+is_local = is_folder  # a file or folder of the user's: recorded by its absolute path (sources.__init__)

@@ -57,10 +57,6 @@ def is_folder(name: str) -> bool:
     return "/" in name or "\\" in name or name.startswith((".", "~")) or Path(name).expanduser().is_dir()
 
 
-def locate(name: str) -> str:
-    """A folder by its absolute path, so that a saved recipe rebuilds from anywhere."""
-    return str(Path(name).expanduser().resolve()) if is_folder(name) else name
-
 
 def check(name: str) -> None:
     if not is_folder(name):
@@ -155,3 +151,6 @@ def input_size(model: Any, name: str) -> tuple[int, ...]:
     stride = int(getattr(model.encoder, "output_stride", 32) or 32)
     side = -(-256 // stride) * stride
     return (int(getattr(model.encoder, "_in_channels", 3)), side, side)
+
+
+is_local = is_folder  # a file or folder of the user's: recorded by its absolute path (sources.__init__)

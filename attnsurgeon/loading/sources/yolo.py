@@ -54,10 +54,6 @@ def is_checkpoint(name: str) -> bool:
     return name.lower().endswith(".pt")
 
 
-def locate(name: str) -> str:
-    """A checkpoint by its absolute path, so that a saved recipe rebuilds from anywhere."""
-    return str(Path(name).expanduser().resolve()) if is_checkpoint(name) else name
-
 
 def check(name: str) -> None:
     if is_checkpoint(name):
@@ -217,3 +213,6 @@ def train(model: Any, **args: Any) -> Any:
     yolo = to_yolo(model)
     yolo.train(trainer=_trainer(yolo), **args)
     return yolo
+
+
+is_local = is_checkpoint  # a file or folder of the user's: recorded by its absolute path (sources.__init__)
