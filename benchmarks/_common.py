@@ -11,8 +11,14 @@ from typing import Callable
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-def paired(steps: dict[str, Callable[[], None]], min_time: float, max_time: float, threads: int,
-           pairs: list[tuple[str, str]] | None = None, target_ci: float | None = None) -> dict:
+def paired(
+    steps: dict[str, Callable[[], None]],
+    min_time: float,
+    max_time: float,
+    threads: int,
+    pairs: list[tuple[str, str]] | None = None,
+    target_ci: float | None = None,
+) -> dict:
     """Time the steps side by side in alternating rounds; returns attnsurgeon's ``Latency`` per step,
     each pair's first step with ``vs_base``, the paired ratio's median and 95 % interval."""
     import torch

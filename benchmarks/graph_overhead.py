@@ -18,7 +18,9 @@ from _common import interval_text, machine, paired
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--min-time", type=float, default=10.0, help="timed seconds per model, at least (and 10 rounds)")
+    parser.add_argument(
+        "--min-time", type=float, default=10.0, help="timed seconds per model, at least (and 10 rounds)"
+    )
     parser.add_argument("--max-time", type=float, default=40.0, help="... and at most")
     parser.add_argument("--target-ci", type=float, default=None, help="time until the interval is within ±this %%")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -44,20 +46,36 @@ def main() -> int:
         def step():
             with torch.inference_mode():
                 model(x)
+
         return step
 
     print(f"at the start: {machine()}")
     ref_name, our_name = "timm seresnet50", "attnsurgeon resnet50+se"
-    lat = paired({ref_name: run(ref), our_name: run(ours)}, args.min_time, args.max_time, args.threads,
-                 [(our_name, ref_name)], args.target_ci)
+    lat = paired(
+        {ref_name: run(ref), our_name: run(ours)},
+        args.min_time,
+        args.max_time,
+        args.threads,
+        [(our_name, ref_name)],
+        args.target_ci,
+    )
     for name, value in lat.items():
-        print(f"{name:26s} median {value.median_ms:8.2f} ms  (IQR {value.iqr_ms:.2f}, {value.runs} rounds of {value.calls})")
+        print(
+            f"{name:26s} median {value.median_ms:8.2f} ms  (IQR {value.iqr_ms:.2f}, {value.runs} rounds of {value.calls})"
+        )
     r = lat[our_name].vs_base
-    verdict = ("met" if r.high is not None and r.high <= 1.02 else
-               "not resolved (too few rounds)" if r.high is None else "not shown: the interval reaches past 1.02")
-    print(f"ratio attnsurgeon/timm: {r.median:.3f} [{r.low or float('nan'):.3f}, {r.high or float('nan'):.3f}] "
-          f"({interval_text(lat[our_name])}); target upper end <= 1.02: {verdict}; batch {args.batch_size}, "
-          f"{args.threads} threads, torch {torch.__version__}")
+    verdict = (
+        "met"
+        if r.high is not None and r.high <= 1.02
+        else "not resolved (too few rounds)"
+        if r.high is None
+        else "not shown: the interval reaches past 1.02"
+    )
+    print(
+        f"ratio attnsurgeon/timm: {r.median:.3f} [{r.low or float('nan'):.3f}, {r.high or float('nan'):.3f}] "
+        f"({interval_text(lat[our_name])}); target upper end <= 1.02: {verdict}; batch {args.batch_size}, "
+        f"{args.threads} threads, torch {torch.__version__}"
+    )
     print(f"at the end: {machine()}")
     return 0
 

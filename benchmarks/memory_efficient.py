@@ -47,20 +47,33 @@ def build(group: str, size: int) -> list[tuple[str, object, str | None, str | No
     if group == "effnet":
         base = timm.create_model("efficientnet_b0")
         without, _ = insert(copy.deepcopy(base), attn="none", replace=True, input_size=size)
-        return [("efficientnet_b0 without SE", without, None, None),
-                ("efficientnet_b0", trace(copy.deepcopy(base)), "efficientnet_b0 without SE", None),
-                ("efficientnet_b0 optimize", optimize(copy.deepcopy(base), input_size=size)[0],
-                 "efficientnet_b0 without SE", "efficientnet_b0")]
+        return [
+            ("efficientnet_b0 without SE", without, None, None),
+            ("efficientnet_b0", trace(copy.deepcopy(base)), "efficientnet_b0 without SE", None),
+            (
+                "efficientnet_b0 optimize",
+                optimize(copy.deepcopy(base), input_size=size)[0],
+                "efficientnet_b0 without SE",
+                "efficientnet_b0",
+            ),
+        ]
     base = timm.create_model("resnet50")
-    rows = [("resnet50", trace(copy.deepcopy(base)), None, None),
-            (f"resnet50 + {group}", insert(copy.deepcopy(base), attn=group, input_size=size)[0], "resnet50", None),
-            (f"resnet50 + {group} --memory-efficient",
-             insert(copy.deepcopy(base), attn=group, input_size=size, memory_efficient=True)[0],
-             "resnet50", f"resnet50 + {group}")]
+    rows = [
+        ("resnet50", trace(copy.deepcopy(base)), None, None),
+        (f"resnet50 + {group}", insert(copy.deepcopy(base), attn=group, input_size=size)[0], "resnet50", None),
+        (
+            f"resnet50 + {group} --memory-efficient",
+            insert(copy.deepcopy(base), attn=group, input_size=size, memory_efficient=True)[0],
+            "resnet50",
+            f"resnet50 + {group}",
+        ),
+    ]
     if group == "se":
         se = timm.create_model("seresnet50")
-        rows += [("seresnet50", trace(copy.deepcopy(se)), "resnet50", None),
-                 ("seresnet50 optimize", optimize(copy.deepcopy(se), input_size=size)[0], "resnet50", "seresnet50")]
+        rows += [
+            ("seresnet50", trace(copy.deepcopy(se)), "resnet50", None),
+            ("seresnet50 optimize", optimize(copy.deepcopy(se), input_size=size)[0], "resnet50", "seresnet50"),
+        ]
     return rows
 
 
@@ -72,8 +85,12 @@ def main() -> int:
     parser.add_argument("--time-batch-sizes", default="8", help="batch sizes whose step time is measured ('' for none)")
     parser.add_argument("--min-time", type=float, default=1.0, help="timed seconds per model, at least (and 10 rounds)")
     parser.add_argument("--max-time", type=float, default=120.0, help="timed seconds per model, at most")
-    parser.add_argument("--target-ci", type=float, default=None,
-                        help="time until every Δ step's 95 %% interval is within ±this %% (up to --max-time)")
+    parser.add_argument(
+        "--target-ci",
+        type=float,
+        default=None,
+        help="time until every Δ step's 95 %% interval is within ±this %% (up to --max-time)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
@@ -90,10 +107,16 @@ def main() -> int:
     sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     timed = [int(b) for b in args.time_batch_sizes.split(",") if b]
     settings = Settings(device=args.device, mode="train", batch_sizes=sizes)
-    lines = [f"torch {torch.__version__} · {args.device} · float32 · train step · {args.size}² · {threads} threads · "
-             f"at the start: {machine()}", f"`python benchmarks/memory_efficient.py {' '.join(sys.argv[1:])}`", ""]
+    lines = [
+        f"torch {torch.__version__} · {args.device} · float32 · train step · {args.size}² · {threads} threads · "
+        f"at the start: {machine()}",
+        f"`python benchmarks/memory_efficient.py {' '.join(sys.argv[1:])}`",
+        "",
+    ]
     header = ["model"] + [f"peak MiB (bs={b})" for b in sizes] + [f"Δ peak vs no attention (bs={b})" for b in sizes]
-    header += [f"step ms (bs={b})" for b in timed] + [f"Δ step vs not memory-efficient, [95 % interval] (bs={b})" for b in timed]
+    header += [f"step ms (bs={b})" for b in timed] + [
+        f"Δ step vs not memory-efficient, [95 % interval] (bs={b})" for b in timed
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print(lines[0], flush=True)
     for group in args.groups.split(","):
@@ -114,8 +137,11 @@ def main() -> int:
                 pairs = [(name, ref) for name, _, _, ref in rows if ref]
                 for name, lat in paired(steps, args.min_time, args.max_time, threads, pairs, args.target_ci).items():
                     timing[name, b] = lat
-                    print(f"  {name} bs={b}: step {lat.median_ms:.1f} ms (IQR {lat.iqr_ms:.1f}, {lat.runs} rounds of "
-                          f"{lat.calls}, warm-up {lat.warmup}) {interval_text(lat)}", flush=True)
+                    print(
+                        f"  {name} bs={b}: step {lat.median_ms:.1f} ms (IQR {lat.iqr_ms:.1f}, {lat.runs} rounds of "
+                        f"{lat.calls}, warm-up {lat.warmup}) {interval_text(lat)}",
+                        flush=True,
+                    )
         for name, m in models.items():  # after the steps: a plan that met a map it cannot rebuild has fallen back
             methods = Counter(r.method for r in m.modules() if isinstance(r, Recompute))
             if methods:
@@ -127,8 +153,11 @@ def main() -> int:
             cells += [interval_text(timing[name, b]) if time_ref else "—" for b in timed]
             lines.append("| " + " | ".join(cells) + " |")
         del models, steps
-    lines += ["", f"at the end: {machine()} · Δ step: median of the per-round ratios, [95 % interval] (order statistics; "
-              "'no difference resolved' where it contains 0)"]
+    lines += [
+        "",
+        f"at the end: {machine()} · Δ step: median of the per-round ratios, [95 % interval] (order statistics; "
+        "'no difference resolved' where it contains 0)",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.markdown:

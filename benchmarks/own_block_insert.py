@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-GATE = '''import torch
+GATE = """import torch
 from torch import nn
 
 
@@ -40,7 +40,7 @@ class Gate(nn.Module):
     def forward(self, x):
         s = x.mean((2, 3), keepdim=True)
         return x * self.sigmoid(self.fc2(torch.relu(self.fc1(s))))
-'''
+"""
 
 
 def bootstrap(ratios: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float]:
@@ -66,23 +66,29 @@ def main() -> int:
     (folder / "gate.py").write_text(GATE)
     base = torchvision.models.resnet50(weights=None).eval()
     size = int(args.input_size)
-    steps = {"se": lambda: attnsurgeon.insert(base, "se", input_size=size),
-             "gate": lambda: attnsurgeon.insert(base, f"{folder / 'gate.py'}:Gate", input_size=size, reduction=16)}
+    steps = {
+        "se": lambda: attnsurgeon.insert(base, "se", input_size=size),
+        "gate": lambda: attnsurgeon.insert(base, f"{folder / 'gate.py'}:Gate", input_size=size, reduction=16),
+    }
     _, se_report = steps["se"]()
     _, gate_report = steps["gate"]()
     assert [i.params for i in se_report.insertions] == [i.params for i in gate_report.insertions]  # equivalent blocks
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(args.rounds):
-        for name in (["se", "gate", "gate", "se"] if r % 2 == 0 else ["gate", "se", "se", "gate"]):
+        for name in ["se", "gate", "gate", "se"] if r % 2 == 0 else ["gate", "se", "se", "gate"]:
             start = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - start)
     ratios = [g / s for g, s in zip(times["gate"], times["se"])]
     for name, values in times.items():
-        print(f"{name:5s} median {statistics.median(values):.3f} s  (min {min(values):.3f}, max {max(values):.3f}, "
-              f"n={len(values)})")
+        print(
+            f"{name:5s} median {statistics.median(values):.3f} s  (min {min(values):.3f}, max {max(values):.3f}, "
+            f"n={len(values)})"
+        )
     lo, hi = bootstrap(ratios)
-    print(f"ratio gate/se: median {statistics.median(ratios):.3f}, 95% interval [{lo:.3f}, {hi:.3f}]  (target within 5 %)")
+    print(
+        f"ratio gate/se: median {statistics.median(ratios):.3f}, 95% interval [{lo:.3f}, {hi:.3f}]  (target within 5 %)"
+    )
     return 0
 
 

@@ -63,19 +63,27 @@ def main() -> int:
     a, b = statistics.median(ours), statistics.median(theirs)
     print(f"attnsurgeon profile     median {a:8.2f} ms  (runs: {', '.join(f'{v:.2f}' for v in ours)})")
     print(f"direct Timer(model(x))  median {b:8.2f} ms  (runs: {', '.join(f'{v:.2f}' for v in theirs)})")
-    print(f"difference: {100 * (a - b) / b:+.1f}%  (target within ±5%; {args.model}, batch 1, {args.threads} threads; "
-          f"{machine()})")
+    print(
+        f"difference: {100 * (a - b) / b:+.1f}%  (target within ±5%; {args.model}, batch 1, {args.threads} threads; "
+        f"{machine()})"
+    )
 
     if not args.skip_wall:
         exe = shutil.which("attnsurgeon") or os.path.join(os.path.dirname(sys.executable), "attnsurgeon")
         walls = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            subprocess.run([exe, "profile", "resnet50", "--attn", "eca", "--batch-size", "1"], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [exe, "profile", "resnet50", "--attn", "eca", "--batch-size", "1"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             walls.append(time.perf_counter() - start)
-        print(f"`attnsurgeon profile resnet50 --attn eca --batch-size 1`: median {statistics.median(walls):.1f} s "
-              f"(runs: {', '.join(f'{w:.1f}' for w in walls)}; target < 30 s)")
+        print(
+            f"`attnsurgeon profile resnet50 --attn eca --batch-size 1`: median {statistics.median(walls):.1f} s "
+            f"(runs: {', '.join(f'{w:.1f}' for w in walls)}; target < 30 s)"
+        )
     return 0
 
 

@@ -27,21 +27,50 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["resnet18", "timm:resnet10t", "timm:resnet14t"]
-CONFIGURATIONS = [("se", "standard"), ("se", "pre"), ("se", "post"), ("se", "identity"),
-                  ("eca", "standard"), ("eca", "pre"), ("cbam", "standard")]
+CONFIGURATIONS = [
+    ("se", "standard"),
+    ("se", "pre"),
+    ("se", "post"),
+    ("se", "identity"),
+    ("eca", "standard"),
+    ("eca", "pre"),
+    ("cbam", "standard"),
+]
 RECIPE = "models: MODELS\nconfigurations:\n" + "".join(
-    f"  - {{name: {a}/{p}, insertions: [{{attn: {a}, position: {p}}}]}}\n" for a, p in CONFIGURATIONS)
+    f"  - {{name: {a}/{p}, insertions: [{{attn: {a}, position: {p}}}]}}\n" for a, p in CONFIGURATIONS
+)
 
 
 def run(recipe: Path, out: Path, ray: bool, seconds: tuple[float, float]) -> tuple[float, tuple[float, float]]:
-    cmd = [sys.executable, "-c", "from attnsurgeon.cli import main; main()", "sweep", str(recipe), "--threads", "1",
-           "--input-size", "64", "--min-time", str(seconds[0]), "--max-time", str(seconds[1]), "--out", str(out), "--force"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from attnsurgeon.cli import main; main()",
+        "sweep",
+        str(recipe),
+        "--threads",
+        "1",
+        "--input-size",
+        "64",
+        "--min-time",
+        str(seconds[0]),
+        "--max-time",
+        str(seconds[1]),
+        "--out",
+        str(out),
+        "--force",
+    ]
     if ray:
         cmd += ["--ray", "--ray-cpus", "2"]
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run(
+        cmd,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     return time.perf_counter() - start, (load, os.getloadavg()[0])
 
 
@@ -56,13 +85,16 @@ def main() -> int:
         recipe.write_text(RECIPE.replace("MODELS", json.dumps(MODELS)))
         times: dict[str, list[float]] = {"local": [], "ray": []}
         for r in range(args.rounds):
-            for kind in (["local", "ray"] if r % 2 == 0 else ["ray", "local"]):
+            for kind in ["local", "ray"] if r % 2 == 0 else ["ray", "local"]:
                 wall, (before, after) = run(recipe, Path(tmp) / kind, kind == "ray", (args.min_time, args.max_time))
                 times[kind].append(wall)
-                print(f"round {r + 1} {kind:5s}: {wall:6.1f} s   (1-min load average {before:.1f} before, {after:.1f} after)")
+                print(
+                    f"round {r + 1} {kind:5s}: {wall:6.1f} s   (1-min load average {before:.1f} before, {after:.1f} after)"
+                )
         rows = {k: json.loads((Path(tmp) / k / "results.json").read_text()) for k in times}
-        same = [(r["model"], r["name"], r["params"], r["macs"]) for r in rows["local"]] == \
-               [(r["model"], r["name"], r["params"], r["macs"]) for r in rows["ray"]]
+        same = [(r["model"], r["name"], r["params"], r["macs"]) for r in rows["local"]] == [
+            (r["model"], r["name"], r["params"], r["macs"]) for r in rows["ray"]
+        ]
         ok = sum(r["status"] == "ok" for r in rows["ray"])
         local, ray = min(times["local"]), min(times["ray"])
         print(f"{len(rows['ray'])} rows ({ok} ok), same rows on both: {same}; cores: {len(os.sched_getaffinity(0))}")

@@ -44,8 +44,11 @@ def main() -> int:
         options.intra_op_num_threads = args.threads
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(
-            (1, 3, args.input_size, args.input_size), dtype=np.float32)}
+        feed = {
+            session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(
+                (1, 3, args.input_size, args.input_size), dtype=np.float32
+            )
+        }
 
         def direct() -> float:
             for _ in range(3):  # warm-up
@@ -59,8 +62,14 @@ def main() -> int:
 
         ours, theirs = [], []
         for _ in range(args.repeats):
-            result = profile(model, input_size=args.input_size, runtimes=["onnxruntime"], threads=args.threads,
-                             min_run_time=args.seconds, max_run_time=2 * args.seconds)
+            result = profile(
+                model,
+                input_size=args.input_size,
+                runtimes=["onnxruntime"],
+                threads=args.threads,
+                min_run_time=args.seconds,
+                max_run_time=2 * args.seconds,
+            )
             row = result.runtimes[0]
             if row.error:
                 print(f"profile could not measure {args.model} in onnxruntime: {row.error}")
@@ -68,15 +77,23 @@ def main() -> int:
             ours.append(row.base.latency[1].median_ms)
             theirs.append(direct())
     a, b = statistics.median(ours), statistics.median(theirs)
-    print(f"attnsurgeon profile --runtime onnxruntime  median {a:8.2f} ms  (runs: {', '.join(f'{v:.2f}' for v in ours)})")
-    print(f"direct InferenceSession.run loop          median {b:8.2f} ms  (runs: {', '.join(f'{v:.2f}' for v in theirs)})")
-    print(f"difference: {100 * (a - b) / b:+.1f}%  (target within ±5%; {args.model}, {args.input_size} px, batch 1, "
-          f"{args.threads} threads, onnxruntime {ort.__version__})")
+    print(
+        f"attnsurgeon profile --runtime onnxruntime  median {a:8.2f} ms  (runs: {', '.join(f'{v:.2f}' for v in ours)})"
+    )
+    print(
+        f"direct InferenceSession.run loop          median {b:8.2f} ms  (runs: {', '.join(f'{v:.2f}' for v in theirs)})"
+    )
+    print(
+        f"difference: {100 * (a - b) / b:+.1f}%  (target within ±5%; {args.model}, {args.input_size} px, batch 1, "
+        f"{args.threads} threads, onnxruntime {ort.__version__})"
+    )
     from attnsurgeon.profiling.intervals import format_interval, ratio_interval
 
     paired = ratio_interval(ours, theirs)  # each repeat's profile against the loop right after it
     if paired is not None:
-        print(f"per-repeat ratio profile/loop: {format_interval(*paired.percent())} (95 % interval, {len(ours)} repeats)")
+        print(
+            f"per-repeat ratio profile/loop: {format_interval(*paired.percent())} (95 % interval, {len(ours)} repeats)"
+        )
     else:
         print(f"per-repeat ratio profile/loop: no interval from {len(ours)} repeats (6 at least)")
     return 0

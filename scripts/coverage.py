@@ -56,9 +56,17 @@ def torchvision_catalogue() -> dict[str, list[str]]:
     """Torchvision family -> its model specs (``tv:NAME``)."""
     import torchvision.models as tvm
 
-    modules = {"classification": tvm, "quantization": tvm.quantization, "video": tvm.video,
-               "segmentation": tvm.segmentation, "detection": tvm.detection, "optical_flow": tvm.optical_flow}
-    return {family: [f"tv:{n}" for n in sorted(tvm.list_models(module=modules[family]))] for family in TORCHVISION_FAMILIES}
+    modules = {
+        "classification": tvm,
+        "quantization": tvm.quantization,
+        "video": tvm.video,
+        "segmentation": tvm.segmentation,
+        "detection": tvm.detection,
+        "optical_flow": tvm.optical_flow,
+    }
+    return {
+        family: [f"tv:{n}" for n in sorted(tvm.list_models(module=modules[family]))] for family in TORCHVISION_FAMILIES
+    }
 
 
 def timm_modules() -> dict[str, list[str]]:
@@ -132,8 +140,14 @@ def smallest_timm_models(cache: Path, runner: Runner, jobs: int, limit_s: float)
         status, result = runner.call(family_sizes, (names, limit_s), timeout=limit_s * len(names) + 60)
         sizes, structures, failures = result if status == "ok" else ({}, {}, {"*": f"{status}: {result}"})
         best = min(sizes, key=lambda n: (sizes[n], n)) if sizes else names[0]  # none builds on meta: the first name
-        return {"model": best, "params": sizes.get(best), "models": len(names), "meta_failures": failures,
-                "sizes": sizes, "structures": structures}
+        return {
+            "model": best,
+            "params": sizes.get(best),
+            "models": len(names),
+            "meta_failures": failures,
+            "sizes": sizes,
+            "structures": structures,
+        }
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         largest_first = sorted(modules, key=lambda m: -len(modules[m]))  # the long families do not come last
@@ -141,10 +155,17 @@ def smallest_timm_models(cache: Path, runner: Runner, jobs: int, limit_s: float)
         for future in as_completed(futures):
             module, choice = futures[future], future.result()
             families[module] = choice
-            size = f"{choice['params'] / 1e6:.2f} M" if choice["params"] is not None else "none builds on the meta device"
+            size = (
+                f"{choice['params'] / 1e6:.2f} M" if choice["params"] is not None else "none builds on the meta device"
+            )
             print(f"  timm {module:28s} {choice['models']:3d} models -> {choice['model']} ({size})", flush=True)
     families = {m: families[m] for m in modules}
-    data = {"versions": key, "seconds": round(time.perf_counter() - start, 1), "build_limit_s": limit_s, "families": families}
+    data = {
+        "versions": key,
+        "seconds": round(time.perf_counter() - start, 1),
+        "build_limit_s": limit_s,
+        "families": families,
+    }
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(data, indent=1))
     return {**data, "cached": False}
@@ -185,13 +206,16 @@ def family_of(spec: str, tv: dict[str, list[str]], timm_families: dict[str, list
     return "other"
 
 
-def select(catalogue: dict[str, list[str]], families: list[str] | None = None, limit: int | None = None) -> list[tuple[str, str]]:
+def select(
+    catalogue: dict[str, list[str]], families: list[str] | None = None, limit: int | None = None
+) -> list[tuple[str, str]]:
     """``(family, spec)`` pairs to run from ``catalogue`` (family -> specs; timm families are ``timm:MODULE``).
 
     ``families`` holds family names, ``torchvision`` (all its families) or ``timm`` (all timm
     families); ``limit`` keeps the first N models of each family, and the first N of all timm
     families (a timm family has one model, its smallest).
     """
+
     def wanted(family: str) -> bool:
         if not families:
             return True
@@ -200,8 +224,10 @@ def select(catalogue: dict[str, list[str]], families: list[str] | None = None, l
 
     unknown = [f for f in families or [] if f not in catalogue and f not in ("torchvision", "timm")]
     if unknown:
-        raise SystemExit(f"unknown family {', '.join(unknown)}; choose from torchvision, timm, "
-                         f"{', '.join(TORCHVISION_FAMILIES)} or timm:MODULE")
+        raise SystemExit(
+            f"unknown family {', '.join(unknown)}; choose from torchvision, timm, "
+            f"{', '.join(TORCHVISION_FAMILIES)} or timm:MODULE"
+        )
     pairs, timm_count = [], 0
     for family, specs in catalogue.items():
         if not wanted(family):
@@ -249,9 +275,15 @@ def try_model(spec: str, family: str, input_size: str | None = None, threads: in
         loaded = build_model(spec)
         loaded.model.eval()
         model, report = attnsurgeon.insert(loaded, attn="se", init="identity", input_size=input_size)
-        row.update(blocks=len({i.block for i in report.insertions}), insertions=len(report.insertions),
-                   params=report.params["base"], params_delta=report.params["delta"],
-                   params_percent=report.params["percent"], input_size=list(report.input_size), notes=list(report.notes))
+        row.update(
+            blocks=len({i.block for i in report.insertions}),
+            insertions=len(report.insertions),
+            params=report.params["base"],
+            params_delta=report.params["delta"],
+            params_percent=report.params["percent"],
+            input_size=list(report.input_size),
+            notes=list(report.notes),
+        )
         row["insert_s"] = round(time.perf_counter() - start, 2)
         if not report.insertions:
             raise AttnSurgeonError("no attention block was inserted")
@@ -268,8 +300,10 @@ def try_model(spec: str, family: str, input_size: str | None = None, threads: in
             want = loaded.model(*inputs)
         row["identity_diff"] = identity_diff(got, want)
         if row["identity_diff"] is not None and row["identity_diff"] > 1e-4:
-            raise AttnSurgeonError(f"internal error: --init identity is not exact: outputs differ by up to "
-                                   f"{row['identity_diff']:.3g} (relative to the output's scale)")
+            raise AttnSurgeonError(
+                f"internal error: --init identity is not exact: outputs differ by up to "
+                f"{row['identity_diff']:.3g} (relative to the output's scale)"
+            )
     except AttnSurgeonError as exc:  # what the CLI prints as `error: ...`
         reason = str(exc)
         row.update(status="internal" if reason.startswith("internal error") else "error", reason=reason)
@@ -386,15 +420,21 @@ def print_tables(rows: list[dict], only_failures: bool = False, width: int = 110
         ok = sum(r["status"] == "ok" for r in part)
         print(f"\n== {family}: {ok}/{len(part)} ok" + (" (failures only)" if only_failures else ""))
         shown = [r for r in part if not (only_failures and r["status"] == "ok")]
-        names = [r["model"] if family != "timm" else f"{r['family'].removeprefix('timm:')}/{r['model'].removeprefix('timm:')}"
-                 for r in shown]
+        names = [
+            r["model"]
+            if family != "timm"
+            else f"{r['family'].removeprefix('timm:')}/{r['model'].removeprefix('timm:')}"
+            for r in shown
+        ]
         if not shown:
             continue
         w = max(len(n) for n in names)
         print(f"{'model':{w}s}  {'result':8s} {'blocks':>6s} {'ins.':>5s} {'params Δ':>10s} {'s':>6s}  reason")
         for name, r in zip(names, shown):
-            print(f"{name:{w}s}  {r['status']:8s} {r.get('blocks', ''):>6} {r.get('insertions', ''):>5} "
-                  f"{_fmt_params(r.get('params_delta')):>10s} {r['seconds']:6.1f}  {(r['reason'] or '')[:width]}")
+            print(
+                f"{name:{w}s}  {r['status']:8s} {r.get('blocks', ''):>6} {r.get('insertions', ''):>5} "
+                f"{_fmt_params(r.get('params_delta')):>10s} {r['seconds']:6.1f}  {(r['reason'] or '')[:width]}"
+            )
 
 
 def summary_lines(rows: list[dict]) -> list[tuple[str, int, int]]:
@@ -409,8 +449,9 @@ def summary_lines(rows: list[dict]) -> list[tuple[str, int, int]]:
     tm = [r for r in rows if r["family"].startswith("timm:")]
     if tm:
         families = len({r["family"] for r in tm})
-        label = ("timm families (smallest model of each)" if families == len(tm)
-                 else f"timm models ({families} families)")
+        label = (
+            "timm families (smallest model of each)" if families == len(tm) else f"timm models ({families} families)"
+        )
         lines.append((label, sum(r["status"] == "ok" for r in tm), len(tm)))
     other = [r for r in rows if r["family"] == "other"]
     if other:
@@ -454,15 +495,26 @@ def markdown(rows: list[dict], timm_choice: dict | None = None) -> str:
     failures = [r for r in rows if r["status"] != "ok"]
     if failures:
         out += ["", "Failures:", ""]
-        out += [f"- `{r['model']}` ({r['family']}, {r['status']}): {r['reason'].replace('<', '&lt;')}" for r in failures]
+        out += [
+            f"- `{r['model']}` ({r['family']}, {r['status']}): {r['reason'].replace('<', '&lt;')}" for r in failures
+        ]
     noted = [r for r in rows if r["status"] == "ok" and r.get("notes")]
     if noted:
-        out += ["", "<details><summary>Notes on the models that passed (blocks skipped, attention they already have)</summary>", ""]
+        out += [
+            "",
+            "<details><summary>Notes on the models that passed (blocks skipped, attention they already have)</summary>",
+            "",
+        ]
         out += [f"- `{r['model']}`: {note.replace('<', '&lt;')}" for r in noted for note in r["notes"]]
         out += ["", "</details>"]
     if timm_choice:
-        out += ["", "<details><summary>The timm models tried in each family</summary>", "",
-                "| timm module | models | tried (meta-device parameter count): result |", "|---|---:|---|"]
+        out += [
+            "",
+            "<details><summary>The timm models tried in each family</summary>",
+            "",
+            "| timm module | models | tried (meta-device parameter count): result |",
+            "|---|---:|---|",
+        ]
         status = {r["model"]: r["status"] for r in rows}
         for module, c in timm_choice["families"].items():
             sizes = c.get("sizes") or {}
@@ -489,25 +541,40 @@ def _interrupted(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", help="comma-separated: torchvision, timm, " + ", ".join(TORCHVISION_FAMILIES) + ", timm:MODULE")
+    parser.add_argument(
+        "--family", help="comma-separated: torchvision, timm, " + ", ".join(TORCHVISION_FAMILIES) + ", timm:MODULE"
+    )
     parser.add_argument("--models", help="comma-separated model specs instead of the families (r3d_18,timm:resnet18)")
-    parser.add_argument("--limit", type=int, help="the first N models of each family, and the first N of all timm families")
+    parser.add_argument(
+        "--limit", type=int, help="the first N models of each family, and the first N of all timm families"
+    )
     parser.add_argument("--jobs", "-j", type=int, default=1, help="models run in parallel (default 1)")
     parser.add_argument("--threads", type=int, help="torch threads per model (default: CPU cores / jobs)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per model (default 300)")
     parser.add_argument("--input-size", help="passed to every model's insert (default: each model's own)")
-    parser.add_argument("--per-family", type=int, default=1,
-                        help="timm models per family: 1 (default) the smallest; N: the smallest, the median and one "
-                             "of each other structure (constructor path), N at most; 0: every model")
-    parser.add_argument("--max-params", type=float, default=120,
-                        help="with --per-family other than 1: only timm models up to this many million parameters "
-                             "(default 120)")
+    parser.add_argument(
+        "--per-family",
+        type=int,
+        default=1,
+        help="timm models per family: 1 (default) the smallest; N: the smallest, the median and one "
+        "of each other structure (constructor path), N at most; 0: every model",
+    )
+    parser.add_argument(
+        "--max-params",
+        type=float,
+        default=120,
+        help="with --per-family other than 1: only timm models up to this many million parameters (default 120)",
+    )
     parser.add_argument("--out", default="out/coverage", help="results folder (default out/coverage)")
     parser.add_argument("--resume", action="store_true", help="keep OUT/results.jsonl and skip the models it has")
     parser.add_argument("--only-failures", action="store_true", help="tables list the failures only")
-    parser.add_argument("--notes", action="store_true", help="also list the notes of the models that passed (skipped blocks)")
+    parser.add_argument(
+        "--notes", action="store_true", help="also list the notes of the models that passed (skipped blocks)"
+    )
     parser.add_argument("--markdown", help="write the summary and the failures as Markdown to this file")
-    parser.add_argument("--meta-build-timeout", type=float, default=30, help="seconds per meta-device build when choosing timm models")
+    parser.add_argument(
+        "--meta-build-timeout", type=float, default=30, help="seconds per meta-device build when choosing timm models"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait for a hub
     warnings.filterwarnings("ignore")
@@ -529,13 +596,20 @@ def main(argv: list[str] | None = None) -> int:
             print("choosing the smallest model of every timm family (meta device; cached) ...", flush=True)
             timm_choice = smallest_timm_models(out / "timm_families.json", runner, args.jobs, args.meta_build_timeout)
             how = f"read from {out / 'timm_families.json'}" if timm_choice["cached"] else "chosen"
-            print(f"  {len(timm_choice['families'])} families, {how} (choosing took {timm_choice['seconds']} s)", flush=True)
+            print(
+                f"  {len(timm_choice['families'])} families, {how} (choosing took {timm_choice['seconds']} s)",
+                flush=True,
+            )
             if args.per_family == 1:
                 catalogue.update({f"timm:{m}": [f"timm:{c['model']}"] for m, c in timm_choice["families"].items()})
             else:
                 limit = args.max_params * 1e6
-                catalogue.update({f"timm:{m}": [f"timm:{n}" for n in sample_family(c, args.per_family, limit)]
-                                  for m, c in timm_choice["families"].items()})
+                catalogue.update(
+                    {
+                        f"timm:{m}": [f"timm:{n}" for n in sample_family(c, args.per_family, limit)]
+                        for m, c in timm_choice["families"].items()
+                    }
+                )
         pairs = select(catalogue, families, args.limit)
 
     if args.resume:
@@ -548,8 +622,11 @@ def main(argv: list[str] | None = None) -> int:
             results.replace(results.with_name("results.jsonl.prev"))
         done = {}
     todo = [(f, s) for f, s in pairs if s not in done]
-    print(f"{len(pairs)} models, {len(pairs) - len(todo)} already in {results}; running {len(todo)} "
-          f"({args.jobs} at a time, {threads} thread(s) each, {args.timeout:g} s limit)", flush=True)
+    print(
+        f"{len(pairs)} models, {len(pairs) - len(todo)} already in {results}; running {len(todo)} "
+        f"({args.jobs} at a time, {threads} thread(s) each, {args.timeout:g} s limit)",
+        flush=True,
+    )
 
     start = time.perf_counter()
     with results.open("a") as log, ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -561,7 +638,10 @@ def main(argv: list[str] | None = None) -> int:
                 log.flush()
                 done[row["model"]] = row
                 detail = f"{row.get('insertions')} insertions" if row["status"] == "ok" else row["reason"][:120]
-                print(f"[{i:3d}/{len(todo)}] {row['status']:8s} {row['model']:45s} {row['seconds']:6.1f} s  {detail}", flush=True)
+                print(
+                    f"[{i:3d}/{len(todo)}] {row['status']:8s} {row['model']:45s} {row['seconds']:6.1f} s  {detail}",
+                    flush=True,
+                )
         except KeyboardInterrupt:
             for f in futures:
                 f.cancel()
@@ -576,8 +656,10 @@ def main(argv: list[str] | None = None) -> int:
         print_notes(rows)
     print_summary(rows)
     if todo:
-        print(f"\nran {len(todo)} models in {elapsed / 60:.1f} min wall "
-              f"(sum of per-model times {sum(done[s]['seconds'] for _, s in todo) / 60:.1f} min)")
+        print(
+            f"\nran {len(todo)} models in {elapsed / 60:.1f} min wall "
+            f"(sum of per-model times {sum(done[s]['seconds'] for _, s in todo) / 60:.1f} min)"
+        )
     if args.markdown:
         Path(args.markdown).write_text(markdown(rows, timm_choice))
         print(f"Markdown summary written to {args.markdown}")

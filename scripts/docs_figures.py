@@ -42,10 +42,10 @@ def square_image(label: int, size: int = 64) -> np.ndarray:
     red, blue = [220, 30, 30], [30, 60, 220]
     s = RNG.integers(14, 24)
     y, x = RNG.integers(0, size - s, 2)
-    a[y:y + s, x:x + s] = red if label == 0 else blue
+    a[y : y + s, x : x + s] = red if label == 0 else blue
     s2 = RNG.integers(5, 8)
     y2, x2 = RNG.integers(0, size - s2, 2)
-    a[y2:y2 + s2, x2:x2 + s2] = blue if label == 0 else red
+    a[y2 : y2 + s2, x2 : x2 + s2] = blue if label == 0 else red
     return a
 
 
@@ -55,7 +55,9 @@ def train_squares(path: Path, steps: int = 40) -> None:
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     for _ in range(steps):
         labels = RNG.integers(0, 2, 32)
-        x = torch.stack([(torch.from_numpy(square_image(int(k))).permute(2, 0, 1).float() / 255 - MEAN) / STD for k in labels])
+        x = torch.stack(
+            [(torch.from_numpy(square_image(int(k))).permute(2, 0, 1).float() / 255 - MEAN) / STD for k in labels]
+        )
         loss = torch.nn.functional.cross_entropy(model(x), torch.from_numpy(labels))
         opt.zero_grad()
         loss.backward()
@@ -76,13 +78,19 @@ def main() -> None:
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
     loaded, anatomy = inspect_model("resnet50")
-    plan = [InsertionSpec("se", "standard", stages=[1]), InsertionSpec("cbam", "pre", stages=[2]),
-            InsertionSpec("eca", "identity", stages=[3]), InsertionSpec("se", "3x3", stages=[4]),
-            InsertionSpec("eca", "post", stages=[4])]
+    plan = [
+        InsertionSpec("se", "standard", stages=[1]),
+        InsertionSpec("cbam", "pre", stages=[2]),
+        InsertionSpec("eca", "identity", stages=[3]),
+        InsertionSpec("se", "3x3", stages=[4]),
+        InsertionSpec("eca", "post", stages=[4]),
+    ]
     _, report = apply_plan(loaded, plan)
     values = {i.module: float(i.params) for i in report.insertions}
-    save_small(draw_insertion_map(anatomy, report.insertions, title=map_title(report, "params", values)),
-               docs / "insertion-map.png")
+    save_small(
+        draw_insertion_map(anatomy, report.insertions, title=map_title(report, "params", values)),
+        docs / "insertion-map.png",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "r18-squares.pt"
         train_squares(weights)

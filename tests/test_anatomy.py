@@ -17,16 +17,35 @@ def test_resnet50_stages_blocks_and_sites():
     b = a.block("layer2.0")
     assert (b.kind, b.type, b.skip, b.channels, b.resolution) == ("residual", "Bottleneck", "projection", 512, (8, 8))
     assert b.positions == ["standard", "pre", "post", "identity", "3x3", "conv"]
-    assert a.block("layer2.3").positions == ["standard", "pre", "post", "identity", "3x3", "stage", "conv"]  # ends stage 2
+    assert a.block("layer2.3").positions == [
+        "standard",
+        "pre",
+        "post",
+        "identity",
+        "3x3",
+        "stage",
+        "conv",
+    ]  # ends stage 2
     # per-site channels: block input 256, bottleneck width 128 after the 3x3 conv, output 512
-    assert {p: s.channels for p, s in b.sites.items()} == {"standard": 512, "pre": 256, "post": 512, "identity": 512, "3x3": 128, "conv": 128}
+    assert {p: s.channels for p, s in b.sites.items()} == {
+        "standard": 512,
+        "pre": 256,
+        "post": 512,
+        "identity": 512,
+        "3x3": 128,
+        "conv": 128,
+    }
     assert a.block("layer2.1").skip == "identity"
 
 
 def test_basic_block_and_resolution_at_input_size():
     _, a = inspect_model("resnet18", input_size=(3, 96, 96))
     assert [(s.blocks[0].channels, s.blocks[0].resolution) for s in a.stages] == [
-        (64, (24, 24)), (128, (12, 12)), (256, (6, 6)), (512, (3, 3))]
+        (64, (24, 24)),
+        (128, (12, 12)),
+        (256, (6, 6)),
+        (512, (3, 3)),
+    ]
     assert a.block("layer1.0").sites["3x3"].channels == 64
 
 
@@ -67,8 +86,16 @@ def test_convnext_blocks_and_timm_stage_names():
 @pytest.mark.slow
 def test_plain_cnns_are_split_into_conv_units():
     _, vgg = inspect_model("vgg11", input_size=SMALL)
-    assert [b.name for b in vgg.blocks] == ["features.0", "features.3", "features.6", "features.8",
-                                            "features.11", "features.13", "features.16", "features.18"]
+    assert [b.name for b in vgg.blocks] == [
+        "features.0",
+        "features.3",
+        "features.6",
+        "features.8",
+        "features.11",
+        "features.13",
+        "features.16",
+        "features.18",
+    ]
     assert [len(s.blocks) for s in vgg.stages] == [1, 1, 2, 2, 2]
     _, dn = inspect_model("densenet121", input_size=SMALL)
     assert len(dn.blocks) == 1 + 6 + 12 + 24 + 16 and all(b.kind == "unit" for b in dn.blocks)

@@ -66,7 +66,8 @@ def test_se_after_each_conv2_of_resnet50_stage3_sits_before_bn2():
     gm, report = attnsurgeon.insert(base, attn="se", after="layer3.*.conv2", input_size=SMALL, init="identity")
     names = [f"layer3.{i}" for i in range(6)]
     assert [(i.block, i.stage, i.position, i.anchor, i.module) for i in report.insertions] == [
-        (b, 3, "after", f"{b}.conv2", f"{b}.conv2_se") for b in names]
+        (b, 3, "after", f"{b}.conv2", f"{b}.conv2_se") for b in names
+    ]
     for b in names:  # conv2 -> se -> bn2, and nothing else reads conv2
         se = _node(gm, f"{b}.conv2_se")
         assert se.args[0].target == f"{b}.conv2" and list(se.args[0].users) == [se]
@@ -93,11 +94,14 @@ def test_smp_unet_with_scse_anchors_equals_smps_own_scse_decoder():
     base = smp.Unet("resnet34", encoder_weights=None).eval()
     ref = smp.Unet("resnet34", encoder_weights=None, decoder_attention_type="scse").eval()
     # smp runs attention1 only where a skip connection is concatenated: blocks 0-3 of 5
-    plan = [make_spec("scse", before="decoder.blocks.[0-3].conv1", reduction=16, fusion="sum"),
-            make_spec("scse", after="decoder.blocks.*.conv2", reduction=16, fusion="sum")]
+    plan = [
+        make_spec("scse", before="decoder.blocks.[0-3].conv1", reduction=16, fusion="sum"),
+        make_spec("scse", after="decoder.blocks.*.conv2", reduction=16, fusion="sum"),
+    ]
     gm, report = attnsurgeon.apply_plan(base, plan, input_size=(3, 64, 64))
     assert [i.module for i in report.insertions] == (
-        [f"decoder.blocks.{k}.scse_conv1" for k in range(4)] + [f"decoder.blocks.{k}.conv2_scse" for k in range(5)])
+        [f"decoder.blocks.{k}.scse_conv1" for k in range(4)] + [f"decoder.blocks.{k}.conv2_scse" for k in range(5)]
+    )
     unused = count_params(ref.decoder.blocks[4].attention1)  # built by smp, never called
     assert report.params["modified"] == count_params(ref) - unused
     names = {"cSE.1": "fc1", "cSE.3": "fc2", "sSE.0": "spatial"}
@@ -185,8 +189,11 @@ def test_tokens_of_a_vit_and_a_2d_block_refused_there():
     before = _state(vit)
     with pytest.raises(AttnSurgeonError, match=r"--before norm \(NLC map of 192 channels\): coord needs a 2-D"):
         attnsurgeon.insert(vit, attn="coord", before="norm", input_size=(3, 32, 32))
-    with pytest.raises(AttnSurgeonError, match=r"--before head: the input of Linear 'head' is a \(1, 192\) tensor, not a "
-                                               r"feature map"):
+    with pytest.raises(
+        AttnSurgeonError,
+        match=r"--before head: the input of Linear 'head' is a \(1, 192\) tensor, not a "
+        r"feature map",
+    ):
         attnsurgeon.insert(vit, attn="se", before="head", input_size=(3, 32, 32))
     assert _same_state(vit, before)
 
@@ -199,8 +206,11 @@ def test_a_module_the_tracer_keeps_whole_is_an_anchor_but_not_what_is_inside_it(
     (ins,) = report.insertions
     assert (ins.block, ins.stage, ins.module) == ("stages.3.1", 4, "stages.3.1_se")
     assert _node(gm, "stages.3.1_se").args[0].target == "stages.3.1"
-    with pytest.raises(AttnSurgeonError, match=r"stages\.3\.1\.conv_kxk lies inside MobileVitBlock 'stages\.3\.1', which "
-                                               "the tracer keeps whole"):
+    with pytest.raises(
+        AttnSurgeonError,
+        match=r"stages\.3\.1\.conv_kxk lies inside MobileVitBlock 'stages\.3\.1', which "
+        "the tracer keeps whole",
+    ):
         attnsurgeon.insert(loaded, attn="se", after="stages.3.1.conv_kxk", input_size=SMALL)
 
 
@@ -210,7 +220,9 @@ def test_detector_part_anchor_and_refusals_outside_it():
 
     loaded = attnsurgeon.load_model("retinanet_resnet50_fpn", **DETECTORS["retinanet_resnet50_fpn"])
     before = _state(loaded.model)
-    model, report = attnsurgeon.insert(loaded, attn="se", after="backbone.body.layer3", input_size=SIZE, init="identity")
+    model, report = attnsurgeon.insert(
+        loaded, attn="se", after="backbone.body.layer3", input_size=SIZE, init="identity"
+    )
     (ins,) = report.insertions
     assert (ins.module, ins.stage, ins.channels) == ("backbone.body.layer3_se", 3, 1024)
     assert report.target == ["backbone"]
@@ -223,7 +235,9 @@ def test_detector_part_anchor_and_refusals_outside_it():
         assert torch.equal(model(images)[0]["scores"], ref)
     with pytest.raises(AttnSurgeonError, match=r"--after backbone\.body: the output of .* is not one tensor"):
         attnsurgeon.insert(loaded, attn="se", after="backbone.body", input_size=SIZE)
-    with pytest.raises(AttnSurgeonError, match=r"head\.classification_head\.conv\.0.* lies outside the traced part \(backbone\)"):
+    with pytest.raises(
+        AttnSurgeonError, match=r"head\.classification_head\.conv\.0.* lies outside the traced part \(backbone\)"
+    ):
         attnsurgeon.insert(loaded, attn="se", after="head.classification_head.conv.0", input_size=SIZE)
     assert _same_state(loaded.model, before)
 
@@ -271,9 +285,14 @@ def test_refusals_leave_the_model_as_it_was_and_write_nothing(tmp_path, cli):
         attnsurgeon.insert(loaded, attn="sk", after="a", input_size=(3, 16, 16))
     assert _same_state(loaded.model, before)
     out = tmp_path / "m.safetensors"
-    for args, message in [(["--after", "b"], "runs 2 times"), (["--after", "x", "--before", "y"], "in one insertion"),
-                          (["--after", "a", "-p", "post"], "leave --position")]:
-        code, stdout, err = cli("insert", f"{path}:build", "--attn", "se", "--input-size", "3,16,16", "--out", out, *args)
+    for args, message in [
+        (["--after", "b"], "runs 2 times"),
+        (["--after", "x", "--before", "y"], "in one insertion"),
+        (["--after", "a", "-p", "post"], "leave --position"),
+    ]:
+        code, stdout, err = cli(
+            "insert", f"{path}:build", "--attn", "se", "--input-size", "3,16,16", "--out", out, *args
+        )
         assert code == 2 and message in err and "Traceback" not in err and stdout == ""
         assert not out.exists() and list(tmp_path.iterdir()) == [path]
     # a module that gets one tensor is fine even when its input feeds others too: only it sees the block
@@ -288,10 +307,17 @@ def test_refusals_leave_the_model_as_it_was_and_write_nothing(tmp_path, cli):
 def test_stages_and_blocks_narrow_the_anchors():
     base = torchvision_resnet("resnet18")
     _, report = attnsurgeon.insert(base, attn="eca", after="**.conv2", stages=[2, 3], input_size=SMALL)
-    assert [i.anchor for i in report.insertions] == ["layer2.0.conv2", "layer2.1.conv2", "layer3.0.conv2", "layer3.1.conv2"]
+    assert [i.anchor for i in report.insertions] == [
+        "layer2.0.conv2",
+        "layer2.1.conv2",
+        "layer3.0.conv2",
+        "layer3.1.conv2",
+    ]
     _, report = attnsurgeon.insert(base, attn="eca", after="**.conv2", blocks="layer4.1", input_size=SMALL)
     assert [i.anchor for i in report.insertions] == ["layer4.1.conv2"]
-    with pytest.raises(AttnSurgeonError, match=r"none of the 1 matching modules \(fc\) lies inside the selected stages 2"):
+    with pytest.raises(
+        AttnSurgeonError, match=r"none of the 1 matching modules \(fc\) lies inside the selected stages 2"
+    ):
         attnsurgeon.insert(base, attn="eca", before="fc", stages=[2], input_size=SMALL)
 
 
@@ -299,12 +325,26 @@ def test_stages_and_blocks_narrow_the_anchors():
 def test_cli_insert_with_anchors_saves_and_reloads_and_exports_every_format(cli, tmp_path):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "a.safetensors"
-    code, stdout, err = cli("insert", "resnet18", "--attn", "cbam", "--after", "layer2.*.conv1,layer4", "--input-size", "32",
-                            "--out", out, "--json")
+    code, stdout, err = cli(
+        "insert",
+        "resnet18",
+        "--attn",
+        "cbam",
+        "--after",
+        "layer2.*.conv1,layer4",
+        "--input-size",
+        "32",
+        "--out",
+        out,
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(stdout)
     assert [(i["anchor"], i["module"]) for i in report["insertions"]] == [
-        ("layer2.0.conv1", "layer2.0.conv1_cbam"), ("layer2.1.conv1", "layer2.1.conv1_cbam"), ("layer4", "layer4_cbam")]
+        ("layer2.0.conv1", "layer2.0.conv1_cbam"),
+        ("layer2.1.conv1", "layer2.1.conv1_cbam"),
+        ("layer4", "layer4_cbam"),
+    ]
     assert report["plan"] == [{"attn": "cbam", "after": ["layer2.*.conv1", "layer4"], "init": "default"}]
     model, _ = attnsurgeon.insert("resnet18", attn="cbam", after="layer2.*.conv1,layer4", input_size=32)
     reloaded = attnsurgeon.load(out)
@@ -317,22 +357,32 @@ def test_cli_insert_with_anchors_saves_and_reloads_and_exports_every_format(cli,
 @pytest.mark.slow
 def test_recipe_and_sweep_grid_take_anchors(tmp_path, cli):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: resnet18\ninput_size: [3, 32, 32]\ninsertions:\n  - attn: se\n    after: layer3.*.conv1\n"
-                      "  - attn: eca\n    before: [fc, layer4.0]\n")
+    recipe.write_text(
+        "model: resnet18\ninput_size: [3, 32, 32]\ninsertions:\n  - attn: se\n    after: layer3.*.conv1\n"
+        "  - attn: eca\n    before: [fc, layer4.0]\n"
+    )
     from attnsurgeon.planning.recipes import read_recipe
 
     code, _, err = cli("apply", recipe)  # the modules are known once the model is traced
     assert code == 2 and "r.yaml: insertion 2 of 2 (eca before fc,layer4.0): --before fc: the input of Linear" in err
-    recipe.write_text(recipe.read_text().replace("[fc, layer4.0]", "layer4.0").replace("    after:", "    position: pre\n    after:"))
+    recipe.write_text(
+        recipe.read_text().replace("[fc, layer4.0]", "layer4.0").replace("    after:", "    position: pre\n    after:")
+    )
     with pytest.raises(AttnSurgeonError, match=r"line 5: insertions\[0\]\.position: --after .* leave --position"):
         read_recipe(recipe)
     recipe.write_text(recipe.read_text().replace("    position: pre\n", ""))
     code, stdout, err = cli("apply", recipe, "--json")
     assert code == 0, err
-    assert [i["module"] for i in json.loads(stdout)["insertions"]] == ["layer3.0.conv1_se", "layer3.1.conv1_se", "layer4.eca_0"]
+    assert [i["module"] for i in json.loads(stdout)["insertions"]] == [
+        "layer3.0.conv1_se",
+        "layer3.1.conv1_se",
+        "layer4.eca_0",
+    ]
     sweep = tmp_path / "s.yaml"
-    sweep.write_text("model: resnet18\ninput_size: [3, 32, 32]\ngrid:\n  attn: [se]\n  after: [layer3, layer4]\n"
-                     "profile: {min_run_time: 0.01, max_run_time: 0.02}\n")
+    sweep.write_text(
+        "model: resnet18\ninput_size: [3, 32, 32]\ngrid:\n  attn: [se]\n  after: [layer3, layer4]\n"
+        "profile: {min_run_time: 0.01, max_run_time: 0.02}\n"
+    )
     code, stdout, err = cli("sweep", sweep, "--out", tmp_path / "sw", "--json")
     assert code == 0, err
     rows = [r for r in json.loads(stdout)["rows"] if r["name"] != "base"]
@@ -354,8 +404,9 @@ def test_memory_efficient_profile_and_plot_on_an_anchor(tmp_path):
         m(x).square().mean().backward()
     for (name, p), q in zip(plain.named_parameters(), lean.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5), name
-    result = attnsurgeon.profile(base, attn="se", after="layer3.*.bn2", input_size=32, min_run_time=0.01,
-                                 max_run_time=0.02)
+    result = attnsurgeon.profile(
+        base, attn="se", after="layer3.*.bn2", input_size=32, min_run_time=0.01, max_run_time=0.02
+    )
     assert [r.module for r in result.insertions] == ["layer3.0.bn2_se", "layer3.1.bn2_se"]
     assert result.insertions[0].where == "after layer3.0.bn2"  # the breakdown names the anchor
     from attnsurgeon.pictures.plot import write_insertion_map
@@ -397,8 +448,9 @@ def test_an_identity_placeholder_is_no_attention_the_model_has():
     smp = pytest.importorskip("segmentation_models_pytorch")
     _, plain = attnsurgeon.inspect_model(smp.Unet("resnet34", encoder_weights=None), input_size=(3, 64, 64))
     assert plain.existing_attention == []  # smp's Attention(None) is an nn.Identity
-    _, scse = attnsurgeon.inspect_model(smp.Unet("resnet34", encoder_weights=None, decoder_attention_type="scse"),
-                                        input_size=(3, 64, 64))
+    _, scse = attnsurgeon.inspect_model(
+        smp.Unet("resnet34", encoder_weights=None, decoder_attention_type="scse"), input_size=(3, 64, 64)
+    )
     assert len(scse.existing_attention) == 9  # attention1 of block 4 is never called: no skip there
 
 
@@ -445,7 +497,10 @@ def test_inspect_anchors_takes_a_glob_and_says_how_many_rows_it_left_out(cli):
     total = len(json.loads(every)["anchors"])
     assert data["anchors_left_out"] == total - len(names) > 0 and json.loads(every)["anchors_left_out"] == 0
     code, stdout, _ = cli("inspect", "resnet18", "layer4.1", "--input-size", "32")  # a glob implies --anchors
-    assert code == 0 and f"6 rows shown (the modules matching 'layer4.1' and those inside them), {total - 6} left out" in stdout
+    assert (
+        code == 0
+        and f"6 rows shown (the modules matching 'layer4.1' and those inside them), {total - 6} left out" in stdout
+    )
     code, stdout, err = cli("inspect", "resnet18", "--anchors", "layr4.*", "--input-size", "32")
     assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
     assert "--anchors layr4.*: no module matches" in err and "layer4" in err

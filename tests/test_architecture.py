@@ -16,8 +16,19 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "attnsurgeon"
 # bottom first: a folder may import its own modules and those of the folders before it, never after
-LAYERS = ("core", "blocks", "loading", "graph", "planning", "rewriting", "saving", "profiling", "pictures",
-          "sweeps", "cli")
+LAYERS = (
+    "core",
+    "blocks",
+    "loading",
+    "graph",
+    "planning",
+    "rewriting",
+    "saving",
+    "profiling",
+    "pictures",
+    "sweeps",
+    "cli",
+)
 TOP = ("attnsurgeon", "attnsurgeon.api")  # the public API composes every layer
 MAX_LINES = 600
 
@@ -53,7 +64,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The package modules ``name`` imports, anywhere in its file."""
     out: set[str] = set()
     for source, names in _import_statements(name, path):
-        targets = names if source is None else [f"{source}.{a}" if f"{source}.{a}" in modules else source for a in names]
+        targets = (
+            names if source is None else [f"{source}.{a}" if f"{source}.{a}" in modules else source for a in names]
+        )
         for target in targets:
             while target and target not in modules:  # attnsurgeon.x.y where y is a name in module x
                 target = target.rpartition(".")[0]
@@ -82,8 +95,12 @@ def test_every_module_lives_in_a_layer_folder():
 
 
 def test_imports_point_down_the_pipeline():
-    upward = [f"{m} -> {t}" for m, targets in GRAPH.items() for t in sorted(targets)
-              if t.startswith("attnsurgeon") and _layer(t) > _layer(m)]
+    upward = [
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        for t in sorted(targets)
+        if t.startswith("attnsurgeon") and _layer(t) > _layer(m)
+    ]
     assert not upward, "imports that run up the pipeline:\n" + "\n".join(upward)
 
 
@@ -156,16 +173,19 @@ PRIVATE_CROSSINGS_ALLOWED: set[str] = set()
 def test_no_private_name_crosses_a_folder():
     crossing = set().union(*(_private_crossings(name, path) for name, path in MODULES.items()))
     new = sorted(crossing - PRIVATE_CROSSINGS_ALLOWED)
-    assert not new, "private names imported from another folder (make them public, list them in __all__):\n" + \
-        "\n".join(new)
+    assert not new, (
+        "private names imported from another folder (make them public, list them in __all__):\n" + "\n".join(new)
+    )
     gone = sorted(PRIVATE_CROSSINGS_ALLOWED - crossing)
     assert not gone, "no longer crossing, take them off PRIVATE_CROSSINGS_ALLOWED:\n" + "\n".join(gone)
 
 
 def test_the_crossing_finder_finds_private_names(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("from ..core.ops import _hidden, shown\nfrom .sibling import _own\n"
-                      "def f():\n    from attnsurgeon.graph import _shape\n    import attnsurgeon.blocks._common\n")
+    source.write_text(
+        "from ..core.ops import _hidden, shown\nfrom .sibling import _own\n"
+        "def f():\n    from attnsurgeon.graph import _shape\n    import attnsurgeon.blocks._common\n"
+    )
     assert _private_crossings("attnsurgeon.pictures.m", source) == {
         "attnsurgeon.pictures.m -> attnsurgeon.core.ops._hidden",
         "attnsurgeon.pictures.m -> attnsurgeon.graph._shape",
@@ -180,10 +200,22 @@ def test_no_module_over_600_lines(name):
 
 
 # the public API, as the README and the docs use it: these names stay where they are whatever moves below
-PUBLIC = {"insert": "function", "apply_plan": "function", "optimize": "function", "profile": "function",
-          "export": "function", "load": "function", "load_model": "function", "list_models": "function",
-          "inspect_model": "function", "read_recipe": "function", "InsertionSpec": "class", "Recipe": "class",
-          "SurgeryReport": "class", "AttnSurgeonError": "class"}
+PUBLIC = {
+    "insert": "function",
+    "apply_plan": "function",
+    "optimize": "function",
+    "profile": "function",
+    "export": "function",
+    "load": "function",
+    "load_model": "function",
+    "list_models": "function",
+    "inspect_model": "function",
+    "read_recipe": "function",
+    "InsertionSpec": "class",
+    "Recipe": "class",
+    "SurgeryReport": "class",
+    "AttnSurgeonError": "class",
+}
 
 
 def test_the_public_api_resolves_to_what_it_names():
@@ -194,7 +226,7 @@ def test_the_public_api_resolves_to_what_it_names():
     assert set(PUBLIC) <= set(attnsurgeon.__all__)
     for name, kind in PUBLIC.items():
         obj = getattr(attnsurgeon, name)
-        assert (pyinspect.isclass(obj) if kind == "class" else pyinspect.isfunction(obj)), name
+        assert pyinspect.isclass(obj) if kind == "class" else pyinspect.isfunction(obj), name
         assert obj.__name__ == name, f"attnsurgeon.{name} is {obj.__module__}.{obj.__name__}"
     # importing any module (the CLI imports saving.export) leaves the package's functions in place
     import attnsurgeon.profiling  # noqa: F401

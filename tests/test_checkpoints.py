@@ -16,7 +16,9 @@ NUM_CLASSES = 7
 
 def _one_error(code, stderr):
     """A user error: exit status 2 and one message (Rich may wrap it at the test terminal's width), no traceback."""
-    return code == 2 and stderr.count("error:") == 1 and stderr.lstrip().startswith("error:") and "Traceback" not in stderr
+    return (
+        code == 2 and stderr.count("error:") == 1 and stderr.lstrip().startswith("error:") and "Traceback" not in stderr
+    )
 
 
 def _fine_tuned():
@@ -37,8 +39,9 @@ def _timm_checkpoint(model, folder):
     ema.update(model)  # halfway between the start and the raw weights: a third set
     args = argparse.Namespace(model="resnet18", num_classes=NUM_CLASSES, lr=0.1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    saver = CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(folder),
-                            recovery_dir=str(folder), max_history=1)
+    saver = CheckpointSaver(
+        model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(folder), recovery_dir=str(folder), max_history=1
+    )
     saver.save_checkpoint(epoch=0, metric=1.0)
     path = folder / "model_best.pth.tar"
     assert path.is_file()
@@ -56,9 +59,15 @@ def files(tmp_path_factory):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()  # a real optimizer state in the Lightning checkpoint
-    lightning = {"epoch": 1, "global_step": 10, "pytorch-lightning_version": "2.4.0",
-                 "state_dict": {f"model.{k}": v for k, v in state.items()},
-                 "optimizer_states": [optimizer.state_dict()], "lr_schedulers": [], "hyper_parameters": {"lr": 0.1}}
+    lightning = {
+        "epoch": 1,
+        "global_step": 10,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": {f"model.{k}": v for k, v in state.items()},
+        "optimizer_states": [optimizer.state_dict()],
+        "lr_schedulers": [],
+        "hyper_parameters": {"lr": 0.1},
+    }
     torch.save(lightning, folder / "epoch=1-step=10.ckpt")
     out["lightning"] = folder / "epoch=1-step=10.ckpt"
     torch.save({f"module.{k}": v for k, v in state.items()}, folder / "ddp.pt")
@@ -84,16 +93,35 @@ def _by_hand(kind, files):
 @pytest.mark.parametrize("kind", ["plain", "timm", "lightning", "ddp"])
 def test_insert_from_a_checkpoint_gives_the_fine_tuned_outputs(kind, files, cli, tmp_path):
     out = tmp_path / "se.safetensors"
-    code, stdout, stderr = cli("insert", "timm:resnet18", "--model-arg", f"num_classes={NUM_CLASSES}", "--weights",
-                               files[kind], "--attn", "se", "--init", "identity", "--input-size", "64", "--out", out, "--json")
+    code, stdout, stderr = cli(
+        "insert",
+        "timm:resnet18",
+        "--model-arg",
+        f"num_classes={NUM_CLASSES}",
+        "--weights",
+        files[kind],
+        "--attn",
+        "se",
+        "--init",
+        "identity",
+        "--input-size",
+        "64",
+        "--out",
+        out,
+        "--json",
+    )
     assert code == 0, stderr
     report = json.loads(stdout)
     assert report["model_kwargs"] == {"num_classes": NUM_CLASSES}
-    assert report["weights_key"] == {"plain": None, "timm": "state_dict_ema", "lightning": "state_dict", "ddp": None}[kind]
+    assert (
+        report["weights_key"] == {"plain": None, "timm": "state_dict_ema", "lightning": "state_dict", "ddp": None}[kind]
+    )
     if kind == "timm":
         assert any("EMA" in n and "--weights-key state_dict" in n for n in report["notes"])
     if kind in ("lightning", "ddp"):
-        assert any(f"'{'model.' if kind == 'lightning' else 'module.'}' prefix was taken off" in n for n in report["notes"])
+        assert any(
+            f"'{'model.' if kind == 'lightning' else 'module.'}' prefix was taken off" in n for n in report["notes"]
+        )
     modified = attnsurgeon.load(out).eval()  # rebuilt from the saved recipe: its builder arguments included
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -104,13 +132,17 @@ def test_insert_from_a_checkpoint_gives_the_fine_tuned_outputs(kind, files, cli,
 
 def test_the_ema_weights_are_taken_first_and_the_key_chooses_others(files):
     ema = attnsurgeon.load_model("timm:resnet18", num_classes=NUM_CLASSES, weights=files["timm"])
-    raw = attnsurgeon.load_model("timm:resnet18", num_classes=NUM_CLASSES, weights=files["timm"], weights_key="state_dict")
+    raw = attnsurgeon.load_model(
+        "timm:resnet18", num_classes=NUM_CLASSES, weights=files["timm"], weights_key="state_dict"
+    )
     assert ema.weights_key == "state_dict_ema" and raw.weights_key == "state_dict"
     reference = _by_hand("timm", files).state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in ema.model.state_dict().items())
     assert all(torch.equal(v, files["raw"][k]) for k, v in raw.model.state_dict().items())
     assert not torch.equal(ema.model.fc.weight, raw.model.fc.weight)  # the two sets differ: the choice matters
-    with pytest.raises(AttnSurgeonError, match="no entry 'ema' .*its weights are under '(state_dict|state_dict_ema)', '"):
+    with pytest.raises(
+        AttnSurgeonError, match="no entry 'ema' .*its weights are under '(state_dict|state_dict_ema)', '"
+    ):
         attnsurgeon.load_model("timm:resnet18", num_classes=NUM_CLASSES, weights=files["timm"], weights_key="ema")
     with pytest.raises(AttnSurgeonError, match="'args' in .* is not a state dict"):
         attnsurgeon.load_model("timm:resnet18", num_classes=NUM_CLASSES, weights=files["timm"], weights_key="args")
@@ -142,11 +174,14 @@ class _Payload:
 def test_a_checkpoint_holding_other_objects_is_refused_with_nothing_run(files, cli, tmp_path):
     marker, path, out = tmp_path / "ran", tmp_path / "evil.pth.tar", tmp_path / "se.safetensors"
     torch.save({"state_dict": files["raw"], "args": argparse.Namespace(lr=0.1), "hook": _Payload(marker)}, path)
-    code, stdout, stderr = cli("insert", "timm:resnet18", "--model-arg", "num_classes=7", "--weights", path,
-                               "--attn", "se", "--out", out)
+    code, stdout, stderr = cli(
+        "insert", "timm:resnet18", "--model-arg", "num_classes=7", "--weights", path, "--attn", "se", "--out", out
+    )
     assert _one_error(code, stderr) and stdout == "" and "refused to load" in stderr
     assert not marker.exists() and not out.exists()
-    with pytest.raises(AttnSurgeonError, match=r"Python objects other than tensors \(([\w.]+, )*builtins.getattr") as info:
+    with pytest.raises(
+        AttnSurgeonError, match=r"Python objects other than tensors \(([\w.]+, )*builtins.getattr"
+    ) as info:
         attnsurgeon.load_model("timm:resnet18", num_classes=NUM_CLASSES, weights=path)
     assert "pathlib.Path" in str(info.value) and "Namespace" not in str(info.value)  # the allowed type is not blamed
     assert "\n" not in str(info.value) and not marker.exists()
@@ -155,12 +190,21 @@ def test_a_checkpoint_holding_other_objects_is_refused_with_nothing_run(files, c
 def test_model_args_are_yaml_values_and_wrong_ones_fail_in_one_line(cli):
     from attnsurgeon.cli.options import parse_model_args
 
-    assert parse_model_args(["num_classes=7", "drop_rate=0.1", "global_pool=avg", "pretrained_strict=false",
-                             "img_size=[64, 64]", "x=null"]) == {
-        "num_classes": 7, "drop_rate": 0.1, "global_pool": "avg", "pretrained_strict": False, "img_size": [64, 64],
-        "x": None}
-    for bad, message in [("num_classes", "expected KEY=VALUE"), ("weights=a.pt", "use --weights"),
-                         ("a={b: 1}", "a mapping in a recipe")]:
+    assert parse_model_args(
+        ["num_classes=7", "drop_rate=0.1", "global_pool=avg", "pretrained_strict=false", "img_size=[64, 64]", "x=null"]
+    ) == {
+        "num_classes": 7,
+        "drop_rate": 0.1,
+        "global_pool": "avg",
+        "pretrained_strict": False,
+        "img_size": [64, 64],
+        "x": None,
+    }
+    for bad, message in [
+        ("num_classes", "expected KEY=VALUE"),
+        ("weights=a.pt", "use --weights"),
+        ("a={b: 1}", "a mapping in a recipe"),
+    ]:
         code, _, stderr = cli("insert", "timm:resnet18", "--model-arg", bad)
         assert _one_error(code, stderr) and message in " ".join(stderr.split())
     code, _, stderr = cli("insert", "timm:resnet18", "--model-arg", "num_clases=7", "--input-size", "64")
@@ -170,8 +214,10 @@ def test_model_args_are_yaml_values_and_wrong_ones_fail_in_one_line(cli):
 @pytest.mark.slow
 def test_a_recipe_builds_with_model_args_and_weights_and_its_saved_recipe_records_them(files, cli, tmp_path):
     recipe, out = tmp_path / "r.yaml", tmp_path / "r.safetensors"
-    recipe.write_text(f"model: timm:resnet18\nmodel_args: {{num_classes: 7}}\nweights: {files['timm']}\n"
-                      "weights_key: state_dict\ninput_size: 64\ninsertions: [{attn: eca, init: identity}]\n")
+    recipe.write_text(
+        f"model: timm:resnet18\nmodel_args: {{num_classes: 7}}\nweights: {files['timm']}\n"
+        "weights_key: state_dict\ninput_size: 64\ninsertions: [{attn: eca, init: identity}]\n"
+    )
     code, _, stderr = cli("apply", recipe, "--out", out)
     assert code == 0, stderr
     from attnsurgeon.saving.saved import recipe_of
@@ -195,8 +241,18 @@ def test_yolo_checkpoint_is_the_base_model_with_its_classes_and_training_continu
     from attnsurgeon.loading.sources.yolo import train
 
     data = _tiny_dataset(tmp_path / "data", nc=2)
-    args = dict(epochs=1, imgsz=64, batch=2, workers=0, device="cpu", plots=False, amp=False, verbose=False,
-                project=str(tmp_path / "runs"), exist_ok=True)
+    args = dict(
+        epochs=1,
+        imgsz=64,
+        batch=2,
+        workers=0,
+        device="cpu",
+        plots=False,
+        amp=False,
+        verbose=False,
+        project=str(tmp_path / "runs"),
+        exist_ok=True,
+    )
     first = YOLO("yolov8n.yaml")
     first.train(data=str(data), name="base", **args)
     best = first.trainer.best
@@ -245,8 +301,21 @@ def test_smp_folder_from_save_pretrained_is_the_base_model(cli, tmp_path, monkey
     loaded = attnsurgeon.load_model("smp:./unet")
     assert loaded.spec == f"smp:{(tmp_path / 'unet').resolve()}" and loaded.model.segmentation_head[0].out_channels == 3
     out = tmp_path / "unet-scse.safetensors"
-    code, stdout, stderr = cli("insert", "smp:./unet", "--attn", "scse", "--after", "decoder.blocks.*.conv2",
-                               "--init", "identity", "--input-size", "64", "--out", out, "--json")
+    code, stdout, stderr = cli(
+        "insert",
+        "smp:./unet",
+        "--attn",
+        "scse",
+        "--after",
+        "decoder.blocks.*.conv2",
+        "--init",
+        "identity",
+        "--input-size",
+        "64",
+        "--out",
+        out,
+        "--json",
+    )
     assert code == 0, stderr
     json.loads(stdout)  # smp's own "Loading weights" print stays off stdout
     by_hand = smp.from_pretrained(str(tmp_path / "unet")).eval()
@@ -254,7 +323,10 @@ def test_smp_folder_from_save_pretrained_is_the_base_model(cli, tmp_path, monkey
     with torch.no_grad():
         torch.testing.assert_close(attnsurgeon.load(out).eval()(x), by_hand(x), rtol=0, atol=1e-5)
     (tmp_path / "empty").mkdir()
-    for spec, message in [("smp:./nowhere", "does not exist"), ("smp:./empty", "no config.json and no model.safetensors")]:
+    for spec, message in [
+        ("smp:./nowhere", "does not exist"),
+        ("smp:./empty", "no config.json and no model.safetensors"),
+    ]:
         code, _, stderr = cli("insert", spec)
         assert _one_error(code, stderr) and message in " ".join(stderr.split())
     code, _, stderr = cli("insert", "smp:./unet", "--model-arg", "classes=5")

@@ -25,8 +25,22 @@ def _imports_torch(args):
     return out.stdout.strip()
 
 
-@pytest.mark.parametrize("args", [["--help"], *(pytest.param(a, marks=pytest.mark.slow) for a in (  # a process each
-    ["insert", "--help"], ["list", "attn"], ["list", "positions"], ["inspect", "--help"], ["explain", "--help"]))])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        *(
+            pytest.param(a, marks=pytest.mark.slow)
+            for a in (  # a process each
+                ["insert", "--help"],
+                ["list", "attn"],
+                ["list", "positions"],
+                ["inspect", "--help"],
+                ["explain", "--help"],
+            )
+        ),
+    ],
+)
 def test_help_and_lists_do_not_import_torch(args):
     assert _imports_torch(args) == "[]"
 
@@ -61,7 +75,9 @@ def test_per_stage_kernel_sizes_and_bias_flags(cli):
     assert code == 0, err
     ks = {i["stage"]: i["options"]["kernel_size"] for i in json.loads(out)["insertions"]}
     assert ks == {1: 3, 2: 5, 3: 5, 4: 7}
-    code, out, _ = cli("insert", "resnet18", "--no-bias", "--reduction", "8", "--stages", "4", "--input-size", "64", "--json")
+    code, out, _ = cli(
+        "insert", "resnet18", "--no-bias", "--reduction", "8", "--stages", "4", "--input-size", "64", "--json"
+    )
     assert {i["params"] for i in json.loads(out)["insertions"]} == {2 * 512 * 64}
 
 
@@ -73,7 +89,9 @@ def test_per_stage_kernel_sizes_and_bias_flags(cli):
         (["insert", "resnet18", "--stages", "5"], "the model has 4 stages"),
         (["insert", "resnet18", "--stages", "three"], "--stages"),
         (["insert", "resnet18", "--blocks", "layer9.*"], "matches no block"),
-        pytest.param(["insert", "vgg11", "--position", "identity"], "not available", marks=pytest.mark.slow),  # vgg11's size
+        pytest.param(
+            ["insert", "vgg11", "--position", "identity"], "not available", marks=pytest.mark.slow
+        ),  # vgg11's size
         (["insert", "resnet18", "--reduction", "0"], "reduction must be a number > 0"),
         (["insert", "resnet18", "--weights", "missing.pt"], "does not exist"),
         (["insert", "resnet18", "--input-size", "big"], "input size"),
@@ -132,7 +150,13 @@ def test_typos_are_refused_before_any_model_is_built(cli, monkeypatch):
         raise AssertionError("a model was built")
 
     monkeypatch.setattr(models, "build_model", no_build)
-    for args in (["--position", "prre"], ["-r", "0"], ["--attn", "eca", "-k", "4"], ["--stages", "4-2"], ["--init", "zero"]):
+    for args in (
+        ["--position", "prre"],
+        ["-r", "0"],
+        ["--attn", "eca", "-k", "4"],
+        ["--stages", "4-2"],
+        ["--init", "zero"],
+    ):
         code, _, err = cli("insert", "resnet50", *args)
         assert code == 2 and "error:" in err, args
 
@@ -145,7 +169,9 @@ def test_list_json_is_one_object(cli):
 
 @pytest.mark.slow
 def test_insert_notes_existing_attention_and_reports_the_requested_reduction(cli):
-    code, out, err = cli("insert", "mobilenet_v3_large", "--position", "3x3", "--stages", "2", "--input-size", "64", "--json")
+    code, out, err = cli(
+        "insert", "mobilenet_v3_large", "--position", "3x3", "--stages", "2", "--input-size", "64", "--json"
+    )
     assert code == 0, err
     data = json.loads(out)
     assert any("already has" in n and "attention" in n for n in data["notes"])

@@ -40,15 +40,25 @@ CATALOGUE = {
 def test_select_families_and_limit(cov):
     assert cov.select(CATALOGUE) == [(f, s) for f, specs in CATALOGUE.items() for s in specs]
     assert cov.select(CATALOGUE, ["video", "timm:resnet"]) == [
-        ("video", "tv:mc3_18"), ("video", "tv:r3d_18"), ("timm:resnet", "timm:resnet10t")]
+        ("video", "tv:mc3_18"),
+        ("video", "tv:r3d_18"),
+        ("timm:resnet", "timm:resnet10t"),
+    ]
     # --limit: the first N of each torchvision family, the first N timm families
     assert cov.select(CATALOGUE, ["torchvision", "timm"], limit=1) == [
-        ("classification", "tv:alexnet"), ("video", "tv:mc3_18"), ("detection", "tv:fcos_resnet50_fpn"),
-        ("timm:byobnet", "timm:resnext26ts")]
+        ("classification", "tv:alexnet"),
+        ("video", "tv:mc3_18"),
+        ("detection", "tv:fcos_resnet50_fpn"),
+        ("timm:byobnet", "timm:resnext26ts"),
+    ]
     assert cov.select(CATALOGUE, ["timm:resnet", "timm:byobnet"], limit=1) == [  # named families are kept
-        ("timm:byobnet", "timm:resnext26ts"), ("timm:resnet", "timm:resnet10t")]
+        ("timm:byobnet", "timm:resnext26ts"),
+        ("timm:resnet", "timm:resnet10t"),
+    ]
     assert cov.select(CATALOGUE, ["timm"], limit=2) == [
-        ("timm:byobnet", "timm:resnext26ts"), ("timm:efficientnet", "timm:test_efficientnet")]
+        ("timm:byobnet", "timm:resnext26ts"),
+        ("timm:efficientnet", "timm:test_efficientnet"),
+    ]
     with pytest.raises(SystemExit, match="unknown family vidoe"):
         cov.select(CATALOGUE, ["vidoe"])
 
@@ -79,8 +89,23 @@ def test_worker_runs_in_its_own_process_and_resumes(cov, tmp_path, capsys):
     # a results file left by an interrupted run: alexnet done, then a torn line
     kept = {"model": "alexnet", "family": "classification", "status": "ok", "reason": None, "seconds": 1.0}
     (tmp_path / "results.jsonl").write_text(json.dumps(kept) + '\n{"model": "resn')
-    assert cov.main(["--models", "resnet18,nosuch_model,alexnet", "--input-size", "64", "--out", str(tmp_path),
-                     "--resume", "--only-failures", "--markdown", str(tmp_path / "cov.md")]) == 0
+    assert (
+        cov.main(
+            [
+                "--models",
+                "resnet18,nosuch_model,alexnet",
+                "--input-size",
+                "64",
+                "--out",
+                str(tmp_path),
+                "--resume",
+                "--only-failures",
+                "--markdown",
+                str(tmp_path / "cov.md"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "1 already in" in printed and "running 2" in printed  # alexnet is not run again
     rows = cov.read_rows(tmp_path / "results.jsonl")
@@ -89,7 +114,8 @@ def test_worker_runs_in_its_own_process_and_resumes(cov, tmp_path, capsys):
     ok = rows["resnet18"]
     with torch.device("meta"):  # independent reference: timm's hand-written SE-ResNet-18 minus ResNet-18
         delta = sum(p.numel() for p in timm.create_model("seresnet18").parameters()) - sum(
-            p.numel() for p in timm.create_model("resnet18").parameters())
+            p.numel() for p in timm.create_model("resnet18").parameters()
+        )
     assert (ok["status"], ok["family"], ok["blocks"], ok["insertions"]) == ("ok", "classification", 8, 8)
     assert ok["params_delta"] == delta and ok["input_size"] == [3, 64, 64]
     bad = rows["nosuch_model"]
@@ -108,9 +134,19 @@ def test_runner_reports_timeouts_and_crashes(cov):
 
 
 def test_a_stratified_sample_takes_the_smallest_the_median_and_each_other_structure(cov):
-    choice = {"model": "a", "params": 1, "sizes": {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "big": 500_000_000},
-              "structures": {"a": "ViT(Attn)", "b": "ViT(Attn)", "c": "ViT(Attn)", "d": "ViT(RopeAttn)", "e": "ViT(RopeAttn)",
-                             "big": "ViT(Other)"}}
+    choice = {
+        "model": "a",
+        "params": 1,
+        "sizes": {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "big": 500_000_000},
+        "structures": {
+            "a": "ViT(Attn)",
+            "b": "ViT(Attn)",
+            "c": "ViT(Attn)",
+            "d": "ViT(RopeAttn)",
+            "e": "ViT(RopeAttn)",
+            "big": "ViT(Other)",
+        },
+    }
     # sorted by size a..e (big is over the limit): the smallest, the median (c), then the first other structure (d)
     assert cov.sample_family(choice, per_family=3, max_params=120e6) == ["a", "c", "d"]
     assert cov.sample_family(choice, per_family=2, max_params=120e6) == ["a", "c"]

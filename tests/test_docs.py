@@ -25,8 +25,13 @@ ENV = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's end-of-lif
 
 
 def build(config: Path, site: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config),
-                           "--site-dir", str(site)], capture_output=True, text=True, env=ENV, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir", str(site)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +111,14 @@ def test_the_readme_is_a_front_door():
 
 def test_the_install_page_prints_the_readmes_set_up_commands():
     """The set-up lines (and the CPU-only torch) are printed twice (the README on GitHub, the Install page in the site): the same."""
+
     def bash_lines(page):
-        return [line for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), flags=re.M | re.S)
-                for line in block.splitlines() if line.startswith("python3 -m venv")]
+        return [
+            line
+            for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), flags=re.M | re.S)
+            for line in block.splitlines()
+            if line.startswith("python3 -m venv")
+        ]
 
     readme = bash_lines(README)
     assert len(readme) == 3 and bash_lines(DOCS / "install.md") == readme

@@ -35,7 +35,9 @@ class Detector(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4, 3)
         with torch.no_grad():
@@ -63,10 +65,12 @@ def test_gradcam_peaks_on_the_stimulus_that_drives_the_class(tmp_path):
     assert e.class_index == [2]  # red is brighter against grey than blue: the top class
     cam = e.base[0].cam
     peak = np.unravel_index(cam.argmax(), cam.shape)
-    assert _inside(peak, RED) and cam[BLUE[0]:BLUE[2], BLUE[1]:BLUE[3]].max() < 0.05
+    assert _inside(peak, RED) and cam[BLUE[0] : BLUE[2], BLUE[1] : BLUE[3]].max() < 0.05
     e = explain(Detector(), [img], class_index=0)  # the other class looks at the other square
     cam = e.base[0].cam
-    assert _inside(np.unravel_index(cam.argmax(), cam.shape), BLUE) and cam[RED[0]:RED[2], RED[1]:RED[3]].max() < 0.05
+    assert (
+        _inside(np.unravel_index(cam.argmax(), cam.shape), BLUE) and cam[RED[0] : RED[2], RED[1] : RED[3]].max() < 0.05
+    )
 
 
 @pytest.mark.slow
@@ -91,9 +95,13 @@ def test_gate_statistics_equal_values_read_by_independent_hooks(tmp_path):
     data = json.loads((tmp_path / "out" / "explain.json").read_text())
     model = e.modified_model
     seen = {}
-    handles = [model.get_submodule(f"{b}.cbam.{part}.gate").register_forward_hook(
-        lambda m, i, o, key=(f"{b}.cbam", part): seen.__setitem__(key, o.detach().numpy().astype(np.float64)))
-        for b in ("layer3.0", "layer3.1", "layer4.0", "layer4.1") for part in ("channel", "spatial")]
+    handles = [
+        model.get_submodule(f"{b}.cbam.{part}.gate").register_forward_hook(
+            lambda m, i, o, key=(f"{b}.cbam", part): seen.__setitem__(key, o.detach().numpy().astype(np.float64))
+        )
+        for b in ("layer3.0", "layer3.1", "layer4.0", "layer4.1")
+        for part in ("channel", "spatial")
+    ]
     with torch.no_grad():
         model(e.inputs)
     for h in handles:
@@ -103,16 +111,29 @@ def test_gate_statistics_equal_values_read_by_independent_hooks(tmp_path):
         assert set(got) == set(seen)
         for key, values in seen.items():
             v = values[i]
-            expect = {"mean": v.mean(), "std": v.std(), "min": v.min(), "max": v.max(),
-                      "near_0": (v < LOW).mean(), "near_1": (v > HIGH).mean()}
+            expect = {
+                "mean": v.mean(),
+                "std": v.std(),
+                "min": v.min(),
+                "max": v.max(),
+                "near_0": (v < LOW).mean(),
+                "near_1": (v > HIGH).mean(),
+            }
             for stat, value in expect.items():
                 assert got[key][stat] == pytest.approx(value, rel=1e-6, abs=1e-9), (key, stat)
             assert got[key]["shape"] == list(v.shape)
     assert data["gradcam"]["library"].startswith("pytorch-grad-cam")
     # the summary across the two images: the mean of the per-image means
     row = next(r for r in data["summary"]["modified"] if (r["module"], r["gate"]) == ("layer4.1.cbam", "channel"))
-    assert row["mean"] == pytest.approx(np.mean([seen[("layer4.1.cbam", "channel")][i].mean() for i in range(2)]), rel=1e-6)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["explain.json", "sheet_a.png", "sheet_b.png", "summary.png"]
+    assert row["mean"] == pytest.approx(
+        np.mean([seen[("layer4.1.cbam", "channel")][i].mean() for i in range(2)]), rel=1e-6
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "explain.json",
+        "sheet_a.png",
+        "sheet_b.png",
+        "summary.png",
+    ]
 
 
 @pytest.mark.slow
@@ -122,13 +143,18 @@ def test_the_models_own_attention_is_read_too(tmp_path):
     img = _image(tmp_path / "x.png")
     e = explain("mobilenet_v3_small", [img], input_size=64)
     model = e.base_model
-    expected = [n for n, m in model.named_modules() if type(m).__name__ == "Hardsigmoid" and ".block." in n
-                and n.endswith("scale_activation")]
+    expected = [
+        n
+        for n, m in model.named_modules()
+        if type(m).__name__ == "Hardsigmoid" and ".block." in n and n.endswith("scale_activation")
+    ]
     assert sorted(g.path for g in e.gates) == sorted(expected) and len(expected) == 9
     assert all(g.origin == "existing" and g.kind == "channel" for g in e.gates)
     seen = {}
-    handles = [model.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: seen.__setitem__(p, o.detach()))
-               for p in expected]
+    handles = [
+        model.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: seen.__setitem__(p, o.detach()))
+        for p in expected
+    ]
     with torch.no_grad():
         model(e.inputs)
     for h in handles:
@@ -149,13 +175,16 @@ def test_torchvision_preprocessing_is_the_weights_own(tmp_path):
     assert e.inputs.shape[-2:] == (224, 224)
 
 
-@pytest.mark.parametrize("make, kwargs, message", [
-    (lambda d: d / "missing.png", {}, "does not exist"),
-    (lambda d: (d / "text.png").write_text("not an image") and d / "text.png", {}, "cannot read image"),
-    (lambda d: _image(d / "ok.png"), {"layer": "layer9"}, "--layer 'layer9' is no module"),
-    (lambda d: _image(d / "ok.png"), {"layer": "avgpool"}, "has no spatial output"),
-    (lambda d: _image(d / "ok.png"), {"class_index": 1000}, "--class 1000 is out of range"),
-])
+@pytest.mark.parametrize(
+    "make, kwargs, message",
+    [
+        (lambda d: d / "missing.png", {}, "does not exist"),
+        (lambda d: (d / "text.png").write_text("not an image") and d / "text.png", {}, "cannot read image"),
+        (lambda d: _image(d / "ok.png"), {"layer": "layer9"}, "--layer 'layer9' is no module"),
+        (lambda d: _image(d / "ok.png"), {"layer": "avgpool"}, "has no spatial output"),
+        (lambda d: _image(d / "ok.png"), {"class_index": 1000}, "--class 1000 is out of range"),
+    ],
+)
 def test_bad_input_is_one_clear_line_and_leaves_no_output(cli, tmp_path, make, kwargs, message):
     image = make(tmp_path)
     with pytest.raises(AttnSurgeonError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -196,12 +225,27 @@ def test_cli_explain_a_folder(cli, tmp_path):
     _image(folder / "one.png")
     _image(folder / "two.png", squares=(BLUE, RED))
     (folder / "notes.txt").write_text("skipped: not an image extension")
-    code, stdout, err = cli("explain", "resnet18", "--image", folder, "--attn", "se", "--stages", "4", "--input-size", "64",
-                            "--out", tmp_path / "out", "--json")
+    code, stdout, err = cli(
+        "explain",
+        "resnet18",
+        "--image",
+        folder,
+        "--attn",
+        "se",
+        "--stages",
+        "4",
+        "--input-size",
+        "64",
+        "--out",
+        tmp_path / "out",
+        "--json",
+    )
     assert code == 0, err
     data = json.loads(stdout)
     assert [im["sheet"] for im in json.loads((tmp_path / "out" / "explain.json").read_text())["images"]] == [
-        "sheet_one.png", "sheet_two.png"]
+        "sheet_one.png",
+        "sheet_two.png",
+    ]
     assert len(data["images"]) == 2 and {g["module"] for g in data["gates"]} == {"layer4.0.se", "layer4.1.se"}
     assert (tmp_path / "out" / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -232,6 +276,8 @@ def test_without_grad_cam_explain_says_what_to_install(monkeypatch, tmp_path):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytorch_grad_cam" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "pytorch_grad_cam" else real(name, *a)
+    )
     with pytest.raises(AttnSurgeonError, match=r"pip install 'attnsurgeon\[explain\]'"):
         explain("resnet18", [_image(tmp_path / "x.png")], input_size=64)

@@ -78,13 +78,13 @@ except ImportError:
     pass
 import torch, onnxruntime
 from safetensors.torch import load_file
-io = load_file(r"{tmp_path / 'io.safetensors'}")
+io = load_file(r"{tmp_path / "io.safetensors"}")
 x, y = io["x"], io["y"]
 outs = {{
-    "pt2": torch.export.load(r"{tmp_path / 'm.pt2'}").module()(x),
-    "ts": torch.jit.load(r"{tmp_path / 'm.ts'}")(x),
+    "pt2": torch.export.load(r"{tmp_path / "m.pt2"}").module()(x),
+    "ts": torch.jit.load(r"{tmp_path / "m.ts"}")(x),
 }}
-s = onnxruntime.InferenceSession(r"{tmp_path / 'm.onnx'}", providers=["CPUExecutionProvider"])
+s = onnxruntime.InferenceSession(r"{tmp_path / "m.onnx"}", providers=["CPUExecutionProvider"])
 outs["onnx"] = torch.from_numpy(s.run(None, {{s.get_inputs()[0].name: x.numpy()}})[0])
 print({{k: float((v - y).abs().max()) for k, v in outs.items()}})
 """
@@ -96,15 +96,24 @@ print({{k: float((v - y).abs().max()) for k, v in outs.items()}})
 
 @pytest.mark.slow
 def test_safetensors_carries_the_recipe_and_versions(tmp_path):
-    model, _ = attnsurgeon.insert("resnet18", "eca", stages=[3, 4], kernel_size=[3, 5], init="identity", input_size=SIZE)
+    model, _ = attnsurgeon.insert(
+        "resnet18", "eca", stages=[3, 4], kernel_size=[3, 5], init="identity", input_size=SIZE
+    )
     path = tmp_path / "eca.safetensors"
     export(model, path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     recipe = json.loads(meta[RECIPE_KEY])
     assert recipe["model"] == "tv:resnet18" and recipe["input_size"] == list(SIZE)
-    assert recipe["insertions"] == [{"attn": "eca", "position": "standard", "stages": [3, 4], "init": "identity",
-                                     "options": {"kernel_size": [3, 5]}}]
+    assert recipe["insertions"] == [
+        {
+            "attn": "eca",
+            "position": "standard",
+            "stages": [3, 4],
+            "init": "identity",
+            "options": {"kernel_size": [3, 5]},
+        }
+    ]
     assert set(json.loads(meta["attnsurgeon.versions"])) == {"attnsurgeon", "torch", "torchvision", "timm"}
     rebuilt = load(path)  # identity init rebuilds the 2*sigmoid gates that hold no weights
     x = torch.randn(1, *SIZE)
@@ -175,7 +184,9 @@ def test_recipe_missing_or_mismatched_is_refused(tmp_path):
     recipe["insertions"][0]["attn"] = "eca"  # the tensors are SE's
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata={**meta, RECIPE_KEY: json.dumps(recipe)})
-    with pytest.raises(AttnSurgeonError, match=r"recipe in .* does not match its tensors: .*missing keys .*unexpected keys"):
+    with pytest.raises(
+        AttnSurgeonError, match=r"recipe in .* does not match its tensors: .*missing keys .*unexpected keys"
+    ):
         load(bad)
     recipe["insertions"][0]["attn"] = "sse"
     save_file(tensors, str(bad), metadata={**meta, RECIPE_KEY: json.dumps(recipe)})
@@ -186,7 +197,9 @@ def test_recipe_missing_or_mismatched_is_refused(tmp_path):
 @pytest.mark.slow
 def test_cli_insert_out_then_export_and_profile_the_saved_file(tmp_path, cli):
     saved = tmp_path / "cbam.safetensors"
-    code, out, err = cli("insert", "resnet18", "--attn", "cbam", "--stages", "4", "--input-size", "64", "--out", saved, "--json")
+    code, out, err = cli(
+        "insert", "resnet18", "--attn", "cbam", "--stages", "4", "--input-size", "64", "--out", saved, "--json"
+    )
     assert code == 0, err
     data = json.loads(out)
     assert data["export"]["format"] == "safetensors" and data["export"]["max_abs_diff"] == 0
@@ -338,8 +351,11 @@ def test_a_model_that_fixes_its_batch_falls_back_to_a_static_one(ext, tmp_path):
     written = export(_OddEven(), path, input_size=(3, 4, 4))
     assert not written.dynamic_batch and written.checked_batch_sizes == [1] and written.input_shape == [1, 3, 4, 4]
     assert len(written.warnings) == 1 and written.warnings[0].startswith("the batch is static (1): ")
-    why = {"pt2": "the model's code only holds when (batch % 2) == 0",  # torch.export refuses
-           "onnx": "does not reproduce the model at batch 3", "ts": "does not reproduce the model at batch 3"}[ext]
+    why = {
+        "pt2": "the model's code only holds when (batch % 2) == 0",  # torch.export refuses
+        "onnx": "does not reproduce the model at batch 3",
+        "ts": "does not reproduce the model at batch 3",
+    }[ext]
     assert why in written.warnings[0]
     x = torch.randn(1, 3, 4, 4)
     if ext == "onnx":
@@ -367,7 +383,11 @@ def test_the_format_registry_drives_resolution_and_messages(tmp_path):
 
     assert list(FORMATS) == ["safetensors", "pt2", "onnx", "ts"]
     assert {ext: f.name for ext, f in format_by_extension().items()} == {
-        ".safetensors": "safetensors", ".pt2": "pt2", ".onnx": "onnx", ".ts": "ts"}
+        ".safetensors": "safetensors",
+        ".pt2": "pt2",
+        ".onnx": "onnx",
+        ".ts": "ts",
+    }
     with pytest.raises(AttnSurgeonError, match=r"extension '\.h5': use \.safetensors, \.pt2, \.onnx, \.ts or --format"):
         resolve_format(tmp_path / "m.h5")
     with pytest.raises(AttnSurgeonError, match=r"unknown format 'h5' \(choose from safetensors, pt2, onnx, ts\)"):

@@ -16,7 +16,7 @@ from attnsurgeon.profiling.measure import measure_latency
 
 def binomial_below(n: int, k: int) -> float:
     """P(Binomial(n, 1/2) < k), summed here independently of the module."""
-    return sum(math.comb(n, i) for i in range(k)) / 2 ** n
+    return sum(math.comb(n, i) for i in range(k)) / 2**n
 
 
 @pytest.mark.parametrize("n", range(1, 41))
@@ -106,9 +106,15 @@ def test_target_ci_times_until_the_interval_is_that_narrow():
     assert tight["modified"].vs_base.half_width <= 1.0
     capped = run(1.03, 7, Settings(min_run_time=0.2, max_run_time=0.5, target_ci=0.01))  # unreachable: stops at max
     assert sum(capped["base"].rounds_ms) * capped["base"].calls / 1000 < 0.5 + 0.1
-    slow = measure_latency({"base": "base", "modified": "modified"}, 1, Settings(min_run_time=0.1, max_run_time=0.5),
-                           clock=FakeMachine(1.03, 7, base_s=1.0).clock)  # 1 s a call, 0.5 s allowed
-    assert slow["base"].runs == MIN_ROUNDS and slow["modified"].vs_base.low is not None  # six: the fewest with an interval
+    slow = measure_latency(
+        {"base": "base", "modified": "modified"},
+        1,
+        Settings(min_run_time=0.1, max_run_time=0.5),
+        clock=FakeMachine(1.03, 7, base_s=1.0).clock,
+    )  # 1 s a call, 0.5 s allowed
+    assert (
+        slow["base"].runs == MIN_ROUNDS and slow["modified"].vs_base.low is not None
+    )  # six: the fewest with an interval
 
 
 def test_warm_up_waits_until_three_calls_agree():
@@ -128,8 +134,20 @@ def test_profile_says_no_difference_resolved_for_identical_timings(cli, monkeypa
     """The whole command, its timing replaced by one distribution for both models."""
     rng = random.Random(0)
     monkeypatch.setattr(measure, "block_time", lambda step, calls, device: 0.01 * math.exp(rng.gauss(0, 0.05)))
-    args = ("profile", "resnet18", "--attn", "se", "--stages", "4", "--input-size", "64", "--min-time", "0.2",
-            "--max-time", "1")
+    args = (
+        "profile",
+        "resnet18",
+        "--attn",
+        "se",
+        "--stages",
+        "4",
+        "--input-size",
+        "64",
+        "--min-time",
+        "0.2",
+        "--max-time",
+        "1",
+    )
     code, out, err = cli(*args)
     assert code == 0, err
     row = next(line for line in out.splitlines() if "latency (bs=1)" in line)
@@ -149,8 +167,10 @@ def test_the_sweep_plot_draws_each_interval_as_an_error_bar():
     def row(name, ms, ci=None, pct=None):
         r = {"name": name, "model": "m", "status": "ok", "params": 1e6, "latency_ms": {"median": ms}, "batch_size": 1}
         if ci:
-            r |= {"delta_ci": {"latency_ms": {"median": {"low": ci[0], "high": ci[1]}}},
-                  "delta_percent": {"latency_ms": {"median": pct}}}
+            r |= {
+                "delta_ci": {"latency_ms": {"median": {"low": ci[0], "high": ci[1]}}},
+                "delta_percent": {"latency_ms": {"median": pct}},
+            }
         return r
 
     rows = [row("base", 10.0), row("se", 11.0, (5.0, 15.0), 10.0), row("few", 12.0, (None, None), 20.0)]
@@ -171,8 +191,9 @@ def test_sweep_rows_carry_the_interval(monkeypatch, tmp_path):
     rng = random.Random(1)
     monkeypatch.setattr(measure, "block_time", lambda step, calls, device: 0.01 * math.exp(rng.gauss(0, 0.05)))
     config = Configuration("se4", [InsertionSpec(attn="se", stages=[4])])
-    result = run_sweep("resnet18", [config], tmp_path, input_size=64,
-                       settings={"min_run_time": 0.2, "max_run_time": 1.0, "threads": 1})
+    result = run_sweep(
+        "resnet18", [config], tmp_path, input_size=64, settings={"min_run_time": 0.2, "max_run_time": 1.0, "threads": 1}
+    )
     base, se = result.rows
     assert "delta_ci" not in base and se["delta_ci"]["latency_ms"]["median"]["rounds"] >= 10
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")

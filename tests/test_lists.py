@@ -14,16 +14,19 @@ from attnsurgeon.planning.schema import globs
 from attnsurgeon.rewriting.apply import make_spec
 
 
-@pytest.mark.parametrize("value, expected", [
-    (None, None),
-    ("", []),
-    (" , ,", []),
-    ("layer3.*", ["layer3.*"]),
-    (" layer3.* ,layer4.2 , ", ["layer3.*", "layer4.2"]),
-    (["layer3.*", " layer4.2 ", " "], ["layer3.*", "layer4.2"]),
-    (("a", "b"), ["a", "b"]),
-    (["a", 3], ["a", 3]),  # not a string: the caller rejects it
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, None),
+        ("", []),
+        (" , ,", []),
+        ("layer3.*", ["layer3.*"]),
+        (" layer3.* ,layer4.2 , ", ["layer3.*", "layer4.2"]),
+        (["layer3.*", " layer4.2 ", " "], ["layer3.*", "layer4.2"]),
+        (("a", "b"), ["a", "b"]),
+        (["a", 3], ["a", 3]),  # not a string: the caller rejects it
+    ],
+)
 def test_split_list(value, expected):
     assert split_list(value) == expected
 

@@ -28,7 +28,11 @@ class _Block(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.conv1, self.bn1, self.act1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+        self.conv1, self.bn1, self.act1 = (
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+        )
         self.conv2, self.bn2, self.drop = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.Dropout(0.3)
         self.act2 = nn.ReLU(inplace=True)
 
@@ -115,7 +119,9 @@ def test_dropout_and_batch_norm_in_the_recomputed_part(momentum):
     # the gate, the dropout and the norm before it are recomputed: the random mask must repeat
     # the dropout's mask is as large as the map: no selective plan, the whole segment is checkpointed
     assert [(s.module, s.start, s.ops, s.method) for s in report.memory_efficient] == [
-        ("layers.0.se", "layers.0.bn2", 3, "checkpoint"), ("layers.1.se", "layers.1.bn2", 3, "checkpoint")]
+        ("layers.0.se", "layers.0.bn2", 3, "checkpoint"),
+        ("layers.1.se", "layers.1.bn2", 3, "checkpoint"),
+    ]
     x = torch.randn(4, 3, SIZE, SIZE)
     _assert_same_step(plain_model, efficient, x)
     _assert_same_step(plain_model, efficient, x)  # a second step: the statistics keep agreeing
@@ -232,8 +238,10 @@ def test_a_map_the_plan_cannot_rebuild_hands_the_segment_to_checkpoint():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["timm:seresnet18", "timm:efficientnet_b0", "timm:mobilenetv3_small_050",
-                                  "timm:regnety_002", "mobilenet_v3_small"])
+@pytest.mark.parametrize(
+    "name",
+    ["timm:seresnet18", "timm:efficientnet_b0", "timm:mobilenetv3_small_050", "timm:regnety_002", "mobilenet_v3_small"],
+)
 def test_optimize_the_attention_a_model_has(name):
     from attnsurgeon import load_model
 
@@ -257,7 +265,9 @@ def test_nothing_changes_in_eval_names_or_state():
     plain_model, efficient, _ = _pair(base, attn="eca")
     assert [n for n, _ in efficient.named_parameters()] == [n for n, _ in plain_model.named_parameters()]
     assert list(efficient.state_dict()) == list(plain_model.state_dict())
-    assert all(not list(m.parameters()) and not list(m.buffers()) for m in efficient.modules() if isinstance(m, Recompute))
+    assert all(
+        not list(m.parameters()) and not list(m.buffers()) for m in efficient.modules() if isinstance(m, Recompute)
+    )
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.equal(plain_model.eval()(x), efficient.eval()(x))
@@ -336,8 +346,22 @@ def test_cli_optimize_insert_and_errors(cli):
 
 @pytest.mark.slow
 def test_cli_profile_before_and_after(cli):
-    code, out, _ = cli("profile", "timm:efficientnet_b0", "--memory-efficient", "--mode", "train", "--input-size", SIZE,
-                       "--batch-size", 8, "--min-time", 0.05, "--max-time", 0.1, "--json")
+    code, out, _ = cli(
+        "profile",
+        "timm:efficientnet_b0",
+        "--memory-efficient",
+        "--mode",
+        "train",
+        "--input-size",
+        SIZE,
+        "--batch-size",
+        8,
+        "--min-time",
+        0.05,
+        "--max-time",
+        0.1,
+        "--json",
+    )
     assert code == 0
     result = json.loads(out)
     assert result["delta"]["params"] == 0 and result["delta"]["macs"] == 0
@@ -346,8 +370,14 @@ def test_cli_profile_before_and_after(cli):
 
 def test_cli_apply_recipe_memory_efficient(cli, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: resnet18\ninput_size: 64\nmemory_efficient: true\ninsertions:\n  - attn: eca\n    stages: [3, 4]\n")
+    recipe.write_text(
+        "model: resnet18\ninput_size: 64\nmemory_efficient: true\ninsertions:\n  - attn: eca\n    stages: [3, 4]\n"
+    )
     code, out, _ = cli("apply", recipe, "--json")
     assert code == 0
-    assert [s["module"] for s in json.loads(out)["memory_efficient"]] == ["layer3.0.eca", "layer3.1.eca", "layer4.0.eca",
-                                                                         "layer4.1.eca"]
+    assert [s["module"] for s in json.loads(out)["memory_efficient"]] == [
+        "layer3.0.eca",
+        "layer3.1.eca",
+        "layer4.0.eca",
+        "layer4.1.eca",
+    ]

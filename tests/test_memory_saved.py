@@ -90,8 +90,11 @@ def _map_sizes(model, modules, x) -> dict[str, tuple[int, int]]:
     """(N, H·W) of the map each attention module gates."""
     sizes, handles = {}, []
     for name in modules:
-        handles.append(model.get_submodule(name).register_forward_pre_hook(
-            lambda m, a, name=name: sizes.__setitem__(name, (a[0].shape[0], a[0][0, 0].numel()))))
+        handles.append(
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda m, a, name=name: sizes.__setitem__(name, (a[0].shape[0], a[0][0, 0].numel()))
+            )
+        )
     with torch.no_grad():
         model.eval()(x)
     for h in handles:
@@ -138,9 +141,11 @@ def test_the_table_and_the_summary_say_each_segments_method(capsys):
     from attnsurgeon.cli.render import print_memory_efficient
     from attnsurgeon.rewriting.memory import Segment
 
-    segments = [Segment("layer1.0.se", "layer1.0.se_recompute", "layer1.0.bn3", 7, "selective"),
-                Segment("layer1.1.drop_se", "layer1.1.drop_se_recompute", "layer1.1.bn3", 8, "checkpoint"),
-                Segment("layer2.0.se", "layer2.0.se_recompute", None, 6, "selective")]
+    segments = [
+        Segment("layer1.0.se", "layer1.0.se_recompute", "layer1.0.bn3", 7, "selective"),
+        Segment("layer1.1.drop_se", "layer1.1.drop_se_recompute", "layer1.1.bn3", 8, "checkpoint"),
+        Segment("layer2.0.se", "layer2.0.se_recompute", None, 6, "selective"),
+    ]
     print_memory_efficient(SimpleNamespace(model="m", source="timm", memory_efficient=segments), table=True)
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if "attention module" in line)
@@ -148,8 +153,10 @@ def test_the_table_and_the_summary_say_each_segments_method(capsys):
     for s in segments:
         (row,) = [line for line in lines if s.module + " " in line]
         assert _cells(row)[-1] == s.method
-    assert "3 attention modules recomputed in the backward pass (2 with the norm/activation before them; " \
-           "2 selective, 1 checkpoint)" in lines[-1]
+    assert (
+        "3 attention modules recomputed in the backward pass (2 with the norm/activation before them; "
+        "2 selective, 1 checkpoint)" in lines[-1]
+    )
 
 
 def test_cli_optimize_lists_the_method(cli):

@@ -51,14 +51,16 @@ def test_report_names_source_and_default_input_size():
 
 def test_user_file_factory(tmp_path):
     path = tmp_path / "mynet.py"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         import torch.nn as nn
         def build(width=8):
             return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
         NOT_A_MODEL = 3
         def not_a_module():
             return 42
-    """))
+    """)
+    )
     loaded = load_model(f"{path}:build")
     assert loaded.source == "file" and isinstance(loaded.model, torch.nn.Sequential)
     with pytest.raises(AttnSurgeonError, match="has no callable 'buld'.*Did you mean: build"):
@@ -113,7 +115,10 @@ def test_mismatched_weights_list_the_keys(tmp_path):
 
 
 def test_corrupt_weights_are_a_clear_error(tmp_path):
-    for name, message in (("junk.pt", "is not a PyTorch weights file"), ("junk.safetensors", "not a readable safetensors")):
+    for name, message in (
+        ("junk.pt", "is not a PyTorch weights file"),
+        ("junk.safetensors", "not a readable safetensors"),
+    ):
         path = tmp_path / name
         path.write_bytes(b"\x00not a weights file at all")
         with pytest.raises(AttnSurgeonError, match=message):

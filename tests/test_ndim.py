@@ -31,8 +31,10 @@ VIDEO = (3, 4, 32, 32)  # C, T, H, W: small enough for one forward pass per test
 # --------------------------------------------------------------------------- the layout record
 
 
-@pytest.mark.parametrize("ndim, caxis, name", [(3, 1, "NCL"), (3, 2, "NLC"), (4, 1, "NCHW"), (4, 3, "NHWC"),
-                                                (5, 1, "NCDHW"), (5, 4, "NDHWC")])
+@pytest.mark.parametrize(
+    "ndim, caxis, name",
+    [(3, 1, "NCL"), (3, 2, "NLC"), (4, 1, "NCHW"), (4, 3, "NHWC"), (5, 1, "NCDHW"), (5, 4, "NDHWC")],
+)
 def test_layout_names_and_permutations(ndim, caxis, name):
     layout = Layout.of(ndim, caxis)
     assert layout.name == name and Layout.parse(name) == layout and layout.dims == ndim - 2
@@ -51,18 +53,21 @@ def test_layouts_that_take_no_block():
     assert Layout.of(4, None) is None
 
 
-@pytest.mark.parametrize("value, default, expected", [
-    (None, (3, 224, 224), (3, 224, 224)),
-    (64, (3, 224, 224), (3, 64, 64)),
-    ("160x128", (3, 224, 224), (3, 160, 128)),
-    ("1,64,64", (3, 224, 224), (1, 64, 64)),
-    (112, (3, 16, 112, 112), (3, 16, 112, 112)),
-    ("64", (3, 16, 112, 112), (3, 16, 64, 64)),
-    ("8,64,64", (3, 16, 112, 112), (3, 8, 64, 64)),
-    ("3,8,112,112", (3, 224, 224), (3, 8, 112, 112)),  # another rank than the default: taken whole
-    ("1,16000", None, (1, 16000)),
-    ("8000", (1, 16000), (1, 8000)),
-])
+@pytest.mark.parametrize(
+    "value, default, expected",
+    [
+        (None, (3, 224, 224), (3, 224, 224)),
+        (64, (3, 224, 224), (3, 64, 64)),
+        ("160x128", (3, 224, 224), (3, 160, 128)),
+        ("1,64,64", (3, 224, 224), (1, 64, 64)),
+        (112, (3, 16, 112, 112), (3, 16, 112, 112)),
+        ("64", (3, 16, 112, 112), (3, 16, 64, 64)),
+        ("8,64,64", (3, 16, 112, 112), (3, 8, 64, 64)),
+        ("3,8,112,112", (3, 224, 224), (3, 8, 112, 112)),  # another rank than the default: taken whole
+        ("1,16000", None, (1, 16000)),
+        ("8000", (1, 16000), (1, 8000)),
+    ],
+)
 def test_input_size_of_any_rank(value, default, expected):
     assert resolve_input_size(value, default) == expected
 
@@ -142,7 +147,9 @@ def test_parameter_counts_follow_the_2d_formulas(dims):
 
     assert n_params(build_block("se", c, size=size)) == 2 * c * 8 + 8 + c  # hidden = 64/16 rounded up to 8
     assert n_params(build_block("eca", c, size=size)) == 3  # adaptive k for 64 channels
-    assert n_params(build_block("cbam", c, size=size, kernel_size=5)) == 2 * c * 4 + 2 * 5 ** dims + 2  # MLP, k^d conv, BN
+    assert (
+        n_params(build_block("cbam", c, size=size, kernel_size=5)) == 2 * c * 4 + 2 * 5**dims + 2
+    )  # MLP, k^d conv, BN
 
 
 @pytest.mark.parametrize("dims", [1, 3])
@@ -178,7 +185,9 @@ def test_r3d_18_at_every_position(attn):
     _, anatomy = attnsurgeon.inspect_model(base, input_size=VIDEO)
     assert len(anatomy.blocks) == 8 and {b.layout for b in anatomy.blocks} == {"NCDHW"}
     for position in POSITIONS:
-        if position not in attnsurgeon.blocks.get_block(attn).positions or not any(position in b.sites for b in anatomy.blocks):
+        if position not in attnsurgeon.blocks.get_block(attn).positions or not any(
+            position in b.sites for b in anatomy.blocks
+        ):
             continue
         offered = [b.name for b in anatomy.blocks if position in b.sites]
         model, report = attnsurgeon.insert(base, attn, position, blocks=offered, init="identity", input_size=VIDEO)
@@ -242,8 +251,9 @@ def test_video_cli_and_profile(cli):
     assert report["input_size"] == [3, 4, 32, 32]
     assert {i["layout"] for i in report["insertions"]} == {"NCDHW"}
     assert [i["options"]["kernel_size"] for i in report["insertions"]] == [7, 7]
-    code, out, err = cli("insert", "r3d_18", "--attn", "se", "--keep-depth", "--stages", "4", "--input-size", "3,4,32,32",
-                         "--json")
+    code, out, err = cli(
+        "insert", "r3d_18", "--attn", "se", "--keep-depth", "--stages", "4", "--input-size", "3,4,32,32", "--json"
+    )
     assert code == 0, err
     assert [i["options"]["keep_depth"] for i in json.loads(out)["insertions"]] == [True, True]
     code, _, err = cli("insert", "resnet18", "--attn", "se", "--keep-depth", "--input-size", "64")
@@ -251,8 +261,9 @@ def test_video_cli_and_profile(cli):
 
     from attnsurgeon.profiling import profile
 
-    result = profile("r3d_18", "se", stages=[4], input_size=VIDEO, min_run_time=0.05, max_run_time=0.1,
-                     channels_last=True)  # channels_last_3d for 5-D clips
+    result = profile(
+        "r3d_18", "se", stages=[4], input_size=VIDEO, min_run_time=0.05, max_run_time=0.1, channels_last=True
+    )  # channels_last_3d for 5-D clips
     c, t, h, w, hidden = 512, 1, 2, 2, 32  # layer4 of a 4x32x32 clip
     se_macs = c * t * h * w + c * hidden + hidden + hidden * c + c + c * t * h * w
     assert [i.macs for i in result.insertions] == [se_macs, se_macs]
@@ -327,14 +338,17 @@ def _audio_by_hand(net, x, position, gates):
     """AudioNet's forward written out, with gate k where ``position`` puts it in block k (the positions' definitions)."""
     x = net.stem(x)
     for blk, g in zip(net.layer1, gates):
+
         def branch(t, blk=blk):
             return blk.bn2(blk.conv2(torch.relu(blk.bn1(blk.conv1(t)))))
-        x = {"standard": lambda: torch.relu(x + g(branch(x))),
-             "pre": lambda: torch.relu(x + branch(g(x))),
-             "post": lambda: g(torch.relu(x + branch(x))),
-             "identity": lambda: torch.relu(g(x) + branch(x)),
-             "3x3": lambda: torch.relu(x + blk.bn2(blk.conv2(g(torch.relu(blk.bn1(blk.conv1(x))))))),
-             }[position]()
+
+        x = {
+            "standard": lambda: torch.relu(x + g(branch(x))),
+            "pre": lambda: torch.relu(x + branch(g(x))),
+            "post": lambda: g(torch.relu(x + branch(x))),
+            "identity": lambda: torch.relu(g(x) + branch(x)),
+            "3x3": lambda: torch.relu(x + blk.bn2(blk.conv2(g(torch.relu(blk.bn1(blk.conv1(x))))))),
+        }[position]()
     return net.head(x.mean(-1))
 
 
@@ -355,7 +369,10 @@ def test_a_users_1d_net(audio_net, attn):
     options = {"reduction": 4} if attn != "eca" else {}
     for position in ("standard", "pre", "post", "identity", "3x3"):
         model, report = attnsurgeon.insert(base, attn, position, init="identity", input_size="1,4000", **options)
-        assert [(i.block, i.layout, i.channels) for i in report.insertions] == [("layer1.0", "NCL", 32), ("layer1.1", "NCL", 32)]
+        assert [(i.block, i.layout, i.channels) for i in report.insertions] == [
+            ("layer1.0", "NCL", 32),
+            ("layer1.1", "NCL", 32),
+        ]
         with torch.no_grad():
             assert torch.equal(model.eval()(x), expected), position
         model, _ = attnsurgeon.insert(base, attn, position, input_size="1,4000", **options)

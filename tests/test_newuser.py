@@ -53,10 +53,14 @@ def test_list_models_takes_the_library_prefixes_and_shows_them(cli):
 
     code, out, err = cli("list", "models", "timm:resnet1*", "--json")
     assert code == 0, err
-    assert [(r["name"], r["source"]) for r in json.loads(out)["models"]] == [(n, "timm") for n in sorted(timm.list_models("resnet1*"))]
+    assert [(r["name"], r["source"]) for r in json.loads(out)["models"]] == [
+        (n, "timm") for n in sorted(timm.list_models("resnet1*"))
+    ]
     code, out, err = cli("list", "models", "tv:resnet", "--json")
     tv = sorted(n for n in torchvision.models.list_models() if "resnet" in n)
-    assert code == 0 and [(r["name"], r["source"]) for r in json.loads(out)["models"]] == [(n, "torchvision") for n in tv]
+    assert code == 0 and [(r["name"], r["source"]) for r in json.loads(out)["models"]] == [
+        (n, "torchvision") for n in tv
+    ]
     # the table names each model as MODEL and --models take it
     code, out, _ = cli("list", "models", "resnet18")
     assert code == 0 and "tv:resnet18" in out and "timm:resnet18 " in out
@@ -104,8 +108,13 @@ def test_a_sweep_killed_outside_a_terminal_has_said_how_far_it_got_and_how_to_fi
 
     out = tmp_path / "s"
     args = [*SWEEP[:5], "0.5", "--max-time", "1", "--threads", "1", "--attn", "se,eca,cbam", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "attnsurgeon.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)  # stderr a pipe, as under `timeout ... > log`
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attnsurgeon.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )  # stderr a pipe, as under `timeout ... > log`
     wait_for_a_row(proc, out / "rows.jsonl")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -163,7 +172,8 @@ def test_inspect_prints_its_notes_on_stderr_like_insert(cli, tmp_path):
         "        self.body = torchvision.models.resnet18(num_classes=4)\n\n"
         "    def forward(self, x):  # branches on the data: only the body traces\n"
         "        return self.body(x) if x.mean() > -100 else -self.body(x)\n\n\n"
-        "def build():\n    return Branchy()\n")
+        "def build():\n    return Branchy()\n"
+    )
     model = f"{tmp_path / 'branchy.py'}:build"
     code, out, err = cli("inspect", model, "--input-size", "32")
     assert code == 0 and "body.layer4.1" in out
@@ -171,8 +181,9 @@ def test_inspect_prints_its_notes_on_stderr_like_insert(cli, tmp_path):
     code, out, err_insert = cli("insert", model, "--input-size", "32", "--attn", "se")
     assert code == 0 and "note: Branchy does not trace whole" in err_insert and "note:" not in out
     # profile says it in the same words: a note, not a warning (issue 29); and keeps it apart in --json
-    code, out, err_profile = cli("profile", model, "--input-size", "32", "--attn", "se", "--min-time", "0.01",
-                                 "--max-time", "0.02")
+    code, out, err_profile = cli(
+        "profile", model, "--input-size", "32", "--attn", "se", "--min-time", "0.01", "--max-time", "0.02"
+    )
     assert code == 0 and "note: Branchy does not trace whole" in err_profile and "warning: Branchy" not in err_profile
     data = attnsurgeon.profile(model, attn="se", input_size=(3, 32, 32), min_run_time=0.01, max_run_time=0.02).to_dict()
     assert any("does not trace whole" in n for n in data["notes"])
@@ -191,12 +202,20 @@ def test_profile_memory_efficient_says_it_is_on_and_what_modified_is(cli, monkey
     header, *rest = out.splitlines()
     assert header.endswith("· memory-efficient")
     said = " ".join(" ".join(rest).split())
-    assert "modified = the same model with its own attention gates" in said and "recomputed in the backward pass" in said
+    assert (
+        "modified = the same model with its own attention gates" in said and "recomputed in the backward pass" in said
+    )
     assert "--mode train measures them" in said  # inference: why base and modified have the same figures
-    code, out, err = cli("profile", "resnet18", "--attn", "se", "--memory-efficient", "--mode", "train", "--batch-size", "2", *fast)
+    code, out, err = cli(
+        "profile", "resnet18", "--attn", "se", "--memory-efficient", "--mode", "train", "--batch-size", "2", *fast
+    )
     assert code == 0, err
     said = " ".join(out.split())
-    assert "· memory-efficient" in said and "memory-efficient: the inserted blocks" in said and "--mode train measures" not in said
+    assert (
+        "· memory-efficient" in said
+        and "memory-efficient: the inserted blocks" in said
+        and "--mode train measures" not in said
+    )
     code, out, err = cli("profile", "resnet18", "--attn", "se", "--memory-efficient", "--json", *fast)
     assert code == 0 and json.loads(out)["memory_efficient"] is True
     code, out, _ = cli("profile", "resnet18", "--attn", "se", *fast)
@@ -222,8 +241,18 @@ def test_explain_without_weights_says_they_are_random(cli, tmp_path):
     from safetensors.torch import save_file
 
     save_file(torchvision.models.resnet18().state_dict(), str(tmp_path / "r18.safetensors"))
-    code, out, err = cli("explain", "resnet18", "--image", image, "--input-size", "64", "--weights",
-                         tmp_path / "r18.safetensors", "--out", tmp_path / "b")
+    code, out, err = cli(
+        "explain",
+        "resnet18",
+        "--image",
+        image,
+        "--input-size",
+        "64",
+        "--weights",
+        tmp_path / "r18.safetensors",
+        "--out",
+        tmp_path / "b",
+    )
     assert code == 0 and "random weights" not in err, err
 
 
@@ -238,12 +267,27 @@ def test_sweep_plot_labels_do_not_collide_where_points_are_close():
     from attnsurgeon.sweeps.runner import draw_plot
 
     def row(name, params_m, ms):
-        return {"status": "ok", "model": "resnet50", "name": name, "params": params_m * 1e6,
-                "latency_ms": {"median": ms}, "batch_size": 1}
+        return {
+            "status": "ok",
+            "model": "resnet50",
+            "name": name,
+            "params": params_m * 1e6,
+            "latency_ms": {"median": ms},
+            "batch_size": 1,
+        }
 
-    rows = [row("base", 25.56, 80.0), row("r=2", 45.68, 86.0), row("r=4", 35.62, 83.1), row("r=8", 30.59, 82.4),
-            row("r=16", 28.07, 81.9), row("r=32", 26.81, 81.7), row("eca/standard", 25.56, 80.6),
-            row("eca/pre", 25.56, 80.7), row("eca/post", 25.56, 80.65), row("eca/identity", 25.57, 80.6)]
+    rows = [
+        row("base", 25.56, 80.0),
+        row("r=2", 45.68, 86.0),
+        row("r=4", 35.62, 83.1),
+        row("r=8", 30.59, 82.4),
+        row("r=16", 28.07, 81.9),
+        row("r=32", 26.81, 81.7),
+        row("eca/standard", 25.56, 80.6),
+        row("eca/pre", 25.56, 80.7),
+        row("eca/post", 25.56, 80.65),
+        row("eca/identity", 25.57, 80.6),
+    ]
     fig = draw_plot(rows)
     ax = fig.axes[0]
     renderer = fig.canvas.get_renderer()
@@ -251,13 +295,18 @@ def test_sweep_plot_labels_do_not_collide_where_points_are_close():
     assert sorted(t.get_text() for t in labels) == sorted(r["name"] for r in rows)
     boxes = [t.get_window_extent(renderer) for t in labels]
     for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
-            assert not a.overlaps(b), (labels[i].get_text(), [t.get_text() for t in labels if t.get_window_extent(renderer) is b])
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (
+                labels[i].get_text(),
+                [t.get_text() for t in labels if t.get_window_extent(renderer) is b],
+            )
     points = ax.transData.transform([(r["params"] / 1e6, r["latency_ms"]["median"]) for r in rows])
     for t, box in zip(labels, boxes):
         for (px, py), r in zip(points, rows):
             assert not box.contains(px, py), (t.get_text(), r["name"])  # no label hides a point
-        assert ax.get_window_extent(renderer).contains(box.x0, box.y0) and ax.get_window_extent(renderer).contains(box.x1, box.y1)
+        assert ax.get_window_extent(renderer).contains(box.x0, box.y0) and ax.get_window_extent(renderer).contains(
+            box.x1, box.y1
+        )
     plt.close(fig)
 
 
@@ -270,10 +319,33 @@ def test_stopping_a_ray_sweep_is_quiet_cancels_its_tasks_and_draws_what_finished
     import signal
 
     out = tmp_path / "r"
-    args = ["sweep", "--models", "resnet18,timm:resnet10t", "--attn", "se,eca,cbam", "--input-size", "32", "--min-time",
-            "0.5", "--max-time", "1", "--threads", "1", "--out", str(out), "--ray", "--ray-cpus", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "attnsurgeon.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+    args = [
+        "sweep",
+        "--models",
+        "resnet18,timm:resnet10t",
+        "--attn",
+        "se,eca,cbam",
+        "--input-size",
+        "32",
+        "--min-time",
+        "0.5",
+        "--max-time",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--ray",
+        "--ray-cpus",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attnsurgeon.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     wait_for_a_row(proc, out / "rows.jsonl")
     assert proc.poll() is None  # rows are left to measure
     proc.send_signal(signal.SIGTERM)  # what `timeout` and a batch system's time limit send

@@ -54,8 +54,19 @@ def gate_dir(tmp_path, monkeypatch):
 
 
 def test_insert_resnet50_stages_3_4_gives_9_gates_with_the_formulas_parameters(gate_dir, cli):
-    code, out, err = cli("insert", "resnet50", "--attn", "gate.py:Gate", "--option", "reduction=4", "--stages", "3,4",
-                         "--input-size", "64", "--json")
+    code, out, err = cli(
+        "insert",
+        "resnet50",
+        "--attn",
+        "gate.py:Gate",
+        "--option",
+        "reduction=4",
+        "--stages",
+        "3,4",
+        "--input-size",
+        "64",
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(out)
     rows = report["insertions"]
@@ -92,7 +103,8 @@ def test_identity_init_is_exact_through_the_alpha_gate_and_a_perturbed_block_cha
 
 
 def test_a_block_with_its_own_exact_identity_uses_it(tmp_path):
-    (tmp_path / "own.py").write_text(textwrap.dedent('''
+    (tmp_path / "own.py").write_text(
+        textwrap.dedent("""
         from torch import nn
 
         class Scale(nn.Module):
@@ -105,7 +117,8 @@ def test_a_block_with_its_own_exact_identity_uses_it(tmp_path):
 
             def forward(self, x):
                 return x * self.w
-    '''))
+    """)
+    )
     m = build_block(f"{tmp_path / 'own.py'}:Scale", 16, "identity", size=(5, 5))
     x = torch.randn(2, 16, 5, 5)
     assert torch.equal(m(x), x) and type(m).__name__ == "Scale"
@@ -117,8 +130,9 @@ def test_profile_counts_its_macs_from_the_formula(gate_dir):
 
     m = build_block("gate.py:Gate", 64, size=(7, 9), reduction=4)
     assert count_macs(m.eval(), torch.randn(1, 64, 7, 9)).macs == se_macs(64, 7, 9, 16)
-    result = attnsurgeon.profile("resnet18", attn="gate.py:Gate", stages=[4], input_size=SIZE, min_run_time=0.01,
-                                 max_run_time=0.02)
+    result = attnsurgeon.profile(
+        "resnet18", attn="gate.py:Gate", stages=[4], input_size=SIZE, min_run_time=0.01, max_run_time=0.02
+    )
     assert [i.macs for i in result.insertions] == [se_macs(512, 2, 2, 64)] * 2
     assert result.insertions[0].attn.endswith("gate.py:Gate")
 
@@ -166,12 +180,24 @@ def test_a_class_given_in_python_goes_where_a_name_goes():
 
 
 BAD = {
-    "shape.py": ("class Shape(nn.Module):\n    def __init__(self, channels):\n        super().__init__()\n"
-                 "    def forward(self, x):\n        return x[:, :1]\n", "Shape", "changes the shape"),
-    "pair.py": ("class Pair(nn.Module):\n    def __init__(self, channels):\n        super().__init__()\n"
-                "    def forward(self, x):\n        return x, x\n", "Pair", "returns a tuple"),
-    "flat.py": ("class Flat(nn.Module):\n    def __init__(self, channels):\n        super().__init__()\n"
-                "    def forward(self, x):\n        n, c, h, w = x.shape\n        return x\n", "Flat", "fails on a 1-D map"),
+    "shape.py": (
+        "class Shape(nn.Module):\n    def __init__(self, channels):\n        super().__init__()\n"
+        "    def forward(self, x):\n        return x[:, :1]\n",
+        "Shape",
+        "changes the shape",
+    ),
+    "pair.py": (
+        "class Pair(nn.Module):\n    def __init__(self, channels):\n        super().__init__()\n"
+        "    def forward(self, x):\n        return x, x\n",
+        "Pair",
+        "returns a tuple",
+    ),
+    "flat.py": (
+        "class Flat(nn.Module):\n    def __init__(self, channels):\n        super().__init__()\n"
+        "    def forward(self, x):\n        n, c, h, w = x.shape\n        return x\n",
+        "Flat",
+        "fails on a 1-D map",
+    ),
 }
 
 
@@ -193,13 +219,19 @@ NET_1D = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--attn", "missing.py:Gate"], "block file 'missing.py' does not exist"),
-    (["--attn", "gate.py:Gat"], "has no 'Gat'; did you mean Gate?"),
-    (["--attn", "gate.py:Gate", "--option", "reductoin=2"], "takes no option 'reductoin' (its constructor takes: channels"),
-    (["--attn", "no_such_package_xyz.mod:Gate"], "cannot import module 'no_such_package_xyz.mod'"),
-    (["--attn", "timm:ecca"], "has no 'ecca'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--attn", "missing.py:Gate"], "block file 'missing.py' does not exist"),
+        (["--attn", "gate.py:Gat"], "has no 'Gat'; did you mean Gate?"),
+        (
+            ["--attn", "gate.py:Gate", "--option", "reductoin=2"],
+            "takes no option 'reductoin' (its constructor takes: channels",
+        ),
+        (["--attn", "no_such_package_xyz.mod:Gate"], "cannot import module 'no_such_package_xyz.mod'"),
+        (["--attn", "timm:ecca"], "has no 'ecca'"),
+    ],
+)
 def test_refusals_before_the_model_is_loaded(gate_dir, cli, args, message):
     code, out, err = cli("insert", "resnet18", *args, "--out", "m.safetensors")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -232,12 +264,19 @@ def test_a_sweep_grid_mixes_zoo_names_and_references(gate_dir):
 
     (gate_dir / "sub").mkdir()
     (gate_dir / "sub" / "gate.py").write_text(GATE)
-    (gate_dir / "sub" / "grid.yaml").write_text("model: resnet18\ngrid:\n  attn: [se, gate.py:Gate, timm:gc]\n"
-                                                "  init: [default, identity]\n")
+    (gate_dir / "sub" / "grid.yaml").write_text(
+        "model: resnet18\ngrid:\n  attn: [se, gate.py:Gate, timm:gc]\n  init: [default, identity]\n"
+    )
     recipe = read_recipe(gate_dir / "sub" / "grid.yaml")
     attns = [c.insertions[0].attn for c in recipe.configurations]
-    assert attns == ["se", "se", f"{gate_dir / 'sub' / 'gate.py'}:Gate", f"{gate_dir / 'sub' / 'gate.py'}:Gate",
-                     "timm:gc", "timm:gc"]  # the file next to the recipe, not the one in the working folder
+    assert attns == [
+        "se",
+        "se",
+        f"{gate_dir / 'sub' / 'gate.py'}:Gate",
+        f"{gate_dir / 'sub' / 'gate.py'}:Gate",
+        "timm:gc",
+        "timm:gc",
+    ]  # the file next to the recipe, not the one in the working folder
     assert get_block(attns[2]).external.file == str(gate_dir / "sub" / "gate.py")
 
 
@@ -255,8 +294,9 @@ def _timm_parity(model_name: str, attn: str) -> None:
     theirs = timm.create_model(model_name, block_args=dict(attn_layer=attn)).eval()
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     leaf = report.insertions[0].module.rpartition(".")[2]
-    assert [i.module.replace(f".{leaf}", ".se") for i in report.insertions] == \
-        [n for n, _ in theirs.named_modules() if n.endswith(".se")]  # in every bottleneck, where timm puts it
+    assert [i.module.replace(f".{leaf}", ".se") for i in report.insertions] == [
+        n for n, _ in theirs.named_modules() if n.endswith(".se")
+    ]  # in every bottleneck, where timm puts it
     renamed = {k.replace(f".{leaf}.", ".se."): v for k, v in ours.state_dict().items()}
     assert set(renamed) == set(theirs.state_dict())
     ours.load_state_dict({k.replace(".se.", f".{leaf}."): v for k, v in theirs.state_dict().items()})
@@ -286,8 +326,9 @@ def test_ultralytics_cbam_after_model_9_of_yolov8n_builds_and_trains_one_step():
     from attnsurgeon import load_model
 
     torch.manual_seed(0)
-    model, report = insert(load_model("yolo:yolov8n", nc=2), "ultralytics.nn.modules.conv:CBAM", after="model.9",
-                           input_size=SIZE)
+    model, report = insert(
+        load_model("yolo:yolov8n", nc=2), "ultralytics.nn.modules.conv:CBAM", after="model.9", input_size=SIZE
+    )
     (row,) = report.insertions
     block = model.get_submodule(row.module)
     assert isinstance(block, CBAM) and row.channels == 256 and row.params == 256 * 256 + 256 + 2 * 7 * 7

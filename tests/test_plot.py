@@ -13,9 +13,13 @@ from attnsurgeon.pictures.plot import FALLBACK_STYLE, POSITION_STYLES, draw_inse
 from formulas import cbam_hidden, cbam_macs, eca_kernel, eca_macs, se_hidden, se_macs
 
 # five positions of the SENet integration study, stacked in one plan on resnet18
-PLAN = [InsertionSpec("se", "standard", stages=[1]), InsertionSpec("cbam", "pre", stages=[2]),
-        InsertionSpec("eca", "identity", stages=[3]), InsertionSpec("se", "3x3", stages=[4]),
-        InsertionSpec("eca", "post", stages=[4])]
+PLAN = [
+    InsertionSpec("se", "standard", stages=[1]),
+    InsertionSpec("cbam", "pre", stages=[2]),
+    InsertionSpec("eca", "identity", stages=[3]),
+    InsertionSpec("se", "3x3", stages=[4]),
+    InsertionSpec("eca", "post", stages=[4]),
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,12 @@ def stacked(stacked_models):
 
 
 def _markers(fig, prefix="insertion:"):
-    return {line.get_gid()[len(prefix):]: line for ax in fig.axes for line in ax.lines
-            if (line.get_gid() or "").startswith(prefix)}
+    return {
+        line.get_gid()[len(prefix) :]: line
+        for ax in fig.axes
+        for line in ax.lines
+        if (line.get_gid() or "").startswith(prefix)
+    }
 
 
 def test_one_marker_per_inserted_module_with_a_shape_per_position(stacked):
@@ -55,8 +63,11 @@ def test_one_marker_per_inserted_module_with_a_shape_per_position(stacked):
     xy = {i.module: (drawn[i.module].get_xdata()[0], drawn[i.module].get_ydata()[0]) for i in report.insertions}
 
     def box_of(x, y):
-        return next(b for b in boxes if b.get_x() <= x <= b.get_x() + b.get_width() + 0.34
-                    and b.get_y() - 0.1 <= y <= b.get_y() + b.get_height())
+        return next(
+            b
+            for b in boxes
+            if b.get_x() <= x <= b.get_x() + b.get_width() + 0.34 and b.get_y() - 0.1 <= y <= b.get_y() + b.get_height()
+        )
 
     def where(module):
         x, y = xy[module]
@@ -89,7 +100,11 @@ def test_colour_is_the_share_of_the_added_parameters(stacked):
 def test_the_svg_has_one_element_per_insertion(stacked, tmp_path):
     anatomy, report = stacked
     path = save_figure(draw_insertion_map(anatomy, report.insertions, title="t"), tmp_path / "map.svg")
-    ids = [g.get("id") for g in ET.parse(path).iter("{http://www.w3.org/2000/svg}g") if (g.get("id") or "").startswith("insertion:")]
+    ids = [
+        g.get("id")
+        for g in ET.parse(path).iter("{http://www.w3.org/2000/svg}g")
+        if (g.get("id") or "").startswith("insertion:")
+    ]
     assert sorted(ids) == sorted(f"insertion:{i.module}" for i in report.insertions)
     assert not list(tmp_path.glob(".*part*"))  # written through a temporary file, nothing left over
 
@@ -98,16 +113,20 @@ def test_new_and_unknown_positions_are_drawn(stacked):
     """`stage` and `conv` (added by another branch) have their own shapes; a position this module
     does not know gets the fallback marker with its name written beside it."""
     anatomy, _ = stacked
-    fake = [SimpleNamespace(block="layer2.1", stage=2, position="stage", module="layer2.se_stage", params=10, attn="se"),
-            SimpleNamespace(block="layer3.0", stage=3, position="conv", module="layer3.0.conv2", params=30, attn="sk"),
-            SimpleNamespace(block="layer4.1", stage=4, position="sideways", module="layer4.1.x", params=5, attn="se")]
+    fake = [
+        SimpleNamespace(block="layer2.1", stage=2, position="stage", module="layer2.se_stage", params=10, attn="se"),
+        SimpleNamespace(block="layer3.0", stage=3, position="conv", module="layer3.0.conv2", params=30, attn="sk"),
+        SimpleNamespace(block="layer4.1", stage=4, position="sideways", module="layer4.1.x", params=5, attn="se"),
+    ]
     fig = draw_insertion_map(anatomy, fake)
     drawn = _markers(fig)
     assert drawn["layer2.se_stage"].get_marker() == POSITION_STYLES["stage"].marker
     assert drawn["layer3.0.conv2"].get_marker() == POSITION_STYLES["conv"].marker
     assert drawn["layer4.1.x"].get_marker() == FALLBACK_STYLE.marker
     assert any(t.get_text() == "sideways" for t in fig.axes[0].texts)
-    assert len({POSITION_STYLES[p].marker for p in POSITION_STYLES} | {FALLBACK_STYLE.marker}) == len(POSITION_STYLES) + 1
+    assert (
+        len({POSITION_STYLES[p].marker for p in POSITION_STYLES} | {FALLBACK_STYLE.marker}) == len(POSITION_STYLES) + 1
+    )
 
 
 def test_many_blocks_fold_into_rows_and_long_names_are_shortened():
@@ -117,8 +136,12 @@ def test_many_blocks_fold_into_rows_and_long_names_are_shortened():
     assert prefix == "features.denseblock3."
     assert labels["features.denseblock3.denselayer17.conv1"] == "denselayer17.conv1"
     assert len(short_name("a" * 40)) == 18 and "…" in short_name("a" * 40)
-    blocks = [SimpleNamespace(name=f"stages.0.blocks.{k}", kind="residual", channels=8, resolution=(4, 4), sites={"standard": 0})
-              for k in range(25)]
+    blocks = [
+        SimpleNamespace(
+            name=f"stages.0.blocks.{k}", kind="residual", channels=8, resolution=(4, 4), sites={"standard": 0}
+        )
+        for k in range(25)
+    ]
     anatomy = SimpleNamespace(stages=[SimpleNamespace(index=1, name="stages.0", blocks=blocks)], blocks=blocks)
     fig = draw_insertion_map(anatomy, [], max_columns=10)
     boxes = [p for p in fig.axes[0].patches]
@@ -130,9 +153,15 @@ def test_many_blocks_fold_into_rows_and_long_names_are_shortened():
 @pytest.mark.slow
 def test_cli_insert_and_inspect_plot(cli, tmp_path):
     out = tmp_path / "map.svg"
-    code, stdout, err = cli("insert", "resnet18", "--attn", "cbam", "--stages", "3,4", "--input-size", "64", "--plot", out)
+    code, stdout, err = cli(
+        "insert", "resnet18", "--attn", "cbam", "--stages", "3,4", "--input-size", "64", "--plot", out
+    )
     assert code == 0, err
-    ids = [g.get("id") for g in ET.parse(out).iter("{http://www.w3.org/2000/svg}g") if (g.get("id") or "").startswith("insertion:")]
+    ids = [
+        g.get("id")
+        for g in ET.parse(out).iter("{http://www.w3.org/2000/svg}g")
+        if (g.get("id") or "").startswith("insertion:")
+    ]
     assert len(ids) == 4 and "Insertion map" in stdout
     png = tmp_path / "blocks.png"
     code, stdout, err = cli("inspect", "resnet18", "--input-size", "64", "--plot", png)
@@ -140,11 +169,14 @@ def test_cli_insert_and_inspect_plot(cli, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--plot", "map.jpeg"), "cannot tell the figure format"),
-    (("--plot", "nowhere/map.png"), "does not exist"),
-    (("--plot", "m.png", "--plot-metric", "flops"), "--plot-metric must be one of params, macs"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--plot", "map.jpeg"), "cannot tell the figure format"),
+        (("--plot", "nowhere/map.png"), "does not exist"),
+        (("--plot", "m.png", "--plot-metric", "flops"), "--plot-metric must be one of params, macs"),
+    ],
+)
 def test_cli_bad_plot_arguments_fail_before_any_work(cli, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     code, stdout, err = cli("insert", "no_such_model", "--attn", "se", *args)  # the plot check comes first
@@ -163,22 +195,37 @@ def test_insertion_macs_match_the_formulas_and_the_models_difference(stacked_mod
     values = count_insertion_macs(loaded.model, modified, report)
     # resnet18 at 64 px: layer1 64 ch at 16x16, layer2 128 at 8x8, layer3 256 at 4x4, layer4 512 at 2x2; pre sits on
     # a block's input (layer2.0 takes layer1's map), identity on the shortcut's output, 3x3 after the first conv
-    places = {"layer1.0.se": ("se", 64, 16), "layer1.1.se": ("se", 64, 16),
-              "layer2.0.cbam_pre": ("cbam", 64, 16), "layer2.1.cbam_pre": ("cbam", 128, 8),
-              "layer3.0.eca_identity": ("eca", 256, 4), "layer3.1.eca_identity": ("eca", 256, 4),
-              "layer4.0.se_3x3": ("se", 512, 2), "layer4.1.se_3x3": ("se", 512, 2),
-              "layer4.0.eca_post": ("eca", 512, 2), "layer4.1.eca_post": ("eca", 512, 2)}
-    macs = {"se": lambda c, h: se_macs(c, h, h, se_hidden(c)), "cbam": lambda c, h: cbam_macs(c, h, h, cbam_hidden(c)),
-            "eca": lambda c, h: eca_macs(c, h, h, eca_kernel(c))}
+    places = {
+        "layer1.0.se": ("se", 64, 16),
+        "layer1.1.se": ("se", 64, 16),
+        "layer2.0.cbam_pre": ("cbam", 64, 16),
+        "layer2.1.cbam_pre": ("cbam", 128, 8),
+        "layer3.0.eca_identity": ("eca", 256, 4),
+        "layer3.1.eca_identity": ("eca", 256, 4),
+        "layer4.0.se_3x3": ("se", 512, 2),
+        "layer4.1.se_3x3": ("se", 512, 2),
+        "layer4.0.eca_post": ("eca", 512, 2),
+        "layer4.1.eca_post": ("eca", 512, 2),
+    }
+    macs = {
+        "se": lambda c, h: se_macs(c, h, h, se_hidden(c)),
+        "cbam": lambda c, h: cbam_macs(c, h, h, cbam_hidden(c)),
+        "eca": lambda c, h: eca_macs(c, h, h, eca_kernel(c)),
+    }
     assert values == {module: macs[kind](c, h) for module, (kind, c, h) in places.items()}
     # stock fvcore counts only the convolutions and norms: SE's two 1x1 convs, CBAM's shared MLP (twice), its 7x7
     # spatial conv and BN (2 per element in eval), ECA's 1-D conv; so the difference of the two whole models, each
     # counted on its own, is theirs alone
     x = torch.randn(1, 3, 64, 64)
-    stock = [FlopCountAnalysis(m.eval(), (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
-             for m in (loaded.model, modified)]
-    convs = {"se": lambda c, h: 2 * c * se_hidden(c), "eca": lambda c, h: eca_kernel(c) * c,
-             "cbam": lambda c, h: 4 * c * cbam_hidden(c) + 2 * 7 * 7 * h * h + 2 * h * h}
+    stock = [
+        FlopCountAnalysis(m.eval(), (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+        for m in (loaded.model, modified)
+    ]
+    convs = {
+        "se": lambda c, h: 2 * c * se_hidden(c),
+        "eca": lambda c, h: eca_kernel(c) * c,
+        "cbam": lambda c, h: 4 * c * cbam_hidden(c) + 2 * 7 * 7 * h * h + 2 * h * h,
+    }
     assert stock[1] - stock[0] == sum(convs[kind](c, h) for kind, c, h in places.values())
 
 
@@ -218,8 +265,12 @@ def test_memory_kept_for_backward_per_insertion(position):
     modified, report = apply_plan(loaded, [InsertionSpec("se", position, blocks=blocks)], input_size=64)
     n = 3
     x = torch.randn(n, 3, 64, 64)
-    saved = saved_bytes_by_module(modified, (x,), [i.module for i in report.insertions],
-                                  Settings("cpu", "float32", [n], "train", None, False, False, 1.0, 1.0))
+    saved = saved_bytes_by_module(
+        modified,
+        (x,),
+        [i.module for i in report.insertions],
+        Settings("cpu", "float32", [n], "train", None, False, False, 1.0, 1.0),
+    )
     for ins in report.insertions:
         c = ins.channels
         h = 64 // 4 if ins.stage == 1 else 64 // 32
@@ -233,8 +284,16 @@ def test_profile_plot_draws_the_bars(tmp_path):
     from attnsurgeon.pictures.plot import draw_costs
     from attnsurgeon.profiling import profile
 
-    result = profile("resnet18", attn="eca", stages=[4], input_size=64, mode="train", batch_sizes=[2],
-                     min_run_time=0.05, max_run_time=0.1)
+    result = profile(
+        "resnet18",
+        attn="eca",
+        stages=[4],
+        input_size=64,
+        mode="train",
+        batch_sizes=[2],
+        min_run_time=0.05,
+        max_run_time=0.1,
+    )
     assert all(i.memory_bytes and i.memory_bytes > 0 for i in result.insertions)
     assert result.unattributed_memory_bytes is not None
     assert result.to_dict()["insertions"][0]["memory_bytes"] == result.insertions[0].memory_bytes

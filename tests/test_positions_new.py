@@ -126,18 +126,35 @@ def test_kinds_and_natural_positions_come_from_the_registry():
     from attnsurgeon.blocks import REGISTRY
 
     assert (REGISTRY["sk"].kind, REGISTRY["sk"].position, REGISTRY["sk"].positions) == ("conv", "conv", ("conv",))
-    assert REGISTRY["se"].kind == "gate" and "conv" not in REGISTRY["se"].positions and "stage" in REGISTRY["se"].positions
-    assert make_spec("sk").position == "conv" and make_spec("splat").position == "conv" and make_spec("se").position == "standard"
+    assert (
+        REGISTRY["se"].kind == "gate" and "conv" not in REGISTRY["se"].positions and "stage" in REGISTRY["se"].positions
+    )
+    assert (
+        make_spec("sk").position == "conv"
+        and make_spec("splat").position == "conv"
+        and make_spec("se").position == "standard"
+    )
     assert parse_insertion({"attn": "splat"}).position == "conv"
     assert InsertionSpec("se", replace=True).position == "standard"
 
 
-@pytest.mark.parametrize("attn, position, message", [
-    ("se", "conv", r"se is a gate .* cannot take the place of a convolution: position 'conv' is for conv blocks \(sk, splat\)"),
-    ("cbam", "conv", "cbam is a gate"),
-    ("sk", "standard", r"sk replaces the block's spatial convolution and goes only at position 'conv', not 'standard'"),
-    ("splat", "stage", "splat replaces the block's spatial convolution"),
-])
+@pytest.mark.parametrize(
+    "attn, position, message",
+    [
+        (
+            "se",
+            "conv",
+            r"se is a gate .* cannot take the place of a convolution: position 'conv' is for conv blocks \(sk, splat\)",
+        ),
+        ("cbam", "conv", "cbam is a gate"),
+        (
+            "sk",
+            "standard",
+            r"sk replaces the block's spatial convolution and goes only at position 'conv', not 'standard'",
+        ),
+        ("splat", "stage", "splat replaces the block's spatial convolution"),
+    ],
+)
 def test_a_block_at_a_position_its_kind_does_not_allow_fails_before_any_model(attn, position, message):
     with pytest.raises(AttnSurgeonError, match=message):
         validate(InsertionSpec(attn, position))
@@ -158,12 +175,16 @@ def test_conv_on_a_model_without_spatial_convs_is_a_clear_error():
 
 @pytest.mark.slow
 def test_a_conv_the_block_cannot_split_is_a_clear_error():
-    with pytest.raises(AttnSurgeonError, match=r"sk: the 3×3 conv 16→16, groups 16 has 16 groups.*set split_input false"):
+    with pytest.raises(
+        AttnSurgeonError, match=r"sk: the 3×3 conv 16→16, groups 16 has 16 groups.*set split_input false"
+    ):
         attnsurgeon.insert("mobilenet_v3_large", "sk", blocks=["features.1"], input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match=r"splat: .* not divisible by 32 \(16 groups × radix 2\)"):
         attnsurgeon.insert("mobilenet_v3_large", "splat", blocks=["features.1"], input_size=SMALL)
     # depthwise with the input unsplit: every path is a depthwise conv on all channels
-    model, report = attnsurgeon.insert("mobilenet_v3_large", "sk", blocks=["features.1"], split_input=False, input_size=SMALL)
+    model, report = attnsurgeon.insert(
+        "mobilenet_v3_large", "sk", blocks=["features.1"], split_input=False, input_size=SMALL
+    )
     assert report.insertions[0].options["split_input"] is False
     assert model.get_submodule("features.1.block.0.0").paths[1].conv.groups == 16
     assert model.eval()(torch.randn(1, *SMALL)).shape == (1, 1000)
@@ -185,11 +206,14 @@ def _to_plain_resnet(key: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, sk_kwargs", [
-    ("resnet18", dict(reduction=8, rd_divisor=16)),  # skresnet18's sk_kwargs: rd_ratio 1/8, rd_divisor 16
-    ("resnet34", dict(reduction=8, rd_divisor=16)),
-    ("resnet50", {}),  # skresnet50: timm's defaults
-])
+@pytest.mark.parametrize(
+    "name, sk_kwargs",
+    [
+        ("resnet18", dict(reduction=8, rd_divisor=16)),  # skresnet18's sk_kwargs: rd_ratio 1/8, rd_divisor 16
+        ("resnet34", dict(reduction=8, rd_divisor=16)),
+        ("resnet50", {}),  # skresnet50: timm's defaults
+    ],
+)
 def test_sk_at_conv_builds_timms_skresnet(name, sk_kwargs):
     torch.manual_seed(0)
     reference = timm.create_model(f"sk{name}").eval()
@@ -229,7 +253,15 @@ def test_splat_at_conv_builds_timms_resnest_bottleneck():
 def splat_params(cin, cout, k, groups=1, radix=2, reduction=4, divisor=8, bias=False):
     attn = max(32, int(cin * radix / reduction + divisor / 2) // divisor * divisor)
     conv = cout * radix * (cin // (groups * radix)) * k * k + (cout * radix if bias else 0)
-    return conv + 2 * cout * radix + attn * (cout // groups) + attn + 2 * attn + cout * radix * (attn // groups) + cout * radix
+    return (
+        conv
+        + 2 * cout * radix
+        + attn * (cout // groups)
+        + attn
+        + 2 * attn
+        + cout * radix * (attn // groups)
+        + cout * radix
+    )
 
 
 def test_splat_in_a_basic_block_matches_the_formula_and_a_hand_built_split_attn():
@@ -240,7 +272,9 @@ def test_splat_in_a_basic_block_matches_the_formula_and_a_hand_built_split_attn(
         conv = base.get_submodule(ins.module)  # the base keeps its conv: the rewritten model has its own tree
         assert ins.params == splat_params(conv.in_channels, conv.out_channels, 3), ins.module
         bn = base.get_submodule(ins.module.replace("conv", "bn"))  # taken along with the conv (the ReLU has no weights)
-        assert ins.replaced == "Conv2d+BatchNorm2d+ReLU" and ins.replaced_params == count_params(conv) + count_params(bn)
+        assert ins.replaced == "Conv2d+BatchNorm2d+ReLU" and ins.replaced_params == count_params(conv) + count_params(
+            bn
+        )
     assert report.params["delta"] == sum(i.params - i.replaced_params for i in report.insertions)
     # layer2.0.conv1: 64 -> 128, stride 2; timm's SplitAttn built by hand as ResNeSt builds it
     ours = model.get_submodule("layer2.0.conv1")
@@ -254,8 +288,11 @@ def test_splat_in_a_basic_block_matches_the_formula_and_a_hand_built_split_attn(
 def test_conv_blocks_keep_stride_and_stack_with_other_positions():
     base = attnsurgeon.load_model("resnet18").model.eval()
     x = torch.randn(1, *SMALL)
-    specs = [InsertionSpec("se", "pre", blocks=["layer2.0"]), InsertionSpec("sk", blocks=["layer2.0"]),
-             InsertionSpec("eca", "3x3", blocks=["layer2.0"])]
+    specs = [
+        InsertionSpec("se", "pre", blocks=["layer2.0"]),
+        InsertionSpec("sk", blocks=["layer2.0"]),
+        InsertionSpec("eca", "3x3", blocks=["layer2.0"]),
+    ]
     model, report = attnsurgeon.apply_plan(copy.deepcopy(base), specs, input_size=SMALL)
     assert [i.module for i in report.insertions] == ["layer2.0.se_pre", "layer2.0.conv1", "layer2.0.eca_3x3"]
     (sk,) = _calls(model, "layer2.0.conv1")
@@ -286,8 +323,17 @@ def splat_macs(cin, cout, h, w, attn, radix=2):
     fc2, the softmax, the weighting and the weighted sum (fvcore counts no conv bias)."""
     hw = h * w
     conv = cout * radix * (cin // radix) * 9 * hw
-    return (conv + 3 * cout * radix * hw + radix * cout * hw + cout * hw + cout * attn + 3 * attn
-            + attn * cout * radix + cout * radix + 2 * radix * cout * hw)
+    return (
+        conv
+        + 3 * cout * radix * hw
+        + radix * cout * hw
+        + cout * hw
+        + cout * attn
+        + 3 * attn
+        + attn * cout * radix
+        + cout * radix
+        + 2 * radix * cout * hw
+    )
 
 
 @pytest.mark.slow
@@ -297,12 +343,18 @@ def test_conv_block_macs_match_the_formula_and_nothing_is_uncounted(attn):
     assert result.uncounted_ops == {}
     assert result.unattributed_macs == 0
     # layer3 at 4x4 (64 px), layer4 at 2x2; the first block of each takes 128/256 channels, stride 2
-    shapes = {"layer3.0.conv1": (128, 256, 4), "layer3.1.conv1": (256, 256, 4),
-              "layer4.0.conv1": (256, 512, 2), "layer4.1.conv1": (512, 512, 2)}
+    shapes = {
+        "layer3.0.conv1": (128, 256, 4),
+        "layer3.1.conv1": (256, 256, 4),
+        "layer4.0.conv1": (256, 512, 2),
+        "layer4.1.conv1": (512, 512, 2),
+    }
     # the attention widths by the papers' rules as timm rounds them, not read back from the blocks: SK's
     # out/16 (a multiple of 8, here 16 or 32), ResNeSt's in·radix/4 (a multiple of 8, at least 32: 64 to 256)
-    hidden = {"sk": lambda cin, cout: make_divisible(cout / 16, 8, round_limit=0.9),
-              "splat": lambda cin, cout: make_divisible(cin * 2 / 4, 8, min_value=32)}[attn]
+    hidden = {
+        "sk": lambda cin, cout: make_divisible(cout / 16, 8, round_limit=0.9),
+        "splat": lambda cin, cout: make_divisible(cin * 2 / 4, 8, min_value=32),
+    }[attn]
     assert sorted(ins.module for ins in result.insertions) == sorted(shapes)
     for ins in result.insertions:
         cin, cout, h = shapes[ins.module]
@@ -326,7 +378,9 @@ def test_a_replacement_that_would_change_the_conv_output_shape_is_refused():
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU())
     _, anatomy = attnsurgeon.inspect_model(model, input_size=(3, 32, 32))
     second = anatomy.blocks[1].name
-    with pytest.raises(AttnSurgeonError, match=r"sk built for the 3×3 conv 16→16 gives a .* output where the conv gives"):
+    with pytest.raises(
+        AttnSurgeonError, match=r"sk built for the 3×3 conv 16→16 gives a .* output where the conv gives"
+    ):
         attnsurgeon.insert(model, "sk", blocks=[second], input_size=(3, 32, 32))
     out, report = attnsurgeon.insert(model, "splat", blocks=[second], input_size=(3, 32, 32))
     assert out.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 16, 28, 28)
@@ -337,7 +391,9 @@ def test_a_replacement_that_would_change_the_conv_output_shape_is_refused():
 def test_sk_replaces_depthwise_convs_with_the_input_unsplit(name):
     base = attnsurgeon.load_model(name).model.eval()
     model, report = attnsurgeon.insert(copy.deepcopy(base), "sk", stages=[2], split_input=False, input_size=SMALL)
-    assert report.insertions and all(i.position == "conv" and i.replaced.split("+")[0] == "Conv2d" for i in report.insertions)
+    assert report.insertions and all(
+        i.position == "conv" and i.replaced.split("+")[0] == "Conv2d" for i in report.insertions
+    )
     for ins in report.insertions:
         old, new = base.get_submodule(ins.module), model.get_submodule(ins.module)
         assert isinstance(new, SelectiveKernel)

@@ -33,13 +33,24 @@ def test_the_rules_give_the_widths_worked_out_by_hand():
     assert [eca_kernel(c) for c in (4, 64, 1024)] == [3, 3, 5]  # at least 3; int(7/2) = 3; int(11/2) = 5
 
 
-@pytest.mark.parametrize("attn, macs, params", [
-    pytest.param("se", lambda c, h, w: se_macs(c, h, w, HIDDEN[c]), lambda c: 2 * c * HIDDEN[c] + HIDDEN[c] + c,
-                 marks=pytest.mark.slow),  # biased fcs
-    ("eca", lambda c, h, w: eca_macs(c, h, w, ECA_K[c]), lambda c: ECA_K[c]),  # one bias-free 1-D conv
-    pytest.param("cbam", lambda c, h, w: cbam_macs(c, h, w, HIDDEN[c], 7), lambda c: 2 * c * HIDDEN[c] + 7 * 7 * 2 + 2,
-                 marks=pytest.mark.slow),  # + the spatial conv's BN
-])
+@pytest.mark.parametrize(
+    "attn, macs, params",
+    [
+        pytest.param(
+            "se",
+            lambda c, h, w: se_macs(c, h, w, HIDDEN[c]),
+            lambda c: 2 * c * HIDDEN[c] + HIDDEN[c] + c,
+            marks=pytest.mark.slow,
+        ),  # biased fcs
+        ("eca", lambda c, h, w: eca_macs(c, h, w, ECA_K[c]), lambda c: ECA_K[c]),  # one bias-free 1-D conv
+        pytest.param(
+            "cbam",
+            lambda c, h, w: cbam_macs(c, h, w, HIDDEN[c], 7),
+            lambda c: 2 * c * HIDDEN[c] + 7 * 7 * 2 + 2,
+            marks=pytest.mark.slow,
+        ),  # + the spatial conv's BN
+    ],
+)
 def test_block_macs_match_the_analytic_formula(attn, macs, params):
     result = profile("resnet18", attn, stages=[3, 4], **FAST)
     resolution = {3: 4, 4: 2}  # 64 px input: layer3 at 4x4, layer4 at 2x2
@@ -67,7 +78,9 @@ def test_base_macs_agree_with_fvcore_on_the_unmodified_model(name):
     size = loaded.input_size if name == "vit_b_16" else (3, 64, 64)
     x = torch.randn(1, *size)
     ours = count_macs(loaded.model, x)
-    stock = FlopCountAnalysis(loaded.model.eval(), (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    stock = (
+        FlopCountAnalysis(loaded.model.eval(), (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    )
     assert ours.fvcore_default_macs == stock.total()
     assert ours.macs > stock.total()  # element-wise ops are counted on top
     assert ours.uncounted == {}
@@ -131,8 +144,23 @@ def test_latency_figures_are_sane():
 
 @pytest.mark.slow
 def test_json_schema(cli):
-    code, out, err = cli("profile", "resnet18", "--attn", "se", "--stages", "4", "--batch-size", "1,2",
-                         "--input-size", "64", "--min-time", "0.05", "--max-time", "0.1", "--json")
+    code, out, err = cli(
+        "profile",
+        "resnet18",
+        "--attn",
+        "se",
+        "--stages",
+        "4",
+        "--batch-size",
+        "1,2",
+        "--input-size",
+        "64",
+        "--min-time",
+        "0.05",
+        "--max-time",
+        "0.1",
+        "--json",
+    )
     assert code == 0, err
     d = json.loads(out)
     for side in ("base", "modified", "delta"):
@@ -152,8 +180,22 @@ def test_json_schema(cli):
 
 @pytest.mark.slow
 def test_csv_and_markdown_files(cli, tmp_path):
-    code, out, err = cli("profile", "resnet18", "--attn", "eca", "--input-size", "64", "--min-time", "0.05",
-                         "--max-time", "0.1", "--csv", tmp_path / "r.csv", "--markdown", tmp_path / "r.md")
+    code, out, err = cli(
+        "profile",
+        "resnet18",
+        "--attn",
+        "eca",
+        "--input-size",
+        "64",
+        "--min-time",
+        "0.05",
+        "--max-time",
+        "0.1",
+        "--csv",
+        tmp_path / "r.csv",
+        "--markdown",
+        tmp_path / "r.md",
+    )
     assert code == 0, err
     rows = (tmp_path / "r.csv").read_text().splitlines()
     assert rows[0] == "model,metric,base,modified,delta,delta_percent,delta_ci_low,delta_ci_high,runtime"
@@ -163,16 +205,19 @@ def test_csv_and_markdown_files(cli, tmp_path):
     assert not list(tmp_path.glob(".*part"))  # no temporary file left behind
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "device 'cuda"),
-    (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--dtype", "int8"], "unknown dtype"),
-    (["--batch-size", "0"], "batch sizes must be positive"),
-    (["--mode", "eval"], "unknown mode"),
-    (["--reduction", "8"], "need --attn"),
-    (["--csv", "/no/such/folder/r.csv"], "does not exist"),
-    (["--target-ci", "0"], "--target-ci must be a positive percentage"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "device 'cuda"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--dtype", "int8"], "unknown dtype"),
+        (["--batch-size", "0"], "batch sizes must be positive"),
+        (["--mode", "eval"], "unknown mode"),
+        (["--reduction", "8"], "need --attn"),
+        (["--csv", "/no/such/folder/r.csv"], "does not exist"),
+        (["--target-ci", "0"], "--target-ci must be a positive percentage"),
+    ],
+)
 def test_profile_errors(cli, args, message):
     code, out, err = cli("profile", "resnet18", "--input-size", "64", *args)
     assert code == 2 and message in err and out == "" and "Traceback" not in err

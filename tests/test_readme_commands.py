@@ -63,14 +63,29 @@ COMMANDS = [command for page in PAGES for command in page_commands(page)]
 # Why a command is parsed but not run; the first matching rule wins. Everything else runs.
 NOT_RUN = [
     (lambda a: "--pretrained" in a, "downloads published weights"),
-    (lambda a: any(f in a for f in ("cat.jpg", "my_audio.py:build", "yolo.py:build", "output/train/model_best.pth.tar",
-                                    "yolo:runs/detect/train/weights/best.pt")), "needs a file the user brings"),
-    (lambda a: any("gate.py:Gate" in x or x.startswith("gate50.") for x in a),
-     "needs the page's gate.py (tests/test_own_block.py writes it and runs these)"),
+    (
+        lambda a: any(
+            f in a
+            for f in (
+                "cat.jpg",
+                "my_audio.py:build",
+                "yolo.py:build",
+                "output/train/model_best.pth.tar",
+                "yolo:runs/detect/train/weights/best.pt",
+            )
+        ),
+        "needs a file the user brings",
+    ),
+    (
+        lambda a: any("gate.py:Gate" in x or x.startswith("gate50.") for x in a),
+        "needs the page's gate.py (tests/test_own_block.py writes it and runs these)",
+    ),
     (lambda a: "--ray" in a or "cuda" in a, "needs a Ray cluster or a GPU"),
     (lambda a: a[0] in ("sweep", "profile") or "--profile" in a, "times models for minutes"),
-    (lambda a: any(m in a for m in ("maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn")),
-     "runs a detector at 800 px to record its parts' inputs (a minute on 2 cores)"),
+    (
+        lambda a: any(m in a for m in ("maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn")),
+        "runs a detector at 800 px to record its parts' inputs (a minute on 2 cores)",
+    ),
     (lambda a: a[0] == "export" and any(x.endswith(".onnx") for x in a), "the ONNX export of ResNet-50 takes a minute"),
 ]
 
@@ -81,12 +96,29 @@ def why_not_run(argv: list[str]) -> str | None:
 
 def test_the_readme_has_its_commands():
     names = {argv[0] for _, argv in COMMANDS}
-    assert len(COMMANDS) >= 50 and names >= {"insert", "inspect", "profile", "sweep", "export", "list", "apply", "explain"}
+    assert len(COMMANDS) >= 50 and names >= {
+        "insert",
+        "inspect",
+        "profile",
+        "sweep",
+        "export",
+        "list",
+        "apply",
+        "explain",
+    }
     assert sum(why_not_run(argv) is None for _, argv in COMMANDS) >= 25  # most of them really run
     assert len(RUN) >= 25  # ... counted once each
     assert set(PAGES) == {README, *DOCS.glob("*.md")} and len(PAGES) == len(set(PAGES))  # every page, once
     readme = {argv[0] for place, argv in COMMANDS if place.startswith("README.md:")}
-    assert readme >= {"insert", "inspect", "profile", "sweep", "list", "apply", "explain"}  # the front door shows the main ones
+    assert readme >= {
+        "insert",
+        "inspect",
+        "profile",
+        "sweep",
+        "list",
+        "apply",
+        "explain",
+    }  # the front door shows the main ones
 
 
 @pytest.mark.parametrize("place,argv", COMMANDS, ids=[place for place, _ in COMMANDS])
@@ -98,9 +130,11 @@ def test_every_command_parses(place, argv, cli, monkeypatch):
     from attnsurgeon import cli as cli_mod
 
     called = []
-    infos = cli_mod.app.registered_commands + [c for g in cli_mod.app.registered_groups
-                                               for c in g.typer_instance.registered_commands]
+    infos = cli_mod.app.registered_commands + [
+        c for g in cli_mod.app.registered_groups for c in g.typer_instance.registered_commands
+    ]
     for info in infos:
+
         def record(*args, _name=info.callback.__name__, **kwargs):
             called.append(_name)
 
@@ -131,8 +165,11 @@ def scratch(tmp_path_factory):
     return folder
 
 
-RUN = [(place, argv) for i, (place, argv) in enumerate(COMMANDS)
-       if why_not_run(argv) is None and argv not in [a for _, a in COMMANDS[:i]]]  # once, where it first appears
+RUN = [
+    (place, argv)
+    for i, (place, argv) in enumerate(COMMANDS)
+    if why_not_run(argv) is None and argv not in [a for _, a in COMMANDS[:i]]
+]  # once, where it first appears
 
 
 @pytest.mark.slow

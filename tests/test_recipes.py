@@ -42,7 +42,11 @@ def cbam(c, r=16, k=7):
 
 def params_of(recipe, configuration=None):
     spec = read_recipe(RECIPES / recipe)
-    plan = spec.insertions if configuration is None else next(c for c in spec.configurations if c.name == configuration).insertions
+    plan = (
+        spec.insertions
+        if configuration is None
+        else next(c for c in spec.configurations if c.name == configuration).insertions
+    )
     _, report = apply_plan(attnsurgeon.load_model(spec.model), plan, input_size=64)
     return report.params["modified"]
 
@@ -66,8 +70,13 @@ def test_reduction_ablation_matches_the_formula_and_the_paper():
 
 @pytest.mark.slow
 def test_integration_ablation_matches_the_formula():
-    at = {"standard": lambda i, w, o: o, "post": lambda i, w, o: o, "identity": lambda i, w, o: o,
-          "pre": lambda i, w, o: i, "3x3": lambda i, w, o: w}
+    at = {
+        "standard": lambda i, w, o: o,
+        "post": lambda i, w, o: o,
+        "identity": lambda i, w, o: o,
+        "pre": lambda i, w, o: i,
+        "3x3": lambda i, w, o: w,
+    }
     for position, channels in at.items():
         expected = RESNET50 + sum(se(channels(i, w, o)) for _, i, w, o in blocks())
         assert params_of("senet-integration-ablation.yaml", position) == expected, position
@@ -78,7 +87,9 @@ def test_integration_ablation_matches_the_formula():
 def test_stage_ablation_matches_the_formula():
     names = ["stage 2 (res2)", "stage 3 (res3)", "stage 4 (res4)", "stage 5 (res5)"]
     for stage, name in enumerate(names, 1):
-        assert params_of("senet-stage-ablation.yaml", name) == RESNET50 + sum(se(o) for s, _, _, o in blocks() if s == stage)
+        assert params_of("senet-stage-ablation.yaml", name) == RESNET50 + sum(
+            se(o) for s, _, _, o in blocks() if s == stage
+        )
     assert params_of("senet-stage-ablation.yaml", "all stages") == RESNET50 + sum(se(o) for *_, o in blocks())
 
 
@@ -93,7 +104,11 @@ def test_eca_and_cbam_recipes_match_the_formula():
 
 def test_stacked_recipe_matches_the_formula():
     eca_k = {256: 5, 512: 5}  # the adaptive rule: |log2(C)/2 + 1/2| rounded up to odd
-    expected = RESNET50 + sum(eca_k[o] for s, _, _, o in blocks() if s <= 2) + sum(cbam(o) for s, _, _, o in blocks() if s >= 3)
+    expected = (
+        RESNET50
+        + sum(eca_k[o] for s, _, _, o in blocks() if s <= 2)
+        + sum(cbam(o) for s, _, _, o in blocks() if s >= 3)
+    )
     assert params_of("eca-then-cbam-resnet50.yaml") == expected
 
 
@@ -108,25 +123,57 @@ def test_every_shipped_recipe_parses():
 # --------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("text, message", [
-    ("model: resnet18\ninsertions:\n  - attn: se\n    postion: pre\n", "line 4: insertions[0].postion: unknown key 'postion'.*Did you mean: position"),
-    ("model: resnet18\ninsertions:\n  - attn: se\n    stages: three\n", "line 4: insertions[0].stages: expected a list of stage numbers"),
-    ("model: resnet18\ninsertions:\n  - attn: sse\n", "line 3: insertions[0].attn: unknown attention block 'sse'"),
-    ("model: resnet18\ninsertions:\n  - attn: eca\n    options: {reduction: 4}\n", "insertions[0].options.reduction: 'eca' takes no option"),
-    ("model: resnet18\ninsertions:\n  - attn: se\n    keep_depth: true\n",
-     "line 4: insertions[0].keep_depth: 'keep_depth' is a block option: write it under options (options: {keep_depth: true})"),
-    ("model: resnet18\ninsertions:\n  - attn: se\n    options: {bias: maybe}\n", "options.bias: se: bias must be true or false"),
-    ("model: 50\ninsertions: [{attn: se}]\n", "line 1: model: expected str, got int"),
-    ("insertions: [{attn: se}]\n", "model: missing"),
-    ("model: resnet18\ninsertions: [{attn: se}]\ngrid: {attn: [se]}\n", "exactly one of 'insertions'"),
-    ("model: resnet18\ninsertions: [{attn: se}]\nprofile: {batch_sizes: [0]}\n", "profile.batch_sizes: expected positive integers"),
-    ("model: resnet18\ninsertions: [{attn: se}\n", "not valid YAML"),
-    ("model: resnet18\nmodel: resnet50\ninsertions: [{attn: se}]\n", "line 2: 'model' is given twice (first on line 1)"),
-    ("model: resnet18\ninsertions: [{attn: se}]\nprofile: {dtype: float64}\n", "line 3: profile.dtype: expected one of"),
-    ("model: resnet18\ninsertions: [{attn: se}]\nprofile: {mode: trian}\n", "profile.mode: expected inference or train"),
-    ("model: resnet18\ninsertions:\n  - attn: se\n    options: {reduction: -2}\n", "options.reduction: se: reduction must be a number > 0"),
-    ("model: resnet18\ninsertions: [{attn: se]\n", "line 2, column"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "model: resnet18\ninsertions:\n  - attn: se\n    postion: pre\n",
+            "line 4: insertions[0].postion: unknown key 'postion'.*Did you mean: position",
+        ),
+        (
+            "model: resnet18\ninsertions:\n  - attn: se\n    stages: three\n",
+            "line 4: insertions[0].stages: expected a list of stage numbers",
+        ),
+        ("model: resnet18\ninsertions:\n  - attn: sse\n", "line 3: insertions[0].attn: unknown attention block 'sse'"),
+        (
+            "model: resnet18\ninsertions:\n  - attn: eca\n    options: {reduction: 4}\n",
+            "insertions[0].options.reduction: 'eca' takes no option",
+        ),
+        (
+            "model: resnet18\ninsertions:\n  - attn: se\n    keep_depth: true\n",
+            "line 4: insertions[0].keep_depth: 'keep_depth' is a block option: write it under options (options: {keep_depth: true})",
+        ),
+        (
+            "model: resnet18\ninsertions:\n  - attn: se\n    options: {bias: maybe}\n",
+            "options.bias: se: bias must be true or false",
+        ),
+        ("model: 50\ninsertions: [{attn: se}]\n", "line 1: model: expected str, got int"),
+        ("insertions: [{attn: se}]\n", "model: missing"),
+        ("model: resnet18\ninsertions: [{attn: se}]\ngrid: {attn: [se]}\n", "exactly one of 'insertions'"),
+        (
+            "model: resnet18\ninsertions: [{attn: se}]\nprofile: {batch_sizes: [0]}\n",
+            "profile.batch_sizes: expected positive integers",
+        ),
+        ("model: resnet18\ninsertions: [{attn: se}\n", "not valid YAML"),
+        (
+            "model: resnet18\nmodel: resnet50\ninsertions: [{attn: se}]\n",
+            "line 2: 'model' is given twice (first on line 1)",
+        ),
+        (
+            "model: resnet18\ninsertions: [{attn: se}]\nprofile: {dtype: float64}\n",
+            "line 3: profile.dtype: expected one of",
+        ),
+        (
+            "model: resnet18\ninsertions: [{attn: se}]\nprofile: {mode: trian}\n",
+            "profile.mode: expected inference or train",
+        ),
+        (
+            "model: resnet18\ninsertions:\n  - attn: se\n    options: {reduction: -2}\n",
+            "options.reduction: se: reduction must be a number > 0",
+        ),
+        ("model: resnet18\ninsertions: [{attn: se]\n", "line 2, column"),
+    ],
+)
 def test_validation_names_the_place(tmp_path, text, message):
     path = tmp_path / "r.yaml"
     path.write_text(text)
@@ -140,7 +187,10 @@ def test_validation_names_the_place(tmp_path, text, message):
 def test_yaml_is_read_safely(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.yaml"
-    for payload in (f"!!python/object/apply:os.system ['touch {marker}']", f"!!python/object/apply:os.system 'touch {marker}'"):
+    for payload in (
+        f"!!python/object/apply:os.system ['touch {marker}']",
+        f"!!python/object/apply:os.system 'touch {marker}'",
+    ):
         path.write_text(f"model: {payload}\ninsertions: [{{attn: se}}]\n")
         with pytest.raises(AttnSurgeonError, match="line 1: .*(not allowed|could not determine a constructor)"):
             read_recipe(path)
@@ -162,8 +212,10 @@ def test_apply_cli(cli, tmp_path):
 @pytest.mark.slow
 def test_apply_profile_uses_the_recipe_settings(cli, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: resnet18\ninput_size: 64\ninsertions: [{attn: se, stages: [4]}]\n"
-                      "profile: {batch_sizes: [2], min_run_time: 0.05, max_run_time: 0.1}\n")
+    recipe.write_text(
+        "model: resnet18\ninput_size: 64\ninsertions: [{attn: se, stages: [4]}]\n"
+        "profile: {batch_sizes: [2], min_run_time: 0.05, max_run_time: 0.1}\n"
+    )
     code, out, err = cli("apply", recipe, "--profile", "--json")
     assert code == 0, err
     prof = json.loads(out)["profile"]
@@ -176,8 +228,23 @@ def test_apply_profile_uses_the_recipe_settings(cli, tmp_path):
 @pytest.mark.slow
 def test_small_sweep_writes_csv_json_png(cli, tmp_path):
     out = tmp_path / "sweep"
-    code, stdout, err = cli("sweep", "resnet18", "--attn", "se,eca", "--position", "standard,pre", "--input-size", "64",
-                            "--min-time", "0.05", "--max-time", "0.1", "--out", out, "--json")
+    code, stdout, err = cli(
+        "sweep",
+        "resnet18",
+        "--attn",
+        "se,eca",
+        "--position",
+        "standard,pre",
+        "--input-size",
+        "64",
+        "--min-time",
+        "0.05",
+        "--max-time",
+        "0.1",
+        "--out",
+        out,
+        "--json",
+    )
     assert code == 0, err
     data = json.loads(stdout)
     names = [r["name"] for r in data["rows"]]
@@ -225,17 +292,51 @@ def test_interrupted_sweep_keeps_rows_and_resume_measures_only_the_rest(tmp_path
 def test_a_failing_configuration_becomes_a_failed_row(tmp_path, cli):
     # every block is selected: the blocks without a skip are left out with a note, the row is measured
     out = tmp_path / "mnv2"
-    code, stdout, err = cli("sweep", "mobilenet_v2", "--attn", "se", "--position", "standard,identity", "--input-size", "64",
-                            "--min-time", "0.05", "--max-time", "0.1", "--out", out, "--json")
+    code, stdout, err = cli(
+        "sweep",
+        "mobilenet_v2",
+        "--attn",
+        "se",
+        "--position",
+        "standard,identity",
+        "--input-size",
+        "64",
+        "--min-time",
+        "0.05",
+        "--max-time",
+        "0.1",
+        "--out",
+        out,
+        "--json",
+    )
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(stdout)["rows"]}
     assert rows["standard"]["status"] == "ok"
     assert rows["identity"]["status"] == "ok" and len(rows["identity"]["insertions"]) == 10  # the 10 residual blocks
-    assert any("se skipped 7 blocks" in w and "position 'identity' is not available" in w for w in rows["identity"]["notes"])
+    assert any(
+        "se skipped 7 blocks" in w and "position 'identity' is not available" in w for w in rows["identity"]["notes"]
+    )
     # a block named with --blocks that cannot take the position fails its row
     out = tmp_path / "named"
-    code, stdout, err = cli("sweep", "mobilenet_v2", "--attn", "se", "--position", "identity", "--blocks", "features.1",
-                            "--input-size", "64", "--min-time", "0.05", "--max-time", "0.1", "--out", out, "--json")
+    code, stdout, err = cli(
+        "sweep",
+        "mobilenet_v2",
+        "--attn",
+        "se",
+        "--position",
+        "identity",
+        "--blocks",
+        "features.1",
+        "--input-size",
+        "64",
+        "--min-time",
+        "0.05",
+        "--max-time",
+        "0.1",
+        "--out",
+        out,
+        "--json",
+    )
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(stdout)["rows"]}
     assert rows["se"]["status"] == "failed" and "not available in block features.1" in rows["se"]["reason"]

@@ -69,9 +69,17 @@ def test_efficientnet_b0_se_to_eca():
         assert ins.channels == old.fc1.in_channels and ins.replaced == "SqueezeExcitation"
         assert ins.replaced_params == n_params(old) and ins.params == n_params(EcaModule(ins.channels))
         assert isinstance(gm.get_submodule(ins.module), EcaModule)
-    expected = n_params(base) - sum(n_params(m) for m in se.values()) + sum(n_params(EcaModule(m.fc1.in_channels)) for m in se.values())
+    expected = (
+        n_params(base)
+        - sum(n_params(m) for m in se.values())
+        + sum(n_params(EcaModule(m.fc1.in_channels)) for m in se.values())
+    )
     assert report.params["modified"] == n_params(gm) == expected
-    assert not [n for n in gm.graph.nodes if any(v[1] is SqueezeExcitation for v in (n.meta.get("nn_module_stack") or {}).values())]
+    assert not [
+        n
+        for n in gm.graph.nodes
+        if any(v[1] is SqueezeExcitation for v in (n.meta.get("nn_module_stack") or {}).values())
+    ]
     # the rewritten model is the eager model with each SE swapped for the new ECA module, by hand
     _same_outputs(gm, _swapped(base, se, lambda name, _: gm.get_submodule(name)), _x())
 
@@ -149,8 +157,13 @@ def test_removed_se_then_standard_se_is_seresnet50_again():
 
 @pytest.mark.parametrize("order", ["replace-first", "insert-first"])
 def test_replacement_and_a_3x3_insertion_compose_in_either_order(order):
-    plan = [InsertionSpec("eca", replace=True, blocks=["features.4"]), InsertionSpec("cbam", "3x3", blocks=["features.4"])]
-    gm, report = apply_plan(_tv("mobilenet_v3_large"), plan if order == "replace-first" else plan[::-1], input_size=SMALL)
+    plan = [
+        InsertionSpec("eca", replace=True, blocks=["features.4"]),
+        InsertionSpec("cbam", "3x3", blocks=["features.4"]),
+    ]
+    gm, report = apply_plan(
+        _tv("mobilenet_v3_large"), plan if order == "replace-first" else plan[::-1], input_size=SMALL
+    )
     calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     eca, cbam = calls["features.4.block.2"], calls["features.4.cbam_3x3"]
     assert isinstance(gm.get_submodule(eca.target), EcaModule)
@@ -171,7 +184,6 @@ class SELayer(nn.Module):  # a user's own SE, named as in many repositories
     def forward(self, x):
         w = self.fc(x.mean((2, 3)))
         return x * w[:, :, None, None]
-
 
 
 class GlobalContextBlock(nn.Module):  # GC: adds a broadcast context
@@ -215,8 +227,7 @@ class _Block(nn.Module):
 
 
 def _net(*attns):
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1),
-                         nn.Sequential(*[_Block(16, a) for a in attns])).eval()
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Sequential(*[_Block(16, a) for a in attns])).eval()
 
 
 def test_gates_are_told_from_self_attention():
@@ -236,12 +247,17 @@ def test_self_attention_is_kept_and_named():
     gm, report = insert(model, "eca", replace=True, input_size=(3, 16, 16))
     assert [(i.module, i.replaced) for i in report.insertions] == [("1.0.attn", "SELayer")]
     assert any("kept as they were" in n and "1.1.attn" in n for n in report.notes)
-    with pytest.raises(AttnSurgeonError, match=r"no attention module in the selected blocks is a channel/spatial gate.*NonLocalAttention"):
+    with pytest.raises(
+        AttnSurgeonError,
+        match=r"no attention module in the selected blocks is a channel/spatial gate.*NonLocalAttention",
+    ):
         insert(model, "eca", replace=True, blocks=["1.1"], input_size=(3, 16, 16))
 
 
 def test_replace_errors():
-    with pytest.raises(AttnSurgeonError, match="hold no attention module to replace.*has no attention modules of its own"):
+    with pytest.raises(
+        AttnSurgeonError, match="hold no attention module to replace.*has no attention modules of its own"
+    ):
         insert("resnet18", "se", replace=True, input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match=r"hold no attention module.*are in stages 3, 4, 5"):
         insert("mobilenet_v3_large", "cbam", replace=True, stages=[1, 2], input_size=SMALL)
@@ -258,7 +274,9 @@ def test_replace_errors():
 def test_profile_removal_says_what_the_se_cost():
     r = profile("mobilenet_v3_small", "none", replace=True, input_size=SMALL, **FAST)
     d = r.to_dict()
-    assert d["delta"]["params"] == -sum(n_params(m) for m in _tv("mobilenet_v3_small").modules() if isinstance(m, SqueezeExcitation))
+    assert d["delta"]["params"] == -sum(
+        n_params(m) for m in _tv("mobilenet_v3_small").modules() if isinstance(m, SqueezeExcitation)
+    )
     assert d["delta"]["macs"] < 0 and r.unattributed_macs == 0
     assert sum(i["macs"] for i in d["insertions"]) == d["delta"]["macs"]  # each row: what its module cost
     assert {i["replaced"] for i in d["insertions"]} == {"SqueezeExcitation"}
@@ -299,9 +317,13 @@ def test_cli_replace(cli):
     assert len(data["insertions"]) == 16
     assert all(i["replaced"] == "SqueezeExcitation" and i["position"] == "replace" for i in data["insertions"])
     assert data["plan"][0]["replace"] is True
-    code, out, err = cli("insert", "efficientnet_b0", "--attn", "none", "--replace", "--stages", "7", "--input-size", "64")
+    code, out, err = cli(
+        "insert", "efficientnet_b0", "--attn", "none", "--replace", "--stages", "7", "--input-size", "64"
+    )
     assert code == 0, err
-    assert "features.7.0.block.2" in out and "SqueezeExcitation (111,792)" in out and "1 attention module removed" in out
+    assert (
+        "features.7.0.block.2" in out and "SqueezeExcitation (111,792)" in out and "1 attention module removed" in out
+    )
 
 
 @pytest.mark.slow
@@ -315,11 +337,14 @@ def test_inspect_says_what_replace_can_take(cli):
     assert "--replace can take the place of 9 channel/spatial gates" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["efficientnet_b0", "--attn", "none"], "needs --replace"),
-    (["resnet18", "--attn", "eca", "--replace"], "the model has no attention modules of its own"),
-    (["efficientnet_b0", "--attn", "none", "--replace", "-r", "8"], "takes no block options"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["efficientnet_b0", "--attn", "none"], "needs --replace"),
+        (["resnet18", "--attn", "eca", "--replace"], "the model has no attention modules of its own"),
+        (["efficientnet_b0", "--attn", "none", "--replace", "-r", "8"], "takes no block options"),
+    ],
+)
 def test_cli_replace_errors(cli, args, message):
     code, out, err = cli("insert", *args, "--input-size", "64")
     assert code == 2 and message in err and out == "" and "Traceback" not in err

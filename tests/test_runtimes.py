@@ -41,10 +41,12 @@ def _by_label(result):
 
 def _off_by_one(model, exports, name, settings, precision):
     """A runtime that computes the wrong thing: eager's outputs plus one."""
+
     def run(*x):
         with torch.no_grad():
             return [model(*x) + 1]
-    return Loaded(run, lambda x: (lambda: run(*x)))
+
+    return Loaded(run, lambda x: lambda: run(*x))
 
 
 def test_a_runtime_whose_outputs_differ_is_not_timed_and_the_others_are(monkeypatch):
@@ -78,8 +80,23 @@ def test_onnxruntime_row_of_a_small_model():
 
 @pytest.mark.slow
 def test_onnxruntime_rows_base_and_modified(cli):
-    code, out, err = cli("profile", "resnet18", "--attn", "se", "--runtime", "eager,onnxruntime", "--input-size", "32",
-                         "--min-time", "0.02", "--max-time", "0.05", "--threads", "1", "--json")
+    code, out, err = cli(
+        "profile",
+        "resnet18",
+        "--attn",
+        "se",
+        "--runtime",
+        "eager,onnxruntime",
+        "--input-size",
+        "32",
+        "--min-time",
+        "0.02",
+        "--max-time",
+        "0.05",
+        "--threads",
+        "1",
+        "--json",
+    )
     assert code == 0, err
     rows = json.loads(out)["runtimes"]
     assert [r["runtime"] for r in rows] == ["eager", "onnxruntime"]
@@ -89,14 +106,27 @@ def test_onnxruntime_rows_base_and_modified(cli):
     for key in ("base", "modified"):
         assert ort[key]["latency_ms"]["median"] > 0
     assert ort["delta"]["latency_ms"]["median"] == pytest.approx(
-        ort["modified"]["latency_ms"]["median"] - ort["base"]["latency_ms"]["median"], abs=1e-3)
+        ort["modified"]["latency_ms"]["median"] - ort["base"]["latency_ms"]["median"], abs=1e-3
+    )
     assert ort["base"].get("peak_memory_bytes") is None  # ONNX Runtime reports none: "-"
 
 
 def test_a_missing_package_is_one_line_naming_the_extra_and_eager_is_still_printed(cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)
-    code, out, err = cli("profile", "resnet18", "--runtime", "eager,openvino", "--input-size", "32",
-                         "--min-time", "0.02", "--max-time", "0.05", "--threads", "1")
+    code, out, err = cli(
+        "profile",
+        "resnet18",
+        "--runtime",
+        "eager,openvino",
+        "--input-size",
+        "32",
+        "--min-time",
+        "0.02",
+        "--max-time",
+        "0.05",
+        "--threads",
+        "1",
+    )
     assert code == 0, err
     assert "openvino: OpenVINO needs the openvino package: pip install 'attnsurgeon[openvino]'" in out
     assert "│ eager" in out and "latency (bs=1)" in out
@@ -111,13 +141,16 @@ def test_a_model_that_does_not_export_says_why_and_torchscript_still_runs():
     assert rows["torchscript"].error is None and rows["torchscript"].base.latency[1].median_ms > 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--runtime", "tensorflow"], "unknown runtime 'tensorflow': choose from eager, compile"),
-    (["--runtime", "onnxruntime", "--mode", "train"], "--mode train is measured in eager PyTorch only"),
-    (["--runtime", "onnxruntime", "--dtype", "bf16"], "--dtype bfloat16 is measured in eager PyTorch only"),
-    (["--runtime", "eager,openvino", "--quantize", "int8"], "add onnxruntime to --runtime"),
-    (["--runtime", "onnxruntime", "--quantize", "int4"], "unknown --quantize 'int4'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--runtime", "tensorflow"], "unknown runtime 'tensorflow': choose from eager, compile"),
+        (["--runtime", "onnxruntime", "--mode", "train"], "--mode train is measured in eager PyTorch only"),
+        (["--runtime", "onnxruntime", "--dtype", "bf16"], "--dtype bfloat16 is measured in eager PyTorch only"),
+        (["--runtime", "eager,openvino", "--quantize", "int8"], "add onnxruntime to --runtime"),
+        (["--runtime", "onnxruntime", "--quantize", "int4"], "unknown --quantize 'int4'"),
+    ],
+)
 def test_refused_in_one_line_before_work(cli, args, message):
     code, out, err = cli("profile", "resnet18", "--input-size", "32", *args)
     assert code != 0 and message in err and "Traceback" not in err
@@ -131,14 +164,35 @@ def test_csv_and_markdown_carry_the_runtime(tmp_path):
     lines = to_csv(result).splitlines()
     assert lines[0].endswith(",runtime")
     assert [line.split(",")[1] for line in lines if line.endswith(",torchscript")] == [
-        "latency_ms.median (bs=1)", "latency_ms.iqr (bs=1)", "throughput (bs=1)", "peak_memory_bytes (bs=1)"]
+        "latency_ms.median (bs=1)",
+        "latency_ms.iqr (bs=1)",
+        "throughput (bs=1)",
+        "peak_memory_bytes (bs=1)",
+    ]
     assert "| torchscript | latency (bs=1) |" in to_markdown(result)
 
 
 @pytest.mark.slow
 def test_int8_rows_and_their_error_on_resnet18_se(cli):
-    code, out, err = cli("profile", "resnet18", "--attn", "se", "--runtime", "onnxruntime", "--quantize", "int8",
-                         "--input-size", "64", "--min-time", "0.02", "--max-time", "0.05", "--threads", "1", "--json")
+    code, out, err = cli(
+        "profile",
+        "resnet18",
+        "--attn",
+        "se",
+        "--runtime",
+        "onnxruntime",
+        "--quantize",
+        "int8",
+        "--input-size",
+        "64",
+        "--min-time",
+        "0.02",
+        "--max-time",
+        "0.05",
+        "--threads",
+        "1",
+        "--json",
+    )
     assert code == 0, err
     rows = {(r["runtime"], r["precision"]): r for r in json.loads(out)["runtimes"]}
     floats, ints = rows[("onnxruntime", "float32")], rows[("onnxruntime", "int8")]
@@ -149,8 +203,24 @@ def test_int8_rows_and_their_error_on_resnet18_se(cli):
         # quantized: visibly off its float self, yet the same function (an int8 model is not a random one)
         assert floats["output_check"]["max_abs_diff"][model] * 100 < error < 0.5 * scale
         assert ints[model]["latency_ms"]["median"] > 0
-    code, out, err = cli("profile", "resnet18", "--attn", "se", "--runtime", "onnxruntime", "--quantize", "int8",
-                         "--input-size", "64", "--min-time", "0.02", "--max-time", "0.05", "--threads", "1")
+    code, out, err = cli(
+        "profile",
+        "resnet18",
+        "--attn",
+        "se",
+        "--runtime",
+        "onnxruntime",
+        "--quantize",
+        "int8",
+        "--input-size",
+        "64",
+        "--min-time",
+        "0.02",
+        "--max-time",
+        "0.05",
+        "--threads",
+        "1",
+    )
     assert "onnxruntime int8 output error against the float model: base max abs diff" in out
 
 
@@ -173,8 +243,25 @@ def test_compile_rows_are_checked_against_eager():
 
 @pytest.mark.slow
 def test_a_sweep_takes_the_runtime_as_a_grid_axis(cli, tmp_path):
-    code, out, err = cli("sweep", "resnet18", "--attn", "se", "--runtime", "eager,torchscript", "--input-size", "32",
-                         "--min-time", "0.02", "--max-time", "0.05", "--threads", "1", "--out", tmp_path / "s", "--json")
+    code, out, err = cli(
+        "sweep",
+        "resnet18",
+        "--attn",
+        "se",
+        "--runtime",
+        "eager,torchscript",
+        "--input-size",
+        "32",
+        "--min-time",
+        "0.02",
+        "--max-time",
+        "0.05",
+        "--threads",
+        "1",
+        "--out",
+        tmp_path / "s",
+        "--json",
+    )
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out)["rows"]}
     assert list(rows) == ["base@eager", "se@eager", "base@torchscript", "se@torchscript"]

@@ -23,7 +23,9 @@ from formulas import se_params
 from wiring import assert_each_is_read
 
 # Small settings: the transform's working size, few proposals and detections (recorded in the recipe).
-_RCNN = dict(min_size=128, max_size=128, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, box_detections_per_img=10)
+_RCNN = dict(
+    min_size=128, max_size=128, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, box_detections_per_img=10
+)
 _DENSE = dict(min_size=128, max_size=128, topk_candidates=20, detections_per_img=10)
 DETECTORS = {
     "fasterrcnn_mobilenet_v3_large_320_fpn": dict(num_classes=3, **_RCNN),
@@ -89,8 +91,10 @@ def test_pretrained_detector_comes_from_the_cache_with_its_backbone(tmp_path, mo
 
 
 def test_pretrained_detector_offline_is_a_clear_error(offline_hub):
-    with pytest.raises(AttnSurgeonError, match=f"127.0.0.1 cannot be reached .*local cache .*{offline_hub}/retinanet_resnet50_fpn"
-                                               ".*--weights FILE"):
+    with pytest.raises(
+        AttnSurgeonError,
+        match=f"127.0.0.1 cannot be reached .*local cache .*{offline_hub}/retinanet_resnet50_fpn.*--weights FILE",
+    ):
         load_model("retinanet_resnet50_fpn", pretrained=True)
 
 
@@ -153,7 +157,11 @@ class TwoHeads(torch.nn.Module):
 class Residual(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1, self.bn, self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.conv1, self.bn, self.conv2 = (
+            torch.nn.Conv2d(16, 16, 3, padding=1),
+            torch.nn.BatchNorm2d(16),
+            torch.nn.Conv2d(16, 16, 3, padding=1),
+        )
 
     def forward(self, x):
         return torch.relu(x + self.conv2(torch.relu(self.bn(self.conv1(x)))))
@@ -166,8 +174,9 @@ def test_dict_outputs_profile_in_train_mode_and_every_export_format(tmp_path):
 
     torch.manual_seed(0)
     net = TwoHeads()
-    result = attnsurgeon.profile(net, attn="se", reduction=4, input_size=(3, 16, 16), mode="train", min_run_time=0.01,
-                                 max_run_time=0.02)
+    result = attnsurgeon.profile(
+        net, attn="se", reduction=4, input_size=(3, 16, 16), mode="train", min_run_time=0.01, max_run_time=0.02
+    )
     d = result.to_dict()
     stock = FlopCountAnalysis(net.eval(), (torch.randn(1, 3, 16, 16),)).unsupported_ops_warnings(False).total()
     assert d["fvcore_default_macs"]["base"] == stock > 0
@@ -262,7 +271,9 @@ def test_detector_profile(name):
     d = result.to_dict()
     images = sample_args(loaded.model, SIZE, 1, generator=torch.Generator().manual_seed(0))
     # the whole detector: stock fvcore's count (convs, matmuls) is the reference; the element-wise ops come on top
-    stock = FlopCountAnalysis(loaded.model.eval(), images).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    stock = (
+        FlopCountAnalysis(loaded.model.eval(), images).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    )
     assert d["fvcore_default_macs"]["base"] == stock.total() > 0
     assert d["base"]["macs"] > stock.total()
     assert d["delta"]["params"] == sum(i["params"] for i in d["insertions"]) > 0
@@ -275,8 +286,9 @@ def test_detector_profile(name):
 @pytest.mark.slow
 def test_blocks_globs_match_full_names_and_target_chooses_a_part():
     loaded = load_model("retinanet_resnet50_fpn", **DETECTORS["retinanet_resnet50_fpn"])
-    _, report = attnsurgeon.insert(loaded, attn="eca", blocks="backbone.body.layer4.*", target="backbone.body",
-                                   input_size=SIZE)
+    _, report = attnsurgeon.insert(
+        loaded, attn="eca", blocks="backbone.body.layer4.*", target="backbone.body", input_size=SIZE
+    )
     assert report.target == ["backbone.body"]
     assert [i.block for i in report.insertions] == [f"backbone.body.layer4.{k}" for k in range(3)]
     _, anatomy = attnsurgeon.inspect_model(loaded, input_size=SIZE)
@@ -288,8 +300,11 @@ def test_blocks_globs_match_full_names_and_target_chooses_a_part():
 @pytest.mark.slow
 def test_target_errors_name_what_traces():
     loaded = load_model("fasterrcnn_mobilenet_v3_large_320_fpn", **DETECTORS["fasterrcnn_mobilenet_v3_large_320_fpn"])
-    with pytest.raises(AttnSurgeonError, match=r"no submodule of that name\. Did you mean: backbone\.body.*"
-                                               r"Submodules that trace and hold blocks: backbone"):
+    with pytest.raises(
+        AttnSurgeonError,
+        match=r"no submodule of that name\. Did you mean: backbone\.body.*"
+        r"Submodules that trace and hold blocks: backbone",
+    ):
         attnsurgeon.insert(loaded, attn="se", target="backbone.bodi", input_size=SIZE)
     with pytest.raises(AttnSurgeonError, match="'rpn' is called with something other than one tensor.*: backbone"):
         attnsurgeon.insert(loaded, attn="se", target="rpn", input_size=SIZE)
@@ -328,8 +343,9 @@ def test_raft_small_through_its_feature_encoders():
     frames = sample_args(loaded.model, SIZE, 1, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = loaded.model.eval()(*frames, num_flow_updates=2)
-    flows = assert_each_is_read(model.eval(), [i.module for i in report.insertions],
-                                lambda: model(*frames, num_flow_updates=2))
+    flows = assert_each_is_read(
+        model.eval(), [i.module for i in report.insertions], lambda: model(*frames, num_flow_updates=2)
+    )
     assert [f.shape for f in flows] == [(1, 2, 128, 128)] * 2
     assert max_abs_diff(flows, expected) == 0.0
 
@@ -341,8 +357,9 @@ def test_raft_small_through_its_feature_encoders():
 def test_cli_detector_insert_inspect_and_errors(cli, tmp_path):
     import json
 
-    code, out, err = cli("insert", "ssdlite320_mobilenet_v3_large", "--attn", "eca", "--target", "backbone.features.1",
-                         "--json")
+    code, out, err = cli(
+        "insert", "ssdlite320_mobilenet_v3_large", "--attn", "eca", "--target", "backbone.features.1", "--json"
+    )
     assert code == 0, err
     data = json.loads(out)
     assert data["target"] == ["backbone.features.1"]
@@ -353,7 +370,10 @@ def test_cli_detector_insert_inspect_and_errors(cli, tmp_path):
     assert code == 0 and "input 3×256×256 · traced: backbone" in out  # the size given, not the model's default
     code, _, err = cli("insert", "ssdlite320_mobilenet_v3_large", "--attn", "se", "--target", "backbone.features")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "error: --target 'backbone.features' is not called when the model runs" in err and "hold blocks: backbone" in err
+    assert (
+        "error: --target 'backbone.features' is not called when the model runs" in err
+        and "hold blocks: backbone" in err
+    )
     code, _, err = cli("insert", "ssdlite320_mobilenet_v3_large", "--out", tmp_path / "d.pt2")
     assert code == 2 and "cannot capture" in err and not (tmp_path / "d.pt2").exists()
 
@@ -374,15 +394,19 @@ def test_profile_counts_the_traced_parts_where_fvcore_cannot_run_the_whole(monke
     loaded = load_model("raft_small")
     result = attnsurgeon.profile(loaded, attn="se", input_size=SIZE, min_run_time=0.01, max_run_time=0.02)
     d = result.to_dict()
-    assert any("MACs count feature_encoder, context_encoder only: fvcore cannot run the whole RAFT (cannot trace this)"
-               in w for w in d["warnings"])
+    assert any(
+        "MACs count feature_encoder, context_encoder only: fvcore cannot run the whole RAFT (cannot trace this)" in w
+        for w in d["warnings"]
+    )
     # the reference is stock fvcore on the two parts, called here: the feature encoder sees both frames, the context
     # encoder the first; the element-wise ops come on top
     from fvcore.nn import FlopCountAnalysis
 
     frames = torch.randn(2, *SIZE)
-    stock = sum(FlopCountAnalysis(part.eval(), (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-                .total() for part, x in ((loaded.model.feature_encoder, frames), (loaded.model.context_encoder, frames[:1])))
+    stock = sum(
+        FlopCountAnalysis(part.eval(), (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+        for part, x in ((loaded.model.feature_encoder, frames), (loaded.model.context_encoder, frames[:1]))
+    )
     assert d["fvcore_default_macs"]["base"] == stock > 0
     assert d["base"]["macs"] > stock
     assert d["delta"]["macs"] == sum(i["macs"] for i in d["insertions"]) > 0

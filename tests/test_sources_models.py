@@ -17,10 +17,13 @@ ultralytics = pytest.importorskip("ultralytics")
 transformers = pytest.importorskip("transformers")
 smp = pytest.importorskip("segmentation_models_pytorch")
 
-TINY_VIT = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, image_size=32, patch_size=8)
+TINY_VIT = dict(
+    num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, image_size=32, patch_size=8
+)
 TINY_RESNET = dict(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256], embedding_size=16, num_labels=3)
-TINY_CONVNEXT = dict(depths=[1, 1, 2, 1], hidden_sizes=[16, 32, 64, 128], num_labels=3,
-                     layer_scale_init_value=1.0)  # the default 1e-6 leaves ECA gates within float rounding of 1
+TINY_CONVNEXT = dict(
+    depths=[1, 1, 2, 1], hidden_sizes=[16, 32, 64, 128], num_labels=3, layer_scale_init_value=1.0
+)  # the default 1e-6 leaves ECA gates within float rounding of 1
 
 
 def _perturbed_changes(model, report, x):
@@ -51,8 +54,11 @@ def test_prefixes_resolve_and_list():
     assert parse_model_spec("yolo:yolov8n") == ("ultralytics", "yolov8n")
     assert parse_model_spec("hf:microsoft/resnet-50") == ("huggingface", "microsoft/resnet-50")
     assert parse_model_spec("smp:Unet:resnet34") == ("smp", "Unet:resnet34")
-    names = {n for n, _ in list_models("yolo:yolov8n")} | {n for n, _ in list_models("hf:convnext")} \
+    names = (
+        {n for n, _ in list_models("yolo:yolov8n")}
+        | {n for n, _ in list_models("hf:convnext")}
         | {n for n, _ in list_models("smp:unet:resnet34")}
+    )
     assert {"yolo:yolov8n", "hf:convnext", "smp:Unet:resnet34"} <= names
     # every scale ultralytics' own yolov8.yaml declares is listed
     from pathlib import Path
@@ -63,8 +69,10 @@ def test_prefixes_resolve_and_list():
     assert {f"yolo:yolov8{s}" for s in cfg["scales"]} <= {n for n, _ in list_models("yolo:yolov8?")}
 
 
-@pytest.mark.parametrize("spec,message", [("yolo:yolov8q", "yolov8"), ("hf:convnxt", "convnext"),
-                                          ("smp:Unett", "Unet"), ("smp:Unet:resnet35", "resnet34")])
+@pytest.mark.parametrize(
+    "spec,message",
+    [("yolo:yolov8q", "yolov8"), ("hf:convnxt", "convnext"), ("smp:Unett", "Unet"), ("smp:Unet:resnet35", "resnet34")],
+)
 def test_unknown_names_suggest(spec, message):
     with pytest.raises(AttnSurgeonError, match=message):
         load_model(spec)
@@ -80,9 +88,14 @@ def test_sample_inputs_come_from_the_library_config():
     assert load_model("yolo:yolov8n").input_size == (3, DEFAULT_CFG.imgsz, DEFAULT_CFG.imgsz)
 
 
-@pytest.mark.parametrize("spec,extra,library", [("yolo:yolov8n", "yolo", "ultralytics"),
-                                                ("hf:resnet", "hf", "transformers"),
-                                                ("smp:Unet", "smp", "segmentation_models_pytorch")])
+@pytest.mark.parametrize(
+    "spec,extra,library",
+    [
+        ("yolo:yolov8n", "yolo", "ultralytics"),
+        ("hf:resnet", "hf", "transformers"),
+        ("smp:Unet", "smp", "segmentation_models_pytorch"),
+    ],
+)
 def test_missing_library_is_one_line_naming_the_extra(spec, extra, library, monkeypatch):
     from typer.testing import CliRunner
 
@@ -124,8 +137,12 @@ def test_yolo_models_build_without_ultralytics_chatter():
 def test_insert_json_of_a_yolo_classifier_is_one_object_on_stdout():
     import subprocess
 
-    out = subprocess.run([sys.executable, "-m", "attnsurgeon.cli", "insert", "yolo:yolov8n-cls", "--attn", "se",
-                          "--json"], capture_output=True, text=True, env={**os.environ, "YOLO_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "attnsurgeon.cli", "insert", "yolo:yolov8n-cls", "--attn", "se", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "YOLO_OFFLINE": "1"},
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["model"] == "yolo:yolov8n-cls"
 
@@ -147,8 +164,13 @@ def test_yolo_cbam_after_sppf_and_se_in_every_c2f_bottleneck():
     loaded = load_model("yolo:yolov8n")
     base = loaded.model.eval()
     out, report = insert(loaded, "se", init="identity", input_size=size)
-    bottlenecks = sorted(f"{c}.{n}" for c, m in base.named_modules() if isinstance(m, C2f)
-                         for n, b in m.named_modules() if isinstance(b, Bottleneck))
+    bottlenecks = sorted(
+        f"{c}.{n}"
+        for c, m in base.named_modules()
+        if isinstance(m, C2f)
+        for n, b in m.named_modules()
+        if isinstance(b, Bottleneck)
+    )
     assert sorted(i.block for i in report.insertions) == bottlenecks
     out.eval()
     assert max_abs_diff(out(x), base(x)) == 0.0
@@ -180,8 +202,19 @@ def test_cli_profile_yolo_with_eca(cli):
     from ultralytics.nn.modules.block import Bottleneck
     from ultralytics.utils.torch_utils import get_flops, get_num_params
 
-    code, out, err = cli("profile", "yolo:yolov8n", "--attn", "eca", "--input-size", "64", "--min-time", "0.05",
-                         "--max-time", "0.1", "--json")
+    code, out, err = cli(
+        "profile",
+        "yolo:yolov8n",
+        "--attn",
+        "eca",
+        "--input-size",
+        "64",
+        "--min-time",
+        "0.05",
+        "--max-time",
+        "0.1",
+        "--json",
+    )
     assert code == 0, err
     data = json.loads(out)
     base = load_model("yolo:yolov8n").model
@@ -190,7 +223,9 @@ def test_cli_profile_yolo_with_eca(cli):
     gflops = get_flops(base, imgsz=64)  # ultralytics' own count at 64 px
     assert abs(data["base"]["flops"] / 1e9 - gflops) / gflops < 0.03
     # one ECA per C2f bottleneck, a 1-D conv of the paper's kernel size over that bottleneck's channels
-    convs = {f"{n}.eca": _eca_kernel(m.cv2.conv.out_channels) for n, m in base.named_modules() if isinstance(m, Bottleneck)}
+    convs = {
+        f"{n}.eca": _eca_kernel(m.cv2.conv.out_channels) for n, m in base.named_modules() if isinstance(m, Bottleneck)
+    }
     assert {i["module"]: i["params"] for i in data["insertions"]} == convs
     assert data["modified"]["params"] - data["base"]["params"] == sum(convs.values())
     assert data["base"]["latency_ms"]["median"] > 0 and data["modified"]["latency_ms"]["median"] > 0
@@ -199,8 +234,14 @@ def test_cli_profile_yolo_with_eca(cli):
 # --------------------------------------------------------------------------- Hugging Face
 
 
-@pytest.mark.parametrize("spec,attn,config", [("hf:resnet", "se", TINY_RESNET), ("hf:convnext", "eca", TINY_CONVNEXT),
-                                              ("hf:vit", "se", dict(TINY_VIT, num_labels=3))])
+@pytest.mark.parametrize(
+    "spec,attn,config",
+    [
+        ("hf:resnet", "se", TINY_RESNET),
+        ("hf:convnext", "eca", TINY_CONVNEXT),
+        ("hf:vit", "se", dict(TINY_VIT, num_labels=3)),
+    ],
+)
 def test_hf_insert_keeps_class_identity_exact_and_trains_with_labels(spec, attn, config):
     loaded = load_model(spec, **config)
     base = loaded.model.eval()
@@ -244,11 +285,14 @@ def test_smp_scse_after_decoder_conv2_identity_and_train_step():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec,config,attn,where", [
-    ("hf:resnet", TINY_RESNET, "se", {}),
-    ("smp:Unet:resnet18", {}, "scse", {"after": "decoder.blocks.*.conv2"}),
-    ("yolo:yolov8n", {}, "se", {}),
-])
+@pytest.mark.parametrize(
+    "spec,config,attn,where",
+    [
+        ("hf:resnet", TINY_RESNET, "se", {}),
+        ("smp:Unet:resnet18", {}, "scse", {"after": "decoder.blocks.*.conv2"}),
+        ("yolo:yolov8n", {}, "se", {}),
+    ],
+)
 def test_safetensors_and_recipe_rebuild_with_load(spec, config, attn, where, tmp_path):
     from attnsurgeon import export, load
 
@@ -293,9 +337,14 @@ def silent_host(tmp_path, monkeypatch):
         yield url
 
 
-@pytest.mark.parametrize("spec,where,warm", [("yolo:yolov8n", "/assets/yolov8n.pt", "yolo:yolov8n"),
-                                             ("hf:microsoft/resnet-50", "/microsoft/resnet-50", "hf:resnet"),
-                                             ("smp:Unet:resnet18", "/smp-hub/resnet18.imagenet", "smp:Unet:resnet18")])
+@pytest.mark.parametrize(
+    "spec,where,warm",
+    [
+        ("yolo:yolov8n", "/assets/yolov8n.pt", "yolo:yolov8n"),
+        ("hf:microsoft/resnet-50", "/microsoft/resnet-50", "hf:resnet"),
+        ("smp:Unet:resnet18", "/smp-hub/resnet18.imagenet", "smp:Unet:resnet18"),
+    ],
+)
 def test_pretrained_fails_in_seconds_with_one_line_when_the_host_never_answers(spec, where, warm, silent_host, cli):
     import time
 
@@ -337,7 +386,9 @@ def test_a_hub_id_whose_config_is_not_cached_says_the_config_is_missing_and_the_
     assert code == 2 and len(lines) == 1 and out == "", err
     assert "the config of hf:microsoft/resnet-50 is not in the local cache" in lines[0]
     assert "pretrained weights" not in lines[0]
-    assert all(way in lines[0] for way in ("hf:resnet", "hf:./", "attnsurgeon list models 'hf:*'", "--weights FILE does not"))
+    assert all(
+        way in lines[0] for way in ("hf:resnet", "hf:./", "attnsurgeon list models 'hf:*'", "--weights FILE does not")
+    )
 
 
 def test_a_local_folder_with_its_config_builds_offline_and_pretrained_reads_its_weights(tmp_path, monkeypatch):
@@ -355,7 +406,9 @@ def test_a_local_folder_with_its_config_builds_offline_and_pretrained_reads_its_
     saved.save_pretrained(tmp_path / "with-weights")
     again = load_model(f"hf:{tmp_path / 'with-weights'}", pretrained=True).model
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in again.state_dict().items())
-    with pytest.raises(AttnSurgeonError, match=r"^hf:\./config-only --pretrained: the folder has a config.json but no weights"):
+    with pytest.raises(
+        AttnSurgeonError, match=r"^hf:\./config-only --pretrained: the folder has a config.json but no weights"
+    ):
         load_model("hf:./config-only", pretrained=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(AttnSurgeonError, match=r"^hf:\./empty: the folder has no config.json"):
@@ -388,10 +441,13 @@ def test_the_smp_result_is_a_graph_module_whose_parts_keep_smps_names_as_the_doc
     loaded = load_model("smp:Unet:resnet18")
     base = loaded.model
     out, report = insert(loaded, "scse", after="decoder.blocks.*.conv2", input_size=(3, 64, 64))
-    assert not isinstance(out, smp.Unet) and type(out).__name__ == "Unet"  # as documented; update the docs if it changes
+    assert (
+        not isinstance(out, smp.Unet) and type(out).__name__ == "Unet"
+    )  # as documented; update the docs if it changes
     for part in ("encoder", "decoder", "segmentation_head"):
         assert [n for n, _ in base.get_submodule(part).named_parameters()] == [
-            n for n, _ in out.get_submodule(part).named_parameters() if "_scse" not in n]
+            n for n, _ in out.get_submodule(part).named_parameters() if "_scse" not in n
+        ]
     blocks = {i.module for i in report.insertions}
     result = out.load_state_dict(base.state_dict(), strict=False)
     assert not result.unexpected_keys and {k.rsplit(".", 2)[0] for k in result.missing_keys} == blocks

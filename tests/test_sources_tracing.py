@@ -35,8 +35,9 @@ def test_iteration_counts_come_from_the_shapes():
     chunk = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "chunk")
     split = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "split")
     unbind = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "unbind")
-    assert [len([u for u in n.users]) for n in (chunk, split, unbind)] == [len(y) for y in (
-        torch.randn(8).chunk(3), torch.randn(8).split(5), torch.randn(2, 8).unbind(1))]
+    assert [len([u for u in n.users]) for n in (chunk, split, unbind)] == [
+        len(y) for y in (torch.randn(8).chunk(3), torch.randn(8).split(5), torch.randn(2, 8).unbind(1))
+    ]
     assert getitems
 
 
@@ -98,8 +99,16 @@ def test_hugging_face_output_type_is_kept():
     pytest.importorskip("transformers")
     from transformers import ViTConfig, ViTForImageClassification
 
-    vit = ViTForImageClassification(ViTConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
-                                              num_attention_heads=2, image_size=16, patch_size=8)).eval()
+    vit = ViTForImageClassification(
+        ViTConfig(
+            num_hidden_layers=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        )
+    ).eval()
     gm = trace(vit, (3, 16, 16))  # decorated forward, **kwargs, `if pixel_values.dtype != ...`, `q_len > 1`
     x = torch.randn(2, 3, 16, 16)
     out = gm(x)

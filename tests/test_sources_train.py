@@ -53,8 +53,21 @@ def test_yolo_trains_one_epoch_in_ultralytics_trainer_and_the_checkpoint_keeps_t
     blocks = _inserted(out, report)
     assert len(blocks) == bottlenecks  # one per C2f bottleneck
     before = {k: v.clone() for k, v in out.state_dict().items() if ".se." in k}
-    yolo = train(out, data=str(data), epochs=1, imgsz=64, batch=2, workers=0, device="cpu", plots=False,
-                 amp=False, project=str(tmp_path / "runs"), name="t", exist_ok=True, verbose=False)
+    yolo = train(
+        out,
+        data=str(data),
+        epochs=1,
+        imgsz=64,
+        batch=2,
+        workers=0,
+        device="cpu",
+        plots=False,
+        amp=False,
+        project=str(tmp_path / "runs"),
+        name="t",
+        exist_ok=True,
+        verbose=False,
+    )
     last = yolo.trainer.last
     assert last.is_file()
     # the blocks were trained, in the model the trainer trained (not a copy rebuilt from the yaml)
@@ -85,8 +98,18 @@ def test_yolo_predict_and_val_through_the_yolo_object(tmp_path):
     assert len(results) == 1 and results[0].orig_shape == (64, 64)
     assert len(results[0].boxes) > 0  # conf=0: the detector's own candidates came through NMS
     assert "model.9.cbam_after" in dict(yolo.model.named_modules())  # predict's fuse() kept the block
-    metrics = yolo.val(data=str(data), imgsz=64, batch=2, workers=0, device="cpu", plots=False, verbose=False,
-                       project=str(tmp_path / "runs"), name="v", exist_ok=True)
+    metrics = yolo.val(
+        data=str(data),
+        imgsz=64,
+        batch=2,
+        workers=0,
+        device="cpu",
+        plots=False,
+        verbose=False,
+        project=str(tmp_path / "runs"),
+        name="v",
+        exist_ok=True,
+    )
     assert 0.0 <= metrics.box.map50 <= 1.0
 
 
@@ -97,8 +120,19 @@ def test_the_trainer_refuses_a_model_with_another_class_count(tmp_path):
     data = _tiny_dataset(tmp_path / "data", nc=2)
     out, _ = insert(load_model("yolo:yolov8n"), "eca", input_size=SIZE)  # 80 classes, as the yaml
     with pytest.raises(AttnSurgeonError, match="has 80 classes and the data 2: build it with nc=2"):
-        train(out, data=str(data), epochs=1, imgsz=64, batch=2, workers=0, device="cpu", plots=False,
-              project=str(tmp_path / "runs"), name="t", exist_ok=True)
+        train(
+            out,
+            data=str(data),
+            epochs=1,
+            imgsz=64,
+            batch=2,
+            workers=0,
+            device="cpu",
+            plots=False,
+            project=str(tmp_path / "runs"),
+            name="t",
+            exist_ok=True,
+        )
 
 
 def _pickled(model):
@@ -205,8 +239,10 @@ def test_each_extra_installs_what_its_librarys_own_workflows_need():
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    extras = {k: {d.split(">")[0].split("[")[0] for d in v}
-              for k, v in tomllib.loads(text)["project"]["optional-dependencies"].items()}
+    extras = {
+        k: {d.split(">")[0].split("[")[0] for d in v}
+        for k, v in tomllib.loads(text)["project"]["optional-dependencies"].items()
+    }
     assert {"transformers", "accelerate"} <= extras["hf"]
     assert {"ultralytics", "onnx", "onnxruntime", "onnxslim"} <= extras["yolo"]  # ultralytics' export(format="onnx")
     assert extras["hf"] | extras["yolo"] <= extras["test"]
@@ -225,9 +261,17 @@ def test_hugging_face_model_with_blocks_trains_in_transformers_trainer(tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(block + ".")}
     g = torch.Generator().manual_seed(0)
     data = [{"pixel_values": torch.randn(*SIZE, generator=g), "labels": i % 2} for i in range(4)]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
-                                          learning_rate=0.1, report_to=[], save_strategy="no", use_cpu=True,
-                                          logging_strategy="no", dataloader_num_workers=0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=0.1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_strategy="no",
+        dataloader_num_workers=0,
+    )
     result = transformers.Trainer(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 2 and np.isfinite(result.training_loss)
     after = model.state_dict()

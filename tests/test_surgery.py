@@ -74,8 +74,11 @@ def test_positions_on_a_bottleneck_with_projection():
 
 
 def test_positions_on_a_basic_block_with_identity_skip():
-    gm, _ = apply_plan("resnet18", [InsertionSpec("se", "pre", blocks=["layer1.0"]),
-                                    InsertionSpec("eca", "identity", blocks=["layer1.0"])], input_size=SMALL)
+    gm, _ = apply_plan(
+        "resnet18",
+        [InsertionSpec("se", "pre", blocks=["layer1.0"]), InsertionSpec("eca", "identity", blocks=["layer1.0"])],
+        input_size=SMALL,
+    )
     pre, ident = _call(gm, "layer1.0.se_pre"), _call(gm, "layer1.0.eca_identity")
     assert _src(pre).target == "maxpool" and _src(ident).target == "maxpool"
     assert _users(pre) == {"layer1.0.conv1"}
@@ -94,22 +97,33 @@ def test_positions_on_an_inverted_residual():
     gm, _ = insert("mobilenet_v2", "eca", "standard", blocks=["features.3"], input_size=SMALL)
     node = _call(gm, "features.3.eca")
     assert _src(node).target == "features.3.conv.3" and len(node.users) == 1 and _is_merge(next(iter(node.users)))
-    with pytest.raises(AttnSurgeonError, match=r"position 'identity' is not available in block features.2 \(plain: it has no skip"):
+    with pytest.raises(
+        AttnSurgeonError, match=r"position 'identity' is not available in block features.2 \(plain: it has no skip"
+    ):
         insert("mobilenet_v2", "se", "identity", blocks=["features.2"], input_size=SMALL)
 
 
 def test_stacking_post_then_pre_nests_and_same_site_keeps_order():
-    gm, _ = apply_plan("resnet18", [InsertionSpec("se", "post", blocks=["layer1.0"]),
-                                    InsertionSpec("eca", "pre", blocks=["layer1.1"])], input_size=SMALL)
+    gm, _ = apply_plan(
+        "resnet18",
+        [InsertionSpec("se", "post", blocks=["layer1.0"]), InsertionSpec("eca", "pre", blocks=["layer1.1"])],
+        input_size=SMALL,
+    )
     post, pre = _call(gm, "layer1.0.se_post"), _call(gm, "layer1.1.eca_pre")
     assert _src(pre) is post  # out -> post -> pre -> branch
     merge = next(n for n in post.users if n is not pre)
     assert _is_merge(merge)  # the skip of layer1.1 sees post, not pre
-    gm, _ = apply_plan("resnet18", [InsertionSpec("eca", "pre", blocks=["layer1.1"]),
-                                    InsertionSpec("se", "post", blocks=["layer1.0"])], input_size=SMALL)
+    gm, _ = apply_plan(
+        "resnet18",
+        [InsertionSpec("eca", "pre", blocks=["layer1.1"]), InsertionSpec("se", "post", blocks=["layer1.0"])],
+        input_size=SMALL,
+    )
     assert _src(_call(gm, "layer1.1.eca_pre")) is _call(gm, "layer1.0.se_post")  # same graph either order
-    gm, _ = apply_plan("resnet18", [InsertionSpec("se", blocks=["layer1.0"]),
-                                    InsertionSpec("eca", blocks=["layer1.0"])], input_size=SMALL)
+    gm, _ = apply_plan(
+        "resnet18",
+        [InsertionSpec("se", blocks=["layer1.0"]), InsertionSpec("eca", blocks=["layer1.0"])],
+        input_size=SMALL,
+    )
     assert _src(_call(gm, "layer1.0.eca")) is _call(gm, "layer1.0.se")
 
 
@@ -276,8 +290,9 @@ class _TokenMixer(nn.Module):
     def __init__(self, dim=24, depth=2):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, 8, stride=8)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim)) for _ in range(depth)
+        )
         self.head = nn.Linear(dim, 10)
 
     def forward(self, x):
@@ -300,8 +315,10 @@ class _ChannelsLastNet(nn.Module):
     def __init__(self, dim=24):
         super().__init__()
         self.stem = nn.Conv2d(3, dim, 4, stride=4)
-        self.mlps = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-                                  for _ in range(2))
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+            for _ in range(2)
+        )
 
     def forward(self, x):
         x = self.stem(x).permute(0, 2, 3, 1)
@@ -327,7 +344,9 @@ _UNIT_WITH_GATE = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("net, size, layout", [(_TokenMixer, (3, 40, 56), "NLC"), (_ChannelsLastNet, (3, 20, 28), "NHWC")])
+@pytest.mark.parametrize(
+    "net, size, layout", [(_TokenMixer, (3, 40, 56), "NLC"), (_ChannelsLastNet, (3, 20, 28), "NHWC")]
+)
 @pytest.mark.parametrize("attn", ["se", "eca", "cbam"])
 def test_channels_last_layouts_with_real_weights(net, size, layout, attn):
     """Blocks on channels-last maps, with their default (random) weights, give what the same modules give applied by
@@ -359,8 +378,9 @@ class _Conv1dNet(nn.Module):
     def __init__(self, dim=24):
         super().__init__()
         self.stem = nn.Conv1d(1, dim, 10, stride=10)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv1d(dim, dim, 3, padding=1), nn.BatchNorm1d(dim), nn.ReLU())
-                                    for _ in range(2))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(dim, dim, 3, padding=1), nn.BatchNorm1d(dim), nn.ReLU()) for _ in range(2)
+        )
 
     def forward(self, x):
         x = self.stem(x)
@@ -375,8 +395,10 @@ class _Conv1dNet(nn.Module):
         return x.mean(2)
 
 
-@pytest.mark.parametrize("net, size, layout", [(_ChannelsLastNet, (3, 20, 28), "NHWC"), (_TokenMixer, (3, 40, 56), "NLC"),
-                                               (_Conv1dNet, (1, 300), "NCL")])
+@pytest.mark.parametrize(
+    "net, size, layout",
+    [(_ChannelsLastNet, (3, 20, 28), "NHWC"), (_TokenMixer, (3, 40, 56), "NLC"), (_Conv1dNet, (1, 300), "NCL")],
+)
 def test_each_layout_with_real_weights_fast(net, size, layout):
     """The fast subset's check of each layout (the slow test above runs every block and position): ECA, whose
     weights fit any channel count, at the standard position, against the same gates applied by hand in
@@ -396,9 +418,21 @@ def test_each_layout_with_real_weights_fast(net, size, layout):
 # --------------------------------------------------------------------------- coverage of the models the issue names
 
 MUST_WORK = [
-    "tv:resnet18", "tv:resnet50", "tv:resnext50_32x4d", "tv:wide_resnet50_2", "tv:mobilenet_v2",
-    "tv:mobilenet_v3_large", "tv:efficientnet_b0", "tv:regnet_y_400mf", "tv:convnext_tiny", "tv:densenet121",
-    "tv:vgg11", "timm:resnet50", "timm:resnet50d", "timm:efficientnet_b0", "timm:convnext_tiny",
+    "tv:resnet18",
+    "tv:resnet50",
+    "tv:resnext50_32x4d",
+    "tv:wide_resnet50_2",
+    "tv:mobilenet_v2",
+    "tv:mobilenet_v3_large",
+    "tv:efficientnet_b0",
+    "tv:regnet_y_400mf",
+    "tv:convnext_tiny",
+    "tv:densenet121",
+    "tv:vgg11",
+    "timm:resnet50",
+    "timm:resnet50d",
+    "timm:efficientnet_b0",
+    "timm:convnext_tiny",
 ]
 
 

@@ -31,8 +31,12 @@ COMPARED = ("model", "name", "status", "params", "macs", "insertions")
 
 def same_figures(row):
     """What must not depend on where a row ran: everything but the timings."""
-    return ({k: row.get(k) for k in COMPARED}, row.get("base", {}).get("params"),
-            row.get("delta", {}).get("params"), row.get("delta", {}).get("macs"))
+    return (
+        {k: row.get(k) for k in COMPARED},
+        row.get("base", {}).get("params"),
+        row.get("delta", {}).get("params"),
+        row.get("delta", {}).get("macs"),
+    )
 
 
 # --------------------------------------------------------------------------- zoo sweeps (no Ray)
@@ -53,29 +57,40 @@ def test_model_globs_expand_through_the_libraries_listings():
 def test_zoo_sweep_crosses_models_with_configurations_and_groups_by_model(tmp_path):
     """Run in a fresh interpreter: a local sweep never imports Ray."""
     out = tmp_path / "zoo"
-    code = (f"import sys, json; from attnsurgeon.cli import main; sys.argv = ['attnsurgeon', 'sweep', '--models', "
-            f"'resnet18,timm:resnet10t', '--attn', 'se,eca', '--input-size', '32', '--min-time', '0.05', "
-            f"'--max-time', '0.1', '--threads', '1', '--out', {str(out)!r}]\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    code = (
+        f"import sys, json; from attnsurgeon.cli import main; sys.argv = ['attnsurgeon', 'sweep', '--models', "
+        f"'resnet18,timm:resnet10t', '--attn', 'se,eca', '--input-size', '32', '--min-time', '0.05', "
+        f"'--max-time', '0.1', '--threads', '1', '--out', {str(out)!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("NO_RAY")
     rows = json.loads((out / "results.json").read_text())
-    assert [(r["model"], r["name"]) for r in rows] == [(m, n) for m in ("resnet18", "timm:resnet10t")
-                                                      for n in ("base", "se", "eca")]
+    assert [(r["model"], r["name"]) for r in rows] == [
+        (m, n) for m in ("resnet18", "timm:resnet10t") for n in ("base", "se", "eca")
+    ]
     assert all(r["status"] == "ok" for r in rows)
     # each model's Δ against its own base: SE's parameters on resnet10t's own widths
     by = {(r["model"], r["name"]): r for r in rows}
     timm_r10 = sum(p.numel() for p in timm.create_model("resnet10t").parameters())
     assert by[("timm:resnet10t", "base")]["params"] == timm_r10 == by[("timm:resnet10t", "se")]["base"]["params"]
-    assert by[("resnet18", "se")]["base"]["params"] == sum(p.numel() for p in torchvision.models.resnet18().parameters())
+    assert by[("resnet18", "se")]["base"]["params"] == sum(
+        p.numel() for p in torchvision.models.resnet18().parameters()
+    )
     # the table: one per model, titled by it
     assert proc.stdout.index("resnet18 · batch 1") < proc.stdout.index("timm:resnet10t · batch 1")
     csv = (out / "results.csv").read_text().splitlines()
-    assert [line.split(",")[:2] for line in csv[1:]] == [[m, n] for m in ("resnet18", "timm:resnet10t")
-                                                        for n in ("base", "se", "eca")]
+    assert [line.split(",")[:2] for line in csv[1:]] == [
+        [m, n] for m in ("resnet18", "timm:resnet10t") for n in ("base", "se", "eca")
+    ]
 
 
 def test_a_recipe_names_several_models(tmp_path):
@@ -91,15 +106,19 @@ def test_a_recipe_names_several_models(tmp_path):
 
 def test_ray_without_ray_installed_says_how_to_install_it(cli, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError, as where it is absent
-    code, out, err = cli("sweep", "resnet18", "--attn", "se", "--input-size", "32", "--ray", "local", "--out", tmp_path / "s")
+    code, out, err = cli(
+        "sweep", "resnet18", "--attn", "se", "--input-size", "32", "--ray", "local", "--out", tmp_path / "s"
+    )
     assert code == 2 and "pip install 'attnsurgeon[ray]'" in err and "Traceback" not in err
     assert not (tmp_path / "s").exists()  # said before anything was written
 
 
 def test_wrong_zoo_and_ray_arguments_are_one_line_errors(cli, tmp_path):
-    for args, message in [(["resnet18", "--models", "resnet34"], "give MODEL or --models, not both"),
-                          (["--attn", "se"], "give a MODEL, a sweep RECIPE, or --models"),
-                          (["resnet18", "--ray-cpus", "2"], "--ray-cpus sizes a local Ray instance")]:
+    for args, message in [
+        (["resnet18", "--models", "resnet34"], "give MODEL or --models, not both"),
+        (["--attn", "se"], "give a MODEL, a sweep RECIPE, or --models"),
+        (["resnet18", "--ray-cpus", "2"], "--ray-cpus sizes a local Ray instance"),
+    ]:
         code, _, err = cli("sweep", *args, "--attn", "se", "--out", tmp_path / "s")
         assert code == 2 and message in err and "Traceback" not in err, (args, err)
     assert not (tmp_path / "s").exists()
@@ -110,8 +129,11 @@ def test_each_task_asks_for_one_measurements_resources():
 
     assert task_resources({"device": "cpu", "threads": 4}) == (4, 0, {"device": "cpu", "threads": 4})
     assert task_resources({"mode": "train"}) == (1, 0, {"mode": "train", "threads": 1})  # unset: one CPU, one thread
-    assert task_resources({"device": "cuda:3", "dtype": "bfloat16"}) == (1, 1, {"device": "cuda", "dtype": "bfloat16",
-                                                                                 "threads": 1})
+    assert task_resources({"device": "cuda:3", "dtype": "bfloat16"}) == (
+        1,
+        1,
+        {"device": "cuda", "dtype": "bfloat16", "threads": 1},
+    )
 
 
 def test_ray_takes_an_optional_address():
@@ -143,8 +165,15 @@ def test_ray_sweep_gives_the_local_sweeps_rows(ray_address, tmp_path):
     models = ["resnet18", "timm:resnet10t"]
     local = run_sweep(models, CONFIGS, tmp_path / "local", settings=FAST, input_size=32)
     calls = []
-    on_ray = run_sweep(models, CONFIGS, tmp_path / "ray", settings=FAST, input_size=32, ray="local",
-                       progress=lambda *args: calls.append(args))
+    on_ray = run_sweep(
+        models,
+        CONFIGS,
+        tmp_path / "ray",
+        settings=FAST,
+        input_size=32,
+        ray="local",
+        progress=lambda *args: calls.append(args),
+    )
     assert [same_figures(r) for r in on_ray.rows] == [same_figures(r) for r in local.rows]
     assert all(r["status"] == "ok" for r in on_ray.rows) and len(on_ray.rows) == 6
     assert sorted(on_ray.measured) == sorted(f"{m}/{n}" for m in models for n in ("base", "se", "eca"))
@@ -160,15 +189,20 @@ def test_ray_sweep_gives_the_local_sweeps_rows(ray_address, tmp_path):
 @pytest.mark.slow
 def test_a_task_that_raises_or_dies_becomes_a_failed_row(ray_address, tmp_path, monkeypatch):
     factory = tmp_path / "broken.py"
-    factory.write_text("import os\n\ndef boom():\n    raise RuntimeError('boom in the factory')\n\n"
-                       "def dies():\n    os._exit(1)  # the worker process dies, as on a lost node\n")
+    factory.write_text(
+        "import os\n\ndef boom():\n    raise RuntimeError('boom in the factory')\n\n"
+        "def dies():\n    os._exit(1)  # the worker process dies, as on a lost node\n"
+    )
     monkeypatch.setattr(sweep_mod, "RAY_RETRIES", 0)  # no retries: the test need not wait for them
     models = ["resnet18", f"{factory}:boom", f"{factory}:dies"]
     result = run_sweep(models, CONFIGS[:1], tmp_path / "s", settings=FAST, input_size=32, ray="local")
     by = {(r["model"].split(":")[-1], r["name"]): r for r in result.rows}
     assert by[("resnet18", "base")]["status"] == by[("resnet18", "se")]["status"] == "ok"  # the sweep went on
     for name in ("base", "se"):
-        assert by[("boom", name)]["status"] == "failed" and "RuntimeError: boom in the factory" in by[("boom", name)]["reason"]
+        assert (
+            by[("boom", name)]["status"] == "failed"
+            and "RuntimeError: boom in the factory" in by[("boom", name)]["reason"]
+        )
         died = by[("dies", name)]
         assert died["status"] == "failed" and died["reason"].startswith("the Ray task failed")
         assert "0 retries" in died["reason"]
@@ -179,10 +213,32 @@ def test_a_task_that_raises_or_dies_becomes_a_failed_row(ray_address, tmp_path, 
 @pytest.mark.slow
 def test_killing_the_driver_keeps_finished_rows_and_resume_measures_the_rest(ray_address, tmp_path, cli):
     out = tmp_path / "s"
-    args = ["sweep", "resnet18", "--attn", "se,eca,cbam", "--position", "standard,pre", "--input-size", "32",
-            "--min-time", "0.05", "--max-time", "0.1", "--threads", "1", "--out", str(out), "--ray", ray_address]
-    proc = subprocess.Popen([sys.executable, "-c", f"import sys; from attnsurgeon.cli import main; sys.argv = {['x'] + args!r}; main()"],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = [
+        "sweep",
+        "resnet18",
+        "--attn",
+        "se,eca,cbam",
+        "--position",
+        "standard,pre",
+        "--input-size",
+        "32",
+        "--min-time",
+        "0.05",
+        "--max-time",
+        "0.1",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--ray",
+        ray_address,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; from attnsurgeon.cli import main; sys.argv = {['x'] + args!r}; main()"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     rows_file = out / "rows.jsonl"
     wait_for_a_row(proc, rows_file)
     assert proc.poll() is None, proc.stderr.read().decode()  # still running: rows are left to measure
@@ -195,9 +251,16 @@ def test_killing_the_driver_keeps_finished_rows_and_resume_measures_the_rest(ray
     assert code == 0, err
     result = json.loads(stdout)
     lines = rows_file.read_text().splitlines()
-    assert lines[:len(kept)] == kept  # finished rows left exactly as they were
+    assert lines[: len(kept)] == kept  # finished rows left exactly as they were
     assert not set(result["measured"]) & {json.loads(line)["name"] for line in kept}
     assert len(lines) == 7 and len(result["measured"]) == 7 - len(kept)
-    assert [r["name"] for r in result["rows"]] == ["base", "se/standard", "se/pre", "eca/standard", "eca/pre",
-                                                   "cbam/standard", "cbam/pre"]
+    assert [r["name"] for r in result["rows"]] == [
+        "base",
+        "se/standard",
+        "se/pre",
+        "eca/standard",
+        "eca/pre",
+        "cbam/standard",
+        "cbam/pre",
+    ]
     assert all(r["status"] == "ok" for r in result["rows"])

@@ -60,7 +60,15 @@ def test_default_selection_skips_opaque_blocks_with_a_note(cli):
     _, report = insert("timm:mobilevit_xxs", "se", input_size=SMALL)
     opaque = ["stages.2.1", "stages.3.1", "stages.4.1"]  # timm's MobileVitBlock, registered not traceable
     inserted = [i.block for i in report.insertions]
-    assert inserted == ["stages.0.0", "stages.1.0", "stages.1.1", "stages.1.2", "stages.2.0", "stages.3.0", "stages.4.0"]
+    assert inserted == [
+        "stages.0.0",
+        "stages.1.0",
+        "stages.1.1",
+        "stages.1.2",
+        "stages.2.0",
+        "stages.3.0",
+        "stages.4.0",
+    ]
     (note,) = [n for n in report.notes if "skipped" in n]
     assert all(b in note for b in opaque) and "position 'standard' is not available" in note
 
@@ -72,14 +80,19 @@ def test_default_selection_skips_opaque_blocks_with_a_note(cli):
 
 @pytest.mark.slow
 def test_a_block_named_explicitly_that_cannot_take_the_position_is_an_error(cli):
-    with pytest.raises(AttnSurgeonError, match=r"position 'standard' is not available in block stages\.2\.1 \(opaque.*"
-                                               r"1 of the 2 selected blocks offer it: leave the others out of --blocks"):
+    with pytest.raises(
+        AttnSurgeonError,
+        match=r"position 'standard' is not available in block stages\.2\.1 \(opaque.*"
+        r"1 of the 2 selected blocks offer it: leave the others out of --blocks",
+    ):
         insert("timm:mobilevit_xxs", "se", blocks=["stages.2.*"], input_size=SMALL)
     code, out, err = cli("insert", "timm:mobilevit_xxs", "--blocks", "stages.3.1", "--input-size", "64")
     assert code == 2 and "not available in block stages.3.1" in err and "Traceback" not in err and out == ""
     # pre and post do reach an opaque block
     _, report = insert("timm:mobilevit_xxs", "se", "post", blocks=["stages.3.1"], input_size=SMALL)
-    assert [i.block for i in report.insertions] == ["stages.3.1"] and report.params["delta"] == count_params(SEModule(64))
+    assert [i.block for i in report.insertions] == ["stages.3.1"] and report.params["delta"] == count_params(
+        SEModule(64)
+    )
 
 
 @pytest.mark.slow
@@ -87,7 +100,9 @@ def test_a_stages_selection_skips_with_a_note_and_fails_only_when_nothing_fits()
     _, report = insert("timm:mobilevit_xxs", "se", stages=[3], input_size=SMALL)
     assert [i.block for i in report.insertions] == ["stages.2.0"]
     assert any("skipped 1 block (stages.2.1)" in n for n in report.notes)
-    with pytest.raises(AttnSurgeonError, match=r"position 'identity' is not available in blocks stages\.2\.0, stages\.2\.1"):
+    with pytest.raises(
+        AttnSurgeonError, match=r"position 'identity' is not available in blocks stages\.2\.0, stages\.2\.1"
+    ):
         insert("timm:mobilevit_xxs", "se", "identity", stages=[3], input_size=SMALL)
 
 
@@ -96,8 +111,11 @@ def test_a_block_the_attention_cannot_be_built_for_is_skipped_unless_named():
     _, report = insert("resnet18", "eca", kernel_size=127, input_size=SMALL)
     assert {i.stage for i in report.insertions} == {2, 3, 4}
     skipped = [n for n in report.notes if "skipped" in n]
-    assert skipped == [f"eca skipped block layer1.{k} (64 channels at 'standard'): eca: kernel size 127 is larger than "
-                       "the 64 channels here" for k in (0, 1)]
+    assert skipped == [
+        f"eca skipped block layer1.{k} (64 channels at 'standard'): eca: kernel size 127 is larger than "
+        "the 64 channels here"
+        for k in (0, 1)
+    ]
     with pytest.raises(AttnSurgeonError, match=r"block layer1\.0 \(64 channels at 'standard'\): eca: kernel size 127"):
         insert("resnet18", "eca", kernel_size=127, blocks=["layer1.0", "layer4.*"], input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match=r"block layer1\.0 \(64 channels at 'standard'\): eca: kernel size 1001"):
@@ -122,7 +140,9 @@ class _CsatLike(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 4, stride=4)
-        self.stages = nn.Sequential(nn.Sequential(CsatBlock(16), CsatTransformerBlock(16, 16, num_heads=2, attn_head_dim=8)))
+        self.stages = nn.Sequential(
+            nn.Sequential(CsatBlock(16), CsatTransformerBlock(16, 16, num_heads=2, attn_head_dim=8))
+        )
 
     def forward(self, x):
         return self.stages(self.stem(x)).mean((2, 3))

@@ -70,14 +70,18 @@ def test_the_blocks_without_an_identity_init_are_the_pinned_ones():
     assert refused == NO_IDENTITY
 
 
-@pytest.fixture(scope="module", params=[m if m == "resnet18" else pytest.param(m, marks=pytest.mark.slow) for m in MODELS])
+@pytest.fixture(
+    scope="module", params=[m if m == "resnet18" else pytest.param(m, marks=pytest.mark.slow) for m in MODELS]
+)
 def traced(request):
     import torchvision
 
     torch.manual_seed(0)
     kwargs = {"image_size": MODELS["vit_b_16"][-1]} if request.param == "vit_b_16" else {}
     model = torchvision.models.get_model(request.param, weights=None, **kwargs).eval()
-    if request.param == "vit_b_16":  # torchvision zero-inits its head: every output would be the bias, whatever the blocks do
+    if (
+        request.param == "vit_b_16"
+    ):  # torchvision zero-inits its head: every output would be the bias, whatever the blocks do
         torch.nn.init.normal_(model.heads.head.weight, std=0.02)
     size = MODELS[request.param]
     _, anatomy = inspect_model(model, input_size=size)
@@ -105,7 +109,7 @@ def _plans(anatomy):
         for k, (name, info) in enumerate(REGISTRY.items()):
             if position not in allowed_positions(info):
                 continue
-            for block, site in sites[k % len(sites):] + sites[: k % len(sites)]:
+            for block, site in sites[k % len(sites) :] + sites[: k % len(sites)]:
                 try:
                     build_block(name, site.channels, size=site.size, conv=site.conv)
                 except AttnSurgeonError as exc:
@@ -235,7 +239,9 @@ def test_the_registry_reaches_the_cli_the_docs_and_the_zoo_recipe(cli):
         assert code == 0 and not missing, (command, missing)
     root = Path(__file__).resolve().parent.parent
     readme = (root / "docs" / "blocks.md").read_text()  # the zoo table
-    assert [n for n in REGISTRY if f"| `{n}` |" not in readme and f"`{n}` /" not in readme and f"/ `{n}` |" not in readme] == []
+    assert [
+        n for n in REGISTRY if f"| `{n}` |" not in readme and f"`{n}` /" not in readme and f"/ `{n}` |" not in readme
+    ] == []
     zoo = read_recipe(str(root / "recipes" / "zoo-resnet50.yaml"))
     assert sorted(c.insertions[0].attn for c in zoo.configurations) == sorted(REGISTRY)
     assert all(c.insertions[0].position == REGISTRY[c.insertions[0].attn].position for c in zoo.configurations)

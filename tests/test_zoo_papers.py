@@ -103,9 +103,12 @@ def test_scse_is_the_authors_channel_spatial_se(fusion):
     ours = randomise(build_block("scse", 64, size=(8, 8), fusion=fusion))
     ref = AimedChannelSpatialSE(64).eval()
     with torch.no_grad():
-        ref.fc1.weight.copy_(ours.fc1.weight.flatten(1)); ref.fc1.bias.copy_(ours.fc1.bias)
-        ref.fc2.weight.copy_(ours.fc2.weight.flatten(1)); ref.fc2.bias.copy_(ours.fc2.bias)
-        ref.conv.weight.copy_(ours.spatial.weight); ref.conv.bias.copy_(ours.spatial.bias)
+        ref.fc1.weight.copy_(ours.fc1.weight.flatten(1))
+        ref.fc1.bias.copy_(ours.fc1.bias)
+        ref.fc2.weight.copy_(ours.fc2.weight.flatten(1))
+        ref.fc2.bias.copy_(ours.fc2.bias)
+        ref.conv.weight.copy_(ours.spatial.weight)
+        ref.conv.bias.copy_(ours.spatial.bias)
     x = torch.randn(2, 64, 8, 8)
     torch.testing.assert_close(ours(x), ref(x, fusion))
     rd = 32
@@ -120,10 +123,17 @@ class JongchanBAM(nn.Module):
         r = c // reduction_ratio
         self.gate_c = nn.Sequential(nn.Linear(c, r), nn.BatchNorm1d(r), nn.ReLU(), nn.Linear(r, c))
         self.gate_s = nn.Sequential(
-            nn.Conv2d(c, r, 1), nn.BatchNorm2d(r), nn.ReLU(),
-            nn.Conv2d(r, r, 3, padding=dilation_val, dilation=dilation_val), nn.BatchNorm2d(r), nn.ReLU(),
-            nn.Conv2d(r, r, 3, padding=dilation_val, dilation=dilation_val), nn.BatchNorm2d(r), nn.ReLU(),
-            nn.Conv2d(r, 1, 1))
+            nn.Conv2d(c, r, 1),
+            nn.BatchNorm2d(r),
+            nn.ReLU(),
+            nn.Conv2d(r, r, 3, padding=dilation_val, dilation=dilation_val),
+            nn.BatchNorm2d(r),
+            nn.ReLU(),
+            nn.Conv2d(r, r, 3, padding=dilation_val, dilation=dilation_val),
+            nn.BatchNorm2d(r),
+            nn.ReLU(),
+            nn.Conv2d(r, 1, 1),
+        )
 
     def forward(self, in_tensor):
         avg_pool = F.avg_pool2d(in_tensor, in_tensor.size(2), stride=in_tensor.size(2))
@@ -145,7 +155,9 @@ def test_bam_is_the_reference_bam():
     x = torch.randn(2, 64, 10, 10)
     torch.testing.assert_close(ours(x), ref(x))
     c, rd = 64, 4
-    assert n_params(ours) == (2 * c * rd + rd + c + 2 * rd) + (c * rd + rd + 2 * rd + 2 * (9 * rd * rd + rd + 2 * rd) + rd + 1)
+    assert n_params(ours) == (2 * c * rd + rd + c + 2 * rd) + (
+        c * rd + rd + 2 * rd + 2 * (9 * rd * rd + rd + 2 * rd) + rd + 1
+    )
 
 
 def reference_simam(x, e_lambda=1e-4):  # ZjjConan/SimAM simam_module.forward

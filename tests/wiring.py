@@ -44,6 +44,7 @@ def assert_each_is_read(model: torch.nn.Module, modules, run, seed: int = 0):
             leaf = torch.zeros_like(output, requires_grad=True)
             leaves[name] = leaf
             return output + leaf
+
         return hook
 
     frozen = [p for p in model.parameters() if p.requires_grad]

@@ -100,8 +100,10 @@ def check_kernel_fits(block: str, kernel: int, extents: tuple[int, ...], what: s
     known = [s for s in extents if s]
     if kernel > default and known and all(kernel > 2 * s - 1 for s in known):
         size = "×".join(map(str, extents))
-        raise AttnSurgeonError(f"{block}: kernel_size {kernel} is larger than a {size} {what} can use "
-                               f"(at most {2 * max(known) - 1} there); choose a smaller kernel_size")
+        raise AttnSurgeonError(
+            f"{block}: kernel_size {kernel} is larger than a {size} {what} can use "
+            f"(at most {2 * max(known) - 1} there); choose a smaller kernel_size"
+        )
 
 
 class Scaled(nn.Module):
@@ -148,5 +150,7 @@ def inner(module: nn.Module) -> nn.Module:
 
 def require_2d(block: str, fmap, why: str = "it pools rows and columns separately") -> None:
     if fmap.dims != 2:
-        raise AttnSurgeonError(f"{block} needs a 2-D (H, W) feature map ({why}); this site is {fmap.dims}-D "
-                               f"({'tokens or a 1-D signal' if fmap.dims == 1 else 'a video or volume'})")
+        raise AttnSurgeonError(
+            f"{block} needs a 2-D (H, W) feature map ({why}); this site is {fmap.dims}-D "
+            f"({'tokens or a 1-D signal' if fmap.dims == 1 else 'a video or volume'})"
+        )

@@ -9,8 +9,9 @@ from ..core.errors import AttnSurgeonError
 def square(block: str, conv, what: str) -> int:
     values = set(getattr(conv, what))
     if len(values) != 1:
-        raise AttnSurgeonError(f"{block}: the {conv.describe()} has a non-square {what} {getattr(conv, what)}; "
-                               f"{block} builds square ones")
+        raise AttnSurgeonError(
+            f"{block}: the {conv.describe()} has a non-square {what} {getattr(conv, what)}; {block} builds square ones"
+        )
     return values.pop()
 
 
@@ -19,12 +20,18 @@ def check_conv(block: str, conv) -> None:
     if conv is None:
         raise AttnSurgeonError(f"{block} replaces a convolution and is built only at position 'conv'")
     if conv.dims != 2:
-        raise AttnSurgeonError(f"{block}: timm's module is 2-D and the {conv.describe()} is {conv.dims}-D; "
-                               "it cannot take its place")
+        raise AttnSurgeonError(
+            f"{block}: timm's module is 2-D and the {conv.describe()} is {conv.dims}-D; it cannot take its place"
+        )
     if conv.padding == "dynamic" or conv.padding_mode != "zeros":
-        what = "TF-style 'same' padding computed per input" if conv.padding == "dynamic" else f"{conv.padding_mode} padding"
-        raise AttnSurgeonError(f"{block}: the {conv.describe()} uses {what}; {block} pads with zeros and would change "
-                               "the block's outputs")
+        what = (
+            "TF-style 'same' padding computed per input"
+            if conv.padding == "dynamic"
+            else f"{conv.padding_mode} padding"
+        )
+        raise AttnSurgeonError(
+            f"{block}: the {conv.describe()} uses {what}; {block} pads with zeros and would change the block's outputs"
+        )
 
 
 def refuse_identity(block: str, layout: str) -> None:
@@ -32,4 +39,5 @@ def refuse_identity(block: str, layout: str) -> None:
     raise AttnSurgeonError(
         f"{block}: --init identity is impossible: {layout}, so its output is never negative, while the convolution "
         "it replaces gives negative values (conv(-x) = -conv(x)); no choice of its weights reproduces the conv. "
-        "Use --init default (the new paths are trained from timm's initialisation)")
+        "Use --init default (the new paths are trained from timm's initialisation)"
+    )

@@ -35,11 +35,22 @@ class BAM(nn.Module):
     def __init__(self, channels: int, rd_channels: int, dilation: int = 4):
         super().__init__()
         self.channel = nn.Sequential(
-            nn.Linear(channels, rd_channels), nn.BatchNorm1d(rd_channels), nn.ReLU(inplace=True), nn.Linear(rd_channels, channels))
-        layers: list[nn.Module] = [nn.Conv2d(channels, rd_channels, 1), nn.BatchNorm2d(rd_channels), nn.ReLU(inplace=True)]
+            nn.Linear(channels, rd_channels),
+            nn.BatchNorm1d(rd_channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(rd_channels, channels),
+        )
+        layers: list[nn.Module] = [
+            nn.Conv2d(channels, rd_channels, 1),
+            nn.BatchNorm2d(rd_channels),
+            nn.ReLU(inplace=True),
+        ]
         for _ in range(2):
-            layers += [nn.Conv2d(rd_channels, rd_channels, 3, padding=dilation, dilation=dilation),
-                       nn.BatchNorm2d(rd_channels), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(rd_channels, rd_channels, 3, padding=dilation, dilation=dilation),
+                nn.BatchNorm2d(rd_channels),
+                nn.ReLU(inplace=True),
+            ]
         layers.append(nn.Conv2d(rd_channels, 1, 1))
         self.spatial = nn.Sequential(*layers)
         self.gate = OnePlusSigmoid()

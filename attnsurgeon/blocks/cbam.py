@@ -75,7 +75,8 @@ def init_identity(module: CbamModule) -> None:
 
 def describe(module: CbamModule) -> dict:
     ch = module.channel
-    return {"hidden": ch.fc1.out_channels, "bias": ch.fc1.bias is not None,
-            "kernel_size": module.spatial.conv.conv.kernel_size[0]}
-
-
+    return {
+        "hidden": ch.fc1.out_channels,
+        "bias": ch.fc1.bias is not None,
+        "kernel_size": module.spatial.conv.conv.kernel_size[0],
+    }

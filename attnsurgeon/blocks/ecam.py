@@ -29,7 +29,9 @@ def build(fmap, *, kernel_size: int | None) -> torch.nn.Module:
     else:  # timm's adaptive rule overrides kernel_size when channels are given: set the conv afterwards
         module = EcaModule(fmap.channels, use_mlp=True)
         rd = module.conv2.in_channels
-        module.conv2 = torch.nn.Conv1d(rd, 1, kernel_size=int(kernel_size), padding=(int(kernel_size) - 1) // 2, bias=True)
+        module.conv2 = torch.nn.Conv1d(
+            rd, 1, kernel_size=int(kernel_size), padding=(int(kernel_size) - 1) // 2, bias=True
+        )
     return flattened_if_not_2d(module, fmap.dims)
 
 

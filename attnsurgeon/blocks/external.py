@@ -36,12 +36,56 @@ from typing import Any
 
 from ..core.errors import AttnSurgeonError, closest, one_line
 
-CHANNEL_NAMES = ("channels", "channel", "in_channels", "num_channels", "c1", "dim", "inp", "planes", "in_planes",
-                 "inplanes", "chs", "in_chs", "in_dim", "in_ch", "in_channel", "channel_in", "n_channels",
-                 "input_channels", "gate_channels", "num_feat", "n_feat", "c", "ch", "C")
+CHANNEL_NAMES = (
+    "channels",
+    "channel",
+    "in_channels",
+    "num_channels",
+    "c1",
+    "dim",
+    "inp",
+    "planes",
+    "in_planes",
+    "inplanes",
+    "chs",
+    "in_chs",
+    "in_dim",
+    "in_ch",
+    "in_channel",
+    "channel_in",
+    "n_channels",
+    "input_channels",
+    "gate_channels",
+    "num_feat",
+    "n_feat",
+    "c",
+    "ch",
+    "C",
+)
 IDENTITY_METHODS = ("init_identity", "zero_init_last")  # a block's own way to start as an identity, tried in order
-TIMM_NAMES = ("se", "ese", "eca", "ecam", "ceca", "ge", "gc", "gca", "cbam", "lcbam", "coord", "scoord", "ela", "strip",
-              "nl", "bat", "sk", "splat", "lambda", "bottleneck", "halo")  # what `timm:NAME` may name (timm's get_attn)
+TIMM_NAMES = (
+    "se",
+    "ese",
+    "eca",
+    "ecam",
+    "ceca",
+    "ge",
+    "gc",
+    "gca",
+    "cbam",
+    "lcbam",
+    "coord",
+    "scoord",
+    "ela",
+    "strip",
+    "nl",
+    "bat",
+    "sk",
+    "splat",
+    "lambda",
+    "bottleneck",
+    "halo",
+)  # what `timm:NAME` may name (timm's get_attn)
 FORM_HELP = {  # the forms of a reference, each with an example: `list attn` and the docs show them
     "path/to/file.py:Class": "your own class in a Python file (imported, that is run): --attn my_gates.py:Gate",
     "package.module:Class": "a class of an installed library: --attn ultralytics.nn.modules.conv:CBAM",
@@ -87,7 +131,9 @@ def resolve_block(ref: Any) -> Any:
         target, name = _import_target(ref)
     else:
         if not callable(ref):
-            raise AttnSurgeonError(f"attn: expected a block name, a reference ({', '.join(FORMS)}) or a class, got {ref!r}")
+            raise AttnSurgeonError(
+                f"attn: expected a block name, a reference ({', '.join(FORMS)}) or a class, got {ref!r}"
+            )
         target, name = ref, key
     info = _info(name, target)
     _RESOLVED[key] = _RESOLVED[name] = info
@@ -130,14 +176,19 @@ def _import_target(ref: str) -> tuple[Any, str]:
         module = _import_file(canonical.rpartition(":")[0], where)
     else:
         if where.startswith("python") and "@" in name:
-            raise AttnSurgeonError(f"'{ref}' was a class given in Python to another process (defined in a script or a "
-                                   "function): it cannot be imported again; put it in a file and name it "
-                                   "path/to/file.py:Class")
+            raise AttnSurgeonError(
+                f"'{ref}' was a class given in Python to another process (defined in a script or a "
+                "function): it cannot be imported again; put it in a file and name it "
+                "path/to/file.py:Class"
+            )
         try:
             module = importlib.import_module(where)
         except ImportError as exc:
-            hint = " (a class defined in a script: put it in a file and name it path/to/file.py:Class)" \
-                if where == "__main__" else ""
+            hint = (
+                " (a class defined in a script: put it in a file and name it path/to/file.py:Class)"
+                if where == "__main__"
+                else ""
+            )
             raise AttnSurgeonError(f"'{ref}': cannot import module '{where}' ({one_line(exc)}){hint}") from None
         except Exception as exc:  # the module's own code failed
             raise AttnSurgeonError(f"'{ref}': importing module '{where}' failed: {one_line(exc)}") from None
@@ -147,7 +198,11 @@ def _import_target(ref: str) -> tuple[Any, str]:
         if not hasattr(target, part):
             known = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
             near = closest(part, known)
-            hint = f"; did you mean {', '.join(near)}?" if near else (f"; it has {', '.join(sorted(known)[:8])}" if known else "")
+            hint = (
+                f"; did you mean {', '.join(near)}?"
+                if near
+                else (f"; it has {', '.join(sorted(known)[:8])}" if known else "")
+            )
             raise AttnSurgeonError(f"'{ref}': {where} has no '{name}'{hint}")
         target = getattr(target, part)
     if not callable(target):
@@ -167,7 +222,9 @@ def _import_file(path: str, given: str) -> Any:
     """Import (run) a Python file the user named, under a name of its own; again only when it changed."""
     if not os.path.isfile(path):
         raise AttnSurgeonError(f"block file '{given}' does not exist (looked for {path})")
-    name = f"attnsurgeon_user.{os.path.splitext(os.path.basename(path))[0]}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+    name = (
+        f"attnsurgeon_user.{os.path.splitext(os.path.basename(path))[0]}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+    )
     if name in sys.modules and getattr(sys.modules[name], "__stamp__", None) == _stamp(path):
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -192,9 +249,11 @@ def _timm_target(name: str) -> Any:
     except Exception:
         target = None
     if target is None:
-        raise AttnSurgeonError(f"timm:{name}: timm's attention factory (timm.layers.get_attn) has no '{name}' "
-                               f"(it has {', '.join(TIMM_NAMES)})." + (f" Did you mean: {', '.join(closest(name, TIMM_NAMES))}?"
-                                                                       if closest(name, TIMM_NAMES) else ""))
+        raise AttnSurgeonError(
+            f"timm:{name}: timm's attention factory (timm.layers.get_attn) has no '{name}' "
+            f"(it has {', '.join(TIMM_NAMES)})."
+            + (f" Did you mean: {', '.join(closest(name, TIMM_NAMES))}?" if closest(name, TIMM_NAMES) else "")
+        )
     return target
 
 
@@ -216,12 +275,26 @@ def _info(name: str, target: Any) -> Any:
     options = {p.name: (None if p.default is p.empty else p.default) for p in named if p is not channel}
     required = tuple(p.name for p in named if p is not channel and p.default is p.empty)
     label = _label(target)
-    impl = External(name, label, target, channel.name if channel else None,
-                    channel is not None and channel.kind == channel.POSITIONAL_ONLY, required,
-                    any(p.kind == p.VAR_KEYWORD for p in params) or signature is None)
+    impl = External(
+        name,
+        label,
+        target,
+        channel.name if channel else None,
+        channel is not None and channel.kind == channel.POSITIONAL_ONLY,
+        required,
+        any(p.kind == p.VAR_KEYWORD for p in params) or signature is None,
+    )
     doc = (inspect.getdoc(target) or "").strip().splitlines()
-    return BlockInfo(name, "", doc[0] if doc else f"{label}: a block given by reference", name, options,
-                     leaf=_snake(label), label=label, external=impl)
+    return BlockInfo(
+        name,
+        "",
+        doc[0] if doc else f"{label}: a block given by reference",
+        name,
+        options,
+        leaf=_snake(label),
+        label=label,
+        external=impl,
+    )
 
 
 def _label(target: Any) -> str:
@@ -247,8 +320,16 @@ class External:
 
     GATES: dict = {}  # explain finds the sigmoid-like submodules by hooks
 
-    def __init__(self, name: str, label: str, target: Any, channel: str | None, positional: bool,
-                 required: tuple[str, ...], any_keyword: bool):
+    def __init__(
+        self,
+        name: str,
+        label: str,
+        target: Any,
+        channel: str | None,
+        positional: bool,
+        required: tuple[str, ...],
+        any_keyword: bool,
+    ):
         self.name, self.label, self.target = name, label, target
         self.channel, self.positional, self.required, self.any_keyword = channel, positional, required, any_keyword
         module = sys.modules.get(getattr(target, "__module__", "") or "")
@@ -273,16 +354,23 @@ class External:
             params = list(inspect.signature(self.target).parameters.values())
         except (TypeError, ValueError):
             return "unknown parameters"
-        names = [f"{p.name} (the site's channels)" if p.name == self.channel else
-                 p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params
-                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        names = [
+            f"{p.name} (the site's channels)"
+            if p.name == self.channel
+            else p.name
+            if p.default is p.empty
+            else f"{p.name}={p.default!r}"
+            for p in params
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
         return ", ".join(names) or "no parameters"
 
     def check_options(self, options: dict[str, Any], known: dict[str, Any]) -> None:
         bad = [k for k in options if k not in known or k == self.channel]
         if bad and not self.any_keyword:
-            raise AttnSurgeonError(f"{self.label} takes no option {', '.join(map(repr, bad))} "
-                                   f"(its constructor takes: {self.takes()})")
+            raise AttnSurgeonError(
+                f"{self.label} takes no option {', '.join(map(repr, bad))} (its constructor takes: {self.takes()})"
+            )
 
     def build(self, fmap: Any, **options: Any) -> Any:
         from torch import nn
@@ -290,19 +378,23 @@ class External:
         given = {k: v for k, v in options.items() if v is not None}
         missing = [n for n in self.required if n not in given]
         if missing:
-            raise AttnSurgeonError(f"{self.label} needs {', '.join(missing)} (no default): give --option "
-                                   f"{missing[0]}=VALUE (options: in a recipe)")
+            raise AttnSurgeonError(
+                f"{self.label} needs {', '.join(missing)} (no default): give --option "
+                f"{missing[0]}=VALUE (options: in a recipe)"
+            )
         args = (fmap.channels,) if self.channel and self.positional else ()
         if self.channel and not self.positional:
             given[self.channel] = fmap.channels
         try:
             module = self.target(*args, **given)
         except TypeError as exc:
-            raise AttnSurgeonError(f"{self.label} rejects the options {given}: {one_line(exc)} "
-                                   f"(its constructor takes: {self.takes()})") from None
+            raise AttnSurgeonError(
+                f"{self.label} rejects the options {given}: {one_line(exc)} (its constructor takes: {self.takes()})"
+            ) from None
         except Exception as exc:
-            raise AttnSurgeonError(f"{self.label} cannot be built for {fmap.channels} channels with {given}: "
-                                   f"{one_line(exc)}") from None
+            raise AttnSurgeonError(
+                f"{self.label} cannot be built for {fmap.channels} channels with {given}: {one_line(exc)}"
+            ) from None
         if not isinstance(module, nn.Module):
             raise AttnSurgeonError(f"{self.label} gave a {type(module).__name__}, not a torch.nn.Module")
         self.classes.add(type(module))
@@ -336,13 +428,17 @@ class External:
         finally:
             module.train(training)
         if isinstance(out, (tuple, list)):
-            return (f"{self.label} returns a {type(out).__name__} of {len(out)} for a {shape} map; a block must return "
-                    "one tensor shaped like its input")
+            return (
+                f"{self.label} returns a {type(out).__name__} of {len(out)} for a {shape} map; a block must return "
+                "one tensor shaped like its input"
+            )
         if not isinstance(out, torch.Tensor):
             return f"{self.label} returns a {type(out).__name__} for a {shape} map; a block must return one tensor"
         if tuple(out.shape) != tuple(x.shape):
-            return (f"{self.label} changes the shape: {tuple(x.shape)} in, {tuple(out.shape)} out; a block must return "
-                    "a tensor shaped like its input")
+            return (
+                f"{self.label} changes the shape: {tuple(x.shape)} in, {tuple(out.shape)} out; a block must return "
+                "a tensor shaped like its input"
+            )
         return None
 
     def init_identity(self, module: Any) -> Any:

@@ -40,20 +40,30 @@ from ._common import ScaledSigmoid, flattened_if_not_2d, inner, reduced_channels
 class GatherExciteModule(GatherExcite):
     """timm's ``GatherExcite`` (timm's defaults: ReLU, BN, sigmoid gate) with a constructor that runs."""
 
-    def __init__(self, channels: int, feat_size: tuple[int, ...] | None = None, extra_params: bool = False,
-                 extent: int = 0, rd_channels: int = 1):
+    def __init__(
+        self,
+        channels: int,
+        feat_size: tuple[int, ...] | None = None,
+        extra_params: bool = False,
+        extent: int = 0,
+        rd_channels: int = 1,
+    ):
         nn.Module.__init__(self)
         self.add_maxpool = False
         self.extent = extent
         if extra_params:
             self.gather = nn.Sequential()
             if extent == 0:
-                self.gather.add_module("conv1", create_conv2d(channels, channels, kernel_size=feat_size, stride=1, depthwise=True))
+                self.gather.add_module(
+                    "conv1", create_conv2d(channels, channels, kernel_size=feat_size, stride=1, depthwise=True)
+                )
                 self.gather.add_module("norm1", nn.BatchNorm2d(channels))
             else:
                 num_conv = int(math.log2(extent))
                 for i in range(num_conv):
-                    self.gather.add_module(f"conv{i + 1}", create_conv2d(channels, channels, kernel_size=3, stride=2, depthwise=True))
+                    self.gather.add_module(
+                        f"conv{i + 1}", create_conv2d(channels, channels, kernel_size=3, stride=2, depthwise=True)
+                    )
                     self.gather.add_module(f"norm{i + 1}", nn.BatchNorm2d(channels))
                     if i != num_conv - 1:
                         self.gather.add_module(f"act{i + 1}", nn.ReLU(inplace=True))
@@ -75,14 +85,20 @@ def build(fmap, *, extent: int, extra_params: bool, reduction: float) -> torch.n
     require_2d("ge", fmap, "its windowed or learned gather works on H, W")
     known = [s for s in fmap.size if s]
     if extent and known and min(known) < extent:
-        raise AttnSurgeonError(f"ge: extent {extent} is larger than the {'×'.join(map(str, fmap.size))} feature map here; "
-                               "choose a smaller extent or 0 (global)")
+        raise AttnSurgeonError(
+            f"ge: extent {extent} is larger than the {'×'.join(map(str, fmap.size))} feature map here; "
+            "choose a smaller extent or 0 (global)"
+        )
     feat_size = None
     if extra_params and extent == 0:
         if not all(fmap.size):
-            raise AttnSurgeonError("ge: extra_params with the global extent needs the feature map's size, which is unknown here")
+            raise AttnSurgeonError(
+                "ge: extra_params with the global extent needs the feature map's size, which is unknown here"
+            )
         feat_size = tuple(fmap.size)
-    return GatherExciteModule(fmap.channels, feat_size=feat_size, extra_params=bool(extra_params), extent=int(extent), rd_channels=rd)
+    return GatherExciteModule(
+        fmap.channels, feat_size=feat_size, extra_params=bool(extra_params), extent=int(extent), rd_channels=rd
+    )
 
 
 @torch.no_grad()

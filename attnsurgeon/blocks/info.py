@@ -29,11 +29,26 @@ class BlockInfo:
         assert not unknown, f"{self.name}: options {unknown} are not declared in blocks/options.py"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "summary": self.summary, "kind": self.kind, "position": self.position,
-                "positions": list(self.positions), "paper": self.paper,
-                "options": [{"name": k, "default": v, "flag": OPTIONS[k].flag, "kind": OPTIONS[k].kind,
-                             "per_stage": OPTIONS[k].per_stage, **({"choices": list(OPTIONS[k].choices)} if OPTIONS[k].choices else {}),
-                             "help": OPTIONS[k].help} for k, v in self.options.items()]}
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "kind": self.kind,
+            "position": self.position,
+            "positions": list(self.positions),
+            "paper": self.paper,
+            "options": [
+                {
+                    "name": k,
+                    "default": v,
+                    "flag": OPTIONS[k].flag,
+                    "kind": OPTIONS[k].kind,
+                    "per_stage": OPTIONS[k].per_stage,
+                    **({"choices": list(OPTIONS[k].choices)} if OPTIONS[k].choices else {}),
+                    "help": OPTIONS[k].help,
+                }
+                for k, v in self.options.items()
+            ],
+        }
 
     def impl(self):
         return self.external or importlib.import_module(self.module)

@@ -30,7 +30,10 @@ class LightChannelGate(LightChannelAttn):
 
 
 CLASSES = (LightCbamModule,)
-GATES = {"channel": ("channel.gate", "channel"), "spatial": ("spatial.gate", "spatial")}  # read by explain: name -> (submodule, channel|spatial)
+GATES = {
+    "channel": ("channel.gate", "channel"),
+    "spatial": ("spatial.gate", "spatial"),
+}  # read by explain: name -> (submodule, channel|spatial)
 
 
 def build(fmap, *, reduction: float, bias: bool, kernel_size: int, rd_divisor: int) -> LightCbamModule:

@@ -75,22 +75,52 @@ class BlockOption:
 OPTIONS: dict[str, BlockOption] = {
     o.name: o
     for o in (
-        BlockOption("reduction", "positive", "Reduction ratio r of the block's bottleneck (hidden = C/r); one value or one "
-                    "per selected stage.", short="-r", per_stage=True),
+        BlockOption(
+            "reduction",
+            "positive",
+            "Reduction ratio r of the block's bottleneck (hidden = C/r); one value or one per selected stage.",
+            short="-r",
+            per_stage=True,
+        ),
         BlockOption("bias", "bool", "Biases in the block's MLP/FC layers.", negatable=True),
-        BlockOption("kernel_size", "odd", "Kernel of the block's conv (ECA's 1-D channel conv, CBAM's spatial conv, ...); "
-                    "one value or one per selected stage, e.g. 3,5,5,7.", short="-k", per_stage=True),
+        BlockOption(
+            "kernel_size",
+            "odd",
+            "Kernel of the block's conv (ECA's 1-D channel conv, CBAM's spatial conv, ...); "
+            "one value or one per selected stage, e.g. 3,5,5,7.",
+            short="-k",
+            per_stage=True,
+        ),
         BlockOption("rd_divisor", "count", "Round the hidden width to a multiple of this."),
-        BlockOption("extent", "extent", "Gather-Excite's gather extent: 0 gathers over the whole map, e (a power of two) over "
-                    "e×e windows with stride e, then the gate is upsampled back."),
-        BlockOption("extra_params", "bool", "Gather-Excite: gather with learned depthwise convs (GE-θ) instead of average "
-                    "pooling (GE-θ⁻).", negatable=True),
-        BlockOption("split_input", "bool", "Selective Kernel: each path sees an equal share of the input channels.", negatable=True),
+        BlockOption(
+            "extent",
+            "extent",
+            "Gather-Excite's gather extent: 0 gathers over the whole map, e (a power of two) over "
+            "e×e windows with stride e, then the gate is upsampled back.",
+        ),
+        BlockOption(
+            "extra_params",
+            "bool",
+            "Gather-Excite: gather with learned depthwise convs (GE-θ) instead of average pooling (GE-θ⁻).",
+            negatable=True,
+        ),
+        BlockOption(
+            "split_input",
+            "bool",
+            "Selective Kernel: each path sees an equal share of the input channels.",
+            negatable=True,
+        ),
         BlockOption("radix", "count", "Split attention: the number of splits (radix) the conv computes."),
-        BlockOption("fusion", "choice", "How scSE fuses its channel and spatial recalibrations.", choices=("max", "sum")),
+        BlockOption(
+            "fusion", "choice", "How scSE fuses its channel and spatial recalibrations.", choices=("max", "sum")
+        ),
         BlockOption("e_lambda", "positive", "SimAM's regulariser λ of the energy function.", cli="lambda"),
-        BlockOption("keep_depth", "bool", "On 3-D (video) maps: pool over H,W only and gate every (channel, frame) pair "
-                    "instead of pooling over T,H,W."),
+        BlockOption(
+            "keep_depth",
+            "bool",
+            "On 3-D (video) maps: pool over H,W only and gate every (channel, frame) pair "
+            "instead of pooling over T,H,W.",
+        ),
     )
 }
 

@@ -45,7 +45,10 @@ class SCSEModule(nn.Module):
 
 
 CLASSES = (SCSEModule,)
-GATES = {"channel": ("channel_gate", "channel"), "spatial": ("spatial_gate", "spatial")}  # read by explain: name -> (submodule, channel|spatial)
+GATES = {
+    "channel": ("channel_gate", "channel"),
+    "spatial": ("spatial_gate", "spatial"),
+}  # read by explain: name -> (submodule, channel|spatial)
 
 
 def build(fmap, *, reduction: float, fusion: str) -> SCSEModule:

@@ -35,14 +35,26 @@ def build(fmap, *, reduction: float, rd_divisor: int, split_input: bool) -> Sele
     paths = 2
     path_in = conv.in_channels // paths if split_input else conv.in_channels
     if split_input and conv.in_channels % paths:
-        raise AttnSurgeonError(f"sk: split_input gives each of its {paths} paths an equal share of the "
-                               f"{conv.in_channels} input channels of the {conv.describe()}; set split_input false")
+        raise AttnSurgeonError(
+            f"sk: split_input gives each of its {paths} paths an equal share of the "
+            f"{conv.in_channels} input channels of the {conv.describe()}; set split_input false"
+        )
     if path_in % conv.groups or conv.out_channels % conv.groups:
         hint = "; set split_input false" if split_input and conv.in_channels % conv.groups == 0 else ""
-        raise AttnSurgeonError(f"sk: the {conv.describe()} has {conv.groups} groups, which do not divide the "
-                               f"{path_in} input channels of each path{hint}")
-    return SelectiveKernel(conv.in_channels, conv.out_channels, stride=stride, dilation=dilation, groups=conv.groups,
-                           rd_ratio=1.0 / reduction, rd_divisor=int(rd_divisor), split_input=bool(split_input))
+        raise AttnSurgeonError(
+            f"sk: the {conv.describe()} has {conv.groups} groups, which do not divide the "
+            f"{path_in} input channels of each path{hint}"
+        )
+    return SelectiveKernel(
+        conv.in_channels,
+        conv.out_channels,
+        stride=stride,
+        dilation=dilation,
+        groups=conv.groups,
+        rd_ratio=1.0 / reduction,
+        rd_divisor=int(rd_divisor),
+        split_input=bool(split_input),
+    )
 
 
 def init_identity(module: SelectiveKernel) -> None:

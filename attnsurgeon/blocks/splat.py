@@ -30,14 +30,30 @@ def build(fmap, *, radix: int, reduction: float, rd_divisor: int) -> SplitAttn:
     check_conv("splat", conv)
     radix, g = int(radix), conv.groups
     attn = make_divisible(conv.in_channels * radix / reduction, min_value=32, divisor=int(rd_divisor))
-    for what, n, by in (("input channels", conv.in_channels, g * radix), ("output channels", conv.out_channels, g),
-                        ("attention channels", attn, g)):
+    for what, n, by in (
+        ("input channels", conv.in_channels, g * radix),
+        ("output channels", conv.out_channels, g),
+        ("attention channels", attn, g),
+    ):
         if n % by:
-            raise AttnSurgeonError(f"splat: the {conv.describe()} cannot be split: its {n} {what} are not divisible by "
-                                   f"{by} ({g} group{'s' if g > 1 else ''}{f' × radix {radix}' if by != g else ''})")
-    return SplitAttn(conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
-                     padding=conv.padding, dilation=conv.dilation, groups=g, bias=conv.bias, radix=radix,
-                     rd_ratio=1.0 / reduction, rd_divisor=int(rd_divisor), norm_layer=nn.BatchNorm2d)
+            raise AttnSurgeonError(
+                f"splat: the {conv.describe()} cannot be split: its {n} {what} are not divisible by "
+                f"{by} ({g} group{'s' if g > 1 else ''}{f' × radix {radix}' if by != g else ''})"
+            )
+    return SplitAttn(
+        conv.in_channels,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=g,
+        bias=conv.bias,
+        radix=radix,
+        rd_ratio=1.0 / reduction,
+        rd_divisor=int(rd_divisor),
+        norm_layer=nn.BatchNorm2d,
+    )
 
 
 def init_identity(module: SplitAttn) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 # each module registers its command; imported in the order `--help` lists them
 # isort: off
 from . import insert, export, optimize, profile, apply, sweep, inspect, explain, listing  # noqa: F401
+
 # isort: on
 from .app import _state, app
 from .sweep import _optional_ray_address

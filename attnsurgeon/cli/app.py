@@ -100,5 +100,3 @@ def _main(
     """Rewrite a model, inspect it, profile it, export it."""
     if debug:
         _state["debug"] = True
-
-

@@ -25,7 +25,8 @@ from .options import (
     ThreadsOpt,
     _profile_overrides,
 )
-from .render import _escape, _stdout, _Steps, emit_json, print_export, print_profile, print_report, progress
+from .render import _escape, _stdout, _Steps, emit_json, print_export, print_report, progress
+from .render_profile import print_profile
 
 # --------------------------------------------------------------------------- recipes and sweeps
 
@@ -36,11 +37,15 @@ RecipeArg = Annotated[str, typer.Argument(help="A YAML recipe (see recipes/).", 
 @command
 def apply(
     recipe: RecipeArg,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help=f"Write the modified model ({_EXTENSIONS}).",
-                                                  show_default="nothing written")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help=f"Write the modified model ({_EXTENSIONS}).", show_default="nothing written"),
+    ] = None,
     format_: FormatOpt = None,
     force: ForceOpt = False,
-    do_profile: Annotated[bool, typer.Option("--profile", help="Also profile base vs modified with the recipe's settings.")] = False,
+    do_profile: Annotated[
+        bool, typer.Option("--profile", help="Also profile base vs modified with the recipe's settings.")
+    ] = False,
     device: RecipeDeviceOpt = None,
     dtype: RecipeDtypeOpt = None,
     batch_size: RecipeBatchSizesOpt = None,
@@ -60,7 +65,9 @@ def apply(
 
     spec = read_recipe(recipe)
     if spec.is_sweep:
-        raise AttnSurgeonError(f"'{recipe}' is a sweep recipe (several configurations): run `attnsurgeon sweep {recipe} --out DIR`")
+        raise AttnSurgeonError(
+            f"'{recipe}' is a sweep recipe (several configurations): run `attnsurgeon sweep {recipe} --out DIR`"
+        )
     if out is not None:
         from ..saving.export import check_target
 
@@ -73,8 +80,13 @@ def apply(
         with progress("Inserting …"):
             from ..rewriting.apply import apply_plan
 
-            model_out, report = apply_plan(loaded, spec.insertions, input_size=input_size or spec.input_size,
-                                           target=spec.target, memory_efficient=memory_efficient or spec.memory_efficient)
+            model_out, report = apply_plan(
+                loaded,
+                spec.insertions,
+                input_size=input_size or spec.input_size,
+                target=spec.target,
+                memory_efficient=memory_efficient or spec.memory_efficient,
+            )
     except AttnSurgeonError as exc:  # say which file the problem comes from
         raise AttnSurgeonError(f"{recipe}: {exc}") from exc
     written = profiled = None
@@ -84,18 +96,36 @@ def apply(
 
             written = do_export(model_out, out, format=format_, force=force)
     if do_profile:
-        settings = {**(spec.profile or {}), **_profile_overrides(device, dtype, batch_size, mode, threads, min_time, max_time)}
+        settings = {
+            **(spec.profile or {}),
+            **_profile_overrides(device, dtype, batch_size, mode, threads, min_time, max_time),
+        }
         from ..profiling import profile as run_profile
 
         with _Steps() as steps:
-            profiled = run_profile(loaded, plan=spec.insertions, input_size=report.input_size, target=report.target,
-                                   progress=steps, memory_efficient=memory_efficient or spec.memory_efficient, **settings)
+            profiled = run_profile(
+                loaded,
+                plan=spec.insertions,
+                input_size=report.input_size,
+                target=report.target,
+                progress=steps,
+                memory_efficient=memory_efficient or spec.memory_efficient,
+                **settings,
+            )
     if json_out:
-        emit_json({"recipe": spec.name or recipe, **report.to_dict(), "profile": profiled.to_dict() if profiled else None,
-                   "export": written.to_dict() if written else None})
+        emit_json(
+            {
+                "recipe": spec.name or recipe,
+                **report.to_dict(),
+                "profile": profiled.to_dict() if profiled else None,
+                "export": written.to_dict() if written else None,
+            }
+        )
         return
     if spec.name or spec.description:
-        _stdout().print(f"[bold]{_escape(spec.name or recipe)}[/]" + (f" — {_escape(spec.description)}" if spec.description else ""))
+        _stdout().print(
+            f"[bold]{_escape(spec.name or recipe)}[/]" + (f" — {_escape(spec.description)}" if spec.description else "")
+        )
     print_report(report)
     if written:
         print_export(written)

@@ -36,24 +36,51 @@ from .render import _Steps, emit_json, print_explanation
 @insertion_options
 def explain(
     model: ModelArg,
-    image: Annotated[list[Path], typer.Option("--image", "-i", help="An image file, or a folder of images; repeat for several.",
-                                              show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the sheets, summary.png and explain.json (must not exist, "
-                                      "unless --force).", show_default=False)],
-    attn: Annotated[str | None, typer.Option("--attn", "-a", help=f"Attention block to insert: {ATTN_HELP} (none with "
-                                                "--replace). Default: none; the model is explained alone.")] = None,
+    image: Annotated[
+        list[Path],
+        typer.Option(
+            "--image", "-i", help="An image file, or a folder of images; repeat for several.", show_default=False
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for the sheets, summary.png and explain.json (must not exist, unless --force).",
+            show_default=False,
+        ),
+    ],
+    attn: Annotated[
+        str | None,
+        typer.Option(
+            "--attn",
+            "-a",
+            help=f"Attention block to insert: {ATTN_HELP} (none with "
+            "--replace). Default: none; the model is explained alone.",
+        ),
+    ] = None,
     position: PositionOpt = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
-    class_index: Annotated[int | None, typer.Option("--class", help="Class index for Grad-CAM.",
-                                                       show_default="the base model's top class")] = None,
-    layer: Annotated[str | None, typer.Option("--layer", help="Module whose output Grad-CAM reads (layer4, layer3.1).",
-                                                 show_default="the last spatial feature map")] = None,
+    class_index: Annotated[
+        int | None, typer.Option("--class", help="Class index for Grad-CAM.", show_default="the base model's top class")
+    ] = None,
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            "--layer",
+            help="Module whose output Grad-CAM reads (layer4, layer3.1).",
+            show_default="the last spatial feature map",
+        ),
+    ] = None,
     input_size: InputSizeOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
     weights_key: WeightsKeyOpt = None,
     model_arg: ModelArgsOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder (once the new one is complete).")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --out folder (once the new one is complete).")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Grad-CAM of MODEL and of its modified twin side by side, and the values of every attention gate, on images.
@@ -76,13 +103,28 @@ def explain(
     from ..pictures.sheet import write_explanation
 
     with _Steps() as steps:
-        result = do_explain(model, files, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks), init,
-                            class_index=class_index, layer=layer, input_size=input_size, pretrained=pretrained,
-                            weights=weights, weights_key=weights_key, model_args=model_args, replace=replace, progress=steps, **ins.anchors, **options)
+        result = do_explain(
+            model,
+            files,
+            attn,
+            position,
+            parse_ints(ins.stages, "--stages"),
+            parse_globs(ins.blocks),
+            init,
+            class_index=class_index,
+            layer=layer,
+            input_size=input_size,
+            pretrained=pretrained,
+            weights=weights,
+            weights_key=weights_key,
+            model_args=model_args,
+            replace=replace,
+            progress=steps,
+            **ins.anchors,
+            **options,
+        )
         written = write_explanation(result, out, force=force, progress=steps)
     if json_out:
         emit_json({**result.to_dict(), "folder": str(out), "files": [str(w) for w in written]})
         return
     print_explanation(result, written)
-
-

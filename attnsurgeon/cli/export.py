@@ -25,8 +25,14 @@ from .render import emit_json, print_export, progress
 @app.command()
 @command
 def export(
-    saved: Annotated[str, typer.Argument(help="A .safetensors written by `insert --out` (or a model name: the unmodified model).",
-                                         show_default=False, metavar="SAVED")],
+    saved: Annotated[
+        str,
+        typer.Argument(
+            help="A .safetensors written by `insert --out` (or a model name: the unmodified model).",
+            show_default=False,
+            metavar="SAVED",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help=f"Target file: {_EXTENSIONS}.", show_default=False)],
     format_: FormatOpt = None,
     force: ForceOpt = False,
@@ -51,8 +57,16 @@ def export(
     with progress(f"Writing {out} and checking it …"):
         from ..saving.export import export as do_export
 
-        written = do_export(model, out, format=format_, input_size=input_size, batch_size=batch_size,
-                            dynamic_batch=not static_batch, force=force, tolerance=tolerance)
+        written = do_export(
+            model,
+            out,
+            format=format_,
+            input_size=input_size,
+            batch_size=batch_size,
+            dynamic_batch=not static_batch,
+            force=force,
+            tolerance=tolerance,
+        )
     if json_out:
         emit_json(written.to_dict())
     else:

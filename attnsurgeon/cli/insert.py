@@ -56,9 +56,16 @@ def insert(
     weights: WeightsOpt = None,
     weights_key: WeightsKeyOpt = None,
     model_arg: ModelArgsOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help=f"Write the modified model: {_EXTENSIONS} (.safetensors "
-                                                  "holds the recipe: reloadable). It is loaded back and checked.",
-                                                  show_default="nothing written")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help=f"Write the modified model: {_EXTENSIONS} (.safetensors "
+            "holds the recipe: reloadable). It is loaded back and checked.",
+            show_default="nothing written",
+        ),
+    ] = None,
     format_: FormatOpt = None,
     force: ForceOpt = False,
     static_batch: DynamicOpt = False,
@@ -99,16 +106,34 @@ def insert(
     with progress("Tracing and inserting …"):
         from ..rewriting.apply import insert as do_insert
 
-        model_out, report = do_insert(loaded, attn, position, stage_list, block_list, init, input_size=input_size,
-                                      replace=replace, target=target, memory_efficient=memory_efficient, **ins.anchors,
-                                      **options)
+        model_out, report = do_insert(
+            loaded,
+            attn,
+            position,
+            stage_list,
+            block_list,
+            init,
+            input_size=input_size,
+            replace=replace,
+            target=target,
+            memory_efficient=memory_efficient,
+            **ins.anchors,
+            **options,
+        )
     written = None
     if out is not None:
         with progress(f"Writing {out} and checking it …"):
             from ..saving.export import export as do_export
 
-            written = do_export(model_out, out, format=format_, batch_size=export_batch, dynamic_batch=not static_batch,
-                                force=force, tolerance=tolerance)
+            written = do_export(
+                model_out,
+                out,
+                format=format_,
+                batch_size=export_batch,
+                dynamic_batch=not static_batch,
+                force=force,
+                tolerance=tolerance,
+            )
     drawn = None
     if plot is not None:
         with progress(f"Drawing {plot} …"):
@@ -116,8 +141,13 @@ def insert(
 
             drawn = write_insertion_map(loaded, model_out, report, plot, plot_metric)
     if json_out:
-        emit_json({**report.to_dict(), **({"export": written.to_dict()} if written else {}),
-                   **({"plot": str(drawn)} if drawn else {})})
+        emit_json(
+            {
+                **report.to_dict(),
+                **({"export": written.to_dict()} if written else {}),
+                **({"plot": str(drawn)} if drawn else {}),
+            }
+        )
     else:
         print_report(report)
         if written:

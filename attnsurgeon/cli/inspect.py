@@ -21,12 +21,23 @@ def inspect(
     target: TargetOpt = None,
     model_arg: ModelArgsOpt = None,
     plot: PlotOpt = None,
-    glob: Annotated[str | None, typer.Argument(
-        help="With --anchors (which it implies): keep the modules this glob matches and those inside them "
-             "('decoder.*', '**.conv2'; * within one dotted name), and say how many rows were left out.",
-        show_default=False, metavar="[GLOB]")] = None,
-    anchors: Annotated[bool, typer.Option("--anchors", help="Also list every module that can be an anchor of --after/--before, "
-                                          "with the maps it receives and gives (GLOB keeps some).")] = False,
+    glob: Annotated[
+        str | None,
+        typer.Argument(
+            help="With --anchors (which it implies): keep the modules this glob matches and those inside them "
+            "('decoder.*', '**.conv2'; * within one dotted name), and say how many rows were left out.",
+            show_default=False,
+            metavar="[GLOB]",
+        ),
+    ] = None,
+    anchors: Annotated[
+        bool,
+        typer.Option(
+            "--anchors",
+            help="Also list every module that can be an anchor of --after/--before, "
+            "with the maps it receives and gives (GLOB keeps some).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show MODEL's stages, blocks, the positions each block offers, and attention it already has."""
@@ -59,15 +70,19 @@ def inspect(
             title = f"{loaded.spec.split(':', 1)[-1]}: {len(anatomy.blocks)} blocks in {len(anatomy.stages)} stages"
             save_figure(draw_insertion_map(anatomy, [], show_positions=True, title=title), plot)
     if json_out:
-        emit_json({"model": loaded.spec, "source": loaded.origin, **anatomy.to_dict(), "replaceable_attention": gates,
-                   **({"anchors": [a.to_dict() for a in table], "anchors_left_out": left_out}
-                      if anchors else {}),
-                   **({"plot": str(plot)} if plot is not None else {})})
+        emit_json(
+            {
+                "model": loaded.spec,
+                "source": loaded.origin,
+                **anatomy.to_dict(),
+                "replaceable_attention": gates,
+                **({"anchors": [a.to_dict() for a in table], "anchors_left_out": left_out} if anchors else {}),
+                **({"plot": str(plot)} if plot is not None else {}),
+            }
+        )
         return
     print_anatomy(loaded, anatomy, gates)
     if anchors:
         print_anchors(table, glob or "**", left_out)
     if plot is not None:
         _stdout().print(f"Block map: {_escape(str(plot))}")
-
-

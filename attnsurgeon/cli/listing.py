@@ -36,10 +36,14 @@ def list_attn(json_out: JsonOpt = False) -> None:
     def options(info: Any) -> str:
         return ", ".join(typed(k, v) for k, v in info.options.items()) or "-"
 
-    print_table(("name", "what it does", "position", "options (default)", "paper"),
-                [(i.name, i.summary, i.position, options(i), i.paper) for i in REGISTRY.values()])
-    print_table(("or by reference", "what it names (options: --option key=value, the constructor's parameters)"),
-                list(FORM_HELP.items()))
+    print_table(
+        ("name", "what it does", "position", "options (default)", "paper"),
+        [(i.name, i.summary, i.position, options(i), i.paper) for i in REGISTRY.values()],
+    )
+    print_table(
+        ("or by reference", "what it names (options: --option key=value, the constructor's parameters)"),
+        list(FORM_HELP.items()),
+    )
 
 
 @list_app.command("positions")
@@ -49,18 +53,29 @@ def list_positions(json_out: JsonOpt = False) -> None:
     from ..core.positions import ANCHOR_HELP, POSITION_HELP
 
     if json_out:
-        emit_json({"positions": [{"name": k, "kind": "position", "description": v} for k, v in POSITION_HELP.items()]
-                   + [{"name": k, "kind": "anchor", "description": v} for k, v in ANCHOR_HELP.items()]})
+        emit_json(
+            {
+                "positions": [{"name": k, "kind": "position", "description": v} for k, v in POSITION_HELP.items()]
+                + [{"name": k, "kind": "anchor", "description": v} for k, v in ANCHOR_HELP.items()]
+            }
+        )
         return
-    print_table(("position", "where the block goes"), [*POSITION_HELP.items(), *ANCHOR_HELP.items()],
-                caption="after/before are anchors: --after GLOB / --before GLOB instead of --position")
+    print_table(
+        ("position", "where the block goes"),
+        [*POSITION_HELP.items(), *ANCHOR_HELP.items()],
+        caption="after/before are anchors: --after GLOB / --before GLOB instead of --position",
+    )
 
 
 @list_app.command("models")
 @command
 def list_models_cmd(
-    pattern: Annotated[str | None, typer.Argument(help="A glob (resnet*) or a substring (convnext); timm:PATTERN or "
-                                                     "tv:PATTERN keeps one library.")] = None,
+    pattern: Annotated[
+        str | None,
+        typer.Argument(
+            help="A glob (resnet*) or a substring (convnext); timm:PATTERN or tv:PATTERN keeps one library."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Model names from torchvision and timm, with their source, named as MODEL and --models take them
@@ -74,5 +89,3 @@ def list_models_cmd(
     if not rows:
         raise AttnSurgeonError(f"no model matches '{pattern}'")
     print_table(("model", "source"), [(model_spec(n, s), s) for n, s in rows], caption=f"{len(rows)} models")
-
-

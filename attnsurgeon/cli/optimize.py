@@ -37,9 +37,16 @@ def optimize(
     weights: WeightsOpt = None,
     weights_key: WeightsKeyOpt = None,
     model_arg: ModelArgsOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help=f"Write the optimized model: {_EXTENSIONS} (.safetensors "
-                                                  "holds the recipe; the other formats hold the plain graph).",
-                                                  show_default="nothing written")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help=f"Write the optimized model: {_EXTENSIONS} (.safetensors "
+            "holds the recipe; the other formats hold the plain graph).",
+            show_default="nothing written",
+        ),
+    ] = None,
     format_: FormatOpt = None,
     force: ForceOpt = False,
     tolerance: ToleranceOpt = 1e-4,
@@ -83,5 +90,3 @@ def optimize(
         _stderr().print(f"[dim]note: {_escape(note)}[/]")
     if written:
         print_export(written)
-
-

@@ -33,67 +33,136 @@ ModelArg = Annotated[
         metavar="MODEL",
     ),
 ]
-ATTN_HELP = (f"{', '.join(BLOCKS)} (see `attnsurgeon list attn`), or your own class by reference: path/to/file.py:Class, "
-             "package.module:Class, timm:NAME")
-AttnOpt = Annotated[str, typer.Option("--attn", "-a", help=f"Attention block: {ATTN_HELP}; none with --replace removes the "
-                                      "model's own.")]
-OptionOpt = Annotated[list[str] | None, typer.Option(
-    "--option", "-O", help="A block option as key=value, repeatable; the value is read as YAML (4, 0.5, true, [4, 8] one per "
-    "selected stage). Any option of a zoo block, or any parameter of a class given by reference.", show_default="none")]
-ReplaceOpt = Annotated[bool, typer.Option("--replace", help="Put the block in place of the attention gates the selected blocks "
-                                          "already have (SE in EfficientNet, MobileNetV3, RegNetY...) instead of beside them; "
-                                          "--attn none removes them.")]
+ATTN_HELP = (
+    f"{', '.join(BLOCKS)} (see `attnsurgeon list attn`), or your own class by reference: path/to/file.py:Class, "
+    "package.module:Class, timm:NAME"
+)
+AttnOpt = Annotated[
+    str,
+    typer.Option("--attn", "-a", help=f"Attention block: {ATTN_HELP}; none with --replace removes the model's own."),
+]
+OptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--option",
+        "-O",
+        help="A block option as key=value, repeatable; the value is read as YAML (4, 0.5, true, [4, 8] one per "
+        "selected stage). Any option of a zoo block, or any parameter of a class given by reference.",
+        show_default="none",
+    ),
+]
+ReplaceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--replace",
+        help="Put the block in place of the attention gates the selected blocks "
+        "already have (SE in EfficientNet, MobileNetV3, RegNetY...) instead of beside them; "
+        "--attn none removes them.",
+    ),
+]
 PositionOpt = Annotated[
-    str | None, typer.Option("--position", "-p", help=f"{', '.join(POSITIONS)} (see `attnsurgeon list positions`). "
-                                "Default: the block's natural position (`attnsurgeon list attn`).", show_default=False)
+    str | None,
+    typer.Option(
+        "--position",
+        "-p",
+        help=f"{', '.join(POSITIONS)} (see `attnsurgeon list positions`). "
+        "Default: the block's natural position (`attnsurgeon list attn`).",
+        show_default=False,
+    ),
 ]
 StagesOpt = Annotated[
-    str | None, typer.Option("--stages", "-s", help="Stages to modify, 1-based as `inspect` numbers them: 3,4 or 2-4. Default: all. "
-                                                 "Blocks there that cannot take the insertion are skipped with a note.")
+    str | None,
+    typer.Option(
+        "--stages",
+        "-s",
+        help="Stages to modify, 1-based as `inspect` numbers them: 3,4 or 2-4. Default: all. "
+        "Blocks there that cannot take the insertion are skipped with a note.",
+    ),
 ]
 BlocksOpt = Annotated[
-    str | None, typer.Option("--blocks", "-b", help="Comma-separated globs over block names: 'layer3.*,layer4.2'. Default: all. "
-                                                 "A named block that cannot take the insertion is an error.")
+    str | None,
+    typer.Option(
+        "--blocks",
+        "-b",
+        help="Comma-separated globs over block names: 'layer3.*,layer4.2'. Default: all. "
+        "A named block that cannot take the insertion is an error.",
+    ),
 ]
 AfterOpt = Annotated[
-    str | None, typer.Option("--after", help="Instead of --position: put the block on the output of every module whose name "
-                                "matches, comma-separated globs (layer3.*.conv2, model.9, '**.conv2'; * stays within one "
-                                "dotted name). `inspect MODEL --anchors` lists the modules. With --stages/--blocks: only "
-                                "modules inside them.", show_default="none: --position applies")
+    str | None,
+    typer.Option(
+        "--after",
+        help="Instead of --position: put the block on the output of every module whose name "
+        "matches, comma-separated globs (layer3.*.conv2, model.9, '**.conv2'; * stays within one "
+        "dotted name). `inspect MODEL --anchors` lists the modules. With --stages/--blocks: only "
+        "modules inside them.",
+        show_default="none: --position applies",
+    ),
 ]
 BeforeOpt = Annotated[
-    str | None, typer.Option("--before", help="Instead of --position: put the block on the input of every module whose name "
-                                "matches (head, decoder.blocks.*.conv1); only that module reads the block's output.",
-                                show_default="none: --position applies")
+    str | None,
+    typer.Option(
+        "--before",
+        help="Instead of --position: put the block on the input of every module whose name "
+        "matches (head, decoder.blocks.*.conv1); only that module reads the block's output.",
+        show_default="none: --position applies",
+    ),
 ]
-InitOpt = Annotated[str, typer.Option("--init", help=f"{' or '.join(INITS)}: identity makes every inserted block start as an "
-                                      "exact identity.")]
+InitOpt = Annotated[
+    str,
+    typer.Option(
+        "--init", help=f"{' or '.join(INITS)}: identity makes every inserted block start as an exact identity."
+    ),
+]
 InputSizeOpt = Annotated[
-    str | None, typer.Option("--input-size", help="Sample input, any rank: S (image side), H,W, C,H,W; C,T,H,W or T,H,W "
-                                "for video; C,L for 1-D signals. Default: the model's own (3,16,112,112 for r3d_18).")
+    str | None,
+    typer.Option(
+        "--input-size",
+        help="Sample input, any rank: S (image side), H,W, C,H,W; C,T,H,W or T,H,W "
+        "for video; C,L for 1-D signals. Default: the model's own (3,16,112,112 for r3d_18).",
+    ),
 ]
 TargetOpt = Annotated[
     str | None,
-    typer.Option("--target", "-t", help="Submodule(s) to trace (and rewrite), dotted paths: backbone.body (comma-separated for several). "
-                 "Default: the whole model, or where it does not trace (detectors) the largest parts that do."),
+    typer.Option(
+        "--target",
+        "-t",
+        help="Submodule(s) to trace (and rewrite), dotted paths: backbone.body (comma-separated for several). "
+        "Default: the whole model, or where it does not trace (detectors) the largest parts that do.",
+    ),
 ]
-PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Load the library's published weights (network or local cache).")]
+PretrainedOpt = Annotated[
+    bool, typer.Option("--pretrained", help="Load the library's published weights (network or local cache).")
+]
 WeightsOpt = Annotated[
-    Path | None, typer.Option("--weights", help="Load a state dict or a training checkpoint (.safetensors, .pt, .pth, "
-                                 ".pth.tar, .ckpt, .bin) into the base model before surgery; read without running a "
-                                 "pickle. A checkpoint's EMA weights are taken first, then state_dict, model, "
-                                 "model_state_dict; module./model. prefixes are taken off where that fits the names.",
-                                 show_default="random weights, unless --pretrained")
+    Path | None,
+    typer.Option(
+        "--weights",
+        help="Load a state dict or a training checkpoint (.safetensors, .pt, .pth, "
+        ".pth.tar, .ckpt, .bin) into the base model before surgery; read without running a "
+        "pickle. A checkpoint's EMA weights are taken first, then state_dict, model, "
+        "model_state_dict; module./model. prefixes are taken off where that fits the names.",
+        show_default="random weights, unless --pretrained",
+    ),
 ]
 WeightsKeyOpt = Annotated[
-    str | None, typer.Option("--weights-key", help="The entry of the --weights checkpoint to load (state_dict, "
-                                "state_dict_ema, model, ...).", show_default="the first found, EMA first")
+    str | None,
+    typer.Option(
+        "--weights-key",
+        help="The entry of the --weights checkpoint to load (state_dict, state_dict_ema, model, ...).",
+        show_default="the first found, EMA first",
+    ),
 ]
 ModelArgsOpt = Annotated[
-    list[str] | None, typer.Option("--model-arg", help="KEY=VALUE, repeatable: an argument of the model's builder "
-                                      "(num_classes=7, in_chans=1 for timm/torchvision; nc=2 for YOLO; num_labels=3 for "
-                                      "hf; classes=3 for smp). VALUE is read as YAML: 7, 0.1, true, null, [64, 64], text.",
-                                      show_default="the builder's defaults", metavar="KEY=VALUE")
+    list[str] | None,
+    typer.Option(
+        "--model-arg",
+        help="KEY=VALUE, repeatable: an argument of the model's builder "
+        "(num_classes=7, in_chans=1 for timm/torchvision; nc=2 for YOLO; num_labels=3 for "
+        "hf; classes=3 for smp). VALUE is read as YAML: 7, 0.1, true, null, [64, 64], text.",
+        show_default="the builder's defaults",
+        metavar="KEY=VALUE",
+    ),
 ]
 # names the loader takes itself: given as --model-arg they would shadow its own options
 _LOADER_ARGS = {"pretrained": "--pretrained", "weights": "--weights", "weights_key": "--weights-key"}
@@ -116,48 +185,104 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
-            raise AttnSurgeonError(f"--model-arg '{item}': '{text}' is not a YAML value (quote text: name='a: b')") from None
+            raise AttnSurgeonError(
+                f"--model-arg '{item}': '{text}' is not a YAML value (quote text: name='a: b')"
+            ) from None
         if isinstance(value, dict):
-            raise AttnSurgeonError(f"--model-arg '{item}': a value is a number, true/false, null, text or a list; "
-                                   "give a mapping in a recipe's model_args")
+            raise AttnSurgeonError(
+                f"--model-arg '{item}': a value is a number, true/false, null, text or a list; "
+                "give a mapping in a recipe's model_args"
+            )
         out[key] = value
     return out
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
-MemoryEfficientOpt = Annotated[bool, typer.Option("--memory-efficient", help="In training, recompute each inserted block "
-                                                  "(and the norm before it) in the backward pass instead of keeping its "
-                                                  "input: less memory, same outputs and gradients. Without --attn (profile): "
-                                                  "the model's own attention, before and after.")]
+MemoryEfficientOpt = Annotated[
+    bool,
+    typer.Option(
+        "--memory-efficient",
+        help="In training, recompute each inserted block "
+        "(and the norm before it) in the backward pass instead of keeping its "
+        "input: less memory, same outputs and gradients. Without --attn (profile): "
+        "the model's own attention, before and after.",
+    ),
+]
 _EXTENSIONS = ", ".join(ext for f in FORMATS.values() for ext in f.extensions)  # from the format registry
 FormatOpt = Annotated[
     str | None, typer.Option("--format", help=f"{', '.join(FORMATS)}.", show_default="from the --out extension")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out file.")]
-DynamicOpt = Annotated[bool, typer.Option("--static-batch/--dynamic-batch", help="Fix the batch size of the file at "
-                                          "--batch-size; by default it is dynamic, checked at two batch sizes.")]
+DynamicOpt = Annotated[
+    bool,
+    typer.Option(
+        "--static-batch/--dynamic-batch",
+        help="Fix the batch size of the file at --batch-size; by default it is dynamic, checked at two batch sizes.",
+    ),
+]
 ExportBatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size of the export's sample input.")]
 # profile settings: declared once, with profile's defaults; apply and sweep take the recipe's settings
 # first (_recipe_default says so in their help)
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 (autocast).")]
-BatchSizesOpt = Annotated[str, typer.Option("--batch-size", help="One or more batch sizes: 1,32 (a sweep's table uses the first).")]
+BatchSizesOpt = Annotated[
+    str, typer.Option("--batch-size", help="One or more batch sizes: 1,32 (a sweep's table uses the first).")
+]
 ModeOpt = Annotated[str, typer.Option("--mode", help="inference, or train: a whole forward+backward step.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads.", show_default="torch's, one per core")]
-ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Run in channels-last memory format (channels_last_3d "
-                                               "for video).")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile both models; compile time is reported on its own line.")]
-MinTimeOpt = Annotated[float, typer.Option("--min-time", help="Seconds of timed runs per model and batch size, at least.")]
-MaxTimeOpt = Annotated[float, typer.Option("--max-time", help="... and at most; timing stops early once IQR/median < 10% "
-                                           "(or, with --target-ci, once the intervals are that narrow).")]
-TargetCiOpt = Annotated[Optional[float], typer.Option(
-    "--target-ci", metavar="PCT", help="Keep timing, up to --max-time, until the 95% interval of every Δ latency is within ±PCT "
-    "percent (e.g. 1).", show_default="none: stop at --min-time once timings are steady")]
-RuntimeOpt = Annotated[Optional[str], typer.Option(
-    "--runtime", help=f"Where to time both models, one or several: {', '.join(RUNTIMES)} (each exported, loaded there and "
-    "checked against eager's outputs first). A sweep measures every configuration in each.", show_default="eager")]
-QuantizeOpt = Annotated[Optional[str], typer.Option(
-    "--quantize", help="int8: also time ONNX Runtime's static int8 quantization (calibrated on 4 sample batches) and "
-    "print its output error against the float model.", show_default="none")]
-PROFILE_DEFAULTS = {"device": "cpu", "dtype": "float32", "batch_size": "1", "mode": "inference", "min_time": 1.0, "max_time": 4.0}
+ChannelsLastOpt = Annotated[
+    bool, typer.Option("--channels-last", help="Run in channels-last memory format (channels_last_3d for video).")
+]
+CompileOpt = Annotated[
+    bool, typer.Option("--compile", help="torch.compile both models; compile time is reported on its own line.")
+]
+MinTimeOpt = Annotated[
+    float, typer.Option("--min-time", help="Seconds of timed runs per model and batch size, at least.")
+]
+MaxTimeOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-time",
+        help="... and at most; timing stops early once IQR/median < 10% "
+        "(or, with --target-ci, once the intervals are that narrow).",
+    ),
+]
+TargetCiOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--target-ci",
+        metavar="PCT",
+        help="Keep timing, up to --max-time, until the 95% interval of every Δ latency is within ±PCT "
+        "percent (e.g. 1).",
+        show_default="none: stop at --min-time once timings are steady",
+    ),
+]
+RuntimeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--runtime",
+        help=f"Where to time both models, one or several: {', '.join(RUNTIMES)} (each exported, loaded there and "
+        "checked against eager's outputs first). A sweep measures every configuration in each.",
+        show_default="eager",
+    ),
+]
+QuantizeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--quantize",
+        help="int8: also time ONNX Runtime's static int8 quantization (calibrated on 4 sample batches) and "
+        "print its output error against the float model.",
+        show_default="none",
+    ),
+]
+PROFILE_DEFAULTS = {
+    "device": "cpu",
+    "dtype": "float32",
+    "batch_size": "1",
+    "mode": "inference",
+    "min_time": 1.0,
+    "max_time": 4.0,
+}
 
 
 def _recipe_default(option: Any, default: Any) -> Any:
@@ -176,16 +301,25 @@ RecipeModeOpt = _recipe_default(ModeOpt, PROFILE_DEFAULTS["mode"])
 RecipeMinTimeOpt = _recipe_default(MinTimeOpt, PROFILE_DEFAULTS["min_time"])
 RecipeMaxTimeOpt = _recipe_default(MaxTimeOpt, PROFILE_DEFAULTS["max_time"])
 ToleranceOpt = Annotated[
-    float, typer.Option("--tolerance", help="Largest max-abs difference of the written file's outputs, relative to their scale.")
+    float,
+    typer.Option(
+        "--tolerance", help="Largest max-abs difference of the written file's outputs, relative to their scale."
+    ),
 ]
 
 # figures (attnsurgeon.pictures.plot, attnsurgeon.pictures.explain): their own options, beside the insertion options
 PlotOpt = Annotated[
-    Path | None, typer.Option("--plot", help="Also draw a figure to this file: .png, .svg or .pdf (matplotlib).",
-                                 show_default="none")
+    Path | None,
+    typer.Option(
+        "--plot", help="Also draw a figure to this file: .png, .svg or .pdf (matplotlib).", show_default="none"
+    ),
 ]
-PlotMetricOpt = Annotated[str, typer.Option("--plot-metric", help="What colours the insertion map: each module's share of "
-                                            "the added params or macs.")]
+PlotMetricOpt = Annotated[
+    str,
+    typer.Option(
+        "--plot-metric", help="What colours the insertion map: each module's share of the added params or macs."
+    ),
+]
 
 
 def _check_plot(plot: Path | None, metric: str = "params") -> None:
@@ -240,8 +374,15 @@ def parse_globs(text: str | None, what: str = "--blocks") -> list[str] | None:
     return globs
 
 
-def check_insertion_args(attn: str, position: str | None, options: dict[str, Any], init: str = "default",
-                         replace: bool = False, after: list[str] | None = None, before: list[str] | None = None) -> None:
+def check_insertion_args(
+    attn: str,
+    position: str | None,
+    options: dict[str, Any],
+    init: str = "default",
+    replace: bool = False,
+    after: list[str] | None = None,
+    before: list[str] | None = None,
+) -> None:
     """Everything about an insertion that can be checked without a model: fail in a blink, not after a build."""
     from ..planning.schema import InsertionSpec, validate
 
@@ -274,8 +415,11 @@ def _block_option_param(name: str) -> tuple[Any, Any]:
     from ..blocks.options import OPTIONS
 
     opt = OPTIONS[name]
-    takers = ", ".join(i.name if i.options[name] is None else f"{i.name} {i.options[name]}"
-                       for i in BLOCKS.values() if name in i.options)
+    takers = ", ".join(
+        i.name if i.options[name] is None else f"{i.name} {i.options[name]}"
+        for i in BLOCKS.values()
+        if name in i.options
+    )
     help = f"{opt.help} Default: the block's own ({takers})."
     decls = [f"{opt.flag}/--no-{opt.flag[2:]}" if opt.negatable else opt.flag] + ([opt.short] if opt.short else [])
     if opt.kind == "bool":
@@ -361,9 +505,13 @@ def parse_key_values(items: list[str] | None, what: str = "--option") -> dict[st
 
 
 INSERTION_PARAMS = [
-    ("after", AfterOpt, None), ("before", BeforeOpt, None),
-    ("stages", StagesOpt, None), ("blocks", BlocksOpt, None), ("init", InitOpt, "default"),
-    *((name, *_block_option_param(name)) for name in _block_option_names()), ("option", OptionOpt, None),
+    ("after", AfterOpt, None),
+    ("before", BeforeOpt, None),
+    ("stages", StagesOpt, None),
+    ("blocks", BlocksOpt, None),
+    ("init", InitOpt, "default"),
+    *((name, *_block_option_param(name)) for name in _block_option_names()),
+    ("option", OptionOpt, None),
     ("replace", ReplaceOpt, False),
 ]
 
@@ -377,30 +525,44 @@ def insertion_options(fn: Callable) -> Callable:
     params: list[inspect.Parameter] = []
     for p in signature.parameters.values():
         if p.name == "ins":
-            params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
-                       for name, kind, default in INSERTION_PARAMS]
+            params += [
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+                for name, kind, default in INSERTION_PARAMS
+            ]
         else:
             params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         given = {name: kwargs.pop(name) for name, _, _ in INSERTION_PARAMS if name in kwargs}
-        ins = InsertionArgs(**{k: given.pop(k) for k in ("stages", "blocks", "init", "replace", "after", "before", "option")
-                               if k in given},
-                            raw_options=given)
+        ins = InsertionArgs(
+            **{
+                k: given.pop(k)
+                for k in ("stages", "blocks", "init", "replace", "after", "before", "option")
+                if k in given
+            },
+            raw_options=given,
+        )
         return fn(*args, ins=ins, **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=params)
     return wrapper
 
 
-
-
-def _profile_overrides(device, dtype, batch_size, mode, threads, min_time, max_time, channels_last=None,
-                       target_ci=None) -> dict[str, Any]:
-    overrides = {"device": device, "dtype": dtype, "mode": mode, "threads": threads, "min_run_time": min_time,
-                 "max_run_time": max_time, "channels_last": channels_last or None, "target_ci": target_ci,
-                 "batch_sizes": parse_ints(batch_size, "--batch-size") if batch_size else None}
+def _profile_overrides(
+    device, dtype, batch_size, mode, threads, min_time, max_time, channels_last=None, target_ci=None
+) -> dict[str, Any]:
+    overrides = {
+        "device": device,
+        "dtype": dtype,
+        "mode": mode,
+        "threads": threads,
+        "min_run_time": min_time,
+        "max_run_time": max_time,
+        "channels_last": channels_last or None,
+        "target_ci": target_ci,
+        "batch_sizes": parse_ints(batch_size, "--batch-size") if batch_size else None,
+    }
     return {k: v for k, v in overrides.items() if v is not None}
 
 

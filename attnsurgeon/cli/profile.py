@@ -13,12 +13,40 @@ from ..core.files import existing_folder
 from .app import app, command
 from .options import (
     ATTN_HELP,
-    BatchSizesOpt, ChannelsLastOpt, CompileOpt, DeviceOpt, DtypeOpt, InputSizeOpt, InsertionArgs, JsonOpt,
-    MaxTimeOpt, MemoryEfficientOpt, MinTimeOpt, ModeOpt, ModelArg, ModelArgsOpt, PROFILE_DEFAULTS, PositionOpt,
-    PretrainedOpt, QuantizeOpt, RuntimeOpt, TargetCiOpt, TargetOpt, ThreadsOpt, WeightsKeyOpt, WeightsOpt, _check_plot, check_insertion_args,
-    insertion_options, parse_globs, parse_ints, parse_model_args, parse_runtimes,
+    BatchSizesOpt,
+    ChannelsLastOpt,
+    CompileOpt,
+    DeviceOpt,
+    DtypeOpt,
+    InputSizeOpt,
+    InsertionArgs,
+    JsonOpt,
+    MaxTimeOpt,
+    MemoryEfficientOpt,
+    MinTimeOpt,
+    ModeOpt,
+    ModelArg,
+    ModelArgsOpt,
+    PROFILE_DEFAULTS,
+    PositionOpt,
+    PretrainedOpt,
+    QuantizeOpt,
+    RuntimeOpt,
+    TargetCiOpt,
+    TargetOpt,
+    ThreadsOpt,
+    WeightsKeyOpt,
+    WeightsOpt,
+    _check_plot,
+    check_insertion_args,
+    insertion_options,
+    parse_globs,
+    parse_ints,
+    parse_model_args,
+    parse_runtimes,
 )
-from .render import _escape, _stdout, _Steps, emit_json, print_profile
+from .render import _escape, _stdout, _Steps, emit_json
+from .render_profile import print_profile
 
 
 # --------------------------------------------------------------------------- profile
@@ -29,8 +57,15 @@ from .render import _escape, _stdout, _Steps, emit_json, print_profile
 @insertion_options
 def profile(
     model: ModelArg,
-    attn: Annotated[Optional[str], typer.Option("--attn", "-a", help=f"Attention block to insert: {ATTN_HELP} (none with "
-                                                "--replace). Default: none; the model is profiled alone.")] = None,
+    attn: Annotated[
+        Optional[str],
+        typer.Option(
+            "--attn",
+            "-a",
+            help=f"Attention block to insert: {ATTN_HELP} (none with "
+            "--replace). Default: none; the model is profiled alone.",
+        ),
+    ] = None,
     position: PositionOpt = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
     device: DeviceOpt = PROFILE_DEFAULTS["device"],
@@ -50,11 +85,21 @@ def profile(
     weights_key: WeightsKeyOpt = None,
     model_arg: ModelArgsOpt = None,
     json_out: JsonOpt = False,
-    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the figures as CSV to this file.", show_default="none")] = None,
-    markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Also write them as a markdown table.", show_default="none")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw per-insertion bars of Δ params, Δ MACs and, in --mode "
-                                                 "train, the activation memory each keeps for backward: .png, .svg or .pdf.",
-                                                 show_default="none")] = None,
+    csv_path: Annotated[
+        Optional[Path], typer.Option("--csv", help="Also write the figures as CSV to this file.", show_default="none")
+    ] = None,
+    markdown_path: Annotated[
+        Optional[Path], typer.Option("--markdown", help="Also write them as a markdown table.", show_default="none")
+    ] = None,
+    plot: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--plot",
+            help="Also draw per-insertion bars of Δ params, Δ MACs and, in --mode "
+            "train, the activation memory each keeps for backward: .png, .svg or .pdf.",
+            show_default="none",
+        ),
+    ] = None,
     memory_efficient: MemoryEfficientOpt = False,
     runtime: RuntimeOpt = None,
     quantize: QuantizeOpt = None,
@@ -71,7 +116,9 @@ def profile(
     elif options or ins.anchors:
         raise AttnSurgeonError("--after/--before and block options (--reduction, --kernel-size, ...) need --attn")
     elif replace:
-        raise AttnSurgeonError("--replace needs --attn: the block to put in place of the model's attention, or none to remove it")
+        raise AttnSurgeonError(
+            "--replace needs --attn: the block to put in place of the model's attention, or none to remove it"
+        )
     sizes = parse_ints(batch_size, "--batch-size") or []
     model_args = parse_model_args(model_arg)
     runtimes = parse_runtimes(runtime)
@@ -85,11 +132,35 @@ def profile(
 
     with _Steps() as steps:
         result = do_profile(
-            model, attn, position, parse_ints(ins.stages, "--stages"), parse_globs(ins.blocks),
-            init, device=device, dtype=dtype, batch_sizes=sizes, input_size=input_size, mode=mode, threads=threads,
-            channels_last=channels_last, compile=compile_, min_run_time=min_time, max_run_time=max_time,
-            target_ci=target_ci, pretrained=pretrained, weights=weights, weights_key=weights_key, model_args=model_args, target=target, progress=steps, replace=replace,
-            memory_efficient=memory_efficient, runtimes=runtimes, quantize=quantize, **ins.anchors, **options,
+            model,
+            attn,
+            position,
+            parse_ints(ins.stages, "--stages"),
+            parse_globs(ins.blocks),
+            init,
+            device=device,
+            dtype=dtype,
+            batch_sizes=sizes,
+            input_size=input_size,
+            mode=mode,
+            threads=threads,
+            channels_last=channels_last,
+            compile=compile_,
+            min_run_time=min_time,
+            max_run_time=max_time,
+            target_ci=target_ci,
+            pretrained=pretrained,
+            weights=weights,
+            weights_key=weights_key,
+            model_args=model_args,
+            target=target,
+            progress=steps,
+            replace=replace,
+            memory_efficient=memory_efficient,
+            runtimes=runtimes,
+            quantize=quantize,
+            **ins.anchors,
+            **options,
         )
     from ..core.files import write_text_atomic
     from ..profiling.report import to_csv, to_markdown
@@ -103,10 +174,14 @@ def profile(
 
         save_figure(draw_costs(result), plot)
     if json_out:
-        emit_json({**result.to_dict(), "memory_efficient": memory_efficient, **({"plot": str(plot)} if plot is not None else {})})
+        emit_json(
+            {
+                **result.to_dict(),
+                "memory_efficient": memory_efficient,
+                **({"plot": str(plot)} if plot is not None else {}),
+            }
+        )
         return
     print_profile(result, memory_efficient)
     if plot is not None:
         _stdout().print(f"Cost plot: {_escape(str(plot))}")
-
-

@@ -91,8 +91,16 @@ def print_report(report: Any) -> None:
     part = f" · traced: {', '.join(report.target)}" if report.target else ""
     table = Table(title=f"{report.model} ({report.source}) · input {size}{weights}{part}", title_justify="left")
     swaps = [i for i in report.insertions if i.replaced]
-    columns = [("block", {}), ("stage", {"justify": "right"}), ("position", {}), ("attn", {}),
-               ("channels", {"justify": "right"}), ("params", {"justify": "right"}), ("module", {}), ("options", {})]
+    columns = [
+        ("block", {}),
+        ("stage", {"justify": "right"}),
+        ("position", {}),
+        ("attn", {}),
+        ("channels", {"justify": "right"}),
+        ("params", {"justify": "right"}),
+        ("module", {}),
+        ("options", {}),
+    ]
     if swaps:
         columns.insert(6, ("replaces (params)", {}))
     for col, kw in columns:
@@ -100,7 +108,16 @@ def print_report(report: Any) -> None:
     for i in report.insertions:
         opts = ", ".join(f"{k}={v}" for k, v in i.options.items())
         where = f"{i.position} {i.anchor}" if getattr(i, "anchor", None) else i.position
-        row = [i.block, str(i.stage or "-"), where, display_name(i.attn), str(i.channels), f"{i.params:,}", i.module, opts]
+        row = [
+            i.block,
+            str(i.stage or "-"),
+            where,
+            display_name(i.attn),
+            str(i.channels),
+            f"{i.params:,}",
+            i.module,
+            opts,
+        ]
         if swaps:
             row.insert(6, f"{i.replaced} ({i.replaced_params:,})" if i.replaced else "")
         table.add_row(*row)
@@ -108,11 +125,15 @@ def print_report(report: Any) -> None:
     p = report.params
     removed = sum(1 for i in swaps if i.attn == "none")
     convs = sum(1 for i in swaps if i.position == "conv")  # a conv block (sk, splat) in a convolution's place
-    counts = [(len(report.insertions) - len(swaps), "block", "inserted"),
-              (len(swaps) - removed - convs, "attention module", "replaced"), (removed, "attention module", "removed"),
-              (convs, "convolution", "replaced")]
-    said = " · ".join(f"{n} {noun}{'s' if n != 1 else ''} {what}"
-                      for n, noun, what in counts if n or (noun == "block" and not swaps))
+    counts = [
+        (len(report.insertions) - len(swaps), "block", "inserted"),
+        (len(swaps) - removed - convs, "attention module", "replaced"),
+        (removed, "attention module", "removed"),
+        (convs, "convolution", "replaced"),
+    ]
+    said = " · ".join(
+        f"{n} {noun}{'s' if n != 1 else ''} {what}" for n, noun, what in counts if n or (noun == "block" and not swaps)
+    )
     out.print(
         f"{said} · parameters "
         f"{p['base']:,} → {p['modified']:,} ([bold]{p['delta']:+,}[/], {p['percent']:+.{_digits(p['percent'])}f}%)"
@@ -131,7 +152,9 @@ def print_memory_efficient(report: Any, table: bool = False) -> None:
     if table:
         from rich.table import Table
 
-        t = Table(title=f"{report.model} ({report.source}) · attention recomputed in the backward pass", title_justify="left")
+        t = Table(
+            title=f"{report.model} ({report.source}) · attention recomputed in the backward pass", title_justify="left"
+        )
         for col in ("attention module", "recomputed from", "ops", "method"):
             t.add_column(col, overflow="fold", justify="right" if col == "ops" else "left")
         for s in segments:  # method: "selective" (the maps rebuilt from the norm's input) or "checkpoint" (all re-run)
@@ -139,10 +162,12 @@ def print_memory_efficient(report: Any, table: bool = False) -> None:
         out.print(t)
     widened = sum(1 for s in segments if s.start)
     methods = Counter(s.method for s in segments)
-    out.print(f"memory-efficient: {len(segments)} attention module{'s' if len(segments) != 1 else ''} recomputed in the "
-              f"backward pass ({widened} with the norm/activation before {'them' if widened != 1 else 'it'}; "
-              f"{', '.join(f'{n} {method}' for method, n in sorted(methods.items(), reverse=True))}) · "
-              "outputs, parameters and names unchanged")
+    out.print(
+        f"memory-efficient: {len(segments)} attention module{'s' if len(segments) != 1 else ''} recomputed in the "
+        f"backward pass ({widened} with the norm/activation before {'them' if widened != 1 else 'it'}; "
+        f"{', '.join(f'{n} {method}' for method, n in sorted(methods.items(), reverse=True))}) · "
+        "outputs, parameters and names unchanged"
+    )
 
 
 def _digits(percent: float) -> int:
@@ -152,7 +177,11 @@ def _digits(percent: float) -> int:
 
 
 def print_export(written: Any) -> None:
-    dyn = " (dynamic batch, checked at " + ", ".join(map(str, written.checked_batch_sizes)) + ")" if written.dynamic_batch else ""
+    dyn = (
+        " (dynamic batch, checked at " + ", ".join(map(str, written.checked_batch_sizes)) + ")"
+        if written.dynamic_batch
+        else ""
+    )
     _stdout().print(
         f"wrote [bold]{_escape(written.path)}[/] · {written.format} · {written.size_bytes / 2**20:,.1f} MiB · "
         f"loaded back: max abs diff {written.max_abs_diff:.3g} on input {tuple(written.input_shape)}{dyn}"
@@ -173,8 +202,14 @@ class _Steps:
 
         self._file = os.fdopen(os.dup(2), "w")
         console = Console(file=self._file, highlight=False)
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                 console=console, transient=True, disable=not self._file.isatty())
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not self._file.isatty(),
+        )
         self.task = None
 
     def __enter__(self) -> "_Steps":
@@ -190,128 +225,6 @@ class _Steps:
         self._file.close()
 
 
-def print_profile(result: Any, memory_efficient: bool = False) -> None:
-    """``profile``'s table; ``memory_efficient``: the modified model recomputes its attention in the
-    backward pass, which the header says, with what the modified model then is."""
-    from rich.table import Table
-
-    from ..profiling import FLOP_CONVENTION
-    from ..profiling.intervals import format_interval
-    from ..profiling.report import delta_cell
-
-    out = _stdout()
-    s, env = result.settings, result.environment
-    device = s.device if env["device_name"] == "cpu" else f"{s.device} ({env['device_name']})"
-    out.print(f"[bold]{result.model}[/] ({result.source}) · input {'×'.join(map(str, result.input_size))} · "
-              f"{device} · {s.dtype} · {s.mode} · {env['threads']} threads · torch {env['torch_version']}"
-              + (" · channels-last" if s.channels_last else "") + (" · compiled" if s.compile else "")
-              + (" · memory-efficient" if memory_efficient else ""))
-    alone = result.modified is None
-    table = Table()
-    for col in ("metric", "value") if alone else ("metric", "base", "modified", "delta", "delta %"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    for metric, b, base, mod, delta, pct, ci in result.rows():
-        if alone:
-            table.add_row(metric.row_label(b), metric.format(base))
-        elif not metric.delta:  # a spread has no meaningful difference
-            table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), "", "")
-        else:
-            shown = _escape(format_interval(*ci)) if ci else "-" if pct is None else f"{pct:+.{_digits(pct)}f}%"
-            table.add_row(metric.row_label(b), metric.format(base), metric.format(mod), delta_cell(metric, delta, ci), shown)
-    out.print(table)
-    print_timing(result)
-    if result.base.compile_s is not None:
-        mod = f", modified {result.modified.compile_s:.1f} s" if result.modified else ""
-        out.print(f"compile time (not in latency): base {result.base.compile_s:.1f} s{mod}")
-    out.print(f"[dim]{FLOP_CONVENTION}[/]")
-    if memory_efficient:
-        what = ("the inserted blocks" if result.insertions else
-                "modified = the same model with its own attention gates")
-        out.print(f"memory-efficient: {what} (and the norm/activation before each) recomputed in the backward pass: "
-                  "the same parameters, MACs and outputs; what changes is a training step's peak memory and time"
-                  + ("" if s.mode == "train" else " (--mode train measures them; in inference nothing is recomputed)"))
-    if result.insertions:
-        per = Table(title="per insertion", title_justify="left")
-        for col in ("module", "position", "params", "MACs"):
-            per.add_column(col, justify="right" if col in ("params", "MACs") else "left")
-        for i in result.insertions:
-            per.add_row(i.module, i.where, f"{i.params:,}", f"{i.macs:,}")
-        if result.unattributed_macs:
-            per.add_row("(outside inserted modules)", "", "", f"{result.unattributed_macs:,}")
-        per.add_row("[bold]total[/]", "", f"{sum(i.params for i in result.insertions):,}",
-                    f"{sum(i.macs for i in result.insertions) + result.unattributed_macs:,}")
-        out.print(per)
-    print_runtimes(result)
-    err = _stderr()
-    for note in result.notes:  # as insert says them
-        err.print(f"[dim]note: {_escape(note)}[/]")
-    for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {_escape(w)}")
-
-
-def print_timing(result: Any) -> None:
-    """Under the table: how latency was timed, what the machine was doing, and how to read the intervals."""
-    from ..profiling.intervals import MIN_ROUNDS
-
-    env = result.environment
-    lines = []
-    for b, lat in result.base.latency.items():
-        mod = result.modified.latency.get(b) if result.modified else None
-        warm = f"warm-up {lat.warmup}" + (f"/{mod.warmup}" if mod else "") + " calls until stable"
-        lines.append(f"batch {b}: {lat.runs} {'paired, alternating ' if mod else ''}rounds of {lat.calls} call(s) · {warm}")
-    load = env.get("load_average") or {}
-    if load.get("start") and load.get("end"):
-        lines.append(f"load average {'/'.join(f'{v:.2f}' for v in load['start'])} at the start, "
-                     f"{'/'.join(f'{v:.2f}' for v in load['end'])} at the end (1/5/15 min) · {env['threads']} thread{'s' if env['threads'] != 1 else ''}")
-    out = _stdout()
-    out.print("[dim]timing: " + " · ".join(lines) + "[/]")
-    if result.modified is None:
-        return
-    rounds = [lat.runs for lat in result.modified.latency.values()]
-    out.print("[dim]Δ latency %: median of the per-round ratios modified/base, [95 % interval] (order statistics); "
-              "where it contains 0, no difference is resolved: --target-ci PCT times until it is within ±PCT, up to --max-time"
-              + (f"; an interval needs {MIN_ROUNDS} rounds" if rounds and min(rounds) < MIN_ROUNDS else "")
-              + "[/]")
-
-
-def print_runtimes(result: Any) -> None:
-    """``profile --runtime``: latency and memory per runtime, base and modified, each checked against eager."""
-    from rich.table import Table
-
-    from ..profiling.intervals import format_interval
-    from ..profiling.report import delta_cell
-
-    if not result.runtimes or [r.runtime for r in result.runtimes] == ["eager"]:
-        return
-    out = _stdout()
-    alone = result.modified is None
-    table = Table(title="per runtime (outputs checked against eager first; the per-insertion figures are eager's)",
-                  title_justify="left")
-    for col in ("runtime", "metric", *(("value",) if alone else ("base", "modified", "delta", "delta %")), "output check"):
-        table.add_column(col, justify="left" if col in ("runtime", "metric", "output check") else "right")
-    failures = []
-    for r in result.runtimes:
-        rows = r.rows(result.settings.batch_sizes)
-        if r.error:
-            failures.append(r)
-            table.add_row(r.label, f"[red]not measured ({len(failures)})[/]", *[""] * (1 if alone else 4), "", end_section=True)
-        for i, (metric, b, base, mod, delta, pct, ci) in enumerate(rows):
-            shown = _escape(format_interval(*ci)) if ci else "" if pct is None or not metric.delta else f"{pct:+.{_digits(pct)}f}%"
-            cells = [metric.format(base)] if alone else [
-                metric.format(base), metric.format(mod), delta_cell(metric, delta, ci), shown]
-            table.add_row(r.label if i == 0 else "", metric.row_label(b), *cells,
-                          (r.check() if r.runtime != "eager" else "(the reference)") if i == 0 else "",
-                          end_section=i == len(rows) - 1)
-    out.print(table)
-    for i, r in enumerate(failures, 1):
-        out.print(f"[red]not measured ({i})[/] {r.label}: {_escape(r.error)}")
-    int8 = [r for r in result.runtimes if r.precision == "int8" and r.max_abs_diff]
-    for r in int8:
-        out.print(f"{r.label} output error against the float model: " + ", ".join(
-            f"{name} max abs diff {diff:.3g}" for name, diff in r.max_abs_diff.items())
-            + f" (output scale {r.output_scale:.3g})")
-
-
 class _SweepProgress(_Steps):
     """A bar with ETA over the sweep's rows, on stderr; where stderr is not a terminal (a log, a batch
     job), one line per change instead, so that a sweep stopped from outside has said how far it got."""
@@ -324,9 +237,16 @@ class _SweepProgress(_Steps):
 
         self._file = os.fdopen(os.dup(2), "w")
         self.lines = not self._file.isatty()
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), console=Console(file=self._file), transient=True,
-                                 disable=self.lines)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(file=self._file),
+            transient=True,
+            disable=self.lines,
+        )
         self.task = None
         self._said = ""
 
@@ -385,8 +305,10 @@ def print_sweep(result: Any) -> None:
                 if base or pct is None:
                     cells.append("")
                 elif ci:  # the paired interval: "+1.23 (+3.2% [+1.9, +4.6])", or no difference resolved
-                    cells.append(f"{UNRESOLVED if unresolved(ci['low'], ci['high']) else m.format(get(r['delta'], m.key), True, unit=False)} "
-                                 f"({_escape(format_interval(pct, ci['low'], ci['high']))})")
+                    cells.append(
+                        f"{UNRESOLVED if unresolved(ci['low'], ci['high']) else m.format(get(r['delta'], m.key), True, unit=False)} "
+                        f"({_escape(format_interval(pct, ci['low'], ci['high']))})"
+                    )
                 else:
                     cells.append(f"{m.format(get(r['delta'], m.key), True, unit=False)} ({pct:+.{_digits(pct)}f}%)")
             table.add_row(*cells)
@@ -395,12 +317,18 @@ def print_sweep(result: Any) -> None:
         where = f"{r.get('model')}/" if len(models) > 1 else ""
         out.print(f"[red]failed ({i})[/] {_escape(where + r['name'])}: {_escape(r['reason'])}")
     if noisy:
-        out.print("[yellow]![/] noisy timing: IQR above 10% of the median (other work on the machine, or more threads "
-                  "than free cores: try --threads 1 or a longer --max-time); treat those Δ latency figures with care.")
+        out.print(
+            "[yellow]![/] noisy timing: IQR above 10% of the median (other work on the machine, or more threads "
+            "than free cores: try --threads 1 or a longer --max-time); treat those Δ latency figures with care."
+        )
     reused = len(rows) - len(result.measured)
-    out.print(f"Δ figures compare each row with the base model measured alongside it; Δ latency: median of the paired "
-              "per-round ratios [95 % interval]. "
-              f"{len(result.measured)} row(s) measured now" + (f", {reused} kept from the earlier run" if reused else "") + ".")
+    out.print(
+        f"Δ figures compare each row with the base model measured alongside it; Δ latency: median of the paired "
+        "per-round ratios [95 % interval]. "
+        f"{len(result.measured)} row(s) measured now"
+        + (f", {reused} kept from the earlier run" if reused else "")
+        + "."
+    )
     out.print(f"wrote {result.folder}/results.csv, results.json, rows.jsonl" + (", plot.png" if result.plot else ""))
 
 
@@ -413,9 +341,12 @@ def print_anatomy(loaded: Any, anatomy: Any, gates: list[str]) -> None:
     if anatomy.target:  # the parts that were traced, and the input each one sees
         sizes = anatomy.input_size if len(anatomy.target) > 1 else [anatomy.input_size]
         size = f"{'×'.join(map(str, anatomy.model_input_size))} · traced: " + ", ".join(
-            f"{t} (input {'×'.join(map(str, s))})" for t, s in zip(anatomy.target, sizes))
-    out.print(f"[bold]{loaded.spec}[/] ({loaded.origin}) · input {size} · {len(anatomy.blocks)} blocks in "
-              f"{len(anatomy.stages)} stages (grouped by {anatomy.grouping})")
+            f"{t} (input {'×'.join(map(str, s))})" for t, s in zip(anatomy.target, sizes)
+        )
+    out.print(
+        f"[bold]{loaded.spec}[/] ({loaded.origin}) · input {size} · {len(anatomy.blocks)} blocks in "
+        f"{len(anatomy.stages)} stages (grouped by {anatomy.grouping})"
+    )
     table = Table(show_lines=False)
     for col in ("stage", "block", "type", "kind", "skip", "channels", "resolution", "layout", "positions"):
         table.add_column(col, justify="right" if col in ("stage", "channels") else "left")
@@ -423,15 +354,24 @@ def print_anatomy(loaded: Any, anatomy: Any, gates: list[str]) -> None:
         for i, b in enumerate(stage.blocks):
             table.add_row(
                 f"{stage.index} {stage.name}" if i == 0 else "",
-                b.name, b.type, b.kind, b.skip or "-", str(b.channels), "×".join(map(str, b.resolution)), b.layout,
+                b.name,
+                b.type,
+                b.kind,
+                b.skip or "-",
+                str(b.channels),
+                "×".join(map(str, b.resolution)),
+                b.layout,
                 " ".join(b.positions),
                 end_section=i == len(stage.blocks) - 1,
             )
     out.print(table)
     if anatomy.existing_attention:
         out.print("Attention already in the model: " + ", ".join(f"{n} ({t})" for n, t in anatomy.existing_attention))
-        out.print(f"--replace can take the place of {len(gates)} channel/spatial gate{'s' if len(gates) != 1 else ''}"
-                  + (f": {', '.join(gates[:3])}{', …' if len(gates) > 3 else ''}" if gates else "") + "; other attention is kept")
+        out.print(
+            f"--replace can take the place of {len(gates)} channel/spatial gate{'s' if len(gates) != 1 else ''}"
+            + (f": {', '.join(gates[:3])}{', …' if len(gates) > 3 else ''}" if gates else "")
+            + "; other attention is kept"
+        )
     for note in anatomy.notes:  # on stderr, as insert prints its notes
         _stderr().print(f"[dim]note: {_escape(note)}[/]")
 
@@ -447,18 +387,32 @@ def print_anchors(rows: list[Any], glob: str = "**", left_out: int = 0) -> None:
         text = "×".join(map(str, value[1:]))
         return f"{text} {layout}" if layout else f"[dim]{text}[/]"
 
-    table = Table(title="Anchors: --after MODULE gates its output, --before MODULE its input (dim: no block fits)",
-                  title_justify="left")
-    for col, kw in [("module", {}), ("type", {}), ("stage", {"justify": "right"}), ("input (--before)", {}),
-                    ("output (--after)", {})]:
+    table = Table(
+        title="Anchors: --after MODULE gates its output, --before MODULE its input (dim: no block fits)",
+        title_justify="left",
+    )
+    for col, kw in [
+        ("module", {}),
+        ("type", {}),
+        ("stage", {"justify": "right"}),
+        ("input (--before)", {}),
+        ("output (--after)", {}),
+    ]:
         table.add_column(col, overflow="fold", **kw)
     for r in rows:
-        table.add_row(_escape(r.name), r.type, str(r.stage or "-"), shape(r.input, r.layout_in),
-                      shape(r.output, r.layout_out) if not r.why_not else f"[dim]{_escape(r.why_not)}[/]")
+        table.add_row(
+            _escape(r.name),
+            r.type,
+            str(r.stage or "-"),
+            shape(r.input, r.layout_in),
+            shape(r.output, r.layout_out) if not r.why_not else f"[dim]{_escape(r.why_not)}[/]",
+        )
     _stdout().print(table)
     if left_out:
-        _stdout().print(f"{len(rows)} rows shown (the modules matching '{_escape(glob)}' and those inside them), "
-                        f"{left_out} left out: `--anchors` alone lists every module")
+        _stdout().print(
+            f"{len(rows)} rows shown (the modules matching '{_escape(glob)}' and those inside them), "
+            f"{left_out} left out: `--anchors` alone lists every module"
+        )
 
 
 def print_table(columns: tuple[str, ...], rows: list[tuple], caption: str | None = None) -> None:
@@ -494,12 +448,25 @@ def print_explanation(result: Any, written: list[Any]) -> None:
     for col in ("module", "gate", "origin", "kind", "mean", "std", "near 0", "near 1"):
         gates.add_column(col, justify="right" if col in ("mean", "std", "near 0", "near 1") else "left")
     for g in data["gates"]:
-        rows = [e for im in data["images"] for e in im[result.gate_view]["gates"] if e["module"] == g["module"] and e["gate"] == g["gate"]]
+        rows = [
+            e
+            for im in data["images"]
+            for e in im[result.gate_view]["gates"]
+            if e["module"] == g["module"] and e["gate"] == g["gate"]
+        ]
         if not rows:
             continue
         avg = {k: sum(r[k] for r in rows) / len(rows) for k in ("mean", "std", "near_0", "near_1")}
-        gates.add_row(_escape(g["module"]), _escape(g["gate"]), g["origin"], g["kind"] or "", f"{avg['mean']:.3f}",
-                      f"{avg['std']:.3f}", f"{100 * avg['near_0']:.0f}%", f"{100 * avg['near_1']:.0f}%")
+        gates.add_row(
+            _escape(g["module"]),
+            _escape(g["gate"]),
+            g["origin"],
+            g["kind"] or "",
+            f"{avg['mean']:.3f}",
+            f"{avg['std']:.3f}",
+            f"{100 * avg['near_0']:.0f}%",
+            f"{100 * avg['near_1']:.0f}%",
+        )
     if data["gates"]:
         out.print(gates)
     else:

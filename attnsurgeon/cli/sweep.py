@@ -41,16 +41,35 @@ from .options import (
 )
 from .render import _escape, _stderr, _SweepProgress, emit_json, print_sweep
 
-SweepModelsOpt = Annotated[str | None, typer.Option(
-    "--models", help="Several models, crossed with the configurations: a list or globs (timm:resnet*,convnext_tiny; "
-    "`list models` shows the names). Instead of MODEL, or to run a sweep recipe over them.", show_default="MODEL alone")]
-SweepRayOpt = Annotated[str | None, typer.Option(
-    "--ray", metavar="[ADDRESS]", help="Run the rows as Ray tasks (pip install 'attnsurgeon\\[ray]'): --ray alone starts "
-    "Ray on this machine; auto or ray://HEAD:10001 joins a cluster. Each row asks for --threads CPUs (1 if unset), "
-    "or one GPU with --device cuda.", show_default="rows measured here, one after another")]
-SweepRayCpusOpt = Annotated[int | None, typer.Option(
-    "--ray-cpus", min=1, help="CPUs the local Ray instance may use (rows at once: this over --threads).",
-    show_default="all of this machine's")]
+SweepModelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--models",
+        help="Several models, crossed with the configurations: a list or globs (timm:resnet*,convnext_tiny; "
+        "`list models` shows the names). Instead of MODEL, or to run a sweep recipe over them.",
+        show_default="MODEL alone",
+    ),
+]
+SweepRayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="[ADDRESS]",
+        help="Run the rows as Ray tasks (pip install 'attnsurgeon\\[ray]'): --ray alone starts "
+        "Ray on this machine; auto or ray://HEAD:10001 joins a cluster. Each row asks for --threads CPUs (1 if unset), "
+        "or one GPU with --device cuda.",
+        show_default="rows measured here, one after another",
+    ),
+]
+SweepRayCpusOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ray-cpus",
+        min=1,
+        help="CPUs the local Ray instance may use (rows at once: this over --threads).",
+        show_default="all of this machine's",
+    ),
+]
 RAY_LOCAL = "local"  # what `--ray` alone means (see _optional_ray_address)
 
 
@@ -58,13 +77,39 @@ RAY_LOCAL = "local"  # what `--ray` alone means (see _optional_ray_address)
 @command
 @insertion_options
 def sweep(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for sweep.json, rows.jsonl, results.csv/.json and plot.png.", show_default=False)],
-    model: Annotated[str | None, typer.Argument(help="A model name, or a sweep recipe (.yaml) with its configurations "
-                                                   "(or --models instead).", show_default=False, metavar="MODEL|RECIPE")] = None,
-    attn: Annotated[str | None, typer.Option("--attn", "-a", help=f"Attention blocks to sweep, a comma-separated list of {ATTN_HELP} "
-                                                "(none with --replace); required without a sweep recipe.", show_default="none")] = None,
-    position: Annotated[str | None, typer.Option("--position", "-p", help=f"Positions to sweep, a list of {','.join(POSITIONS)}. "
-                                                    "Default: each block's natural position.", show_default=False)] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Folder for sweep.json, rows.jsonl, results.csv/.json and plot.png.", show_default=False
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="A model name, or a sweep recipe (.yaml) with its configurations (or --models instead).",
+            show_default=False,
+            metavar="MODEL|RECIPE",
+        ),
+    ] = None,
+    attn: Annotated[
+        str | None,
+        typer.Option(
+            "--attn",
+            "-a",
+            help=f"Attention blocks to sweep, a comma-separated list of {ATTN_HELP} "
+            "(none with --replace); required without a sweep recipe.",
+            show_default="none",
+        ),
+    ] = None,
+    position: Annotated[
+        str | None,
+        typer.Option(
+            "--position",
+            "-p",
+            help=f"Positions to sweep, a list of {','.join(POSITIONS)}. Default: each block's natural position.",
+            show_default=False,
+        ),
+    ] = None,
     ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
     device: RecipeDeviceOpt = None,
     dtype: RecipeDtypeOpt = None,
@@ -77,7 +122,9 @@ def sweep(
     target_ci: TargetCiOpt = None,
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted sweep in --out: finished rows are kept.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Finish an interrupted sweep in --out: finished rows are kept.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out folder that holds a sweep.")] = False,
     models: SweepModelsOpt = None,
     model_arg: ModelArgsOpt = None,
@@ -107,8 +154,10 @@ def sweep(
     is_recipe = model is not None and model.lower().endswith((".yaml", ".yml"))
     if is_recipe:
         if attn or stages or blocks or options or replace or ins.anchors:
-            raise AttnSurgeonError("give either a sweep recipe or --attn/--position/--after/--before/--stages/--blocks/"
-                                   "--replace and block options, not both")
+            raise AttnSurgeonError(
+                "give either a sweep recipe or --attn/--position/--after/--before/--stages/--blocks/"
+                "--replace and block options, not both"
+            )
         spec = read_recipe(model)
         if spec.weights is not None:
             raise AttnSurgeonError(f"{model}: a sweep measures cost, which weights do not change: drop 'weights'")
@@ -141,8 +190,14 @@ def sweep(
                     continue
                 check_insertion_args(a, p, own, init, replace, **ins.anchors)
                 name = "/".join([a] * (len(attns) > 1) + [p] * (len(positions) > 1)) or a
-                item = {"attn": a, **({"position": p} if p else {}), "init": init, "options": own,
-                        **({"replace": True} if replace else {}), **ins.anchors}
+                item = {
+                    "attn": a,
+                    **({"position": p} if p else {}),
+                    "init": init,
+                    "options": own,
+                    **({"replace": True} if replace else {}),
+                    **ins.anchors,
+                }
                 if stages is not None:
                     item["stages"] = parse_ints(stages, "--stages")
                 if blocks is not None:
@@ -150,15 +205,20 @@ def sweep(
                 configurations.append({"name": name, "insertions": [item]})
         if skipped:
             if not configurations:
-                raise AttnSurgeonError(f"no block of --attn goes at any --position given ({', '.join(skipped)}): conv blocks "
-                                       "(sk, splat) go only at conv, gates anywhere but conv; leave --position out for "
-                                       "each block's natural position")
-            _stderr().print(f"[dim]note: left out {', '.join(skipped)}: a block's kind does not allow that position "
-                            "(conv blocks go only at conv, gates anywhere but conv)[/]")
+                raise AttnSurgeonError(
+                    f"no block of --attn goes at any --position given ({', '.join(skipped)}): conv blocks "
+                    "(sk, splat) go only at conv, gates anywhere but conv; leave --position out for "
+                    "each block's natural position"
+                )
+            _stderr().print(
+                f"[dim]note: left out {', '.join(skipped)}: a block's kind does not allow that position "
+                "(conv blocks go only at conv, gates anywhere but conv)[/]"
+            )
         spec = parse_recipe({"model": model or "", "configurations": configurations}, "the command line")
         configurations, settings, size = spec.configurations, {}, input_size
-    settings.update(_profile_overrides(device, dtype, batch_size, mode, threads, min_time,
-                                       max_time, channels_last, target_ci))
+    settings.update(
+        _profile_overrides(device, dtype, batch_size, mode, threads, min_time, max_time, channels_last, target_ci)
+    )
     if runtime is not None:  # a grid axis: every configuration measured in each runtime
         settings["runtimes"] = parse_runtimes(runtime)
     from ..sweeps.runner import run_sweep
@@ -166,9 +226,21 @@ def sweep(
     swept = split_list(models) if models is not None else spec.models or spec.model  # --models overrides a recipe's
     try:
         with _SweepProgress() as bar:
-            result = run_sweep(swept, configurations, out, settings=settings, input_size=size,
-                               model_kwargs={**spec.model_kwargs, **model_args}, target=target, resume=resume, force=force, progress=bar,
-                               ray=ray, ray_cpus=ray_cpus, memory_efficient=memory_efficient)
+            result = run_sweep(
+                swept,
+                configurations,
+                out,
+                settings=settings,
+                input_size=size,
+                model_kwargs={**spec.model_kwargs, **model_args},
+                target=target,
+                resume=resume,
+                force=force,
+                progress=bar,
+                ray=ray,
+                ray_cpus=ray_cpus,
+                memory_efficient=memory_efficient,
+            )
     except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM (a timeout, a batch job's limit)
         if isinstance(exc, SystemExit) and not exc.code:
             raise
@@ -179,8 +251,14 @@ def sweep(
         # caught the signal it says 1, so the status is set here, as a shell expects it after SIGTERM
         raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM) from None
     if json_out:
-        emit_json({"folder": str(result.folder), "measured": result.measured, "plot": str(result.plot) if result.plot else None,
-                   "rows": result.rows})
+        emit_json(
+            {
+                "folder": str(result.folder),
+                "measured": result.measured,
+                "plot": str(result.plot) if result.plot else None,
+                "rows": result.rows,
+            }
+        )
         return
     print_sweep(result)
 
@@ -195,8 +273,10 @@ def _say_interrupted(out: Path, force: bool) -> None:
         return
     rows = folder / ROWS_FILE
     kept = sum(1 for line in rows.read_text().splitlines() if line.strip()) if rows.exists() else 0
-    _stderr().print(f"[yellow]interrupted:[/] {kept} finished row{'s' * (kept != 1)} kept in {_escape(str(out))}; "
-                    "finish the sweep with the same arguments and --resume" + (" (in place of --force)" if force else ""))
+    _stderr().print(
+        f"[yellow]interrupted:[/] {kept} finished row{'s' * (kept != 1)} kept in {_escape(str(out))}; "
+        "finish the sweep with the same arguments and --resume" + (" (in place of --force)" if force else "")
+    )
 
 
 def _optional_ray_address(argv: list[str]) -> list[str]:
@@ -211,7 +291,3 @@ def _optional_ray_address(argv: list[str]) -> list[str]:
             if nxt is None or not re.fullmatch(r"local|auto|\w[\w+.-]*://\S*|[\w.-]+:\d+", nxt):
                 out.insert(i + 1, RAY_LOCAL)
     return out
-
-
-
-

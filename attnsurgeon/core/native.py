@@ -43,7 +43,11 @@ def quiet_native_output() -> Iterator[None]:
                 os.dup2(copy, fd)
                 os.close(copy)
             sink.seek(0)
-            kept = [line for line in sink.read().decode(errors="replace").splitlines() if line.strip() and not NOISE.search(line)]
+            kept = [
+                line
+                for line in sink.read().decode(errors="replace").splitlines()
+                if line.strip() and not NOISE.search(line)
+            ]
             if kept:
                 sys.stderr.write("\n".join(kept) + "\n")
                 sys.stderr.flush()

@@ -62,5 +62,3 @@ def analyse(gm: torch.fx.GraphModule, input_size: tuple[int, ...], require_block
     if shape_mode == "real":
         notes.append("shapes were propagated with one real batch-1 pass (an op had no meta kernel)")
     return Anatomy(gm, blocks, stages, tuple(input_size), grouping, shape_mode, existing_attention(gm), notes)
-
-

@@ -102,7 +102,7 @@ def glob_regex(pattern: str) -> re.Pattern:
             if end < 0:
                 out.append(re.escape(c))
             else:
-                body = pattern[i + 1:end]
+                body = pattern[i + 1 : end]
                 out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
                 i = end
         else:
@@ -131,9 +131,17 @@ class AnchorInfo:
     why_not: str | None = None  # why neither side can take a block
 
     def to_dict(self) -> dict[str, Any]:
-        return {"module": self.name, "type": self.type, "stage": self.stage, "calls": self.calls,
-                "input": list(self.input) if self.input else None, "output": list(self.output) if self.output else None,
-                "before": self.layout_in, "after": self.layout_out, **({"why_not": self.why_not} if self.why_not else {})}
+        return {
+            "module": self.name,
+            "type": self.type,
+            "stage": self.stage,
+            "calls": self.calls,
+            "input": list(self.input) if self.input else None,
+            "output": list(self.output) if self.output else None,
+            "before": self.layout_in,
+            "after": self.layout_out,
+            **({"why_not": self.why_not} if self.why_not else {}),
+        }
 
 
 def anchor_table(anatomy: Any) -> list[AnchorInfo]:
@@ -151,9 +159,19 @@ def anchor_table(anatomy: Any) -> list[AnchorInfo]:
             why, lin, lout = f"runs {len(region.calls)} times per forward", None, None
         elif lin is None and lout is None:
             why = "neither its input nor its output is one feature map"
-        rows.append(AnchorInfo(region.name, region.type, _stage_of(anatomy, region.name), len(region.calls),
-                               shape_of(x) if x is not None else None, shape_of(y) if y is not None else None,
-                               lin.name if lin else None, lout.name if lout else None, why))
+        rows.append(
+            AnchorInfo(
+                region.name,
+                region.type,
+                _stage_of(anatomy, region.name),
+                len(region.calls),
+                shape_of(x) if x is not None else None,
+                shape_of(y) if y is not None else None,
+                lin.name if lin else None,
+                lout.name if lout else None,
+                why,
+            )
+        )
     return rows
 
 
@@ -161,19 +179,28 @@ def anchors_matching(rows: list[AnchorInfo], pattern: str) -> list[AnchorInfo]:
     """The rows of ``inspect --anchors GLOB``: the modules the glob matches and those inside them
     (``decoder.*`` keeps ``decoder.blocks.0.conv1``); a glob that matches no module is an error."""
     rx = glob_regex(pattern)
-    kept = [r for r in rows if any(rx.match(".".join(r.name.split(".")[:i + 1])) for i in range(r.name.count(".") + 1))]
+    kept = [
+        r for r in rows if any(rx.match(".".join(r.name.split(".")[: i + 1])) for i in range(r.name.count(".") + 1))
+    ]
     if not kept:
-        raise AttnSurgeonError(f"--anchors {pattern}: no module matches (globs: * within one dotted name, ** across "
-                               "names)." + did_you_mean(pattern, [r.name for r in rows])
-                               + " `--anchors` alone lists every module")
+        raise AttnSurgeonError(
+            f"--anchors {pattern}: no module matches (globs: * within one dotted name, ** across "
+            "names)." + did_you_mean(pattern, [r.name for r in rows]) + " `--anchors` alone lists every module"
+        )
     return kept
 
 
 # --------------------------------------------------------------------------- resolving an anchored spec
 
 
-def anchor_blocks(anatomy: Any, which: str, globs: list[str], stages: list[int] | None = None,
-                  blocks: list[str] | None = None, model_names: Iterable[str] | None = None) -> list[Any]:
+def anchor_blocks(
+    anatomy: Any,
+    which: str,
+    globs: list[str],
+    stages: list[int] | None = None,
+    blocks: list[str] | None = None,
+    model_names: Iterable[str] | None = None,
+) -> list[Any]:
     """One :class:`~attnsurgeon.graph.anatomy.Block` of kind ``anchor`` per module the globs match, with its
     ``which`` (``after``/``before``) site; ``stages``/``blocks`` keep the modules inside the selected
     blocks. Every refusal is one :class:`AttnSurgeonError`, raised before anything changes."""
@@ -188,15 +215,31 @@ def anchor_blocks(anatomy: Any, which: str, globs: list[str], stages: list[int] 
         matched += hits
     if stages or blocks:
         chosen = select_blocks(anatomy, stages, blocks)
-        inside = [n for n in matched if any(_within(n, b) for b in chosen)
-                  or any(n == s.name or n.startswith(s.name + ".") for s in anatomy.stages
-                         if anatomy.grouping == "containers" and (not stages or s.index in stages) and not blocks)]
+        inside = [
+            n
+            for n in matched
+            if any(_within(n, b) for b in chosen)
+            or any(
+                n == s.name or n.startswith(s.name + ".")
+                for s in anatomy.stages
+                if anatomy.grouping == "containers" and (not stages or s.index in stages) and not blocks
+            )
+        ]
         if not inside:
-            what = ", ".join(filter(None, [f"stages {','.join(map(str, stages))}" if stages else "",
-                                           f"blocks {','.join(blocks)}" if blocks else ""]))
-            raise AttnSurgeonError(f"--{which} {','.join(globs)}: none of the {len(matched)} matching modules "
-                                   f"({few(matched, 3)}) lies inside the selected {what}; --stages/--blocks narrow the "
-                                   "anchors to modules inside them")
+            what = ", ".join(
+                filter(
+                    None,
+                    [
+                        f"stages {','.join(map(str, stages))}" if stages else "",
+                        f"blocks {','.join(blocks)}" if blocks else "",
+                    ],
+                )
+            )
+            raise AttnSurgeonError(
+                f"--{which} {','.join(globs)}: none of the {len(matched)} matching modules "
+                f"({few(matched, 3)}) lies inside the selected {what}; --stages/--blocks narrow the "
+                "anchors to modules inside them"
+            )
         matched = inside
     order = {n: i for i, n in enumerate(anatomy.gm.graph.nodes)}
     out = [_anchor_block(anatomy, regions, regions[name], which) for name in matched]
@@ -211,39 +254,68 @@ def _anchor_block(anatomy: Any, regions: dict[str, Region], region: Region, whic
 
     name = region.name
     if len(region.calls) > 1:
-        raise AttnSurgeonError(f"--{which} {name}: {region.type} '{name}' runs {len(region.calls)} times in one forward "
-                               "(one module called again, its weights shared): a block there would gate every call. "
-                               "Anchor on a module that runs once (the one that calls it, or one next to each call)")
+        raise AttnSurgeonError(
+            f"--{which} {name}: {region.type} '{name}' runs {len(region.calls)} times in one forward "
+            "(one module called again, its weights shared): a block there would gate every call. "
+            "Anchor on a module that runs once (the one that calls it, or one next to each call)"
+        )
     if which == "after":
         ends = region.outputs()
         if len(ends) != 1:
-            raise AttnSurgeonError(f"--after {name}: the output of {region.type} '{name}' is not one tensor "
-                                   f"({_values(ends)}); anchor on a module inside it whose output is")
+            raise AttnSurgeonError(
+                f"--after {name}: the output of {region.type} '{name}' is not one tensor "
+                f"({_values(ends)}); anchor on a module inside it whose output is"
+            )
         producer = ends[0]
         inside = set(region.nodes)
         consumers = [u for u in producer.users if u not in inside]
     else:
         starts = region.inputs()
         if len(starts) != 1:
-            raise AttnSurgeonError(f"--before {name}: {region.type} '{name}' does not receive one tensor "
-                                   f"({_values(starts)}); anchor on a module whose input is one feature map")
+            raise AttnSurgeonError(
+                f"--before {name}: {region.type} '{name}' does not receive one tensor "
+                f"({_values(starts)}); anchor on a module whose input is one feature map"
+            )
         producer = starts[0]
         consumers = [n for n in region.nodes if producer in n.all_input_nodes]
     shape, layout = shape_of(producer), layout_of(producer)
     if shape is None or layout is None:
         side = "output" if which == "after" else "input"
         got = f"a {tuple(shape)} tensor" if shape is not None else "not a tensor"
-        raise AttnSurgeonError(f"--{which} {name}: the {side} of {region.type} '{name}' is {got}, not a feature map "
-                               "with a channel axis beside 1 to 3 spatial or token axes: no block fits there")
+        raise AttnSurgeonError(
+            f"--{which} {name}: the {side} of {region.type} '{name}' is {got}, not a feature map "
+            "with a channel axis beside 1 to 3 spatial or token axes: no block fits there"
+        )
     parent = name.rpartition(".")[0]
     if parent and parent not in regions:  # the root of a traced part: hang the block inside it
         parent = name
-    site = Site(which, producer, tuple(dict.fromkeys(consumers)), layout.channels(shape), layout, tuple(shape),
-                module=parent, scope=_scope_upto(producer if which == "after" else consumers[0], parent), anchor=name)
+    site = Site(
+        which,
+        producer,
+        tuple(dict.fromkeys(consumers)),
+        layout.channels(shape),
+        layout,
+        tuple(shape),
+        module=parent,
+        scope=_scope_upto(producer if which == "after" else consumers[0], parent),
+        anchor=name,
+    )
     enclosing = _enclosing(anatomy, name)
-    return Block(enclosing.name if enclosing is not None else "-", parent, region.type, "anchor", None, site.channels,
-                 site.size, layout.name, 0, _stage_of(anatomy, name), {which: site}, frozenset(region.nodes),
-                 dict(site.scope))
+    return Block(
+        enclosing.name if enclosing is not None else "-",
+        parent,
+        region.type,
+        "anchor",
+        None,
+        site.channels,
+        site.size,
+        layout.name,
+        0,
+        _stage_of(anatomy, name),
+        {which: site},
+        frozenset(region.nodes),
+        dict(site.scope),
+    )
 
 
 def _within(name: str, block: Any) -> bool:
@@ -268,7 +340,9 @@ def _stage_of(anatomy: Any, name: str) -> int:
     return 0
 
 
-def _no_match(anatomy: Any, which: str, pattern: str, regions: dict[str, Region], model_names: Iterable[str] | None) -> str:
+def _no_match(
+    anatomy: Any, which: str, pattern: str, regions: dict[str, Region], model_names: Iterable[str] | None
+) -> str:
     """Why a glob matched nothing: a typo (close names), a module kept whole, or one outside the traced parts."""
     names = list(regions)
     leaves = {n: r for n, r in regions.items() if r.leaf}
@@ -276,23 +350,32 @@ def _no_match(anatomy: Any, which: str, pattern: str, regions: dict[str, Region]
         sub = [f"{leaf}.{s}" for s, _ in anatomy.gm.get_submodule(leaf).named_modules() if s]
         hidden = match_modules(pattern, sub)
         if hidden:
-            return (f"--{which} {pattern}: {few(hidden, 2)} lies inside {region.type} '{leaf}', which the tracer keeps "
-                    f"whole (a module it cannot trace through): anchor on '{leaf}' itself")
+            return (
+                f"--{which} {pattern}: {few(hidden, 2)} lies inside {region.type} '{leaf}', which the tracer keeps "
+                f"whole (a module it cannot trace through): anchor on '{leaf}' itself"
+            )
     if model_names is not None:
         outside = match_modules(pattern, [n for n in model_names if n not in regions])
         if outside and anatomy.target:
-            return (f"--{which} {pattern}: {few(outside, 2)} lies outside the traced part"
-                    f"{'s' if len(anatomy.target) > 1 else ''} ({', '.join(anatomy.target)}), which alone can be rewritten; "
-                    "--target chooses the parts")
+            return (
+                f"--{which} {pattern}: {few(outside, 2)} lies outside the traced part"
+                f"{'s' if len(anatomy.target) > 1 else ''} ({', '.join(anatomy.target)}), which alone can be rewritten; "
+                "--target chooses the parts"
+            )
         if outside:
-            return (f"--{which} {pattern}: {few(outside, 2)} is not called when the model runs on its sample input: "
-                    "nothing to gate there")
+            return (
+                f"--{which} {pattern}: {few(outside, 2)} is not called when the model runs on its sample input: "
+                "nothing to gate there"
+            )
     hint = did_you_mean(pattern, names)
     if not hint and "*" not in pattern:
         near = [n for n in names if n.startswith(pattern + ".")][:3]
         hint = f" Modules under it: {', '.join(near)}." if near else ""
-    return (f"--{which} {pattern}: no module matches (globs: * within one dotted name, ** across names)." + hint
-            + " `attnsurgeon inspect MODEL --anchors` lists the modules and their shapes")
+    return (
+        f"--{which} {pattern}: no module matches (globs: * within one dotted name, ** across names)."
+        + hint
+        + " `attnsurgeon inspect MODEL --anchors` lists the modules and their shapes"
+    )
 
 
 def _values(nodes: list[Node]) -> str:
@@ -300,7 +383,9 @@ def _values(nodes: list[Node]) -> str:
 
     if not nodes:
         return "none of its own"
-    return f"{len(nodes)} values: " + ", ".join(str(tuple(shape_of(n))) if shape_of(n) is not None else n.name for n in nodes[:3])
+    return f"{len(nodes)} values: " + ", ".join(
+        str(tuple(shape_of(n))) if shape_of(n) is not None else n.name for n in nodes[:3]
+    )
 
 
 def _is_tensor(n: Node) -> bool:

@@ -21,7 +21,12 @@ from .shapes import propagate_shapes, shape_of
 from .sites import Site, _site
 
 __all__ = [
-    "existing_attention", "attention_modules", "AttentionRegion", "region_io", "attention_regions", "in_module",
+    "existing_attention",
+    "attention_modules",
+    "AttentionRegion",
+    "region_io",
+    "attention_regions",
+    "in_module",
     "attention_region",
 ]
 
@@ -55,8 +60,6 @@ def attention_modules(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
             seen.setdefault(n.target, type(m).__name__)
             works[n.target] = works.get(n.target, False) or not passes
     return [(name, cls) for name, cls in seen.items() if name and works.get(name) and ATTENTION_CLASS.search(cls)]
-
-
 
 
 @dataclass
@@ -133,7 +136,9 @@ def attention_region(gm: torch.fx.GraphModule, name: str, cls: str) -> Attention
     return region
 
 
-_NOT_A_GATE = "its output is not its input scaled by gates it computes (self-attention and kernel selection are not replaced)"
+_NOT_A_GATE = (
+    "its output is not its input scaled by gates it computes (self-attention and kernel selection are not replaced)"
+)
 _MUL = {operator.mul, operator.imul, torch.mul}
 _MUL_METHODS = {"mul", "mul_", "__mul__", "__rmul__"}
 _EXPANDS = {"expand", "expand_as", "broadcast_to"}
@@ -167,8 +172,12 @@ def _gates_input(nodes: frozenset, x: Node, y: Node) -> bool:
 
 
 def _unexpanded(n: Node) -> Node:
-    while n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target) in _EXPANDS \
-            and n.args and isinstance(n.args[0], Node):
+    while (
+        n.op in ("call_method", "call_function")
+        and getattr(n.target, "__name__", n.target) in _EXPANDS
+        and n.args
+        and isinstance(n.args[0], Node)
+    ):
         n = n.args[0]
     return n
 
@@ -198,5 +207,3 @@ def _leaf_gates(module: nn.Module, shape: tuple[int, ...]) -> tuple[bool, str]:
     if not _gates_input(inner, xs[0], out):
         return False, _NOT_A_GATE
     return True, ""
-
-

@@ -32,7 +32,9 @@ from .shapes import shape_of
 from .sites import Block, Site, Stage, _site
 
 
-def _complete(block: Block, sites: list[Site | None], nodes: Iterable[Node], scope: dict, main: str = "standard") -> Block | None:
+def _complete(
+    block: Block, sites: list[Site | None], nodes: Iterable[Node], scope: dict, main: str = "standard"
+) -> Block | None:
     """Fill in a block from its sites (channels, layout and resolution from the ``main`` site);
     None where that site is not insertable."""
     block.sites = {s.position: s for s in sites if s is not None}
@@ -77,8 +79,17 @@ def _conv_site(g: _Graph, region: Iterable[Node]) -> Site | None:
     if sum(1 for u in g.nodes if u.op == "call_module" and u.target == n.target) > 1:
         return None  # one conv called twice (shared weights): replacing the module would change both calls
     padding = "dynamic" if type(m).__name__.endswith("Same") else m.padding  # timm's Conv2dSame pads per input
-    spec = ConvSpec(m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride), padding, tuple(m.dilation),
-                    m.groups, m.bias is not None, m.padding_mode)
+    spec = ConvSpec(
+        m.in_channels,
+        m.out_channels,
+        tuple(m.kernel_size),
+        tuple(m.stride),
+        padding,
+        tuple(m.dilation),
+        m.groups,
+        m.bias is not None,
+        m.padding_mode,
+    )
     site = _site("conv", x, [n])
     if site is None:
         return None
@@ -225,8 +236,20 @@ def _residual_blocks(g: _Graph) -> list[Block]:
     return blocks
 
 
-_SHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "squeeze",
-                  "unsqueeze", "size", "view_as", "reshape_as"}
+_SHAPE_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "permute",
+    "transpose",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "size",
+    "view_as",
+    "reshape_as",
+}
 _SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
 _PRODUCTS = {operator.mul, operator.imul, operator.truediv, torch.mul, "mul", "mul_", "div", "div_"}
 
@@ -345,7 +368,8 @@ def _conv_units(g: _Graph) -> list[Block]:
     for n in g.nodes:
         m = called_module(g.gm, n)
         is_conv = (m is not None and isinstance(m, CONV_MODULES)) or (
-            n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.conv3d))
+            n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.conv3d)
+        )
         if not is_conv:
             continue
         chain, end, has_act = [n], n, False
@@ -358,7 +382,9 @@ def _conv_units(g: _Graph) -> list[Block]:
         name = n.target if n.op == "call_module" else n.name
         inp = n.args[0] if isinstance(n.args[0], Node) else None
         parent = name.rsplit(".", 1)[0] if "." in name else ""
-        block = Block(name, parent, type(m).__name__ if m is not None else "conv", "unit", None, 0, (), "", g.index[end])
+        block = Block(
+            name, parent, type(m).__name__ if m is not None else "conv", "unit", None, 0, (), "", g.index[end]
+        )
         sites = [
             _site("standard", end, list(end.users)),
             _site("pre", inp, [n]) if inp is not None else None,
@@ -402,5 +428,3 @@ def _group_stages(blocks: list[Block]) -> tuple[list[Stage], str]:
 
 
 # --------------------------------------------------------------------------- selection
-
-

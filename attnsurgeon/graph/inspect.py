@@ -12,8 +12,9 @@ from .parts import trace_model
 from .sites import Anatomy
 
 
-def inspect_model(model: Any, *, input_size: Any = None, pretrained: bool = False, weights: Any = None,
-                  target: Any = None) -> tuple[LoadedModel, Anatomy]:
+def inspect_model(
+    model: Any, *, input_size: Any = None, pretrained: bool = False, weights: Any = None, target: Any = None
+) -> tuple[LoadedModel, Anatomy]:
     """Trace a model (or the parts named by ``target``, or found where the whole does not trace: see
     :mod:`attnsurgeon.graph.parts`) and find its stages, blocks, positions and existing attention.
 

@@ -97,8 +97,10 @@ def channels_last_format(ndim: int) -> str:
 
 # --------------------------------------------------------------------------- input sizes
 
-_SIZE_HELP = ("S (the image side), H,W, C,H,W, T,H,W or C,T,H,W for video, C,L for 1-D signals "
-              "(e.g. 224, 160x128, 3,16,112,112 or 1,16000)")
+_SIZE_HELP = (
+    "S (the image side), H,W, C,H,W, T,H,W or C,T,H,W for video, C,L for 1-D signals "
+    "(e.g. 224, 160x128, 3,16,112,112 or 1,16000)"
+)
 
 
 def parse_size(value: Any, what: str = "input size") -> list[int]:
@@ -133,8 +135,10 @@ def resolve_input_size(value: Any, default: Sequence[int] | None) -> tuple[int, 
     values = parse_size(value)
     if default is None:
         if len(values) < 2:
-            raise AttnSurgeonError(f"input size {values}: the model does not say what input it takes, so give its "
-                                   f"channels too ({_SIZE_HELP})")
+            raise AttnSurgeonError(
+                f"input size {values}: the model does not say what input it takes, so give its "
+                f"channels too ({_SIZE_HELP})"
+            )
         return tuple(values)
     default = [int(v) for v in default]
     if len(values) == 1:

@@ -93,19 +93,24 @@ class _Graph:
                 return True  # a conv block in a conv's place (ours, timm's skresnet/resnest) does the conv's work
             if ATTENTION_CLASS.search(type(m).__name__) and not isinstance(m, nn.MultiheadAttention):
                 return False  # attention gates (ours or the model's) are not the branch's own work
-            return isinstance(m, WEIGHTED_MODULES) or (any(True for _ in m.parameters()) and not _is_chain_op(self.gm, n))
+            return isinstance(m, WEIGHTED_MODULES) or (
+                any(True for _ in m.parameters()) and not _is_chain_op(self.gm, n)
+            )
         if n.op == "call_function" and n.target in WEIGHTED_FUNCTIONS:
             return True
         # a function fed a weight matrix does the branch's work (torchvision's shifted_window_attention)
         return n.op in ("call_function", "call_method") and any(
-            a.op == "get_attr" and len(shape_of(a) or ()) >= 2 for a in n.all_input_nodes)
+            a.op == "get_attr" and len(shape_of(a) or ()) >= 2 for a in n.all_input_nodes
+        )
 
     def weight(self, nodes: Iterable[Node]) -> int:
         return sum(1 for n in nodes if self.is_weighted(n))
 
 
 def _is_add(n: Node) -> bool:
-    return (n.op == "call_function" and n.target in ADD_FUNCTIONS) or (n.op == "call_method" and n.target in ADD_METHODS)
+    return (n.op == "call_function" and n.target in ADD_FUNCTIONS) or (
+        n.op == "call_method" and n.target in ADD_METHODS
+    )
 
 
 def _is_chain_op(gm: torch.fx.GraphModule, n: Node) -> bool:
@@ -123,8 +128,11 @@ def _is_chain_op(gm: torch.fx.GraphModule, n: Node) -> bool:
 def _is_activation(gm: torch.fx.GraphModule, n: Node) -> bool:
     m = called_module(gm, n)
     if m is not None:
-        return is_activation_module(m) or (isinstance(m, NORM_MODULES) and type(m).__name__.endswith("Act2d")
-                                            and not isinstance(getattr(m, "act", None), nn.Identity))
+        return is_activation_module(m) or (
+            isinstance(m, NORM_MODULES)
+            and type(m).__name__.endswith("Act2d")
+            and not isinstance(getattr(m, "act", None), nn.Identity)
+        )
     if n.op == "call_function":
         return n.target in ACT_FUNCTIONS
     return n.op == "call_method" and n.target in (ACT_METHODS - {"sigmoid"})
@@ -132,7 +140,11 @@ def _is_activation(gm: torch.fx.GraphModule, n: Node) -> bool:
 
 def _is_stochastic_leaf(m: nn.Module) -> bool:
     return not any(True for _ in m.parameters()) and type(m).__name__ in (
-        "DropPath", "StochasticDepth", "DropBlock2d", "DropBlockFast2d")
+        "DropPath",
+        "StochasticDepth",
+        "DropBlock2d",
+        "DropBlockFast2d",
+    )
 
 
 def _spatial_kernel(gm: torch.fx.GraphModule, n: Node) -> bool:
@@ -175,5 +187,3 @@ def _innermost_container(n: Node) -> tuple[str, str]:
     if n.op == "call_module" and scope and scope[-1][0] == n.target:
         scope = scope[:-1]  # a leaf module's own entry
     return scope[-1] if scope else ("", "")
-
-

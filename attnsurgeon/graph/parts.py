@@ -117,6 +117,7 @@ def record_inputs(model: Any, size: tuple[int, ...]) -> RecordedInputs:
             seen[name] = tuple(tensors[0].shape) if only else None
             if only and kwargs:
                 seen.kwargs[name] = dict(kwargs)
+
         return pre
 
     for name, module in model.named_modules():
@@ -126,8 +127,15 @@ def record_inputs(model: Any, size: tuple[int, ...]) -> RecordedInputs:
     model.eval()
     try:
         with torch.no_grad():
-            model(*sample_args(model, size, 1, generator=torch.Generator().manual_seed(0),
-                               device=next((p.device for p in model.parameters()), None)))
+            model(
+                *sample_args(
+                    model,
+                    size,
+                    1,
+                    generator=torch.Generator().manual_seed(0),
+                    device=next((p.device for p in model.parameters()), None),
+                )
+            )
     except Exception as exc:
         raise AttnSurgeonError(
             f"the model does not run on its sample input ({_describe_input(model, size)}): "
@@ -157,8 +165,9 @@ class Found:
     inputs: dict[str, Any]
 
 
-def find_targets(model: Any, size: tuple[int, ...], inputs: dict[str, Any] | None = None,
-                 exhaustive: bool = False) -> Found:
+def find_targets(
+    model: Any, size: tuple[int, ...], inputs: dict[str, Any] | None = None, exhaustive: bool = False
+) -> Found:
     """Breadth first from the model's children: the submodules at the first depth where some trace
     (called with one tensor) and hold blocks. ``exhaustive`` goes on to every depth (for error
     messages); either way a hit's own children are not tried: the largest part wins."""
@@ -201,26 +210,34 @@ def _check_target(model: Any, target: str, inputs: dict[str, Any], size: tuple[i
     if target not in names:
         raise AttnSurgeonError(
             f"--target '{target}': {type(model).__name__} has no submodule of that name."
-            + did_you_mean(target, names) + _traceable_hint(model, size, inputs)
+            + did_you_mean(target, names)
+            + _traceable_hint(model, size, inputs)
         )
     shape = inputs.get(target)
     if target not in inputs:
-        raise AttnSurgeonError(f"--target '{target}' is not called when the model runs on its sample input."
-                               + _traceable_hint(model, size, inputs))
+        raise AttnSurgeonError(
+            f"--target '{target}' is not called when the model runs on its sample input."
+            + _traceable_hint(model, size, inputs)
+        )
     if shape is None:
-        raise AttnSurgeonError(f"--target '{target}' is called with something other than one tensor (a list, "
-                               "several arguments), which the tracer cannot be given." + _traceable_hint(model, size, inputs))
+        raise AttnSurgeonError(
+            f"--target '{target}' is called with something other than one tensor (a list, "
+            "several arguments), which the tracer cannot be given." + _traceable_hint(model, size, inputs)
+        )
     from .tracing import trace
 
     try:
         gm = trace(model.get_submodule(target), tuple(shape[1:]), _kwargs(inputs, target))
     except AttnSurgeonError as exc:
-        raise AttnSurgeonError(f"--target '{target}' does not trace: {exc}" + _traceable_hint(model, size, inputs)) from exc
+        raise AttnSurgeonError(
+            f"--target '{target}' does not trace: {exc}" + _traceable_hint(model, size, inputs)
+        ) from exc
     try:
         analyse(gm, tuple(shape[1:]))
     except AttnSurgeonError as exc:
-        raise AttnSurgeonError(f"--target '{target}' traces but offers no place for a block: {exc}."
-                               + _traceable_hint(model, size, inputs)) from exc
+        raise AttnSurgeonError(
+            f"--target '{target}' traces but offers no place for a block: {exc}." + _traceable_hint(model, size, inputs)
+        ) from exc
 
 
 def _traceable_hint(model: Any, size: tuple[int, ...], inputs: dict[str, Any]) -> str:
@@ -264,8 +281,14 @@ def _trace_parts(model: Any, targets: list[str], inputs: dict[str, Any], whole_e
     for t, sub in holders:
         _restore_unused_state(sub, gm.get_submodule(t))
     gm.train(model.training)
-    notes = [f"{type(model).__name__} does not trace whole: surgery works on "
-             f"{', '.join(targets)}; the rest of the model runs as it is"] if whole_error else []
+    notes = (
+        [
+            f"{type(model).__name__} does not trace whole: surgery works on "
+            f"{', '.join(targets)}; the rest of the model runs as it is"
+        ]
+        if whole_error
+        else []
+    )
     return Traced(gm, list(targets), sizes, whole_error, notes)
 
 
@@ -441,7 +464,10 @@ def _split(graph: Any, placeholder: Any, output: Any, prefix: str) -> Any:
         for key, value in (n.meta.get("nn_module_stack") or {}).items():
             qual = value[0] if isinstance(value, tuple) else value
             if qual.startswith(prefix + "."):
-                stack_[key[cut:] if key.startswith(prefix + ".") else key] = (qual[cut:], value[1] if isinstance(value, tuple) else None)
+                stack_[key[cut:] if key.startswith(prefix + ".") else key] = (
+                    qual[cut:],
+                    value[1] if isinstance(value, tuple) else None,
+                )
         copy_.meta["nn_module_stack"] = stack_
         copy_.meta.pop("as_unit", None)
         val_map[n] = copy_

@@ -152,7 +152,9 @@ def _moved_axis(n: Node, out: tuple[int, ...]) -> int | None:
     ax, ins = src.meta["as_caxis"], shape_of(src)
     name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
     if name == "permute":
-        dims = [d for d in n.args[1:]] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else list(n.args[1])
+        dims = (
+            [d for d in n.args[1:]] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else list(n.args[1])
+        )
         dims = [d % len(ins) for d in dims]
         return dims.index(ax) if ax in dims else None
     if name in ("transpose", "swapaxes"):

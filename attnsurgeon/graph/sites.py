@@ -142,7 +142,9 @@ def _site(position: str, producer: Node, consumers: Iterable[Node]) -> Site | No
     return Site(position, producer, consumers, layout.channels(shape), layout, shape)
 
 
-def select_blocks(anatomy: Anatomy, stages: Iterable[int] | None = None, blocks: Iterable[str] | None = None) -> list[Block]:
+def select_blocks(
+    anatomy: Anatomy, stages: Iterable[int] | None = None, blocks: Iterable[str] | None = None
+) -> list[Block]:
     """Blocks in ``stages`` (1-based) whose names match any of the ``blocks`` globs; all by default."""
     chosen = list(anatomy.blocks)
     n = len(anatomy.stages)

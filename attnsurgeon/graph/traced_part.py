@@ -58,8 +58,9 @@ class TracedPart(torch.fx.GraphModule):
         return _unpickle, (rebuild, args, type(self).__name__, self.graph._codegen)
 
 
-def _tolerant(graph_forward: Callable[..., Any], owner: str, names: list[str],
-              defaults: dict[str, Any]) -> Callable[..., Any]:
+def _tolerant(
+    graph_forward: Callable[..., Any], owner: str, names: list[str], defaults: dict[str, Any]
+) -> Callable[..., Any]:
     def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         given = {**dict(zip(names[1:], args, strict=False)), **kwargs}  # fewer arguments than names
         odd = [k for k, v in given.items() if not (v is None or (k in defaults and v == defaults[k]))]

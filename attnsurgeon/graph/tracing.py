@@ -47,8 +47,14 @@ class _Tracer(torch.fx.Tracer):
       in-place op the graph cannot see (``kept_whole``).
     """
 
-    def __init__(self, leaf_types: tuple[type, ...] = (), notrace: frozenset = frozenset(), kept_whole: set | None = None,
-                 autowrap_functions: tuple = (), input_size: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        leaf_types: tuple[type, ...] = (),
+        notrace: frozenset = frozenset(),
+        kept_whole: set | None = None,
+        autowrap_functions: tuple = (),
+        input_size: tuple[int, ...] | None = None,
+    ):
         # every argument has a default: fx records the tracer's class on the GraphModule and builds it
         # bare to read the generated code back when the model is unpickled (torch.save of the model)
         super().__init__(autowrap_functions=autowrap_functions)
@@ -255,8 +261,13 @@ def _unseen_inplace(graph: torch.fx.Graph, classes: set[type]) -> set[type]:
     found: set[type] = set()
     for n in graph.nodes:
         name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-        if n.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") \
-                and not name.startswith("_") and not n.users:
+        if (
+            n.op in ("call_method", "call_function")
+            and isinstance(name, str)
+            and name.endswith("_")
+            and not name.startswith("_")
+            and not n.users
+        ):
             for value in (n.meta.get("nn_module_stack") or {}).values():
                 cls = value[1] if isinstance(value, tuple) else None
                 if cls in classes:
@@ -264,8 +275,9 @@ def _unseen_inplace(graph: torch.fx.Graph, classes: set[type]) -> set[type]:
     return found
 
 
-def trace(model: nn.Module, input_size: tuple[int, ...] | None = None,
-          kwargs: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+def trace(
+    model: nn.Module, input_size: tuple[int, ...] | None = None, kwargs: dict[str, Any] | None = None
+) -> torch.fx.GraphModule:
     """Trace ``model`` (in eval mode) into a GraphModule that keeps every parameter and buffer name.
 
     The model is called with one input tensor: the other parameters of its ``forward`` that have
@@ -298,8 +310,10 @@ def trace(model: nn.Module, input_size: tuple[int, ...] | None = None,
                     constants = _trace_constants(tracer, model)
                     stored = _restore_attributes(saved)
                 if stored:  # a cache (YOLO's anchors): a graph cannot hold that side effect
-                    raise torch.fx.proxy.TraceError(f"its forward stores a traced value on module "
-                                                    f"'{stored[0][0] or '(root)'}' (self.{stored[0][1]})")
+                    raise torch.fx.proxy.TraceError(
+                        f"its forward stores a traced value on module "
+                        f"'{stored[0][0] or '(root)'}' (self.{stored[0][1]})"
+                    )
             except Exception as exc:
                 if tracer.failed_through is not None and tracer.failed_through not in kept_whole:
                     kept_whole.add(tracer.failed_through)  # its library was right: keep it whole
@@ -372,8 +386,9 @@ def _restore_attributes(saved: list[tuple[str, nn.Module, dict]]) -> list[tuple[
     for name, m, before in saved:
         now = m.__dict__
         for key in [k for k in now if k not in before or now[k] is not before[k]]:
-            if isinstance(now[key], torch.fx.Proxy) or (isinstance(now[key], (tuple, list))
-                                                        and any(isinstance(v, torch.fx.Proxy) for v in now[key])):
+            if isinstance(now[key], torch.fx.Proxy) or (
+                isinstance(now[key], (tuple, list)) and any(isinstance(v, torch.fx.Proxy) for v in now[key])
+            ):
                 stored.append((name, key))
             if key in before:
                 now[key] = before[key]
@@ -393,7 +408,8 @@ def _fixed_inputs(model: nn.Module) -> dict[str, Any]:
     fixed: dict[str, Any] = {
         p.name: p.default
         for p in params[1:]
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.default is not p.empty
         and (p.default is None or isinstance(p.default, (bool, int, float, str)))
     }
     for p in params[1:]:  # fx names their placeholders *args and **kwargs
@@ -459,8 +475,9 @@ def _trace_failure(model: nn.Module, tracer: _Tracer, exc: Exception) -> str:
     if tracer.failed_in:
         qual, cls = tracer.failed_in
         where = f" in module '{qual or '(root)'}' ({cls})"
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "/torch/" not in f.filename and f.filename != __file__]  # the user's line, not the tracer's
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename and f.filename != __file__
+    ]  # the user's line, not the tracer's
     line = ""
     if frames:
         f = frames[-1]

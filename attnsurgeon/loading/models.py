@@ -37,8 +37,11 @@ from .weights import WEIGHT_SUFFIXES, check_weights_path, load_weights
 SOURCES = ("torchvision", "timm", *BY_SOURCE, "file", "module", "object")
 _PREFIXES = {"tv": "torchvision", "torchvision": "torchvision", "timm": "timm"}
 # the builder argument that sets the number of classes, named where a weights file's classifier differs
-CLASSES_ARGS = {"torchvision": "num_classes", "timm": "num_classes",
-                **{i.source: i.classes_arg for i in INTEGRATIONS.values() if i.classes_arg}}
+CLASSES_ARGS = {
+    "torchvision": "num_classes",
+    "timm": "num_classes",
+    **{i.source: i.classes_arg for i in INTEGRATIONS.values() if i.classes_arg},
+}
 
 
 @dataclass
@@ -168,12 +171,15 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     if not sep and spec.lower().endswith(saved):
         hint = {
             ".pt": "an ultralytics checkpoint (best.pt) is named yolo:PATH.pt; load a state dict or a training "
-                   "checkpoint into a named model with --weights",
+            "checkpoint into a named model with --weights",
             ".safetensors": "a model saved by attnsurgeon: `profile`, `export` and `inspect` take it (they load it first); "
-                            "load plain weights with --weights",
+            "load plain weights with --weights",
             ".yaml": "a recipe: run it with `attnsurgeon apply` or `attnsurgeon sweep`",
             ".yml": "a recipe: run it with `attnsurgeon apply` or `attnsurgeon sweep`",
-        }.get(Path(spec).suffix.lower(), "load a state dict into a named model with --weights; .onnx/.pt2/.ts files are outputs, not inputs")
+        }.get(
+            Path(spec).suffix.lower(),
+            "load a state dict into a named model with --weights; .onnx/.pt2/.ts files are outputs, not inputs",
+        )
         raise AttnSurgeonError(f"'{spec}' is a file, not a model name: {hint}")
     if sep:
         # ``path/file.py:factory`` or ``pkg.mod:factory``; a Windows drive letter never reaches here
@@ -238,8 +244,10 @@ def build_model(
     if pretrained and weights is not None:
         raise AttnSurgeonError("give either --pretrained or --weights, not both")
     if is_saved(spec):
-        raise AttnSurgeonError(f"'{spec}' is a model saved by attnsurgeon: open it with attnsurgeon.load_model "
-                               "(or attnsurgeon.load), which rebuilds it from its recipe")
+        raise AttnSurgeonError(
+            f"'{spec}' is a model saved by attnsurgeon: open it with attnsurgeon.load_model "
+            "(or attnsurgeon.load), which rebuilds it from its recipe"
+        )
     if weights is not None:
         check_weights_path(weights)  # before building: a typo should not cost a model build
     elif weights_key is not None:
@@ -262,13 +270,16 @@ def refuse_saved(model: Any) -> None:
     """Insertions go into a base model, not into a saved modified one (a path or a loaded one)."""
     saved = getattr(model, "saved", None) or (str(model) if is_saved(model) else None)
     if saved:
-        raise AttnSurgeonError(f"'{saved}' is a file, not a model name: a model saved by attnsurgeon carries its own "
-                               "insertions; put them and the new ones in one recipe (`attnsurgeon apply`), or "
-                               "`profile`, `export` or `inspect` it as it is")
+        raise AttnSurgeonError(
+            f"'{saved}' is a file, not a model name: a model saved by attnsurgeon carries its own "
+            "insertions; put them and the new ones in one recipe (`attnsurgeon apply`), or "
+            "`profile`, `export` or `inspect` it as it is"
+        )
 
 
-def _load(source: str, name: str, pretrained: bool, weights: Any, weights_key: str | None,
-          model_kwargs: dict) -> LoadedModel:
+def _load(
+    source: str, name: str, pretrained: bool, weights: Any, weights_key: str | None, model_kwargs: dict
+) -> LoadedModel:
     if source == "torchvision":
         model = _build_torchvision(name, pretrained, model_kwargs)
         input_size = _torchvision_input_size(name)
@@ -286,7 +297,9 @@ def _load(source: str, name: str, pretrained: bool, weights: Any, weights_key: s
             name = str(Path(name).expanduser().resolve())
     else:
         if pretrained:
-            raise AttnSurgeonError(f"--pretrained needs a torchvision or timm model; load '{name}' weights with --weights FILE")
+            raise AttnSurgeonError(
+                f"--pretrained needs a torchvision or timm model; load '{name}' weights with --weights FILE"
+            )
         model = _build_user(source, name, model_kwargs)
         input_size = default_input_size(model)
     if source == "file":  # recorded absolute, so that a saved recipe rebuilds from anywhere
@@ -382,8 +395,12 @@ def _build_timm(name: str, pretrained: bool, kwargs: Mapping[str, Any]):
     if cached:
         overlay = {"file": cached}  # no network round trip (and no retry loop) when the file is here
     else:
-        require_network(f"https://{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').split('://')[-1]}"
-                         if cfg.hf_hub_id else cfg.url, tried)
+        require_network(
+            f"https://{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').split('://')[-1]}"
+            if cfg.hf_hub_id
+            else cfg.url,
+            tried,
+        )
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except Exception as exc:
@@ -457,7 +474,9 @@ def default_input_size(model: Any) -> tuple[int, ...] | None:
     or frames cannot be guessed (None: the user must give --input-size). No conv: 3×224×224."""
     import torch
 
-    size = getattr(model, "default_input_size", None) or (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    size = getattr(model, "default_input_size", None) or (getattr(model, "pretrained_cfg", None) or {}).get(
+        "input_size"
+    )
     if size:
         return tuple(int(v) for v in size)
     first = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)

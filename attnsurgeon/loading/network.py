@@ -11,8 +11,12 @@ import os
 from ..core.errors import AttnSurgeonError
 
 
-def require_network(url: str, tried: str, missing: str = "pretrained weights are",
-                     remedy: str = "Download them where the network is reachable and pass --weights FILE.") -> None:
+def require_network(
+    url: str,
+    tried: str,
+    missing: str = "pretrained weights are",
+    remedy: str = "Download them where the network is reachable and pass --weights FILE.",
+) -> None:
     """Fail at once, not after minutes of retries, when the weights' host cannot be reached: one
     connection attempt, for at most ``ATTNSURGEON_NETWORK_TIMEOUT`` seconds (3 by default). ``missing``
     and ``remedy`` say what is not cached and what to do (a model's config is no weights file)."""

@@ -27,10 +27,11 @@ def input_kind(model: Any) -> tuple[str, int]:
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):
         return TENSOR, 1
-    positional = [p for p in sig.parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if positional and (_is_list_annotation(positional[0].annotation)
-                       or (positional[0].name == "images" and "targets" in sig.parameters)):
+    positional = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if positional and (
+        _is_list_annotation(positional[0].annotation)
+        or (positional[0].name == "images" and "targets" in sig.parameters)
+    ):
         return IMAGES, 1  # torchvision's detectors: forward(images: List[Tensor], targets=None), unannotated in some
     required = [p for p in positional if p.default is p.empty]
     return TENSOR, max(1, len(required))
@@ -51,8 +52,15 @@ def takes_targets(model: Any) -> bool:
         return False
 
 
-def sample_args(model: Any, size: tuple[int, ...], batch: int = 1, *, generator: Any = None,
-                device: Any = None, memory_format: Any = None) -> tuple:
+def sample_args(
+    model: Any,
+    size: tuple[int, ...],
+    batch: int = 1,
+    *,
+    generator: Any = None,
+    device: Any = None,
+    memory_format: Any = None,
+) -> tuple:
     """Random positional arguments for ``model``: ``batch`` samples of ``size`` (C, H, W, ...)."""
     import torch
 
@@ -94,8 +102,9 @@ def max_abs_diff(outputs: Any, references: Any) -> float:
     a, b = flatten_outputs(outputs), flatten_outputs(references)
     if len(a) != len(b) or any(tuple(x.shape) != tuple(y.shape) for x, y in zip(a, b)):
         return float("inf")
-    return max((float((x.detach().float() - y.detach().float()).abs().max()) for x, y in zip(a, b) if x.numel()),
-               default=0.0)
+    return max(
+        (float((x.detach().float() - y.detach().float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0
+    )
 
 
 def output_scale(outputs: Any) -> float:

@@ -118,7 +118,9 @@ def _read_file(path: str | os.PathLike) -> Any:
         # torch's own message advises weights_only=False, i.e. running the pickle: not our advice
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         detail = reason.group(1).strip() if reason else f"{type(exc).__name__}"
-        raise AttnSurgeonError(f"'{path}' is not a PyTorch weights file (a state dict saved with torch.save): {detail}") from exc
+        raise AttnSurgeonError(
+            f"'{path}' is not a PyTorch weights file (a state dict saved with torch.save): {detail}"
+        ) from exc
 
 
 def _culprits(path: Path, text: str) -> str:
@@ -146,20 +148,29 @@ def _find_state_dict(obj: Any, path: str, key: str | None) -> Weights:
     held = [k for k, v in obj.items() if isinstance(k, str) and _is_state_dict(v)]
     if key is not None:
         if key not in obj:
-            raise AttnSurgeonError(f"'{path}' has no entry '{key}' (--weights-key); "
-                                   + (f"its weights are under {', '.join(map(repr, held))}" if held
-                                      else "it is a state dict itself: drop --weights-key"))
+            raise AttnSurgeonError(
+                f"'{path}' has no entry '{key}' (--weights-key); "
+                + (
+                    f"its weights are under {', '.join(map(repr, held))}"
+                    if held
+                    else "it is a state dict itself: drop --weights-key"
+                )
+            )
         if not _is_state_dict(obj[key]):
-            raise AttnSurgeonError(f"'{key}' in '{path}' is not a state dict (a mapping of names to tensors)"
-                                   + (f"; its weights are under {', '.join(map(repr, held))}" if held else ""))
+            raise AttnSurgeonError(
+                f"'{key}' in '{path}' is not a state dict (a mapping of names to tensors)"
+                + (f"; its weights are under {', '.join(map(repr, held))}" if held else "")
+            )
         return Weights(dict(obj[key]), path, key, [k for k in held if k != key])
     if _is_state_dict(obj):
         return Weights(dict(obj), path)
     found = next((k for k in CHECKPOINT_KEYS if k in held), None)
     if found is None:
         entries = ", ".join(map(repr, list(obj)[:8]))
-        raise AttnSurgeonError(f"'{path}' does not hold a state dict (a mapping of names to tensors): it is a dict of "
-                               f"{entries}" + (f"; choose one with --weights-key ({', '.join(held)})" if held else ""))
+        raise AttnSurgeonError(
+            f"'{path}' does not hold a state dict (a mapping of names to tensors): it is a dict of "
+            f"{entries}" + (f"; choose one with --weights-key ({', '.join(held)})" if held else "")
+        )
     return Weights(dict(obj[found]), path, found, [k for k in held if k != found])
 
 
@@ -168,19 +179,20 @@ def fit_names(own: Mapping[str, Any], weights: Weights) -> Weights:
     ``own`` (the model's state dict); otherwise the names as saved."""
     best, best_hits = None, sum(k in own for k in weights.state)
     for prefix in PREFIXES:
-        kept = {k[len(prefix):]: v for k, v in weights.state.items() if k.startswith(prefix)}
+        kept = {k[len(prefix) :]: v for k, v in weights.state.items() if k.startswith(prefix)}
         hits = sum(k in own for k in kept)
         if hits > best_hits:
             best, best_hits = prefix, hits
     if best is not None:
-        weights.state = {k[len(best):]: v for k, v in weights.state.items() if k.startswith(best)}
+        weights.state = {k[len(best) :]: v for k, v in weights.state.items() if k.startswith(best)}
         weights.stripped = best
         return fit_names(own, weights) if any(k.startswith(PREFIXES) for k in weights.state) else weights
     return weights
 
 
-def load_weights(model: Any, path: str | os.PathLike, key: str | None = None,
-                 classes_arg: str | None = None) -> Weights:
+def load_weights(
+    model: Any, path: str | os.PathLike, key: str | None = None, classes_arg: str | None = None
+) -> Weights:
     """Load a weights file into ``model`` strictly; mismatches are an error that lists them (and,
     where only the classifier's size differs, names ``classes_arg``, the builder argument that fits it)."""
     weights = fit_names(model.state_dict(), read_weights(path, key))
@@ -205,8 +217,11 @@ def check_state_dict(model: Any, state: Mapping[str, Any], what: str, classes_ar
         shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in wrong]
         problems.append(f"shape mismatches ({len(wrong)}): {few(shapes, 8)}")
     if problems:
-        hint = "" if missing or unexpected else _classes_hint({k: (state[k].shape, own[k].shape) for k in wrong},
-                                                              classes_arg)
+        hint = (
+            ""
+            if missing or unexpected
+            else _classes_hint({k: (state[k].shape, own[k].shape) for k in wrong}, classes_arg)
+        )
         raise AttnSurgeonError(f"weights in {what} do not fit the model: " + "; ".join(problems) + hint)
 
 
@@ -218,9 +233,11 @@ def _classes_hint(shapes: dict[str, tuple], classes_arg: str | None) -> str:
     pairs = {(tuple(f)[0], tuple(m)[0]) for f, m in shapes.values()}
     if len(pairs) != 1:
         return ""
-    (n_file, n_model), = pairs
-    fix = (f"build the model with --model-arg {classes_arg}={n_file} ({classes_arg}={n_file} in Python, "
-           f"model_args: {{{classes_arg}: {n_file}}} in a recipe)" if classes_arg
-           else f"build the model with {n_file} classes")
+    ((n_file, n_model),) = pairs
+    fix = (
+        f"build the model with --model-arg {classes_arg}={n_file} ({classes_arg}={n_file} in Python, "
+        f"model_args: {{{classes_arg}: {n_file}}} in a recipe)"
+        if classes_arg
+        else f"build the model with {n_file} classes"
+    )
     return f". The file's classifier has {n_file} outputs and the model's {n_model}: {fix}"
-

@@ -30,6 +30,8 @@ from .gates import HIGH, LOW, Gate, _gate_entry, find_gates, read_gates
 from .gradcam import _check_layer_node, _require_gradcam, gradcam, layer_name, layer_node
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
 @dataclass
 class ModelView:
     """What one model (base or modified) says about one image."""
@@ -77,7 +79,9 @@ class Explanation:
                 entry[name] = {
                     "top5": [{"class": k, "probability": round(p, 6)} for k, p in v.top],
                     "gradcam": {"peak_yx": list(map(int, _peak(v.cam))), "mean": float(v.cam.mean())},
-                    "gates": [_gate_entry(g, v.gates[(g.module, g.name)]) for g in self.gates if (g.module, g.name) in v.gates],
+                    "gates": [
+                        _gate_entry(g, v.gates[(g.module, g.name)]) for g in self.gates if (g.module, g.name) in v.gates
+                    ],
                 }
             per_image.append(entry)
         return {
@@ -85,11 +89,23 @@ class Explanation:
             "source": self.source,
             "input_size": list(self.input_size),
             "preprocessing": self.preprocessing,
-            "gradcam": {"library": "pytorch-grad-cam (GradCAM)", "layer": self.layer,
-                        "class": "given (--class)" if self.class_given else "the base model's top class"},
+            "gradcam": {
+                "library": "pytorch-grad-cam (GradCAM)",
+                "layer": self.layer,
+                "class": "given (--class)" if self.class_given else "the base model's top class",
+            },
             "insertions": self.insertions,
-            "gates": [{"module": g.module, "gate": g.name, "submodule": g.path, "kind": g.kind, "origin": g.origin,
-                       "type": g.type} for g in self.gates],
+            "gates": [
+                {
+                    "module": g.module,
+                    "gate": g.name,
+                    "submodule": g.path,
+                    "kind": g.kind,
+                    "origin": g.origin,
+                    "type": g.type,
+                }
+                for g in self.gates
+            ],
             "saturation_thresholds": {"near_0": f"< {LOW}", "near_1": f"> {HIGH}"},
             "images": per_image,
             "summary": self.summary(),
@@ -108,12 +124,21 @@ class Explanation:
                 values = [v.gates[(g.module, g.name)] for v in views if (g.module, g.name) in v.gates]
                 if not values:
                     continue
-                stacked = torch.stack([t.float().flatten() for t in values]) if len({t.numel() for t in values}) == 1 else None
-                rows.append({
-                    "module": g.module, "gate": g.name,
-                    "mean": float(sum(t.float().mean() for t in values) / len(values)),
-                    "std_across_images": float(stacked.std(0, unbiased=False).mean()) if stacked is not None and len(values) > 1 else 0.0,
-                })
+                stacked = (
+                    torch.stack([t.float().flatten() for t in values])
+                    if len({t.numel() for t in values}) == 1
+                    else None
+                )
+                rows.append(
+                    {
+                        "module": g.module,
+                        "gate": g.name,
+                        "mean": float(sum(t.float().mean() for t in values) / len(values)),
+                        "std_across_images": float(stacked.std(0, unbiased=False).mean())
+                        if stacked is not None and len(values) > 1
+                        else 0.0,
+                    }
+                )
             out[name] = rows
         return out
 
@@ -149,8 +174,12 @@ def collect_images(images: Iterable[str | os.PathLike]) -> list[Path]:
         try:
             with Image.open(f) as im:
                 im.verify()
-        except Exception as exc:  # PIL's errors, and whatever a plugin patched into Image.open raises (ultralytics' HEIF)
-            raise AttnSurgeonError(f"cannot read image '{f}': it is not an image file PIL can open ({type(exc).__name__})") from None
+        except (
+            Exception
+        ) as exc:  # PIL's errors, and whatever a plugin patched into Image.open raises (ultralytics' HEIF)
+            raise AttnSurgeonError(
+                f"cannot read image '{f}': it is not an image file PIL can open ({type(exc).__name__})"
+            ) from None
     return files
 
 
@@ -177,20 +206,38 @@ def preprocessing(loaded: Any, size: tuple[int, ...]) -> tuple[Callable, Any, An
         if own is not None and hasattr(own, "crop_size"):
             crop = own.crop_size[0]
             resize = round(own.resize_size[0] * h / crop)
-            transform = T.Compose([T.Resize(resize, interpolation=own.interpolation, antialias=True),
-                                   T.CenterCrop((h, w)), T.ToTensor(), T.Normalize(own.mean, own.std)])
-            return transform, tuple(own.mean), tuple(own.std), (
-                f"torchvision weights transforms: resize {resize} ({own.interpolation.value}), center crop {h}×{w}, "
-                f"mean {list(own.mean)}, std {list(own.std)}")
+            transform = T.Compose(
+                [
+                    T.Resize(resize, interpolation=own.interpolation, antialias=True),
+                    T.CenterCrop((h, w)),
+                    T.ToTensor(),
+                    T.Normalize(own.mean, own.std),
+                ]
+            )
+            return (
+                transform,
+                tuple(own.mean),
+                tuple(own.std),
+                (
+                    f"torchvision weights transforms: resize {resize} ({own.interpolation.value}), center crop {h}×{w}, "
+                    f"mean {list(own.mean)}, std {list(own.std)}"
+                ),
+            )
     transform = T.Compose([T.Resize((h, w), antialias=True), T.ToTensor()])
-    return transform, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (
-        f"resize to {h}×{w}, scaled to [0, 1], not normalised (the model declares no preprocessing)")
+    return (
+        transform,
+        (0.0, 0.0, 0.0),
+        (1.0, 1.0, 1.0),
+        (f"resize to {h}×{w}, scaled to [0, 1], not normalised (the model declares no preprocessing)"),
+    )
 
 
 def _config_text(cfg: dict) -> str:
     crop = cfg.get("crop_pct")
-    return (f"input {tuple(cfg['input_size'])}, {cfg.get('interpolation')} interpolation, crop_pct {crop}, "
-            f"crop_mode {cfg.get('crop_mode', 'center')}, mean {list(map(float, cfg['mean']))}, std {list(map(float, cfg['std']))}")
+    return (
+        f"input {tuple(cfg['input_size'])}, {cfg.get('interpolation')} interpolation, crop_pct {crop}, "
+        f"crop_mode {cfg.get('crop_mode', 'center')}, mean {list(map(float, cfg['mean']))}, std {list(map(float, cfg['std']))}"
+    )
 
 
 def load_images(files: list[Path], transform: Callable, mean: Any, std: Any) -> tuple[Any, list[Any]]:
@@ -259,8 +306,10 @@ def explain(
     say("Tracing")
     _, anatomy = inspect_model(loaded, input_size=size)
     if anatomy.target is not None:
-        raise AttnSurgeonError(f"{loaded.spec} does not trace whole (only {', '.join(anatomy.target)}): explain needs a "
-                               "classifier whose whole forward traces")
+        raise AttnSurgeonError(
+            f"{loaded.spec} does not trace whole (only {', '.join(anatomy.target)}): explain needs a "
+            "classifier whose whole forward traces"
+        )
     base_gm = anatomy.gm
     base_gm.eval()
     modified, report = None, None
@@ -281,8 +330,11 @@ def explain(
 
     notes: list[str] = list(report.notes if report else loaded.notes)
     if loaded.weights is None and loaded.source in ("torchvision", "timm"):  # a library model, built untrained
-        notes.insert(0, f"{loaded.spec} has random weights (no --pretrained or --weights): its classes, probabilities "
-                        "and Grad-CAM maps say nothing about the images")
+        notes.insert(
+            0,
+            f"{loaded.spec} has random weights (no --pretrained or --weights): its classes, probabilities "
+            "and Grad-CAM maps say nothing about the images",
+        )
     insertions = report.insertions if report else []
     say("Finding the gates")
     gates = find_gates(modified if modified is not None else base_gm, insertions, base_gm, notes)
@@ -290,35 +342,62 @@ def explain(
 
     views: dict[str, list[ModelView]] = {}
     classes: list[int] = []
-    for name, gm, node, own_gates in (("base", base_gm, base_node, base_gates), ("modified", modified, mod_node, gates)):
+    for name, gm, node, own_gates in (
+        ("base", base_gm, base_node, base_gates),
+        ("modified", modified, mod_node, gates),
+    ):
         if gm is None:
             continue
         say(f"Running the {name} model")
         with torch.no_grad():
             logits = gm(x)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise AttnSurgeonError(f"explain needs a classifier: {loaded.spec} returns "
-                                   f"{type(logits).__name__ if not isinstance(logits, torch.Tensor) else tuple(logits.shape)}, "
-                                   "not one (N, classes) tensor of scores")
+            raise AttnSurgeonError(
+                f"explain needs a classifier: {loaded.spec} returns "
+                f"{type(logits).__name__ if not isinstance(logits, torch.Tensor) else tuple(logits.shape)}, "
+                "not one (N, classes) tensor of scores"
+            )
         if not classes:
             if class_index is not None and not 0 <= class_index < logits.shape[1]:
-                raise AttnSurgeonError(f"--class {class_index} is out of range: {loaded.spec} has {logits.shape[1]} classes (0..{logits.shape[1] - 1})")
+                raise AttnSurgeonError(
+                    f"--class {class_index} is out of range: {loaded.spec} has {logits.shape[1]} classes (0..{logits.shape[1] - 1})"
+                )
             classes = [class_index] * len(files) if class_index is not None else logits.argmax(1).tolist()
         probs = logits.float().softmax(1)
         top = probs.topk(min(5, probs.shape[1]), dim=1)
         values = read_gates(gm, own_gates, x)
         say(f"Grad-CAM of the {name} model at {layer or layer_name(node)}")
         cams = gradcam(gm, node, x, classes)
-        views[name] = [ModelView(list(zip(top.indices[i].tolist(), top.values[i].tolist())), cams[i],
-                                 {k: v[i] for k, v in values.items()}) for i in range(len(files))]
+        views[name] = [
+            ModelView(
+                list(zip(top.indices[i].tolist(), top.values[i].tolist())),
+                cams[i],
+                {k: v[i] for k, v in values.items()},
+            )
+            for i in range(len(files))
+        ]
     for g in base_gates:  # the base's own attention, where there is a modified model, keeps its kind
         if g.kind is None:
             g.kind = "channel"
     out = Explanation(
-        loaded.spec, loaded.source, tuple(size), [str(f) for f in files], pixels, classes,
-        [_class_name(loaded, k) for k in classes], layer or layer_name(base_node), views["base"], views.get("modified"),
-        gates if modified is not None else base_gates, described,
-        [i.to_dict() for i in insertions], notes, class_index is not None, x, base_gm, modified,
+        loaded.spec,
+        loaded.source,
+        tuple(size),
+        [str(f) for f in files],
+        pixels,
+        classes,
+        [_class_name(loaded, k) for k in classes],
+        layer or layer_name(base_node),
+        views["base"],
+        views.get("modified"),
+        gates if modified is not None else base_gates,
+        described,
+        [i.to_dict() for i in insertions],
+        notes,
+        class_index is not None,
+        x,
+        base_gm,
+        modified,
     )
     return out
 
@@ -340,5 +419,3 @@ def _class_name(loaded: Any, k: int) -> str | None:
     except Exception:  # noqa: BLE001  (names are a courtesy)
         return None
     return None
-
-

@@ -24,7 +24,6 @@ class Gate:
     type: str  # class of the attention module
 
 
-
 def _gate_entry(g: Gate, t: Any) -> dict[str, Any]:
     return {"module": g.module, "gate": g.name, "kind": g.kind, "shape": list(t.shape), **gate_stats(t)}
 
@@ -33,9 +32,12 @@ def gate_stats(t: Any) -> dict[str, float]:
     """mean, std (population), min, max, and the fractions near 0 and near 1 of a gate tensor."""
     v = t.detach().double().flatten()
     return {
-        "mean": float(v.mean()), "std": float(v.std(unbiased=False)) if v.numel() > 1 else 0.0,
-        "min": float(v.min()), "max": float(v.max()),
-        "near_0": float((v < LOW).double().mean()), "near_1": float((v > HIGH).double().mean()),
+        "mean": float(v.mean()),
+        "std": float(v.std(unbiased=False)) if v.numel() > 1 else 0.0,
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "near_0": float((v < LOW).double().mean()),
+        "near_1": float((v > HIGH).double().mean()),
     }
 
 
@@ -76,7 +78,9 @@ def find_gates(gm: Any, insertions: list[Any], base_gm: Any, notes: list[str]) -
         module = gm.get_submodule(ins.module)
         found = gates_of(module)
         if not found:
-            notes.append(f"{ins.module} ({type(module).__name__}) declares no gate and has no sigmoid-like submodule: not read")
+            notes.append(
+                f"{ins.module} ({type(module).__name__}) declares no gate and has no sigmoid-like submodule: not read"
+            )
         for name, (path, kind) in found.items():
             gates.append(Gate(ins.module, name, f"{ins.module}.{path}", kind, "inserted", type(module).__name__))
     if base_gm is not None:
@@ -90,11 +94,17 @@ def find_gates(gm: Any, insertions: list[Any], base_gm: Any, notes: list[str]) -
             else:  # traced through: the sigmoid-like modules its graph calls, the last one the gate
                 calls = [n.target for n in region.nodes if n.op == "call_module" and _sigmoid_like(_get(gm, n.target))]
                 order = {n: i for i, n in enumerate(base_gm.graph.nodes)}
-                calls = [n.target for n in sorted((n for n in region.nodes if n.op == "call_module" and n.target in calls),
-                                                  key=order.__getitem__)]
+                calls = [
+                    n.target
+                    for n in sorted(
+                        (n for n in region.nodes if n.op == "call_module" and n.target in calls), key=order.__getitem__
+                    )
+                ]
                 found = {"gate": (calls[-1], None)} if calls else {}
             if not found:
-                notes.append(f"the gate of {region.name} ({region.type}) is computed by a function, not a module: not read")
+                notes.append(
+                    f"the gate of {region.name} ({region.type}) is computed by a function, not a module: not read"
+                )
             for name, (path, kind) in found.items():
                 gates.append(Gate(region.name, name, path, kind, "existing", region.type))
     return gates
@@ -146,5 +156,3 @@ def _kind(t: Any) -> str:
     if t.dim() >= 3 and t.shape[1] == 1:
         return "spatial"
     return "channel"  # (N, C, T, 1, 1): one gate per channel and frame
-
-

@@ -27,8 +27,12 @@ def layer_node(gm: Any, layer: str | None) -> Any:
     if layer is None:
         for n in reversed(nodes):
             shape, layout = shape_of(n), layout_of(n)
-            if shape is not None and layout is not None and layout.name in ("NCHW", "NHWC") and \
-                    shape[layout.spatial_axes[0]] * shape[layout.spatial_axes[1]] > 1:
+            if (
+                shape is not None
+                and layout is not None
+                and layout.name in ("NCHW", "NHWC")
+                and shape[layout.spatial_axes[0]] * shape[layout.spatial_axes[1]] > 1
+            ):
                 return n
         return None
     inside = [n for n in nodes if _in_layer(n, layer)]
@@ -92,15 +96,25 @@ def _check_layer_node(node: Any, layer: str | None, gm: Any, what: str) -> None:
         if layer is None:
             raise AttnSurgeonError(f"the {what} model has no spatial (N, C, H, W) feature map for Grad-CAM")
         names = list(dict.fromkeys(str(n.target).split(".")[0] for n in gm.graph.nodes if n.op == "call_module"))
-        raise AttnSurgeonError(f"--layer '{layer}' is no module the traced {what} model calls; name a module such as "
-                               f"{', '.join(names[:10])} or a block in it (`attnsurgeon inspect MODEL` lists the blocks)")
+        raise AttnSurgeonError(
+            f"--layer '{layer}' is no module the traced {what} model calls; name a module such as "
+            f"{', '.join(names[:10])} or a block in it (`attnsurgeon inspect MODEL` lists the blocks)"
+        )
     shape = shape_of(node)
     layout = layout_of(node)
     spatial = [shape[a] for a in layout.spatial_axes] if layout is not None and shape is not None else []
-    if shape is None or len(shape) != 4 or layout is None or layout.name not in ("NCHW", "NHWC") or spatial[0] * spatial[1] < 2:
-        raise AttnSurgeonError(f"--layer '{layer or layer_name(node)}' has no spatial output (shape "
-                               f"{tuple(shape) if shape else 'unknown'}): Grad-CAM needs an (N, C, H, W) feature map; "
-                               "choose a convolutional stage or block")
+    if (
+        shape is None
+        or len(shape) != 4
+        or layout is None
+        or layout.name not in ("NCHW", "NHWC")
+        or spatial[0] * spatial[1] < 2
+    ):
+        raise AttnSurgeonError(
+            f"--layer '{layer or layer_name(node)}' has no spatial output (shape "
+            f"{tuple(shape) if shape else 'unknown'}): Grad-CAM needs an (N, C, H, W) feature map; "
+            "choose a convolutional stage or block"
+        )
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -110,7 +124,7 @@ def _require_gradcam() -> None:
     import importlib.util
 
     if importlib.util.find_spec("pytorch_grad_cam") is None:
-        raise AttnSurgeonError("explain computes Grad-CAM with the grad-cam package, which is not installed: "
-                               "pip install 'attnsurgeon[explain]' (or pip install grad-cam)")
-
-
+        raise AttnSurgeonError(
+            "explain computes Grad-CAM with the grad-cam package, which is not installed: "
+            "pip install 'attnsurgeon[explain]' (or pip install grad-cam)"
+        )

@@ -56,7 +56,9 @@ POSITION_STYLES: dict[str, PositionStyle] = {
     "before": PositionStyle("^", 0.30, "branch", "before: on a module's input (--before)", 7.0),
     "after": PositionStyle("d", 0.70, "branch", "after: on a module's output (--after)", 7.0),
     "before (outside blocks)": PositionStyle("<", 1.0, "after", "before a module outside the blocks", 8.0),
-    "after (outside blocks)": PositionStyle("8", 1.0, "after", "after a module outside the blocks (a stage, a head)", 8.0),
+    "after (outside blocks)": PositionStyle(
+        "8", 1.0, "after", "after a module outside the blocks (a stage, a head)", 8.0
+    ),
 }
 FALLBACK_STYLE = PositionStyle("v", 0.5, "top", "other position", 7.0)
 
@@ -75,8 +77,10 @@ def check_plot_path(path: str | os.PathLike) -> str:
     p = Path(path).expanduser()
     fmt = p.suffix.lower().lstrip(".")
     if fmt not in PLOT_FORMATS:
-        raise AttnSurgeonError(f"--plot: cannot tell the figure format from '{p.name}'; end the name with "
-                               + ", ".join(f".{f}" for f in PLOT_FORMATS))
+        raise AttnSurgeonError(
+            f"--plot: cannot tell the figure format from '{p.name}'; end the name with "
+            + ", ".join(f".{f}" for f in PLOT_FORMATS)
+        )
     existing_folder(p, "--plot: ")
     if p.is_dir():
         raise AttnSurgeonError(f"--plot: '{p}' is a folder; give a file name such as {p / 'map.png'}")
@@ -131,7 +135,7 @@ def block_labels(names: list[str], limit: int = _MAX_NAME) -> tuple[str, dict[st
     prefix = ".".join(common) + "." if common else ""
     labels = {}
     for n in names:
-        rest = n[len(prefix):] if len(n) > limit and prefix else n
+        rest = n[len(prefix) :] if len(n) > limit and prefix else n
         labels[n] = short_name(rest, limit)
     return (prefix if any(len(n) > limit for n in names) else ""), labels
 
@@ -144,9 +148,16 @@ def _size_text(resolution: Iterable[int]) -> str:
 # --------------------------------------------------------------------------- the insertion map
 
 
-def draw_insertion_map(anatomy: Any, insertions: Iterable[Any] = (), *, values: dict[str, float] | None = None,
-                       metric: str = "params", title: str | None = None, show_positions: bool = False,
-                       max_columns: int = 10) -> Any:
+def draw_insertion_map(
+    anatomy: Any,
+    insertions: Iterable[Any] = (),
+    *,
+    values: dict[str, float] | None = None,
+    metric: str = "params",
+    title: str | None = None,
+    show_positions: bool = False,
+    max_columns: int = 10,
+) -> Any:
     """The model's stages (rows, folded every ``max_columns`` blocks) and blocks (boxes), with one
     marker per inserted module at its position, coloured by ``values[module]`` as a share of their sum.
 
@@ -172,7 +183,7 @@ def draw_insertion_map(anatomy: Any, insertions: Iterable[Any] = (), *, values: 
     rows: list[tuple[Any, list[Any], bool]] = []  # (stage, blocks, first row of the stage)
     for stage in anatomy.stages:
         for k in range(0, len(stage.blocks), max_columns):
-            rows.append((stage, stage.blocks[k:k + max_columns], k == 0))
+            rows.append((stage, stage.blocks[k : k + max_columns], k == 0))
     columns = max((len(b) for _, b, _ in rows), default=1)
     where: dict[str, tuple[float, float, Any]] = {}  # block name -> (x0, y0, block)
     for r, (_, blocks, _) in enumerate(rows):
@@ -207,8 +218,14 @@ def draw_insertion_map(anatomy: Any, insertions: Iterable[Any] = (), *, values: 
             ch = f"{chans[0]}" if len(chans) == 1 else f"{chans[0]}–{chans[-1]}"
             ax.text(0.05, y0 + _BOX_H * 0.62, f"stage {stage.index}", fontsize=8.5, fontweight="bold", va="center")
             ax.text(0.05, y0 + _BOX_H * 0.30, short_name(second, 26), fontsize=7, va="center", color="#444")
-            ax.text(0.05, y0 + _BOX_H * 0.02, f"{ch} ch · {_size_text(stage.blocks[0].resolution)}", fontsize=6.5,
-                    va="center", color="#666")
+            ax.text(
+                0.05,
+                y0 + _BOX_H * 0.02,
+                f"{ch} ch · {_size_text(stage.blocks[0].resolution)}",
+                fontsize=6.5,
+                va="center",
+                color="#666",
+            )
         else:
             ax.text(0.05, y0 + _BOX_H * 0.45, "  (cont.)", fontsize=6.5, va="center", color="#888")
         # the connector through the row's blocks
@@ -218,23 +235,64 @@ def draw_insertion_map(anatomy: Any, insertions: Iterable[Any] = (), *, values: 
         for block in blocks:
             x0, _, _ = where[block.name]
             used = block.name in inserted_blocks
-            ax.add_patch(FancyBboxPatch((x0, y0), _BOX_W, _BOX_H, boxstyle="round,pad=0,rounding_size=0.06",
-                                        facecolor="white" if used else "#f3f3f3", edgecolor="#555" if used else "#aaa",
-                                        lw=0.9, zorder=1))
-            ax.text(x0 + _BOX_W / 2, y0 + _BOX_H * 0.80, labels[block.name], fontsize=6.2 if len(labels[block.name]) <= 14 else 5.3, ha="center", va="center",
-                    zorder=2, color="#111" if used else "#555")
-            ax.text(x0 + _BOX_W / 2, y0 + _BOX_H * 0.58, f"{block.channels} · {_size_text(block.resolution)}",
-                    fontsize=5.6, ha="center", va="center", color="#555", zorder=2)
+            ax.add_patch(
+                FancyBboxPatch(
+                    (x0, y0),
+                    _BOX_W,
+                    _BOX_H,
+                    boxstyle="round,pad=0,rounding_size=0.06",
+                    facecolor="white" if used else "#f3f3f3",
+                    edgecolor="#555" if used else "#aaa",
+                    lw=0.9,
+                    zorder=1,
+                )
+            )
+            ax.text(
+                x0 + _BOX_W / 2,
+                y0 + _BOX_H * 0.80,
+                labels[block.name],
+                fontsize=6.2 if len(labels[block.name]) <= 14 else 5.3,
+                ha="center",
+                va="center",
+                zorder=2,
+                color="#111" if used else "#555",
+            )
+            ax.text(
+                x0 + _BOX_W / 2,
+                y0 + _BOX_H * 0.58,
+                f"{block.channels} · {_size_text(block.resolution)}",
+                fontsize=5.6,
+                ha="center",
+                va="center",
+                color="#555",
+                zorder=2,
+            )
             lane = y0 + _BOX_H * 0.28  # the residual branch
             ax.plot([x0 + 0.05, x0 + _BOX_W - 0.05], [lane, lane], color="#c8c8c8", lw=0.7, zorder=1.5)
             if block.kind == "residual":  # the skip path, under the box, merging at its right end
-                ax.plot([x0 + 0.02, x0 + _BOX_W - 0.02], [y0 - 0.07, y0 - 0.07], color="#c8c8c8", lw=0.7,
-                        ls=(0, (2, 1.5)), zorder=1.5)
+                ax.plot(
+                    [x0 + 0.02, x0 + _BOX_W - 0.02],
+                    [y0 - 0.07, y0 - 0.07],
+                    color="#c8c8c8",
+                    lw=0.7,
+                    ls=(0, (2, 1.5)),
+                    zorder=1.5,
+                )
             if show_positions:
                 for pos in block.sites:
                     x, y = _marker_xy(x0, y0, style_of(pos), 0, 1)
-                    ax.plot([x], [y], marker=style_of(pos).marker, ms=style_of(pos).size * 0.8, mfc="none", mec="#999",
-                            mew=0.7, ls="none", zorder=3, gid=f"offered:{block.name}:{pos}")
+                    ax.plot(
+                        [x],
+                        [y],
+                        marker=style_of(pos).marker,
+                        ms=style_of(pos).size * 0.8,
+                        mfc="none",
+                        mec="#999",
+                        mew=0.7,
+                        ls="none",
+                        zorder=3,
+                        gid=f"offered:{block.name}:{pos}",
+                    )
 
     # one marker per inserted module; several at one spot are spread out
     spots: dict[tuple[str, str], list[Any]] = {}
@@ -254,8 +312,18 @@ def draw_insertion_map(anatomy: Any, insertions: Iterable[Any] = (), *, values: 
         used_styles[pos] = st
         for k, ins in enumerate(items):
             x, y = _marker_xy(x0, y0, st, k, len(items))
-            ax.plot([x], [y], marker=st.marker, ms=st.size + 1.5, mfc=cmap(norm(shares[ins.module])), mec="black",
-                    mew=0.6, ls="none", zorder=4, gid=f"insertion:{ins.module}")
+            ax.plot(
+                [x],
+                [y],
+                marker=st.marker,
+                ms=st.size + 1.5,
+                mfc=cmap(norm(shares[ins.module])),
+                mec="black",
+                mew=0.6,
+                ls="none",
+                zorder=4,
+                gid=f"insertion:{ins.module}",
+            )
             if st is FALLBACK_STYLE:
                 ax.text(x, y + 0.12, pos, fontsize=5, ha="center", va="bottom", color="#333", zorder=4)
 
@@ -265,13 +333,30 @@ def draw_insertion_map(anatomy: Any, insertions: Iterable[Any] = (), *, values: 
     for pos in [*POSITION_STYLES, *sorted(set(shown) - set(POSITION_STYLES))]:
         if pos in shown:
             st = shown[pos]
-            handles.append(Line2D([], [], marker=st.marker, ms=st.size, ls="none", mfc="#ddd" if insertions else "none",
-                                  mec="black" if insertions else "#777",
-                                  label=st.label if st is not FALLBACK_STYLE else f"{pos}"))
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    marker=st.marker,
+                    ms=st.size,
+                    ls="none",
+                    mfc="#ddd" if insertions else "none",
+                    mec="black" if insertions else "#777",
+                    label=st.label if st is not FALLBACK_STYLE else f"{pos}",
+                )
+            )
     if handles:
-        fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.01, 0.01), ncol=2 if len(handles) > 3 else 1,
-                   fontsize=7, frameon=False, title="position" if insertions else "positions offered (hollow)",
-                   title_fontsize=7.5, alignment="left")
+        fig.legend(
+            handles=handles,
+            loc="lower left",
+            bbox_to_anchor=(0.01, 0.01),
+            ncol=2 if len(handles) > 3 else 1,
+            fontsize=7,
+            frameon=False,
+            title="position" if insertions else "positions offered (hollow)",
+            title_fontsize=7.5,
+            alignment="left",
+        )
     if insertions:
         from matplotlib.cm import ScalarMappable
 
@@ -284,12 +369,18 @@ def draw_insertion_map(anatomy: Any, insertions: Iterable[Any] = (), *, values: 
     if undrawn:
         from ..core.errors import few
 
-        fig.text(0.5, 1 - 0.5 / fig.get_figheight(), f"not drawn (outside the blocks and stages): {few(undrawn, 3)}",
-                 fontsize=6.5, ha="center", va="top", color="#555")
+        fig.text(
+            0.5,
+            1 - 0.5 / fig.get_figheight(),
+            f"not drawn (outside the blocks and stages): {few(undrawn, 3)}",
+            fontsize=6.5,
+            ha="center",
+            va="top",
+            color="#555",
+        )
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.18 / fig.get_figheight(), va="top")
     return fig
-
 
 
 def _truncated(name: str, lo: float, hi: float) -> Any:
@@ -350,13 +441,20 @@ def draw_costs(result: Any, max_rows: int = 400) -> Any:
     activation memory it keeps for the backward pass, in forward order."""
     rows = list(result.insertions)[:max_rows]
     if not rows:
-        raise AttnSurgeonError("profile --plot draws the cost of each insertion: give --attn (the model alone has none)")
+        raise AttnSurgeonError(
+            "profile --plot draws the cost of each insertion: give --attn (the model alone has none)"
+        )
     memory = [getattr(r, "memory_bytes", None) for r in rows]
     has_memory = any(m is not None for m in memory)
-    panels = [("Δ parameters", [r.params for r in rows], 1.0, ""), ("Δ MACs (per image)", [r.macs for r in rows], 1.0, "")]
+    panels = [
+        ("Δ parameters", [r.params for r in rows], 1.0, ""),
+        ("Δ MACs (per image)", [r.macs for r in rows], 1.0, ""),
+    ]
     if has_memory:
         top = max(abs(m or 0) for m in memory)
-        unit, size = next(((u, z) for u, z in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if top >= z), ("bytes", 1))
+        unit, size = next(
+            ((u, z) for u, z in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if top >= z), ("bytes", 1)
+        )
         panels.append((f"kept for backward ({unit}, train step)", [m or 0 for m in memory], 1.0 / size, unit))
     n = len(rows)
     height = max(2.6, 0.16 * n + 1.9)
@@ -378,15 +476,21 @@ def draw_costs(result: Any, max_rows: int = 400) -> Any:
     axes[0].set_yticks(ys, labels, fontsize=max(4.5, min(7.5, 260 / max(n, 1))))
     axes[0].invert_yaxis()
     model = result.model.split(":", 1)[-1]
-    fig.suptitle(f"{model}: what each inserted module adds (input {'×'.join(map(str, result.input_size))})", fontsize=10)
+    fig.suptitle(
+        f"{model}: what each inserted module adds (input {'×'.join(map(str, result.input_size))})", fontsize=10
+    )
     notes = []
     if has_memory:
         unattributed = getattr(result, "unattributed_memory_bytes", None)
-        notes.append("memory: the activations each module keeps for the backward pass that no base module keeps "
-                     f"(batch {result.settings.batch_sizes[0]}).")
+        notes.append(
+            "memory: the activations each module keeps for the backward pass that no base module keeps "
+            f"(batch {result.settings.batch_sizes[0]})."
+        )
         if unattributed is not None:
-            notes.append(f"Not attributable to a module: {unattributed / 2**20:+.2f} MiB of the Δ peak "
-                         "(gradients of the new weights, transient buffers, allocator timing).")
+            notes.append(
+                f"Not attributable to a module: {unattributed / 2**20:+.2f} MiB of the Δ peak "
+                "(gradients of the new weights, transient buffers, allocator timing)."
+            )
     elif result.settings.mode != "train":
         notes.append("Memory per module is attributed in --mode train only (the activations kept for backward).")
     if getattr(result, "unattributed_macs", 0):
@@ -397,13 +501,20 @@ def draw_costs(result: Any, max_rows: int = 400) -> Any:
     if len(stages) > 1:
         from matplotlib.patches import Patch
 
-        fig.legend(handles=[Patch(color=stage_colours[(k - 1) % len(stage_colours)], label=f"stage {k}") for k in stages],
-                   loc="upper right", ncol=min(len(stages), 8), fontsize=6.8, frameon=False, bbox_to_anchor=(0.99, 1.0))
+        fig.legend(
+            handles=[Patch(color=stage_colours[(k - 1) % len(stage_colours)], label=f"stage {k}") for k in stages],
+            loc="upper right",
+            ncol=min(len(stages), 8),
+            fontsize=6.8,
+            frameon=False,
+            bbox_to_anchor=(0.99, 1.0),
+        )
     bottom_in = 0.1 + 0.13 * len(notes)
     if notes:
         fig.text(0.01, 0.02 / height, "\n".join(notes), fontsize=6.8, color="#444", va="bottom")
-    fig.subplots_adjust(left=1.9 / fig.get_figwidth(), right=0.98, top=1 - 0.6 / height, bottom=(bottom_in + 0.3) / height,
-                        wspace=0.12)
+    fig.subplots_adjust(
+        left=1.9 / fig.get_figwidth(), right=0.98, top=1 - 0.6 / height, bottom=(bottom_in + 0.3) / height, wspace=0.12
+    )
     return fig
 
 
@@ -413,7 +524,9 @@ def _engineering() -> Any:
     return EngFormatter(sep="")
 
 
-def write_insertion_map(loaded: Any, modified: Any, report: Any, path: str | os.PathLike, metric: str = "params") -> Path:
+def write_insertion_map(
+    loaded: Any, modified: Any, report: Any, path: str | os.PathLike, metric: str = "params"
+) -> Path:
     """``insert --plot``: the base model's anatomy (traced again, as ``inspect`` does) with the
     report's insertions, coloured by ``metric``; written to ``path``."""
     from ..graph.inspect import inspect_model
@@ -425,5 +538,7 @@ def write_insertion_map(loaded: Any, modified: Any, report: Any, path: str | os.
     values = count_insertion_macs(loaded.model, modified, report) if metric == "macs" else None
     values = {k: float(v) for k, v in values.items()} if values is not None else None
     shown = values or {i.module: float(i.params - i.replaced_params) for i in report.insertions}
-    fig = draw_insertion_map(anatomy, report.insertions, values=values, metric=metric, title=map_title(report, metric, shown))
+    fig = draw_insertion_map(
+        anatomy, report.insertions, values=values, metric=metric, title=map_title(report, metric, shown)
+    )
     return save_figure(fig, path)

@@ -15,8 +15,9 @@ from typing import Any
 from .explain import Explanation, ModelView
 
 
-def write_explanation(e: Explanation, out: str | os.PathLike, *, force: bool = False,
-                      progress: Callable[[str], None] | None = None) -> list[Path]:
+def write_explanation(
+    e: Explanation, out: str | os.PathLike, *, force: bool = False, progress: Callable[[str], None] | None = None
+) -> list[Path]:
     """One sheet per image (``sheet_<image>.png``), ``summary.png`` for several images and
     ``explain.json``, written into a temporary folder renamed onto ``out`` at the end."""
     from ..core.files import atomic_dir
@@ -54,8 +55,15 @@ def _sheet_names(images: list[str]) -> list[str]:
 
 def _overlay(ax: Any, pixels: Any, heat: Any, title: str, cmap: str = "jet", alpha: float = 0.45) -> None:
     ax.imshow(pixels, interpolation="bilinear")
-    ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="bilinear",
-              extent=(-0.5, pixels.shape[1] - 0.5, pixels.shape[0] - 0.5, -0.5))
+    ax.imshow(
+        heat,
+        cmap=cmap,
+        alpha=alpha,
+        vmin=0,
+        vmax=1,
+        interpolation="bilinear",
+        extent=(-0.5, pixels.shape[1] - 0.5, pixels.shape[0] - 0.5, -0.5),
+    )
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -96,8 +104,17 @@ def draw_sheet(e: Explanation, i: int) -> Any:
     spacer = [0.25] if spatial else []  # room for the spatial section's heading
     heights = [2.6] + ([strip_h] if channel else []) + spacer + [1.9] * spatial_rows
     fig = new_figure(10.0, sum(heights) + 1.2 + 0.25 * bool(spatial), dpi=100)
-    gs = GridSpec(len(heights), 1, figure=fig, height_ratios=heights, hspace=0.35,
-                  top=1 - 0.85 / fig.get_figheight(), bottom=0.35 / fig.get_figheight(), left=0.15, right=0.95)
+    gs = GridSpec(
+        len(heights),
+        1,
+        figure=fig,
+        height_ratios=heights,
+        hspace=0.35,
+        top=1 - 0.85 / fig.get_figheight(),
+        bottom=0.35 / fig.get_figheight(),
+        left=0.15,
+        right=0.95,
+    )
     top = gs[0].subgridspec(1, 1 + len(views), wspace=0.08)
     pixels = e.pixels[i]
     ax = fig.add_subplot(top[0, 0])
@@ -110,8 +127,12 @@ def draw_sheet(e: Explanation, i: int) -> Any:
         label = "base" if name == "base" else "modified: " + _what(e)
         _overlay(ax, pixels, vs[i].cam, f"{label}\nGrad-CAM, {_class_text(e, vs[i], i)}")
     model = e.model.split(":", 1)[-1]
-    fig.suptitle(f"{model} — Grad-CAM at {e.layer}; gates of the {e.gate_view} model", fontsize=10,
-                 y=1 - 0.12 / fig.get_figheight(), va="top")
+    fig.suptitle(
+        f"{model} — Grad-CAM at {e.layer}; gates of the {e.gate_view} model",
+        fontsize=10,
+        y=1 - 0.12 / fig.get_figheight(),
+        va="top",
+    )
     row = 1
     if channel:
         ax = fig.add_subplot(gs[row])
@@ -120,14 +141,26 @@ def draw_sheet(e: Explanation, i: int) -> Any:
         for r, g in enumerate(channel):
             t = shown.gates[(g.module, g.name)]
             values = np.sort(t.reshape(t.shape[0], -1).mean(-1).numpy() if t.dim() > 1 else t.numpy())[::-1]
-            im = ax.imshow(values[None, :], aspect="auto", cmap="viridis", vmin=0, vmax=vmax,
-                           extent=(0, 1, r + 0.5, r - 0.5), interpolation="nearest")
+            im = ax.imshow(
+                values[None, :],
+                aspect="auto",
+                cmap="viridis",
+                vmin=0,
+                vmax=vmax,
+                extent=(0, 1, r + 0.5, r - 0.5),
+                interpolation="nearest",
+            )
         ax.set_ylim(len(channel) - 0.5, -0.5)
         ax.set_xlim(0, 1)
-        ax.set_yticks(range(len(channel)),
-                      [f"{short_name(g.module, 22)}{'' if g.name in ('channel', 'gate') else ' · ' + g.name}"
-                       f"{' (own)' if g.origin == 'existing' else ''}" for g in channel],
-                      fontsize=max(4.5, min(7, 150 / len(channel))))
+        ax.set_yticks(
+            range(len(channel)),
+            [
+                f"{short_name(g.module, 22)}{'' if g.name in ('channel', 'gate') else ' · ' + g.name}"
+                f"{' (own)' if g.origin == 'existing' else ''}"
+                for g in channel
+            ],
+            fontsize=max(4.5, min(7, 150 / len(channel))),
+        )
         ax.set_xticks([0, 0.5, 1], ["highest", "channels, sorted by gate value", "lowest"], fontsize=7)
         ax.set_title("channel gates (one strip per module, like SENet's excitation plots)", fontsize=8.5)
         bar = fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
@@ -141,15 +174,28 @@ def draw_sheet(e: Explanation, i: int) -> Any:
             ax = fig.add_subplot(sub[k // n_cols, k % n_cols])
             if k == 0:
                 top_y = ax.get_position().y1 + 0.42 / fig.get_figheight()
-                fig.text(0.55, top_y, "spatial gates, upsampled over the image (each map scaled to its own range, in its title)",
-                         ha="center", va="bottom", fontsize=8.5)
+                fig.text(
+                    0.55,
+                    top_y,
+                    "spatial gates, upsampled over the image (each map scaled to its own range, in its title)",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8.5,
+                )
             t = shown.gates[(g.module, g.name)]
             heat = _upsample(t, h, w)
             lo, hi = float(heat.min()), float(heat.max())
-            _overlay(ax, pixels, (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat),
-                     f"{short_name(g.module, 24)}\n{g.name}: {lo:.2f}–{hi:.2f}", alpha=0.5)
+            _overlay(
+                ax,
+                pixels,
+                (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat),
+                f"{short_name(g.module, 24)}\n{g.name}: {lo:.2f}–{hi:.2f}",
+                alpha=0.5,
+            )
         if len(e.gates) and len([g for g in e.gates if g.kind == "spatial"]) > len(spatial):
-            fig.text(0.5, 0.005, f"first {len(spatial)} spatial gates shown; explain.json holds all", ha="center", fontsize=7)
+            fig.text(
+                0.5, 0.005, f"first {len(spatial)} spatial gates shown; explain.json holds all", ha="center", fontsize=7
+            )
     return fig
 
 
@@ -189,9 +235,20 @@ def draw_summary(e: Explanation) -> Any:
     ax2.bar(xs, [r["std_across_images"] for r in summary], color="#4C72B0")
     ax2.set_ylabel("std across images\n(mean over channels)", fontsize=8)
     ax2.grid(axis="y", alpha=0.3)
-    ax2.set_xticks(list(xs), [f"{short_name(r['module'], 18)}{'' if r['gate'] in ('channel', 'gate') else '·' + r['gate'][:2]}"
-                              for r in summary], rotation=70, fontsize=max(4.5, min(7, 300 / len(summary))), ha="right")
-    last = next((g for g in reversed(e.gates) if g.kind != "spatial" and all((g.module, g.name) in v.gates for v in shown)), None)
+    ax2.set_xticks(
+        list(xs),
+        [
+            f"{short_name(r['module'], 18)}{'' if r['gate'] in ('channel', 'gate') else '·' + r['gate'][:2]}"
+            for r in summary
+        ],
+        rotation=70,
+        fontsize=max(4.5, min(7, 300 / len(summary))),
+        ha="right",
+    )
+    last = next(
+        (g for g in reversed(e.gates) if g.kind != "spatial" and all((g.module, g.name) in v.gates for v in shown)),
+        None,
+    )
     ax3 = fig.add_subplot(gs[2])
     if last is not None:
         for i, view in enumerate(shown):

@@ -52,12 +52,37 @@ from ..core.errors import AttnSurgeonError, one_line
 from ..core.lists import split_list
 from .schema import InsertionSpec, Where, is_int, no_unknown, parse_insertion, positive_ints, typed
 
-RECIPE_KEYS = ("name", "description", "model", "models", "model_args", "model_kwargs", "weights", "weights_key", "input_size", "target", "insertions", "configurations",
-               "grid", "profile", "memory_efficient")
+RECIPE_KEYS = (
+    "name",
+    "description",
+    "model",
+    "models",
+    "model_args",
+    "model_kwargs",
+    "weights",
+    "weights_key",
+    "input_size",
+    "target",
+    "insertions",
+    "configurations",
+    "grid",
+    "profile",
+    "memory_efficient",
+)
 CONFIGURATION_KEYS = ("name", "insertions")
 GRID_KEYS = ("attn", "position", "after", "before", "stages", "blocks", "init", "options", "replace")
-PROFILE_KEYS = ("device", "dtype", "batch_sizes", "mode", "threads", "channels_last", "compile",
-                "min_run_time", "max_run_time", "target_ci")
+PROFILE_KEYS = (
+    "device",
+    "dtype",
+    "batch_sizes",
+    "mode",
+    "threads",
+    "channels_last",
+    "compile",
+    "min_run_time",
+    "max_run_time",
+    "target_ci",
+)
 
 
 @dataclass
@@ -81,7 +106,9 @@ class Recipe:
     description: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     configurations: list[Configuration] | None = None  # a sweep recipe (from `configurations` or `grid`)
-    target: list[str] | None = None  # the submodules to rewrite (attnsurgeon.graph.parts); None: the whole model or found
+    target: list[str] | None = (
+        None  # the submodules to rewrite (attnsurgeon.graph.parts); None: the whole model or found
+    )
     models: list[str] | None = None  # a zoo sweep recipe's models (names or globs); ``model`` is then empty
     memory_efficient: bool = False  # recompute the inserted blocks (no insertions: the model's own gates) in backward
     weights: str | None = None  # where the base weights come from: a file, or "pretrained"; None: the builder's
@@ -119,8 +146,9 @@ class Recipe:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | None = None,
-                 folder: str | None = None) -> Recipe:
+def parse_recipe(
+    data: Any, source: str = "recipe", lines: dict[tuple, int] | None = None, folder: str | None = None
+) -> Recipe:
     """Validate plain data (from YAML or JSON) into a :class:`Recipe`; errors name the place. Block
     files it names (``attn: gate.py:Gate``) are looked for in ``folder`` (the recipe's), then in the
     working folder."""
@@ -134,17 +162,23 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
         if "model" in data:
             raise AttnSurgeonError(f"{where(('models',))}: give 'model' (one) or 'models' (a zoo sweep), not both")
         if kinds == ["insertions"]:
-            raise AttnSurgeonError(f"{where(('models',))}: 'models' belongs to a sweep recipe (configurations or grid); "
-                                   "a recipe with insertions has one 'model'")
+            raise AttnSurgeonError(
+                f"{where(('models',))}: 'models' belongs to a sweep recipe (configurations or grid); "
+                "a recipe with insertions has one 'model'"
+            )
         models = split_list(data["models"]) if isinstance(data["models"], (str, list)) else data["models"]
         if not (isinstance(models, list) and models and all(isinstance(m, str) for m in models)):
-            raise AttnSurgeonError(f"{where(('models',))}: expected a list of model names or globs ([timm:resnet*, convnext_tiny])")
+            raise AttnSurgeonError(
+                f"{where(('models',))}: expected a list of model names or globs ([timm:resnet*, convnext_tiny])"
+            )
         model = ""
     else:
         model = typed(data, "model", str, (), where, required=True)
     if len(kinds) != 1:
-        raise AttnSurgeonError(f"{where(())}: give exactly one of 'insertions' (a recipe), 'configurations' or 'grid' "
-                               f"(a sweep recipe){'; found ' + ', '.join(kinds) if kinds else ''}")
+        raise AttnSurgeonError(
+            f"{where(())}: give exactly one of 'insertions' (a recipe), 'configurations' or 'grid' "
+            f"(a sweep recipe){'; found ' + ', '.join(kinds) if kinds else ''}"
+        )
     insertions: list[InsertionSpec] = []
     configurations = None
     if kinds[0] == "insertions":
@@ -157,9 +191,13 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
     if input_size is not None:
         if isinstance(input_size, int):
             input_size = [input_size]
-        if not (isinstance(input_size, list) and 1 <= len(input_size) <= 4 and all(is_int(v) and v > 0 for v in input_size)):
-            raise AttnSurgeonError(f"{where(('input_size',))}: expected a size (224), [H, W], [C, H, W], [C, T, H, W] "
-                                   "or [C, L] of positive integers")
+        if not (
+            isinstance(input_size, list) and 1 <= len(input_size) <= 4 and all(is_int(v) and v > 0 for v in input_size)
+        ):
+            raise AttnSurgeonError(
+                f"{where(('input_size',))}: expected a size (224), [H, W], [C, H, W], [C, T, H, W] "
+                "or [C, L] of positive integers"
+            )
     profile = data.get("profile")
     if profile is not None:
         if not isinstance(profile, dict):
@@ -173,19 +211,37 @@ def parse_recipe(data: Any, source: str = "recipe", lines: dict[tuple, int] | No
             raise AttnSurgeonError(f"{where(('target',))}: expected a module path (backbone.body) or a list of them")
         target = [t.strip() for t in items]
     if "model_args" in data and "model_kwargs" in data:  # model_kwargs: how earlier saved files spell it
-        raise AttnSurgeonError(f"{where(('model_kwargs',))}: give 'model_args' (model_kwargs is its older name), not both")
+        raise AttnSurgeonError(
+            f"{where(('model_kwargs',))}: give 'model_args' (model_kwargs is its older name), not both"
+        )
     args_key = "model_kwargs" if "model_kwargs" in data else "model_args"
     kwargs = data.get(args_key) or {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
-        raise AttnSurgeonError(f"{where((args_key,))}: expected a mapping of the builder's arguments ({{num_classes: 7}})")
+        raise AttnSurgeonError(
+            f"{where((args_key,))}: expected a mapping of the builder's arguments ({{num_classes: 7}})"
+        )
     weights = typed(data, "weights", str, (), where)
     weights_key = typed(data, "weights_key", str, (), where)
     if weights_key is not None and weights in (None, "pretrained"):
-        raise AttnSurgeonError(f"{where(('weights_key',))}: chooses an entry of a 'weights' checkpoint file: give 'weights'")
+        raise AttnSurgeonError(
+            f"{where(('weights_key',))}: chooses an entry of a 'weights' checkpoint file: give 'weights'"
+        )
     memory_efficient = typed(data, "memory_efficient", bool, (), where) or False
-    return Recipe(model, insertions, input_size, profile, typed(data, "name", str, (), where),
-                  typed(data, "description", str, (), where), dict(kwargs), configurations, target, models, memory_efficient,
-                  weights, weights_key)
+    return Recipe(
+        model,
+        insertions,
+        input_size,
+        profile,
+        typed(data, "name", str, (), where),
+        typed(data, "description", str, (), where),
+        dict(kwargs),
+        configurations,
+        target,
+        models,
+        memory_efficient,
+        weights,
+        weights_key,
+    )
 
 
 def _parse_insertions(raw: Any, path: tuple, where: Where, allow_empty: bool = False) -> list[InsertionSpec]:
@@ -240,7 +296,11 @@ def _expand_grid(raw: Any, where: Where) -> list[Configuration]:
             else:
                 item[key_path[0]] = value
             if len(dict(axes)[key_path]) > 1:  # name a configuration by what varies
-                label.append(f"{key_path[-1]}={_short(value)}" if key_path[0] in ("options", "stages", "blocks", "after", "before") else str(value))
+                label.append(
+                    f"{key_path[-1]}={_short(value)}"
+                    if key_path[0] in ("options", "stages", "blocks", "after", "before")
+                    else str(value)
+                )
         spec = parse_insertion(item, path, where)
         out.append(Configuration("/".join(label) or spec.attn, [spec]))
     return out
@@ -255,15 +315,29 @@ def _check_profile(profile: dict, where: Where) -> None:
 
     from .settings import DTYPES, MODES
 
-    types = {"device": str, "dtype": str, "mode": str, "threads": int, "channels_last": bool, "compile": bool,
-             "min_run_time": (int, float), "max_run_time": (int, float), "target_ci": (int, float)}
+    types = {
+        "device": str,
+        "dtype": str,
+        "mode": str,
+        "threads": int,
+        "channels_last": bool,
+        "compile": bool,
+        "min_run_time": (int, float),
+        "max_run_time": (int, float),
+        "target_ci": (int, float),
+    }
     for key, kind in types.items():
         if key in profile and (not isinstance(profile[key], kind) or (kind is int and isinstance(profile[key], bool))):
-            raise AttnSurgeonError(f"{where(('profile', key))}: expected {getattr(kind, '__name__', 'a number')}, got {profile[key]!r}")
+            raise AttnSurgeonError(
+                f"{where(('profile', key))}: expected {getattr(kind, '__name__', 'a number')}, got {profile[key]!r}"
+            )
     values = {
         "dtype": (lambda v: str(v).lower() in DTYPES, f"one of {', '.join(sorted(set(DTYPES.values())))}"),
         "mode": (lambda v: v in MODES, " or ".join(MODES)),
-        "device": (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(v).lower()) is not None, "cpu, cuda, cuda:N or mps"),
+        "device": (
+            lambda v: re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(v).lower()) is not None,
+            "cpu, cuda, cuda:N or mps",
+        ),
         "threads": (lambda v: v >= 1, "≥ 1"),
         "min_run_time": (lambda v: v > 0, "> 0"),
         "max_run_time": (lambda v: v > 0, "> 0"),
@@ -273,7 +347,9 @@ def _check_profile(profile: dict, where: Where) -> None:
         if key in profile and not ok(profile[key]):
             raise AttnSurgeonError(f"{where(('profile', key))}: expected {what}, got {profile[key]!r}")
     if "batch_sizes" in profile:
-        profile["batch_sizes"] = positive_ints(profile["batch_sizes"], where(("profile", "batch_sizes")), "positive integers")
+        profile["batch_sizes"] = positive_ints(
+            profile["batch_sizes"], where(("profile", "batch_sizes")), "positive integers"
+        )
 
 
 # --------------------------------------------------------------------------- YAML
@@ -311,15 +387,19 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]
     def walk(node: Any, path: tuple) -> Any:
         lines[path] = node.start_mark.line + 1
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in plain:
-            raise AttnSurgeonError(f"{source}, line {node.start_mark.line + 1}: the YAML tag {node.tag} is not allowed "
-                                   "(a recipe is plain data)")
+            raise AttnSurgeonError(
+                f"{source}, line {node.start_mark.line + 1}: the YAML tag {node.tag} is not allowed "
+                "(a recipe is plain data)"
+            )
         if isinstance(node, yaml.MappingNode):
             out = {}
             for key_node, value_node in node.value:
                 key = constructor.construct_object(key_node, deep=True)
                 if key in out:  # YAML would silently keep the last one
-                    raise AttnSurgeonError(f"{source}, line {key_node.start_mark.line + 1}: '{key}' is given twice "
-                                           f"(first on line {lines[path + (key,)]})")
+                    raise AttnSurgeonError(
+                        f"{source}, line {key_node.start_mark.line + 1}: '{key}' is given twice "
+                        f"(first on line {lines[path + (key,)]})"
+                    )
                 lines[path + (key,)] = key_node.start_mark.line + 1
                 out[key] = walk(value_node, path + (key,))
                 lines[path + (key,)] = key_node.start_mark.line + 1
@@ -329,8 +409,9 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]
         try:
             return constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:  # a scalar with a tag the safe loader does not know
-            raise AttnSurgeonError(f"{source}, line {node.start_mark.line + 1}: {one_line(exc, with_type=False)} "
-                                   "(a recipe is plain data)") from exc
+            raise AttnSurgeonError(
+                f"{source}, line {node.start_mark.line + 1}: {one_line(exc, with_type=False)} (a recipe is plain data)"
+            ) from exc
 
     data = walk(root, ()) if root is not None else None
     return data, lines

@@ -101,8 +101,11 @@ def validate(spec: InsertionSpec) -> InsertionSpec:
     attn = spec.attn
     check_anchor(spec)
     if spec.position not in POSITIONS and spec.position not in ANCHORS:
-        raise SpecError(f"unknown position '{spec.position}' (choose from {', '.join(POSITIONS)}, or give --after/--before "
-                        "MODULE)." + did_you_mean(str(spec.position), POSITIONS), ("position",))
+        raise SpecError(
+            f"unknown position '{spec.position}' (choose from {', '.join(POSITIONS)}, or give --after/--before "
+            "MODULE)." + did_you_mean(str(spec.position), POSITIONS),
+            ("position",),
+        )
     if spec.init not in INITS:
         raise SpecError(f"unknown init '{spec.init}' (choose from {', '.join(INITS)})", ("init",))
     if attn != NONE:
@@ -126,14 +129,23 @@ def check_anchor(spec: InsertionSpec) -> None:
         if not (isinstance(globs, list) and globs and all(isinstance(g, str) and g.strip() for g in globs)):
             raise SpecError(f"--{a}: expected one or more module-name globs (layer3.*.conv2), got {globs!r}", (a,))
     if len(given) > 1:
-        raise SpecError("--after and --before in one insertion: give each in an insertion of its own (two insertions "
-                        "of a recipe, or two commands)", (given[1],))
+        raise SpecError(
+            "--after and --before in one insertion: give each in an insertion of its own (two insertions "
+            "of a recipe, or two commands)",
+            (given[1],),
+        )
     if given and spec.position != given[0]:
-        raise SpecError(f"--{given[0]} puts the block on a module's {'output' if given[0] == 'after' else 'input'} and "
-                        f"takes the place of a position: leave --position ('{spec.position}') out", ("position",))
+        raise SpecError(
+            f"--{given[0]} puts the block on a module's {'output' if given[0] == 'after' else 'input'} and "
+            f"takes the place of a position: leave --position ('{spec.position}') out",
+            ("position",),
+        )
     if not given and spec.position in ANCHORS:
-        raise SpecError(f"position '{spec.position}' needs the modules: --{spec.position} GLOB "
-                        f"({spec.position}: [GLOB, ...] in a recipe)", ("position",))
+        raise SpecError(
+            f"position '{spec.position}' needs the modules: --{spec.position} GLOB "
+            f"({spec.position}: [GLOB, ...] in a recipe)",
+            ("position",),
+        )
 
 
 def check_position(attn: str, position: str, replace: bool = False) -> None:
@@ -144,38 +156,60 @@ def check_position(attn: str, position: str, replace: bool = False) -> None:
 
     info = get_block(attn)
     if info.kind == "conv" and replace:
-        raise SpecError(f"{attn} takes the place of a convolution, not of an attention gate: --replace is for gates "
-                        f"({', '.join(n for n, i in REGISTRY.items() if i.kind == 'gate')})", ("replace",))
+        raise SpecError(
+            f"{attn} takes the place of a convolution, not of an attention gate: --replace is for gates "
+            f"({', '.join(n for n, i in REGISTRY.items() if i.kind == 'gate')})",
+            ("replace",),
+        )
     if position in info.positions or (position in ANCHORS and info.kind == "gate"):
         return
     if position in ANCHORS:
-        raise SpecError(f"{attn} takes the place of a convolution and cannot go --{position} a module: it goes only at "
-                        "position 'conv' (leave --after/--before out)", (position,))
+        raise SpecError(
+            f"{attn} takes the place of a convolution and cannot go --{position} a module: it goes only at "
+            "position 'conv' (leave --after/--before out)",
+            (position,),
+        )
     if info.kind == "conv":
-        raise SpecError(f"{attn} replaces the block's spatial convolution and goes only at position 'conv', not "
-                        f"'{position}'; leave --position out (it defaults to conv)", ("position",))
+        raise SpecError(
+            f"{attn} replaces the block's spatial convolution and goes only at position 'conv', not "
+            f"'{position}'; leave --position out (it defaults to conv)",
+            ("position",),
+        )
     convs = [n for n, i in REGISTRY.items() if i.kind == "conv"]
-    raise SpecError(f"{attn} is a gate added on a tensor's path and cannot take the place of a convolution: position "
-                    f"'{position}' is for conv blocks ({', '.join(convs)}); choose one of "
-                    f"{', '.join(KIND_POSITIONS[info.kind])} (its natural position is {info.position})", ("position",))
+    raise SpecError(
+        f"{attn} is a gate added on a tensor's path and cannot take the place of a convolution: position "
+        f"'{position}' is for conv blocks ({', '.join(convs)}); choose one of "
+        f"{', '.join(KIND_POSITIONS[info.kind])} (its natural position is {info.position})",
+        ("position",),
+    )
 
 
 def check_replace(attn: str, position: str, replace: bool, options: dict[str, Any]) -> None:
     """What ``replace`` and ``attn='none'`` allow."""
     if attn == NONE and not replace:
-        raise SpecError("attention block 'none' removes the attention modules the model already has and needs "
-                        "--replace (replace: true in a recipe); to insert a block, name one: se, eca, cbam", ("attn",))
+        raise SpecError(
+            "attention block 'none' removes the attention modules the model already has and needs "
+            "--replace (replace: true in a recipe); to insert a block, name one: se, eca, cbam",
+            ("attn",),
+        )
     if replace and position in ANCHORS:
-        raise SpecError(f"--replace puts the new block where the existing attention module is, so --{position} does not "
-                        f"apply; leave it out (or insert with --{position} in a separate insertion)", (position,))
+        raise SpecError(
+            f"--replace puts the new block where the existing attention module is, so --{position} does not "
+            f"apply; leave it out (or insert with --{position} in a separate insertion)",
+            (position,),
+        )
     if replace and position != "standard":
-        raise SpecError(f"--replace puts the new block where the existing attention module is, so position "
-                        f"'{position}' does not apply; leave --position out (or insert at '{position}' in a "
-                        "separate insertion)", ("position",))
+        raise SpecError(
+            f"--replace puts the new block where the existing attention module is, so position "
+            f"'{position}' does not apply; leave --position out (or insert at '{position}' in a "
+            "separate insertion)",
+            ("position",),
+        )
     given = [k for k, v in options.items() if v is not None]
     if attn == NONE and given:
-        raise SpecError(f"attention block 'none' builds nothing and takes no block options (got {', '.join(given)})",
-                        ("options",))
+        raise SpecError(
+            f"attention block 'none' builds nothing and takes no block options (got {', '.join(given)})", ("options",)
+        )
 
 
 # --------------------------------------------------------------------------- plain data
@@ -205,8 +239,10 @@ def parse_insertion(item: Any, path: tuple = (), where: Where | None = None) -> 
 
     for key in item:  # a block option written beside attn instead of under options
         if key not in INSERTION_KEYS and any(key in info.options for info in REGISTRY.values()):
-            raise AttnSurgeonError(f"{where(path + (key,))}: '{key}' is a block option: write it under options "
-                                   f"(options: {{{key}: {json.dumps(item[key])}}})")
+            raise AttnSurgeonError(
+                f"{where(path + (key,))}: '{key}' is a block option: write it under options "
+                f"(options: {{{key}: {json.dumps(item[key])}}})"
+            )
     no_unknown(item, INSERTION_KEYS, path, where)
     from ..blocks.external import anchor_reference
 
@@ -215,8 +251,10 @@ def parse_insertion(item: Any, path: tuple = (), where: Where | None = None) -> 
     position = typed(item, "position", str, path, where)  # None: the block's natural position
     init = typed(item, "init", str, path, where) or "default"
     stages = positive_ints(item.get("stages"), where(path + ("stages",)), "a list of stage numbers (1-based)")
-    blocks, after, before = (globs(item.get(key), where(path + (key,)), what) for key, what in
-                             (("blocks", "block-name"), ("after", "module-name"), ("before", "module-name")))
+    blocks, after, before = (
+        globs(item.get(key), where(path + (key,)), what)
+        for key, what in (("blocks", "block-name"), ("after", "module-name"), ("before", "module-name"))
+    )
     options = item.get("options") or {}
     if not isinstance(options, dict):
         raise AttnSurgeonError(f"{where(path + ('options',))}: expected a mapping of block options")
@@ -230,8 +268,10 @@ def parse_insertion(item: Any, path: tuple = (), where: Where | None = None) -> 
 def no_unknown(d: dict, allowed: tuple, path: tuple, where: Where) -> None:
     for key in d:
         if key not in allowed:
-            raise AttnSurgeonError(f"{where(path + (key,))}: unknown key '{key}' (allowed: {', '.join(allowed)})."
-                                   + did_you_mean(str(key), allowed))
+            raise AttnSurgeonError(
+                f"{where(path + (key,))}: unknown key '{key}' (allowed: {', '.join(allowed)})."
+                + did_you_mean(str(key), allowed)
+            )
 
 
 def typed(d: dict, key: str, kind: type, path: tuple, where: Where, required: bool = False) -> Any:
@@ -240,7 +280,9 @@ def typed(d: dict, key: str, kind: type, path: tuple, where: Where, required: bo
             raise AttnSurgeonError(f"{where(path + (key,))}: missing (required)")
         return None
     if not isinstance(d[key], kind):
-        raise AttnSurgeonError(f"{where(path + (key,))}: expected {kind.__name__}, got {type(d[key]).__name__} {d[key]!r}")
+        raise AttnSurgeonError(
+            f"{where(path + (key,))}: expected {kind.__name__}, got {type(d[key]).__name__} {d[key]!r}"
+        )
     return d[key]
 
 

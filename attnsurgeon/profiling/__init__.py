@@ -82,8 +82,12 @@ class ProfileResult:
     fvcore_default_macs: dict[str, int]
     warnings: list[str]
     environment: dict[str, Any]
-    unattributed_memory_bytes: int | None = None  # --mode train: Δ peak memory (first batch size) less the per-insertion rows
-    notes: list[str] = field(default_factory=list)  # the insertion's notes (what it skipped, the parts traced), as insert says them
+    unattributed_memory_bytes: int | None = (
+        None  # --mode train: Δ peak memory (first batch size) less the per-insertion rows
+    )
+    notes: list[str] = field(
+        default_factory=list
+    )  # the insertion's notes (what it skipped, the parts traced), as insert says them
     runtimes: list[Any] = field(default_factory=list)  # runtimes.RuntimeFigures, one per --runtime (and precision)
 
     def rows(self) -> list[tuple[Metric, int, Any, Any, float | None, float | None, tuple | None]]:
@@ -105,7 +109,9 @@ class ProfileResult:
         if self.modified is None:
             return None
         changes = [m for m in METRICS if m.delta]
-        return nested(changes, self.settings.batch_sizes, lambda m, b: difference(m.read(self.base, b), m.read(self.modified, b)))
+        return nested(
+            changes, self.settings.batch_sizes, lambda m, b: difference(m.read(self.base, b), m.read(self.modified, b))
+        )
 
     def delta_percent(self) -> dict[str, Any] | None:
         """Δ % per metric; for latency and throughput the median of the paired per-round ratios."""
@@ -118,8 +124,9 @@ class ProfileResult:
         """The 95 % interval of each Δ % that has one: ``{"low", "high", "confidence", "rounds", "resolved"}``."""
         if self.modified is None:
             return None
-        return nested([m for m in METRICS if m.interval], self.settings.batch_sizes,
-                      lambda m, b: interval(m, self.modified, b))
+        return nested(
+            [m for m in METRICS if m.interval], self.settings.batch_sizes, lambda m, b: interval(m, self.modified, b)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         bs = self.settings.batch_sizes
@@ -220,10 +227,22 @@ def profile(
 
     quiet_torch_logs()
     say = progress or (lambda message: None)
-    settings = check_settings(Settings(device, dtype, list([batch_sizes] if isinstance(batch_sizes, int) else batch_sizes),
-                                       mode, threads, channels_last, compile, min_run_time, max_run_time,
-                                       target_ci,
-                                       list(dict.fromkeys([runtimes] if isinstance(runtimes, str) else runtimes)), quantize))
+    settings = check_settings(
+        Settings(
+            device,
+            dtype,
+            list([batch_sizes] if isinstance(batch_sizes, int) else batch_sizes),
+            mode,
+            threads,
+            channels_last,
+            compile,
+            min_run_time,
+            max_run_time,
+            target_ci,
+            list(dict.fromkeys([runtimes] if isinstance(runtimes, str) else runtimes)),
+            quantize,
+        )
+    )
     from .runtimes import check_runtimes
 
     check_runtimes(settings.runtimes, settings, settings.quantize)
@@ -233,20 +252,25 @@ def profile(
     elif block_options and any(v is not None for v in block_options.values()):
         raise AttnSurgeonError("block options were given without --attn")
     elif replace:
-        raise AttnSurgeonError("--replace needs --attn: the block to put in place of the model's attention, or none to remove it")
+        raise AttnSurgeonError(
+            "--replace needs --attn: the block to put in place of the model's attention, or none to remove it"
+        )
 
     say("Loading the model")
     if is_saved(model):  # what a saved modified model cannot take, said before loading it
         if specs:
             raise AttnSurgeonError("a saved model carries its own insertions; profile it without --attn")
         if pretrained or weights is not None or model_args:
-            raise AttnSurgeonError("a saved model carries its own weights and builder arguments; "
-                                   "drop --pretrained/--weights/--model-arg")
+            raise AttnSurgeonError(
+                "a saved model carries its own weights and builder arguments; drop --pretrained/--weights/--model-arg"
+            )
         if target is not None:
             raise AttnSurgeonError("a saved model carries its own target; profile it without --target")
         if memory_efficient:
-            raise AttnSurgeonError("a saved model carries its own recipe; make it memory-efficient before saving it "
-                                   "(insert/optimize --memory-efficient --out)")
+            raise AttnSurgeonError(
+                "a saved model carries its own recipe; make it memory-efficient before saving it "
+                "(insert/optimize --memory-efficient --out)"
+            )
     loaded = open_model(model, pretrained=pretrained, weights=weights, weights_key=weights_key, **(model_args or {}))
     spec, source = loaded.spec, loaded.source
     size = resolve_input_size(input_size, loaded.input_size)
@@ -263,7 +287,9 @@ def profile(
         modified, report = None, None
         if specs or memory_efficient:
             say("Inserting" if specs else "Making the attention memory-efficient")
-            modified, report = apply_plan(loaded, specs, input_size=size, target=target, memory_efficient=memory_efficient)
+            modified, report = apply_plan(
+                loaded, specs, input_size=size, target=target, memory_efficient=memory_efficient
+            )
         elif target is not None:
             raise AttnSurgeonError("--target chooses where blocks go: it needs --attn")
 
@@ -284,8 +310,19 @@ def profile(
         per_insertion = insertion_macs(report, base_flops, mod_flops)
         for ins in report.insertions:
             macs = per_insertion[ins.module]
-            insertions.append(InsertionCost(ins.module, ins.block, ins.stage, ins.position, ins.attn,
-                                            ins.params - ins.replaced_params, macs, ins.replaced, anchor=ins.anchor))
+            insertions.append(
+                InsertionCost(
+                    ins.module,
+                    ins.block,
+                    ins.stage,
+                    ins.position,
+                    ins.attn,
+                    ins.params - ins.replaced_params,
+                    macs,
+                    ins.replaced,
+                    anchor=ins.anchor,
+                )
+            )
         unattributed = (mod_flops.macs - base_flops.macs) - sum(i.macs for i in insertions)
         for op, calls in mod_flops.uncounted.items():
             uncounted[op] = max(uncounted.get(op, 0), calls)
@@ -312,7 +349,9 @@ def profile(
 
             for m in models.values():
                 m.to("cpu").eval()  # exported from the CPU
-            measured_runtimes = measure_runtimes(models, figures, size, settings, settings.runtimes, settings.quantize, say)
+            measured_runtimes = measure_runtimes(
+                models, figures, size, settings, settings.runtimes, settings.quantize, say
+            )
         unattributed_memory = None
         if settings.mode == "train" and modified is not None and insertions:
             say("Attributing memory to the insertions")
@@ -325,28 +364,48 @@ def profile(
     for name, fig in figures.items():
         for b, lat in fig.latency.items():
             if lat.noisy:
-                warnings.append(f"{name} latency at batch {b} is noisy: IQR {lat.iqr_ms:.2f} ms is "
-                                f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median; other work competes for the CPU "
-                                "(try --threads 1 or fewer than the free cores) or raise --max-time")
+                warnings.append(
+                    f"{name} latency at batch {b} is noisy: IQR {lat.iqr_ms:.2f} ms is "
+                    f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median; other work competes for the CPU "
+                    "(try --threads 1 or fewer than the free cores) or raise --max-time"
+                )
     for row in measured_runtimes:
         for name, timed in (("base", row.base), ("modified", row.modified)):
-            for b, lat in (timed.latency.items() if row.runtime != "eager" and timed is not None else ()):
+            for b, lat in timed.latency.items() if row.runtime != "eager" and timed is not None else ():
                 if lat.noisy:
-                    warnings.append(f"{name} latency in {row.label} at batch {b} is noisy: IQR {lat.iqr_ms:.2f} ms is "
-                                    f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median")
+                    warnings.append(
+                        f"{name} latency in {row.label} at batch {b} is noisy: IQR {lat.iqr_ms:.2f} ms is "
+                        f"{100 * lat.iqr_ms / lat.median_ms:.0f}% of the median"
+                    )
     if counted:
         warnings.append(counted[0])
     if uncounted:
-        warnings.append("ops without a FLOP handle (not counted): " + ", ".join(f"{k} ×{v}" for k, v in sorted(uncounted.items())))
+        warnings.append(
+            "ops without a FLOP handle (not counted): " + ", ".join(f"{k} ×{v}" for k, v in sorted(uncounted.items()))
+        )
     environment = {
         "threads": settings.threads or previous_threads,
         "torch_version": torch.__version__,
         "device_name": torch.cuda.get_device_name(settings.device) if settings.device.startswith("cuda") else "cpu",
         "load_average": {"start": load_start, "end": _load_average()},  # 1, 5, 15 min; None where the OS has none
     }
-    return ProfileResult(spec, source, size, settings, figures["base"], figures.get("modified"),
-                         insertions, unattributed, uncounted, fvcore_default, warnings, environment, unattributed_memory, notes,
-                         measured_runtimes)
+    return ProfileResult(
+        spec,
+        source,
+        size,
+        settings,
+        figures["base"],
+        figures.get("modified"),
+        insertions,
+        unattributed,
+        uncounted,
+        fvcore_default,
+        warnings,
+        environment,
+        unattributed_memory,
+        notes,
+        measured_runtimes,
+    )
 
 
 def _load_average() -> list[float] | None:
@@ -358,8 +417,13 @@ def _load_average() -> list[float] | None:
         return None
 
 
-def _attribute_memory(model: Any, insertions: list[InsertionCost], figures: dict[str, ModelFigures], size: tuple[int, ...],
-                      settings: Settings) -> int | None:
+def _attribute_memory(
+    model: Any,
+    insertions: list[InsertionCost],
+    figures: dict[str, ModelFigures],
+    size: tuple[int, ...],
+    settings: Settings,
+) -> int | None:
     """Each insertion's activations kept for backward (``measure.saved_bytes_by_module``) at the first
     batch size; returns what of the Δ peak memory they do not explain."""
     from ..loading.samples import sample_args
@@ -387,8 +451,9 @@ def _check_mode(model: Any, mode: str) -> None:
         )
 
 
-def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], size: tuple[int, ...],
-                      settings: Settings, say: ProgressFn) -> None:
+def _time_and_measure(
+    models: dict[str, Any], figures: dict[str, ModelFigures], size: tuple[int, ...], settings: Settings, say: ProgressFn
+) -> None:
     import torch
 
     from .measure import make_step, measure_latency, measure_memory, timed_call
@@ -425,7 +490,8 @@ def _time_and_measure(models: dict[str, Any], figures: dict[str, ModelFigures], 
                 raise AttnSurgeonError(
                     f"--mode train at batch {b}: a BatchNorm in the model normalises a single value per channel (a "
                     "pooled (N, C, 1, 1) map, as in sk's and splat's attention, or a 1×1 feature map); "
-                    "train needs a batch of 2 or more: give --batch-size 2") from exc
+                    "train needs a batch of 2 or more: give --batch-size 2"
+                ) from exc
             for name, lat in latencies.items():
                 figures[name].latency[b] = lat
             say(f"Measuring memory at batch {b}")

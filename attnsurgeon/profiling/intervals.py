@@ -33,6 +33,7 @@ class RatioInterval:
     def percent(self, inverse: bool = False) -> tuple[float, float | None, float | None]:
         """(change %, low %, high %) of the figure: latency (the ratio), or with ``inverse`` a rate
         such as throughput (1 / ratio, so the ends swap)."""
+
         def pct(r: float | None) -> float | None:
             if r is None:
                 return None
@@ -55,8 +56,13 @@ class RatioInterval:
 
     def to_dict(self, inverse: bool = False) -> dict:
         _, lo, hi = self.percent(inverse)
-        return {"low": None if lo is None else round(lo, 4), "high": None if hi is None else round(hi, 4),
-                "confidence": self.confidence, "rounds": self.rounds, "resolved": self.resolved}
+        return {
+            "low": None if lo is None else round(lo, 4),
+            "high": None if hi is None else round(hi, 4),
+            "confidence": self.confidence,
+            "rounds": self.rounds,
+            "resolved": self.resolved,
+        }
 
 
 def order_statistic_ranks(n: int, confidence: float = CONFIDENCE) -> tuple[int, int] | None:
@@ -66,7 +72,7 @@ def order_statistic_ranks(n: int, confidence: float = CONFIDENCE) -> tuple[int, 
     below = 0.0  # P(Binomial(n, 1/2) <= k - 1), growing with k
     best = None
     for k in range(1, n // 2 + 1):
-        below += comb(n, k - 1) / 2 ** n
+        below += comb(n, k - 1) / 2**n
         if below > tail:
             break
         best = k

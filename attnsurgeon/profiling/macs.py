@@ -10,7 +10,9 @@ from ..core.errors import AttnSurgeonError, one_line
 __all__ = ["count_model_macs", "insertion_macs", "count_insertion_macs"]
 
 
-def count_model_macs(model: Any, args: tuple, size: tuple[int, ...], targets: list[str] | None, counted: list[str]) -> Any:
+def count_model_macs(
+    model: Any, args: tuple, size: tuple[int, ...], targets: list[str] | None, counted: list[str]
+) -> Any:
     """fvcore on the whole model; where it cannot run it, on the traced parts. After a fallback,
     ``counted`` holds the warning and then the parts, and the next model is counted the same way."""
     import torch
@@ -27,8 +29,10 @@ def count_model_macs(model: Any, args: tuple, size: tuple[int, ...], targets: li
             targets = targets or find_targets(model, size).targets
             if not targets:
                 raise AttnSurgeonError(f"fvcore cannot count the MACs of {type(model).__name__}: {reason}") from exc
-            counted += [f"MACs count {', '.join(targets)} only: fvcore cannot run the whole "
-                        f"{type(model).__name__} ({reason})", *targets]
+            counted += [
+                f"MACs count {', '.join(targets)} only: fvcore cannot run the whole {type(model).__name__} ({reason})",
+                *targets,
+            ]
     from ..graph.parts import record_inputs
 
     targets = counted[1:]
@@ -42,8 +46,9 @@ def count_model_macs(model: Any, args: tuple, size: tuple[int, ...], targets: li
             by_operator[k] = by_operator.get(k, 0) + v
         for k, v in p.uncounted.items():
             uncounted[k] = uncounted.get(k, 0) + v
-    return flops.FlopCount(sum(p.macs for p in parts), by_operator, by_module, uncounted,
-                           sum(p.fvcore_default_macs for p in parts))
+    return flops.FlopCount(
+        sum(p.macs for p in parts), by_operator, by_module, uncounted, sum(p.fvcore_default_macs for p in parts)
+    )
 
 
 def insertion_macs(report: Any, base: Any, modified: Any) -> dict[str, int]:

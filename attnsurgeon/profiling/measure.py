@@ -42,21 +42,25 @@ def make_step(model: Any, x: tuple, settings: Settings) -> Callable[[], None]:
     device_type = torch.device(settings.device).type
     autocast = (
         (lambda: torch.autocast(device_type, dtype=getattr(torch, settings.dtype)))
-        if settings.dtype != "float32" else contextlib.nullcontext
+        if settings.dtype != "float32"
+        else contextlib.nullcontext
     )
     from ..loading.samples import flatten_outputs
 
     if settings.mode == "inference":
+
         def step() -> None:
             with torch.inference_mode(), autocast():
                 model(*x)
     else:
+
         def step() -> None:
             for p in model.parameters():
                 p.grad = None
             with autocast():
                 out = model(*x)
             sum(o.float().mean() for o in flatten_outputs(out) if o.is_floating_point()).backward()
+
     return step
 
 
@@ -104,8 +108,13 @@ def block_time(step: Callable[[], None], calls: int, device: str) -> float:
             gc.enable()
 
 
-def measure_latency(steps: dict[str, Callable[[], None]], batch_size: int, settings: Settings,
-                    pairs: list[tuple[str, str]] | None = None, clock: Clock | None = None) -> dict[str, Latency]:
+def measure_latency(
+    steps: dict[str, Callable[[], None]],
+    batch_size: int,
+    settings: Settings,
+    pairs: list[tuple[str, str]] | None = None,
+    clock: Clock | None = None,
+) -> dict[str, Latency]:
     """Time several models in paired, interleaved rounds: each model warmed up until stable, then in
     every round each model once, the order reversed every other round (AB, BA, AB, ...: neither always goes
     first), so that drift on a shared machine hits them alike and cancels in the per-round ratios.
@@ -141,7 +150,9 @@ def measure_latency(steps: dict[str, Callable[[], None]], batch_size: int, setti
             rounds[name].append(t)
             spent[name] += t * calls[name]
         r += 1
-        if max(spent.values()) >= settings.max_run_time and r >= MIN_ROUNDS:  # the fewest with an interval, whatever the budget
+        if (
+            max(spent.values()) >= settings.max_run_time and r >= MIN_ROUNDS
+        ):  # the fewest with an interval, whatever the budget
             break
         if r < next_look or min(spent.values()) < settings.min_run_time:
             continue
@@ -221,8 +232,11 @@ def _cpu_step_peak(step: Callable[[], None]) -> int:
     with quiet_native_output():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
-    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type().name == "CPU")
+    records = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type().name == "CPU"
+    )
     current = peak = 0
     for _, nbytes in records:
         current += nbytes
@@ -291,8 +305,11 @@ def saved_bytes_by_module(model: Any, x: tuple, modules: list[str], settings: Se
         handles.append(sub.register_forward_pre_hook(lambda m, a, name=name: enter(name, a)))
         handles.append(sub.register_forward_hook(lambda m, a, o, name=name: leave(name, o)))
     device_type = torch.device(settings.device).type
-    autocast = (torch.autocast(device_type, dtype=getattr(torch, settings.dtype)) if settings.dtype != "float32"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type, dtype=getattr(torch, settings.dtype))
+        if settings.dtype != "float32"
+        else contextlib.nullcontext()
+    )
     was_training = model.training
     model.train(True)
     try:

@@ -25,16 +25,22 @@ def delta_cell(metric: Metric, delta: float | None, ci: tuple | None) -> str:
 def to_csv(result: ProfileResult) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["model", "metric", "base", "modified", "delta", "delta_percent", "delta_ci_low", "delta_ci_high",
-                     "runtime"])
+    writer.writerow(
+        ["model", "metric", "base", "modified", "delta", "delta_percent", "delta_ci_low", "delta_ci_high", "runtime"]
+    )
     eager = [("eager" if metric.per_batch else "", row) for row in result.rows() for metric in row[:1]]
-    timed = [(r.label, row) for r in result.runtimes if r.runtime != "eager"  # eager's rows are the ones above
-             for row in r.rows(result.settings.batch_sizes)]
+    timed = [
+        (r.label, row)
+        for r in result.runtimes
+        if r.runtime != "eager"  # eager's rows are the ones above
+        for row in r.rows(result.settings.batch_sizes)
+    ]
     for label, (metric, b, base, mod, delta, pct, ci) in [*eager, *timed]:
         name = f"{metric.key} (bs={b})" if metric.per_batch else metric.key
         low, high = ci[1:] if ci else (None, None)
-        writer.writerow([result.model, name, _num(base), _num(mod), _num(delta), _num(pct, 4), _num(low, 4), _num(high, 4),
-                         label])
+        writer.writerow(
+            [result.model, name, _num(base), _num(mod), _num(delta), _num(pct, 4), _num(low, 4), _num(high, 4), label]
+        )
     for r in result.runtimes:
         if r.error:
             writer.writerow([result.model, "error", r.error, "", "", "", "", "", r.label])
@@ -52,17 +58,25 @@ def to_markdown(result: ProfileResult) -> str:
     ]
     for metric, b, base, mod, delta, pct, ci in result.rows():
         shown = format_interval(*ci) if ci else "-" if pct is None else f"{pct:+.2f}%"
-        lines.append(f"| {metric.row_label(b)} | {metric.format(base)} | {metric.format(mod)} | "
-                     f"{delta_cell(metric, delta, ci)} | {shown} |")
+        lines.append(
+            f"| {metric.row_label(b)} | {metric.format(base)} | {metric.format(mod)} | "
+            f"{delta_cell(metric, delta, ci)} | {shown} |"
+        )
     if result.runtimes and [r.runtime for r in result.runtimes] != ["eager"]:
-        lines += ["", "| runtime | metric | base | modified | delta | delta % | output check |", "|---|---|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "| runtime | metric | base | modified | delta | delta % | output check |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
         for r in result.runtimes:
             if r.error:
                 lines.append(f"| {r.label} | not measured: {r.error} | | | | | |")
             for metric, b, base, mod, delta, pct, ci in r.rows(s.batch_sizes):
                 shown = format_interval(*ci) if ci else "-" if pct is None else f"{pct:+.2f}%"
-                lines.append(f"| {r.label} | {metric.row_label(b)} | {metric.format(base)} | {metric.format(mod)} | "
-                             f"{delta_cell(metric, delta, ci)} | {shown} | {r.check()} |")
+                lines.append(
+                    f"| {r.label} | {metric.row_label(b)} | {metric.format(base)} | {metric.format(mod)} | "
+                    f"{delta_cell(metric, delta, ci)} | {shown} | {r.check()} |"
+                )
     if result.insertions:
         lines += ["", "| inserted module | position | params | MACs |", "|---|---|---:|---:|"]
         for i in result.insertions:

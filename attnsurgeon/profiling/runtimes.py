@@ -45,7 +45,9 @@ class Loaded:
 class Runtime:
     name: str  # the --runtime value
     title: str  # how messages name it
-    load: Callable[[Any, "Exports", str, Settings, str], Loaded] | None  # (model, exports, base/modified, settings, precision)
+    load: (
+        Callable[[Any, "Exports", str, Settings, str], Loaded] | None
+    )  # (model, exports, base/modified, settings, precision)
     requires: tuple[str, ...] = ()  # modules it imports beyond attnsurgeon's own dependencies...
     extra: str | None = None  # ...and the pip extra that installs them
     devices: tuple[str, ...] = ("cpu",)  # device types it is measured on here
@@ -99,7 +101,11 @@ class RuntimeFigures:
                 mod = metric.read(self.modified, b) if self.modified is not None else None
                 if base is None and mod is None:
                     continue
-                delta, pct = (difference(base, mod), change(metric, self.base, self.modified, b)) if metric.delta else (None, None)
+                delta, pct = (
+                    (difference(base, mod), change(metric, self.base, self.modified, b))
+                    if metric.delta
+                    else (None, None)
+                )
                 out.append((metric, b, base, mod, delta, pct, metric.ci(self.modified, b) if metric.delta else None))
         return out
 
@@ -116,21 +122,34 @@ class RuntimeFigures:
     def to_dict(self, batch_sizes: list[int]) -> dict[str, Any]:
         timed = [m for m in METRICS if m.per_batch]
         changes = [m for m in timed if m.delta]
-        read = lambda fig: (lambda m, b: m.read(fig, b) if fig is not None else None)  # noqa: E731
+        read = lambda fig: lambda m, b: m.read(fig, b) if fig is not None else None  # noqa: E731
         both = self.modified is not None and self.base is not None
         return {
-            "runtime": self.runtime, "precision": self.precision, "status": self.status, "reason": self.error,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "status": self.status,
+            "reason": self.error,
             "base": nested(timed, batch_sizes, read(self.base)),
             "modified": nested(timed, batch_sizes, read(self.modified)) if self.modified is not None else None,
-            "delta": nested(changes, batch_sizes, lambda m, b: difference(m.read(self.base, b), m.read(self.modified, b)))
-            if both else None,
+            "delta": nested(
+                changes, batch_sizes, lambda m, b: difference(m.read(self.base, b), m.read(self.modified, b))
+            )
+            if both
+            else None,
             "delta_percent": nested(changes, batch_sizes, lambda m, b: change(m, self.base, self.modified, b))
-            if both else None,
-            "delta_ci": nested([m for m in changes if m.interval], batch_sizes, lambda m, b: interval(m, self.modified, b))
-            if both else None,
-            "output_check": {"against": "eager float32" if self.precision == "float32" else "its float32 self (eager)",
-                             "max_abs_diff": self.max_abs_diff, "output_scale": self.output_scale,
-                             "tolerance": TOLERANCE if self.precision == "float32" else None},
+            if both
+            else None,
+            "delta_ci": nested(
+                [m for m in changes if m.interval], batch_sizes, lambda m, b: interval(m, self.modified, b)
+            )
+            if both
+            else None,
+            "output_check": {
+                "against": "eager float32" if self.precision == "float32" else "its float32 self (eager)",
+                "max_abs_diff": self.max_abs_diff,
+                "output_scale": self.output_scale,
+                "tolerance": TOLERANCE if self.precision == "float32" else None,
+            },
         }
 
 
@@ -141,16 +160,23 @@ def check_runtimes(names: list[str], settings: Settings, quantize: str | None) -
         raise AttnSurgeonError(f"unknown runtime '{', '.join(unknown)}': choose from {', '.join(RUNTIMES)}")
     others = [n for n in names if n != "eager"]
     if others:
-        for what, given in (("--mode train", settings.mode == "train"), (f"--dtype {settings.dtype}", settings.dtype != "float32"),
-                            ("--channels-last", settings.channels_last)):
+        for what, given in (
+            ("--mode train", settings.mode == "train"),
+            (f"--dtype {settings.dtype}", settings.dtype != "float32"),
+            ("--channels-last", settings.channels_last),
+        ):
             if given:
-                raise AttnSurgeonError(f"{what} is measured in eager PyTorch only; --runtime {', '.join(others)} "
-                                       "runs float32 inference: drop it or profile with --runtime eager")
+                raise AttnSurgeonError(
+                    f"{what} is measured in eager PyTorch only; --runtime {', '.join(others)} "
+                    "runs float32 inference: drop it or profile with --runtime eager"
+                )
     if quantize is not None:
         if quantize not in PRECISIONS[1:]:
             raise AttnSurgeonError(f"unknown --quantize '{quantize}': choose int8")
         if not any(RUNTIMES[n].quantizes for n in names):
-            raise AttnSurgeonError("--quantize int8 uses ONNX Runtime's static quantization: add onnxruntime to --runtime")
+            raise AttnSurgeonError(
+                "--quantize int8 uses ONNX Runtime's static quantization: add onnxruntime to --runtime"
+            )
 
 
 class Exports:
@@ -167,8 +193,15 @@ class Exports:
         def write() -> Path:
             path = self.folder / f"{name}{FORMATS[fmt].extensions[0]}"
             # one batch size: a static batch; several: a dynamic one (export falls back to static and says why)
-            export(model, path, format=fmt, input_size=self.size, batch_size=self.batch_sizes[0],
-                   dynamic_batch=len(self.batch_sizes) > 1, force=True)
+            export(
+                model,
+                path,
+                format=fmt,
+                input_size=self.size,
+                batch_size=self.batch_sizes[0],
+                dynamic_batch=len(self.batch_sizes) > 1,
+                force=True,
+            )
             return path
 
         return self._once((name, fmt), name, write)
@@ -182,7 +215,9 @@ class Exports:
 
             source = self.path(name, model, "onnx")
             gen = torch.Generator().manual_seed(1)  # other batches than the timed and checked ones
-            batches = [sample_args(model, self.size, self.batch_sizes[0], generator=gen) for _ in range(CALIBRATION_BATCHES)]
+            batches = [
+                sample_args(model, self.size, self.batch_sizes[0], generator=gen) for _ in range(CALIBRATION_BATCHES)
+            ]
             target = self.folder / f"{name}.int8.onnx"
             quantize_onnx(source, target, batches)
             return target
@@ -229,7 +264,7 @@ def _load_compile(model: Any, exports: Exports, name: str, settings: Settings, p
         with torch.inference_mode():
             return flatten_outputs(compiled(*x))
 
-    return Loaded(run, lambda x: (lambda: run(*x)), _torch_memory(model, settings))
+    return Loaded(run, lambda x: lambda: run(*x), _torch_memory(model, settings))
 
 
 def _load_torchscript(model: Any, exports: Exports, name: str, settings: Settings, precision: str) -> Loaded:
@@ -243,7 +278,7 @@ def _load_torchscript(model: Any, exports: Exports, name: str, settings: Setting
 
         return flatten_outputs(forward(*x))
 
-    return Loaded(run, lambda x: (lambda: forward(*x)), _torch_memory(model, settings))
+    return Loaded(run, lambda x: lambda: forward(*x), _torch_memory(model, settings))
 
 
 def _load_onnxruntime(model: Any, exports: Exports, name: str, settings: Settings, precision: str) -> Loaded:
@@ -279,8 +314,11 @@ def _load_openvino(model: Any, exports: Exports, name: str, settings: Settings, 
     import openvino as ov
     import torch
 
-    config = {"INFERENCE_NUM_THREADS": _threads(settings), "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_PRECISION_HINT": "f32"}  # not bf16 where the CPU has it: the float model is what is compared
+    config = {
+        "INFERENCE_NUM_THREADS": _threads(settings),
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32",
+    }  # not bf16 where the CPU has it: the float model is what is compared
     compiled = ov.Core().compile_model(str(exports.path(name, model, "onnx")), "CPU", config)
     request = compiled.create_infer_request()
 
@@ -295,19 +333,36 @@ def _load_openvino(model: Any, exports: Exports, name: str, settings: Settings, 
     return Loaded(run, step)
 
 
-RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
-    Runtime("eager", "eager PyTorch", None, devices=("cpu", "cuda", "mps")),
-    Runtime("compile", "torch.compile", _load_compile),
-    Runtime("torchscript", "TorchScript", _load_torchscript),
-    Runtime("onnxruntime", "ONNX Runtime", _load_onnxruntime, ("onnx", "onnxscript", "onnxruntime"), "onnx",
-            devices=("cpu", "cuda"), quantizes=True),  # cuda: the CUDA provider, fed from the CPU
-    Runtime("openvino", "OpenVINO", _load_openvino, ("onnx", "onnxscript", "openvino"), "openvino"),
-)}
+RUNTIMES: dict[str, Runtime] = {
+    r.name: r
+    for r in (
+        Runtime("eager", "eager PyTorch", None, devices=("cpu", "cuda", "mps")),
+        Runtime("compile", "torch.compile", _load_compile),
+        Runtime("torchscript", "TorchScript", _load_torchscript),
+        Runtime(
+            "onnxruntime",
+            "ONNX Runtime",
+            _load_onnxruntime,
+            ("onnx", "onnxscript", "onnxruntime"),
+            "onnx",
+            devices=("cpu", "cuda"),
+            quantizes=True,
+        ),  # cuda: the CUDA provider, fed from the CPU
+        Runtime("openvino", "OpenVINO", _load_openvino, ("onnx", "onnxscript", "openvino"), "openvino"),
+    )
+}
 """Every runtime ``profile --runtime`` measures in, by name."""
 
 
-def measure_runtimes(models: dict[str, Any], eager: dict[str, Any], size: tuple[int, ...], settings: Settings,
-                     runtimes: list[str], quantize: str | None, say: Callable[[str], None]) -> list[RuntimeFigures]:
+def measure_runtimes(
+    models: dict[str, Any],
+    eager: dict[str, Any],
+    size: tuple[int, ...],
+    settings: Settings,
+    runtimes: list[str],
+    quantize: str | None,
+    say: Callable[[str], None],
+) -> list[RuntimeFigures]:
     """One :class:`RuntimeFigures` per runtime (and per precision, with ``quantize``), in order;
     ``eager`` holds the figures profile measured in eager PyTorch."""
     from ..core.native import quiet_torch_warnings
@@ -330,8 +385,15 @@ def measure_runtimes(models: dict[str, Any], eager: dict[str, Any], size: tuple[
     return rows
 
 
-def _measure(runtime: Runtime, precision: str, models: dict[str, Any], exports: Exports, size: tuple[int, ...],
-             settings: Settings, say: Callable[[str], None]) -> RuntimeFigures:
+def _measure(
+    runtime: Runtime,
+    precision: str,
+    models: dict[str, Any],
+    exports: Exports,
+    size: tuple[int, ...],
+    settings: Settings,
+    say: Callable[[str], None],
+) -> RuntimeFigures:
     import torch
 
     from ..loading.samples import max_abs_diff, output_scale, sample_args
@@ -358,8 +420,10 @@ def _measure(runtime: Runtime, precision: str, models: dict[str, Any], exports: 
                 row.max_abs_diff[name] = max(row.max_abs_diff.get(name, 0.0), diff)
                 row.output_scale = max(row.output_scale or 0.0, scale)
                 if not diff <= (TOLERANCE * scale if precision == "float32" else float("inf")):  # NaN too
-                    row.error = (f"{name} outputs differ from eager at batch {b}: max abs diff {diff:.3g} exceeds "
-                                 f"{TOLERANCE:g} × {scale:.3g}; not timed")
+                    row.error = (
+                        f"{name} outputs differ from eager at batch {b}: max abs diff {diff:.3g} exceeds "
+                        f"{TOLERANCE:g} × {scale:.3g}; not timed"
+                    )
                     return row
             steps = {name: loaded[name].step(x) for name in models}
             say(f"Timing batch {b} in {runtime.title}")

@@ -71,23 +71,54 @@ def insert(
         2514944
     """
     spec = make_spec(attn, position, stages, blocks, init, replace=replace, after=after, before=before, **block_options)
-    return apply_plan(model, [spec], input_size=input_size, pretrained=pretrained, weights=weights, target=target,
-                      memory_efficient=memory_efficient, weights_key=weights_key, model_args=model_args)
+    return apply_plan(
+        model,
+        [spec],
+        input_size=input_size,
+        pretrained=pretrained,
+        weights=weights,
+        target=target,
+        memory_efficient=memory_efficient,
+        weights_key=weights_key,
+        model_args=model_args,
+    )
 
 
-def make_spec(attn: str, position: str | None = None, stages: Iterable[int] | None = None,
-              blocks: Iterable[str] | str | None = None, init: str = "default", *, replace: bool = False,
-              after: Iterable[str] | str | None = None, before: Iterable[str] | str | None = None,
-              **block_options: Any) -> InsertionSpec:
+def make_spec(
+    attn: str,
+    position: str | None = None,
+    stages: Iterable[int] | None = None,
+    blocks: Iterable[str] | str | None = None,
+    init: str = "default",
+    *,
+    replace: bool = False,
+    after: Iterable[str] | str | None = None,
+    before: Iterable[str] | str | None = None,
+    **block_options: Any,
+) -> InsertionSpec:
     """An :class:`InsertionSpec` from :func:`insert`-style arguments (``blocks``, ``after`` and
     ``before`` may be 'a.*,b.1'; an empty list is an error, as on the command line and in a recipe)."""
-    blocks, after, before = (globs(value if value is None or isinstance(value, str) else list(value), key, what)
-                             for value, key, what in
-                             ((blocks, "blocks", "block-name"), (after, "after", "module-name"),
-                              (before, "before", "module-name")))
-    return validate(InsertionSpec(attn, position, list(stages) if stages else None, blocks, init,
-                                  {k: v for k, v in block_options.items() if v is not None}, bool(replace),
-                                  after, before))
+    blocks, after, before = (
+        globs(value if value is None or isinstance(value, str) else list(value), key, what)
+        for value, key, what in (
+            (blocks, "blocks", "block-name"),
+            (after, "after", "module-name"),
+            (before, "before", "module-name"),
+        )
+    )
+    return validate(
+        InsertionSpec(
+            attn,
+            position,
+            list(stages) if stages else None,
+            blocks,
+            init,
+            {k: v for k, v in block_options.items() if v is not None},
+            bool(replace),
+            after,
+            before,
+        )
+    )
 
 
 def apply_plan(
@@ -113,8 +144,16 @@ def apply_plan(
     specs = [s if isinstance(s, InsertionSpec) else InsertionSpec.from_dict(s) for s in specs]
     if not specs and not memory_efficient:
         raise AttnSurgeonError("the plan has no insertions")
-    done = rewrite(model, specs, input_size=input_size, pretrained=pretrained, weights=weights, target=target,
-                   weights_key=weights_key, model_args=model_args)
+    done = rewrite(
+        model,
+        specs,
+        input_size=input_size,
+        pretrained=pretrained,
+        weights=weights,
+        target=target,
+        weights_key=weights_key,
+        model_args=model_args,
+    )
     segments = None
     if memory_efficient:
         from .memory import recompute_gates
@@ -124,8 +163,16 @@ def apply_plan(
     return finish(done, segments)
 
 
-def optimize(model: Any, *, input_size: Any = None, pretrained: bool = False, weights: Any = None,
-             target: Any = None, weights_key: str | None = None, model_args: dict[str, Any] | None = None) -> Any:
+def optimize(
+    model: Any,
+    *,
+    input_size: Any = None,
+    pretrained: bool = False,
+    weights: Any = None,
+    target: Any = None,
+    weights_key: str | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> Any:
     """The model with its own attention gates (SE in SE-ResNet, EfficientNet, MobileNetV3, RegNetY…)
     recomputed in the backward pass: same outputs, parameters and names, less training memory.
 
@@ -137,5 +184,14 @@ def optimize(model: Any, *, input_size: Any = None, pretrained: bool = False, we
         >>> len(report.memory_efficient)
         16
     """
-    return apply_plan(model, [], input_size=input_size, pretrained=pretrained, weights=weights, target=target,
-                      memory_efficient=True, weights_key=weights_key, model_args=model_args)
+    return apply_plan(
+        model,
+        [],
+        input_size=input_size,
+        pretrained=pretrained,
+        weights=weights,
+        target=target,
+        memory_efficient=True,
+        weights_key=weights_key,
+        model_args=model_args,
+    )

@@ -224,8 +224,9 @@ def segment_nodes(gm: torch.fx.GraphModule, region: set[Node]) -> tuple[list[Nod
 # --------------------------------------------------------------------------- rewriting
 
 
-def recompute_gates(gm: torch.fx.GraphModule, names: list[str] | None = None,
-                    notes: list[str] | None = None) -> list[Segment]:
+def recompute_gates(
+    gm: torch.fx.GraphModule, names: list[str] | None = None, notes: list[str] | None = None
+) -> list[Segment]:
     """Put each attention region of ``gm`` (the modules named by ``names``: inserted blocks; by
     default every gate the anatomy finds) with the ops before it into a :class:`Recompute` call.
     ``gm`` needs the shapes of :func:`attnsurgeon.graph.anatomy.analyse`; its graph is rewritten and
@@ -238,17 +239,27 @@ def recompute_gates(gm: torch.fx.GraphModule, names: list[str] | None = None,
         found = attention_regions(gm)
         regions = [r for r in found if r.gate]
         if not regions:
-            what = (f"its {len(found)} attention module(s) ({', '.join(r.name for r in found[:3])}) are not "
-                    f"channel/spatial gates ({found[0].why})" if found else "it has no attention modules of its own")
-            raise AttnSurgeonError(f"the model has no attention gate to recompute in the backward pass: {what}; "
-                                   "insert some with `attnsurgeon insert MODEL --attn se --memory-efficient`")
+            what = (
+                f"its {len(found)} attention module(s) ({', '.join(r.name for r in found[:3])}) are not "
+                f"channel/spatial gates ({found[0].why})"
+                if found
+                else "it has no attention modules of its own"
+            )
+            raise AttnSurgeonError(
+                f"the model has no attention gate to recompute in the backward pass: {what}; "
+                "insert some with `attnsurgeon insert MODEL --attn se --memory-efficient`"
+            )
         notes += [f"{r.name} ({r.type}) is not recomputed: {r.why}" for r in found if not r.gate]
     else:
         if not names:
-            raise AttnSurgeonError("--memory-efficient: the plan inserts no block to recompute (it only removes "
-                                   "attention); drop --memory-efficient, or use `attnsurgeon optimize` on a model with gates")
+            raise AttnSurgeonError(
+                "--memory-efficient: the plan inserts no block to recompute (it only removes "
+                "attention); drop --memory-efficient, or use `attnsurgeon optimize` on a model with gates"
+            )
         types = dict(attention_modules(gm))
-        regions = [attention_region(gm, name, types.get(name) or type(gm.get_submodule(name)).__name__) for name in names]
+        regions = [
+            attention_region(gm, name, types.get(name) or type(gm.get_submodule(name)).__name__) for name in names
+        ]
     done: list[Segment] = []
     for region in regions:
         found_nodes = segment_nodes(gm, set(region.nodes)) if region.nodes else None
@@ -257,8 +268,10 @@ def recompute_gates(gm: torch.fx.GraphModule, names: list[str] | None = None,
             continue
         done.append(_rewrite(gm, region.name, *found_nodes))
     if not done:
-        raise AttnSurgeonError(f"--memory-efficient: none of the {len(regions)} attention modules reads one tensor and "
-                               "returns one, so none can be recomputed")
+        raise AttnSurgeonError(
+            f"--memory-efficient: none of the {len(regions)} attention modules reads one tensor and "
+            "returns one, so none can be recomputed"
+        )
     gm.graph.lint()
     gm.recompile()
     return done
@@ -282,8 +295,12 @@ def _rewrite(gm: torch.fx.GraphModule, name: str, nodes: list[Node], source: Nod
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(env[out])
     segment = torch.fx.GraphModule(gm, sub, class_name="Segment")
-    called = [m for n in nodes if (m := called_module(gm, n)) is not None]  # a leaf block (timm's CBAM) holds its own norms
-    norms = list({id(x): x for m in called for x in m.modules() if isinstance(x, nn.modules.batchnorm._NormBase)}.values())
+    called = [
+        m for n in nodes if (m := called_module(gm, n)) is not None
+    ]  # a leaf block (timm's CBAM) holds its own norms
+    norms = list(
+        {id(x): x for m in called for x in m.modules() if isinstance(x, nn.modules.batchnorm._NormBase)}.values()
+    )
     target = _free_name(gm, name + SUFFIX)
     recompute = Recompute(segment, norms)
     gm.add_submodule(target, recompute)

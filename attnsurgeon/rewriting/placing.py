@@ -29,18 +29,25 @@ class _Planned:
     region: Any = None  # anatomy.AttentionRegion this one replaces
 
 
-
 def _attention_notes(anatomy: Any, planned: list[_Planned]) -> list[str]:
     names = [n for n, _ in anatomy.existing_attention]
     replaced = {p.region.name for p in planned if p.region is not None and p.spec.replace}
     if not names:
         return []
     if not replaced:
-        return [f"the model already has {len(names)} attention module(s) ({few(names, 3)}); the new blocks are added "
-                "to them, not in their place (--replace puts them in their place)"]
+        return [
+            f"the model already has {len(names)} attention module(s) ({few(names, 3)}); the new blocks are added "
+            "to them, not in their place (--replace puts them in their place)"
+        ]
     kept = [n for n in names if n not in replaced and not any(r.startswith(n + ".") for r in replaced)]
-    return [f"{len(kept)} attention module(s) of the model are kept as they were, outside the selected blocks or "
-            f"not channel/spatial gates: {few(kept, 3)}"] if kept else []
+    return (
+        [
+            f"{len(kept)} attention module(s) of the model are kept as they were, outside the selected blocks or "
+            f"not channel/spatial gates: {few(kept, 3)}"
+        ]
+        if kept
+        else []
+    )
 
 
 def plan(anatomy: Any, specs: list[InsertionSpec], notes: list[str] | None = None) -> list[_Planned]:
@@ -88,9 +95,13 @@ def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str], notes: list[st
         if site.replaces is not None:  # 'conv': the module takes the conv's place and name
             name = site.replaces.target
             if name in taken:
-                raise AttnSurgeonError(f"convolution {name} is replaced by two insertions of the plan; select disjoint blocks")
-            taken_along = [type(anatomy.gm.get_submodule(n.target)).__name__ if n.op == "call_module" else str(n.target)
-                           for n in (site.replaces, *site.absorbs)]
+                raise AttnSurgeonError(
+                    f"convolution {name} is replaced by two insertions of the plan; select disjoint blocks"
+                )
+            taken_along = [
+                type(anatomy.gm.get_submodule(n.target)).__name__ if n.op == "call_module" else str(n.target)
+                for n in (site.replaces, *site.absorbs)
+            ]
             region = AttentionRegion(name, "+".join(taken_along), frozenset({site.replaces, *site.absorbs}), site=site)
         else:
             name = _module_name(anatomy.gm, block, info.short, spec.position, taken, parent=site.module)
@@ -106,9 +117,11 @@ def _stage_ends(anatomy: Any, chosen: list[Any], spec: InsertionSpec) -> list[An
     kept = [b for b in chosen if b.name in ends]
     if not kept:
         last = [anatomy.stages[b.stage - 1].blocks[-1].name for b in chosen]
-        raise AttnSurgeonError(f"position '{spec.position}' goes after the last block of a stage, and the selected "
-                               f"blocks ({few([b.name for b in chosen], 3)}) end no stage; select stages with --stages, "
-                               f"or name the last block of one ({few(list(dict.fromkeys(last)), 3)})")
+        raise AttnSurgeonError(
+            f"position '{spec.position}' goes after the last block of a stage, and the selected "
+            f"blocks ({few([b.name for b in chosen], 3)}) end no stage; select stages with --stages, "
+            f"or name the last block of one ({few(list(dict.fromkeys(last)), 3)})"
+        )
     if not spec.stages and not spec.blocks:  # by default every stage that has a following stage: the last has none
         kept = [b for b in kept if spec.position in b.sites] or kept
     return kept
@@ -132,26 +145,35 @@ def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> lis
             found.append((block, region))
     if not found:
         stages = sorted({b.stage for r in regions for b in anatomy.blocks if r.nodes & b.nodes})
-        where = (f"the model's {len(regions)} attention modules ({few([r.name for r in regions], 2)}) are in "
-                 f"stage{'s' if len(stages) != 1 else ''} {', '.join(map(str, stages))}" if stages
-                 else "the model's attention modules are in no block" if regions
-                 else "the model has no attention modules of its own")
-        raise AttnSurgeonError(f"--replace: the selected blocks hold no attention module to replace ({where}); "
-                               "`attnsurgeon inspect MODEL` lists the attention a model has")
+        where = (
+            f"the model's {len(regions)} attention modules ({few([r.name for r in regions], 2)}) are in "
+            f"stage{'s' if len(stages) != 1 else ''} {', '.join(map(str, stages))}"
+            if stages
+            else "the model's attention modules are in no block"
+            if regions
+            else "the model has no attention modules of its own"
+        )
+        raise AttnSurgeonError(
+            f"--replace: the selected blocks hold no attention module to replace ({where}); "
+            "`attnsurgeon inspect MODEL` lists the attention a model has"
+        )
     gates = [(b, r) for b, r in found if r.gate]
     if not gates:
         kinds: dict[tuple[str, str], list[str]] = {}
         for _, r in found:
             kinds.setdefault((r.type, r.why), []).append(r.name)
         why = "; ".join(f"{len(names)} {cls} ({few(names, 1)}): {reason}" for (cls, reason), names in kinds.items())
-        raise AttnSurgeonError(f"--replace: no attention module in the selected blocks is a channel/spatial gate that "
-                               f"can be replaced ({why}); SE, ECA, CBAM, GE and GC-like modules can be")
+        raise AttnSurgeonError(
+            f"--replace: no attention module in the selected blocks is a channel/spatial gate that "
+            f"can be replaced ({why}); SE, ECA, CBAM, GE and GC-like modules can be"
+        )
     per_stage = _per_stage_options(spec, sorted({b.stage for b, _ in gates}))
     planned: list[_Planned] = []
     for block, region in gates:
         if region.name in taken:
-            raise AttnSurgeonError(f"attention module {region.name} is replaced by two insertions of the plan; "
-                                   "select disjoint blocks")
+            raise AttnSurgeonError(
+                f"attention module {region.name} is replaced by two insertions of the plan; select disjoint blocks"
+            )
         taken.add(region.name)
         module = None
         if spec.attn != NONE:
@@ -164,8 +186,9 @@ def _plan_replacement(anatomy: Any, spec: InsertionSpec, taken: set[str]) -> lis
     return planned
 
 
-def _fitting_blocks(spec: InsertionSpec, chosen: list[Any], per_stage: dict[int, dict[str, Any]],
-                    notes: list[str]) -> list[tuple[Any, Any]]:
+def _fitting_blocks(
+    spec: InsertionSpec, chosen: list[Any], per_stage: dict[int, dict[str, Any]], notes: list[str]
+) -> list[tuple[Any, Any]]:
     """The selected blocks the insertion fits, each with the module built for it.
 
     A block does not fit where it does not offer the position (an opaque block at ``standard``)
@@ -183,20 +206,27 @@ def _fitting_blocks(spec: InsertionSpec, chosen: list[Any], per_stage: dict[int,
             continue
         site = block.sites[spec.position]
         try:
-            module = build_block(spec.attn, site.channels, spec.init, size=site.size, conv=site.conv, **per_stage[block.stage])
+            module = build_block(
+                spec.attn, site.channels, spec.init, size=site.size, conv=site.conv, **per_stage[block.stage]
+            )
             if site.replaces is not None:
                 _check_replacement(spec.attn, module, site)
             fitting.append((block, module))
         except AttnSurgeonError as exc:
-            where = (f"--{spec.position} {site.anchor} ({site.layout} map of {site.channels} channels)" if site.anchor
-                     else f"block {block.name} ({site.channels} channels at '{spec.position}')")
+            where = (
+                f"--{spec.position} {site.anchor} ({site.layout} map of {site.channels} channels)"
+                if site.anchor
+                else f"block {block.name} ({site.channels} channels at '{spec.position}')"
+            )
             unbuildable.append((block, f"{where}: {exc}"))
     errors = ([_not_offered(spec, chosen, lacking)] if lacking else []) + [why for _, why in unbuildable]
     if errors and (spec.blocks or spec.anchor or not fitting):  # a module the user named must take the block
         raise AttnSurgeonError(errors[0] if spec.blocks or not unbuildable else unbuildable[0][1])
     if lacking:
-        notes.append(f"{spec.attn} skipped {len(lacking)} block{'s' if len(lacking) > 1 else ''} ({few([b.name for b in lacking])}): "
-                     f"position '{spec.position}' is not available there ({_why_not_offered(spec.position, lacking)})")
+        notes.append(
+            f"{spec.attn} skipped {len(lacking)} block{'s' if len(lacking) > 1 else ''} ({few([b.name for b in lacking])}): "
+            f"position '{spec.position}' is not available there ({_why_not_offered(spec.position, lacking)})"
+        )
     for _, why in unbuildable:
         notes.append(f"{spec.attn} skipped {why}")
     return fitting
@@ -214,9 +244,11 @@ def _check_replacement(attn: str, module: Any, site: Any) -> None:
     with torch.no_grad():
         got = tuple(copy.deepcopy(module).to("meta").eval()(torch.empty(site.shape, device="meta")).shape)
     if want is not None and got != tuple(want):
-        raise AttnSurgeonError(f"{attn} built for the {site.conv.describe()} gives a {tuple(got)} output where the conv "
-                               f"gives {tuple(want)} (its padding {site.conv.padding!r} is not the symmetric "
-                               "padding the block uses)")
+        raise AttnSurgeonError(
+            f"{attn} built for the {site.conv.describe()} gives a {tuple(got)} output where the conv "
+            f"gives {tuple(want)} (its padding {site.conv.padding!r} is not the symmetric "
+            "padding the block uses)"
+        )
 
 
 def _why_not_offered(position: str, lacking: list[Any]) -> str:
@@ -226,19 +258,27 @@ def _why_not_offered(position: str, lacking: list[Any]) -> str:
         if kind == "opaque":
             why = "the tracer keeps it whole (its library marks it not traceable), so only pre and post reach it"
         else:
-            why = {"identity": "it has no skip connection", "3x3": "it has no spatial (k>1) convolution",
-                   "conv": "it has no spatial (k>1) nn.Conv module to replace",
-                   "stage": "it ends the last stage: no stage follows it"}.get(position, "it offers no such place")
+            why = {
+                "identity": "it has no skip connection",
+                "3x3": "it has no spatial (k>1) convolution",
+                "conv": "it has no spatial (k>1) nn.Conv module to replace",
+                "stage": "it ends the last stage: no stage follows it",
+            }.get(position, "it offers no such place")
         reasons.append(f"{kind}: {why}")
     return "; ".join(reasons)
 
 
 def _not_offered(spec: InsertionSpec, chosen: list[Any], lacking: list[Any]) -> str:
     offering = len(chosen) - len(lacking)  # > 0 only where --blocks named the others
-    hint = (f"{offering} of the {len(chosen)} selected blocks offer it: leave the others out of --blocks" if offering
-            else "`attnsurgeon inspect MODEL` lists the positions of each block")
-    return (f"position '{spec.position}' is not available in block{'s' if len(lacking) > 1 else ''} "
-            f"{few([b.name for b in lacking])} ({_why_not_offered(spec.position, lacking)}); {hint}")
+    hint = (
+        f"{offering} of the {len(chosen)} selected blocks offer it: leave the others out of --blocks"
+        if offering
+        else "`attnsurgeon inspect MODEL` lists the positions of each block"
+    )
+    return (
+        f"position '{spec.position}' is not available in block{'s' if len(lacking) > 1 else ''} "
+        f"{few([b.name for b in lacking])} ({_why_not_offered(spec.position, lacking)}); {hint}"
+    )
 
 
 def _per_stage_options(spec: InsertionSpec, stages: list[int]) -> dict[int, dict[str, Any]]:
@@ -296,5 +336,3 @@ def _exists(gm: Any, path: str) -> bool:
             return False
         obj = getattr(obj, part)
     return True
-
-

@@ -59,7 +59,9 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, z: torch.Tensor) -> tuple[to
         m.num_batches_tracked.add_(1)
         momentum = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
     if m.track_running_stats and m.running_mean is not None:
-        out = torch.ops.aten._batch_norm_with_update(z, m.weight, m.bias, m.running_mean, m.running_var, momentum, m.eps)
+        out = torch.ops.aten._batch_norm_with_update(
+            z, m.weight, m.bias, m.running_mean, m.running_var, momentum, m.eps
+        )
     else:
         out = torch.ops.aten._batch_norm_no_update(z, m.weight, m.bias, None, None, momentum, m.eps)
     return out[0], out[1], out[2]
@@ -68,12 +70,17 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, z: torch.Tensor) -> tuple[to
 def _is_timm_norm_act(m: nn.Module) -> bool:
     """timm's BatchNormAct2d (a batch norm, its dropout, its activation) with no dropout and a
     known activation: the plan runs the activation after the norm (out of place)."""
-    return type(m).__name__ == "BatchNormAct2d" and isinstance(getattr(m, "drop", None), nn.Identity) \
+    return (
+        type(m).__name__ == "BatchNormAct2d"
+        and isinstance(getattr(m, "drop", None), nn.Identity)
         and type(getattr(m, "act", None)) in ACTIVATIONS
+    )
 
 
 NORMS: dict[type, Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
-    nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
+    nn.BatchNorm1d: _batch_norm,
+    nn.BatchNorm2d: _batch_norm,
+    nn.BatchNorm3d: _batch_norm,
 }
 """Norm modules whose output a plan rebuilds: type -> (module, input) -> (output, batch mean, invstd)."""
 
@@ -84,8 +91,9 @@ def _norm_of(m: nn.Module):
     return _batch_norm if _is_timm_norm_act(m) else None
 
 
-def _affine(z: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | None,
-            bias: torch.Tensor | None) -> torch.Tensor:
+def _affine(
+    z: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
     """The batch norm's output from its input and batch statistics: one fused pass, in the
     statistics' precision, rounded to the input's dtype as the kernel does."""
     scale = invstd if weight is None else invstd * weight
@@ -112,11 +120,42 @@ ACTIVATIONS: dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
 """Activation modules, run out of place (an in-place one would overwrite what a plan rebuilds from)."""
 
 ELEMENTWISE_FUNCTIONS = {
-    operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add, torch.sub, torch.div,
-    torch.sigmoid, torch.tanh, F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.mish, F.leaky_relu,
+    operator.mul,
+    operator.add,
+    operator.sub,
+    operator.truediv,
+    torch.mul,
+    torch.add,
+    torch.sub,
+    torch.div,
+    torch.sigmoid,
+    torch.tanh,
+    F.relu,
+    F.relu6,
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.mish,
+    F.leaky_relu,
 }
-ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "sigmoid", "tanh", "relu",
-                       "view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "contiguous"}
+ELEMENTWISE_METHODS = {
+    "mul",
+    "add",
+    "sub",
+    "div",
+    "sigmoid",
+    "tanh",
+    "relu",
+    "view",
+    "reshape",
+    "flatten",
+    "permute",
+    "transpose",
+    "unsqueeze",
+    "squeeze",
+    "contiguous",
+}
 """Ops (out of place) whose large output a plan rebuilds from their rebuilt inputs."""
 
 PER_SAMPLE = ("DropPath", "StochasticDepth")
@@ -142,8 +181,11 @@ class _Tracer(torch.fx.Tracer):
     """Opens a block into its ops; keeps torch's modules, norms and modules without children whole."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return super().is_leaf_module(m, qualname) or isinstance(m, nn.modules.batchnorm._NormBase) \
+        return (
+            super().is_leaf_module(m, qualname)
+            or isinstance(m, nn.modules.batchnorm._NormBase)
             or not any(True for _ in m.children())
+        )
 
 
 @dataclass(frozen=True)
@@ -221,15 +263,22 @@ class _Run:
 
     def pack(self, t: torch.Tensor) -> Any:
         key = _key(t)
-        if self.making is not None and key not in self.recipes and t.untyped_storage().nbytes() > self.large \
-                and t.untyped_storage().data_ptr() != self.root_storage:
+        if (
+            self.making is not None
+            and key not in self.recipes
+            and t.untyped_storage().nbytes() > self.large
+            and t.untyped_storage().data_ptr() != self.root_storage
+        ):
             self._add(t, *self.making)  # the running op's output, kept by the op itself
         recipe = self.recipes.get(key)
         if recipe is not None and recipe[2] == t._version:
             self.pending[key] = self.pending.get(key, 0) + 1
             return _Handle(self, key)
-        if (t.shape[:1], t.shape[2:]) == self.shape and t.untyped_storage().nbytes() > self.large \
-                and t.untyped_storage().data_ptr() != self.root_storage:  # a map, not a weight or a gate vector
+        if (
+            (t.shape[:1], t.shape[2:]) == self.shape
+            and t.untyped_storage().nbytes() > self.large
+            and t.untyped_storage().data_ptr() != self.root_storage
+        ):  # a map, not a weight or a gate vector
             self.plan.unmatched = f"an op keeps a {tuple(t.shape)} tensor the plan cannot rebuild"
         return t
 
@@ -275,8 +324,12 @@ class SelectivePlan:
         modules = {n: segment.get_submodule(n.target) for n in ops if n.op == "call_module"}
         first = modules.get(ops[0]) if ops else None
         norm = ops[0] if first is not None and _norm_of(first) is not None else None
-        if norm is None and (not ops or isinstance(first, NORM_MODULES) or ops[0].op == "call_function"
-                             and ops[0].target in NORM_FUNCTIONS):
+        if norm is None and (
+            not ops
+            or isinstance(first, NORM_MODULES)
+            or ops[0].op == "call_function"
+            and ops[0].target in NORM_FUNCTIONS
+        ):
             return None  # a norm this module cannot rebuild
         blocks: dict[str, torch.fx.GraphModule] = {}
         for n in ops:
@@ -289,8 +342,10 @@ class SelectivePlan:
                 traced = torch.fx.GraphModule(m, _Tracer().trace(m))
             except Exception:  # noqa: BLE001 - a block fx cannot open runs whole
                 continue
-            if any(_stochastic(traced.get_submodule(k.target) if k.op == "call_module" else None, k)
-                   for k in traced.graph.nodes):
+            if any(
+                _stochastic(traced.get_submodule(k.target) if k.op == "call_module" else None, k)
+                for k in traced.graph.nodes
+            ):
                 return None
             blocks[n.target] = traced
         return cls(segment, blocks, norm)

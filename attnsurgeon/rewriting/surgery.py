@@ -49,8 +49,12 @@ class Insertion:
     options: dict[str, Any]
     replaced: str | None = None  # class of the attention module this one took the place of
     replaced_params: int = 0  # ... and its parameters, which left the model
-    anchor: str | None = None  # the module it goes after/before (position 'after'/'before'); block: the block it lies in
-    took_along: list[str] = field(default_factory=list)  # modules whose calls a conv block replaced with the conv (its BN)
+    anchor: str | None = (
+        None  # the module it goes after/before (position 'after'/'before'); block: the block it lies in
+    )
+    took_along: list[str] = field(
+        default_factory=list
+    )  # modules whose calls a conv block replaced with the conv (its BN)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +79,9 @@ class SurgeryReport:
     weights_key: str | None = None  # the checkpoint's entry the weights came from
 
     def to_dict(self) -> dict[str, Any]:
-        extra = {} if self.memory_efficient is None else {"memory_efficient": [s.to_dict() for s in self.memory_efficient]}
+        extra = (
+            {} if self.memory_efficient is None else {"memory_efficient": [s.to_dict() for s in self.memory_efficient]}
+        )
         return {
             "model": self.model,
             "target": self.target,
@@ -118,9 +124,17 @@ class Rewrite:
         return self.traced.gm
 
 
-def rewrite(model: Any, specs: list[InsertionSpec], *, input_size: Any = None, pretrained: bool = False,
-            weights: Any = None, target: Any = None, weights_key: str | None = None,
-            model_args: dict[str, Any] | None = None) -> Rewrite:
+def rewrite(
+    model: Any,
+    specs: list[InsertionSpec],
+    *,
+    input_size: Any = None,
+    pretrained: bool = False,
+    weights: Any = None,
+    target: Any = None,
+    weights_key: str | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> Rewrite:
     """Load and trace ``model``, plan ``specs`` against its anatomy and rewrite the traced graph;
     the model itself is not changed until :func:`finish`. No specs: the graph as traced."""
     from ..graph.anatomy import analyse
@@ -166,9 +180,21 @@ def finish(done: Rewrite, segments: list[Any] | None = None) -> SurgeryResult:
         "percent": round(100.0 * (modified - done.base_params) / done.base_params, 4) if done.base_params else None,
     }
     notes = done.notes + (_attention_notes(done.anatomy, done.planned) if specs else [])
-    report = SurgeryReport(loaded.spec, loaded.source, done.size, params, done.insertions, specs, loaded.weights,
-                           dict(loaded.kwargs), notes, done.traced.targets, segments,
-                           loaded.model if loaded.source == "object" else None, weights_key=loaded.weights_key)
+    report = SurgeryReport(
+        loaded.spec,
+        loaded.source,
+        done.size,
+        params,
+        done.insertions,
+        specs,
+        loaded.weights,
+        dict(loaded.kwargs),
+        notes,
+        done.traced.targets,
+        segments,
+        loaded.model if loaded.source == "object" else None,
+        weights_key=loaded.weights_key,
+    )
     gm.train(loaded.model.training)
     gm.attnsurgeon_report = report  # export and profile read the recipe from here
     return SurgeryResult(gm, report)
@@ -268,8 +294,10 @@ def _replace(gm: Any, p: _Planned, moved: _Moved) -> Insertion:
     graph, nodes = gm.graph, p.region.nodes
     inputs, outputs = region_io(nodes)  # now: an earlier insertion may feed the region
     if len(inputs) != 1 or len(outputs) != 1:
-        raise AttnSurgeonError(f"attention module {p.module_name} no longer reads one tensor after the plan's earlier "
-                               "insertions; put the replacement first in the plan")
+        raise AttnSurgeonError(
+            f"attention module {p.module_name} no longer reads one tensor after the plan's earlier "
+            "insertions; put the replacement first in the plan"
+        )
     (x,), (y,) = inputs, outputs
     readers = [u for u in y.users if u not in nodes]
     old = gm.get_submodule(p.module_name)
@@ -300,8 +328,11 @@ def _replace(gm: Any, p: _Planned, moved: _Moved) -> Insertion:
         if n in nodes:
             graph.erase_node(n)
     called = {n.target for n in graph.nodes if n.op == "call_module"}
-    took_along = sorted(n.target for n in nodes if n.op == "call_module" and n.target != p.module_name
-                        and not n.target.startswith(p.module_name + "."))  # a conv block's norm and activation
+    took_along = sorted(
+        n.target
+        for n in nodes
+        if n.op == "call_module" and n.target != p.module_name and not n.target.startswith(p.module_name + ".")
+    )  # a conv block's norm and activation
     for target in took_along:
         if target not in called:  # called nowhere else now (a shared ReLU stays)
             removed += count_params(gm.get_submodule(target))
@@ -347,9 +378,11 @@ def _anchor(producer: Any, consumers: set) -> Any:
 def _call_in_layout(graph: Any, x: Any, target: str, layout: Any) -> tuple[Any, Any]:
     """Nodes that call module ``target`` on ``x`` with its channels at axis 1 (a channels-last map is
     permuted there and back, as its :class:`~attnsurgeon.graph.layout.Layout` says); returns (head, tail)."""
-    steps = [("call_method", "permute", layout.to_channels_first()),
-             ("call_module", target, ()),
-             ("call_method", "permute", layout.from_channels_first())]
+    steps = [
+        ("call_method", "permute", layout.to_channels_first()),
+        ("call_module", target, ()),
+        ("call_method", "permute", layout.from_channels_first()),
+    ]
     head = None
     prev = x
     for op, target_, extra in steps:

@@ -63,8 +63,10 @@ def resolve_format(path: str | os.PathLike, fmt: str | None = None) -> str:
         if fmt not in FORMATS:
             raise AttnSurgeonError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
         if suffix in by_ext and by_ext[suffix].name != fmt:
-            raise AttnSurgeonError(f"'{path}' says {by_ext[suffix].name} but --format says {fmt}: a file named "
-                                   f"{suffix} would not hold what its name promises; rename it or drop --format")
+            raise AttnSurgeonError(
+                f"'{path}' says {by_ext[suffix].name} but --format says {fmt}: a file named "
+                f"{suffix} would not hold what its name promises; rename it or drop --format"
+            )
         return fmt
     if suffix not in by_ext:
         raise AttnSurgeonError(
@@ -132,11 +134,15 @@ def export(
     default = tuple(report.input_size) if report is not None else default_input_size(model)
     size = resolve_input_size(input_size, default)
     if spec.needs_recipe and report is None:
-        raise AttnSurgeonError(f"a .{fmt} export needs the recipe of a model made by attnsurgeon "
-                               "(attnsurgeon.insert or attnsurgeon.load); save plain weights with safetensors directly")
+        raise AttnSurgeonError(
+            f"a .{fmt} export needs the recipe of a model made by attnsurgeon "
+            "(attnsurgeon.insert or attnsurgeon.load); save plain weights with safetensors directly"
+        )
     if spec.needs_recipe and report.model.startswith("object:") and getattr(report, "base_object", None) is None:
-        raise AttnSurgeonError(f"this model was made from a model object ({report.model[7:]}) that its report no longer "
-                               "holds, so the written file cannot be checked; insert into the object again and export that")
+        raise AttnSurgeonError(
+            f"this model was made from a model object ({report.model[7:]}) that its report no longer "
+            "holds, so the written file cannot be checked; insert into the object again and export that"
+        )
     check_exportable(model, fmt)
     if not spec.needs_recipe:  # pt2/onnx/ts hold the plain graph: a memory-efficient model's segments inlined
         from ..rewriting.memory import plain
@@ -165,8 +171,9 @@ class _NotDynamic(Exception):
     """The file could not be written, or does not run, with a dynamic batch: the message says why."""
 
 
-def _write_and_check(spec: Format, model: Any, tmp: Path, size: tuple, batch: int, dynamic: bool,
-                     tolerance: float) -> ExportReport:
+def _write_and_check(
+    spec: Format, model: Any, tmp: Path, size: tuple, batch: int, dynamic: bool, tolerance: float
+) -> ExportReport:
     """Write ``tmp`` at sample batch ``batch`` and compare it with ``model`` (at ``batch + 1`` too when
     ``dynamic``); a failure that only the dynamic batch causes raises :class:`_NotDynamic`."""
     import torch
@@ -201,14 +208,17 @@ def _write_and_check(spec: Format, model: Any, tmp: Path, size: tuple, batch: in
             raise _NotDynamic(f"the written file fails at batch {batch_of(c)} ({_first_line(exc)})") from exc
         if not diffs[-1] <= tolerance * scale:  # also catches NaN
             if i > 0:
-                raise _NotDynamic(f"the written file does not reproduce the model at batch {batch_of(c)} "
-                                  f"(max abs diff {diffs[-1]:.3g})")
+                raise _NotDynamic(
+                    f"the written file does not reproduce the model at batch {batch_of(c)} "
+                    f"(max abs diff {diffs[-1]:.3g})"
+                )
             raise AttnSurgeonError(
                 f"the written {spec.name} file does not reproduce the model: max abs diff {diffs[-1]:.3g} "
                 f"exceeds the tolerance {tolerance:g} x {scale:.3g}; nothing was written"
             )
-    return ExportReport(spec.name, str(tmp), 0, max(diffs), tolerance, [batch, *size], dynamic,
-                        [batch_of(c) for c in checks])
+    return ExportReport(
+        spec.name, str(tmp), 0, max(diffs), tolerance, [batch, *size], dynamic, [batch_of(c) for c in checks]
+    )
 
 
 def _why_not_dynamic(exc: BaseException) -> str:
@@ -299,8 +309,9 @@ def _write_onnx(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
     try:
         with warnings.catch_warnings(), quiet_native_output():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, x, dynamo=True, dynamic_shapes=_dynamic_shapes(x, dynamic),
-                                        input_names=names, verbose=False)
+            program = torch.onnx.export(
+                model, x, dynamo=True, dynamic_shapes=_dynamic_shapes(x, dynamic), input_names=names, verbose=False
+            )
             program.save(str(tmp))
     except Exception as exc:
         chain = _exception_chain(exc)
@@ -318,8 +329,9 @@ def _read_onnx(tmp: Path, model: Any) -> Callable[..., Any]:
     return lambda *args: [torch.from_numpy(o) for o in session.run(None, {n: t.numpy() for n, t in zip(names, args)})]
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
+def onnx_session(
+    path: str | os.PathLike, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+) -> Any:
     """An ONNX Runtime session on ``path``: the one place an ONNX file is opened (the export check
     and ``profile --runtime onnxruntime``); ``threads`` sets its intra-op thread pool."""
     import onnxruntime as ort
@@ -437,14 +449,32 @@ def _and(items: tuple[str, ...]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("safetensors", (".safetensors",), "safetensors", _write_safetensors, _read_safetensors,
-           holds_batch=False, needs_recipe=True),
-    Format("pt2", (".pt2",), "torch.export", _write_pt2, _read_pt2, holds_batch=True),
-    Format("onnx", (".onnx",), "ONNX", _write_onnx, _read_onnx, holds_batch=True,
-           requires=("onnx", "onnxscript", "onnxruntime"), extra="onnx"),
-    Format("ts", (".ts",), "TorchScript", _write_ts, _read_ts, holds_batch=True),
-)}
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format(
+            "safetensors",
+            (".safetensors",),
+            "safetensors",
+            _write_safetensors,
+            _read_safetensors,
+            holds_batch=False,
+            needs_recipe=True,
+        ),
+        Format("pt2", (".pt2",), "torch.export", _write_pt2, _read_pt2, holds_batch=True),
+        Format(
+            "onnx",
+            (".onnx",),
+            "ONNX",
+            _write_onnx,
+            _read_onnx,
+            holds_batch=True,
+            requires=("onnx", "onnxscript", "onnxruntime"),
+            extra="onnx",
+        ),
+        Format("ts", (".ts",), "TorchScript", _write_ts, _read_ts, holds_batch=True),
+    )
+}
 """Every format, by name; :func:`format_by_extension` maps file extensions to them."""
 
 

@@ -58,13 +58,24 @@ def _load_saved(path: Any, given: bool) -> LoadedModel:
     """A saved modified model, rebuilt from its recipe, with its base model beside it; ``given``: the
     caller asked for weights or builder arguments, which a saved model has of its own."""
     if given:
-        raise AttnSurgeonError(f"'{path}' carries its own weights and recipe; "
-                               "drop --pretrained/--weights/--weights-key/--model-arg")
+        raise AttnSurgeonError(
+            f"'{path}' carries its own weights and recipe; drop --pretrained/--weights/--weights-key/--model-arg"
+        )
     base, modified = load_base(path)
     report = modified.attnsurgeon_report
-    source, name = parse_model_spec(report.model) if not report.model.startswith("object:") else ("object", report.model[7:])
-    return LoadedModel(modified, name, source, tuple(report.input_size), str(path), dict(report.model_kwargs),
-                       saved=str(path), base=base)
+    source, name = (
+        parse_model_spec(report.model) if not report.model.startswith("object:") else ("object", report.model[7:])
+    )
+    return LoadedModel(
+        modified,
+        name,
+        source,
+        tuple(report.input_size),
+        str(path),
+        dict(report.model_kwargs),
+        saved=str(path),
+        base=base,
+    )
 
 
 def recipe_of(model: Any) -> Recipe:
@@ -74,10 +85,16 @@ def recipe_of(model: Any) -> Recipe:
     report = getattr(model, "attnsurgeon_report", None)
     if report is None:
         raise AttnSurgeonError("this model carries no attnsurgeon recipe (it was not made by attnsurgeon.insert/load)")
-    return Recipe(report.model, list(report.plan), list(report.input_size), model_kwargs=dict(report.model_kwargs),
-                  target=getattr(report, "target", None),
-                  memory_efficient=getattr(report, "memory_efficient", None) is not None,
-                  weights=report.weights, weights_key=getattr(report, "weights_key", None))
+    return Recipe(
+        report.model,
+        list(report.plan),
+        list(report.input_size),
+        model_kwargs=dict(report.model_kwargs),
+        target=getattr(report, "target", None),
+        memory_efficient=getattr(report, "memory_efficient", None) is not None,
+        weights=report.weights,
+        weights_key=getattr(report, "weights_key", None),
+    )
 
 
 def versions() -> dict[str, str]:
@@ -87,8 +104,12 @@ def versions() -> dict[str, str]:
 
     from ..core.version import __version__
 
-    return {"attnsurgeon": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__}
+    return {
+        "attnsurgeon": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+    }
 
 
 def read_saved(path: str | os.PathLike) -> tuple[Recipe, dict[str, Any], dict[str, str]]:
@@ -109,8 +130,10 @@ def read_saved(path: str | os.PathLike) -> tuple[Recipe, dict[str, Any], dict[st
     except (SafetensorError, OSError, ValueError) as exc:
         raise AttnSurgeonError(f"'{path}' is not a readable safetensors file: {exc}") from exc
     if RECIPE_KEY not in metadata:
-        raise AttnSurgeonError(f"'{path}' has no attnsurgeon recipe in its metadata: it holds weights only. "
-                               "Load them into a model with --weights instead")
+        raise AttnSurgeonError(
+            f"'{path}' has no attnsurgeon recipe in its metadata: it holds weights only. "
+            "Load them into a model with --weights instead"
+        )
     try:
         data = json.loads(metadata[RECIPE_KEY])
     except json.JSONDecodeError as exc:
@@ -148,14 +171,21 @@ def load_base(path: str | os.PathLike, *, base: Any = None) -> tuple[Any, Any]:
         loaded = as_loaded(base)
         loaded.name, loaded.source = recipe.model, "object"
     elif recipe.model.startswith("object:"):
-        raise AttnSurgeonError(f"'{path}' was made from a model object ({recipe.model[7:]}); "
-                               "rebuild it with attnsurgeon.load(path, base=that_model)")
+        raise AttnSurgeonError(
+            f"'{path}' was made from a model object ({recipe.model[7:]}); "
+            "rebuild it with attnsurgeon.load(path, base=that_model)"
+        )
     else:  # the builder's arguments shape the model; its weights, wherever they came from, are in the file
         loaded = models.build_model(recipe.model, **recipe.model_kwargs)
         loaded.weights, loaded.weights_key = recipe.weights, recipe.weights_key  # so that a re-saved recipe keeps them
     if recipe.insertions or recipe.memory_efficient:
-        model, _ = apply_plan(loaded, recipe.insertions, input_size=recipe.input_size, target=recipe.target,
-                              memory_efficient=recipe.memory_efficient)
+        model, _ = apply_plan(
+            loaded,
+            recipe.insertions,
+            input_size=recipe.input_size,
+            target=recipe.target,
+            memory_efficient=recipe.memory_efficient,
+        )
     else:
         model = loaded.model
     try:
@@ -166,5 +196,3 @@ def load_base(path: str | os.PathLike, *, base: Any = None) -> tuple[Any, Any]:
     model.eval()
     loaded.model.eval()
     return loaded.model, model
-
-

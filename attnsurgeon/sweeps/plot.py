@@ -49,13 +49,25 @@ def draw_plot(rows: list[dict]) -> Any:
         for r in (r for r in ok if r["model"] == model):
             is_base = r["name"] == BASE
             xy = (r["params"] / 1e6, r["latency_ms"]["median"])
-            ax.scatter(*xy, marker="s" if is_base else "o", s=40, zorder=3,
-                       color=("black" if len(models) == 1 else colour) if is_base else colour,
-                       edgecolors="black" if is_base else "none")
+            ax.scatter(
+                *xy,
+                marker="s" if is_base else "o",
+                s=40,
+                zorder=3,
+                color=("black" if len(models) == 1 else colour) if is_base else colour,
+                edgecolors="black" if is_base else "none",
+            )
             bar = None if is_base else latency_bar(r)
             if bar is not None:
-                ax.errorbar(*xy, yerr=[[xy[1] - bar[0]], [bar[1] - xy[1]]], fmt="none", ecolor=colour, elinewidth=1,
-                            capsize=3, zorder=2)
+                ax.errorbar(
+                    *xy,
+                    yerr=[[xy[1] - bar[0]], [bar[1] - xy[1]]],
+                    fmt="none",
+                    ecolor=colour,
+                    elinewidth=1,
+                    capsize=3,
+                    zorder=2,
+                )
             points.append((*xy, model if is_base and len(models) > 1 else r["name"]))
         if len(models) > 1:
             ax.scatter([], [], color=colour, label=model)
@@ -64,9 +76,15 @@ def draw_plot(rows: list[dict]) -> Any:
     ax.margins(0.12)  # room for the labels of the outermost points
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel(f"latency (ms), batch {ok[0].get('batch_size', 1)}")
-    ax.set_title(f"{models[0] if len(models) == 1 else f'{len(models)} models'}: latency against parameters"
-                 + ("\n(bars: 95 % interval of Δ latency against the base measured alongside)"
-                    if any(latency_bar(r) for r in ok) else ""), fontsize=10)
+    ax.set_title(
+        f"{models[0] if len(models) == 1 else f'{len(models)} models'}: latency against parameters"
+        + (
+            "\n(bars: 95 % interval of Δ latency against the base measured alongside)"
+            if any(latency_bar(r) for r in ok)
+            else ""
+        ),
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _place_labels(ax, points)
@@ -115,13 +133,22 @@ def _place_labels(ax: Any, points: list[tuple[float, float, str]]) -> None:
         best = None
         for distance in _DISTANCES:
             for dx, dy in _DIRECTIONS:
-                label = ax.annotate(text, (x, y), textcoords="offset points", fontsize=8,
-                                    xytext=(dx * distance, dy * distance),
-                                    ha={1: "left", -1: "right", 0: "center"}[dx],
-                                    va={1: "bottom", -1: "top", 0: "center"}[dy])
+                label = ax.annotate(
+                    text,
+                    (x, y),
+                    textcoords="offset points",
+                    fontsize=8,
+                    xytext=(dx * distance, dy * distance),
+                    ha={1: "left", -1: "right", 0: "center"}[dx],
+                    va={1: "bottom", -1: "top", 0: "center"}[dy],
+                )
                 box = label.get_window_extent(renderer)
-                cost = (sum(overlap(box, b) for b in placed) + sum(overlap(box, d) for d in dots)
-                        + box.width * box.height - overlap(box, inside))  # the part outside the axes
+                cost = (
+                    sum(overlap(box, b) for b in placed)
+                    + sum(overlap(box, d) for d in dots)
+                    + box.width * box.height
+                    - overlap(box, inside)
+                )  # the part outside the axes
                 label.remove()
                 if best is None or cost < best[0]:
                     best = (cost, distance, dx, dy, box)
@@ -131,9 +158,14 @@ def _place_labels(ax: Any, points: list[tuple[float, float, str]]) -> None:
                 break
         _, distance, dx, dy, box = best
         far = distance > _DISTANCES[0]
-        ax.annotate(text, (x, y), textcoords="offset points", fontsize=8, xytext=(dx * distance, dy * distance),
-                    ha={1: "left", -1: "right", 0: "center"}[dx], va={1: "bottom", -1: "top", 0: "center"}[dy],
-                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5", shrinkA=0, shrinkB=3) if far else None)
+        ax.annotate(
+            text,
+            (x, y),
+            textcoords="offset points",
+            fontsize=8,
+            xytext=(dx * distance, dy * distance),
+            ha={1: "left", -1: "right", 0: "center"}[dx],
+            va={1: "bottom", -1: "top", 0: "center"}[dy],
+            arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5", shrinkA=0, shrinkB=3) if far else None,
+        )
         placed.append(box)
-
-

@@ -39,6 +39,8 @@ from .plot import BASE, draw_plot, write_plot as _write_plot  # noqa: F401  (dra
 
 SWEEP_FILE = "sweep.json"
 ROWS_FILE = "rows.jsonl"
+
+
 def _csv_columns() -> list[str]:
     """name, status, then per metric its value, delta, delta % and the base's value; then the rest."""
     from ..profiling.metrics import TABLE_METRICS
@@ -112,8 +114,10 @@ def run_sweep(
     if len(set(names)) != len(names) or BASE in names:
         raise AttnSurgeonError(f"configuration names must be unique and not '{BASE}': {names}")
     if ray_cpus is not None and (ray is None or ray != LOCAL):
-        raise AttnSurgeonError("--ray-cpus sizes a local Ray instance (--ray without an address); a cluster's "
-                               "CPUs are set where it is started")
+        raise AttnSurgeonError(
+            "--ray-cpus sizes a local Ray instance (--ray without an address); a cluster's "
+            "CPUs are set where it is started"
+        )
     if ray is not None:
         _import_ray()  # a missing Ray is said before any folder is written
     models = expand_models([model] if isinstance(model, str) else model)
@@ -140,9 +144,20 @@ def run_sweep(
     by_name = {c.name: c for c in configurations}
     grid = [(m, rt, n) for m in models for rt in runtimes for n in [BASE] + names]
     order = [(m, _in_runtime(n, rt, runtimes)) for m, rt, n in grid]  # the rows, in the order of the tables
-    jobs = [Row(m, by_name.get(n), _in_runtime(n, rt, runtimes), {**settings, "runtimes": [rt]}, input_size,
-                model_kwargs or {}, target, memory_efficient)
-            for m, rt, n in grid if (m, _in_runtime(n, rt, runtimes)) not in done]
+    jobs = [
+        Row(
+            m,
+            by_name.get(n),
+            _in_runtime(n, rt, runtimes),
+            {**settings, "runtimes": [rt]},
+            input_size,
+            model_kwargs or {},
+            target,
+            memory_efficient,
+        )
+        for m, rt, n in grid
+        if (m, _in_runtime(n, rt, runtimes)) not in done
+    ]
     measured: list[str] = []
     run = _run_on_ray(jobs, ray, ray_cpus, progress) if ray is not None else _run_here(jobs, progress)
     try:
@@ -207,8 +222,14 @@ def measure_row(job: Row) -> dict[str, Any]:
         if config is None:
             result = profile(loaded, input_size=size, **job.settings)
         else:
-            result = profile(loaded, plan=config.insertions, input_size=size, target=job.target,
-                             memory_efficient=job.memory_efficient, **job.settings)
+            result = profile(
+                loaded,
+                plan=config.insertions,
+                input_size=size,
+                target=job.target,
+                memory_efficient=job.memory_efficient,
+                **job.settings,
+            )
         row = _row(job.name, job.model, result)
     except KeyboardInterrupt:
         raise
@@ -246,7 +267,9 @@ def _run_here(jobs: list[Row], progress: ProgressFn | None) -> Iterator[dict[str
 LOCAL = "local"
 
 
-def _run_on_ray(jobs: list[Row], address: str, cpus: int | None, progress: ProgressFn | None) -> Iterator[dict[str, Any]]:
+def _run_on_ray(
+    jobs: list[Row], address: str, cpus: int | None, progress: ProgressFn | None
+) -> Iterator[dict[str, Any]]:
     """The same rows as Ray tasks, each asking for one measurement's resources; rows come back as they finish.
 
     At most as many tasks are submitted as the cluster can run at once (re-read as it grows), so
@@ -261,8 +284,9 @@ def _run_on_ray(jobs: list[Row], address: str, cpus: int | None, progress: Progr
     started = _connect(ray, address, cpus)
     try:
         task_cpus, gpus, settings = task_resources(jobs[0].settings)
-        measure = ray.remote(measure_row).options(num_cpus=task_cpus, num_gpus=gpus, max_retries=RAY_RETRIES,
-                                                  retry_exceptions=False)
+        measure = ray.remote(measure_row).options(
+            num_cpus=task_cpus, num_gpus=gpus, max_retries=RAY_RETRIES, retry_exceptions=False
+        )
         queue = [Row(**{**vars(job), "settings": settings}) for job in jobs]
         running: dict[Any, Row] = {}
         finished = 0
@@ -271,8 +295,10 @@ def _run_on_ray(jobs: list[Row], address: str, cpus: int | None, progress: Progr
             while queue or running:
                 slots = _slots(ray, task_cpus, gpus)
                 if slots == 0 and started:
-                    raise AttnSurgeonError(f"the local Ray instance has no {'GPU' if gpus else f'{task_cpus} free CPUs'} "
-                                           "for a row; " + ("run on a node with a GPU" if gpus else "lower --threads or raise --ray-cpus"))
+                    raise AttnSurgeonError(
+                        f"the local Ray instance has no {'GPU' if gpus else f'{task_cpus} free CPUs'} "
+                        "for a row; " + ("run on a node with a GPU" if gpus else "lower --threads or raise --ray-cpus")
+                    )
                 while queue and len(running) < max(slots, 1):
                     job = queue.pop(0)
                     running[measure.remote(job)] = job
@@ -312,7 +338,9 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise AttnSurgeonError(f"--ray needs Ray, which is not installed ({exc}): pip install 'attnsurgeon[ray]'") from None
+        raise AttnSurgeonError(
+            f"--ray needs Ray, which is not installed ({exc}): pip install 'attnsurgeon[ray]'"
+        ) from None
     return ray
 
 
@@ -323,8 +351,10 @@ def _connect(ray: Any, address: str, cpus: int | None) -> bool:
     if ray.is_initialized():
         if address == LOCAL and cpus is None:
             return False  # the instance this process already runs (a notebook, the tests)
-        raise AttnSurgeonError("this process is already connected to Ray; run the sweep with --ray alone (no address "
-                               "or --ray-cpus), or call ray.shutdown() first")
+        raise AttnSurgeonError(
+            "this process is already connected to Ray; run the sweep with --ray alone (no address "
+            "or --ray-cpus), or call ray.shutdown() first"
+        )
     # Ray's own logging stays in its log files: only its errors reach the terminal (not the notice that
     # token authentication is on, nor the workers' output)
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
@@ -340,9 +370,11 @@ def _connect(ray: Any, address: str, cpus: int | None) -> bool:
         with _keep_sigterm():
             ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).resolve().parents[1])]}, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise AttnSurgeonError(f"cannot join the Ray cluster at '{address}' ({one_line(exc, with_type=False)}); "
-                               "start one with `ray start --head` and pass its address (auto on a node of the cluster, "
-                               "or ray://HEAD:10001)") from None
+        raise AttnSurgeonError(
+            f"cannot join the Ray cluster at '{address}' ({one_line(exc, with_type=False)}); "
+            "start one with `ray start --head` and pass its address (auto on a node of the cluster, "
+            "or ray://HEAD:10001)"
+        ) from None
     return True
 
 
@@ -393,14 +425,18 @@ def _prepare_folder(out: Path, definition: dict, resume: bool, force: bool, sing
             wanted = json.loads(json.dumps(definition))
             changed = [k for k in {**previous, **wanted} if previous.get(k) != wanted.get(k)]
             if changed:  # another sweep: --resume cannot finish this one there
-                raise AttnSurgeonError(f"'{out}' already holds a different sweep, with other values for: {', '.join(changed)}; "
-                                       + ("resume it with the arguments it was started with, " if resume else "")
-                                       + "give this sweep another --out, or pass --force to replace that one")
+                raise AttnSurgeonError(
+                    f"'{out}' already holds a different sweep, with other values for: {', '.join(changed)}; "
+                    + ("resume it with the arguments it was started with, " if resume else "")
+                    + "give this sweep another --out, or pass --force to replace that one"
+                )
             if resume:
                 return _read_rows(rows_file, single)
             finished = len(_read_rows(rows_file, single))
-            raise AttnSurgeonError(f"'{out}' already holds a sweep with these arguments ({finished} "
-                                   f"row{'s' * (finished != 1)} finished): pass --resume to finish it, or --force to start over")
+            raise AttnSurgeonError(
+                f"'{out}' already holds a sweep with these arguments ({finished} "
+                f"row{'s' * (finished != 1)} finished): pass --resume to finish it, or --force to start over"
+            )
         for name in (SWEEP_FILE, ROWS_FILE, "results.csv", "results.json", "plot.png"):
             (out / name).unlink(missing_ok=True)
     elif resume:

@@ -55,12 +55,27 @@ class Integration:
 
 
 INTEGRATIONS = {
-    "yolo": Integration("yolo", "ultralytics", "attnsurgeon.loading.sources.yolo", "ultralytics", "yolo",
-                        "ultralytics.nn.tasks.BaseModel", classes_arg="nc"),
-    "hf": Integration("hf", "huggingface", "attnsurgeon.loading.sources.hf", "transformers", "hf",
-                      "transformers.modeling_utils.PreTrainedModel", classes_arg="num_labels"),
-    "smp": Integration("smp", "smp", "attnsurgeon.loading.sources.smp", "segmentation_models_pytorch", "smp",
-                       classes_arg="classes"),
+    "yolo": Integration(
+        "yolo",
+        "ultralytics",
+        "attnsurgeon.loading.sources.yolo",
+        "ultralytics",
+        "yolo",
+        "ultralytics.nn.tasks.BaseModel",
+        classes_arg="nc",
+    ),
+    "hf": Integration(
+        "hf",
+        "huggingface",
+        "attnsurgeon.loading.sources.hf",
+        "transformers",
+        "hf",
+        "transformers.modeling_utils.PreTrainedModel",
+        classes_arg="num_labels",
+    ),
+    "smp": Integration(
+        "smp", "smp", "attnsurgeon.loading.sources.smp", "segmentation_models_pytorch", "smp", classes_arg="classes"
+    ),
 }
 BY_SOURCE = {i.source: i for i in INTEGRATIONS.values()}
 

@@ -47,16 +47,18 @@ def is_folder(name: str) -> bool:
     return name.startswith((".", "/", "~"))
 
 
-
 def _folder(name: str) -> str:
     """The folder's path, checked: it holds the ``config.json`` the model is built from."""
     path = os.path.expanduser(name)
     if not os.path.isdir(path):
-        raise AttnSurgeonError(f"hf:{name}: no such folder (a local model is a folder with its config.json, as "
-                               "save_pretrained writes it)")
+        raise AttnSurgeonError(
+            f"hf:{name}: no such folder (a local model is a folder with its config.json, as save_pretrained writes it)"
+        )
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise AttnSurgeonError(f"hf:{name}: the folder has no config.json, which the model is built from "
-                               "(save_pretrained writes it; so does downloading the model's hub folder)")
+        raise AttnSurgeonError(
+            f"hf:{name}: the folder has no config.json, which the model is built from "
+            "(save_pretrained writes it; so does downloading the model's hub folder)"
+        )
     return path
 
 
@@ -64,9 +66,11 @@ def check(name: str) -> None:
     if is_folder(name):
         _folder(name)
     elif "/" not in name and name not in _types():
-        raise AttnSurgeonError(f"unknown Hugging Face model type '{name}' (not an image classifier of transformers)."
-                               + did_you_mean(name, list(_types()))
-                               + " A hub id (hf:microsoft/resnet-50) names a model of any type.")
+        raise AttnSurgeonError(
+            f"unknown Hugging Face model type '{name}' (not an image classifier of transformers)."
+            + did_you_mean(name, list(_types()))
+            + " A hub id (hf:microsoft/resnet-50) names a model of any type."
+        )
 
 
 def _hub_endpoint() -> str:
@@ -78,9 +82,11 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
-OFFLINE_WAYS = ("Offline, name a model type (hf:resnet, random weights), a local folder holding the model's "
-                "config.json (hf:./resnet-50, as save_pretrained writes it), or a hub id in the local cache "
-                "(`attnsurgeon list models 'hf:*'` lists them)")
+OFFLINE_WAYS = (
+    "Offline, name a model type (hf:resnet, random weights), a local folder holding the model's "
+    "config.json (hf:./resnet-50, as save_pretrained writes it), or a hub id in the local cache "
+    "(`attnsurgeon list models 'hf:*'` lists them)"
+)
 
 
 def _from_hub(name: str, what: str, load: Any) -> Any:
@@ -94,12 +100,16 @@ def _from_hub(name: str, what: str, load: Any) -> Any:
     except OSError:
         pass  # not cached
     # the config is what every build needs: --weights FILE gives weights, not the architecture
-    remedy = (f"{OFFLINE_WAYS}; --weights FILE does not replace it." if what == "config"
-              else "Download them where the network is reachable and pass --weights FILE.")
+    remedy = (
+        f"{OFFLINE_WAYS}; --weights FILE does not replace it."
+        if what == "config"
+        else "Download them where the network is reachable and pass --weights FILE."
+    )
     missing = f"the {what} of hf:{name} {'is' if what == 'config' else 'are'}"
     if hub_offline():
-        raise AttnSurgeonError(f"{missing} not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                               f"tried {tried}. {remedy}")
+        raise AttnSurgeonError(
+            f"{missing} not in the local Hugging Face cache and HF_HUB_OFFLINE is set; tried {tried}. {remedy}"
+        )
     require_network(_hub_endpoint(), tried, missing=missing, remedy=remedy)
     try:
         return load(local_files_only=False)
@@ -131,13 +141,16 @@ def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
         if not pretrained:
             return cls(config)
         if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
-            raise AttnSurgeonError(f"hf:{name} --pretrained: the folder has a config.json but no weights "
-                                   "(model.safetensors); leave --pretrained out for random weights")
+            raise AttnSurgeonError(
+                f"hf:{name} --pretrained: the folder has a config.json but no weights "
+                "(model.safetensors); leave --pretrained out for random weights"
+            )
         return cls.from_pretrained(path, config=config, local_files_only=True)
     if "/" not in name:
         if pretrained:
-            raise AttnSurgeonError(f"hf:{name} is a model type with random weights; --pretrained needs a hub id "
-                                   f"(hf:microsoft/resnet-50)")
+            raise AttnSurgeonError(
+                f"hf:{name} is a model type with random weights; --pretrained needs a hub id (hf:microsoft/resnet-50)"
+            )
         config = AutoConfig.for_model(name, **kwargs)
         return _model_class(config)(config)
     config = _from_hub(name, "config", lambda **kw: AutoConfig.from_pretrained(name, **kw, **kwargs))

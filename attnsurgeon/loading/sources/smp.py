@@ -43,19 +43,22 @@ def _split(name: str) -> tuple[str, str]:
     arch, _, encoder = name.partition(":")
     archs = _archs()
     if arch.lower() not in archs:
-        raise AttnSurgeonError(f"unknown smp architecture '{arch}'." + did_you_mean(arch, list(archs.values()))
-                               + f" smp's are {', '.join(sorted(archs.values()))}.")
+        raise AttnSurgeonError(
+            f"unknown smp architecture '{arch}'."
+            + did_you_mean(arch, list(archs.values()))
+            + f" smp's are {', '.join(sorted(archs.values()))}."
+        )
     encoder = encoder or DEFAULT_ENCODER
     if not encoder.startswith("tu-") and encoder not in _encoders():
-        raise AttnSurgeonError(f"unknown smp encoder '{encoder}'." + did_you_mean(encoder, _encoders())
-                               + " tu-NAME takes any timm model.")
+        raise AttnSurgeonError(
+            f"unknown smp encoder '{encoder}'." + did_you_mean(encoder, _encoders()) + " tu-NAME takes any timm model."
+        )
     return arch.lower(), encoder
 
 
 def is_folder(name: str) -> bool:
     """``./runs/unet``, ``/data/unet``, ``~/unet``: a folder, not ``ARCH[:ENCODER]``."""
     return "/" in name or "\\" in name or name.startswith((".", "~")) or Path(name).expanduser().is_dir()
-
 
 
 def check(name: str) -> None:
@@ -68,12 +71,15 @@ def check(name: str) -> None:
     if not folder.is_dir():
         raise AttnSurgeonError(f"smp model folder '{name}' does not exist")
     if not hasattr(smp, "from_pretrained"):
-        raise AttnSurgeonError(f"smp:{name}: segmentation_models_pytorch {smp.__version__} cannot read folders "
-                               "(from_pretrained came in 0.4); pip install -U segmentation-models-pytorch")
+        raise AttnSurgeonError(
+            f"smp:{name}: segmentation_models_pytorch {smp.__version__} cannot read folders "
+            "(from_pretrained came in 0.4); pip install -U segmentation-models-pytorch"
+        )
     absent = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
     if absent:
-        raise AttnSurgeonError(f"'{name}' is not a folder written by smp's save_pretrained: it has no "
-                               f"{' and no '.join(absent)}")
+        raise AttnSurgeonError(
+            f"'{name}' is not a folder written by smp's save_pretrained: it has no {' and no '.join(absent)}"
+        )
 
 
 def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
@@ -93,9 +99,11 @@ def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
     try:  # smp reads the encoder's weights from the Hugging Face cache, else the hub
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=weights, **rest)
     except Exception as exc:
-        raise AttnSurgeonError(f"could not get the '{weights}' weights of smp encoder {encoder} (tried {tried}): "
-                               f"{one_line(exc)}. Download them where the network is reachable, or "
-                               "pass --weights FILE.") from exc
+        raise AttnSurgeonError(
+            f"could not get the '{weights}' weights of smp encoder {encoder} (tried {tried}): "
+            f"{one_line(exc)}. Download them where the network is reachable, or "
+            "pass --weights FILE."
+        ) from exc
 
 
 def _from_folder(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
@@ -104,8 +112,10 @@ def _from_folder(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
     from ...core.errors import one_line
 
     if pretrained or kwargs:
-        raise AttnSurgeonError(f"smp:{name} carries its own architecture and weights: drop "
-                               + ("--pretrained" if pretrained else f"{dict(kwargs)}"))
+        raise AttnSurgeonError(
+            f"smp:{name} carries its own architecture and weights: drop "
+            + ("--pretrained" if pretrained else f"{dict(kwargs)}")
+        )
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # smp prints "Loading weights from local directory"
             return smp.from_pretrained(str(Path(name).expanduser()))
@@ -131,17 +141,20 @@ def _require_weights(encoder: str, weights: Any) -> str:
     else:
         settings = smp.encoders.encoders[encoder]["pretrained_settings"].get(weights) or {}
         repo = settings.get("repo_id")
-        cached = bool(repo) and isinstance(try_to_load_from_cache(repo, "model.safetensors",
-                                                                  revision=settings.get("revision")), str)
+        cached = bool(repo) and isinstance(
+            try_to_load_from_cache(repo, "model.safetensors", revision=settings.get("revision")), str
+        )
     if not repo:
         return "the hub"  # smp's (or timm's) own error names the weights the encoder has
     tried = f"the local Hugging Face cache and {_hub_endpoint()}/{repo}"
     if cached:
         return tried
     if hub_offline():
-        raise AttnSurgeonError(f"the '{weights}' weights of smp encoder {encoder} are not in the local Hugging Face "
-                               f"cache and HF_HUB_OFFLINE is set; tried {tried}. Download them where the network is "
-                               "reachable, or pass --weights FILE.")
+        raise AttnSurgeonError(
+            f"the '{weights}' weights of smp encoder {encoder} are not in the local Hugging Face "
+            f"cache and HF_HUB_OFFLINE is set; tried {tried}. Download them where the network is "
+            "reachable, or pass --weights FILE."
+        )
     require_network(_hub_endpoint(), tried)
     return tried
 

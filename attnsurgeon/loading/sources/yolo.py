@@ -54,24 +54,33 @@ def is_checkpoint(name: str) -> bool:
     return name.lower().endswith(".pt")
 
 
-
 def check(name: str) -> None:
     if is_checkpoint(name):
         path = Path(name).expanduser()
         if not path.is_file():
-            published = f"; yolo:{path.stem} --pretrained loads ultralytics' published one" if path.stem in names() else ""
+            published = (
+                f"; yolo:{path.stem} --pretrained loads ultralytics' published one" if path.stem in names() else ""
+            )
             raise AttnSurgeonError(f"ultralytics checkpoint '{name}' does not exist{published}")
         return
     if name not in names():
-        raise AttnSurgeonError(f"unknown YOLO model '{name}' (not a yaml of ultralytics)." + did_you_mean(name, names())
-                               + " `attnsurgeon list models 'yolo:*'` lists them.")
+        raise AttnSurgeonError(
+            f"unknown YOLO model '{name}' (not a yaml of ultralytics)."
+            + did_you_mean(name, names())
+            + " `attnsurgeon list models 'yolo:*'` lists them."
+        )
 
 
 def _task_classes() -> dict[str, Any]:
     from ultralytics.nn import tasks
 
-    return {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel, "classify": tasks.ClassificationModel,
-            "pose": tasks.PoseModel, "obb": tasks.OBBModel}
+    return {
+        "detect": tasks.DetectionModel,
+        "segment": tasks.SegmentationModel,
+        "classify": tasks.ClassificationModel,
+        "pose": tasks.PoseModel,
+        "obb": tasks.OBBModel,
+    }
 
 
 def build(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
@@ -125,8 +134,10 @@ def _published(name: str) -> Any:
     try:
         model, _ = load_checkpoint(str(local or file))  # ultralytics downloads a bare name it does not have
     except Exception as exc:
-        raise AttnSurgeonError(f"could not load ultralytics' published weights for '{name}' (tried {tried}): "
-                               f"{one_line(exc)}. Download {file} where the network is reachable.") from exc
+        raise AttnSurgeonError(
+            f"could not load ultralytics' published weights for '{name}' (tried {tried}): "
+            f"{one_line(exc)}. Download {file} where the network is reachable."
+        ) from exc
     return model.float()
 
 
@@ -139,8 +150,10 @@ def _checkpoint(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Any:
     if pretrained:
         raise AttnSurgeonError(f"yolo:{name} carries its own weights: drop --pretrained")
     if kwargs:
-        raise AttnSurgeonError(f"yolo:{name} carries its own architecture and classes: drop {dict(kwargs)} "
-                               "(a new class count is a new model: yolo:NAME with --model-arg nc=N)")
+        raise AttnSurgeonError(
+            f"yolo:{name} carries its own architecture and classes: drop {dict(kwargs)} "
+            "(a new class count is a new model: yolo:NAME with --model-arg nc=N)"
+        )
     try:
         model, _ = load_checkpoint(str(Path(name).expanduser()))
     except Exception as exc:
@@ -179,8 +192,9 @@ def _yaml_of(model: Any) -> str:
     cfg = getattr(model, "yaml", None)
     file = cfg.get("yaml_file") if isinstance(cfg, dict) else None
     if not file:
-        raise AttnSurgeonError(f"{type(model).__name__} is not an ultralytics model built from a yaml "
-                               "(load it with yolo:NAME)")
+        raise AttnSurgeonError(
+            f"{type(model).__name__} is not an ultralytics model built from a yaml (load it with yolo:NAME)"
+        )
     return file
 
 
@@ -198,9 +212,11 @@ def _trainer(yolo: Any) -> type:
     def get_model(self: Any, cfg: Any = None, weights: Any = None, verbose: bool = True) -> Any:
         nc = model.yaml.get("nc")
         if nc is not None and nc != self.data["nc"]:
-            raise AttnSurgeonError(f"the rewritten model has {nc} classes and the data {self.data['nc']}: build it "
-                                   f"with nc={self.data['nc']} (load_model('yolo:NAME', nc={self.data['nc']})) "
-                                   "before inserting the blocks")
+            raise AttnSurgeonError(
+                f"the rewritten model has {nc} classes and the data {self.data['nc']}: build it "
+                f"with nc={self.data['nc']} (load_model('yolo:NAME', nc={self.data['nc']})) "
+                "before inserting the blocks"
+            )
         return model
 
     return type(f"AttnSurgeon{base.__name__}", (base,), {"get_model": get_model, "__module__": __name__})
