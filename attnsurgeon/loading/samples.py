@@ -9,8 +9,9 @@ A classifier takes one batch tensor and returns one tensor, but not every networ
 
 :func:`sample_args` builds the positional arguments a model's ``forward`` asks for, from its
 signature (a ``List[...]`` annotation, or torchvision's ``forward(images, targets=None)``, means
-a list of images; otherwise one batch tensor per required argument), and :func:`flatten_outputs` turns any nest of dicts, lists and tuples into
-the list of its tensors, so that checks, losses and comparisons handle every model one way.
+a list of images; otherwise one batch tensor per required argument), and :func:`flatten_outputs`
+turns any nest of dicts, lists and tuples into the list of its tensors, so that checks, losses and
+comparisons handle every model one way.
 """
 
 from __future__ import annotations
@@ -100,10 +101,12 @@ def batch_of(args: tuple) -> int:
 def max_abs_diff(outputs: Any, references: Any) -> float:
     """The largest absolute difference between two outputs of the same structure (inf if they differ)."""
     a, b = flatten_outputs(outputs), flatten_outputs(references)
-    if len(a) != len(b) or any(tuple(x.shape) != tuple(y.shape) for x, y in zip(a, b)):
+    # zip is strict: the lengths are equal once the first test fails
+    if len(a) != len(b) or any(tuple(x.shape) != tuple(y.shape) for x, y in zip(a, b, strict=True)):
         return float("inf")
     return max(
-        (float((x.detach().float() - y.detach().float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0
+        (float((x.detach().float() - y.detach().float()).abs().max()) for x, y in zip(a, b, strict=True) if x.numel()),
+        default=0.0,
     )
 
 

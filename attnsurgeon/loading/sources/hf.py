@@ -12,7 +12,7 @@ The model is the library's own class (``ResNetForImageClassification``): it take
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...core.errors import AttnSurgeonError, did_you_mean
@@ -20,8 +20,8 @@ from ...core.errors import AttnSurgeonError, did_you_mean
 LIBRARY, EXTRA = "transformers", "hf"
 
 
-def _types() -> dict[str, str]:
-    """Model type -> its image-classification class name (the vision models a type name builds)."""
+def _types() -> dict[str, Sequence[str]]:
+    """Model type -> its image-classification class name, or names (the vision models a type name builds)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
     return dict(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)

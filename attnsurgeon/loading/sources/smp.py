@@ -137,12 +137,13 @@ def _require_weights(encoder: str, weights: Any) -> str:
 
         cfg = timm.models.get_pretrained_cfg(encoder[3:])
         repo = cfg.hf_hub_id if cfg else None
-        cached = bool(repo) and hf_cached_file(repo, cfg.hf_hub_filename) is not None
+        cached = bool(repo and cfg and hf_cached_file(repo, cfg.hf_hub_filename) is not None)
     else:
         settings = smp.encoders.encoders[encoder]["pretrained_settings"].get(weights) or {}
         repo = settings.get("repo_id")
-        cached = bool(repo) and isinstance(
-            try_to_load_from_cache(repo, "model.safetensors", revision=settings.get("revision")), str
+        cached = bool(
+            repo
+            and isinstance(try_to_load_from_cache(repo, "model.safetensors", revision=settings.get("revision")), str)
         )
     if not repo:
         return "the hub"  # smp's (or timm's) own error names the weights the encoder has

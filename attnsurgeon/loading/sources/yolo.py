@@ -10,8 +10,9 @@ rewritten model, and :func:`train` runs it (``best.pt``/``last.pt`` load with ``
 
 ``yolo:PATH.pt`` starts from an ultralytics checkpoint (the user's ``best.pt``, or a published one by
 path): its class count, names and training image size are kept, so that :func:`train` continues on
-the user's data (``data=`` given, as ``YOLO(PATH).train(data=...)`` takes it). ultralytics' ``.pt`` is a pickle by design and is read as
-``YOLO(PATH)`` reads it, which runs it: a file the user trusts. (``--weights`` never reads one so.)
+the user's data (``data=`` given, as ``YOLO(PATH).train(data=...)`` takes it). ultralytics' ``.pt``
+is a pickle by design and is read as ``YOLO(PATH)`` reads it, which runs it: a file the user
+trusts. (``--weights`` never reads one so.)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ _SCALED = re.compile(r"^(yolo(?:e-)?v?\d+)(.*)$")  # yolov8-seg -> yolov8{n,s,m,
 def names() -> list[str]:
     """Every model the package's yaml files define, one per scale (``yolov8n`` … ``yolov8x``)."""
     spec = importlib.util.find_spec(LIBRARY)
+    assert spec is not None and spec.submodule_search_locations is not None  # read only where it is installed
     root = Path(next(iter(spec.submodule_search_locations))) / "cfg" / "models"
     out: list[str] = []
     for path in sorted(root.rglob("*.yaml")):
