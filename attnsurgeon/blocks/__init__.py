@@ -17,8 +17,9 @@ Its :class:`BlockInfo` in :data:`REGISTRY` says the rest, once: the options it t
 defaults (``None`` = the block's own rule; each option's flag, help and rule live in
 :mod:`.options`), what it is (``kind``: a ``gate`` added on a tensor's path, or a ``conv`` that
 replaces a spatial convolution, hence the positions it allows:
-:data:`attnsurgeon.core.positions.KIND_POSITIONS`), its natural position, its paper. Adding a block is one file plus one entry here. Nothing here imports torch, so
-``attnsurgeon list attn`` and ``--help`` stay fast; a block's file is imported when it is built.
+:data:`attnsurgeon.core.positions.KIND_POSITIONS`), its natural position, its paper. Adding a block
+is one file plus one entry here. Nothing here imports torch, so ``attnsurgeon list attn`` and
+``--help`` stay fast; a block's file is imported when it is built.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ REGISTRY: dict[str, BlockInfo] = {
         BlockInfo(
             "ge",
             "attnsurgeon.blocks.ge",
-            "Gather-Excite: gather context (global or e×e windows, pooled or learned), excite through an MLP, upsample the gate",
+            "Gather-Excite: gather context (global or e×e windows, pooled or learned), "
+            "excite through an MLP, upsample the gate",
             "Hu et al., Gather-Excite, NeurIPS 2018, https://arxiv.org/abs/1810.12348",
             {"extent": 0, "extra_params": False, "reduction": 16},
         ),

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
 from ..core.errors import AttnSurgeonError
 
+if TYPE_CHECKING:
+    from typing import TypeAlias
 
-def conv_nd(dims: int) -> type[nn.Module]:
+    ConvNd: TypeAlias = nn.Conv1d | nn.Conv2d | nn.Conv3d  # a convolution of any rank
+
+
+def conv_nd(dims: int) -> type[ConvNd]:
     """The convolution class for feature maps of ``dims`` spatial dimensions."""
-    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    classes: dict[int, type[ConvNd]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    return classes[dims]
 
 
 def batchnorm_nd(dims: int) -> type[nn.Module]:
@@ -23,7 +31,7 @@ def pool_axes(dims: int, keep_depth: bool = False) -> tuple[int, ...]:
     return tuple(range(3 if keep_depth else 2, 2 + dims))
 
 
-def check_keep_depth(block: str, keep_depth: bool, dims: int) -> None:
+def check_keep_depth(block: str, keep_depth: bool | None, dims: int) -> None:
     if keep_depth and dims != 3:
         raise AttnSurgeonError(
             f"{block}: keep_depth gates each (channel, depth) pair of a 3-D (video/volume) feature map; "
@@ -68,7 +76,7 @@ def reduced_channels(block: str, channels: int, reduction: float, divisor: int) 
 
 
 @torch.no_grad()
-def zero_gate_input_mlp(fc1: nn.Module, fc2: nn.Module) -> None:
+def zero_gate_input_mlp(fc1: ConvNd, fc2: ConvNd) -> None:
     """Make ``fc2(relu(fc1(p)))`` exactly zero for every ``p`` while every weight still learns.
 
     With biases: ``fc1`` outputs the constant 1 (zero weight, unit bias), and ``fc2``'s bias
@@ -143,8 +151,9 @@ def flattened_if_not_2d(block: nn.Module, dims: int) -> nn.Module:
     return block if dims == 2 else Flattened(block)
 
 
-def inner(module: nn.Module) -> nn.Module:
-    """The timm module inside a :class:`Flattened` wrapper (or the module itself)."""
+def inner(module: nn.Module) -> Any:
+    """The timm module inside a :class:`Flattened` wrapper (or the module itself): of the class the
+    calling block's file builds, hence ``Any`` here."""
     return module.block if isinstance(module, Flattened) else module
 
 

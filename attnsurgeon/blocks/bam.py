@@ -18,6 +18,8 @@ once and the spatial branch from the second step.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -53,7 +55,7 @@ class BAM(nn.Module):
             ]
         layers.append(nn.Conv2d(rd_channels, 1, 1))
         self.spatial = nn.Sequential(*layers)
-        self.gate = OnePlusSigmoid()
+        self.gate: nn.Module = OnePlusSigmoid()  # 2·sigmoid after init_identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.channel(x.mean((2, 3)))[:, :, None, None]
@@ -71,7 +73,7 @@ def build(fmap, *, reduction: float) -> BAM:
 
 @torch.no_grad()
 def init_identity(module: BAM) -> None:
-    last = module.channel[-1]
+    last = cast(nn.Linear, module.channel[-1])  # the channel MLP's last layer
     last.weight.zero_()
     last.bias.zero_()
     module.gate = ScaledSigmoid(2.0)

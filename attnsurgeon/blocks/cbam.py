@@ -32,8 +32,9 @@ class ChannelAttnNd(ChannelAttn):
     def __init__(self, channels: int, rd_channels: int, mlp_bias: bool, dims: int):
         super().__init__(channels, rd_channels=rd_channels, mlp_bias=mlp_bias)
         conv = conv_nd(dims)
-        self.fc1 = conv(channels, rd_channels, 1, bias=mlp_bias)
-        self.fc2 = conv(rd_channels, channels, 1, bias=mlp_bias)
+        # timm types fc1 and fc2 as Conv2d; these are of the map's rank (Conv1d, Conv2d or Conv3d)
+        self.fc1 = conv(channels, rd_channels, 1, bias=mlp_bias)  # type: ignore[assignment]
+        self.fc2 = conv(rd_channels, channels, 1, bias=mlp_bias)  # type: ignore[assignment]
         self.pool_axes = pool_axes(dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

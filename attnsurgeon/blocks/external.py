@@ -19,22 +19,46 @@ Its ``impl()`` is an :class:`External`, which has what a zoo block's file has: `
 ``build`` gives the site's channel count to the constructor's channel parameter (found by name,
 :data:`CHANNEL_NAMES`, else the first positional parameter without a default; a class that takes
 none is built without), and then checks the module on a tiny sample of the site's shape: a tensor
-out, of the input's shape. Anything else is refused in one line. This module imports no torch.
+out, of the input's shape. Anything else is refused in one line. The reference as text (its forms,
+its spelling, the object it names) lives in :mod:`attnsurgeon.blocks.references`. This module
+imports no torch.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib
-import importlib.util
 import inspect
-import os
 import sys
 import weakref
 from typing import Any
 
-from ..core.errors import AttnSurgeonError, closest, one_line
+from ..core.errors import AttnSurgeonError, one_line
+from .references import (
+    FORM_HELP,
+    FORMS,
+    TIMM_NAMES,
+    absolute,
+    anchor_reference,
+    display_name,
+    import_target,
+    is_reference,
+    object_name,
+    stamp,
+)
+
+__all__ = [
+    "CHANNEL_NAMES",
+    "FORMS",
+    "FORM_HELP",
+    "IDENTITY_METHODS",
+    "TIMM_NAMES",
+    "External",
+    "anchor_reference",
+    "display_name",
+    "is_reference",
+    "resolve_block",
+    "resolved_classes",
+]
 
 CHANNEL_NAMES = (
     "channels",
@@ -63,72 +87,18 @@ CHANNEL_NAMES = (
     "C",
 )
 IDENTITY_METHODS = ("init_identity", "zero_init_last")  # a block's own way to start as an identity, tried in order
-TIMM_NAMES = (
-    "se",
-    "ese",
-    "eca",
-    "ecam",
-    "ceca",
-    "ge",
-    "gc",
-    "gca",
-    "cbam",
-    "lcbam",
-    "coord",
-    "scoord",
-    "ela",
-    "strip",
-    "nl",
-    "bat",
-    "sk",
-    "splat",
-    "lambda",
-    "bottleneck",
-    "halo",
-)  # what `timm:NAME` may name (timm's get_attn)
-FORM_HELP = {  # the forms of a reference, each with an example: `list attn` and the docs show them
-    "path/to/file.py:Class": "your own class in a Python file (imported, that is run): --attn my_gates.py:Gate",
-    "package.module:Class": "a class of an installed library: --attn ultralytics.nn.modules.conv:CBAM",
-    "timm:NAME": "a name of timm's attention factory (timm.layers.get_attn): --attn timm:eca",
-}
-FORMS = tuple(FORM_HELP)
 
 _RESOLVED: dict[str, Any] = {}  # reference (as given, and canonical) -> BlockInfo
-
-
-def is_reference(name: Any) -> bool:
-    """Whether ``name`` names a block by reference rather than by a zoo name."""
-    return not isinstance(name, str) or ":" in name
-
-
-def display_name(attn: str) -> str:
-    """How tables and figures name a block: a zoo name as it is, ``timm:eca`` as it is, a class by
-    reference by its class name (``/home/me/gate.py:Gate`` -> ``Gate``); JSON keeps the reference."""
-    if not isinstance(attn, str) or ":" not in attn or attn.startswith("timm:"):
-        return str(attn)
-    return attn.rpartition(":")[2].split("@")[0].rpartition(".")[2]
-
-
-def anchor_reference(ref: Any, folder: str | None) -> Any:
-    """A file reference written in a recipe is relative to the recipe's folder: make it absolute
-    there (when the file is there); anything else is returned as it is."""
-    if not isinstance(ref, str) or folder is None or not _is_file_ref(ref):
-        return ref
-    path, _, name = ref.rpartition(":")
-    if os.path.isabs(path):
-        return ref
-    there = os.path.join(folder, path)
-    return f"{os.path.abspath(there)}:{name}" if os.path.exists(there) else ref
 
 
 def resolve_block(ref: Any) -> Any:
     """The :class:`~attnsurgeon.blocks.BlockInfo` of a reference (see the module docstring), once
     per process: a file is imported once, a class inspected once."""
-    key = _absolute(ref) if isinstance(ref, str) else _object_name(ref)  # gate.py means another file elsewhere
+    key = absolute(ref) if isinstance(ref, str) else object_name(ref)  # gate.py means another file elsewhere
     if key in _RESOLVED and _RESOLVED[key].external.current():
         return _RESOLVED[key]
     if isinstance(ref, str):
-        target, name = _import_target(ref)
+        target, name = import_target(ref)
     else:
         if not callable(ref):
             raise AttnSurgeonError(
@@ -138,123 +108,6 @@ def resolve_block(ref: Any) -> Any:
     info = _info(name, target)
     _RESOLVED[key] = _RESOLVED[name] = info
     return info
-
-
-# --------------------------------------------------------------------------- finding the class
-
-
-def _is_file_ref(ref: str) -> bool:
-    path = ref.rpartition(":")[0]
-    return path.endswith(".py") or "/" in path or os.sep in path
-
-
-def _absolute(ref: str) -> str:
-    """A file reference with its file's absolute path (relative ones are the working folder's)."""
-    if not _is_file_ref(ref):
-        return ref
-    path, _, name = ref.rpartition(":")
-    return f"{os.path.abspath(path)}:{name}"
-
-
-def _object_name(obj: Any) -> str:
-    """``module:QualName`` where that imports the object again; else a name for this process only."""
-    module, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
-    if module and qual and "<locals>" not in qual:
-        return f"{module}:{qual}"
-    return f"python:{qual or type(obj).__name__}@{id(obj):x}"
-
-
-def _import_target(ref: str) -> tuple[Any, str]:
-    """The object a string reference names, and the reference's canonical spelling."""
-    where, _, name = ref.rpartition(":")
-    if not where or not name:
-        raise AttnSurgeonError(f"'{ref}': a block reference is one of {', '.join(FORMS)}")
-    if where == "timm":
-        return _timm_target(name), f"timm:{name}"
-    if _is_file_ref(ref):
-        canonical = _absolute(ref)
-        module = _import_file(canonical.rpartition(":")[0], where)
-    else:
-        if where.startswith("python") and "@" in name:
-            raise AttnSurgeonError(
-                f"'{ref}' was a class given in Python to another process (defined in a script or a "
-                "function): it cannot be imported again; put it in a file and name it "
-                "path/to/file.py:Class"
-            )
-        try:
-            module = importlib.import_module(where)
-        except ImportError as exc:
-            hint = (
-                " (a class defined in a script: put it in a file and name it path/to/file.py:Class)"
-                if where == "__main__"
-                else ""
-            )
-            raise AttnSurgeonError(f"'{ref}': cannot import module '{where}' ({one_line(exc)}){hint}") from None
-        except Exception as exc:  # the module's own code failed
-            raise AttnSurgeonError(f"'{ref}': importing module '{where}' failed: {one_line(exc)}") from None
-        canonical = ref
-    target: Any = module
-    for part in name.split("."):
-        if not hasattr(target, part):
-            known = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-            near = closest(part, known)
-            hint = (
-                f"; did you mean {', '.join(near)}?"
-                if near
-                else (f"; it has {', '.join(sorted(known)[:8])}" if known else "")
-            )
-            raise AttnSurgeonError(f"'{ref}': {where} has no '{name}'{hint}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise AttnSurgeonError(f"'{ref}': {name} is a {type(target).__name__}, not a class or a factory of modules")
-    return target, canonical
-
-
-def _stamp(path: str | None) -> int | None:
-    """When a block file last changed (None: gone)."""
-    try:
-        return os.stat(path).st_mtime_ns if path else None
-    except OSError:
-        return None
-
-
-def _import_file(path: str, given: str) -> Any:
-    """Import (run) a Python file the user named, under a name of its own; again only when it changed."""
-    if not os.path.isfile(path):
-        raise AttnSurgeonError(f"block file '{given}' does not exist (looked for {path})")
-    name = (
-        f"attnsurgeon_user.{os.path.splitext(os.path.basename(path))[0]}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
-    )
-    if name in sys.modules and getattr(sys.modules[name], "__stamp__", None) == _stamp(path):
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise AttnSurgeonError(f"block file '{given}' is not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    module.__stamp__ = _stamp(path)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[name]
-        raise AttnSurgeonError(f"importing block file '{given}' failed: {one_line(exc)}") from None
-    return module
-
-
-def _timm_target(name: str) -> Any:
-    try:
-        from timm.layers import get_attn
-
-        target = get_attn(name)
-    except Exception:
-        target = None
-    if target is None:
-        raise AttnSurgeonError(
-            f"timm:{name}: timm's attention factory (timm.layers.get_attn) has no '{name}' "
-            f"(it has {', '.join(TIMM_NAMES)})."
-            + (f" Did you mean: {', '.join(closest(name, TIMM_NAMES))}?" if closest(name, TIMM_NAMES) else "")
-        )
-    return target
 
 
 # --------------------------------------------------------------------------- what it takes
@@ -334,7 +187,7 @@ class External:
         self.channel, self.positional, self.required, self.any_keyword = channel, positional, required, any_keyword
         module = sys.modules.get(getattr(target, "__module__", "") or "")
         self.file = getattr(module, "__file__", None) if getattr(module, "__stamp__", None) else None  # a block file
-        self.stamp = _stamp(self.file)
+        self.stamp = stamp(self.file)
         self.classes: set[type] = set()
         self.own_identity: weakref.WeakSet = weakref.WeakSet()
         self._checked: dict[str, str | None] = {}
@@ -342,7 +195,7 @@ class External:
 
     def current(self) -> bool:
         """False once its block file changed or went: resolve it again (and say so if gone)."""
-        return self.file is None or _stamp(self.file) == self.stamp
+        return self.file is None or stamp(self.file) == self.stamp
 
     @property
     def CLASSES(self) -> tuple[type, ...]:  # noqa: N802 - the zoo files' name

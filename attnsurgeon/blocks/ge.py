@@ -68,7 +68,8 @@ class GatherExciteModule(GatherExcite):
                     if i != num_conv - 1:
                         self.gather.add_module(f"act{i + 1}", nn.ReLU(inplace=True))
         else:
-            self.gather = None
+            # as timm's own __init__ does, which leaves it typed Sequential
+            self.gather = None  # type: ignore[assignment]
             self.gk, self.gs = (0, 0) if extent == 0 else (extent * 2 - 1, extent)
         self.mlp = ConvMlp(channels, rd_channels, act_layer=nn.ReLU)
         self.gate = nn.Sigmoid()

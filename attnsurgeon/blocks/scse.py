@@ -31,9 +31,9 @@ class SCSEModule(nn.Module):
         self.fc1 = conv(channels, rd_channels, 1)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = conv(rd_channels, channels, 1)
-        self.channel_gate = nn.Sigmoid()
+        self.channel_gate: nn.Module = nn.Sigmoid()  # 2·sigmoid after init_identity
         self.spatial = conv(channels, 1, 1)
-        self.spatial_gate = nn.Sigmoid()
+        self.spatial_gate: nn.Module = nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x * self.channel_gate(self.fc2(self.act(self.fc1(x.mean(self.pool_axes, keepdim=True)))))
@@ -59,6 +59,7 @@ def build(fmap, *, reduction: float, fusion: str) -> SCSEModule:
 def init_identity(module: SCSEModule) -> None:
     zero_gate_input_mlp(module.fc1, module.fc2)
     module.spatial.weight.zero_()
+    assert module.spatial.bias is not None  # built with a bias
     module.spatial.bias.zero_()
     if module.fusion == "max":
         module.channel_gate = ScaledSigmoid(2.0)

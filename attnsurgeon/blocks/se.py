@@ -26,8 +26,9 @@ class SEModuleNd(SEModule):
     def __init__(self, channels: int, rd_channels: int, bias: bool = True, dims: int = 2, keep_depth: bool = False):
         super().__init__(channels, rd_channels=rd_channels, bias=bias)
         conv = conv_nd(dims)
-        self.fc1 = conv(channels, rd_channels, 1, bias=bias)
-        self.fc2 = conv(rd_channels, channels, 1, bias=bias)
+        # timm types fc1 and fc2 as Conv2d; these are of the map's rank (Conv1d, Conv2d or Conv3d)
+        self.fc1 = conv(channels, rd_channels, 1, bias=bias)  # type: ignore[assignment]
+        self.fc2 = conv(rd_channels, channels, 1, bias=bias)  # type: ignore[assignment]
         self.pool_axes = pool_axes(dims, keep_depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
