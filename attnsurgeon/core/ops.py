@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import operator
 import re
+from typing import cast
 
 import torch
 import torch.fx
@@ -90,6 +91,6 @@ def called_module(gm: torch.fx.GraphModule, n: Node) -> nn.Module | None:
     if n.op != "call_module":
         return None
     try:
-        return gm.get_submodule(n.target)
+        return gm.get_submodule(cast(str, n.target))  # a call_module node's target is its module's name
     except AttributeError:
         return None

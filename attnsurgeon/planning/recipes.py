@@ -157,75 +157,13 @@ def parse_recipe(
         raise AttnSurgeonError(f"{where(())}: a recipe is a mapping with 'model' and 'insertions'")
     no_unknown(data, RECIPE_KEYS, (), where)
     kinds = [k for k in ("insertions", "configurations", "grid") if k in data]
-    models = None
-    if "models" in data:  # a zoo sweep: several models crossed with the configurations
-        if "model" in data:
-            raise AttnSurgeonError(f"{where(('models',))}: give 'model' (one) or 'models' (a zoo sweep), not both")
-        if kinds == ["insertions"]:
-            raise AttnSurgeonError(
-                f"{where(('models',))}: 'models' belongs to a sweep recipe (configurations or grid); "
-                "a recipe with insertions has one 'model'"
-            )
-        models = split_list(data["models"]) if isinstance(data["models"], (str, list)) else data["models"]
-        if not (isinstance(models, list) and models and all(isinstance(m, str) for m in models)):
-            raise AttnSurgeonError(
-                f"{where(('models',))}: expected a list of model names or globs ([timm:resnet*, convnext_tiny])"
-            )
-        model = ""
-    else:
-        model = typed(data, "model", str, (), where, required=True)
-    if len(kinds) != 1:
-        raise AttnSurgeonError(
-            f"{where(())}: give exactly one of 'insertions' (a recipe), 'configurations' or 'grid' "
-            f"(a sweep recipe){'; found ' + ', '.join(kinds) if kinds else ''}"
-        )
-    insertions: list[InsertionSpec] = []
-    configurations = None
-    if kinds[0] == "insertions":
-        insertions = _parse_insertions(data["insertions"], ("insertions",), where, allow_empty=True)
-    elif kinds[0] == "configurations":
-        configurations = _parse_configurations(data["configurations"], where)
-    else:
-        configurations = _expand_grid(data["grid"], where)
-    input_size = data.get("input_size")
-    if input_size is not None:
-        if isinstance(input_size, int):
-            input_size = [input_size]
-        if not (
-            isinstance(input_size, list) and 1 <= len(input_size) <= 4 and all(is_int(v) and v > 0 for v in input_size)
-        ):
-            raise AttnSurgeonError(
-                f"{where(('input_size',))}: expected a size (224), [H, W], [C, H, W], [C, T, H, W] "
-                "or [C, L] of positive integers"
-            )
-    profile = data.get("profile")
-    if profile is not None:
-        if not isinstance(profile, dict):
-            raise AttnSurgeonError(f"{where(('profile',))}: expected a mapping of profile settings")
-        no_unknown(profile, PROFILE_KEYS, ("profile",), where)
-        _check_profile(profile, where)
-    target = data.get("target")
-    if target is not None:
-        items = [target] if isinstance(target, str) else target
-        if not (isinstance(items, list) and items and all(isinstance(t, str) and t.strip() for t in items)):
-            raise AttnSurgeonError(f"{where(('target',))}: expected a module path (backbone.body) or a list of them")
-        target = [t.strip() for t in items]
-    if "model_args" in data and "model_kwargs" in data:  # model_kwargs: how earlier saved files spell it
-        raise AttnSurgeonError(
-            f"{where(('model_kwargs',))}: give 'model_args' (model_kwargs is its older name), not both"
-        )
-    args_key = "model_kwargs" if "model_kwargs" in data else "model_args"
-    kwargs = data.get(args_key) or {}
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
-        raise AttnSurgeonError(
-            f"{where((args_key,))}: expected a mapping of the builder's arguments ({{num_classes: 7}})"
-        )
-    weights = typed(data, "weights", str, (), where)
-    weights_key = typed(data, "weights_key", str, (), where)
-    if weights_key is not None and weights in (None, "pretrained"):
-        raise AttnSurgeonError(
-            f"{where(('weights_key',))}: chooses an entry of a 'weights' checkpoint file: give 'weights'"
-        )
+    model, models = _parse_models(data, kinds, where)
+    insertions, configurations = _parse_plan(data, kinds, where)
+    input_size = _parse_input_size(data.get("input_size"), where)
+    profile = _parse_profile(data.get("profile"), where)
+    target = _parse_target(data.get("target"), where)
+    kwargs = _parse_model_args(data, where)
+    weights, weights_key = _parse_weights(data, where)
     memory_efficient = typed(data, "memory_efficient", bool, (), where) or False
     return Recipe(
         model,
@@ -242,6 +180,99 @@ def parse_recipe(
         weights,
         weights_key,
     )
+
+
+def _parse_models(data: dict, kinds: list[str], where: Where) -> tuple[str, list[str] | None]:
+    """``(model, models)``: one model, or a zoo sweep's several (crossed with its configurations)."""
+    if "models" not in data:
+        return typed(data, "model", str, (), where, required=True), None
+    if "model" in data:
+        raise AttnSurgeonError(f"{where(('models',))}: give 'model' (one) or 'models' (a zoo sweep), not both")
+    if kinds == ["insertions"]:
+        raise AttnSurgeonError(
+            f"{where(('models',))}: 'models' belongs to a sweep recipe (configurations or grid); "
+            "a recipe with insertions has one 'model'"
+        )
+    models = split_list(data["models"]) if isinstance(data["models"], (str, list)) else data["models"]
+    if not (isinstance(models, list) and models and all(isinstance(m, str) for m in models)):
+        raise AttnSurgeonError(
+            f"{where(('models',))}: expected a list of model names or globs ([timm:resnet*, convnext_tiny])"
+        )
+    return "", models
+
+
+def _parse_plan(data: dict, kinds: list[str], where: Where) -> tuple[list[InsertionSpec], list[Configuration] | None]:
+    """``(insertions, configurations)``: a recipe's insertions, or a sweep recipe's configurations
+    (listed, or expanded from a grid), whichever one of the three the recipe gives."""
+    if len(kinds) != 1:
+        raise AttnSurgeonError(
+            f"{where(())}: give exactly one of 'insertions' (a recipe), 'configurations' or 'grid' "
+            f"(a sweep recipe){'; found ' + ', '.join(kinds) if kinds else ''}"
+        )
+    if kinds[0] == "insertions":
+        return _parse_insertions(data["insertions"], ("insertions",), where, allow_empty=True), None
+    if kinds[0] == "configurations":
+        return [], _parse_configurations(data["configurations"], where)
+    return [], _expand_grid(data["grid"], where)
+
+
+def _parse_input_size(input_size: Any, where: Where) -> list[int] | None:
+    if input_size is None:
+        return None
+    if isinstance(input_size, int):
+        input_size = [input_size]
+    if not (
+        isinstance(input_size, list) and 1 <= len(input_size) <= 4 and all(is_int(v) and v > 0 for v in input_size)
+    ):
+        raise AttnSurgeonError(
+            f"{where(('input_size',))}: expected a size (224), [H, W], [C, H, W], [C, T, H, W] "
+            "or [C, L] of positive integers"
+        )
+    return input_size
+
+
+def _parse_profile(profile: Any, where: Where) -> dict[str, Any] | None:
+    if profile is not None:
+        if not isinstance(profile, dict):
+            raise AttnSurgeonError(f"{where(('profile',))}: expected a mapping of profile settings")
+        no_unknown(profile, PROFILE_KEYS, ("profile",), where)
+        _check_profile(profile, where)
+    return profile
+
+
+def _parse_target(target: Any, where: Where) -> list[str] | None:
+    if target is None:
+        return None
+    items = [target] if isinstance(target, str) else target
+    if not (isinstance(items, list) and items and all(isinstance(t, str) and t.strip() for t in items)):
+        raise AttnSurgeonError(f"{where(('target',))}: expected a module path (backbone.body) or a list of them")
+    return [t.strip() for t in items]
+
+
+def _parse_model_args(data: dict, where: Where) -> dict[str, Any]:
+    """The builder's arguments, under ``model_args`` or (in earlier saved files) ``model_kwargs``."""
+    if "model_args" in data and "model_kwargs" in data:  # model_kwargs: how earlier saved files spell it
+        raise AttnSurgeonError(
+            f"{where(('model_kwargs',))}: give 'model_args' (model_kwargs is its older name), not both"
+        )
+    args_key = "model_kwargs" if "model_kwargs" in data else "model_args"
+    kwargs = data.get(args_key) or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise AttnSurgeonError(
+            f"{where((args_key,))}: expected a mapping of the builder's arguments ({{num_classes: 7}})"
+        )
+    return kwargs
+
+
+def _parse_weights(data: dict, where: Where) -> tuple[str | None, str | None]:
+    """``(weights, weights_key)``: a file or ``pretrained``, and the checkpoint entry (a file's only)."""
+    weights = typed(data, "weights", str, (), where)
+    weights_key = typed(data, "weights_key", str, (), where)
+    if weights_key is not None and weights in (None, "pretrained"):
+        raise AttnSurgeonError(
+            f"{where(('weights_key',))}: chooses an entry of a 'weights' checkpoint file: give 'weights'"
+        )
+    return weights, weights_key
 
 
 def _parse_insertions(raw: Any, path: tuple, where: Where, allow_empty: bool = False) -> list[InsertionSpec]:
@@ -290,7 +321,7 @@ def _expand_grid(raw: Any, where: Where) -> list[Configuration]:
     for combo in itertools.product(*(values for _, values in axes)):
         item: dict[str, Any] = {"options": {}}
         label = []
-        for (key_path, _), value in zip(axes, combo):
+        for (key_path, _), value in zip(axes, combo, strict=True):  # one value per axis
             if key_path[0] == "options":
                 item["options"][key_path[1]] = value
             else:
@@ -315,7 +346,7 @@ def _check_profile(profile: dict, where: Where) -> None:
 
     from .settings import DTYPES, MODES
 
-    types = {
+    types: dict[str, type | tuple[type, ...]] = {
         "device": str,
         "dtype": str,
         "mode": str,
