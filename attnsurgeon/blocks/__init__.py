@@ -248,7 +248,8 @@ def get_block(name: Any) -> BlockInfo:
     """The one lookup of a block: a zoo name (``se``), or a reference to a class anywhere
     (``gate.py:Gate``, ``pkg.mod:Class``, ``timm:eca``, or the class itself), resolved once by
     :func:`.external.resolve_block` into a :class:`BlockInfo` like the zoo's."""
-    from .external import FORMS, is_reference, resolve_block
+    from .external import resolve_block
+    from .references import FORMS, is_reference
 
     info = REGISTRY.get(name.lower()) if isinstance(name, str) else None
     if info is not None:

@@ -244,7 +244,7 @@ def parse_insertion(item: Any, path: tuple = (), where: Where | None = None) -> 
                 f"(options: {{{key}: {json.dumps(item[key])}}})"
             )
     no_unknown(item, INSERTION_KEYS, path, where)
-    from ..blocks.external import anchor_reference
+    from ..blocks.references import anchor_reference
 
     attn = anchor_reference(typed(item, "attn", str, path, where, required=True), where.folder)
     replace = bool(typed(item, "replace", bool, path, where))

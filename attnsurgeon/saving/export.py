@@ -114,7 +114,7 @@ def export(
         True
     """
     from ..graph.layout import resolve_input_size
-    from ..loading.models import default_input_size
+    from ..loading.sizes import default_input_size
 
     fmt = check_target(path, format, force)
     spec = FORMATS[fmt]

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.errors import AttnSurgeonError
 from ..loading import models
-from ..loading.models import LoadedModel, as_loaded, is_saved, parse_model_spec
+from ..loading.models import LoadedModel, as_loaded, is_saved
+from ..loading.names import parse_model_spec
 from ..loading.weights import check_state_dict
 
 if TYPE_CHECKING:
