@@ -29,7 +29,8 @@ def _flags_show_no_type() -> None:
     def display_type_rich(self: Any, ctx: Any) -> Any:
         return None if self.is_flag else shown(self, ctx)
 
-    TyperOption.display_type_rich = display_type_rich
+    # a patch of Typer's class, on purpose: Typer has no setting for this
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
 
 
 _flags_show_no_type()
