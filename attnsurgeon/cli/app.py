@@ -91,13 +91,14 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
+VersionOpt = Annotated[
+    bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+]
+
+
 @app.callback()
-def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
-    version: Annotated[
-        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = None,
-) -> None:
+def _main(debug: DebugOpt = False, version: VersionOpt = None) -> None:
     """Rewrite a model, inspect it, profile it, export it."""
     if debug:
         _state["debug"] = True

@@ -11,12 +11,13 @@ from typing import Annotated, Any, TypedDict, overload
 
 import typer
 
-# --------------------------------------------------------------------------- shared options
-# Each option is declared once here; help texts name what the registries hold (torch-free imports).
 from ..core.errors import AttnSurgeonError
 from ..core.lists import split_list
 from ..profiling.runtimes import RUNTIMES  # the runtime registry (torch-free)
 from ..saving.export import FORMATS  # the format registry (torch-free)
+
+# --------------------------------------------------------------------------- shared options
+# Each option is declared once here; help texts name what the registries hold (torch-free imports).
 
 ModelArg = Annotated[
     str,
@@ -312,8 +313,18 @@ def check_tolerance(tolerance: float) -> None:
 
 
 def _profile_overrides(
-    device, dtype, batch_size, mode, threads, min_time, max_time, channels_last=None, target_ci=None
+    device: str | None,
+    dtype: str | None,
+    batch_size: str | None,
+    mode: str | None,
+    threads: int | None,
+    min_time: float | None,
+    max_time: float | None,
+    channels_last: bool | None = None,
+    target_ci: float | None = None,
 ) -> dict[str, Any]:
+    """The profile settings given on the command line (apply, sweep), under the API's names; an unset
+    one is left out, so that the recipe's setting holds."""
     overrides = {
         "device": device,
         "dtype": dtype,
