@@ -177,7 +177,7 @@ class Anchors(TypedDict, total=False):
 
 @dataclass
 class InsertionArgs:
-    """The insertion options of every command that inserts (insert, profile, sweep), declared once
+    """The insertion options of every command that inserts (insert, profile, sweep, explain), declared once
     in :data:`INSERTION_PARAMS` (the block options: once in blocks/options.py) and handed to the
     command as one ``ins`` argument."""
 
@@ -251,8 +251,9 @@ INSERTION_PARAMS = [
 
 
 def insertion_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a command the insertion options in place of its ``ins`` parameter; they reach it as
-    one :class:`InsertionArgs`. Typer reads the signature this sets."""
+    """Give a command the insertion options in place of its ``ins`` parameter (keyword-only, without a
+    default: this supplies it); they reach it as one :class:`InsertionArgs`. Typer reads the signature
+    this sets."""
     import inspect
 
     signature = inspect.signature(fn, eval_str=True)  # the module has `from __future__ import annotations`

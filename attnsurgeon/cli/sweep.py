@@ -151,9 +151,8 @@ def sweep(
 
     Example: attnsurgeon sweep resnet50 --attn se,eca,cbam --position standard,pre,post,identity --out sweeps/r50
 
-    Zoo sweep on Ray: attnsurgeon sweep --models 'timm:resnet*,convnext_tiny' --attn se,eca --threads 1 --ray \
---out sweeps/zoo
-    """
+    Zoo sweep on Ray: attnsurgeon sweep --models 'timm:resnet*,convnext_tiny' --attn se,eca --threads 1 --ray --out sweeps/zoo
+    """  # noqa: E501 (the example is a command line to copy whole)
     if resume and force:
         raise AttnSurgeonError("--resume and --force conflict: --resume keeps the finished rows, --force discards them")
     options = ins.options
