@@ -2,9 +2,9 @@
 
 Heavy imports (torch, torchvision, timm) happen inside the commands, so ``--help`` and
 ``attnsurgeon list attn`` answer at once. The commands parse options (declared once in
-:mod:`~attnsurgeon.cli.options`) and call the API; what they show is drawn by
-:mod:`attnsurgeon.cli.render` (Rich tables on stdout, progress and notes on stderr, ``--json`` as
-exactly one JSON object on stdout). A wrong argument exits with status 2 and one line of
+:mod:`~attnsurgeon.cli.options` and :mod:`~attnsurgeon.cli.insertion`) and call the API; what they
+show is drawn by :mod:`attnsurgeon.cli.render` (Rich tables on stdout, progress and notes on
+stderr, ``--json`` as exactly one JSON object on stdout). A wrong argument exits with status 2 and one line of
 explanation (``--debug`` shows the traceback): :func:`attnsurgeon.cli.app.command`.
 """
 

@@ -29,7 +29,8 @@ def _flags_show_no_type() -> None:
     def display_type_rich(self: Any, ctx: Any) -> Any:
         return None if self.is_flag else shown(self, ctx)
 
-    TyperOption.display_type_rich = display_type_rich
+    # a patch of Typer's class, on purpose: Typer has no setting for this
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
 
 
 _flags_show_no_type()
@@ -90,13 +91,14 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
+VersionOpt = Annotated[
+    bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+]
+
+
 @app.callback()
-def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
-    version: Annotated[
-        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = None,
-) -> None:
+def _main(debug: DebugOpt = False, version: VersionOpt = None) -> None:
     """Rewrite a model, inspect it, profile it, export it."""
     if debug:
         _state["debug"] = True

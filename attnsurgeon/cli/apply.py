@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,21 +31,23 @@ from .render_profile import print_profile
 # --------------------------------------------------------------------------- recipes and sweeps
 
 RecipeArg = Annotated[str, typer.Argument(help="A YAML recipe (see recipes/).", show_default=False, metavar="RECIPE")]
+ApplyOutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help=f"Write the modified model ({_EXTENSIONS}).", show_default="nothing written"),
+]
+AlsoProfileOpt = Annotated[
+    bool, typer.Option("--profile", help="Also profile base vs modified with the recipe's settings.")
+]
 
 
 @app.command()
 @command
 def apply(
     recipe: RecipeArg,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help=f"Write the modified model ({_EXTENSIONS}).", show_default="nothing written"),
-    ] = None,
+    out: ApplyOutOpt = None,
     format_: FormatOpt = None,
     force: ForceOpt = False,
-    do_profile: Annotated[
-        bool, typer.Option("--profile", help="Also profile base vs modified with the recipe's settings.")
-    ] = False,
+    do_profile: AlsoProfileOpt = False,
     device: RecipeDeviceOpt = None,
     dtype: RecipeDtypeOpt = None,
     batch_size: RecipeBatchSizesOpt = None,
@@ -112,6 +114,11 @@ def apply(
                 memory_efficient=memory_efficient or spec.memory_efficient,
                 **settings,
             )
+    _show(recipe, spec, report, written, profiled, json_out)
+
+
+def _show(recipe: str, spec: Any, report: Any, written: Any, profiled: Any, json_out: bool) -> None:
+    """The recipe's name, what was inserted, written and measured: tables, or one JSON object."""
     if json_out:
         emit_json(
             {
@@ -131,6 +138,3 @@ def apply(
         print_export(written)
     if profiled:
         print_profile(profiled)
-
-
-# sweep --models / --ray / --ray-cpus (zoo sweeps, rows as Ray tasks: attnsurgeon.sweeps.runner)

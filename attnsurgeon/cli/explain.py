@@ -9,19 +9,15 @@ import typer
 
 from ..core.errors import AttnSurgeonError
 from .app import app, command
+from .insertion import ATTN_HELP, InsertionArgs, PositionOpt, check_insertion_args, insertion_options
 from .options import (
-    ATTN_HELP,
     InputSizeOpt,
-    InsertionArgs,
     JsonOpt,
     ModelArg,
     ModelArgsOpt,
-    PositionOpt,
     PretrainedOpt,
     WeightsKeyOpt,
     WeightsOpt,
-    check_insertion_args,
-    insertion_options,
     parse_globs,
     parse_ints,
     parse_model_args,
@@ -30,57 +26,63 @@ from .render import _Steps, emit_json, print_explanation
 
 # --------------------------------------------------------------------------- explain
 
+ImageOpt = Annotated[
+    list[Path],
+    typer.Option("--image", "-i", help="An image file, or a folder of images; repeat for several.", show_default=False),
+]
+ExplainOutOpt = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Folder for the sheets, summary.png and explain.json (must not exist, unless --force).",
+        show_default=False,
+    ),
+]
+ExplainAttnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--attn",
+        "-a",
+        help=f"Attention block to insert: {ATTN_HELP} (none with "
+        "--replace). Default: none; the model is explained alone.",
+    ),
+]
+ClassOpt = Annotated[
+    int | None, typer.Option("--class", help="Class index for Grad-CAM.", show_default="the base model's top class")
+]
+LayerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        help="Module whose output Grad-CAM reads (layer4, layer3.1).",
+        show_default="the last spatial feature map",
+    ),
+]
+ReplaceFolderOpt = Annotated[
+    bool, typer.Option("--force", help="Replace an existing --out folder (once the new one is complete).")
+]
+
 
 @app.command()
 @command
 @insertion_options
 def explain(
+    *,
     model: ModelArg,
-    image: Annotated[
-        list[Path],
-        typer.Option(
-            "--image", "-i", help="An image file, or a folder of images; repeat for several.", show_default=False
-        ),
-    ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Folder for the sheets, summary.png and explain.json (must not exist, unless --force).",
-            show_default=False,
-        ),
-    ],
-    attn: Annotated[
-        str | None,
-        typer.Option(
-            "--attn",
-            "-a",
-            help=f"Attention block to insert: {ATTN_HELP} (none with "
-            "--replace). Default: none; the model is explained alone.",
-        ),
-    ] = None,
+    image: ImageOpt,
+    out: ExplainOutOpt,
+    attn: ExplainAttnOpt = None,
     position: PositionOpt = None,
-    ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
-    class_index: Annotated[
-        int | None, typer.Option("--class", help="Class index for Grad-CAM.", show_default="the base model's top class")
-    ] = None,
-    layer: Annotated[
-        str | None,
-        typer.Option(
-            "--layer",
-            help="Module whose output Grad-CAM reads (layer4, layer3.1).",
-            show_default="the last spatial feature map",
-        ),
-    ] = None,
+    ins: InsertionArgs,  # --stages, --blocks, --init, the block options and --replace (declared once)
+    class_index: ClassOpt = None,
+    layer: LayerOpt = None,
     input_size: InputSizeOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
     weights_key: WeightsKeyOpt = None,
     model_arg: ModelArgsOpt = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing --out folder (once the new one is complete).")
-    ] = False,
+    force: ReplaceFolderOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Grad-CAM of MODEL and of its modified twin side by side, and the values of every attention gate, on images.

@@ -21,19 +21,22 @@ from .options import (
 )
 from .render import emit_json, print_export, progress
 
+SavedArg = Annotated[
+    str,
+    typer.Argument(
+        help="A .safetensors written by `insert --out` (or a model name: the unmodified model).",
+        show_default=False,
+        metavar="SAVED",
+    ),
+]
+ExportOutOpt = Annotated[Path, typer.Option("--out", "-o", help=f"Target file: {_EXTENSIONS}.", show_default=False)]
+
 
 @app.command()
 @command
 def export(
-    saved: Annotated[
-        str,
-        typer.Argument(
-            help="A .safetensors written by `insert --out` (or a model name: the unmodified model).",
-            show_default=False,
-            metavar="SAVED",
-        ),
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help=f"Target file: {_EXTENSIONS}.", show_default=False)],
+    saved: SavedArg,
+    out: ExportOutOpt,
     format_: FormatOpt = None,
     force: ForceOpt = False,
     input_size: InputSizeOpt = None,

@@ -3,36 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from .app import app, command
+from .insertion import AttnOpt, InsertionArgs, PositionOpt, check_insertion_args, insertion_options
 from .options import (
     _EXTENSIONS,
-    AttnOpt,
     DynamicOpt,
     ExportBatchOpt,
     ForceOpt,
     FormatOpt,
     InputSizeOpt,
-    InsertionArgs,
     JsonOpt,
     MemoryEfficientOpt,
     ModelArg,
     ModelArgsOpt,
     PlotMetricOpt,
     PlotOpt,
-    PositionOpt,
     PretrainedOpt,
     TargetOpt,
     ToleranceOpt,
     WeightsKeyOpt,
     WeightsOpt,
     _check_plot,
-    check_insertion_args,
     check_tolerance,
-    insertion_options,
     parse_globs,
     parse_ints,
     parse_model_args,
@@ -41,31 +37,34 @@ from .render import _escape, _stdout, emit_json, print_export, print_report, pro
 
 # --------------------------------------------------------------------------- insert
 
+InsertOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help=f"Write the modified model: {_EXTENSIONS} (.safetensors "
+        "holds the recipe: reloadable). It is loaded back and checked.",
+        show_default="nothing written",
+    ),
+]
+
 
 @app.command()
 @command
 @insertion_options
 def insert(
+    *,
     model: ModelArg,
     attn: AttnOpt = "se",
     position: PositionOpt = None,
-    ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
+    ins: InsertionArgs,  # --stages, --blocks, --init, the block options and --replace (declared once)
     input_size: InputSizeOpt = None,
     target: TargetOpt = None,
     pretrained: PretrainedOpt = False,
     weights: WeightsOpt = None,
     weights_key: WeightsKeyOpt = None,
     model_arg: ModelArgsOpt = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help=f"Write the modified model: {_EXTENSIONS} (.safetensors "
-            "holds the recipe: reloadable). It is loaded back and checked.",
-            show_default="nothing written",
-        ),
-    ] = None,
+    out: InsertOutOpt = None,
     format_: FormatOpt = None,
     force: ForceOpt = False,
     static_batch: DynamicOpt = False,
@@ -84,21 +83,10 @@ def insert(
     check_insertion_args(attn, position, options, init, replace, **ins.anchors)  # typos fail before loading anything
     model_args = parse_model_args(model_arg)
     _check_plot(plot, plot_metric)
-    fmt = None
-    if out is not None:
-        from ..saving.export import check_target
-
-        check_tolerance(tolerance)
-        fmt = check_target(out, format_, force)  # unknown extension, missing folder, no --force: before any work
+    fmt = _check_out(out, format_, force, tolerance)
     stage_list = parse_ints(ins.stages, "--stages")
     block_list = parse_globs(ins.blocks)
-    from ..loading.models import refuse_saved
-
-    refuse_saved(model)  # before loading it
-    with progress(f"Loading {model} …"):
-        from ..saving.saved import load_model
-
-        loaded = load_model(model, pretrained=pretrained, weights=weights, weights_key=weights_key, **model_args)
+    loaded = _load(model, pretrained, weights, weights_key, model_args)
     if fmt is not None:
         from ..saving.export import check_exportable
 
@@ -140,6 +128,33 @@ def insert(
             from ..pictures.plot import write_insertion_map
 
             drawn = write_insertion_map(loaded, model_out, report, plot, plot_metric)
+    _show(report, written, drawn, json_out)
+
+
+def _check_out(out: Path | None, format_: str | None, force: bool, tolerance: float) -> str | None:
+    """The format --out is written in, or None: an unknown extension, a missing folder or no --force fails
+    here, before any work."""
+    if out is None:
+        return None
+    from ..saving.export import check_target
+
+    check_tolerance(tolerance)
+    return check_target(out, format_, force)
+
+
+def _load(model: str, pretrained: bool, weights: Path | None, weights_key: str | None, model_args: dict) -> Any:
+    """The base model, built once every option has been checked (a saved file is refused: it is modified)."""
+    from ..loading.models import refuse_saved
+
+    refuse_saved(model)  # before loading it
+    with progress(f"Loading {model} …"):
+        from ..saving.saved import load_model
+
+        return load_model(model, pretrained=pretrained, weights=weights, weights_key=weights_key, **model_args)
+
+
+def _show(report: Any, written: Any, drawn: Path | None, json_out: bool) -> None:
+    """What was inserted, and what was written and drawn: tables, or one JSON object."""
     if json_out:
         emit_json(
             {

@@ -12,6 +12,24 @@ from .render import _escape, _stdout, emit_json, print_anatomy, print_anchors, p
 
 # --------------------------------------------------------------------------- inspect
 
+GlobArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="With --anchors (which it implies): keep the modules this glob matches and those inside them "
+        "('decoder.*', '**.conv2'; * within one dotted name), and say how many rows were left out.",
+        show_default=False,
+        metavar="[GLOB]",
+    ),
+]
+AnchorsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--anchors",
+        help="Also list every module that can be an anchor of --after/--before, "
+        "with the maps it receives and gives (GLOB keeps some).",
+    ),
+]
+
 
 @app.command()
 @command
@@ -21,23 +39,8 @@ def inspect(
     target: TargetOpt = None,
     model_arg: ModelArgsOpt = None,
     plot: PlotOpt = None,
-    glob: Annotated[
-        str | None,
-        typer.Argument(
-            help="With --anchors (which it implies): keep the modules this glob matches and those inside them "
-            "('decoder.*', '**.conv2'; * within one dotted name), and say how many rows were left out.",
-            show_default=False,
-            metavar="[GLOB]",
-        ),
-    ] = None,
-    anchors: Annotated[
-        bool,
-        typer.Option(
-            "--anchors",
-            help="Also list every module that can be an anchor of --after/--before, "
-            "with the maps it receives and gives (GLOB keeps some).",
-        ),
-    ] = False,
+    glob: GlobArg = None,
+    anchors: AnchorsOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show MODEL's stages, blocks, the positions each block offers, and attention it already has."""

@@ -13,6 +13,11 @@ from .render import emit_json, print_table
 
 # --------------------------------------------------------------------------- list
 
+PatternArg = Annotated[
+    str | None,
+    typer.Argument(help="A glob (resnet*) or a substring (convnext); timm:PATTERN or tv:PATTERN keeps one library."),
+]
+
 
 @list_app.command("attn")
 @command
@@ -69,15 +74,7 @@ def list_positions(json_out: JsonOpt = False) -> None:
 
 @list_app.command("models")
 @command
-def list_models_cmd(
-    pattern: Annotated[
-        str | None,
-        typer.Argument(
-            help="A glob (resnet*) or a substring (convnext); timm:PATTERN or tv:PATTERN keeps one library."
-        ),
-    ] = None,
-    json_out: JsonOpt = False,
-) -> None:
+def list_models_cmd(pattern: PatternArg = None, json_out: JsonOpt = False) -> None:
     """Model names from torchvision and timm, with their source, named as MODEL and --models take them
     (tv:NAME / timm:NAME; a bare name in both libraries resolves to torchvision)."""
     from ..loading.models import list_models, model_spec

@@ -26,6 +26,17 @@ from .options import (
 )
 from .render import _escape, _stderr, emit_json, print_export, progress
 
+OptimizeOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help=f"Write the optimized model: {_EXTENSIONS} (.safetensors "
+        "holds the recipe; the other formats hold the plain graph).",
+        show_default="nothing written",
+    ),
+]
+
 
 @app.command()
 @command
@@ -37,16 +48,7 @@ def optimize(
     weights: WeightsOpt = None,
     weights_key: WeightsKeyOpt = None,
     model_arg: ModelArgsOpt = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help=f"Write the optimized model: {_EXTENSIONS} (.safetensors "
-            "holds the recipe; the other formats hold the plain graph).",
-            show_default="nothing written",
-        ),
-    ] = None,
+    out: OptimizeOutOpt = None,
     format_: FormatOpt = None,
     force: ForceOpt = False,
     tolerance: ToleranceOpt = 1e-4,

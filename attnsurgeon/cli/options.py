@@ -1,26 +1,23 @@
 """The options the commands share, each declared once (Typer ``Annotated`` aliases whose help is
-derived from the registries: blocks, positions, formats), the parsers of their values, and
-:func:`insertion_options`, which gives every inserting command the same insertion flags."""
+derived from the registries: formats, runtimes), and the parsers of their values: the model and its
+weights, what is written, the profile settings (with the recipe-first variants of apply and sweep)
+and the figures. The insertion options live in :mod:`~attnsurgeon.cli.insertion`; an option only one
+command has is declared in that command's module."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, TypedDict, overload
 
 import typer
 
-# --------------------------------------------------------------------------- shared options
-# Each option is declared once here; help texts name what the registries hold (torch-free imports).
-from ..blocks import INITS  # noqa: E402
-from ..blocks import REGISTRY as BLOCKS
-from ..core.errors import AttnSurgeonError, one_line
+from ..core.errors import AttnSurgeonError
 from ..core.lists import split_list
-from ..core.positions import POSITIONS  # noqa: E402
 from ..profiling.runtimes import RUNTIMES  # the runtime registry (torch-free)
 from ..saving.export import FORMATS  # the format registry (torch-free)
+
+# --------------------------------------------------------------------------- shared options
+# Each option is declared once here; help texts name what the registries hold (torch-free imports).
 
 ModelArg = Annotated[
     str,
@@ -31,87 +28,6 @@ ModelArg = Annotated[
         "ultralytics' .pt is a pickle, loaded as YOLO(PATH) loads it: only a file you trust.",
         show_default=False,
         metavar="MODEL",
-    ),
-]
-ATTN_HELP = (
-    f"{', '.join(BLOCKS)} (see `attnsurgeon list attn`), or your own class by reference: path/to/file.py:Class, "
-    "package.module:Class, timm:NAME"
-)
-AttnOpt = Annotated[
-    str,
-    typer.Option("--attn", "-a", help=f"Attention block: {ATTN_HELP}; none with --replace removes the model's own."),
-]
-OptionOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--option",
-        "-O",
-        help="A block option as key=value, repeatable; the value is read as YAML (4, 0.5, true, [4, 8] one per "
-        "selected stage). Any option of a zoo block, or any parameter of a class given by reference.",
-        show_default="none",
-    ),
-]
-ReplaceOpt = Annotated[
-    bool,
-    typer.Option(
-        "--replace",
-        help="Put the block in place of the attention gates the selected blocks "
-        "already have (SE in EfficientNet, MobileNetV3, RegNetY...) instead of beside them; "
-        "--attn none removes them.",
-    ),
-]
-PositionOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--position",
-        "-p",
-        help=f"{', '.join(POSITIONS)} (see `attnsurgeon list positions`). "
-        "Default: the block's natural position (`attnsurgeon list attn`).",
-        show_default=False,
-    ),
-]
-StagesOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--stages",
-        "-s",
-        help="Stages to modify, 1-based as `inspect` numbers them: 3,4 or 2-4. Default: all. "
-        "Blocks there that cannot take the insertion are skipped with a note.",
-    ),
-]
-BlocksOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--blocks",
-        "-b",
-        help="Comma-separated globs over block names: 'layer3.*,layer4.2'. Default: all. "
-        "A named block that cannot take the insertion is an error.",
-    ),
-]
-AfterOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--after",
-        help="Instead of --position: put the block on the output of every module whose name "
-        "matches, comma-separated globs (layer3.*.conv2, model.9, '**.conv2'; * stays within one "
-        "dotted name). `inspect MODEL --anchors` lists the modules. With --stages/--blocks: only "
-        "modules inside them.",
-        show_default="none: --position applies",
-    ),
-]
-BeforeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--before",
-        help="Instead of --position: put the block on the input of every module whose name "
-        "matches (head, decoder.blocks.*.conv1); only that module reads the block's output.",
-        show_default="none: --position applies",
-    ),
-]
-InitOpt = Annotated[
-    str,
-    typer.Option(
-        "--init", help=f"{' or '.join(INITS)}: identity makes every inserted block start as an exact identity."
     ),
 ]
 InputSizeOpt = Annotated[
@@ -248,7 +164,7 @@ MaxTimeOpt = Annotated[
     ),
 ]
 TargetCiOpt = Annotated[
-    Optional[float],
+    float | None,
     typer.Option(
         "--target-ci",
         metavar="PCT",
@@ -258,7 +174,7 @@ TargetCiOpt = Annotated[
     ),
 ]
 RuntimeOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--runtime",
         help=f"Where to time both models, one or several: {', '.join(RUNTIMES)} (each exported, loaded there and "
@@ -267,7 +183,7 @@ RuntimeOpt = Annotated[
     ),
 ]
 QuantizeOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--quantize",
         help="int8: also time ONNX Runtime's static int8 quantization (calibrated on 4 sample batches) and "
@@ -275,7 +191,18 @@ QuantizeOpt = Annotated[
         show_default="none",
     ),
 ]
-PROFILE_DEFAULTS = {
+
+
+class _ProfileDefaults(TypedDict):
+    device: str
+    dtype: str
+    batch_size: str
+    mode: str
+    min_time: float
+    max_time: float
+
+
+PROFILE_DEFAULTS: _ProfileDefaults = {
     "device": "cpu",
     "dtype": "float32",
     "batch_size": "1",
@@ -364,6 +291,12 @@ def parse_runtimes(text: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+@overload
+def parse_globs(text: str, what: str = ...) -> list[str]: ...
+@overload
+def parse_globs(text: None, what: str = ...) -> None: ...
+@overload
+def parse_globs(text: str | None, what: str = ...) -> list[str] | None: ...
 def parse_globs(text: str | None, what: str = "--blocks") -> list[str] | None:
     """'layer3.*, layer4.2' -> ['layer3.*', 'layer4.2']; an empty value is an error, not 'all'."""
     globs = split_list(text)
@@ -374,184 +307,24 @@ def parse_globs(text: str | None, what: str = "--blocks") -> list[str] | None:
     return globs
 
 
-def check_insertion_args(
-    attn: str,
-    position: str | None,
-    options: dict[str, Any],
-    init: str = "default",
-    replace: bool = False,
-    after: list[str] | None = None,
-    before: list[str] | None = None,
-) -> None:
-    """Everything about an insertion that can be checked without a model: fail in a blink, not after a build."""
-    from ..planning.schema import InsertionSpec, validate
-
-    validate(InsertionSpec(attn, position, init=init, options=options, replace=replace, after=after, before=before))
-
-
 def check_tolerance(tolerance: float) -> None:
     if not tolerance >= 0:
         raise AttnSurgeonError(f"--tolerance must be ≥ 0, got {tolerance}")
 
 
-def parse_numbers(text: str | None, what: str) -> Any:
-    """'16' -> 16; '3,5,5,7' -> [3, 5, 5, 7]; floats allowed ('8.5')."""
-    if text is None or not text.strip():
-        return None
-    values: list[Any] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            number = float(part)
-        except ValueError:
-            raise AttnSurgeonError(f"{what}: '{part}' is not a number") from None
-        values.append(int(number) if number.is_integer() else number)
-    return values[0] if len(values) == 1 else values
-
-
-def _block_option_param(name: str) -> tuple[Any, Any]:
-    """The typer annotation of block option ``name`` (from blocks/options.py) and its default.
-    Its help names the blocks that take it, with their defaults, from the registry."""
-    from ..blocks.options import OPTIONS
-
-    opt = OPTIONS[name]
-    takers = ", ".join(
-        i.name if i.options[name] is None else f"{i.name} {i.options[name]}"
-        for i in BLOCKS.values()
-        if name in i.options
-    )
-    help = f"{opt.help} Default: the block's own ({takers})."
-    decls = [f"{opt.flag}/--no-{opt.flag[2:]}" if opt.negatable else opt.flag] + ([opt.short] if opt.short else [])
-    if opt.kind == "bool":
-        kind: Any = Optional[bool]
-    elif opt.per_stage or opt.kind not in ("choice", "count"):
-        kind = Optional[str]  # numbers, or one per stage: parsed by parse_numbers
-    else:
-        kind = Optional[str] if opt.kind == "choice" else Optional[int]
-    return Annotated[kind, typer.Option(*decls, help=help, show_default=False)], None
-
-
-def _block_option_value(name: str, raw: Any) -> Any:
-    from ..blocks.options import OPTIONS
-
-    if raw is None or OPTIONS[name].kind in ("bool", "choice", "count"):
-        return raw
-    return parse_numbers(raw, OPTIONS[name].flag)
-
-
-def _block_option_names() -> list[str]:
-    from ..blocks.options import OPTIONS
-
-    return list(OPTIONS)
-
-
-@dataclass
-class InsertionArgs:
-    """The insertion options of every command that inserts (insert, profile, sweep), declared once
-    in :data:`INSERTION_PARAMS` (the block options: once in blocks/options.py) and handed to the
-    command as one ``ins`` argument."""
-
-    stages: str | None = None
-    blocks: str | None = None
-    init: str = "default"
-    replace: bool = False
-    after: str | None = None
-    before: str | None = None
-    option: list[str] | None = None  # --option key=value, as typed
-    raw_options: dict[str, Any] = field(default_factory=dict)  # block option -> as typed
-
-    @property
-    def anchors(self) -> dict[str, list[str]]:
-        """``--after``/``--before`` as given, parsed: ``{"after": ["layer3.*.conv2"]}`` (empty: a position)."""
-        given = {"after": self.after, "before": self.before}
-        return {k: parse_globs(v, f"--{k}") for k, v in given.items() if v is not None}
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """The block options that were given, parsed (``-k 3,5,5,7`` -> ``[3, 5, 5, 7]``)."""
-        opts = {k: _block_option_value(k, v) for k, v in self.raw_options.items()}
-        opts = {k: v for k, v in opts.items() if v is not None}
-        for key, value in parse_key_values(self.option).items():
-            if key in opts:
-                raise AttnSurgeonError(f"--option {key}=… and {_flag(key)} both given: give one")
-            opts[key] = value
-        return opts
-
-
-def _flag(name: str) -> str:
-    from ..blocks.options import OPTIONS
-
-    return OPTIONS[name].flag if name in OPTIONS else f"--{name}"
-
-
-def parse_key_values(items: list[str] | None, what: str = "--option") -> dict[str, Any]:
-    """``['reduction=4', 'stages=[4, 8]']`` -> ``{'reduction': 4, 'stages': [4, 8]}``: YAML values."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or ():
-        key, eq, text = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or not key.isidentifier():
-            raise AttnSurgeonError(f"{what} '{item}': expected key=value (reduction=4, act=relu, kernel_sizes=[3, 5])")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            raise AttnSurgeonError(f"{what} '{item}': the value is not YAML ({one_line(exc)})") from None
-        if key in out:
-            raise AttnSurgeonError(f"{what} {key} given twice")
-        out[key] = value
-    return out
-
-
-INSERTION_PARAMS = [
-    ("after", AfterOpt, None),
-    ("before", BeforeOpt, None),
-    ("stages", StagesOpt, None),
-    ("blocks", BlocksOpt, None),
-    ("init", InitOpt, "default"),
-    *((name, *_block_option_param(name)) for name in _block_option_names()),
-    ("option", OptionOpt, None),
-    ("replace", ReplaceOpt, False),
-]
-
-
-def insertion_options(fn: Callable) -> Callable:
-    """Give a command the insertion options in place of its ``ins`` parameter; they reach it as
-    one :class:`InsertionArgs`. Typer reads the signature this sets."""
-    import inspect
-
-    signature = inspect.signature(fn, eval_str=True)  # the module has `from __future__ import annotations`
-    params: list[inspect.Parameter] = []
-    for p in signature.parameters.values():
-        if p.name == "ins":
-            params += [
-                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
-                for name, kind, default in INSERTION_PARAMS
-            ]
-        else:
-            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        given = {name: kwargs.pop(name) for name, _, _ in INSERTION_PARAMS if name in kwargs}
-        ins = InsertionArgs(
-            **{
-                k: given.pop(k)
-                for k in ("stages", "blocks", "init", "replace", "after", "before", "option")
-                if k in given
-            },
-            raw_options=given,
-        )
-        return fn(*args, ins=ins, **kwargs)
-
-    wrapper.__signature__ = signature.replace(parameters=params)
-    return wrapper
-
-
 def _profile_overrides(
-    device, dtype, batch_size, mode, threads, min_time, max_time, channels_last=None, target_ci=None
+    device: str | None,
+    dtype: str | None,
+    batch_size: str | None,
+    mode: str | None,
+    threads: int | None,
+    min_time: float | None,
+    max_time: float | None,
+    channels_last: bool | None = None,
+    target_ci: float | None = None,
 ) -> dict[str, Any]:
+    """The profile settings given on the command line (apply, sweep), under the API's names; an unset
+    one is left out, so that the recipe's setting holds."""
     overrides = {
         "device": device,
         "dtype": dtype,
@@ -564,10 +337,3 @@ def _profile_overrides(
         "batch_sizes": parse_ints(batch_size, "--batch-size") if batch_size else None,
     }
     return {k: v for k, v in overrides.items() if v is not None}
-
-
-def _takes(attn: str) -> tuple[str, ...]:
-    from ..blocks import get_block
-    from ..planning.schema import NONE
-
-    return () if attn == NONE else get_block(attn).options

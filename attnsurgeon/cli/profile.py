@@ -3,32 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any
 
 import typer
-from typing_extensions import Annotated
 
 from ..core.errors import AttnSurgeonError
 from ..core.files import existing_folder
 from .app import app, command
+from .insertion import ATTN_HELP, InsertionArgs, PositionOpt, check_insertion_args, insertion_options
 from .options import (
-    ATTN_HELP,
+    PROFILE_DEFAULTS,
     BatchSizesOpt,
     ChannelsLastOpt,
     CompileOpt,
     DeviceOpt,
     DtypeOpt,
     InputSizeOpt,
-    InsertionArgs,
     JsonOpt,
     MaxTimeOpt,
     MemoryEfficientOpt,
     MinTimeOpt,
-    ModeOpt,
     ModelArg,
     ModelArgsOpt,
-    PROFILE_DEFAULTS,
-    PositionOpt,
+    ModeOpt,
     PretrainedOpt,
     QuantizeOpt,
     RuntimeOpt,
@@ -38,8 +35,6 @@ from .options import (
     WeightsKeyOpt,
     WeightsOpt,
     _check_plot,
-    check_insertion_args,
-    insertion_options,
     parse_globs,
     parse_ints,
     parse_model_args,
@@ -48,26 +43,43 @@ from .options import (
 from .render import _escape, _stdout, _Steps, emit_json
 from .render_profile import print_profile
 
-
 # --------------------------------------------------------------------------- profile
+
+ProfileAttnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--attn",
+        "-a",
+        help=f"Attention block to insert: {ATTN_HELP} (none with "
+        "--replace). Default: none; the model is profiled alone.",
+    ),
+]
+CsvOpt = Annotated[
+    Path | None, typer.Option("--csv", help="Also write the figures as CSV to this file.", show_default="none")
+]
+MarkdownOpt = Annotated[
+    Path | None, typer.Option("--markdown", help="Also write them as a markdown table.", show_default="none")
+]
+CostPlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Also draw per-insertion bars of Δ params, Δ MACs and, in --mode "
+        "train, the activation memory each keeps for backward: .png, .svg or .pdf.",
+        show_default="none",
+    ),
+]
 
 
 @app.command()
 @command
 @insertion_options
 def profile(
+    *,
     model: ModelArg,
-    attn: Annotated[
-        Optional[str],
-        typer.Option(
-            "--attn",
-            "-a",
-            help=f"Attention block to insert: {ATTN_HELP} (none with "
-            "--replace). Default: none; the model is profiled alone.",
-        ),
-    ] = None,
+    attn: ProfileAttnOpt = None,
     position: PositionOpt = None,
-    ins: InsertionArgs = None,  # --stages, --blocks, --init, the block options and --replace (declared once)
+    ins: InsertionArgs,  # --stages, --blocks, --init, the block options and --replace (declared once)
     device: DeviceOpt = PROFILE_DEFAULTS["device"],
     dtype: DtypeOpt = PROFILE_DEFAULTS["dtype"],
     batch_size: BatchSizesOpt = PROFILE_DEFAULTS["batch_size"],
@@ -85,21 +97,9 @@ def profile(
     weights_key: WeightsKeyOpt = None,
     model_arg: ModelArgsOpt = None,
     json_out: JsonOpt = False,
-    csv_path: Annotated[
-        Optional[Path], typer.Option("--csv", help="Also write the figures as CSV to this file.", show_default="none")
-    ] = None,
-    markdown_path: Annotated[
-        Optional[Path], typer.Option("--markdown", help="Also write them as a markdown table.", show_default="none")
-    ] = None,
-    plot: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--plot",
-            help="Also draw per-insertion bars of Δ params, Δ MACs and, in --mode "
-            "train, the activation memory each keeps for backward: .png, .svg or .pdf.",
-            show_default="none",
-        ),
-    ] = None,
+    csv_path: CsvOpt = None,
+    markdown_path: MarkdownOpt = None,
+    plot: CostPlotOpt = None,
     memory_efficient: MemoryEfficientOpt = False,
     runtime: RuntimeOpt = None,
     quantize: QuantizeOpt = None,
@@ -110,24 +110,11 @@ def profile(
 
     In the deployment runtimes: attnsurgeon profile resnet50 --attn se --runtime eager,onnxruntime,openvino
     """
-    options, init, replace = ins.options, ins.init, ins.replace
-    if attn is not None:
-        check_insertion_args(attn, position, options, init, replace, **ins.anchors)
-    elif options or ins.anchors:
-        raise AttnSurgeonError("--after/--before and block options (--reduction, --kernel-size, ...) need --attn")
-    elif replace:
-        raise AttnSurgeonError(
-            "--replace needs --attn: the block to put in place of the model's attention, or none to remove it"
-        )
+    options = _check_insertion(attn, position, ins)
     sizes = parse_ints(batch_size, "--batch-size") or []
     model_args = parse_model_args(model_arg)
     runtimes = parse_runtimes(runtime)
-    _check_plot(plot)
-    if plot is not None and attn is None and not model.lower().endswith(".safetensors"):
-        raise AttnSurgeonError("--plot draws the cost of each insertion: give --attn (the model alone has none)")
-    for path in (csv_path, markdown_path):
-        if path is not None:
-            existing_folder(path.expanduser())
+    _check_outputs(model, attn, plot, csv_path, markdown_path)
     from ..profiling import profile as do_profile
 
     with _Steps() as steps:
@@ -137,7 +124,7 @@ def profile(
             position,
             parse_ints(ins.stages, "--stages"),
             parse_globs(ins.blocks),
-            init,
+            ins.init,
             device=device,
             dtype=dtype,
             batch_sizes=sizes,
@@ -155,13 +142,45 @@ def profile(
             model_args=model_args,
             target=target,
             progress=steps,
-            replace=replace,
+            replace=ins.replace,
             memory_efficient=memory_efficient,
             runtimes=runtimes,
             quantize=quantize,
             **ins.anchors,
             **options,
         )
+    _write_outputs(result, csv_path, markdown_path, plot)
+    _show(result, memory_efficient, plot, json_out)
+
+
+def _check_insertion(attn: str | None, position: str | None, ins: InsertionArgs) -> dict[str, Any]:
+    """The block options, parsed, once the insertion is checked; without --attn, the model is profiled alone
+    and no insertion option may be given."""
+    options, init, replace = ins.options, ins.init, ins.replace
+    if attn is not None:
+        check_insertion_args(attn, position, options, init, replace, **ins.anchors)
+    elif options or ins.anchors:
+        raise AttnSurgeonError("--after/--before and block options (--reduction, --kernel-size, ...) need --attn")
+    elif replace:
+        raise AttnSurgeonError(
+            "--replace needs --attn: the block to put in place of the model's attention, or none to remove it"
+        )
+    return options
+
+
+def _check_outputs(
+    model: str, attn: str | None, plot: Path | None, csv_path: Path | None, markdown_path: Path | None
+) -> None:
+    """--plot, --csv and --markdown fail before anything is measured."""
+    _check_plot(plot)
+    if plot is not None and attn is None and not model.lower().endswith(".safetensors"):
+        raise AttnSurgeonError("--plot draws the cost of each insertion: give --attn (the model alone has none)")
+    for path in (csv_path, markdown_path):
+        if path is not None:
+            existing_folder(path.expanduser())
+
+
+def _write_outputs(result: Any, csv_path: Path | None, markdown_path: Path | None, plot: Path | None) -> None:
     from ..core.files import write_text_atomic
     from ..profiling.report import to_csv, to_markdown
 
@@ -173,6 +192,9 @@ def profile(
         from ..pictures.plot import draw_costs, save_figure
 
         save_figure(draw_costs(result), plot)
+
+
+def _show(result: Any, memory_efficient: bool, plot: Path | None, json_out: bool) -> None:
     if json_out:
         emit_json(
             {

@@ -11,10 +11,14 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ..blocks.external import display_name
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 
 def _stderr():
@@ -56,6 +60,7 @@ def json_stdout() -> Iterator[None]:
         fd = real.fileno()
     except (AttributeError, OSError, ValueError):  # not a file (the test runner's capture): Python level only
         fd = None
+    out: TextIO
     if fd == 1:
         out = os.fdopen(os.dup(1), "w", encoding=getattr(real, "encoding", None) or "utf-8")
         sys.stderr.flush()
@@ -91,7 +96,7 @@ def print_report(report: Any) -> None:
     part = f" · traced: {', '.join(report.target)}" if report.target else ""
     table = Table(title=f"{report.model} ({report.source}) · input {size}{weights}{part}", title_justify="left")
     swaps = [i for i in report.insertions if i.replaced]
-    columns = [
+    columns: list[tuple[str, dict[str, Any]]] = [
         ("block", {}),
         ("stage", {"justify": "right"}),
         ("position", {}),
@@ -210,126 +215,20 @@ class _Steps:
             transient=True,
             disable=not self._file.isatty(),
         )
-        self.task = None
+        self.task: TaskID | None = None  # set on entering the with block
 
-    def __enter__(self) -> "_Steps":
+    def __enter__(self) -> _Steps:
         self.progress.__enter__()
         self.task = self.progress.add_task("Starting", total=None)
         return self
 
     def __call__(self, message: str) -> None:
+        assert self.task is not None, "a progress line is used inside its with block"
         self.progress.update(self.task, description=message)
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
         self._file.close()
-
-
-class _SweepProgress(_Steps):
-    """A bar with ETA over the sweep's rows, on stderr; where stderr is not a terminal (a log, a batch
-    job), one line per change instead, so that a sweep stopped from outside has said how far it got."""
-
-    def __init__(self) -> None:
-        import os
-
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._file = os.fdopen(os.dup(2), "w")
-        self.lines = not self._file.isatty()
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(file=self._file),
-            transient=True,
-            disable=self.lines,
-        )
-        self.task = None
-        self._said = ""
-
-    def __enter__(self) -> "_SweepProgress":
-        self.progress.__enter__()
-        self.task = self.progress.add_task("sweep", total=None)
-        return self
-
-    def __call__(self, name: str, done: int, total: int, in_flight: int | None = None) -> None:  # type: ignore[override]
-        if in_flight is not None:  # on Ray: several rows at once
-            text = f"{in_flight} row(s) in flight" if in_flight else "done"
-        else:
-            text = f"measuring {name}" if name else "done"
-        self.progress.update(self.task, total=total, completed=done, description=text)
-        line = f"sweep: {done}/{total} rows done · {text}"
-        if self.lines and line != self._said:
-            self._said = line
-            self._file.write(line + "\n")
-            self._file.flush()
-
-
-def print_sweep(result: Any) -> None:
-    from rich.table import Table
-
-    from ..profiling.intervals import format_interval, unresolved
-    from ..profiling.metrics import METRICS, get
-    from ..profiling.report import UNRESOLVED
-
-    out = _stdout()
-    rows = result.rows
-    shown = [m for m in METRICS if m.summary]
-    failures, noisy = [], False
-    models = list(dict.fromkeys(r.get("model", "") for r in rows))
-    for model in models:  # one table per model (a zoo sweep has several)
-        mine = [r for r in rows if r.get("model", "") == model]
-        ok = [r for r in mine if r["status"] == "ok"]
-        title = f"{model} · batch {ok[0]['batch_size']}" if ok else f"{model} ({result.folder})"
-        table = Table(title=title, title_justify="left")
-        table.add_column("configuration")
-        for m in shown:
-            table.add_column(m.label + (f" ({m.unit})" if m.unit else ""), justify="right")
-            table.add_column(f"Δ {m.label}", justify="right")
-        for r in mine:
-            if r["status"] != "ok":
-                failures.append(r)
-                table.add_row(r["name"], f"[red]failed ({len(failures)})[/]", *[""] * (2 * len(shown) - 1))
-                continue
-            base = r["name"] == "base"
-            flag = "[yellow]![/]" if any("noisy" in w for w in r.get("warnings", [])) else ""
-            noisy = noisy or bool(flag)
-            cells = [f"[bold]{r['name']}[/]" if base else r["name"]]
-            for m in shown:
-                value, pct = get(r, m.key), get(r["delta_percent"], m.key)
-                cells.append(m.format(value, unit=False) + (flag if m.key.startswith("latency") else ""))
-                ci = get(r.get("delta_ci") or {}, m.key) if m.interval else None
-                if base or pct is None:
-                    cells.append("")
-                elif ci:  # the paired interval: "+1.23 (+3.2% [+1.9, +4.6])", or no difference resolved
-                    cells.append(
-                        f"{UNRESOLVED if unresolved(ci['low'], ci['high']) else m.format(get(r['delta'], m.key), True, unit=False)} "
-                        f"({_escape(format_interval(pct, ci['low'], ci['high']))})"
-                    )
-                else:
-                    cells.append(f"{m.format(get(r['delta'], m.key), True, unit=False)} ({pct:+.{_digits(pct)}f}%)")
-            table.add_row(*cells)
-        out.print(table)
-    for i, r in enumerate(failures, 1):
-        where = f"{r.get('model')}/" if len(models) > 1 else ""
-        out.print(f"[red]failed ({i})[/] {_escape(where + r['name'])}: {_escape(r['reason'])}")
-    if noisy:
-        out.print(
-            "[yellow]![/] noisy timing: IQR above 10% of the median (other work on the machine, or more threads "
-            "than free cores: try --threads 1 or a longer --max-time); treat those Δ latency figures with care."
-        )
-    reused = len(rows) - len(result.measured)
-    out.print(
-        f"Δ figures compare each row with the base model measured alongside it; Δ latency: median of the paired "
-        "per-round ratios [95 % interval]. "
-        f"{len(result.measured)} row(s) measured now"
-        + (f", {reused} kept from the earlier run" if reused else "")
-        + "."
-    )
-    out.print(f"wrote {result.folder}/results.csv, results.json, rows.jsonl" + (", plot.png" if result.plot else ""))
 
 
 def print_anatomy(loaded: Any, anatomy: Any, gates: list[str]) -> None:
@@ -341,7 +240,7 @@ def print_anatomy(loaded: Any, anatomy: Any, gates: list[str]) -> None:
     if anatomy.target:  # the parts that were traced, and the input each one sees
         sizes = anatomy.input_size if len(anatomy.target) > 1 else [anatomy.input_size]
         size = f"{'×'.join(map(str, anatomy.model_input_size))} · traced: " + ", ".join(
-            f"{t} (input {'×'.join(map(str, s))})" for t, s in zip(anatomy.target, sizes)
+            f"{t} (input {'×'.join(map(str, s))})" for t, s in zip(anatomy.target, sizes, strict=False)
         )
     out.print(
         f"[bold]{loaded.spec}[/] ({loaded.origin}) · input {size} · {len(anatomy.blocks)} blocks in "
@@ -391,13 +290,14 @@ def print_anchors(rows: list[Any], glob: str = "**", left_out: int = 0) -> None:
         title="Anchors: --after MODULE gates its output, --before MODULE its input (dim: no block fits)",
         title_justify="left",
     )
-    for col, kw in [
+    columns: list[tuple[str, dict[str, Any]]] = [
         ("module", {}),
         ("type", {}),
         ("stage", {"justify": "right"}),
         ("input (--before)", {}),
         ("output (--after)", {}),
-    ]:
+    ]
+    for col, kw in columns:
         table.add_column(col, overflow="fold", **kw)
     for r in rows:
         table.add_row(

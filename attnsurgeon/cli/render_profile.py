@@ -93,7 +93,8 @@ def print_timing(result: Any) -> None:
     if load.get("start") and load.get("end"):
         lines.append(
             f"load average {'/'.join(f'{v:.2f}' for v in load['start'])} at the start, "
-            f"{'/'.join(f'{v:.2f}' for v in load['end'])} at the end (1/5/15 min) · {env['threads']} thread{'s' if env['threads'] != 1 else ''}"
+            f"{'/'.join(f'{v:.2f}' for v in load['end'])} at the end (1/5/15 min) · "
+            f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"
         )
     out = _stdout()
     out.print("[dim]timing: " + " · ".join(lines) + "[/]")
@@ -102,7 +103,8 @@ def print_timing(result: Any) -> None:
     rounds = [lat.runs for lat in result.modified.latency.values()]
     out.print(
         "[dim]Δ latency %: median of the per-round ratios modified/base, [95 % interval] (order statistics); "
-        "where it contains 0, no difference is resolved: --target-ci PCT times until it is within ±PCT, up to --max-time"
+        "where it contains 0, no difference is resolved: --target-ci PCT times until it is within ±PCT, "
+        "up to --max-time"
         + (f"; an interval needs {MIN_ROUNDS} rounds" if rounds and min(rounds) < MIN_ROUNDS else "")
         + "[/]"
     )
