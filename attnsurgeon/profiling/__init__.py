@@ -223,6 +223,7 @@ def profile(
     from ..loading.samples import sample_args
     from ..planning.settings import check_settings
 
+    from ..core.module_state import snapshot
     from ..core.native import quiet_torch_logs
 
     quiet_torch_logs()
@@ -293,6 +294,7 @@ def profile(
         elif target is not None:
             raise AttnSurgeonError("--target chooses where blocks go: it needs --attn")
 
+    as_built = snapshot(base, modified)  # before anything runs them: a forward may cache on its module (YOLO)
     say("Counting FLOPs")
     one = sample_args(base, size, 1, generator=torch.Generator().manual_seed(0))
     counted: list[str] = []  # the parts fvcore counted, where it cannot count the whole model
@@ -350,7 +352,7 @@ def profile(
             for m in models.values():
                 m.to("cpu").eval()  # exported from the CPU
             measured_runtimes = measure_runtimes(
-                models, figures, size, settings, settings.runtimes, settings.quantize, say
+                models, figures, size, settings, settings.runtimes, settings.quantize, say, as_built
             )
         unattributed_memory = None
         if settings.mode == "train" and modified is not None and insertions:

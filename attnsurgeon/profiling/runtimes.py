@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.errors import AttnSurgeonError
+from ..core.module_state import Snapshot
 from ..planning.settings import Settings
 from .measure import Latency, Memory
 from .metrics import METRICS, change, difference, interval, nested
@@ -183,8 +184,8 @@ class Exports:
     """Each model written once per format, through :func:`attnsurgeon.saving.export.export` (which
     checks the file against the model), into one temporary folder; a failure is kept and raised again."""
 
-    def __init__(self, folder: Path, size: tuple[int, ...], batch_sizes: list[int]) -> None:
-        self.folder, self.size, self.batch_sizes = folder, size, batch_sizes
+    def __init__(self, folder: Path, size: tuple[int, ...], batch_sizes: list[int], as_built: Snapshot) -> None:
+        self.folder, self.size, self.batch_sizes, self.as_built = folder, size, batch_sizes, as_built
         self._done: dict[tuple[str, str], Path | AttnSurgeonError] = {}
 
     def path(self, name: str, model: Any, fmt: str) -> Path:
@@ -228,7 +229,8 @@ class Exports:
         """``write()``'s file the first time, the same file after; a failure is kept and raised again."""
         if key not in self._done:
             try:
-                self._done[key] = write()
+                with self.as_built.as_taken():  # what running the model cached on it (YOLO's anchors) is not exported
+                    self._done[key] = write()
             except AttnSurgeonError as exc:
                 self._done[key] = AttnSurgeonError(f"{name} model: {exc}")
         done = self._done[key]
@@ -362,14 +364,16 @@ def measure_runtimes(
     runtimes: list[str],
     quantize: str | None,
     say: Callable[[str], None],
+    as_built: Snapshot,
 ) -> list[RuntimeFigures]:
     """One :class:`RuntimeFigures` per runtime (and per precision, with ``quantize``), in order;
-    ``eager`` holds the figures profile measured in eager PyTorch."""
+    ``eager`` holds the figures profile measured in eager PyTorch; ``as_built``, the models' modules
+    before anything ran them: each is exported as it was built."""
     from ..core.native import quiet_torch_warnings
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="attnsurgeon-runtimes-") as folder, quiet_torch_warnings():
-        exports = Exports(Path(folder), size, settings.batch_sizes)
+        exports = Exports(Path(folder), size, settings.batch_sizes, as_built)
         for name in runtimes:
             runtime = RUNTIMES[name]
             if runtime.load is None:

@@ -202,7 +202,7 @@ class Row:
     memory_efficient: bool = False  # the configuration's blocks recomputed in backward (the base stays plain)
 
 
-_loaded: dict[str, Any] = {}  # the last model built in this process, reused by the rows that follow it
+_loaded: dict[str, Any] = {}  # the last model built in this process and its snapshot, reused by the rows that follow it
 
 
 def measure_row(job: Row) -> dict[str, Any]:
@@ -244,11 +244,16 @@ def measure_row(job: Row) -> dict[str, Any]:
 def _load(model: str, kwargs: dict[str, Any]) -> Any:
     from ..saving.saved import load_model
 
+    from ..core.module_state import snapshot
+
     key = json.dumps([model, kwargs], sort_keys=True, default=str)
     if key not in _loaded:
         _loaded.clear()  # one model at a time: a zoo sweep does not keep forty backbones in memory
-        _loaded[key] = load_model(model, **kwargs)
-    return _loaded[key]
+        loaded = load_model(model, **kwargs)
+        _loaded[key] = (loaded, snapshot(loaded.model, getattr(loaded, "base", None)))
+    loaded, as_built = _loaded[key]
+    as_built.restore()  # each row starts from the model as built, not with what earlier rows' runs cached on it
+    return loaded
 
 
 def _forget_loaded() -> None:
