@@ -359,8 +359,8 @@ def _no_match(
         if outside and anatomy.target:
             return (
                 f"--{which} {pattern}: {few(outside, 2)} lies outside the traced part"
-                f"{'s' if len(anatomy.target) > 1 else ''} ({', '.join(anatomy.target)}), which alone can be rewritten; "
-                "--target chooses the parts"
+                f"{'s' if len(anatomy.target) > 1 else ''} ({', '.join(anatomy.target)}), "
+                "which alone can be rewritten; --target chooses the parts"
             )
         if outside:
             return (

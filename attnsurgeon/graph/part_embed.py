@@ -31,7 +31,7 @@ def embed(model: Any, gm: Any, targets: list[str] | None) -> Any:
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     outs = [out] if len(targets) == 1 else list(out)
     parts = {}
-    for t, ph, value in zip(targets, placeholders, outs):
+    for t, ph, value in zip(targets, placeholders, outs, strict=True):  # one input and one output per part
         holder = gm.get_submodule(t)
         original = model.get_submodule(t)
         graph = _split(gm.graph, ph, value, t)

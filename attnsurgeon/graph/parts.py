@@ -75,7 +75,10 @@ def trace_model(model: Any, size: tuple[int, ...], target: Any = None) -> Traced
     targets = parse_target(target)
     if targets is None:
         if keeps_class(model):  # a Hugging Face or ultralytics model stays itself: its parts are traced
-            whole_error = f"{type(model).__name__} keeps its class (its forward takes labels, or serves its library's own predict and train)"
+            whole_error = (
+                f"{type(model).__name__} keeps its class "
+                "(its forward takes labels, or serves its library's own predict and train)"
+            )
         else:
             try:
                 return Traced(trace(model, tuple(size)), None, [tuple(size)])

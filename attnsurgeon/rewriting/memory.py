@@ -17,9 +17,10 @@ with a batch norm (or with no norm) and holds no dropout, selectively — once, 
 tensors backward needs rebuilt from the norm's input and statistics when it needs them
 (:mod:`attnsurgeon.rewriting.recompute`, ``Segment.method == "selective"``) — and otherwise under
 :func:`torch.utils.checkpoint.checkpoint` (non-reentrant, RNG state preserved; ``"checkpoint"``);
-under ``torch.compile`` always dynamo's checkpoint. The segment calls the model's own modules, so no parameter moves or is renamed; ``Recompute`` owns no tensor, and
-``state_dict()`` is the plain model's. A norm in a checkpointed segment is recomputed without
-updating its running statistics a second time.
+under ``torch.compile`` always dynamo's checkpoint. The segment calls the model's own modules, so
+no parameter moves or is renamed; ``Recompute`` owns no tensor, and ``state_dict()`` is the plain
+model's. A norm in a checkpointed segment is recomputed without updating its running statistics a
+second time.
 
 :func:`plain` gives the model back with every segment inlined again (what exports write).
 """
@@ -61,7 +62,8 @@ class Segment:
     recompute: str  # the Recompute module that runs it (``layer1.0.se_recompute``)
     start: str | None  # the earliest op recomputed before the attention (``layer1.0.bn3``); None: the attention only
     ops: int  # nodes of the graph the segment holds
-    method: str = "checkpoint"  # "selective": the norm's output rebuilt (attnsurgeon.rewriting.recompute); "checkpoint": all re-run
+    # "selective": the norm's output rebuilt (attnsurgeon.rewriting.recompute); "checkpoint": all re-run
+    method: str = "checkpoint"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -365,7 +367,8 @@ def _inlined(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         m = called_module(gm, n)
         if isinstance(m, Recompute):
             inner = m.segment.graph
-            values = dict(zip(inner.find_nodes(op="placeholder"), [env[a] for a in n.args]))
+            # the segment has one placeholder per argument of its call (_rewrite)
+            values = dict(zip(inner.find_nodes(op="placeholder"), [env[a] for a in n.args], strict=True))
             env[n] = graph.graph_copy(inner, values)
         else:
             env[n] = graph.node_copy(n, lambda a: env[a])

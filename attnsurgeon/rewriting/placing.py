@@ -224,8 +224,9 @@ def _fitting_blocks(
         raise AttnSurgeonError(errors[0] if spec.blocks or not unbuildable else unbuildable[0][1])
     if lacking:
         notes.append(
-            f"{spec.attn} skipped {len(lacking)} block{'s' if len(lacking) > 1 else ''} ({few([b.name for b in lacking])}): "
-            f"position '{spec.position}' is not available there ({_why_not_offered(spec.position, lacking)})"
+            f"{spec.attn} skipped {len(lacking)} block{'s' if len(lacking) > 1 else ''} "
+            f"({few([b.name for b in lacking])}): position '{spec.position}' is not available there "
+            f"({_why_not_offered(spec.position, lacking)})"
         )
     for _, why in unbuildable:
         notes.append(f"{spec.attn} skipped {why}")
@@ -296,7 +297,7 @@ def _per_stage_options(spec: InsertionSpec, stages: list[int]) -> dict[int, dict
                     f"{len(stages)} selected stage{'s' if len(stages) != 1 else ''} ({', '.join(map(str, stages))}); "
                     "give one value, or one per selected stage"
                 )
-            for s, v in zip(stages, values):
+            for s, v in zip(stages, values, strict=True):  # the lengths are checked above
                 out[s][key] = v
         else:
             for s in stages:

@@ -24,9 +24,10 @@ recorded too; a block that does not trace runs whole, and only its input is rebu
 A drop path between the norm and the gate runs once, its per-sample scale drawn on a probe
 (:data:`PER_SAMPLE`), and its output is rebuilt as a product. A segment whose first op is a norm
 this module does not know (:data:`NORMS`: LayerNorm, GroupNorm…), or that holds a dropout (its mask
-is as large as the map), has no plan: it is checkpointed (:mod:`attnsurgeon.rewriting.memory`). A plan that, while running, sees an op save a large tensor it
-cannot rebuild (an op it does not know) hands its segment to the checkpoint from the next call
-on: the result of that call is still exact, only its memory is that of the plain model.
+is as large as the map), has no plan: it is checkpointed (:mod:`attnsurgeon.rewriting.memory`). A
+plan that, while running, sees an op save a large tensor it cannot rebuild (an op it does not know)
+hands its segment to the checkpoint from the next call on: the result of that call is still exact,
+only its memory is that of the plain model.
 """
 
 from __future__ import annotations
