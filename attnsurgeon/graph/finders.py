@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.fx
@@ -411,9 +412,9 @@ def _group_stages(blocks: list[Block]) -> tuple[list[Stage], str]:
     distinct = list(dict.fromkeys(keys))
     contiguous = all(keys[i] == keys[i - 1] or keys[i] not in keys[:i] for i in range(1, len(keys)))
     if None not in distinct and 1 < len(distinct) < len(blocks) and contiguous:
+        names = cast(list[str], distinct)  # no unit among the blocks: every key is a container's name
         stages = [
-            Stage(i + 1, key, [b for b, k in zip(blocks, keys, strict=True) if k == key])
-            for i, key in enumerate(distinct)
+            Stage(i + 1, key, [b for b, k in zip(blocks, keys, strict=True) if k == key]) for i, key in enumerate(names)
         ]
         grouping = "containers"
     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 
 def embed(model: Any, gm: Any, targets: list[str] | None) -> Any:
@@ -128,7 +128,7 @@ def _split(graph: Any, placeholder: Any, output: Any, prefix: str) -> Any:
             continue
         copy_ = new.node_copy(n, lambda a: val_map[a])
         if copy_.op in ("call_module", "get_attr"):
-            copy_.target = copy_.target[cut:]
+            copy_.target = cast(str, copy_.target)[cut:]  # a module's or attribute's dotted name
         stack_ = OrderedDict()
         for key, value in (n.meta.get("nn_module_stack") or {}).items():
             qual = value[0] if isinstance(value, tuple) else value
@@ -155,7 +155,12 @@ def _nodes_in(value: Any) -> Iterable[Any]:
     import torch.fx
 
     found: list = []
-    torch.fx.node.map_arg(value, lambda a: found.append(a) or a)
+
+    def collect(a: Any) -> Any:
+        found.append(a)
+        return a
+
+    torch.fx.node.map_arg(value, collect)
     return found
 
 

@@ -158,7 +158,7 @@ def _copy_part(src: Any, dst: Any, prefix: str, cls: type, attrs: dict[str, Any]
         if new.op in ("call_module", "get_attr"):
             attrs[f"{prefix}.{new.target}"] = _fetch(owner, new.target)
             new.target = f"{prefix}.{new.target}"
-        stack = OrderedDict([(prefix, (prefix, cls))])
+        stack: OrderedDict[str, tuple[str, type | None]] = OrderedDict([(prefix, (prefix, cls))])
         for key, value in (n.meta.get("nn_module_stack") or {}).items():
             qual = value[0] if isinstance(value, tuple) else value
             stack[f"{prefix}.{key}"] = (f"{prefix}.{qual}", value[1] if isinstance(value, tuple) else None)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect as _inspect
 import operator
 import traceback
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -138,7 +138,8 @@ class _Tracer(torch.fx.Tracer):
         count = self._length(obj.node)
         if count is None:
             return super().iter(obj)  # fx's own error: a Proxy cannot be iterated
-        return iter([obj[i] for i in range(count)])
+        items = cast(Any, obj)  # fx gives Proxy its operators at runtime, [] among them
+        return iter([items[i] for i in range(count)])
 
     def _length(self, node: Node) -> int | None:
         """The length of ``node``'s value where it is a tuple or list whose length the shapes settle
@@ -221,6 +222,8 @@ class _InplaceProxy(torch.fx.Proxy):
     ``out += shortcut`` again).
     """
 
+    tracer: _Tracer  # the Proxy's tracer (:meth:`_Tracer.proxy` makes every one)
+
     def __iadd__(self, other):
         return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
 
@@ -302,7 +305,8 @@ def trace(
         return _copy_graph_module(model)
     was_training = model.training
     model.eval()
-    notrace, kept_whole = _notrace_types(), set()
+    notrace = _notrace_types()
+    kept_whole: set[type] = set()
     fixed = {**_fixed_inputs(model), **(kwargs or {})}
     if input_size is None:
         from ..loading.models import default_input_size
@@ -344,7 +348,8 @@ def trace(
     for attr in _CARRIED_ATTRS:
         if hasattr(model, attr) and not hasattr(gm, attr):
             setattr(gm, attr, getattr(model, attr))
-    gm._attnsurgeon_called_with = dict(kwargs or {})  # what the part was traced at (parts.embed)
+    # what the part was traced at (parts.embed); a plain attribute, which nn.Module's typing does not allow
+    gm.__dict__["_attnsurgeon_called_with"] = dict(kwargs or {})
     gm.train(was_training)
     return gm
 
@@ -354,7 +359,8 @@ class _OutputTreeCodeGen(torch.fx.graph._PyTreeCodeGen):
     argument and returns the model's own output structure (a Hugging Face ``ModelOutput``)."""
 
     def __init__(self, out_spec: Any):
-        super().__init__(torch.fx.graph._PyTreeInfo([], None, out_spec))
+        # no input structure (in_spec None): process_inputs below takes the one input as it is
+        super().__init__(torch.fx.graph._PyTreeInfo([], None, out_spec))  # type: ignore[arg-type]
 
     def process_inputs(self, *inputs: Any) -> Any:
         return inputs
