@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -77,6 +77,11 @@ class Recompute(nn.Module):
     modules are registered where they were, under their own names), so this module owns no
     parameter or buffer."""
 
+    # plain attributes, set past nn.Module's registration (declared for the type checker only)
+    segment: torch.fx.GraphModule
+    norms: tuple[nn.Module, ...]
+    plan: SelectivePlan | None
+
     def __init__(self, segment: torch.fx.GraphModule, norms: Iterable[nn.Module]):
         super().__init__()
         object.__setattr__(self, "segment", segment)
@@ -92,7 +97,7 @@ class Recompute(nn.Module):
             return self.segment.forward(*args)  # .forward: traced through onto the model's own modules
         if torch.compiler.is_compiling():  # dynamo's checkpoint op: AOT autograd recomputes, mutations applied once
             return checkpoint(self.segment.forward, *args, use_reentrant=False, preserve_rng_state=True)
-        if self.method == "selective":
+        if self.plan is not None and self.method == "selective":  # (a selective method has a plan)
             return self.plan(*args)
         calls = [0]
 
@@ -293,7 +298,7 @@ def _rewrite(gm: torch.fx.GraphModule, name: str, nodes: list[Node], source: Nod
     for n in nodes:
         for a in n.all_input_nodes:
             if a.op == "get_attr" and a not in env:
-                env[a] = sub.get_attr(a.target)
+                env[a] = sub.get_attr(cast(str, a.target))  # an attribute's dotted name
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(env[out])
     segment = torch.fx.GraphModule(gm, sub, class_name="Segment")

@@ -71,6 +71,8 @@ def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str], notes: list[st
     from ..blocks import get_block
     from ..graph.sites import select_blocks
 
+    assert spec.position is not None  # InsertionSpec.__post_init__ sets it
+
     if spec.replace or spec.attn == NONE:
         return _plan_replacement(anatomy, spec, taken)
     from ..core.positions import STAGE_POSITIONS
@@ -198,6 +200,7 @@ def _fitting_blocks(
     """
     from ..blocks import build_block
 
+    assert spec.position is not None  # InsertionSpec.__post_init__ sets it
     lacking = [b for b in chosen if spec.position not in b.sites]
     fitting: list[tuple[Any, Any]] = []
     unbuildable: list[tuple[Any, str]] = []
@@ -270,6 +273,7 @@ def _why_not_offered(position: str, lacking: list[Any]) -> str:
 
 
 def _not_offered(spec: InsertionSpec, chosen: list[Any], lacking: list[Any]) -> str:
+    assert spec.position is not None  # InsertionSpec.__post_init__ sets it
     offering = len(chosen) - len(lacking)  # > 0 only where --blocks named the others
     hint = (
         f"{offering} of the {len(chosen)} selected blocks offer it: leave the others out of --blocks"
