@@ -289,6 +289,7 @@ def _anchor_block(anatomy: Any, regions: dict[str, Region], region: Region, whic
     parent = name.rpartition(".")[0]
     if parent and parent not in regions:  # the root of a traced part: hang the block inside it
         parent = name
+    scope = _scope_upto(producer if which == "after" else consumers[0], parent)
     site = Site(
         which,
         producer,
@@ -297,7 +298,7 @@ def _anchor_block(anatomy: Any, regions: dict[str, Region], region: Region, whic
         layout,
         tuple(shape),
         module=parent,
-        scope=_scope_upto(producer if which == "after" else consumers[0], parent),
+        scope=scope,
         anchor=name,
     )
     enclosing = _enclosing(anatomy, name)
@@ -314,7 +315,7 @@ def _anchor_block(anatomy: Any, regions: dict[str, Region], region: Region, whic
         _stage_of(anatomy, name),
         {which: site},
         frozenset(region.nodes),
-        dict(site.scope),
+        dict(scope),
     )
 
 
@@ -359,8 +360,8 @@ def _no_match(
         if outside and anatomy.target:
             return (
                 f"--{which} {pattern}: {few(outside, 2)} lies outside the traced part"
-                f"{'s' if len(anatomy.target) > 1 else ''} ({', '.join(anatomy.target)}), which alone can be rewritten; "
-                "--target chooses the parts"
+                f"{'s' if len(anatomy.target) > 1 else ''} ({', '.join(anatomy.target)}), "
+                "which alone can be rewritten; --target chooses the parts"
             )
         if outside:
             return (
@@ -384,7 +385,7 @@ def _values(nodes: list[Node]) -> str:
     if not nodes:
         return "none of its own"
     return f"{len(nodes)} values: " + ", ".join(
-        str(tuple(shape_of(n))) if shape_of(n) is not None else n.name for n in nodes[:3]
+        str(tuple(shape)) if (shape := shape_of(n)) is not None else n.name for n in nodes[:3]
     )
 
 

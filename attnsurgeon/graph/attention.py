@@ -129,7 +129,7 @@ def attention_region(gm: torch.fx.GraphModule, name: str, cls: str) -> Attention
         if region.site is None:
             region.why = "its input is not a feature map"
         elif len(nodes) == 1 and y.op == "call_module" and y.target == name:
-            region.gate, region.why = _leaf_gates(gm.get_submodule(name), shape_of(x))
+            region.gate, region.why = _leaf_gates(gm.get_submodule(name), region.site.shape)  # x's shape
         else:
             region.gate = _gates_input(nodes, x, y)
             region.why = "" if region.gate else _NOT_A_GATE

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.fx
@@ -119,7 +120,7 @@ def _add_stage_sites(g: _Graph, stages: list[Stage], grouping: str) -> None:
     output, read by the nodes on the path into the next stage (a feature tap elsewhere, a detector's
     FPN, keeps reading the stage's own output). Its insertions hang under the stage's container
     (``layer1.bam_stage``) where stages are containers, else under the last block."""
-    for stage, following in zip(stages, stages[1:]):
+    for stage, following in zip(stages, stages[1:], strict=False):  # each stage and the next
         last = stage.blocks[-1]
         post = last.sites.get("post")
         if post is None:
@@ -228,7 +229,7 @@ def _residual_blocks(g: _Graph) -> list[Block]:
         per_module[module] = per_module.get(module, 0) + 1
     counter: dict[str, int] = {}
     blocks = []
-    for n, module, _, block in found:
+    for _, module, _, block in found:
         if module and per_module[module] > 1:
             counter[module] = counter.get(module, 0) + 1
             block.name = f"{module}#{counter[module]}"
@@ -411,7 +412,10 @@ def _group_stages(blocks: list[Block]) -> tuple[list[Stage], str]:
     distinct = list(dict.fromkeys(keys))
     contiguous = all(keys[i] == keys[i - 1] or keys[i] not in keys[:i] for i in range(1, len(keys)))
     if None not in distinct and 1 < len(distinct) < len(blocks) and contiguous:
-        stages = [Stage(i + 1, key, [b for b, k in zip(blocks, keys) if k == key]) for i, key in enumerate(distinct)]
+        names = cast(list[str], distinct)  # no unit among the blocks: every key is a container's name
+        stages = [
+            Stage(i + 1, key, [b for b, k in zip(blocks, keys, strict=True) if k == key]) for i, key in enumerate(names)
+        ]
         grouping = "containers"
     else:
         stages = []

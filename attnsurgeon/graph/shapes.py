@@ -8,7 +8,7 @@ device (no real compute) or, where an op has no meta kernel, with one real batch
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -149,16 +149,16 @@ def _moved_axis(n: Node, out: tuple[int, ...]) -> int | None:
     src = next((a for a in n.all_input_nodes if a.meta.get("as_caxis") is not None), None)
     if src is None:
         return None
-    ax, ins = src.meta["as_caxis"], shape_of(src)
+    ax = src.meta["as_caxis"]
+    ins = cast(tuple[int, ...], shape_of(src))  # a node is given a channel axis only where it has a shape
     name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    args: tuple[Any, ...] = n.args  # permute's and transpose's dimensions: ints
     if name == "permute":
-        dims = (
-            [d for d in n.args[1:]] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else list(n.args[1])
-        )
+        dims = [d for d in args[1:]] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else list(args[1])
         dims = [d % len(ins) for d in dims]
         return dims.index(ax) if ax in dims else None
     if name in ("transpose", "swapaxes"):
-        a, b = (d % len(ins) for d in n.args[1:3])
+        a, b = (d % len(ins) for d in args[1:3])
         return b if ax == a else a if ax == b else ax
     if len(out) == len(ins) and (out[ax] == ins[ax] or name not in _RESHAPES):
         return ax  # slicing, cat, pooling keep the channel axis where it is

@@ -153,8 +153,8 @@ def select_blocks(
         bad = [s for s in stages if not isinstance(s, int) or s < 1 or s > n]
         if bad:
             raise AttnSurgeonError(
-                f"stage {', '.join(map(str, bad))} out of range: the model has {n} stage{'s' if n != 1 else ''} (1-{n}); "
-                "`attnsurgeon inspect MODEL` lists them"
+                f"stage {', '.join(map(str, bad))} out of range: "
+                f"the model has {n} stage{'s' if n != 1 else ''} (1-{n}); `attnsurgeon inspect MODEL` lists them"
             )
         wanted = set(stages)
         chosen = [b for b in chosen if b.stage in wanted]

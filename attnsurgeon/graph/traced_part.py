@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch.fx
 
@@ -45,7 +45,8 @@ class TracedPart(torch.fx.GraphModule):
         return code
 
     def __deepcopy__(self, memo: dict) -> TracedPart:
-        new = super().__deepcopy__(memo)  # a TracedPart with only what the graph uses
+        # a TracedPart (GraphModule's deepcopy builds type(self)) with only what the graph uses
+        new = cast(TracedPart, super().__deepcopy__(memo))
         type(new).__name__ = type(self).__name__
         for key, value in self.__dict__.items():  # what unpickling keeps, too (torch.fx's reduce_graph_module)
             if key not in new.__dict__:

@@ -3,9 +3,9 @@
 :func:`trace` runs :class:`_Tracer`: timm's leaf modules and autowrapped functions, parameter-free
 modules whose ``forward`` reads ``self.training`` kept whole, the containers timm marks not traceable
 opened where that works, ``x += y`` kept in place. ``forward``'s optional inputs are traced at their
-defaults and dropped from the graph (:func:`_fixed_inputs`); a failure is explained by module and
-source line (:func:`_trace_failure`). A model already rewritten is copied, not traced again
-(:func:`_copy_graph_module`).
+defaults and dropped from the graph; a failure is explained by module and source line
+(:func:`_trace_failure`). A model already rewritten is copied, not traced again. The GraphModule's
+inputs and what it holds besides the graph are :mod:`attnsurgeon.graph.graph_module`'s.
 
 Iterating a sequence whose length the shapes fix is traced: the result of ``chunk``/``split``/
 ``unbind`` (``list(x.chunk(2, 1))``, ``for part in x.split(16, 1)``), a slice of a shape
@@ -14,8 +14,9 @@ on meta tensors (for real where an op has no meta kernel) for a batch of 1 and o
 length when both agree (a length that follows the batch is refused, as fx refuses it):
 :meth:`_Tracer.iter`. Conditions on shapes and dtypes (``if q_len > 1``) are settled the same way, on
 meta tensors only, for the input size traced at (as the rest of the graph's shapes are). Neither
-happens inside a module its library marks not traceable (timm's ``get_notrace_modules``). That is how YOLO's ``C2f`` and ``C3k2`` trace, and any other model that splits
-channels this way; fx itself only handles ``a, b = x.chunk(2, 1)``.
+happens inside a module its library marks not traceable (timm's ``get_notrace_modules``). That is
+how YOLO's ``C2f`` and ``C3k2`` trace, and any other model that splits channels this way; fx itself
+only handles ``a, b = x.chunk(2, 1)``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import inspect as _inspect
 import operator
 import traceback
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -33,6 +34,14 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..core.errors import AttnSurgeonError, one_line
 from ..core.ops import ATTENTION_CLASS, WEIGHTED_MODULES
+from .graph_module import (
+    _CARRIED_ATTRS,
+    _copy_graph_module,
+    _drop_fixed_inputs,
+    _fixed_inputs,
+    _graph_module,
+    _restore_unused_state,
+)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -129,7 +138,8 @@ class _Tracer(torch.fx.Tracer):
         count = self._length(obj.node)
         if count is None:
             return super().iter(obj)  # fx's own error: a Proxy cannot be iterated
-        return iter([obj[i] for i in range(count)])
+        items = cast(Any, obj)  # fx gives Proxy its operators at runtime, [] among them
+        return iter([items[i] for i in range(count)])
 
     def _length(self, node: Node) -> int | None:
         """The length of ``node``'s value where it is a tuple or list whose length the shapes settle
@@ -212,6 +222,8 @@ class _InplaceProxy(torch.fx.Proxy):
     ``out += shortcut`` again).
     """
 
+    tracer: _Tracer  # the Proxy's tracer (:meth:`_Tracer.proxy` makes every one)
+
     def __iadd__(self, other):
         return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
 
@@ -293,7 +305,8 @@ def trace(
         return _copy_graph_module(model)
     was_training = model.training
     model.eval()
-    notrace, kept_whole = _notrace_types(), set()
+    notrace = _notrace_types()
+    kept_whole: set[type] = set()
     fixed = {**_fixed_inputs(model), **(kwargs or {})}
     if input_size is None:
         from ..loading.models import default_input_size
@@ -335,7 +348,8 @@ def trace(
     for attr in _CARRIED_ATTRS:
         if hasattr(model, attr) and not hasattr(gm, attr):
             setattr(gm, attr, getattr(model, attr))
-    gm._attnsurgeon_called_with = dict(kwargs or {})  # what the part was traced at (parts.embed)
+    # what the part was traced at (parts.embed); a plain attribute, which nn.Module's typing does not allow
+    gm.__dict__["_attnsurgeon_called_with"] = dict(kwargs or {})
     gm.train(was_training)
     return gm
 
@@ -345,7 +359,8 @@ class _OutputTreeCodeGen(torch.fx.graph._PyTreeCodeGen):
     argument and returns the model's own output structure (a Hugging Face ``ModelOutput``)."""
 
     def __init__(self, out_spec: Any):
-        super().__init__(torch.fx.graph._PyTreeInfo([], None, out_spec))
+        # no input structure (in_spec None): process_inputs below takes the one input as it is
+        super().__init__(torch.fx.graph._PyTreeInfo([], None, out_spec))  # type: ignore[arg-type]
 
     def process_inputs(self, *inputs: Any) -> Any:
         return inputs
@@ -361,18 +376,6 @@ def _trace_constants(tracer: _Tracer, model: nn.Module) -> dict[str, torch.Tenso
     what tracing wrote (:func:`_restore_attributes`) and handed to the GraphModule instead."""
     names = set(tracer.tensor_attrs.values())
     return {k: v for k, v in model.__dict__.items() if k in names and isinstance(v, torch.Tensor)}
-
-
-def _graph_module(model: nn.Module, graph: torch.fx.Graph, constants: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
-    """The GraphModule of ``graph`` over ``model``, holding the trace's tensor constants as buffers
-    (fx's own convention), so that the graph runs, copies, pickles and saves with them while the
-    user's model is left without them."""
-    model.__dict__.update(constants)
-    try:
-        return torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
-    finally:
-        for name in constants:
-            model.__dict__.pop(name, None)
 
 
 def _attributes(model: nn.Module) -> list[tuple[str, nn.Module, dict]]:
@@ -397,79 +400,6 @@ def _restore_attributes(saved: list[tuple[str, nn.Module, dict]]) -> list[tuple[
     return stored
 
 
-def _fixed_inputs(model: nn.Module) -> dict[str, Any]:
-    """``forward``'s parameters after the first that have a plain default (None, a bool, a number,
-    a string): traced as constants, so ``if mask is not None`` takes the path a one-input call takes;
-    ``*args`` and ``**kwargs`` are traced empty, as a one-input call leaves them."""
-    try:
-        params = list(_inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return {}
-    fixed: dict[str, Any] = {
-        p.name: p.default
-        for p in params[1:]
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        and p.default is not p.empty
-        and (p.default is None or isinstance(p.default, (bool, int, float, str)))
-    }
-    for p in params[1:]:  # fx names their placeholders *args and **kwargs
-        if p.kind == p.VAR_POSITIONAL:
-            fixed["*" + p.name] = ()
-        elif p.kind == p.VAR_KEYWORD:
-            fixed["**" + p.name] = {}
-    return fixed
-
-
-_INPUT_CHECKS = {torch._assert, operator.eq}
-
-
-def _drop_fixed_inputs(graph: torch.fx.Graph) -> None:
-    """Remove the placeholders fx makes for inputs traced as constants, with the checks it hangs
-    on them (``_assert_is_none``, ``torch._assert(x == v)``): the graph keeps its one input."""
-    from torch.fx._symbolic_trace import _assert_is_none
-
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for ph in placeholders[1:]:
-        if not ph.args:  # no default: a real input the caller must give
-            continue
-        checks: list[Node] = []
-        frontier = list(ph.users)
-        while frontier:
-            n = frontier.pop()
-            if n in checks:
-                continue
-            if n.op != "call_function" or n.target not in (_INPUT_CHECKS | {_assert_is_none}):
-                break
-            checks.append(n)
-            frontier.extend(n.users)
-        else:
-            for n in sorted(checks, key=lambda n: -list(graph.nodes).index(n)):
-                graph.erase_node(n)
-            graph.erase_node(ph)
-
-
-# model attributes a GraphModule carries over (the default input size is read from them)
-_CARRIED_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size")
-
-
-def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A rewritten model is not traced again (its flat forward has lost the module scopes that
-    name blocks): its graph is copied with each node's metadata, sharing the modules."""
-    graph = torch.fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    graph._codegen = gm.graph._codegen  # a model's own output structure (a Hugging Face ModelOutput)
-    for n in graph.nodes:
-        n.meta.pop("as_unit", None)  # links to the old graph's nodes
-    copy = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    _restore_unused_state(gm, copy)
-    for attr in (*_CARRIED_ATTRS, "attnsurgeon_report"):
-        if hasattr(gm, attr):
-            setattr(copy, attr, getattr(gm, attr))
-    copy.train(gm.training)
-    return copy
-
-
 def _trace_failure(model: nn.Module, tracer: _Tracer, exc: Exception) -> str:
     where = ""
     if tracer.failed_in:
@@ -488,23 +418,3 @@ def _trace_failure(model: nn.Module, tracer: _Tracer, exc: Exception) -> str:
         "Data-dependent control flow cannot be traced; wrap that code in a module and register "
         "it with timm.layers.register_notrace_module, or make the model traceable."
     )
-
-
-def _restore_unused_state(model: nn.Module, gm: torch.fx.GraphModule) -> None:
-    """GraphModule only copies what forward uses; keep every original name (unused heads, too)."""
-    have = set(gm.state_dict(keep_vars=True))
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if name in have:
-            continue
-        owner_path, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_path) if owner_path else model
-        target = gm
-        for part in owner_path.split(".") if owner_path else []:
-            if not hasattr(target, part):
-                target.add_module(part, nn.Module())
-            target = getattr(target, part)
-        if isinstance(getattr(owner, leaf), nn.Parameter):
-            target.register_parameter(leaf, getattr(owner, leaf))
-        else:
-            persistent = leaf not in getattr(owner, "_non_persistent_buffers_set", set())
-            target.register_buffer(leaf, getattr(owner, leaf), persistent=persistent)

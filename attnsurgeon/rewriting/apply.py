@@ -141,12 +141,12 @@ def apply_plan(
     then, with ``memory_efficient``, :func:`~attnsurgeon.rewriting.memory.recompute_gates` wraps
     the attention gates in recomputed segments, and :func:`~attnsurgeon.rewriting.surgery.finish`
     puts the graph back into the model."""
-    specs = [s if isinstance(s, InsertionSpec) else InsertionSpec.from_dict(s) for s in specs]
-    if not specs and not memory_efficient:
+    plan: list[InsertionSpec] = [s if isinstance(s, InsertionSpec) else InsertionSpec.from_dict(s) for s in specs]
+    if not plan and not memory_efficient:
         raise AttnSurgeonError("the plan has no insertions")
     done = rewrite(
         model,
-        specs,
+        plan,
         input_size=input_size,
         pretrained=pretrained,
         weights=weights,
@@ -158,7 +158,7 @@ def apply_plan(
     if memory_efficient:
         from .memory import recompute_gates
 
-        names = [i.module for i in done.insertions if i.attn != NONE] if specs else None
+        names = [i.module for i in done.insertions if i.attn != NONE] if plan else None
         segments = recompute_gates(done.gm, names, done.notes)
     return finish(done, segments)
 

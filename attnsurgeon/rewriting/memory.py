@@ -17,9 +17,10 @@ with a batch norm (or with no norm) and holds no dropout, selectively — once, 
 tensors backward needs rebuilt from the norm's input and statistics when it needs them
 (:mod:`attnsurgeon.rewriting.recompute`, ``Segment.method == "selective"``) — and otherwise under
 :func:`torch.utils.checkpoint.checkpoint` (non-reentrant, RNG state preserved; ``"checkpoint"``);
-under ``torch.compile`` always dynamo's checkpoint. The segment calls the model's own modules, so no parameter moves or is renamed; ``Recompute`` owns no tensor, and
-``state_dict()`` is the plain model's. A norm in a checkpointed segment is recomputed without
-updating its running statistics a second time.
+under ``torch.compile`` always dynamo's checkpoint. The segment calls the model's own modules, so
+no parameter moves or is renamed; ``Recompute`` owns no tensor, and ``state_dict()`` is the plain
+model's. A norm in a checkpointed segment is recomputed without updating its running statistics a
+second time.
 
 :func:`plain` gives the model back with every segment inlined again (what exports write).
 """
@@ -29,7 +30,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -61,7 +62,8 @@ class Segment:
     recompute: str  # the Recompute module that runs it (``layer1.0.se_recompute``)
     start: str | None  # the earliest op recomputed before the attention (``layer1.0.bn3``); None: the attention only
     ops: int  # nodes of the graph the segment holds
-    method: str = "checkpoint"  # "selective": the norm's output rebuilt (attnsurgeon.rewriting.recompute); "checkpoint": all re-run
+    # "selective": the norm's output rebuilt (attnsurgeon.rewriting.recompute); "checkpoint": all re-run
+    method: str = "checkpoint"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +76,11 @@ class Recompute(nn.Module):
     ``segment`` is a GraphModule over the model's own modules, held without registering it (its
     modules are registered where they were, under their own names), so this module owns no
     parameter or buffer."""
+
+    # plain attributes, set past nn.Module's registration (declared for the type checker only)
+    segment: torch.fx.GraphModule
+    norms: tuple[nn.Module, ...]
+    plan: SelectivePlan | None
 
     def __init__(self, segment: torch.fx.GraphModule, norms: Iterable[nn.Module]):
         super().__init__()
@@ -90,7 +97,7 @@ class Recompute(nn.Module):
             return self.segment.forward(*args)  # .forward: traced through onto the model's own modules
         if torch.compiler.is_compiling():  # dynamo's checkpoint op: AOT autograd recomputes, mutations applied once
             return checkpoint(self.segment.forward, *args, use_reentrant=False, preserve_rng_state=True)
-        if self.method == "selective":
+        if self.plan is not None and self.method == "selective":  # (a selective method has a plan)
             return self.plan(*args)
         calls = [0]
 
@@ -291,7 +298,7 @@ def _rewrite(gm: torch.fx.GraphModule, name: str, nodes: list[Node], source: Nod
     for n in nodes:
         for a in n.all_input_nodes:
             if a.op == "get_attr" and a not in env:
-                env[a] = sub.get_attr(a.target)
+                env[a] = sub.get_attr(cast(str, a.target))  # an attribute's dotted name
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(env[out])
     segment = torch.fx.GraphModule(gm, sub, class_name="Segment")
@@ -365,7 +372,8 @@ def _inlined(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         m = called_module(gm, n)
         if isinstance(m, Recompute):
             inner = m.segment.graph
-            values = dict(zip(inner.find_nodes(op="placeholder"), [env[a] for a in n.args]))
+            # the segment has one placeholder per argument of its call (_rewrite)
+            values = dict(zip(inner.find_nodes(op="placeholder"), [env[a] for a in n.args], strict=True))
             env[n] = graph.graph_copy(inner, values)
         else:
             env[n] = graph.node_copy(n, lambda a: env[a])

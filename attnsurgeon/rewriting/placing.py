@@ -71,6 +71,8 @@ def _plan_one(anatomy: Any, spec: InsertionSpec, taken: set[str], notes: list[st
     from ..blocks import get_block
     from ..graph.sites import select_blocks
 
+    assert spec.position is not None  # InsertionSpec.__post_init__ sets it
+
     if spec.replace or spec.attn == NONE:
         return _plan_replacement(anatomy, spec, taken)
     from ..core.positions import STAGE_POSITIONS
@@ -198,6 +200,7 @@ def _fitting_blocks(
     """
     from ..blocks import build_block
 
+    assert spec.position is not None  # InsertionSpec.__post_init__ sets it
     lacking = [b for b in chosen if spec.position not in b.sites]
     fitting: list[tuple[Any, Any]] = []
     unbuildable: list[tuple[Any, str]] = []
@@ -224,8 +227,9 @@ def _fitting_blocks(
         raise AttnSurgeonError(errors[0] if spec.blocks or not unbuildable else unbuildable[0][1])
     if lacking:
         notes.append(
-            f"{spec.attn} skipped {len(lacking)} block{'s' if len(lacking) > 1 else ''} ({few([b.name for b in lacking])}): "
-            f"position '{spec.position}' is not available there ({_why_not_offered(spec.position, lacking)})"
+            f"{spec.attn} skipped {len(lacking)} block{'s' if len(lacking) > 1 else ''} "
+            f"({few([b.name for b in lacking])}): position '{spec.position}' is not available there "
+            f"({_why_not_offered(spec.position, lacking)})"
         )
     for _, why in unbuildable:
         notes.append(f"{spec.attn} skipped {why}")
@@ -269,6 +273,7 @@ def _why_not_offered(position: str, lacking: list[Any]) -> str:
 
 
 def _not_offered(spec: InsertionSpec, chosen: list[Any], lacking: list[Any]) -> str:
+    assert spec.position is not None  # InsertionSpec.__post_init__ sets it
     offering = len(chosen) - len(lacking)  # > 0 only where --blocks named the others
     hint = (
         f"{offering} of the {len(chosen)} selected blocks offer it: leave the others out of --blocks"
@@ -296,7 +301,7 @@ def _per_stage_options(spec: InsertionSpec, stages: list[int]) -> dict[int, dict
                     f"{len(stages)} selected stage{'s' if len(stages) != 1 else ''} ({', '.join(map(str, stages))}); "
                     "give one value, or one per selected stage"
                 )
-            for s, v in zip(stages, values):
+            for s, v in zip(stages, values, strict=True):  # the lengths are checked above
                 out[s][key] = v
         else:
             for s in stages:

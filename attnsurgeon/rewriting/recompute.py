@@ -24,9 +24,10 @@ recorded too; a block that does not trace runs whole, and only its input is rebu
 A drop path between the norm and the gate runs once, its per-sample scale drawn on a probe
 (:data:`PER_SAMPLE`), and its output is rebuilt as a product. A segment whose first op is a norm
 this module does not know (:data:`NORMS`: LayerNorm, GroupNorm…), or that holds a dropout (its mask
-is as large as the map), has no plan: it is checkpointed (:mod:`attnsurgeon.rewriting.memory`). A plan that, while running, sees an op save a large tensor it
-cannot rebuild (an op it does not know) hands its segment to the checkpoint from the next call
-on: the result of that call is still exact, only its memory is that of the plain model.
+is as large as the map), has no plan: it is checkpointed (:mod:`attnsurgeon.rewriting.memory`). A
+plan that, while running, sees an op save a large tensor it cannot rebuild (an op it does not know)
+hands its segment to the checkpoint from the next call on: the result of that call is still exact,
+only its memory is that of the plain model.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -77,12 +78,13 @@ def _is_timm_norm_act(m: nn.Module) -> bool:
     )
 
 
-NORMS: dict[type, Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
+NORMS: dict[type, Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
     nn.BatchNorm1d: _batch_norm,
     nn.BatchNorm2d: _batch_norm,
     nn.BatchNorm3d: _batch_norm,
 }
-"""Norm modules whose output a plan rebuilds: type -> (module, input) -> (output, batch mean, invstd)."""
+"""Norm modules whose output a plan rebuilds: type -> (module, input) -> (output, batch mean, invstd).
+Each function takes a module of its key's type (hence ``Any``: a type cannot say that)."""
 
 
 def _norm_of(m: nn.Module):
@@ -104,7 +106,7 @@ def _affine(
 
 # --------------------------------------------------------------------------- ops a plan rebuilds
 
-ACTIVATIONS: dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+ACTIVATIONS: dict[type, Callable[[Any, torch.Tensor], torch.Tensor]] = {  # each takes its key's module
     nn.Identity: lambda m, x: x,
     nn.ReLU: lambda m, x: F.relu(x),
     nn.ReLU6: lambda m, x: F.relu6(x),
@@ -259,6 +261,7 @@ class _Run:
         key = _key(out)
         if out.untyped_storage().nbytes() > self.large and key not in self.recipes:
             self.recipes[key] = (fn, refs, out._version)
+            assert self.alive is not None  # records are made while the forward call runs, before it drops them
             self.alive.append(out)
 
     def pack(self, t: torch.Tensor) -> Any:
@@ -374,9 +377,9 @@ class SelectivePlan:
 
     def _node(self, gm: torch.fx.GraphModule, n: Node, a: tuple, kw: dict, run: _Run) -> Any:
         if n.op == "get_attr":
-            return torch.fx.graph_module._get_attr(gm, n.target)
+            return torch.fx.graph_module._get_attr(gm, cast(str, n.target))  # an attribute's dotted name
         if n.op == "call_module":
-            m = gm.get_submodule(n.target)
+            m = gm.get_submodule(cast(str, n.target))  # a module's dotted name
             if gm is self.segment and n.name == self.norm:
                 (z,) = a
                 out, mean, invstd = _norm_of(m)(m, z)
@@ -396,10 +399,10 @@ class SelectivePlan:
         if n.op == "call_function":
             if n.target in ELEMENTWISE_FUNCTIONS and not kw.get("inplace"):
                 return run.call(_with_kwargs(n.target, kw), a)
-            return n.target(*a, **kw)
+            return cast(Callable, n.target)(*a, **kw)  # a call_function's target is the function
         if n.target in ELEMENTWISE_METHODS:  # call_method
             return run.call(_method(n.target, kw), a)
-        return getattr(a[0], n.target)(*a[1:], **kw)
+        return getattr(a[0], cast(str, n.target))(*a[1:], **kw)  # a call_method's target is the method's name
 
 
 def _with_kwargs(fn: Callable, kw: dict) -> Callable:

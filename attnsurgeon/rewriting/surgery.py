@@ -250,6 +250,7 @@ def _rewrite(gm: Any, planned: list[_Planned]) -> list[Insertion]:
             other = user.meta.get("as_unit")
             if user in consumers or (other is not None and other["head"] is user and other["cover"] <= consumers):
                 user.replace_input_with(anchor, tail)
+        assert p.spec.position is not None  # InsertionSpec.__post_init__ sets it
         done.append(
             Insertion(
                 block=p.block.name,
@@ -290,6 +291,8 @@ class _Moved:
 def _replace(gm: Any, p: _Planned, moved: _Moved) -> Insertion:
     """Call ``p.module`` (None: nothing) on the region's input, in place of the region."""
     from ..graph.attention import region_io
+
+    assert p.spec.position is not None  # InsertionSpec.__post_init__ sets it
 
     graph, nodes = gm.graph, p.region.nodes
     inputs, outputs = region_io(nodes)  # now: an earlier insertion may feed the region
