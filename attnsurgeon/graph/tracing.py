@@ -33,6 +33,7 @@ from torch.fx import Node
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..core.errors import AttnSurgeonError, one_line
+from ..core.module_state import snapshot
 from ..core.ops import ATTENTION_CLASS, WEIGHTED_MODULES
 from .graph_module import (
     _CARRIED_ATTRS,
@@ -315,13 +316,13 @@ def trace(
     try:
         while True:
             tracer = _Tracer(_leaf_types(), notrace, kept_whole, _autowrap_functions(), input_size)
-            saved = _attributes(model)
+            saved = snapshot(model)
             try:
                 try:
                     graph = tracer.trace(model, concrete_args=fixed or None)
                 finally:
                     constants = _trace_constants(tracer, model)
-                    stored = _restore_attributes(saved)
+                    stored = [(name, key) for name, key, value in saved.restore() if _holds_proxy(value)]
                 if stored:  # a cache (YOLO's anchors): a graph cannot hold that side effect
                     raise torch.fx.proxy.TraceError(
                         f"its forward stores a traced value on module "
@@ -373,31 +374,16 @@ def _trace_constants(tracer: _Tracer, model: nn.Module) -> dict[str, torch.Tenso
     """The tensors fx stored on the model as ``_tensor_constantN`` while tracing: values the forward
     computed from shapes (Swin's relative-position and BEiT's tables, EVA's and DINOv3's rotary
     embeddings) that the graph reads by ``get_attr``. They are taken off the model with the rest of
-    what tracing wrote (:func:`_restore_attributes`) and handed to the GraphModule instead."""
+    what tracing wrote (``Snapshot.restore``, :mod:`attnsurgeon.core.module_state`) and handed to the
+    GraphModule instead."""
     names = set(tracer.tensor_attrs.values())
     return {k: v for k, v in model.__dict__.items() if k in names and isinstance(v, torch.Tensor)}
 
 
-def _attributes(model: nn.Module) -> list[tuple[str, nn.Module, dict]]:
-    return [(name, m, dict(m.__dict__)) for name, m in model.named_modules()]
-
-
-def _restore_attributes(saved: list[tuple[str, nn.Module, dict]]) -> list[tuple[str, str]]:
-    """Undo what tracing wrote on the modules' attributes; returns ``(module, attribute)`` where
-    it stored a traced value (a forward that caches tensors on its module)."""
-    stored: list[tuple[str, str]] = []
-    for name, m, before in saved:
-        now = m.__dict__
-        for key in [k for k in now if k not in before or now[k] is not before[k]]:
-            if isinstance(now[key], torch.fx.Proxy) or (
-                isinstance(now[key], (tuple, list)) and any(isinstance(v, torch.fx.Proxy) for v in now[key])
-            ):
-                stored.append((name, key))
-            if key in before:
-                now[key] = before[key]
-            else:
-                del now[key]
-    return stored
+def _holds_proxy(value: Any) -> bool:
+    """A traced value (or a list of them) that a forward stored on its module: a graph cannot hold that side effect."""
+    values = value if isinstance(value, (tuple, list)) else [value]
+    return any(isinstance(v, torch.fx.Proxy) for v in values)
 
 
 def _trace_failure(model: nn.Module, tracer: _Tracer, exc: Exception) -> str:
