@@ -321,6 +321,14 @@ def saved_bytes_by_module(model: Any, x: tuple, modules: list[str], settings: Se
         for h in handles:
             h.remove()
     kept.clear()
+    return _saved_totals(modules, owners, ends)
+
+
+def _saved_totals(
+    modules: list[str], owners: dict[int, tuple[int, str | None]], ends: dict[str, tuple[Any, Any]]
+) -> dict[str, int]:
+    """Each module's bytes from what :func:`saved_bytes_by_module` recorded: the storages it kept first,
+    and its output where a base op keeps that (less its input, where the module itself kept the input)."""
     totals = {name: 0 for name in modules}
     for nbytes, owner in owners.values():
         if owner is not None:
