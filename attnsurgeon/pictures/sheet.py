@@ -92,7 +92,7 @@ def draw_sheet(e: Explanation, i: int) -> Any:
     import numpy as np
     from matplotlib.gridspec import GridSpec
 
-    from .plot import new_figure, short_name
+    from .figure import new_figure, short_name
 
     views = e.views()
     shown = getattr(e, e.gate_view)[i]
@@ -210,7 +210,7 @@ def draw_summary(e: Explanation) -> Any:
     the last channel gate's value per channel for each image (SENet's excitation plots)."""
     from matplotlib.gridspec import GridSpec
 
-    from .plot import new_figure, short_name
+    from .figure import new_figure, short_name
 
     summary = e.summary()[e.gate_view]
     shown = getattr(e, e.gate_view)

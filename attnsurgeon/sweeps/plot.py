@@ -32,7 +32,7 @@ def draw_plot(rows: list[dict]) -> Any:
     point with the 95 % interval of its Δ latency (:func:`latency_bar`) as a vertical error bar."""
     import matplotlib
 
-    from ..pictures.plot import new_figure
+    from ..pictures.figure import new_figure
 
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
