@@ -3,15 +3,13 @@ with eager's own; latency figures are checked for presence only (the 5 % agreeme
 InferenceSession.run loop is benchmarks/runtime_accuracy.py)."""
 
 import json
-import os
-import textwrap
 import sys
+import textwrap
 
 import pytest
 import torch
 from torch import nn
 
-from attnsurgeon.core.errors import AttnSurgeonError
 from attnsurgeon.profiling import profile
 from attnsurgeon.profiling.runtimes import RUNTIMES, TOLERANCE, Loaded, Runtime
 
