@@ -147,7 +147,8 @@ class Explanation:
 def _peak(cam: Any) -> tuple[int, int]:
     import numpy as np
 
-    return tuple(int(i) for i in np.unravel_index(int(np.argmax(cam)), cam.shape))
+    y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)  # cam is (H, W)
+    return int(y), int(x)
 
 
 def explain(

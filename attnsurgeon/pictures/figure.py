@@ -84,7 +84,7 @@ def block_labels(names: list[str], limit: int = _MAX_NAME) -> tuple[str, dict[st
     parts = [n.split(".") for n in names]
     common: list[str] = []
     if len(names) > 1 or (names and len(names[0]) > limit):
-        for column in zip(*[p[:-1] for p in parts]):
+        for column in zip(*[p[:-1] for p in parts], strict=False):  # up to the shortest name's depth
             if len(set(column)) != 1:
                 break
             common.append(column[0])

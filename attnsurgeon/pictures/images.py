@@ -81,8 +81,8 @@ def preprocessing(loaded: Any, size: tuple[int, ...]) -> tuple[Callable, Any, An
                 tuple(own.mean),
                 tuple(own.std),
                 (
-                    f"torchvision weights transforms: resize {resize} ({own.interpolation.value}), center crop {h}×{w}, "
-                    f"mean {list(own.mean)}, std {list(own.std)}"
+                    f"torchvision weights transforms: resize {resize} ({own.interpolation.value}), "
+                    f"center crop {h}×{w}, mean {list(own.mean)}, std {list(own.std)}"
                 ),
             )
     transform = T.Compose([T.Resize((h, w), antialias=True), T.ToTensor()])
@@ -98,7 +98,8 @@ def _config_text(cfg: dict) -> str:
     crop = cfg.get("crop_pct")
     return (
         f"input {tuple(cfg['input_size'])}, {cfg.get('interpolation')} interpolation, crop_pct {crop}, "
-        f"crop_mode {cfg.get('crop_mode', 'center')}, mean {list(map(float, cfg['mean']))}, std {list(map(float, cfg['std']))}"
+        f"crop_mode {cfg.get('crop_mode', 'center')}, mean {list(map(float, cfg['mean']))}, "
+        f"std {list(map(float, cfg['std']))}"
     )
 
 

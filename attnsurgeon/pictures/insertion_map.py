@@ -424,8 +424,8 @@ def write_insertion_map(
     _, anatomy = inspect_model(loaded, input_size=report.input_size, target=report.target)
     from ..profiling.macs import count_insertion_macs
 
-    values = count_insertion_macs(loaded.model, modified, report) if metric == "macs" else None
-    values = {k: float(v) for k, v in values.items()} if values is not None else None
+    macs = count_insertion_macs(loaded.model, modified, report) if metric == "macs" else None
+    values = {k: float(v) for k, v in macs.items()} if macs is not None else None
     shown = values or {i.module: float(i.params - i.replaced_params) for i in report.insertions}
     fig = draw_insertion_map(
         anatomy, report.insertions, values=values, metric=metric, title=map_title(report, metric, shown)

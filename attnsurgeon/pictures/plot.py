@@ -80,7 +80,7 @@ def draw_costs(result: Any, max_rows: int = 400) -> Any:
     ys = list(range(n))
     stage_colours = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
     colours = [stage_colours[(r.stage - 1) % len(stage_colours)] if r.stage else "#777" for r in rows]
-    for ax, (name, vals, factor, unit) in zip(axes, panels):
+    for ax, (name, vals, factor, unit) in zip(axes, panels, strict=True):  # one axes per panel
         scaled = [v * factor for v in vals]
         ax.barh(ys, scaled, color=colours, height=0.72)
         ax.set_title(name, fontsize=9)

@@ -36,7 +36,7 @@ def write_explanation(
             draw_summary(e).savefig(tmp / "summary.png", format="png")
             written.append("summary.png")
         data = e.to_dict()
-        for entry, name in zip(data["images"], names):
+        for entry, name in zip(data["images"], names, strict=True):  # one sheet per image
             entry["sheet"] = name
         (tmp / "explain.json").write_text(json.dumps(data, indent=2) + "\n")
         written.append("explain.json")

@@ -49,7 +49,7 @@ def count_model_macs(
     targets = counted.targets
     inputs = record_inputs(model, size)
     parts = [flops.count_macs(model.get_submodule(t), torch.randn(inputs[t])) for t in targets]
-    by_module = {f"{t}.{k}" if k else t: v for t, p in zip(targets, parts) for k, v in p.by_module.items()}
+    by_module = {f"{t}.{k}" if k else t: v for t, p in zip(targets, parts, strict=True) for k, v in p.by_module.items()}
     by_operator: dict[str, int] = {}
     uncounted: dict[str, int] = {}
     for p in parts:

@@ -6,8 +6,9 @@ import contextlib
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..planning.settings import Settings
 from .intervals import MIN_ROUNDS, RatioInterval, ratio_interval
@@ -123,8 +124,8 @@ def measure_latency(
     either the interval of each pair in ``pairs`` (modified, reference; default: every model against
     the first) is within ``±target_ci`` %, or, without a target, no model is noisy (IQR/median under
     10 %); and at ``max_run_time`` whatever the state, once there are ``MIN_ROUNDS`` (6) rounds, the fewest
-    that give an interval (a model slower than max_run_time / 6 a call is timed longer than that). Each pair's first model
-    gets ``vs_base``, the paired interval (:mod:`attnsurgeon.profiling.intervals`)."""
+    that give an interval (a model slower than max_run_time / 6 a call is timed longer than that). Each
+    pair's first model gets ``vs_base``, the paired interval (:mod:`attnsurgeon.profiling.intervals`)."""
     clock = clock or (lambda step, calls: block_time(step, calls, settings.device))
     names = list(steps)
     pairs = pairs if pairs is not None else [(n, names[0]) for n in names[1:]]

@@ -50,7 +50,8 @@ class InsertionCost:
 
     @property
     def where(self) -> str:
-        """The position (``after layer3.0.conv2`` for an anchor), or what the row replaced (``replaces SqueezeExcitation``)."""
+        """The position (``after layer3.0.conv2`` for an anchor), or what the row replaced
+        (``replaces SqueezeExcitation``)."""
         if not self.replaced:
             return f"{self.position} {self.anchor}" if self.anchor else self.position
         if self.position == "conv":  # a conv block (sk, splat) in a convolution's place
