@@ -12,9 +12,9 @@ from ..planning.settings import Settings
 from .macs import CountedParts, count_model_macs, insertion_macs
 from .result import InsertionCost, ModelFigures
 
-__all__ = ["Counts", "Measured", "count_models", "measure_models", "load_average"]
+__all__ = ["ProgressFn", "Counts", "Measured", "count_models", "measure_models", "load_average"]
 
-ProgressFn = Callable[[str], None]
+ProgressFn = Callable[[str], None]  # profile's progress: one message per step
 
 
 # --------------------------------------------------------------------------- parameters and MACs

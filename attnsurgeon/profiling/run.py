@@ -7,18 +7,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import AttnSurgeonError
 from ..planning.settings import Settings
-from .figures import Counts, Measured, count_models, load_average, measure_models
+from .figures import Counts, Measured, ProgressFn, count_models, load_average, measure_models
 from .result import ProfileResult
 
 __all__ = ["ProgressFn", "profile"]
-
-ProgressFn = Callable[[str], None]
 
 
 def profile(
