@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 

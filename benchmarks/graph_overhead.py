@@ -61,7 +61,8 @@ def main() -> int:
     )
     for name, value in lat.items():
         print(
-            f"{name:26s} median {value.median_ms:8.2f} ms  (IQR {value.iqr_ms:.2f}, {value.runs} rounds of {value.calls})"
+            f"{name:26s} median {value.median_ms:8.2f} ms  "
+            f"(IQR {value.iqr_ms:.2f}, {value.runs} rounds of {value.calls})"
         )
     r = lat[our_name].vs_base
     verdict = (

@@ -40,8 +40,7 @@ def build(group: str, size: int) -> list[tuple[str, object, str | None, str | No
     """(row name, model, memory reference row, time reference row) for one group."""
     import timm
 
-    from attnsurgeon import insert
-    from attnsurgeon import optimize
+    from attnsurgeon import insert, optimize
     from attnsurgeon.graph.tracing import trace
 
     if group == "effnet":
@@ -98,9 +97,9 @@ def main() -> int:
 
     import torch
 
-    from attnsurgeon.rewriting.memory import Recompute
-    from attnsurgeon.profiling.measure import make_step, measure_memory
     from attnsurgeon.planning.settings import Settings
+    from attnsurgeon.profiling.measure import make_step, measure_memory
+    from attnsurgeon.rewriting.memory import Recompute
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)

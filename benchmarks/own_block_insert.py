@@ -79,7 +79,7 @@ def main() -> int:
             start = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - start)
-    ratios = [g / s for g, s in zip(times["gate"], times["se"])]
+    ratios = [g / s for g, s in zip(times["gate"], times["se"], strict=True)]  # both timed each round
     for name, values in times.items():
         print(
             f"{name:5s} median {statistics.median(values):.3f} s  (min {min(values):.3f}, max {max(values):.3f}, "

@@ -89,7 +89,8 @@ def main() -> int:
                 wall, (before, after) = run(recipe, Path(tmp) / kind, kind == "ray", (args.min_time, args.max_time))
                 times[kind].append(wall)
                 print(
-                    f"round {r + 1} {kind:5s}: {wall:6.1f} s   (1-min load average {before:.1f} before, {after:.1f} after)"
+                    f"round {r + 1} {kind:5s}: {wall:6.1f} s   "
+                    f"(1-min load average {before:.1f} before, {after:.1f} after)"
                 )
         rows = {k: json.loads((Path(tmp) / k / "results.json").read_text()) for k in times}
         same = [(r["model"], r["name"], r["params"], r["macs"]) for r in rows["local"]] == [

@@ -430,7 +430,7 @@ def print_tables(rows: list[dict], only_failures: bool = False, width: int = 110
             continue
         w = max(len(n) for n in names)
         print(f"{'model':{w}s}  {'result':8s} {'blocks':>6s} {'ins.':>5s} {'params Δ':>10s} {'s':>6s}  reason")
-        for name, r in zip(names, shown):
+        for name, r in zip(names, shown, strict=True):
             print(
                 f"{name:{w}s}  {r['status']:8s} {r.get('blocks', ''):>6} {r.get('insertions', ''):>5} "
                 f"{_fmt_params(r.get('params_delta')):>10s} {r['seconds']:6.1f}  {(r['reason'] or '')[:width]}"
@@ -522,7 +522,7 @@ def markdown(rows: list[dict], timm_choice: dict | None = None) -> str:
             if not tried:  # not in this run
                 continue
 
-            def size(name: str) -> str:
+            def size(name: str, sizes: dict = sizes, c: dict = c) -> str:  # this family's, bound now
                 n = sizes.get(name.removeprefix("timm:"), c["params"] if name == f"timm:{c['model']}" else None)
                 return f"{n / 1e6:.2f} M" if n is not None else "does not build on the meta device"
 

@@ -402,7 +402,7 @@ def test_memory_efficient_profile_and_plot_on_an_anchor(tmp_path):
     for m in (plain, lean):
         m.train()
         m(x).square().mean().backward()
-    for (name, p), q in zip(plain.named_parameters(), lean.parameters()):
+    for (name, p), q in zip(plain.named_parameters(), lean.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-5), name
     result = attnsurgeon.profile(
         base, attn="se", after="layer3.*.bn2", input_size=32, min_run_time=0.01, max_run_time=0.02
@@ -478,9 +478,10 @@ def test_yolov8n_through_a_factory_with_cbam_after_model_9(tmp_path, monkeypatch
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         base_out = flatten_outputs(loaded.model.train()(x))
-        assert all(torch.equal(a, b) for a, b in zip(flatten_outputs(model.train()(x)), base_out))
+        assert all(torch.equal(a, b) for a, b in zip(flatten_outputs(model.train()(x)), base_out, strict=True))
         _perturb(model, ["model.9.cbam_after"])
-        changed = [not torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(flatten_outputs(model(x)), base_out)]
+        outs = flatten_outputs(model(x))
+        changed = [not torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(outs, base_out, strict=True)]
         assert changed and all(changed)  # every head map reads SPPF through the FPN
 
 

@@ -207,7 +207,8 @@ def test_under_json_stdout_holds_the_object_alone_whoever_else_writes_to_it():
     summary), or writes to file descriptor 1 from native code: under --json all of it goes to stderr (issue 29)."""
     code = (
         "import logging, os, sys\n"
-        "log = logging.getLogger('chatty'); log.addHandler(logging.StreamHandler(sys.stdout)); log.setLevel(logging.INFO)\n"
+        "log = logging.getLogger('chatty'); log.addHandler(logging.StreamHandler(sys.stdout)); "
+        "log.setLevel(logging.INFO)\n"
         "from attnsurgeon.cli.render import emit_json, json_stdout\n"
         "with json_stdout():\n"
         "    print('printed'); log.info('logged'); sys.stdout.flush(); os.write(1, b'native\\n')\n"

@@ -110,7 +110,8 @@ def test_the_readme_is_a_front_door():
 
 
 def test_the_install_page_prints_the_readmes_set_up_commands():
-    """The set-up lines (and the CPU-only torch) are printed twice (the README on GitHub, the Install page in the site): the same."""
+    """The set-up lines (and the CPU-only torch) are printed twice (the README on GitHub, the Install page
+    in the site): the same."""
 
     def bash_lines(page):
         return [

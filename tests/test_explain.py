@@ -20,7 +20,7 @@ BLUE = (40, 8, 56, 24)  # rows 40..55, columns 8..23: a blue square in the botto
 def _image(path, size=64, squares=(RED, BLUE), seed=0):
     rng = np.random.default_rng(seed)
     a = (80 + rng.integers(-10, 10, (size, size, 3))).astype(np.uint8)  # grey, a little noise
-    for (y0, x0, y1, x1), colour in zip(squares, ([230, 20, 20], [20, 20, 170])):
+    for (y0, x0, y1, x1), colour in zip(squares, ([230, 20, 20], [20, 20, 170]), strict=False):  # up to two squares
         a[y0:y1, x0:x1] = colour
     Image.fromarray(a).save(path)
     return path

@@ -276,7 +276,7 @@ def test_nothing_changes_in_eval_names_or_state():
     counts = []
     for m in (plain_model, efficient):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
             m(x)
         counts.append(len(saved))
     assert counts[0] == counts[1]
@@ -292,7 +292,7 @@ def test_plain_is_the_plain_graph_and_exports_match(tmp_path):
     assert not recompute_modules(inlined) and recompute_modules(efficient)  # the model itself is left as it was
     assert [n.target for n in inlined.graph.nodes] == [n.target for n in plain_model.graph.nodes]
     paths = [tmp_path / "plain.pt2", tmp_path / "efficient.pt2"]
-    for model, path in zip((plain_model, efficient), paths):
+    for model, path in zip((plain_model, efficient), paths, strict=True):
         export(model, path, input_size=SIZE)
     programs = [torch.export.load(str(p)) for p in paths]
     ops = [[str(n.target) for n in p.graph.nodes if n.op == "call_function"] for p in programs]

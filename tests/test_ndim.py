@@ -193,7 +193,7 @@ def test_r3d_18_at_every_position(attn):
         model, report = attnsurgeon.insert(base, attn, position, blocks=offered, init="identity", input_size=VIDEO)
         assert len(report.insertions) == len(offered) and {i.layout for i in report.insertions} == {"NCDHW"}
         assert report.params["delta"] == sum(i.params for i in report.insertions) > 0
-        out = assert_each_is_read(model.eval(), [i.module for i in report.insertions], lambda: model(x))
+        out = assert_each_is_read(model.eval(), [i.module for i in report.insertions], lambda model=model: model(x))
         assert torch.equal(out, expected), position
 
 
@@ -334,21 +334,25 @@ def audio_net(tmp_path):
     return f"{path}:build"
 
 
+def _audio_branch(blk, t):
+    return blk.bn2(blk.conv2(torch.relu(blk.bn1(blk.conv1(t)))))
+
+
+# one AudioNet block with gate g where each position puts it (the positions' definitions)
+_AUDIO_UNIT = {
+    "standard": lambda x, g, blk: torch.relu(x + g(_audio_branch(blk, x))),
+    "pre": lambda x, g, blk: torch.relu(x + _audio_branch(blk, g(x))),
+    "post": lambda x, g, blk: g(torch.relu(x + _audio_branch(blk, x))),
+    "identity": lambda x, g, blk: torch.relu(g(x) + _audio_branch(blk, x)),
+    "3x3": lambda x, g, blk: torch.relu(x + blk.bn2(blk.conv2(g(torch.relu(blk.bn1(blk.conv1(x))))))),
+}
+
+
 def _audio_by_hand(net, x, position, gates):
-    """AudioNet's forward written out, with gate k where ``position`` puts it in block k (the positions' definitions)."""
+    """AudioNet's forward written out, with gate k where ``position`` puts it in block k."""
     x = net.stem(x)
-    for blk, g in zip(net.layer1, gates):
-
-        def branch(t, blk=blk):
-            return blk.bn2(blk.conv2(torch.relu(blk.bn1(blk.conv1(t)))))
-
-        x = {
-            "standard": lambda: torch.relu(x + g(branch(x))),
-            "pre": lambda: torch.relu(x + branch(g(x))),
-            "post": lambda: g(torch.relu(x + branch(x))),
-            "identity": lambda: torch.relu(g(x) + branch(x)),
-            "3x3": lambda: torch.relu(x + blk.bn2(blk.conv2(g(torch.relu(blk.bn1(blk.conv1(x))))))),
-        }[position]()
+    for blk, g in zip(net.layer1, gates, strict=True):  # one gate per block
+        x = _AUDIO_UNIT[position](x, g, blk)
     return net.head(x.mean(-1))
 
 

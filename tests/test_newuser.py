@@ -301,8 +301,8 @@ def test_sweep_plot_labels_do_not_collide_where_points_are_close():
                 [t.get_text() for t in labels if t.get_window_extent(renderer) is b],
             )
     points = ax.transData.transform([(r["params"] / 1e6, r["latency_ms"]["median"]) for r in rows])
-    for t, box in zip(labels, boxes):
-        for (px, py), r in zip(points, rows):
+    for t, box in zip(labels, boxes, strict=True):
+        for (px, py), r in zip(points, rows, strict=True):
             assert not box.contains(px, py), (t.get_text(), r["name"])  # no label hides a point
         assert ax.get_window_extent(renderer).contains(box.x0, box.y0) and ax.get_window_extent(renderer).contains(
             box.x1, box.y1

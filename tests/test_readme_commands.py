@@ -3,10 +3,11 @@
 The commands are read from the ```bash blocks of the README, then of the docs pages in the order of
 mkdocs.yml's nav (the order a reader follows). Every one must parse (its options exist, its values
 have the right type); the quick ones are run, in order, in one scratch folder as a new user would
-run them, and must exit 0 — a command printed on several pages runs once, where it first appears. A command is left out of the run only for a reason listed in
-:data:`NOT_RUN` (it needs the network, files the user brings, a cluster, or minutes of timing);
-those still parse, and their pre-flight checks (names, stages, folders) are covered by their own
-tests. Two sweeps never share a folder unless the second resumes the first.
+run them, and must exit 0 — a command printed on several pages runs once, where it first appears. A
+command is left out of the run only for a reason listed in :data:`NOT_RUN` (it needs the network,
+files the user brings, a cluster, or minutes of timing); those still parse, and their pre-flight
+checks (names, stages, folders) are covered by their own tests. Two sweeps never share a folder
+unless the second resumes the first.
 """
 
 from __future__ import annotations

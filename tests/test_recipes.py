@@ -141,7 +141,8 @@ def test_every_shipped_recipe_parses():
         ),
         (
             "model: resnet18\ninsertions:\n  - attn: se\n    keep_depth: true\n",
-            "line 4: insertions[0].keep_depth: 'keep_depth' is a block option: write it under options (options: {keep_depth: true})",
+            "line 4: insertions[0].keep_depth: 'keep_depth' is a block option: "
+            "write it under options (options: {keep_depth: true})",
         ),
         (
             "model: resnet18\ninsertions:\n  - attn: se\n    options: {bias: maybe}\n",

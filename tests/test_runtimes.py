@@ -3,15 +3,13 @@ with eager's own; latency figures are checked for presence only (the 5 % agreeme
 InferenceSession.run loop is benchmarks/runtime_accuracy.py)."""
 
 import json
-import os
-import textwrap
 import sys
+import textwrap
 
 import pytest
 import torch
 from torch import nn
 
-from attnsurgeon.core.errors import AttnSurgeonError
 from attnsurgeon.profiling import profile
 from attnsurgeon.profiling.runtimes import RUNTIMES, TOLERANCE, Loaded, Runtime
 
@@ -346,7 +344,7 @@ def test_a_runtime_exports_the_model_as_built_not_what_eager_runs_cached_on_it(m
 
 
 def test_each_sweep_row_starts_from_the_model_as_built(tmp_path):
-    from attnsurgeon.sweeps import runner
+    from attnsurgeon.sweeps import rows
 
     (tmp_path / "caching.py").write_text(
         "import torch\nfrom torch import nn\n\n"
@@ -357,12 +355,12 @@ def test_each_sweep_row_starts_from_the_model_as_built(tmp_path):
     )
     spec = f"{tmp_path / 'caching.py'}:Caching"
     try:
-        loaded = runner._load(spec, {})
+        loaded = rows._load(spec, {})
         loaded.model(torch.randn(1, 3, 4, 4))  # an earlier row ran it
-        again = runner._load(spec, {})
+        again = rows._load(spec, {})
         assert again is loaded and again.model.shape is None  # the same model, built once, as it was built
     finally:
-        runner._forget_loaded()
+        rows.forget_loaded()
 
 
 @pytest.mark.slow

@@ -104,7 +104,7 @@ def test_missing_library_is_one_line_naming_the_extra(spec, extra, library, monk
     monkeypatch.setitem(sys.modules, library, None)  # importlib.util.find_spec: not installed
     result = CliRunner().invoke(app, ["insert", spec, "--attn", "se"])
     assert result.exit_code == 2
-    lines = [l for l in result.output.strip().splitlines() if l.strip()]
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and f"pip install 'attnsurgeon[{extra}]'" in lines[0] and "Traceback" not in result.output
 
 
@@ -191,7 +191,8 @@ def test_yolo_profile_base_matches_ultralytics_summary():
 
 
 def _eca_kernel(channels, gamma=2, beta=1):
-    """ECA-Net's adaptive kernel size (Wang et al. 2020, eq. 12): the odd number nearest |log2(C) + b| / gamma, at least 3."""
+    """ECA-Net's adaptive kernel size (Wang et al. 2020, eq. 12): the odd number nearest |log2(C) + b| / gamma,
+    at least 3."""
     import math
 
     t = int(abs(math.log2(channels) + beta) / gamma)
@@ -353,7 +354,7 @@ def test_pretrained_fails_in_seconds_with_one_line_when_the_host_never_answers(s
     code, out, err = cli("insert", spec, "--attn", "se", "--pretrained", "--input-size", "64")
     elapsed = time.monotonic() - start
     assert code == 2 and elapsed < 5, (code, elapsed)
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "127.0.0.1 cannot be reached (timed out)" in lines[0] and f"{silent_host}{where}" in lines[0]
     assert out == ""
@@ -376,7 +377,8 @@ TINY_RESNET_SMALL = dict(depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8, 
 
 @pytest.mark.parametrize("extra", [[], ["--weights", "w.safetensors"]])
 def test_a_hub_id_whose_config_is_not_cached_says_the_config_is_missing_and_the_ways_offline(extra, silent_host, cli):
-    """Without --pretrained the config is what is missing, not 'pretrained weights', and --weights FILE is no way out."""
+    """Without --pretrained the config is what is missing, not 'pretrained weights', and --weights FILE is no
+    way out."""
     if extra:
         from safetensors.torch import save_file
 

@@ -304,8 +304,8 @@ class _TokenMixer(nn.Module):
     def by_hand(self, x, unit, gates):
         """forward, written out, with gate k applied in NCL (transposed by hand) where ``unit`` puts it in block k."""
         x = self.embed(x).flatten(2).transpose(1, 2)
-        for blk, gate in zip(self.blocks, gates):
-            x = unit(x, blk, lambda t: gate(t.transpose(1, 2)).transpose(1, 2))
+        for blk, gate in zip(self.blocks, gates, strict=True):  # one gate per block
+            x = unit(x, blk, lambda t, gate=gate: gate(t.transpose(1, 2)).transpose(1, 2))
         return self.head(x.mean(1))
 
 
@@ -329,8 +329,8 @@ class _ChannelsLastNet(nn.Module):
     def by_hand(self, x, unit, gates):
         """forward, written out, with gate k applied in NCHW (permuted by hand) where ``unit`` puts it in block k."""
         x = self.stem(x).permute(0, 2, 3, 1)
-        for mlp, gate in zip(self.mlps, gates):
-            x = unit(x, mlp, lambda t: gate(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        for mlp, gate in zip(self.mlps, gates, strict=True):  # one gate per block
+            x = unit(x, mlp, lambda t, gate=gate: gate(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         return x.mean((1, 2))
 
 
@@ -390,7 +390,7 @@ class _Conv1dNet(nn.Module):
 
     def by_hand(self, x, unit, gates):
         x = self.stem(x)
-        for blk, gate in zip(self.blocks, gates):
+        for blk, gate in zip(self.blocks, gates, strict=True):  # one gate per block
             x = unit(x, blk, gate)
         return x.mean(2)
 

@@ -169,7 +169,8 @@ def _blocks(model):
 
 def test_positional_encoding_adds_and_one_channel_maps_are_not_blocks():
     blocks = _blocks(_CsatLike())
-    # before: stages.0.0.attn.attn.pos_embed, stages.0.0.attn.attn#1/#2 (1 channel), stages.0.1.pos_embed were blocks too
+    # before: stages.0.0.attn.attn.pos_embed, stages.0.0.attn.attn#1/#2 (1 channel), stages.0.1.pos_embed
+    # were blocks too
     assert blocks == [("stages.0.0", 16), ("stages.0.1#1", 16), ("stages.0.1#2", 16)]
     assert _blocks(_ConvMixerLike()) == [("add", 16)]
 

@@ -147,7 +147,7 @@ def test_every_block_at_every_position_is_an_exact_identity_at_init(traced):
             specs = [{"attn": attn, "position": position, "blocks": [block], "init": init} for block, attn in pairs]
             gm, report = apply_plan(model, specs, input_size=MODELS[model_name])
             assert sorted(i.attn for i in report.insertions) == sorted(a for _, a in pairs)
-            out = assert_each_is_read(gm.eval(), [i.module for i in report.insertions], lambda: gm(x))
+            out = assert_each_is_read(gm.eval(), [i.module for i in report.insertions], lambda gm=gm: gm(x))
             if exact:
                 assert torch.equal(out, y), (model_name, position, pairs)
                 added = sum(p.numel() for ins in report.insertions for p in gm.get_submodule(ins.module).parameters())

@@ -150,7 +150,7 @@ def test_bam_is_the_reference_bam():
     ours_params = list(ours.channel.state_dict().values()) + list(ours.spatial.state_dict().values())
     assert [t.shape for t in ref_params] == [t.shape for t in ours_params]
     with torch.no_grad():
-        for a, b in zip(ref_params, ours_params):
+        for a, b in zip(ref_params, ours_params, strict=True):
             a.copy_(b)
     x = torch.randn(2, 64, 10, 10)
     torch.testing.assert_close(ours(x), ref(x))

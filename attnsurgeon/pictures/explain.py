@@ -22,14 +22,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..core.errors import AttnSurgeonError
 from .gates import HIGH, LOW, Gate, _gate_entry, find_gates, read_gates
 from .gradcam import _check_layer_node, _require_gradcam, gradcam, layer_name, layer_node
+from .images import IMAGE_EXTENSIONS, collect_images, load_images, preprocessing
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+# collect_images and the rest of .images stay importable from here, where the command line imports them
+__all__ = ["ModelView", "Explanation", "explain", "IMAGE_EXTENSIONS", "collect_images", "load_images", "preprocessing"]
 
 
 @dataclass
@@ -146,114 +147,8 @@ class Explanation:
 def _peak(cam: Any) -> tuple[int, int]:
     import numpy as np
 
-    return tuple(int(i) for i in np.unravel_index(int(np.argmax(cam)), cam.shape))
-
-
-# --------------------------------------------------------------------------- images and preprocessing
-
-
-def collect_images(images: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files named, and the images in folders named (sorted); each checked to be a readable image."""
-    from PIL import Image
-
-    files: list[Path] = []
-    for item in images:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
-            if not found:
-                raise AttnSurgeonError(f"folder '{p}' holds no image ({', '.join(IMAGE_EXTENSIONS)})")
-            files += found
-        elif not p.exists():
-            raise AttnSurgeonError(f"image '{p}' does not exist")
-        else:
-            files.append(p)
-    if not files:
-        raise AttnSurgeonError("no image given: pass --image FILE (repeat it, or give a folder)")
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im.verify()
-        except (
-            Exception
-        ) as exc:  # PIL's errors, and whatever a plugin patched into Image.open raises (ultralytics' HEIF)
-            raise AttnSurgeonError(
-                f"cannot read image '{f}': it is not an image file PIL can open ({type(exc).__name__})"
-            ) from None
-    return files
-
-
-def preprocessing(loaded: Any, size: tuple[int, ...]) -> tuple[Callable, Any, Any, str]:
-    """The model's own preprocessing for ``size`` (C, H, W): timm's data config, torchvision's weights
-    transforms, else a plain resize to [0, 1]. Returns (transform PIL -> tensor, mean, std, description)."""
-    from torchvision import transforms as T
-
-    model = loaded.model
-    h, w = int(size[-2]), int(size[-1])
-    if getattr(model, "pretrained_cfg", None) is not None and loaded.source == "timm":
-        from timm.data import create_transform, resolve_data_config
-
-        cfg = resolve_data_config({"input_size": (3, h, w)}, model=model)
-        transform = create_transform(**cfg)
-        return transform, cfg["mean"], cfg["std"], f"timm data config: {_config_text(cfg)}"
-    if loaded.source == "torchvision":
-        import torchvision
-
-        try:
-            own = torchvision.models.get_model_weights(loaded.name).DEFAULT.transforms()
-        except Exception:  # noqa: BLE001  (models without published weights)
-            own = None
-        if own is not None and hasattr(own, "crop_size"):
-            crop = own.crop_size[0]
-            resize = round(own.resize_size[0] * h / crop)
-            transform = T.Compose(
-                [
-                    T.Resize(resize, interpolation=own.interpolation, antialias=True),
-                    T.CenterCrop((h, w)),
-                    T.ToTensor(),
-                    T.Normalize(own.mean, own.std),
-                ]
-            )
-            return (
-                transform,
-                tuple(own.mean),
-                tuple(own.std),
-                (
-                    f"torchvision weights transforms: resize {resize} ({own.interpolation.value}), center crop {h}×{w}, "
-                    f"mean {list(own.mean)}, std {list(own.std)}"
-                ),
-            )
-    transform = T.Compose([T.Resize((h, w), antialias=True), T.ToTensor()])
-    return (
-        transform,
-        (0.0, 0.0, 0.0),
-        (1.0, 1.0, 1.0),
-        (f"resize to {h}×{w}, scaled to [0, 1], not normalised (the model declares no preprocessing)"),
-    )
-
-
-def _config_text(cfg: dict) -> str:
-    crop = cfg.get("crop_pct")
-    return (
-        f"input {tuple(cfg['input_size'])}, {cfg.get('interpolation')} interpolation, crop_pct {crop}, "
-        f"crop_mode {cfg.get('crop_mode', 'center')}, mean {list(map(float, cfg['mean']))}, std {list(map(float, cfg['std']))}"
-    )
-
-
-def load_images(files: list[Path], transform: Callable, mean: Any, std: Any) -> tuple[Any, list[Any]]:
-    """(batch tensor, the un-normalised pixels each image became, (H, W, 3) in [0, 1])."""
-    import torch
-    from PIL import Image
-
-    tensors = []
-    for f in files:
-        with Image.open(f) as im:
-            tensors.append(transform(im.convert("RGB")))
-    x = torch.stack(tensors)
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    pixels = (x * s + m).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    return x, list(pixels)
+    y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)  # cam is (H, W)
+    return int(y), int(x)
 
 
 def explain(
@@ -284,12 +179,7 @@ def explain(
         >>> e = explain("resnet18", ["cat.jpg"], attn="cbam", input_size=64)
         >>> e.to_dict()["images"][0]["modified"]["gates"][0]["mean"]
     """
-    import torch
-
-    from ..graph.inspect import inspect_model
-    from ..graph.layout import resolve_input_size
-    from ..loading.models import as_loaded, refuse_saved
-    from ..rewriting.apply import apply_plan, make_spec
+    from ..rewriting.apply import make_spec
 
     say = progress or (lambda message: None)
     _require_gradcam()
@@ -297,44 +187,14 @@ def explain(
     specs = list(plan or [])
     if attn is not None:
         specs.append(make_spec(attn, position, stages, blocks, init, replace=replace, **block_options))
-    refuse_saved(model)
-    say("Loading the model")
-    loaded = as_loaded(model, pretrained=pretrained, weights=weights, weights_key=weights_key, **(model_args or {}))
-    size = resolve_input_size(input_size, loaded.input_size)
-    if len(size) != 3 or size[0] != 3:
-        raise AttnSurgeonError(f"explain reads RGB images: {loaded.spec} takes inputs of {tuple(size)}, not 3×H×W")
-    say("Tracing")
-    _, anatomy = inspect_model(loaded, input_size=size)
-    if anatomy.target is not None:
-        raise AttnSurgeonError(
-            f"{loaded.spec} does not trace whole (only {', '.join(anatomy.target)}): explain needs a "
-            "classifier whose whole forward traces"
-        )
-    base_gm = anatomy.gm
-    base_gm.eval()
-    modified, report = None, None
-    if specs:
-        say("Inserting")
-        modified, report = apply_plan(loaded, specs, input_size=size)
-        modified.eval()
-    base_node = layer_node(base_gm, layer)
-    _check_layer_node(base_node, layer, base_gm, "base")
-    mod_node = None
-    if modified is not None:
-        mod_node = layer_node(modified, layer)
-        _check_layer_node(mod_node, layer, modified, "modified")
+    loading = {"pretrained": pretrained, "weights": weights, "weights_key": weights_key}
+    loaded, size, base_gm, modified, report = _open_models(model, specs, input_size, loading, model_args, say)
+    base_node, mod_node = _layer_nodes(base_gm, modified, layer)
 
     say(f"Reading {len(files)} image{'s' * (len(files) != 1)}")
     transform, mean, std, described = preprocessing(loaded, size)
     x, pixels = load_images(files, transform, mean, std)
-
-    notes: list[str] = list(report.notes if report else loaded.notes)
-    if loaded.weights is None and loaded.source in ("torchvision", "timm"):  # a library model, built untrained
-        notes.insert(
-            0,
-            f"{loaded.spec} has random weights (no --pretrained or --weights): its classes, probabilities "
-            "and Grad-CAM maps say nothing about the images",
-        )
+    notes = _notes(loaded, report)
     insertions = report.insertions if report else []
     say("Finding the gates")
     gates = find_gates(modified if modified is not None else base_gm, insertions, base_gm, notes)
@@ -346,40 +206,12 @@ def explain(
         ("base", base_gm, base_node, base_gates),
         ("modified", modified, mod_node, gates),
     ):
-        if gm is None:
-            continue
-        say(f"Running the {name} model")
-        with torch.no_grad():
-            logits = gm(x)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise AttnSurgeonError(
-                f"explain needs a classifier: {loaded.spec} returns "
-                f"{type(logits).__name__ if not isinstance(logits, torch.Tensor) else tuple(logits.shape)}, "
-                "not one (N, classes) tensor of scores"
-            )
-        if not classes:
-            if class_index is not None and not 0 <= class_index < logits.shape[1]:
-                raise AttnSurgeonError(
-                    f"--class {class_index} is out of range: {loaded.spec} has {logits.shape[1]} classes (0..{logits.shape[1] - 1})"
-                )
-            classes = [class_index] * len(files) if class_index is not None else logits.argmax(1).tolist()
-        probs = logits.float().softmax(1)
-        top = probs.topk(min(5, probs.shape[1]), dim=1)
-        values = read_gates(gm, own_gates, x)
-        say(f"Grad-CAM of the {name} model at {layer or layer_name(node)}")
-        cams = gradcam(gm, node, x, classes)
-        views[name] = [
-            ModelView(
-                list(zip(top.indices[i].tolist(), top.values[i].tolist())),
-                cams[i],
-                {k: v[i] for k, v in values.items()},
-            )
-            for i in range(len(files))
-        ]
+        if gm is not None:
+            views[name], classes = _views(name, gm, node, own_gates, x, classes, class_index, layer, loaded.spec, say)
     for g in base_gates:  # the base's own attention, where there is a modified model, keeps its kind
         if g.kind is None:
             g.kind = "channel"
-    out = Explanation(
+    return Explanation(
         loaded.spec,
         loaded.source,
         tuple(size),
@@ -399,7 +231,113 @@ def explain(
         base_gm,
         modified,
     )
-    return out
+
+
+def _open_models(
+    model: Any,
+    specs: list,
+    input_size: Any,
+    loading: dict[str, Any],
+    model_args: dict[str, Any] | None,
+    say: Callable[[str], None],
+) -> tuple[Any, Any, Any, Any, Any]:
+    """(the loaded model, its input size, its traced GraphModule, the modified model and its report,
+    or None, None without insertions); both in eval mode."""
+    from ..graph.inspect import inspect_model
+    from ..graph.layout import resolve_input_size
+    from ..loading.models import as_loaded, refuse_saved
+    from ..rewriting.apply import apply_plan
+
+    refuse_saved(model)
+    say("Loading the model")
+    loaded = as_loaded(model, **loading, **(model_args or {}))
+    size = resolve_input_size(input_size, loaded.input_size)
+    if len(size) != 3 or size[0] != 3:
+        raise AttnSurgeonError(f"explain reads RGB images: {loaded.spec} takes inputs of {tuple(size)}, not 3×H×W")
+    say("Tracing")
+    _, anatomy = inspect_model(loaded, input_size=size)
+    if anatomy.target is not None:
+        raise AttnSurgeonError(
+            f"{loaded.spec} does not trace whole (only {', '.join(anatomy.target)}): explain needs a "
+            "classifier whose whole forward traces"
+        )
+    base_gm = anatomy.gm
+    base_gm.eval()
+    modified, report = None, None
+    if specs:
+        say("Inserting")
+        modified, report = apply_plan(loaded, specs, input_size=size)
+        modified.eval()
+    return loaded, size, base_gm, modified, report
+
+
+def _layer_nodes(base_gm: Any, modified: Any, layer: str | None) -> tuple[Any, Any]:
+    """The node Grad-CAM reads in each model (``layer``, or the last spatial one); None without a modified model."""
+    base_node = layer_node(base_gm, layer)
+    _check_layer_node(base_node, layer, base_gm, "base")
+    mod_node = None
+    if modified is not None:
+        mod_node = layer_node(modified, layer)
+        _check_layer_node(mod_node, layer, modified, "modified")
+    return base_node, mod_node
+
+
+def _notes(loaded: Any, report: Any) -> list[str]:
+    """What loading and the insertion said, and first, for an untrained library model, that its maps mean nothing."""
+    notes: list[str] = list(report.notes if report else loaded.notes)
+    if loaded.weights is None and loaded.source in ("torchvision", "timm"):  # a library model, built untrained
+        notes.insert(
+            0,
+            f"{loaded.spec} has random weights (no --pretrained or --weights): its classes, probabilities "
+            "and Grad-CAM maps say nothing about the images",
+        )
+    return notes
+
+
+def _views(
+    name: str,
+    gm: Any,
+    node: Any,
+    own_gates: list[Gate],
+    x: Any,
+    classes: list[int],
+    class_index: int | None,
+    layer: str | None,
+    spec: str,
+    say: Callable[[str], None],
+) -> tuple[list[ModelView], list[int]]:
+    """One model on the images: its top-5 classes, gate values and Grad-CAM map per image; and the
+    classes Grad-CAM explains (``class_index``, else the first model's top class), once chosen."""
+    import torch
+
+    say(f"Running the {name} model")
+    with torch.no_grad():
+        logits = gm(x)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise AttnSurgeonError(
+            f"explain needs a classifier: {spec} returns "
+            f"{type(logits).__name__ if not isinstance(logits, torch.Tensor) else tuple(logits.shape)}, "
+            "not one (N, classes) tensor of scores"
+        )
+    if not classes:
+        n = logits.shape[1]
+        if class_index is not None and not 0 <= class_index < n:
+            raise AttnSurgeonError(f"--class {class_index} is out of range: {spec} has {n} classes (0..{n - 1})")
+        classes = [class_index] * len(x) if class_index is not None else logits.argmax(1).tolist()
+    probs = logits.float().softmax(1)
+    top = probs.topk(min(5, probs.shape[1]), dim=1)
+    values = read_gates(gm, own_gates, x)
+    say(f"Grad-CAM of the {name} model at {layer or layer_name(node)}")
+    cams = gradcam(gm, node, x, classes)
+    views = [
+        ModelView(
+            list(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True)),
+            cams[i],
+            {k: v[i] for k, v in values.items()},
+        )
+        for i in range(len(x))
+    ]
+    return views, classes
 
 
 def _class_name(loaded: Any, k: int) -> str | None:

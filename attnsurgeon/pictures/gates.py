@@ -62,7 +62,9 @@ def gates_of(module: Any) -> dict[str, tuple[str, str | None]]:
     declared = _declared(module)
     if declared:
         return {k: (p, kind) for k, (p, kind) in declared.items()}
-    found = {n: (n, None) for n, m in module.named_modules() if n and _sigmoid_like(m)}
+    found: dict[str, tuple[str, str | None]] = {
+        n: (n, None) for n, m in module.named_modules() if n and _sigmoid_like(m)
+    }
     return found
 
 

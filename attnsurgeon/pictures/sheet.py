@@ -36,7 +36,7 @@ def write_explanation(
             draw_summary(e).savefig(tmp / "summary.png", format="png")
             written.append("summary.png")
         data = e.to_dict()
-        for entry, name in zip(data["images"], names):
+        for entry, name in zip(data["images"], names, strict=True):  # one sheet per image
             entry["sheet"] = name
         (tmp / "explain.json").write_text(json.dumps(data, indent=2) + "\n")
         written.append("explain.json")
@@ -89,17 +89,14 @@ def _class_text(e: Explanation, view: ModelView, i: int) -> str:
 
 def draw_sheet(e: Explanation, i: int) -> Any:
     """One image: the input, Grad-CAM of base and modified, channel gate strips, spatial gate maps."""
-    import numpy as np
     from matplotlib.gridspec import GridSpec
 
-    from .plot import new_figure, short_name
+    from .figure import new_figure
 
-    views = e.views()
     shown = getattr(e, e.gate_view)[i]
     channel = [g for g in e.gates if g.kind != "spatial" and (g.module, g.name) in shown.gates]
     spatial = [g for g in e.gates if g.kind == "spatial" and (g.module, g.name) in shown.gates][:24]
-    n_cols = 4
-    spatial_rows = -(-len(spatial) // n_cols) if spatial else 0
+    spatial_rows = -(-len(spatial) // _SPATIAL_COLUMNS) if spatial else 0
     strip_h = min(0.16 * len(channel) + 0.6, 9.0) if channel else 0
     spacer = [0.25] if spatial else []  # room for the spatial section's heading
     heights = [2.6] + ([strip_h] if channel else []) + spacer + [1.9] * spatial_rows
@@ -115,7 +112,24 @@ def draw_sheet(e: Explanation, i: int) -> Any:
         left=0.15,
         right=0.95,
     )
-    top = gs[0].subgridspec(1, 1 + len(views), wspace=0.08)
+    _draw_cams(fig, gs[0], e, i)
+    row = 1
+    if channel:
+        _draw_channel_strips(fig, fig.add_subplot(gs[row]), shown, channel)
+        row += 1
+    if spatial:
+        row += 1  # the spacer
+        _draw_spatial_maps(fig, gs[row:].subgridspec(spatial_rows, _SPATIAL_COLUMNS, wspace=0.06, hspace=0.4), e, i)
+    return fig
+
+
+_SPATIAL_COLUMNS = 4
+
+
+def _draw_cams(fig: Any, cell: Any, e: Explanation, i: int) -> None:
+    """The sheet's top row: the image, then Grad-CAM of each model over it; and the sheet's title."""
+    views = e.views()
+    top = cell.subgridspec(1, 1 + len(views), wspace=0.08)
     pixels = e.pixels[i]
     ax = fig.add_subplot(top[0, 0])
     ax.imshow(pixels)
@@ -133,70 +147,81 @@ def draw_sheet(e: Explanation, i: int) -> Any:
         y=1 - 0.12 / fig.get_figheight(),
         va="top",
     )
-    row = 1
-    if channel:
-        ax = fig.add_subplot(gs[row])
-        row += 1
-        vmax = max(1.0, max(float(shown.gates[(g.module, g.name)].max()) for g in channel))
-        for r, g in enumerate(channel):
-            t = shown.gates[(g.module, g.name)]
-            values = np.sort(t.reshape(t.shape[0], -1).mean(-1).numpy() if t.dim() > 1 else t.numpy())[::-1]
-            im = ax.imshow(
-                values[None, :],
-                aspect="auto",
-                cmap="viridis",
-                vmin=0,
-                vmax=vmax,
-                extent=(0, 1, r + 0.5, r - 0.5),
-                interpolation="nearest",
-            )
-        ax.set_ylim(len(channel) - 0.5, -0.5)
-        ax.set_xlim(0, 1)
-        ax.set_yticks(
-            range(len(channel)),
-            [
-                f"{short_name(g.module, 22)}{'' if g.name in ('channel', 'gate') else ' · ' + g.name}"
-                f"{' (own)' if g.origin == 'existing' else ''}"
-                for g in channel
-            ],
-            fontsize=max(4.5, min(7, 150 / len(channel))),
+
+
+def _draw_channel_strips(fig: Any, ax: Any, shown: ModelView, channel: list[Any]) -> None:
+    """One strip per channel gate, its values sorted high to low (SENet's excitation plots)."""
+    import numpy as np
+
+    from .figure import short_name
+
+    vmax = max(1.0, max(float(shown.gates[(g.module, g.name)].max()) for g in channel))
+    for r, g in enumerate(channel):
+        t = shown.gates[(g.module, g.name)]
+        values = np.sort(t.reshape(t.shape[0], -1).mean(-1).numpy() if t.dim() > 1 else t.numpy())[::-1]
+        im = ax.imshow(
+            values[None, :],
+            aspect="auto",
+            cmap="viridis",
+            vmin=0,
+            vmax=vmax,
+            extent=(0, 1, r + 0.5, r - 0.5),
+            interpolation="nearest",
         )
-        ax.set_xticks([0, 0.5, 1], ["highest", "channels, sorted by gate value", "lowest"], fontsize=7)
-        ax.set_title("channel gates (one strip per module, like SENet's excitation plots)", fontsize=8.5)
-        bar = fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
-        bar.set_label("gate", fontsize=7)
-        bar.ax.tick_params(labelsize=6.5)
-    if spatial:
-        row += 1  # the spacer
-        sub = gs[row:].subgridspec(spatial_rows, n_cols, wspace=0.06, hspace=0.4)
-        h, w = pixels.shape[:2]
-        for k, g in enumerate(spatial):
-            ax = fig.add_subplot(sub[k // n_cols, k % n_cols])
-            if k == 0:
-                top_y = ax.get_position().y1 + 0.42 / fig.get_figheight()
-                fig.text(
-                    0.55,
-                    top_y,
-                    "spatial gates, upsampled over the image (each map scaled to its own range, in its title)",
-                    ha="center",
-                    va="bottom",
-                    fontsize=8.5,
-                )
-            t = shown.gates[(g.module, g.name)]
-            heat = _upsample(t, h, w)
-            lo, hi = float(heat.min()), float(heat.max())
-            _overlay(
-                ax,
-                pixels,
-                (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat),
-                f"{short_name(g.module, 24)}\n{g.name}: {lo:.2f}–{hi:.2f}",
-                alpha=0.5,
-            )
-        if len(e.gates) and len([g for g in e.gates if g.kind == "spatial"]) > len(spatial):
+    ax.set_ylim(len(channel) - 0.5, -0.5)
+    ax.set_xlim(0, 1)
+    ax.set_yticks(
+        range(len(channel)),
+        [
+            f"{short_name(g.module, 22)}{'' if g.name in ('channel', 'gate') else ' · ' + g.name}"
+            f"{' (own)' if g.origin == 'existing' else ''}"
+            for g in channel
+        ],
+        fontsize=max(4.5, min(7, 150 / len(channel))),
+    )
+    ax.set_xticks([0, 0.5, 1], ["highest", "channels, sorted by gate value", "lowest"], fontsize=7)
+    ax.set_title("channel gates (one strip per module, like SENet's excitation plots)", fontsize=8.5)
+    bar = fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
+    bar.set_label("gate", fontsize=7)
+    bar.ax.tick_params(labelsize=6.5)
+
+
+def _draw_spatial_maps(fig: Any, sub: Any, e: Explanation, i: int) -> None:
+    """The spatial gates (the first 24), each upsampled over the image and scaled to its own range."""
+    import numpy as np
+
+    from .figure import short_name
+
+    shown = getattr(e, e.gate_view)[i]
+    spatial = [g for g in e.gates if g.kind == "spatial" and (g.module, g.name) in shown.gates][:24]
+    pixels = e.pixels[i]
+    h, w = pixels.shape[:2]
+    for k, g in enumerate(spatial):
+        ax = fig.add_subplot(sub[k // _SPATIAL_COLUMNS, k % _SPATIAL_COLUMNS])
+        if k == 0:
+            top_y = ax.get_position().y1 + 0.42 / fig.get_figheight()
             fig.text(
-                0.5, 0.005, f"first {len(spatial)} spatial gates shown; explain.json holds all", ha="center", fontsize=7
+                0.55,
+                top_y,
+                "spatial gates, upsampled over the image (each map scaled to its own range, in its title)",
+                ha="center",
+                va="bottom",
+                fontsize=8.5,
             )
-    return fig
+        t = shown.gates[(g.module, g.name)]
+        heat = _upsample(t, h, w)
+        lo, hi = float(heat.min()), float(heat.max())
+        _overlay(
+            ax,
+            pixels,
+            (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat),
+            f"{short_name(g.module, 24)}\n{g.name}: {lo:.2f}–{hi:.2f}",
+            alpha=0.5,
+        )
+    if len(e.gates) and len([g for g in e.gates if g.kind == "spatial"]) > len(spatial):
+        fig.text(
+            0.5, 0.005, f"first {len(spatial)} spatial gates shown; explain.json holds all", ha="center", fontsize=7
+        )
 
 
 def _what(e: Explanation) -> str:
@@ -210,7 +235,7 @@ def draw_summary(e: Explanation) -> Any:
     the last channel gate's value per channel for each image (SENet's excitation plots)."""
     from matplotlib.gridspec import GridSpec
 
-    from .plot import new_figure, short_name
+    from .figure import new_figure, short_name
 
     summary = e.summary()[e.gate_view]
     shown = getattr(e, e.gate_view)

@@ -16,9 +16,10 @@ is one entry in :data:`EXTRA_HANDLES` (a pure function of the op's input/output 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import prod
-from typing import Any, Callable
+from typing import Any
 
 Handle = Callable[[list, list], float]
 

@@ -34,13 +34,11 @@ class RatioInterval:
         """(change %, low %, high %) of the figure: latency (the ratio), or with ``inverse`` a rate
         such as throughput (1 / ratio, so the ends swap)."""
 
-        def pct(r: float | None) -> float | None:
-            if r is None:
-                return None
+        def pct(r: float) -> float:
             return 100.0 * ((1.0 / r if inverse else r) - 1.0)
 
         lo, hi = (self.high, self.low) if inverse else (self.low, self.high)
-        return pct(self.median), pct(lo), pct(hi)
+        return pct(self.median), None if lo is None else pct(lo), None if hi is None else pct(hi)
 
     @property
     def resolved(self) -> bool:
@@ -83,7 +81,7 @@ def ratio_interval(modified: list[float], base: list[float], confidence: float =
     """The paired interval of ``modified[i] / base[i]`` over rounds ``i``; None without rounds."""
     if len(modified) != len(base):
         raise ValueError(f"paired rounds differ in number: {len(modified)} and {len(base)}")
-    ratios = sorted(m / b for m, b in zip(modified, base) if b > 0)
+    ratios = sorted(m / b for m, b in zip(modified, base, strict=True) if b > 0)
     if not ratios:
         return None
     ranks = order_statistic_ranks(len(ratios), confidence)

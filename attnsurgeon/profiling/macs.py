@@ -3,23 +3,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import AttnSurgeonError, one_line
 
-__all__ = ["count_model_macs", "insertion_macs", "count_insertion_macs"]
+__all__ = ["CountedParts", "count_model_macs", "insertion_macs", "count_insertion_macs"]
+
+
+@dataclass
+class CountedParts:
+    """Where fvcore cannot run a whole model: the parts it counts instead, and the warning that says so.
+    Empty until :func:`count_model_macs` falls back; one per pair of models, so that the second model is
+    counted the same way as the first."""
+
+    warning: str | None = None
+    targets: list[str] = field(default_factory=list)
 
 
 def count_model_macs(
-    model: Any, args: tuple, size: tuple[int, ...], targets: list[str] | None, counted: list[str]
+    model: Any, args: tuple, size: tuple[int, ...], targets: list[str] | None, counted: CountedParts
 ) -> Any:
     """fvcore on the whole model; where it cannot run it, on the traced parts. After a fallback,
-    ``counted`` holds the warning and then the parts, and the next model is counted the same way."""
+    ``counted`` holds the warning and the parts, and the next model is counted the same way."""
     import torch
 
     from . import flops
 
-    if not counted:
+    if counted.warning is None:
         try:
             return flops.count_macs(model, args)
         except Exception as exc:  # noqa: BLE001  (fvcore's JIT tracer fails in many ways)
@@ -29,16 +40,16 @@ def count_model_macs(
             targets = targets or find_targets(model, size).targets
             if not targets:
                 raise AttnSurgeonError(f"fvcore cannot count the MACs of {type(model).__name__}: {reason}") from exc
-            counted += [
-                f"MACs count {', '.join(targets)} only: fvcore cannot run the whole {type(model).__name__} ({reason})",
-                *targets,
-            ]
+            counted.warning = (
+                f"MACs count {', '.join(targets)} only: fvcore cannot run the whole {type(model).__name__} ({reason})"
+            )
+            counted.targets = list(targets)
     from ..graph.parts import record_inputs
 
-    targets = counted[1:]
+    targets = counted.targets
     inputs = record_inputs(model, size)
     parts = [flops.count_macs(model.get_submodule(t), torch.randn(inputs[t])) for t in targets]
-    by_module = {f"{t}.{k}" if k else t: v for t, p in zip(targets, parts) for k, v in p.by_module.items()}
+    by_module = {f"{t}.{k}" if k else t: v for t, p in zip(targets, parts, strict=True) for k, v in p.by_module.items()}
     by_operator: dict[str, int] = {}
     uncounted: dict[str, int] = {}
     for p in parts:
@@ -75,6 +86,6 @@ def count_insertion_macs(base: Any, modified: Any, report: Any) -> dict[str, int
     from ..loading.samples import sample_args
 
     one = sample_args(base, tuple(report.input_size), 1, generator=torch.Generator().manual_seed(0))
-    counted: list[str] = []
+    counted = CountedParts()
     mod = count_model_macs(modified, one, tuple(report.input_size), report.target, counted)
     return insertion_macs(report, count_model_macs(base, one, tuple(report.input_size), report.target, counted), mod)

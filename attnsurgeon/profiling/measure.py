@@ -6,8 +6,9 @@ import contextlib
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..planning.settings import Settings
 from .intervals import MIN_ROUNDS, RatioInterval, ratio_interval
@@ -123,8 +124,8 @@ def measure_latency(
     either the interval of each pair in ``pairs`` (modified, reference; default: every model against
     the first) is within ``±target_ci`` %, or, without a target, no model is noisy (IQR/median under
     10 %); and at ``max_run_time`` whatever the state, once there are ``MIN_ROUNDS`` (6) rounds, the fewest
-    that give an interval (a model slower than max_run_time / 6 a call is timed longer than that). Each pair's first model
-    gets ``vs_base``, the paired interval (:mod:`attnsurgeon.profiling.intervals`)."""
+    that give an interval (a model slower than max_run_time / 6 a call is timed longer than that). Each
+    pair's first model gets ``vs_base``, the paired interval (:mod:`attnsurgeon.profiling.intervals`)."""
     clock = clock or (lambda step, calls: block_time(step, calls, settings.device))
     names = list(steps)
     pairs = pairs if pairs is not None else [(n, names[0]) for n in names[1:]]
@@ -321,6 +322,14 @@ def saved_bytes_by_module(model: Any, x: tuple, modules: list[str], settings: Se
         for h in handles:
             h.remove()
     kept.clear()
+    return _saved_totals(modules, owners, ends)
+
+
+def _saved_totals(
+    modules: list[str], owners: dict[int, tuple[int, str | None]], ends: dict[str, tuple[Any, Any]]
+) -> dict[str, int]:
+    """Each module's bytes from what :func:`saved_bytes_by_module` recorded: the storages it kept first,
+    and its output where a base op keeps that (less its input, where the module itself kept the input)."""
     totals = {name: 0 for name in modules}
     for nbytes, owner in owners.values():
         if owner is not None:

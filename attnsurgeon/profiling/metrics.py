@@ -8,8 +8,9 @@ metric's ``key`` is its place in the JSON objects (``latency_ms.median`` nests a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 
 @dataclass(frozen=True)

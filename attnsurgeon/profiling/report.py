@@ -51,7 +51,8 @@ def to_markdown(result: ProfileResult) -> str:
     s = result.settings
     lines = [
         f"**{result.model}** ({result.source}), input {'×'.join(map(str, result.input_size))}, "
-        f"{s.device}, {s.dtype}, {s.mode}, {result.environment['threads']} threads, torch {result.environment['torch_version']}",
+        f"{s.device}, {s.dtype}, {s.mode}, {result.environment['threads']} threads, "
+        f"torch {result.environment['torch_version']}",
         "",
         "| metric | base | modified | delta | delta % |",
         "|---|---:|---:|---:|---:|",

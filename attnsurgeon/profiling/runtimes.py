@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import importlib
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..core.errors import AttnSurgeonError
 from ..core.module_state import Snapshot
@@ -38,7 +39,7 @@ class Loaded:
     """A model loaded in a runtime."""
 
     run: Callable[..., list]  # torch inputs -> output tensors (the output check)
-    step: Callable[[tuple], Callable[[], None]]  # torch inputs -> one inference call on them, as timed
+    step: Callable[[tuple], Callable[[], Any]]  # torch inputs -> one inference call on them, as timed (result unused)
     memory: Callable[[tuple, Callable[[], None]], Memory] | None = None  # (inputs, step) -> peak memory, where known
 
 
@@ -47,7 +48,7 @@ class Runtime:
     name: str  # the --runtime value
     title: str  # how messages name it
     load: (
-        Callable[[Any, "Exports", str, Settings, str], Loaded] | None
+        Callable[[Any, Exports, str, Settings, str], Loaded] | None
     )  # (model, exports, base/modified, settings, precision)
     requires: tuple[str, ...] = ()  # modules it imports beyond attnsurgeon's own dependencies...
     extra: str | None = None  # ...and the pip extra that installs them
@@ -299,7 +300,7 @@ def _load_onnxruntime(model: Any, exports: Exports, name: str, settings: Setting
     names = [i.name for i in session.get_inputs()]
 
     def feed(x: tuple) -> dict:
-        return {n: t.detach().cpu().numpy() for n, t in zip(names, x)}
+        return {n: t.detach().cpu().numpy() for n, t in zip(names, x, strict=False)}  # as many as the graph kept
 
     def run(*x: Any) -> list:
         return [torch.from_numpy(o) for o in session.run(None, feed(x))]
@@ -381,7 +382,7 @@ def measure_runtimes(
                 continue
             floats = None
             for precision in PRECISIONS if quantize and runtime.quantizes else PRECISIONS[:1]:
-                row = _measure(runtime, precision, models, exports, size, settings, say)
+                row = _measure(runtime, runtime.load, precision, models, exports, size, settings, say)
                 if precision != "float32" and floats is not None and floats.error and not row.error:
                     row.error = f"not compared: the float32 row failed ({floats.error})"
                 floats = floats or row
@@ -391,6 +392,7 @@ def measure_runtimes(
 
 def _measure(
     runtime: Runtime,
+    load: Callable[[Any, Exports, str, Settings, str], Loaded],  # runtime.load, known not None (not eager)
     precision: str,
     models: dict[str, Any],
     exports: Exports,
@@ -413,7 +415,7 @@ def _measure(
     timed = {name: Timed() for name in models}
     try:
         say(f"Exporting to {runtime.title}" + (f" ({precision})" if precision != "float32" else ""))
-        loaded = {name: runtime.load(model, exports, name, settings, precision) for name, model in models.items()}
+        loaded = {name: load(model, exports, name, settings, precision) for name, model in models.items()}
         for b in settings.batch_sizes:
             x = sample_args(models["base"], size, b)  # on the CPU: the models are exported from it
             for name, model in models.items():
@@ -434,8 +436,9 @@ def _measure(
             for name, latency in measure_latency(steps, b, settings).items():
                 timed[name].latency[b] = latency
             for name, step in steps.items():
-                if loaded[name].memory is not None:
-                    timed[name].memory[b] = loaded[name].memory(x, step)
+                memory = loaded[name].memory
+                if memory is not None:
+                    timed[name].memory[b] = memory(x, step)
     except AttnSurgeonError as exc:
         row.error = str(exc)
         return row

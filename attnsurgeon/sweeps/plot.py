@@ -4,6 +4,7 @@ no point."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,8 @@ BASE = "base"
 
 
 def write_plot(out: Path, rows: list[dict]) -> Path | None:
-    """Latency against parameters, one labelled point per finished row (matplotlib, Agg)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """Latency against parameters, one labelled point per finished row (matplotlib's Agg canvas, no pyplot)."""
+    if importlib.util.find_spec("matplotlib") is None:  # the plot is optional: no matplotlib, no plot
         return None
     fig = draw_plot(rows)
     if fig is None:
@@ -27,7 +23,6 @@ def write_plot(out: Path, rows: list[dict]) -> Path | None:
     path = out / "plot.png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return path
 
 
@@ -35,14 +30,17 @@ def draw_plot(rows: list[dict]) -> Any:
     """The figure of :func:`write_plot`, or None when no row finished: each point labelled where its
     label collides with no other label and no point (see :func:`_place_labels`), and a configuration's
     point with the 95 % interval of its Δ latency (:func:`latency_bar`) as a vertical error bar."""
-    import matplotlib.pyplot as plt
+    import matplotlib
+
+    from ..pictures.figure import new_figure
 
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig = new_figure(7, 4.5, dpi=120)
+    ax = fig.add_subplot()
     models = list(dict.fromkeys(r["model"] for r in ok))  # one colour per model, its base a black-edged square
-    colours = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
+    colours = matplotlib.colormaps["tab10" if len(models) <= 10 else "tab20"]
     points: list[tuple[float, float, str]] = []
     for k, model in enumerate(models):
         colour = "tab:blue" if len(models) == 1 else colours(k % colours.N)
@@ -130,7 +128,7 @@ def _place_labels(ax: Any, points: list[tuple[float, float, str]]) -> None:
         return w * h if w > 0 and h > 0 else 0.0
 
     for x, y, text in points:
-        best = None
+        best: tuple[float, int, int, int, Any] | None = None  # (cost, distance, dx, dy, box)
         for distance in _DISTANCES:
             for dx, dy in _DIRECTIONS:
                 label = ax.annotate(
@@ -154,8 +152,9 @@ def _place_labels(ax: Any, points: list[tuple[float, float, str]]) -> None:
                     best = (cost, distance, dx, dy, box)
                 if cost == 0:
                     break
-            if best[0] == 0:
+            if best is not None and best[0] == 0:
                 break
+        assert best is not None  # _DISTANCES and _DIRECTIONS are not empty: every label has a spot
         _, distance, dx, dy, box = best
         far = distance > _DISTANCES[0]
         ax.annotate(
