@@ -237,3 +237,20 @@ def test_cuda_profile_bf16_train():
     assert r.settings.device.startswith("cuda")
     assert r.modified.memory[8].peak_bytes > r.base.memory[8].peak_bytes > 0
     assert r.base.latency[8].median_ms > 0
+
+
+def test_profiles_defaults_are_stated_once_in_settings():
+    """profile()'s keyword defaults and the CLI's shown defaults are Settings' own, not copies that can drift."""
+    import inspect
+
+    from attnsurgeon.cli.options import PROFILE_DEFAULTS
+    from attnsurgeon.planning.settings import Settings
+
+    s, params = Settings(), inspect.signature(profile).parameters
+    for name in ("device", "dtype", "mode", "min_run_time", "max_run_time"):
+        assert params[name].default == getattr(s, name), name
+    assert list(params["batch_sizes"].default) == s.batch_sizes
+    assert PROFILE_DEFAULTS == {
+        "device": s.device, "dtype": s.dtype, "batch_size": ",".join(map(str, s.batch_sizes)), "mode": s.mode,
+        "min_time": s.min_run_time, "max_time": s.max_run_time,
+    }  # fmt: skip

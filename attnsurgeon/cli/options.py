@@ -202,14 +202,23 @@ class _ProfileDefaults(TypedDict):
     max_time: float
 
 
-PROFILE_DEFAULTS: _ProfileDefaults = {
-    "device": "cpu",
-    "dtype": "float32",
-    "batch_size": "1",
-    "mode": "inference",
-    "min_time": 1.0,
-    "max_time": 4.0,
-}
+def _profile_defaults() -> _ProfileDefaults:
+    """profile's defaults as the CLI shows them, read from planning.settings.Settings (torch-free), where they
+    are stated once."""
+    from ..planning.settings import Settings
+
+    s = Settings()
+    return {
+        "device": s.device,
+        "dtype": s.dtype,
+        "batch_size": ",".join(map(str, s.batch_sizes)),
+        "mode": s.mode,
+        "min_time": s.min_run_time,
+        "max_time": s.max_run_time,
+    }
+
+
+PROFILE_DEFAULTS = _profile_defaults()
 
 
 def _recipe_default(option: Any, default: Any) -> Any:

@@ -16,6 +16,8 @@ from ..planning.settings import Settings
 from .figures import Counts, Measured, ProgressFn, count_models, load_average, measure_models
 from .result import ProfileResult
 
+DEFAULT = Settings()  # the one statement of profile's defaults: Settings' own (the CLI reads them too)
+
 __all__ = ["ProgressFn", "profile"]
 
 
@@ -28,16 +30,16 @@ def profile(
     init: str = "default",
     *,
     plan: list | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    batch_sizes: Iterable[int] | int = (1,),
+    device: str = DEFAULT.device,
+    dtype: str = DEFAULT.dtype,
+    batch_sizes: Iterable[int] | int = tuple(DEFAULT.batch_sizes),
     input_size: Any = None,
-    mode: str = "inference",
+    mode: str = DEFAULT.mode,
     threads: int | None = None,
     channels_last: bool = False,
     compile: bool = False,
-    min_run_time: float = 1.0,
-    max_run_time: float = 4.0,
+    min_run_time: float = DEFAULT.min_run_time,
+    max_run_time: float = DEFAULT.max_run_time,
     target_ci: float | None = None,
     pretrained: bool = False,
     weights: Any = None,
