@@ -64,3 +64,47 @@ class BlockInfo:
         from ..core.positions import KIND_POSITIONS
 
         return KIND_POSITIONS[self.kind]
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """The convolution a ``conv`` block replaces (what ``nn.ConvNd`` was built with)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str  # a string: 'same' / 'valid', or 'dynamic' (TF-style padding computed per input)
+    dilation: tuple[int, ...]
+    groups: int
+    bias: bool
+    padding_mode: str = "zeros"
+
+    @property
+    def dims(self) -> int:
+        return len(self.kernel_size)
+
+    def describe(self) -> str:
+        k = "×".join(map(str, self.kernel_size))
+        extras = [
+            f"stride {self.stride[0]}" if set(self.stride) != {1} else "",
+            f"dilation {self.dilation[0]}" if set(self.dilation) != {1} else "",
+            f"groups {self.groups}" if self.groups != 1 else "",
+        ]
+        return f"{k} conv {self.in_channels}→{self.out_channels}" + "".join(f", {e}" for e in extras if e)
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """What a block is built for: the channels at its site and the map's spatial size there
+    (``(L,)``, ``(H, W)`` or ``(T, H, W)``; its length is the number of spatial dimensions).
+    At the ``conv`` position, ``conv`` describes the convolution the block replaces (``channels``
+    and ``size`` are then its input's)."""
+
+    channels: int
+    size: tuple[int, ...] = (0, 0)  # unknown extents, two spatial dimensions
+    conv: ConvSpec | None = None
+
+    @property
+    def dims(self) -> int:
+        return len(self.size)
