@@ -305,64 +305,6 @@ def test_a_model_that_does_not_export_is_one_line_not_the_exporters_graph_dump(t
     assert "def forward" not in done.stderr and len(done.stderr.splitlines()) < 5, done.stderr[:3000]
 
 
-class _Caching(nn.Module):
-    """A head that keeps what it computed from its input on itself, as YOLO's Detect keeps its anchors (there
-    torch.export then guards on the cached shape and fails: 'Could not guard on data-dependent expression')."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
-        self.shape = None
-
-    def forward(self, x):
-        if self.shape != x.shape:
-            self.anchors = torch.arange(x.shape[-1], dtype=x.dtype)
-            self.shape = x.shape
-        return self.conv(x) + self.anchors
-
-
-def _record_exported_state(monkeypatch):
-    import attnsurgeon.saving.export as saving
-
-    seen, export = [], saving.export
-
-    def recording(model, path, **kw):
-        seen.append({name: "anchors" in vars(m) for name, m in model.named_modules() if isinstance(m, _Caching)})
-        return export(model, path, **kw)
-
-    monkeypatch.setattr(saving, "export", recording)
-    return seen
-
-
-def test_a_runtime_exports_the_model_as_built_not_what_eager_runs_cached_on_it(monkeypatch):
-    seen = _record_exported_state(monkeypatch)
-    model = nn.Sequential(_Caching())
-    result = profile(model, input_size=SIZE, runtimes=["eager", "torchscript"], **FAST)  # eager runs it first
-    assert _by_label(result)["torchscript"].error is None
-    assert seen == [{"0": False}]
-    assert "anchors" in vars(model[0])  # and what the runs cached is put back afterwards
-
-
-def test_each_sweep_row_starts_from_the_model_as_built(tmp_path):
-    from attnsurgeon.sweeps import rows
-
-    (tmp_path / "caching.py").write_text(
-        "import torch\nfrom torch import nn\n\n"
-        "class Caching(nn.Module):\n"
-        "    def __init__(self):\n        super().__init__()\n        self.shape = None\n\n"
-        "    def forward(self, x):\n"
-        "        self.shape = x.shape\n        return x\n"
-    )
-    spec = f"{tmp_path / 'caching.py'}:Caching"
-    try:
-        loaded = rows._load(spec, {})
-        loaded.model(torch.randn(1, 3, 4, 4))  # an earlier row ran it
-        again = rows._load(spec, {})
-        assert again is loaded and again.model.shape is None  # the same model, built once, as it was built
-    finally:
-        rows.forget_loaded()
-
-
 @pytest.mark.slow
 def test_yolov8n_in_a_sweep_exports_after_its_eager_rows(cli, tmp_path):
     """The eager rows run the model first, and its Detect head caches its anchors on itself; the ONNX rows
