@@ -131,15 +131,7 @@ def _place_labels(ax: Any, points: list[tuple[float, float, str]]) -> None:
         best: tuple[float, int, int, int, Any] | None = None  # (cost, distance, dx, dy, box)
         for distance in _DISTANCES:
             for dx, dy in _DIRECTIONS:
-                label = ax.annotate(
-                    text,
-                    (x, y),
-                    textcoords="offset points",
-                    fontsize=8,
-                    xytext=(dx * distance, dy * distance),
-                    ha={1: "left", -1: "right", 0: "center"}[dx],
-                    va={1: "bottom", -1: "top", 0: "center"}[dy],
-                )
+                label = _label(ax, text, (x, y), dx, dy, distance)
                 box = label.get_window_extent(renderer)
                 cost = (
                     sum(overlap(box, b) for b in placed)
@@ -157,14 +149,20 @@ def _place_labels(ax: Any, points: list[tuple[float, float, str]]) -> None:
         assert best is not None  # _DISTANCES and _DIRECTIONS are not empty: every label has a spot
         _, distance, dx, dy, box = best
         far = distance > _DISTANCES[0]
-        ax.annotate(
-            text,
-            (x, y),
-            textcoords="offset points",
-            fontsize=8,
-            xytext=(dx * distance, dy * distance),
-            ha={1: "left", -1: "right", 0: "center"}[dx],
-            va={1: "bottom", -1: "top", 0: "center"}[dy],
-            arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5", shrinkA=0, shrinkB=3) if far else None,
-        )
+        arrow = dict(arrowstyle="-", lw=0.5, color="0.5", shrinkA=0, shrinkB=3) if far else None
+        _label(ax, text, (x, y), dx, dy, distance, arrowprops=arrow)
         placed.append(box)
+
+
+def _label(ax: Any, text: str, xy: tuple[float, float], dx: int, dy: int, distance: int, **extra: Any) -> Any:
+    """``text`` at ``distance`` points from ``xy`` in direction (``dx``, ``dy``), aligned away from it."""
+    return ax.annotate(
+        text,
+        xy,
+        textcoords="offset points",
+        fontsize=8,
+        xytext=(dx * distance, dy * distance),
+        ha={1: "left", -1: "right", 0: "center"}[dx],
+        va={1: "bottom", -1: "top", 0: "center"}[dy],
+        **extra,
+    )
