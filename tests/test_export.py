@@ -409,3 +409,28 @@ def test_the_readme_table_lists_every_format():
     readme = (Path(__file__).parent.parent / "docs" / "export.md").read_text()  # the formats table
     rows = re.findall(r"^\| `(\.\w+)` \|", readme, re.M)
     assert rows == [ext for f in FORMATS.values() for ext in f.extensions]
+
+
+class _DetectorLike(torch.nn.Module):
+    """Outputs as YOLO's Detect head gives them in eval mode: a tensor beside a dict of a tensor and a list."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.flatten(2), {"scores": y.sigmoid(), "feats": [y, y.mean((2, 3))]}
+
+
+def test_torchscript_writes_outputs_it_cannot_type_as_a_flat_tuple_and_says_so(tmp_path):
+    model = _DetectorLike().eval()
+    written = export(model, tmp_path / "m.ts", input_size=(3, 8, 8))
+    assert written.max_abs_diff == 0
+    assert any("cannot type the model's outputs" in w and "flat tuple" in w for w in written.warnings)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        flat, want = torch.jit.load(str(tmp_path / "m.ts"))(x), model(x)
+    expected = [want[0], want[1]["scores"], *want[1]["feats"]]
+    assert len(flat) == 4 and all(torch.allclose(a, b) for a, b in zip(flat, expected, strict=True))

@@ -190,7 +190,7 @@ def _write_and_check(
                 raise
             raise _NotDynamic(f"the model itself fails at batch {batch_of(c)} ({first_line(exc)})") from exc
     try:
-        spec.writer(model, tmp, checks[0], dynamic)
+        notes = spec.writer(model, tmp, checks[0], dynamic) or []  # what the format changed, said
     except AttnSurgeonError as exc:
         if not dynamic:
             raise
@@ -214,9 +214,11 @@ def _write_and_check(
                 f"the written {spec.name} file does not reproduce the model: max abs diff {diffs[-1]:.3g} "
                 f"exceeds the tolerance {tolerance:g} x {scale:.3g}; nothing was written"
             )
-    return ExportReport(
+    report = ExportReport(
         spec.name, str(tmp), 0, max(diffs), tolerance, [batch, *size], dynamic, [batch_of(c) for c in checks]
     )
+    report.warnings += notes
+    return report
 
 
 def _why_not_dynamic(exc: BaseException) -> str:

@@ -193,16 +193,52 @@ def _dynamic_shapes(x: tuple, dynamic: bool) -> Any:
 # --------------------------------------------------------------------------- TorchScript
 
 
-def _write_ts(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
+def _write_ts(model: Any, tmp: Path, x: Any, dynamic: bool) -> list[str]:
     import torch
 
+    notes = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, x, check_trace=False, strict=False)  # strict=False: dict outputs
+            try:
+                traced = torch.jit.trace(model, x, check_trace=False, strict=False)  # strict=False: dict outputs
+            except RuntimeError as exc:
+                if "Tracer cannot infer type of" not in str(exc):
+                    raise
+                # outputs TorchScript cannot type (YOLO's tensor beside a dict of tensors and a list):
+                # written as the flat tuple of their tensors, in order, as ONNX writes them
+                traced = torch.jit.trace(_flat_outputs(model), x, check_trace=False, strict=False)
+                notes.append(
+                    f"TorchScript cannot type the model's outputs ({_untypeable(exc)}): the file returns "
+                    "them as one flat tuple of tensors, in order, as an ONNX file does"
+                )
             torch.jit.save(traced, str(tmp))
     except Exception as exc:
         raise AttnSurgeonError(f"TorchScript tracing failed: {first_line(exc)}") from exc
+    return notes
+
+
+def _untypeable(exc: BaseException) -> str:
+    """The tracer's reason, from the last line of its message (the first holds the whole output printed)."""
+    lines = [line.strip(" :") for line in str(exc).strip().splitlines() if line.strip(" :")]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _flat_outputs(model: Any) -> Any:
+    """``model`` returning the flat tuple of its outputs' tensors (``torch.utils._pytree`` order); torch is
+    imported here, not with the format registry."""
+    import torch
+
+    class FlatOutputs(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *x: Any) -> tuple:
+            leaves = torch.utils._pytree.tree_leaves(self.inner(*x))
+            return tuple(t for t in leaves if isinstance(t, torch.Tensor))
+
+    return FlatOutputs(model)
 
 
 def _read_ts(tmp: Path, model: Any) -> Callable[..., Any]:
@@ -233,7 +269,7 @@ class Format:
     name: str  # also the --format value
     extensions: tuple[str, ...]
     title: str  # how messages name it
-    writer: Callable[[Any, Path, tuple, bool], None]  # (model, path, sample args, dynamic batch)
+    writer: Callable[[Any, Path, tuple, bool], list[str] | None]  # (model, path, sample args, dynamic) -> notes
     reader: Callable[[Path, Any], Callable[..., Any]]  # (path, the model written) -> a function from inputs to outputs
     holds_batch: bool  # the file fixes its input shapes, so its batch is static or dynamic
     needs_recipe: bool = False  # only a model made by attnsurgeon can be written
