@@ -269,6 +269,7 @@ def test_a_sweep_takes_the_runtime_as_a_grid_axis(cli, tmp_path):
     assert rows["se@torchscript"]["latency_ms"]["median"] > 0
 
 
+@pytest.mark.slow  # two refused exports, 24 s: the fast subset checks quiet_torch_warnings alone (below)
 def test_a_model_that_does_not_export_is_one_line_not_the_exporters_graph_dump(tmp_path):
     """A size taken from the data (.item()): torch.export refuses it, and torch prints the graph it had (three
     times, 50 lines here; thousands for a detector) as it does. export and profile --runtime say it in one line."""
@@ -319,3 +320,22 @@ def test_yolov8n_in_a_sweep_exports_after_its_eager_rows(cli, tmp_path):
     rows = {r["name"]: r for r in json.loads(out)["rows"]}
     assert list(rows) == ["base@eager", "se@eager", "base@onnxruntime", "se@onnxruntime"]
     assert all(r["status"] == "ok" for r in rows.values()), {n: r.get("error") for n, r in rows.items()}
+
+
+def test_quiet_torch_warnings_drops_what_code_prints_and_torch_logs_then_restores_the_levels(capfd):
+    """What keeps the exporters' graph dumps off the terminal (the slow test above shows it on a real refusal)."""
+    import logging
+
+    from attnsurgeon.core.native import quiet_torch_warnings
+
+    logger = logging.getLogger("torch.export")
+    before = logger.level
+    with quiet_torch_warnings():
+        print("def forward(self, x): ...")
+        print("graph dump", file=sys.stderr)
+        logger.warning("a recompile")
+        assert logger.level == logging.ERROR
+    print("after")
+    out, err = capfd.readouterr()
+    assert out == "after\n" and "graph dump" not in err and "a recompile" not in err
+    assert logger.level == before
