@@ -125,6 +125,7 @@ def test_worker_runs_in_its_own_process_and_resumes(cov, tmp_path, capsys):
     assert "| torchvision classification | 2 | 2 (100.0 %) |" in (tmp_path / "cov.md").read_text()
 
 
+@pytest.mark.slow  # four child processes: 3-6 s, kept out of the fast subset's two minutes
 def test_runner_reports_timeouts_and_crashes(cov):
     runner = cov.Runner(timeout=60, threads=1, input_size=None)
     assert runner.call(divmod, (7, 2), timeout=60) == ("ok", (3, 1))

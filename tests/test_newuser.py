@@ -163,6 +163,7 @@ def test_list_attn_shows_the_flags_as_they_are_typed(cli):
             assert OPTIONS[name].flag[2:8] in row, (info.name, name)
 
 
+@pytest.mark.slow  # inspect and insert on a timm model: 3-6 s, kept out of the fast subset's two minutes
 def test_inspect_prints_its_notes_on_stderr_like_insert(cli, tmp_path):
     (tmp_path / "branchy.py").write_text(
         "import torchvision\nfrom torch import nn\n\n\n"

@@ -199,6 +199,7 @@ def _eca_kernel(channels, gamma=2, beta=1):
     return max(t if t % 2 else t + 1, 3)
 
 
+@pytest.mark.slow  # a YOLO model built and timed: 3-6 s, kept out of the fast subset's two minutes
 def test_cli_profile_yolo_with_eca(cli):
     from ultralytics.nn.modules.block import Bottleneck
     from ultralytics.utils.torch_utils import get_flops, get_num_params

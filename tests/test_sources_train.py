@@ -84,6 +84,7 @@ def test_yolo_trains_one_epoch_in_ultralytics_trainer_and_the_checkpoint_keeps_t
     assert len(results) == 1 and results[0].boxes is not None
 
 
+@pytest.mark.slow  # ultralytics' predict and val: 3-6 s, kept out of the fast subset's two minutes
 def test_yolo_predict_and_val_through_the_yolo_object(tmp_path):
     from ultralytics import YOLO
 
@@ -113,6 +114,7 @@ def test_yolo_predict_and_val_through_the_yolo_object(tmp_path):
     assert 0.0 <= metrics.box.map50 <= 1.0
 
 
+@pytest.mark.slow  # ultralytics' trainer set up: 3-6 s, kept out of the fast subset's two minutes
 def test_the_trainer_refuses_a_model_with_another_class_count(tmp_path):
     from attnsurgeon import AttnSurgeonError
     from attnsurgeon.loading.sources.yolo import train
