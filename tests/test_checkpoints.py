@@ -130,6 +130,7 @@ def test_insert_from_a_checkpoint_gives_the_fine_tuned_outputs(kind, files, cli,
         torch.testing.assert_close(modified(x), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # checkpoints written and loaded three times: 2-3 s, kept out of the fast subset's two minutes
 def test_the_ema_weights_are_taken_first_and_the_key_chooses_others(files):
     ema = attnsurgeon.load_model("timm:resnet18", num_classes=NUM_CLASSES, weights=files["timm"])
     raw = attnsurgeon.load_model(

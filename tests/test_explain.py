@@ -197,6 +197,7 @@ def test_bad_input_is_one_clear_line_and_leaves_no_output(cli, tmp_path, make, k
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
+@pytest.mark.slow  # a Grad-CAM run: 2-3 s, kept out of the fast subset's two minutes
 def test_a_failure_while_writing_leaves_no_partial_folder(tmp_path, monkeypatch):
     import attnsurgeon.pictures.sheet as ex
 

@@ -79,6 +79,7 @@ def test_insert_resnet50_stages_3_4_gives_9_gates_with_the_formulas_parameters(g
     assert report["params"]["delta"] == 6 * gate_params(1024, 4) + 3 * gate_params(2048, 4)
 
 
+@pytest.mark.slow  # a resnet50 rewritten twice: 2-3 s, kept out of the fast subset's two minutes
 def test_after_anchor_and_a_per_stage_option_list(gate_dir):
     _, report = insert("resnet50", "gate.py:Gate", after="layer3.*.conv2", input_size=SIZE)
     assert [i.module for i in report.insertions] == [f"layer3.{k}.conv2_gate" for k in range(6)]

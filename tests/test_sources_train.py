@@ -144,6 +144,7 @@ def _pickled(model):
     return torch.load(buffer, weights_only=False)
 
 
+@pytest.mark.slow  # YOLO parts copied and pickled, 3 s (test_trace_constants keeps a fast pickle check)
 def test_traced_parts_keep_their_attributes_through_deepcopy_and_pickle():
     """ultralytics' EMA deep-copies the model and reads each layer's ``f``/``i``; its checkpoints pickle it."""
     out, report = insert(load_model("yolo:yolov8n"), "se", input_size=SIZE)
