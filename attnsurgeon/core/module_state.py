@@ -38,12 +38,13 @@ class Snapshot:
         return changed
 
     def restore(self) -> list[tuple[str, str, Any]]:
-        """The attributes as they were: what was added is removed, what was rebound is bound back.
-        Returns :meth:`changes` as they were before restoring."""
-        changed = self.changes()
-        for module, before in ((m, b) for _, m, b in self.modules):
+        """The attributes as they were: what was added is removed, what was rebound is bound back,
+        what was deleted comes back. Returns what :meth:`changes` said before restoring."""
+        changed = []
+        for name, module, before in self.modules:
             now = module.__dict__
             for key in _changed(now, before):
+                changed.append((name, key, now[key]))
                 if key in before:
                     now[key] = before[key]
                 else:
@@ -56,7 +57,7 @@ class Snapshot:
     def as_taken(self) -> Iterator[None]:
         """Within: the modules as they were when the snapshot was taken; after: as they were on
         entry (what the code within wrote is gone too)."""
-        current = snapshot_of(self.modules)
+        current = Snapshot([_record(name, module) for name, module, _ in self.modules])
         self.restore()
         try:
             yield
@@ -73,13 +74,12 @@ def snapshot(*models: Any) -> Snapshot:
         for name, module in model.named_modules() if model is not None else ():
             if id(module) not in seen:
                 seen.add(id(module))
-                modules.append((name, module, dict(module.__dict__)))
+                modules.append(_record(name, module))
     return Snapshot(modules)
 
 
-def snapshot_of(modules: list[tuple[str, Any, dict[str, Any]]]) -> Snapshot:
-    """The same modules as another snapshot's, recorded now."""
-    return Snapshot([(name, module, dict(module.__dict__)) for name, module, _ in modules])
+def _record(name: str, module: Any) -> tuple[str, Any, dict[str, Any]]:
+    return name, module, dict(module.__dict__)
 
 
 def _changed(now: dict[str, Any], before: dict[str, Any]) -> list[str]:

@@ -225,9 +225,11 @@ def _untypeable(exc: BaseException) -> str:
 
 
 def _flat_outputs(model: Any) -> Any:
-    """``model`` returning the flat tuple of its outputs' tensors (``torch.utils._pytree`` order); torch is
-    imported here, not with the format registry."""
+    """``model`` returning the flat tuple of its outputs' tensors, in the order the file check compares
+    them (:func:`attnsurgeon.loading.samples.flatten_outputs`); torch is imported here, not with the registry."""
     import torch
+
+    from ..loading.samples import flatten_outputs
 
     class FlatOutputs(torch.nn.Module):
         def __init__(self, inner: Any) -> None:
@@ -235,8 +237,7 @@ def _flat_outputs(model: Any) -> Any:
             self.inner = inner
 
         def forward(self, *x: Any) -> tuple:
-            leaves = torch.utils._pytree.tree_leaves(self.inner(*x))
-            return tuple(t for t in leaves if isinstance(t, torch.Tensor))
+            return tuple(flatten_outputs(self.inner(*x)))
 
     return FlatOutputs(model)
 
