@@ -219,3 +219,14 @@ def test_under_json_stdout_holds_the_object_alone_whoever_else_writes_to_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True)
     assert out.stdout == '{\n  "ok": 1\n}\nafter\n'
     assert all(word in out.stderr for word in ("printed", "logged", "native", "printed later"))
+
+
+def test_one_line_is_the_type_and_the_first_line_without_the_exporters_colours():
+    from attnsurgeon.core.errors import one_line
+
+    coloured = RuntimeError(
+        "\n\x1b[31mCould not guard\x1b[0m on Eq(u0, 1)\n  the graph it had:\n    def forward(x): ..."
+    )
+    assert one_line(coloured) == "RuntimeError: Could not guard on Eq(u0, 1)"
+    assert one_line(coloured, with_type=False) == "Could not guard on Eq(u0, 1)"
+    assert one_line(ValueError()) == "ValueError"

@@ -9,7 +9,7 @@ import typer
 
 from ..core.errors import AttnSurgeonError
 from .app import app, command
-from .insertion import ATTN_HELP, InsertionArgs, PositionOpt, check_insertion_args, insertion_options
+from .insertion import ExplainAttnOpt, InsertionArgs, PositionOpt, check_insertion_args, insertion_options
 from .options import (
     InputSizeOpt,
     JsonOpt,
@@ -37,15 +37,6 @@ ExplainOutOpt = Annotated[
         "-o",
         help="Folder for the sheets, summary.png and explain.json (must not exist, unless --force).",
         show_default=False,
-    ),
-]
-ExplainAttnOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--attn",
-        "-a",
-        help=f"Attention block to insert: {ATTN_HELP} (none with "
-        "--replace). Default: none; the model is explained alone.",
     ),
 ]
 ClassOpt = Annotated[

@@ -27,6 +27,24 @@ AttnOpt = Annotated[
     str,
     typer.Option("--attn", "-a", help=f"Attention block: {ATTN_HELP}; none with --replace removes the model's own."),
 ]
+
+
+def _attn_alone(what: str) -> Any:
+    """``--attn`` for a command that also takes a model alone (profile, explain): ``what`` the command
+    does to it (``profiled``, ``explained``) when no block is given."""
+    return Annotated[
+        str | None,
+        typer.Option(
+            "--attn",
+            "-a",
+            help=f"Attention block to insert: {ATTN_HELP} (none with --replace). Default: none; the model is "
+            f"{what} alone.",
+        ),
+    ]
+
+
+ProfileAttnOpt = _attn_alone("profiled")
+ExplainAttnOpt = _attn_alone("explained")
 OptionOpt = Annotated[
     list[str] | None,
     typer.Option(

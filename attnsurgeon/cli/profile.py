@@ -10,7 +10,7 @@ import typer
 from ..core.errors import AttnSurgeonError
 from ..core.files import existing_folder
 from .app import app, command
-from .insertion import ATTN_HELP, InsertionArgs, PositionOpt, check_insertion_args, insertion_options
+from .insertion import InsertionArgs, PositionOpt, ProfileAttnOpt, check_insertion_args, insertion_options
 from .options import (
     PROFILE_DEFAULTS,
     BatchSizesOpt,
@@ -45,15 +45,6 @@ from .render_profile import print_profile
 
 # --------------------------------------------------------------------------- profile
 
-ProfileAttnOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--attn",
-        "-a",
-        help=f"Attention block to insert: {ATTN_HELP} (none with "
-        "--replace). Default: none; the model is profiled alone.",
-    ),
-]
 CsvOpt = Annotated[
     Path | None, typer.Option("--csv", help="Also write the figures as CSV to this file.", show_default="none")
 ]

@@ -37,8 +37,10 @@ def few(items: list[str], n: int = 5) -> str:
 def one_line(exc: BaseException, *, with_type: bool = True) -> str:
     """An exception as one line: its type and the first line of its message. ``with_type=False``:
     the first line alone (where the sentence around it already says what failed), or the type's name
-    where the message is empty."""
-    text = str(exc).strip().splitlines()
+    where the message is empty. Colour codes are dropped (torch's exporters colour their messages)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
     if not with_type:
         return text[0] if text else type(exc).__name__
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

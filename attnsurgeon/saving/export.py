@@ -23,19 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError, one_line
 from ..core.files import atomic_path, existing_folder
 from ..core.native import quiet_torch_warnings
-from .formats import (
-    FORMATS,
-    Format,
-    exception_chain,
-    first_line,
-    format_by_extension,
-    onnx_session,
-    quantize_onnx,
-    resolve_format,
-)
+from .formats import FORMATS, Format, exception_chain, format_by_extension, onnx_session, quantize_onnx, resolve_format
 from .saved import load
 
 __all__ = [
@@ -188,7 +179,7 @@ def _write_and_check(
         except Exception as exc:
             if i == 0:
                 raise
-            raise _NotDynamic(f"the model itself fails at batch {batch_of(c)} ({first_line(exc)})") from exc
+            raise _NotDynamic(f"the model itself fails at batch {batch_of(c)} ({one_line(exc)})") from exc
     try:
         notes = spec.writer(model, tmp, checks[0], dynamic) or []  # what the format changed, said
     except AttnSurgeonError as exc:
@@ -203,7 +194,7 @@ def _write_and_check(
         except Exception as exc:
             if i == 0:
                 raise
-            raise _NotDynamic(f"the written file fails at batch {batch_of(c)} ({first_line(exc)})") from exc
+            raise _NotDynamic(f"the written file fails at batch {batch_of(c)} ({one_line(exc)})") from exc
         if not diffs[-1] <= tolerance * scale:  # also catches NaN
             if i > 0:
                 raise _NotDynamic(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import AttnSurgeonError
+from ..core.errors import AttnSurgeonError, one_line
 from .saved import FORMAT_KEY, FORMAT_VERSION, RECIPE_KEY, VERSIONS_KEY, load, recipe_of, versions
 
 
@@ -86,7 +86,7 @@ def _write_pt2(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
     try:
         program = torch.export.export(model, x, dynamic_shapes=_dynamic_shapes(x, dynamic))
     except Exception as exc:
-        raise AttnSurgeonError(f"torch.export failed: {first_line(exc)}") from exc
+        raise AttnSurgeonError(f"torch.export failed: {one_line(exc)}") from exc
     torch.export.save(program, str(tmp))
 
 
@@ -120,7 +120,7 @@ def _write_onnx(model: Any, tmp: Path, x: Any, dynamic: bool) -> None:
         text = "\n".join(str(e) for e in chain)
         op = re.search(r"target=torch\.ops\.([\w.]+)", text) or re.search(r"\b(aten(?:\.|::)\w+(?:\.\w+)?)", text)
         where = f" at op {op.group(1)}" if op else ""
-        raise AttnSurgeonError(f"ONNX export failed{where}: {first_line(chain[-1])}") from exc
+        raise AttnSurgeonError(f"ONNX export failed{where}: {one_line(chain[-1])}") from exc
 
 
 def _read_onnx(tmp: Path, model: Any) -> Callable[..., Any]:
@@ -175,7 +175,7 @@ def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike, calibrat
             logging.disable(logging.WARNING)  # its advice to pre-process, logged on the root logger
             quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ)
     except Exception as exc:
-        raise AttnSurgeonError(f"ONNX Runtime int8 quantization failed: {first_line(exc)}") from exc
+        raise AttnSurgeonError(f"ONNX Runtime int8 quantization failed: {one_line(exc)}") from exc
     finally:
         logging.disable(logging.NOTSET)
 
@@ -214,7 +214,7 @@ def _write_ts(model: Any, tmp: Path, x: Any, dynamic: bool) -> list[str]:
                 )
             torch.jit.save(traced, str(tmp))
     except Exception as exc:
-        raise AttnSurgeonError(f"TorchScript tracing failed: {first_line(exc)}") from exc
+        raise AttnSurgeonError(f"TorchScript tracing failed: {one_line(exc)}") from exc
     return notes
 
 
@@ -332,11 +332,3 @@ def exception_chain(exc: BaseException) -> list[BaseException]:
         chain.append(current)
         current = current.__cause__ or current.__context__
     return chain
-
-
-def first_line(exc: BaseException) -> str:
-    import re
-
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # exporters colour their messages
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
