@@ -172,25 +172,9 @@ def test_csv_and_markdown_carry_the_runtime(tmp_path):
 
 @pytest.mark.slow
 def test_int8_rows_and_their_error_on_resnet18_se(cli):
-    code, out, err = cli(
-        "profile",
-        "resnet18",
-        "--attn",
-        "se",
-        "--runtime",
-        "onnxruntime",
-        "--quantize",
-        "int8",
-        "--input-size",
-        "64",
-        "--min-time",
-        "0.02",
-        "--max-time",
-        "0.05",
-        "--threads",
-        "1",
-        "--json",
-    )
+    args = ["profile", "resnet18", "--attn", "se", "--runtime", "onnxruntime", "--quantize", "int8"]
+    args += ["--input-size", "64", "--min-time", "0.02", "--max-time", "0.05", "--threads", "1"]
+    code, out, err = cli(*args, "--json")
     assert code == 0, err
     rows = {(r["runtime"], r["precision"]): r for r in json.loads(out)["runtimes"]}
     floats, ints = rows[("onnxruntime", "float32")], rows[("onnxruntime", "int8")]
@@ -201,24 +185,7 @@ def test_int8_rows_and_their_error_on_resnet18_se(cli):
         # quantized: visibly off its float self, yet the same function (an int8 model is not a random one)
         assert floats["output_check"]["max_abs_diff"][model] * 100 < error < 0.5 * scale
         assert ints[model]["latency_ms"]["median"] > 0
-    code, out, err = cli(
-        "profile",
-        "resnet18",
-        "--attn",
-        "se",
-        "--runtime",
-        "onnxruntime",
-        "--quantize",
-        "int8",
-        "--input-size",
-        "64",
-        "--min-time",
-        "0.02",
-        "--max-time",
-        "0.05",
-        "--threads",
-        "1",
-    )
+    code, out, err = cli(*args)  # the table, as people read it
     assert "onnxruntime int8 output error against the float model: base max abs diff" in out
 
 
