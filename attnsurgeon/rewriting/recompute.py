@@ -15,7 +15,9 @@ recorded tensors and small ones (a gate vector, a spatial map). Under
 :func:`torch.autograd.graph.saved_tensors_hooks`, a recorded tensor that an op saves for backward
 is replaced by a handle; in backward the first handle unpacked rebuilds it (and what it is made
 of), the last one lets it go. Nothing else is recomputed: not the pooling, not the gate, not the
-product, not the batch statistics.
+product, not the batch statistics. A gate's product of a recorded map keeps nothing to rebuild at
+all: its gate gradient is taken from the norm's input or by rows (:mod:`.gate_product`). The ops
+a plan knows, and how each is rebuilt, are in :mod:`.rebuilds`.
 
 Leaf blocks (the zoo's modules are leaves of the model's graph) are traced with fx where that
 works, so that a block's inner products (CBAM's channel-gated map, read by its spatial gate) are
@@ -39,126 +41,18 @@ from typing import Any, cast
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 from torch.fx.node import map_aggregate
 
 from ..core.ops import NORM_FUNCTIONS, NORM_MODULES, PASS_FUNCTIONS, PASS_MODULES
+from .gate_product import GateProduct, applies, norm_gradient, summed_by_rows
+from .rebuilds import ACTIVATIONS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ROW_FUNCTIONS, affine, norm_of
 
 LARGE = 4  # a tensor whose storage is at least 1/LARGE of the segment input's is large
 
 
-# --------------------------------------------------------------------------- norms
-
-
-def _batch_norm(m: nn.modules.batchnorm._BatchNorm, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``m(z)`` in training, as ``_BatchNorm.forward`` does it, also returning the batch mean and
-    inverse standard deviation the output was normalised with."""
-    momentum = 0.0 if m.momentum is None else m.momentum
-    if m.track_running_stats and m.num_batches_tracked is not None:
-        m.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
-    if m.track_running_stats and m.running_mean is not None:
-        out = torch.ops.aten._batch_norm_with_update(
-            z, m.weight, m.bias, m.running_mean, m.running_var, momentum, m.eps
-        )
-    else:
-        out = torch.ops.aten._batch_norm_no_update(z, m.weight, m.bias, None, None, momentum, m.eps)
-    return out[0], out[1], out[2]
-
-
-def _is_timm_norm_act(m: nn.Module) -> bool:
-    """timm's BatchNormAct2d (a batch norm, its dropout, its activation) with no dropout and a
-    known activation: the plan runs the activation after the norm (out of place)."""
-    return (
-        type(m).__name__ == "BatchNormAct2d"
-        and isinstance(getattr(m, "drop", None), nn.Identity)
-        and type(getattr(m, "act", None)) in ACTIVATIONS
-    )
-
-
-NORMS: dict[type, Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
-    nn.BatchNorm1d: _batch_norm,
-    nn.BatchNorm2d: _batch_norm,
-    nn.BatchNorm3d: _batch_norm,
-}
-"""Norm modules whose output a plan rebuilds: type -> (module, input) -> (output, batch mean, invstd).
-Each function takes a module of its key's type (hence ``Any``: a type cannot say that)."""
-
-
-def _norm_of(m: nn.Module):
-    if type(m) in NORMS:
-        return NORMS[type(m)]
-    return _batch_norm if _is_timm_norm_act(m) else None
-
-
-def _affine(
-    z: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """The batch norm's output from its input and batch statistics: one fused pass, in the
-    statistics' precision, rounded to the input's dtype as the kernel does."""
-    scale = invstd if weight is None else invstd * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
-    shape = (-1,) + (1,) * (z.dim() - 2)
-    return torch.addcmul(shift.view(shape), z, scale.view(shape)).to(z.dtype)
-
-
-# --------------------------------------------------------------------------- ops a plan rebuilds
-
-ACTIVATIONS: dict[type, Callable[[Any, torch.Tensor], torch.Tensor]] = {  # each takes its key's module
-    nn.Identity: lambda m, x: x,
-    nn.ReLU: lambda m, x: F.relu(x),
-    nn.ReLU6: lambda m, x: F.relu6(x),
-    nn.SiLU: lambda m, x: F.silu(x),
-    nn.GELU: lambda m, x: F.gelu(x, approximate=m.approximate),
-    nn.Hardswish: lambda m, x: F.hardswish(x),
-    nn.Hardsigmoid: lambda m, x: F.hardsigmoid(x),
-    nn.Sigmoid: lambda m, x: torch.sigmoid(x),
-    nn.Tanh: lambda m, x: torch.tanh(x),
-    nn.Mish: lambda m, x: F.mish(x),
-    nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope),
-}
-"""Activation modules, run out of place (an in-place one would overwrite what a plan rebuilds from)."""
-
-ELEMENTWISE_FUNCTIONS = {
-    operator.mul,
-    operator.add,
-    operator.sub,
-    operator.truediv,
-    torch.mul,
-    torch.add,
-    torch.sub,
-    torch.div,
-    torch.sigmoid,
-    torch.tanh,
-    F.relu,
-    F.relu6,
-    F.silu,
-    F.gelu,
-    F.hardswish,
-    F.hardsigmoid,
-    F.mish,
-    F.leaky_relu,
-}
-ELEMENTWISE_METHODS = {
-    "mul",
-    "add",
-    "sub",
-    "div",
-    "sigmoid",
-    "tanh",
-    "relu",
-    "view",
-    "reshape",
-    "flatten",
-    "permute",
-    "transpose",
-    "unsqueeze",
-    "squeeze",
-    "contiguous",
-}
-"""Ops (out of place) whose large output a plan rebuilds from their rebuilt inputs."""
+# --------------------------------------------------------------------------- random ops
 
 PER_SAMPLE = ("DropPath", "StochasticDepth")
 """Random modules that scale each sample by one number (drop path): run on a ones probe of shape
@@ -214,6 +108,7 @@ class _Run:
         self.plan = plan
         self.root_storage = root.untyped_storage().data_ptr()
         self.shape = (root.shape[:1], root.shape[2:])  # batch and spatial axes: an activation map's
+        self.dims = root.dim()
         self.large = root.untyped_storage().nbytes() // LARGE
         self.recipes: dict[tuple, tuple[Callable, tuple, int]] = {}  # key -> (fn, args, version)
         self.pending: dict[tuple, int] = {}
@@ -231,12 +126,50 @@ class _Run:
         refs = self._refs(args)
         self.making = None if refs is None else (fn, refs)
         try:
-            out = fn(*args)
+            out = self._gate_product(fn, args, refs)
+            out = fn(*args) if out is None else out
         finally:
             self.making = None
         if refs is not None and isinstance(out, torch.Tensor) and not any(a is out for a in args):
             self._add(out, fn, refs)  # (an identity returns what it is made of: nothing to record)
         return out
+
+    def _gate_product(self, fn: Callable, args: tuple, refs: tuple | None) -> torch.Tensor | None:
+        """A recorded map times a gate vector, through :class:`GateProduct` where it applies (its backward
+        then rebuilds nothing map-sized for the gate's gradient); None otherwise."""
+        if refs is None or fn not in (operator.mul, torch.mul) or len(args) != 2:
+            return None
+        for i, ref in enumerate(refs):
+            s = args[1 - i]
+            if isinstance(ref, _Ref) and isinstance(s, torch.Tensor) and self._by_rows(ref.key) and applies(args[i], s):
+                return GateProduct.apply(args[i], s, i == 0, lambda g, key=ref.key: self._gate_gradient(key, g))
+        return None
+
+    def _gate_gradient(self, key: tuple, g: torch.Tensor) -> torch.Tensor:
+        fn, args, _ = self.recipes[key]
+        out = norm_gradient(g, *args) if fn is affine and key not in self.values else None
+        return summed_by_rows(g, lambda i, j: self._rows(key, i, j)) if out is None else out
+
+    def _by_rows(self, key: tuple) -> bool:
+        """Whether a recorded tensor's rows can be rebuilt from the same rows of what it is made of."""
+        fn, args, _ = self.recipes[key]
+        return (fn is affine or fn in ROW_FUNCTIONS) and all(self._by_rows(a.key) for a in args if isinstance(a, _Ref))
+
+    def _rows(self, key: tuple, i: int, j: int) -> torch.Tensor:
+        """Rows i:j of a recorded tensor: of its whole value where backward has it or will need it (a handle
+        waits for it: rebuilt now, once), else rebuilt from the same rows of what it is made of."""
+        if key in self.values or self.pending.get(key, 0) > 0:
+            return self.value(key)[i:j]
+        fn, args, _ = self.recipes[key]
+        enabled, dtype = self.autocast
+        with torch.no_grad(), torch.autocast(self.device, dtype=dtype, enabled=enabled):
+            return fn(*[self._rows(a.key, i, j) if isinstance(a, _Ref) else self._row_slice(a, i, j) for a in args])
+
+    def _row_slice(self, a: Any, i: int, j: int) -> Any:
+        """A per-sample tensor's rows i:j (the segment's input, a gate vector, a drop path's scale); others whole."""
+        n = self.shape[0][0]
+        per_sample = isinstance(a, torch.Tensor) and a.dim() == self.dims and a.shape[0] == n
+        return a[i:j] if per_sample else a
 
     def _refs(self, args: tuple) -> tuple | None:
         refs, source = [], False
@@ -326,7 +259,7 @@ class SelectivePlan:
         ops = [n for n in segment.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
         modules = {n: segment.get_submodule(n.target) for n in ops if n.op == "call_module"}
         first = modules.get(ops[0]) if ops else None
-        norm = ops[0] if first is not None and _norm_of(first) is not None else None
+        norm = ops[0] if first is not None and norm_of(first) is not None else None
         if norm is None and (
             not ops
             or isinstance(first, NORM_MODULES)
@@ -382,8 +315,8 @@ class SelectivePlan:
             m = gm.get_submodule(cast(str, n.target))  # a module's dotted name
             if gm is self.segment and n.name == self.norm:
                 (z,) = a
-                out, mean, invstd = _norm_of(m)(m, z)
-                run._add(out, _affine, (z, mean, invstd, m.weight, m.bias))
+                out, mean, invstd = norm_of(m)(m, z)
+                run._add(out, affine, (z, mean, invstd, m.weight, m.bias))
                 act = getattr(m, "act", None)
                 return out if act is None else run.call(ACTIVATIONS[type(act)], (act, out))
             if n.target in self.blocks:
@@ -410,4 +343,6 @@ def _with_kwargs(fn: Callable, kw: dict) -> Callable:
 
 
 def _method(name: str, kw: dict) -> Callable:
+    if name == "mul" and not kw:
+        return operator.mul  # the same product, known to the plan as one (a gate's: GateProduct)
     return lambda self, *a: getattr(self, name)(*a, **kw)

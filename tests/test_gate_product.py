@@ -1,0 +1,95 @@
+"""A gate's product whose backward reads the norm's input (attnsurgeon.rewriting.gate_product).
+
+The reference is plain autograd through ``BN(z) * s``, in float64 (where the two sums agree to
+rounding) and in float32 against float64 (where the fused sum must be as close to exact as the
+plain product's)."""
+
+import pytest
+import torch
+
+from attnsurgeon.rewriting import gate_product
+from attnsurgeon.rewriting.gate_product import GateProduct
+
+
+def _case(shape, gate_shape, dtype, affine=True, seed=0):
+    """A norm's input ``z`` (offset, so that a centring error would show), its batch statistics, the norm's
+    output ``x`` and a gate ``s``."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    z = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
+    axes = (0,) + tuple(range(2, len(shape)))
+    mean = z.mean(axes)
+    invstd = (z.var(axes, unbiased=False) + 1e-5).rsqrt()
+    weight = torch.randn(c, generator=g, dtype=dtype) if affine else None
+    bias = torch.randn(c, generator=g, dtype=dtype) if affine else None
+    view = (-1,) + (1,) * (len(shape) - 2)
+    scale = invstd if weight is None else invstd * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    x = (z * scale.view(view) + shift.view(view)).requires_grad_()
+    s = torch.rand(gate_shape, generator=g, dtype=dtype).requires_grad_()
+    grad = torch.randn(shape, generator=g, dtype=dtype)
+    return x, s, (z, mean, invstd, weight, bias), grad
+
+
+def _grads(x, s, y, grad):
+    return torch.autograd.grad(y, (x, s), grad)
+
+
+SHAPES = [
+    ((3, 5, 4, 6), (3, 5, 1, 1)),  # SE, ECA: a number per sample and channel
+    ((3, 5, 4, 6), (1, 5, 1, 1)),  # one gate for the batch
+    ((3, 5, 4, 6), (5, 1, 1)),  # broadcast from the right
+    ((3, 5, 4, 6), (3, 1, 1, 1)),  # a number per sample
+    ((2, 4, 7), (2, 4, 1)),  # 1-D maps
+    ((2, 4, 3, 2, 5), (2, 4, 1, 1, 1)),  # 3-D maps
+]
+
+
+def _gradients(x, norm):
+    """The two ways GateProduct takes Σ g·x: from the norm's input, and by rows of x (here: x itself)."""
+    return {
+        "from the norm's input": lambda g: gate_product.norm_gradient(g, *norm),
+        "by rows": lambda g: gate_product.summed_by_rows(g, lambda i, j: x.detach()[i:j]),
+    }
+
+
+@pytest.mark.parametrize("shape, gate_shape", SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("x_first", [True, False])
+@pytest.mark.parametrize("way", ["from the norm's input", "by rows"])
+def test_the_gradients_are_the_products_in_float64(shape, gate_shape, affine, x_first, way, monkeypatch):
+    monkeypatch.setattr(gate_product, "ROWS_BYTES", 1)  # one sample a block: the blocks must join up
+    x, s, norm, grad = _case(shape, gate_shape, torch.float64, affine)
+    assert gate_product.applies(x, s)
+    y = GateProduct.apply(x, s, x_first, _gradients(x, norm)[way])
+    expected_y = x * s if x_first else s * x
+    assert torch.equal(y, expected_y)
+    gx, gs = _grads(x, s, y, grad)
+    ex, es = _grads(x, s, expected_y, grad)
+    assert torch.equal(gx, ex)  # g·s, as the product's own backward
+    assert gs.shape == s.shape and torch.allclose(gs, es, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("way", ["from the norm's input", "by rows"])
+def test_in_float32_the_gate_gradient_is_as_close_to_exact_as_the_plain_products(way):
+    x, s, norm, grad = _case((8, 64, 28, 28), (8, 64, 1, 1), torch.float32)
+    x64, s64 = (t.detach().double().requires_grad_() for t in (x, s))
+    exact = _grads(x64, s64, x64 * s64, grad.double())[1]
+    plain = _grads(x, s, x * s, grad)[1]
+    fused = _grads(x, s, GateProduct.apply(x, s, True, _gradients(x, norm)[way]), grad)[1]
+    off_plain, off_fused = ((t.double() - exact).abs().max() for t in (plain, fused))
+    assert off_fused <= 2 * off_plain
+    assert off_fused <= 1e-5 * exact.abs().max()
+
+
+def test_a_gate_along_batch_and_channels_applies_and_the_norms_input_is_read_where_it_can_be():
+    x, s, norm, grad = _case((2, 4, 5, 5), (2, 4, 1, 1), torch.float32)
+    assert gate_product.applies(x, s)
+    assert not gate_product.applies(x, torch.rand(2, 1, 5, 5, requires_grad=True))  # a spatial gate: Σ over channels
+    assert not gate_product.applies(x, s.detach())  # no gradient to take
+    with torch.no_grad():
+        assert not gate_product.applies(x, s)
+    z, rest = norm[0], norm[1:]
+    assert gate_product.norm_gradient(grad, z, *rest) is not None
+    assert gate_product.norm_gradient(grad, z.to(memory_format=torch.channels_last), *rest) is None  # not N·C rows
+    assert gate_product.norm_gradient(grad.bfloat16(), z.bfloat16(), *rest) is None  # autocast: summed by rows
