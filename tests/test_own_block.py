@@ -12,7 +12,6 @@ import textwrap
 
 import pytest
 import torch
-import torchvision
 
 import attnsurgeon
 from attnsurgeon import AttnSurgeonError, insert
@@ -88,9 +87,9 @@ def test_after_anchor_and_a_per_stage_option_list(gate_dir):
     assert [i.params for i in report.insertions] == [gate_params(1024, 2)] * 6 + [gate_params(2048, 16)] * 3
 
 
-def test_identity_init_is_exact_through_the_alpha_gate_and_a_perturbed_block_changes_the_output(gate_dir):
+def test_identity_init_is_exact_through_the_alpha_gate_and_a_perturbed_block_changes_the_output(gate_dir, resnet18):
     torch.manual_seed(0)
-    base = torchvision.models.resnet18(weights=None).eval()
+    base = resnet18().eval()
     x = torch.randn(2, *SIZE)
     with torch.no_grad():
         y = base(x)
@@ -171,10 +170,10 @@ def test_safetensors_round_trip_reimports_the_class_and_the_other_formats_agree(
         attnsurgeon.load(gate_dir / "m.safetensors")
 
 
-def test_a_class_given_in_python_goes_where_a_name_goes():
+def test_a_class_given_in_python_goes_where_a_name_goes(resnet18):
     from timm.layers import EcaModule
 
-    _, report = insert("resnet18", EcaModule, stages=[4], input_size=SIZE, kernel_size=5)
+    _, report = insert(resnet18(), EcaModule, stages=[4], input_size=SIZE, kernel_size=5)
     assert [i.attn for i in report.insertions] == ["timm.layers.eca:EcaModule"] * 2
     assert all(i.params == 5 for i in report.insertions)  # one 1-D conv of 5 taps, no bias
     assert [i.module for i in report.insertions] == ["layer4.0.eca_module", "layer4.1.eca_module"]

@@ -47,8 +47,8 @@ def test_tiny_blocks_get_the_hidden_width_timms_cbam_gives_them():
         assert ins.params == count_params(reference)
 
 
-def test_a_reduction_larger_than_the_channels_rounds_as_timm_does():
-    _, report = insert("resnet18", "se", reduction=1000, stages=[1], input_size=SMALL)
+def test_a_reduction_larger_than_the_channels_rounds_as_timm_does(resnet18):
+    _, report = insert(resnet18(), "se", reduction=1000, stages=[1], input_size=SMALL)
     assert {i.options["hidden"] for i in report.insertions} == {SEModule(64, rd_ratio=1 / 1000).fc1.out_channels} == {8}
 
 
