@@ -1,3 +1,4 @@
+import copy
 import os
 import sys
 
@@ -22,6 +23,21 @@ SMALL = (3, 64, 64)  # input size for tests where the resolution does not matter
 def x_small():
     torch.manual_seed(0)
     return torch.randn(2, *SMALL)
+
+
+@pytest.fixture(scope="session")
+def _resnet18_once():
+    import torchvision
+
+    return torchvision.models.resnet18(weights=None)
+
+
+@pytest.fixture
+def resnet18(_resnet18_once):
+    """Returns a function giving a fresh copy of one randomly initialised torchvision resnet18 per call: 0.06 s
+    instead of a 0.27 s build (mostly the random init), for tests where resnet18 stands in for any model and
+    neither its weights nor the random state after building matter."""
+    return lambda: copy.deepcopy(_resnet18_once)
 
 
 def pytest_collection_modifyitems(config, items):

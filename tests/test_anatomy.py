@@ -125,8 +125,8 @@ def test_untraceable_model_names_the_module_and_line():
     assert "module 'gate' (_Gate)" in text and "if x.sum() > 0" in text and "test_anatomy.py" in text
 
 
-def test_wrong_input_size_is_a_clear_error():
+def test_wrong_input_size_is_a_clear_error(resnet18):
     with pytest.raises(AttnSurgeonError, match="input size"):
-        inspect_model("resnet18", input_size="3,x,4")
+        inspect_model(resnet18(), input_size="3,x,4")
     with pytest.raises(AttnSurgeonError, match="does not run on an input of shape"):
-        inspect_model("resnet18", input_size=(1, 64, 64))  # a 3-channel stem given 1 channel
+        inspect_model(resnet18(), input_size=(1, 64, 64))  # a 3-channel stem given 1 channel

@@ -74,7 +74,7 @@ EXTRA = {  # (C, Cr, N, H·W) -> numbers kept beyond the checkpoint, per block
 }
 
 
-def _models(attn):
+def _build(attn):
     torch.manual_seed(0)
     selective, report = insert(timm.create_model("resnet26"), input_size=SIZE, attn=attn, memory_efficient=True)
     checkpointed = copy.deepcopy(selective)
@@ -84,6 +84,20 @@ def _models(attn):
     assert {m.method for m in selective.modules() if isinstance(m, Recompute)} == {"selective"}
     assert {m.method for m in checkpointed.modules() if isinstance(m, Recompute)} == {"checkpoint"}
     return selective, checkpointed, report
+
+
+@pytest.fixture(scope="module")
+def models():
+    """attn -> (selective, checkpointed, report): resnet26 rewritten once per attn in this module (about a second
+    each), every test given its own deep copy (the counts depend on shapes only, but no test sees another's model)."""
+    built = {}
+
+    def get(attn):
+        if attn not in built:
+            built[attn] = _build(attn)
+        return copy.deepcopy(built[attn])
+
+    return get
 
 
 def _map_sizes(model, modules, x) -> dict[str, tuple[int, int]]:
@@ -104,8 +118,8 @@ def _map_sizes(model, modules, x) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.parametrize("batch", [2, 3])
 @pytest.mark.parametrize("attn", ["se", "cbam"])
-def test_selective_keeps_exactly_the_statistics_and_the_gate_tensors_beyond_the_checkpoint(attn, batch):
-    selective, checkpointed, report = _models(attn)
+def test_selective_keeps_exactly_the_statistics_and_the_gate_tensors_beyond_the_checkpoint(models, attn, batch):
+    selective, checkpointed, report = models(attn)
     x = torch.randn(batch, 3, SIZE, SIZE)
     modules = [s.module for s in report.memory_efficient]
     assert len(modules) == 8
@@ -117,12 +131,12 @@ def test_selective_keeps_exactly_the_statistics_and_the_gate_tensors_beyond_the_
             assert extra[name] < FLOAT * n * hw * _gate(selective.get_submodule(name))[0], name
 
 
-def test_the_count_sees_inside_a_segment():
+def test_the_count_sees_inside_a_segment(models):
     """The plain insertion keeps the gated map (the last norm's output) of every block; the
     checkpoint of the same segments does not: the count tells them apart by at least that."""
     torch.manual_seed(0)
     plain_model, _ = insert(timm.create_model("resnet26"), input_size=SIZE, attn="se")
-    _, checkpointed, report = _models("se")
+    _, checkpointed, report = models("se")
     plain_model.load_state_dict(checkpointed.state_dict())
     x = torch.randn(2, 3, SIZE, SIZE)
     sizes = _map_sizes(plain_model, [s.module for s in report.memory_efficient], x)

@@ -11,6 +11,10 @@ from safetensors.torch import save_file
 from attnsurgeon import AttnSurgeonError, load_model
 from attnsurgeon.loading.models import list_models, parse_model_spec, resolve_source
 
+# where a test is about the weights file, not the architecture: a torchvision model with norm buffers that builds in
+# 0.07 s (resnet18: 0.27 s, most of it the random init)
+SMALL_NET = "mobilenet_v3_small"
+
 
 @pytest.mark.slow
 def test_bare_name_in_both_libraries_resolves_to_torchvision():
@@ -81,22 +85,23 @@ def test_module_factory():
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_weights_file_round_trip(tmp_path, suffix):
     torch.manual_seed(1)
-    source = load_model("resnet18").model
+    source = load_model(SMALL_NET).model
     path = tmp_path / f"w{suffix}"
     state = {k: v.contiguous() for k, v in source.state_dict().items()}
     torch.save(state, path) if suffix == ".pt" else save_file(state, str(path))
-    loaded = load_model("resnet18", weights=path)
+    loaded = load_model(SMALL_NET, weights=path)
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
     assert loaded.weights == str(path)
 
 
 def test_checkpoint_nesting_and_ddp_prefix_are_unwrapped(tmp_path):
-    source = load_model("resnet18").model
+    source = load_model(SMALL_NET).model
     path = tmp_path / "ckpt.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
-    loaded = load_model("resnet18", weights=path)
-    assert torch.equal(loaded.model.conv1.weight, source.conv1.weight)
+    loaded = load_model(SMALL_NET, weights=path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
 
 
 def test_mismatched_weights_list_the_keys(tmp_path):
@@ -122,15 +127,15 @@ def test_corrupt_weights_are_a_clear_error(tmp_path):
         path = tmp_path / name
         path.write_bytes(b"\x00not a weights file at all")
         with pytest.raises(AttnSurgeonError, match=message):
-            load_model("resnet18", weights=path)
+            load_model(SMALL_NET, weights=path)
     with pytest.raises(AttnSurgeonError) as err:
         (tmp_path / "text.pt").write_text("not a pickle at all")
-        load_model("resnet18", weights=tmp_path / "text.pt")
+        load_model(SMALL_NET, weights=tmp_path / "text.pt")
     assert "is not a PyTorch weights file" in str(err.value)
     assert "weights_only" not in str(err.value) and "arbitrary code" not in str(err.value)  # torch's unsafe advice
     with pytest.raises(AttnSurgeonError, match="unknown extension"):
         (tmp_path / "w.npz").write_bytes(b"x")
-        load_model("resnet18", weights=tmp_path / "w.npz")
+        load_model(SMALL_NET, weights=tmp_path / "w.npz")
 
 
 class _Payload:

@@ -78,8 +78,8 @@ def test_stage_goes_between_every_pair_of_stages_and_identity_is_exact(name):
         assert all(u.name not in {b for blk in stage.blocks for b in (n.name for n in blk.nodes)} for u in readers)
 
 
-def test_stage_in_resnet18_is_read_by_the_next_stages_first_block_and_named_after_its_stage():
-    model, report = attnsurgeon.insert("resnet18", "eca", "stage", input_size=SMALL)
+def test_stage_in_resnet18_is_read_by_the_next_stages_first_block_and_named_after_its_stage(resnet18):
+    model, report = attnsurgeon.insert(resnet18(), "eca", "stage", input_size=SMALL)
     assert [i.module for i in report.insertions] == ["layer1.eca_stage", "layer2.eca_stage", "layer3.eca_stage"]
     (call,) = _calls(model, "layer1.eca_stage")
     assert {u.target for u in call.users} == {"layer2.0.conv1", "layer2.0.downsample.0"}
@@ -191,9 +191,9 @@ def test_a_conv_the_block_cannot_split_is_a_clear_error():
 
 
 @pytest.mark.parametrize("attn", ["sk", "splat"])
-def test_identity_init_of_a_conv_block_is_refused_with_the_reason(attn):
+def test_identity_init_of_a_conv_block_is_refused_with_the_reason(attn, resnet18):
     with pytest.raises(AttnSurgeonError, match=rf"{attn}: --init identity is impossible: .*never negative"):
-        attnsurgeon.insert("resnet18", attn, init="identity", input_size=SMALL)
+        attnsurgeon.insert(resnet18(), attn, init="identity", input_size=SMALL)
 
 
 # --------------------------------------------------------------------------- parity with timm
@@ -264,9 +264,9 @@ def splat_params(cin, cout, k, groups=1, radix=2, reduction=4, divisor=8, bias=F
     )
 
 
-def test_splat_in_a_basic_block_matches_the_formula_and_a_hand_built_split_attn():
+def test_splat_in_a_basic_block_matches_the_formula_and_a_hand_built_split_attn(resnet18):
     torch.manual_seed(0)
-    base = attnsurgeon.load_model("resnet18").model.eval()
+    base = resnet18().eval()
     model, report = attnsurgeon.insert(base, "splat", input_size=SMALL)
     for ins in report.insertions:
         conv = base.get_submodule(ins.module)  # the base keeps its conv: the rewritten model has its own tree
@@ -285,8 +285,8 @@ def test_splat_in_a_basic_block_matches_the_formula_and_a_hand_built_split_attn(
         assert torch.equal(ours.eval()(x), ref.eval()(x))
 
 
-def test_conv_blocks_keep_stride_and_stack_with_other_positions():
-    base = attnsurgeon.load_model("resnet18").model.eval()
+def test_conv_blocks_keep_stride_and_stack_with_other_positions(resnet18):
+    base = resnet18().eval()
     x = torch.randn(1, *SMALL)
     specs = [
         InsertionSpec("se", "pre", blocks=["layer2.0"]),

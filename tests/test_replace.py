@@ -254,11 +254,11 @@ def test_self_attention_is_kept_and_named():
         insert(model, "eca", replace=True, blocks=["1.1"], input_size=(3, 16, 16))
 
 
-def test_replace_errors():
+def test_replace_errors(resnet18):
     with pytest.raises(
         AttnSurgeonError, match="hold no attention module to replace.*has no attention modules of its own"
     ):
-        insert("resnet18", "se", replace=True, input_size=SMALL)
+        insert(resnet18(), "se", replace=True, input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match=r"hold no attention module.*are in stages 3, 4, 5"):
         insert("mobilenet_v3_large", "cbam", replace=True, stages=[1, 2], input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match="needs --replace"):

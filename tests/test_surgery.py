@@ -73,9 +73,9 @@ def test_positions_on_a_bottleneck_with_projection():
             assert _src(node).args[0].target == "layer2.0.bn2" and _users(node) == {"layer2.0.conv3"}
 
 
-def test_positions_on_a_basic_block_with_identity_skip():
+def test_positions_on_a_basic_block_with_identity_skip(resnet18):
     gm, _ = apply_plan(
-        "resnet18",
+        resnet18(),
         [InsertionSpec("se", "pre", blocks=["layer1.0"]), InsertionSpec("eca", "identity", blocks=["layer1.0"])],
         input_size=SMALL,
     )
@@ -84,7 +84,7 @@ def test_positions_on_a_basic_block_with_identity_skip():
     assert _users(pre) == {"layer1.0.conv1"}
     (add,) = ident.users
     assert add.args[1] is ident or add.args[0] is ident
-    gm, _ = insert("resnet18", "se", "3x3", blocks=["layer1.0"], input_size=SMALL)
+    gm, _ = insert(resnet18(), "se", "3x3", blocks=["layer1.0"], input_size=SMALL)
     node = _call(gm, "layer1.0.se_3x3")  # after the first 3x3 conv, its BN and ReLU
     assert _src(node).args[0].target == "layer1.0.bn1" and _users(node) == {"layer1.0.conv2"}
 
@@ -103,9 +103,9 @@ def test_positions_on_an_inverted_residual():
         insert("mobilenet_v2", "se", "identity", blocks=["features.2"], input_size=SMALL)
 
 
-def test_stacking_post_then_pre_nests_and_same_site_keeps_order():
+def test_stacking_post_then_pre_nests_and_same_site_keeps_order(resnet18):
     gm, _ = apply_plan(
-        "resnet18",
+        resnet18(),
         [InsertionSpec("se", "post", blocks=["layer1.0"]), InsertionSpec("eca", "pre", blocks=["layer1.1"])],
         input_size=SMALL,
     )
@@ -114,13 +114,13 @@ def test_stacking_post_then_pre_nests_and_same_site_keeps_order():
     merge = next(n for n in post.users if n is not pre)
     assert _is_merge(merge)  # the skip of layer1.1 sees post, not pre
     gm, _ = apply_plan(
-        "resnet18",
+        resnet18(),
         [InsertionSpec("eca", "pre", blocks=["layer1.1"]), InsertionSpec("se", "post", blocks=["layer1.0"])],
         input_size=SMALL,
     )
     assert _src(_call(gm, "layer1.1.eca_pre")) is _call(gm, "layer1.0.se_post")  # same graph either order
     gm, _ = apply_plan(
-        "resnet18",
+        resnet18(),
         [InsertionSpec("se", blocks=["layer1.0"]), InsertionSpec("eca", blocks=["layer1.0"])],
         input_size=SMALL,
     )
@@ -259,25 +259,25 @@ def test_reduction_and_bias_change_the_parameter_count():
         assert report.params["delta"] == 3 * 2 * 2048 * (2048 // r)  # two bias-free FC layers per block
 
 
-def test_bad_options_are_clear_errors():
+def test_bad_options_are_clear_errors(resnet18):
     with pytest.raises(AttnSurgeonError, match="reduction must be a number > 0"):
-        insert("resnet18", "se", reduction=0, input_size=SMALL)
+        insert(resnet18(), "se", reduction=0, input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match="takes no option 'reduction'"):
-        insert("resnet18", "eca", reduction=4, input_size=SMALL)
+        insert(resnet18(), "eca", reduction=4, input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match="positive odd"):
-        insert("resnet18", "eca", kernel_size=4, input_size=SMALL)
+        insert(resnet18(), "eca", kernel_size=4, input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match=r"2 values given \(3, 5\) for 4 selected stages"):
-        insert("resnet18", "eca", kernel_size=[3, 5], input_size=SMALL)
+        insert(resnet18(), "eca", kernel_size=[3, 5], input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match=r"stage 5 out of range: the model has 4 stages \(1-4\)"):
-        insert("resnet18", "se", stages=[5], input_size=SMALL)
+        insert(resnet18(), "se", stages=[5], input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match="block pattern 'layer9.*' matches no block"):
-        insert("resnet18", "se", blocks=["layer9.*"], input_size=SMALL)
+        insert(resnet18(), "se", blocks=["layer9.*"], input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match=r"unknown attention block 'sse'.*Did you mean: .*\bse\b"):
-        insert("resnet18", "sse", input_size=SMALL)
+        insert(resnet18(), "sse", input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match="unknown position 'middle'"):
-        insert("resnet18", "se", "middle", input_size=SMALL)
+        insert(resnet18(), "se", "middle", input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match="unknown init"):
-        insert("resnet18", "se", init="zeros", input_size=SMALL)
+        insert(resnet18(), "se", init="zeros", input_size=SMALL)
 
 
 # --------------------------------------------------------------------------- layouts

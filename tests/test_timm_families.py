@@ -47,8 +47,8 @@ def test_tiny_blocks_get_the_hidden_width_timms_cbam_gives_them():
         assert ins.params == count_params(reference)
 
 
-def test_a_reduction_larger_than_the_channels_rounds_as_timm_does():
-    _, report = insert("resnet18", "se", reduction=1000, stages=[1], input_size=SMALL)
+def test_a_reduction_larger_than_the_channels_rounds_as_timm_does(resnet18):
+    _, report = insert(resnet18(), "se", reduction=1000, stages=[1], input_size=SMALL)
     assert {i.options["hidden"] for i in report.insertions} == {SEModule(64, rd_ratio=1 / 1000).fc1.out_channels} == {8}
 
 
@@ -106,9 +106,9 @@ def test_a_stages_selection_skips_with_a_note_and_fails_only_when_nothing_fits()
         insert("timm:mobilevit_xxs", "se", "identity", stages=[3], input_size=SMALL)
 
 
-def test_a_block_the_attention_cannot_be_built_for_is_skipped_unless_named():
+def test_a_block_the_attention_cannot_be_built_for_is_skipped_unless_named(resnet18):
     # resnet18's first stage has 64 channels: ECA with kernel 127 cannot be built there (128 and up can)
-    _, report = insert("resnet18", "eca", kernel_size=127, input_size=SMALL)
+    _, report = insert(resnet18(), "eca", kernel_size=127, input_size=SMALL)
     assert {i.stage for i in report.insertions} == {2, 3, 4}
     skipped = [n for n in report.notes if "skipped" in n]
     assert skipped == [
@@ -117,9 +117,9 @@ def test_a_block_the_attention_cannot_be_built_for_is_skipped_unless_named():
         for k in (0, 1)
     ]
     with pytest.raises(AttnSurgeonError, match=r"block layer1\.0 \(64 channels at 'standard'\): eca: kernel size 127"):
-        insert("resnet18", "eca", kernel_size=127, blocks=["layer1.0", "layer4.*"], input_size=SMALL)
+        insert(resnet18(), "eca", kernel_size=127, blocks=["layer1.0", "layer4.*"], input_size=SMALL)
     with pytest.raises(AttnSurgeonError, match=r"block layer1\.0 \(64 channels at 'standard'\): eca: kernel size 1001"):
-        insert("resnet18", "eca", kernel_size=1001, input_size=SMALL)  # fits nowhere: an error
+        insert(resnet18(), "eca", kernel_size=1001, input_size=SMALL)  # fits nowhere: an error
 
 
 @pytest.mark.slow

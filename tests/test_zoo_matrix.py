@@ -53,11 +53,10 @@ def allowed_positions(info) -> tuple[str, ...]:
     return info.positions
 
 
-def test_the_blocks_without_an_identity_init_are_the_pinned_ones():
+def test_the_blocks_without_an_identity_init_are_the_pinned_ones(resnet18):
     """Every other block builds with init='identity'; these refuse it, by name (resnet18's layer1.0 sites)."""
-    import torchvision
 
-    _, anatomy = inspect_model(torchvision.models.resnet18(weights=None), input_size=(3, 64, 64))
+    _, anatomy = inspect_model(resnet18(), input_size=(3, 64, 64))
     block = anatomy.blocks[0]
     refused = set()
     for name, info in REGISTRY.items():
@@ -157,12 +156,11 @@ def test_every_block_at_every_position_is_an_exact_identity_at_init(traced):
 
 
 @pytest.mark.slow
-def test_identity_blocks_learn_and_stay_exact_in_train_mode():
+def test_identity_blocks_learn_and_stay_exact_in_train_mode(resnet18):
     """resnet18, train mode (batch-norm on batch statistics): outputs equal, and the new parameters get gradients."""
-    import torchvision
 
     torch.manual_seed(0)
-    base = torchvision.models.resnet18(weights=None).train()
+    base = resnet18().train()
     x = torch.randn(2, 3, 64, 64)
     _, anatomy = inspect_model(base, input_size=(3, 64, 64))
     plans = _plans(anatomy)

@@ -191,10 +191,10 @@ def test_simam_is_the_reference_and_starts_as_an_identity_through_the_alpha_gate
     assert counted.uncounted == {} and counted.macs == 8 * c * n + 3 * c + 3
 
 
-def test_new_options_reach_the_api_and_are_checked():
-    _, report = insert("resnet18", "scse", stages=[1], fusion="sum", reduction=4, input_size=(3, 64, 64))
+def test_new_options_reach_the_api_and_are_checked(resnet18):
+    _, report = insert(resnet18(), "scse", stages=[1], fusion="sum", reduction=4, input_size=(3, 64, 64))
     assert report.insertions[0].options["fusion"] == "sum" and report.insertions[0].options["hidden"] == 16
     with pytest.raises(AttnSurgeonError, match="fusion must be one of max, sum"):
-        insert("resnet18", "scse", fusion="mean", input_size=(3, 64, 64))
+        insert(resnet18(), "scse", fusion="mean", input_size=(3, 64, 64))
     with pytest.raises(AttnSurgeonError, match="e_lambda must be a number > 0"):
-        insert("resnet18", "simam", e_lambda=-1, input_size=(3, 64, 64))
+        insert(resnet18(), "simam", e_lambda=-1, input_size=(3, 64, 64))

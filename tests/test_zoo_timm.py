@@ -140,8 +140,8 @@ def test_2d_blocks_refuse_tokens_and_video_clearly(name):
             build_block(name, 64, size=size)
 
 
-def test_a_kernel_longer_than_the_map_is_refused_before_the_model_changes():
-    model = __import__("torchvision").models.resnet18(weights=None)
+def test_a_kernel_longer_than_the_map_is_refused_before_the_model_changes(resnet18):
+    model = resnet18()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(AttnSurgeonError, match="ela: kernel_size 99 is larger than"):
         insert(model, "ela", kernel_size=99, input_size=(3, 64, 64))
@@ -149,9 +149,9 @@ def test_a_kernel_longer_than_the_map_is_refused_before_the_model_changes():
     assert all(torch.equal(before[k], after[k]) for k in before) and type(model.layer1[0].bn2).__name__ == "BatchNorm2d"
 
 
-def test_the_zoo_in_a_real_model_reports_its_options():
+def test_the_zoo_in_a_real_model_reports_its_options(resnet18):
     """insert resnet18 with ge extent 2: the report says what was built (timm's rounding of the hidden width)."""
-    model, report = insert("resnet18", "ge", stages=[1], extent=2, input_size=(3, 64, 64))
+    model, report = insert(resnet18(), "ge", stages=[1], extent=2, input_size=(3, 64, 64))
     assert [i.module for i in report.insertions] == ["layer1.0.ge", "layer1.1.ge"]
     assert report.insertions[0].options == {"extent": 2, "extra_params": False, "reduction": 16, "hidden": 4}
     assert report.params["delta"] == 2 * PARAMS["ge"](64)
