@@ -93,3 +93,27 @@ def test_a_gate_along_batch_and_channels_applies_and_the_norms_input_is_read_whe
     assert gate_product.norm_gradient(grad, z, *rest) is not None
     assert gate_product.norm_gradient(grad, z.to(memory_format=torch.channels_last), *rest) is None  # not N·C rows
     assert gate_product.norm_gradient(grad.bfloat16(), z.bfloat16(), *rest) is None  # autocast: summed by rows
+
+
+def test_what_the_gradient_reads_is_let_go_when_the_backward_has_run():
+    """The node outlives its backward (the graph lives as long as the output); the function that takes the
+    gate's gradient holds the plan's records (the norm's input, a map) and must not keep them to the end of the
+    backward pass: it is dropped once used, as autograd drops saved tensors."""
+    import gc
+    import weakref
+
+    x, s, norm, grad = _case((2, 4, 5, 5), (2, 4, 1, 1), torch.float32)
+
+    class Records:  # stands for the plan's run
+        def gradient(self, g):
+            return gate_product.norm_gradient(g, *norm)
+
+    records = Records()
+    alive = weakref.ref(records)
+    y = GateProduct.apply(x, s, True, records.gradient)
+    del records
+    gc.collect()
+    assert alive() is not None  # held for the backward pass
+    y.backward(grad)
+    gc.collect()
+    assert alive() is None and y.grad_fn is not None

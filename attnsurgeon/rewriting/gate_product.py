@@ -57,8 +57,11 @@ class GateProduct(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (s,) = ctx.saved_tensors
+        # dropped here, as autograd drops saved tensors: the node outlives its backward, and what the function
+        # reads (the plan's records: the norm's input) would stay alive to the end of the backward pass
+        gradient, ctx.gradient = ctx.gradient, None
         grad_x = g * s if ctx.needs_input_grad[0] else None
-        grad_s = ctx.gradient(g).sum_to_size(s.shape) if ctx.needs_input_grad[1] else None
+        grad_s = gradient(g).sum_to_size(s.shape) if ctx.needs_input_grad[1] else None
         return grad_x, grad_s, None, None
 
 
