@@ -17,7 +17,9 @@ stable), its median; Δ step, relative to the same model without --memory-effici
 the per-round ratios with its 95 % interval (attnsurgeon.profiling.intervals), which says whether
 the difference is resolved. Every model runs through the fx graph (the plain ones traced too), as `profile`
 compares them. After each group the memory-efficient models' segments are counted by method
-(selective: the norm's output rebuilt in backward; checkpoint: the segment re-run).
+(selective: the norm's output rebuilt in backward; checkpoint: the segment re-run). With --rebuilt,
+each memory-efficient model is also timed as it ran before issue 32 (the gate's gradient from a
+rebuilt map, rewriting.gate_product off), its Δ step relative to the same model as it is now.
 
     python benchmarks/memory_efficient.py --batch-sizes 8,32 --time-batch-sizes 8 --max-time 120
 """
@@ -76,6 +78,26 @@ def build(group: str, size: int) -> list[tuple[str, object, str | None, str | No
     return rows
 
 
+REBUILT = "(gate gradient from a rebuilt map)"
+
+
+def _as_before(step, rebuilt: bool):
+    """The step, or, for a REBUILT row, the step with no gate product taking the GateProduct path (the plan then
+    rebuilds the map the product's backward reads, as before issue 32)."""
+    if not rebuilt:
+        return step
+    from attnsurgeon.rewriting import recompute
+
+    def before():
+        applies, recompute.applies = recompute.applies, lambda x, s: False
+        try:
+            step()
+        finally:
+            recompute.applies = applies
+
+    return before
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", default=",".join(GROUPS))
@@ -89,6 +111,12 @@ def main() -> int:
         type=float,
         default=None,
         help="time until every Δ step's 95 %% interval is within ±this %% (up to --max-time)",
+    )
+    parser.add_argument(
+        "--rebuilt",
+        action="store_true",
+        help="also time each memory-efficient model with its gates' gradient taken from a rebuilt map, as before "
+        "issue 32 (rewriting.gate_product off), paired with the same model as it is now",
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
@@ -114,19 +142,23 @@ def main() -> int:
     ]
     header = ["model"] + [f"peak MiB (bs={b})" for b in sizes] + [f"Δ peak vs no attention (bs={b})" for b in sizes]
     header += [f"step ms (bs={b})" for b in timed] + [
-        f"Δ step vs not memory-efficient, [95 % interval] (bs={b})" for b in timed
+        f"Δ step vs not memory-efficient{' (rows ' + REBUILT + ': vs the same model now)' if args.rebuilt else ''}, "
+        f"[95 % interval] (bs={b})"
+        for b in timed
     ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print(lines[0], flush=True)
     for group in args.groups.split(","):
         rows = build(group, args.size)
+        if args.rebuilt:
+            rows += [(f"{name} {REBUILT}", copy.deepcopy(m), ref, name) for name, m, ref, t in rows if t]
         models = {name: m.to(args.device).train() for name, m, _, _ in rows}
         peak: dict[tuple[str, int], float] = {}
         timing: dict[tuple[str, int], object] = {}  # attnsurgeon's Latency
         for b in sorted(set(sizes) | set(timed)):
             torch.manual_seed(0)
             x = (torch.randn(b, 3, args.size, args.size, device=args.device),)
-            steps = {name: make_step(m, x, settings) for name, m in models.items()}
+            steps = {name: _as_before(make_step(m, x, settings), REBUILT in name) for name, m in models.items()}
             if b in sizes:
                 for name, step in steps.items():
                     step()  # allocator and lazy init outside the measurement
