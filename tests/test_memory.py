@@ -209,9 +209,9 @@ def _backward_ops(model, x):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attn, rebuilt", [("se", 0), ("cbam", 8)])
+@pytest.mark.parametrize("attn, rebuilt", [("se", 0), ("eca", 0), ("cbam", 8)])
 def test_backward_rebuilds_the_norm_output_only(attn, rebuilt):
-    """Backward runs no batch norm forward, no pooling and no gate again. SE's gate takes its gradient
+    """Backward runs no batch norm forward, no pooling and no gate again. SE's and ECA's gates take their gradient
     from the norm's input (gate_product): nothing is rebuilt. CBAM's max pooling reads the norm's output:
     one fused pass per gate rebuilds it (and one product, the map its spatial gate reads). The
     whole-segment checkpoint runs the batch norm again for each."""

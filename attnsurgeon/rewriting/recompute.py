@@ -113,6 +113,9 @@ class _Run:
         self.recipes: dict[tuple, tuple[Callable, tuple, int]] = {}  # key -> (fn, args, version)
         self.pending: dict[tuple, int] = {}
         self.values: dict[tuple, torch.Tensor] = {}
+        # a gate's ``s.expand_as(x)`` -> ``s`` (timm's EcaModule multiplies by one): the product broadcasts ``s`` the
+        # same, and its gradient then needs no map-sized tensor for the expansion to sum
+        self.expanded: dict[tuple, torch.Tensor] = {}
         self.making: tuple[Callable, tuple] | None = None
         self.alive: list[torch.Tensor] | None = []  # recorded tensors, held until the forward call ends so
         # that no storage is freed and reused under a recorded key
@@ -140,7 +143,7 @@ class _Run:
         if refs is None or fn not in (operator.mul, torch.mul) or len(args) != 2:
             return None
         for i, ref in enumerate(refs):
-            s = args[1 - i]
+            s = self.expanded.get(_key(args[1 - i]), args[1 - i]) if isinstance(args[1 - i], torch.Tensor) else None
             if isinstance(ref, _Ref) and isinstance(s, torch.Tensor) and self._by_rows(ref.key) and applies(args[i], s):
                 return GateProduct.apply(args[i], s, i == 0, lambda g, key=ref.key: self._gate_gradient(key, g))
         return None
@@ -292,7 +295,7 @@ class SelectivePlan:
             with torch.autograd.graph.saved_tensors_hooks(run.pack, _unpack):
                 return self._run(self.segment, (z,), run)
         finally:
-            run.alive = None
+            run.alive, run.expanded = None, {}
 
     def _run(self, gm: torch.fx.GraphModule, args: tuple, run: _Run) -> Any:
         env: dict[Node, Any] = {}
@@ -335,6 +338,10 @@ class SelectivePlan:
             return cast(Callable, n.target)(*a, **kw)  # a call_function's target is the function
         if n.target in ELEMENTWISE_METHODS:  # call_method
             return run.call(_method(n.target, kw), a)
+        if n.target in ("expand", "expand_as") and isinstance(a[0], torch.Tensor) and not kw:
+            out = getattr(a[0], n.target)(*a[1:])
+            run.expanded[_key(out)] = a[0]
+            return out
         return getattr(a[0], cast(str, n.target))(*a[1:], **kw)  # a call_method's target is the method's name
 
 
