@@ -45,23 +45,13 @@ SHAPES = [
 ]
 
 
-def _gradients(x, norm):
-    """The two ways GateProduct takes Σ g·x: from the norm's input, and by rows of x (here: x itself)."""
-    return {
-        "from the norm's input": lambda g: gate_product.norm_gradient(g, *norm),
-        "by rows": lambda g: gate_product.summed_by_rows(g, lambda i, j: x.detach()[i:j]),
-    }
-
-
 @pytest.mark.parametrize("shape, gate_shape", SHAPES)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("x_first", [True, False])
-@pytest.mark.parametrize("way", ["from the norm's input", "by rows"])
-def test_the_gradients_are_the_products_in_float64(shape, gate_shape, affine, x_first, way, monkeypatch):
-    monkeypatch.setattr(gate_product, "ROWS_BYTES", 1)  # one sample a block: the blocks must join up
+def test_the_gradients_are_the_products_in_float64(shape, gate_shape, affine, x_first):
     x, s, norm, grad = _case(shape, gate_shape, torch.float64, affine)
-    assert gate_product.applies(x, s)
-    y = GateProduct.apply(x, s, x_first, _gradients(x, norm)[way])
+    assert gate_product.applies(x, s, norm[0], norm[1])
+    y = GateProduct.apply(x, s, x_first, lambda g: gate_product.norm_gradient(g, *norm))
     expected_y = x * s if x_first else s * x
     assert torch.equal(y, expected_y)
     gx, gs = _grads(x, s, y, grad)
@@ -70,29 +60,28 @@ def test_the_gradients_are_the_products_in_float64(shape, gate_shape, affine, x_
     assert gs.shape == s.shape and torch.allclose(gs, es, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("way", ["from the norm's input", "by rows"])
-def test_in_float32_the_gate_gradient_is_as_close_to_exact_as_the_plain_products(way):
+def test_in_float32_the_gate_gradient_is_as_close_to_exact_as_the_plain_products():
     x, s, norm, grad = _case((8, 64, 28, 28), (8, 64, 1, 1), torch.float32)
     x64, s64 = (t.detach().double().requires_grad_() for t in (x, s))
     exact = _grads(x64, s64, x64 * s64, grad.double())[1]
     plain = _grads(x, s, x * s, grad)[1]
-    fused = _grads(x, s, GateProduct.apply(x, s, True, _gradients(x, norm)[way]), grad)[1]
+    fused = _grads(x, s, GateProduct.apply(x, s, True, lambda g: gate_product.norm_gradient(g, *norm)), grad)[1]
     off_plain, off_fused = ((t.double() - exact).abs().max() for t in (plain, fused))
     assert off_fused <= 2 * off_plain
     assert off_fused <= 1e-5 * exact.abs().max()
 
 
-def test_a_gate_along_batch_and_channels_applies_and_the_norms_input_is_read_where_it_can_be():
-    x, s, norm, grad = _case((2, 4, 5, 5), (2, 4, 1, 1), torch.float32)
-    assert gate_product.applies(x, s)
-    assert not gate_product.applies(x, torch.rand(2, 1, 5, 5, requires_grad=True))  # a spatial gate: Σ over channels
-    assert not gate_product.applies(x, s.detach())  # no gradient to take
+def test_only_a_gate_along_batch_and_channels_of_a_contiguous_float32_map_applies():
+    x, s, norm, _ = _case((2, 4, 5, 5), (2, 4, 1, 1), torch.float32)
+    z, mean = norm[0], norm[1]
+    assert gate_product.applies(x, s, z, mean)
+    spatial = torch.rand(2, 1, 5, 5, requires_grad=True)  # a spatial gate's map: Σ over channels, not over positions
+    assert not gate_product.applies(x, spatial, z, mean)
+    assert not gate_product.applies(x, s, z.to(memory_format=torch.channels_last), mean)  # not N·C rows
+    assert not gate_product.applies(x, s.detach(), z, mean)  # no gradient to take
+    assert not gate_product.applies(x.bfloat16(), s.bfloat16(), z.bfloat16(), mean)  # autocast: rebuilt as before
     with torch.no_grad():
-        assert not gate_product.applies(x, s)
-    z, rest = norm[0], norm[1:]
-    assert gate_product.norm_gradient(grad, z, *rest) is not None
-    assert gate_product.norm_gradient(grad, z.to(memory_format=torch.channels_last), *rest) is None  # not N·C rows
-    assert gate_product.norm_gradient(grad.bfloat16(), z.bfloat16(), *rest) is None  # autocast: summed by rows
+        assert not gate_product.applies(x, s, z, mean)
 
 
 def test_what_the_gradient_reads_is_let_go_when_the_backward_has_run():

@@ -229,38 +229,6 @@ def test_backward_rebuilds_the_norm_output_only(attn, rebuilt):
     assert selective["mean"] == 0 and selective["sigmoid"] == 0 and selective["convolution"] == 0
 
 
-@pytest.mark.slow
-def test_efficientnet_gates_take_their_gradient_by_rows(monkeypatch):
-    """EfficientNet's gate reads SiLU(BN(z)). SiLU's backward needs BN(z): rebuilt whole, once per gate. The gate's
-    gradient Σ g·SiLU(BN(z)) is summed a sample at a time (ROWS_BYTES forced to one sample) from it: no SiLU output
-    the size of the batch's map is made again."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from attnsurgeon.rewriting import gate_product
-
-    monkeypatch.setattr(gate_product, "ROWS_BYTES", 1)
-    efficient, report = optimize(timm.create_model("efficientnet_b0"), input_size=SIZE)
-    batch = 3
-    made = []
-
-    class Log(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            made.append(
-                (func.overloadpacket.__name__, out.shape[0] if isinstance(out, torch.Tensor) and out.dim() else None)
-            )
-            return out
-
-    loss = efficient.train()(torch.randn(batch, 3, SIZE, SIZE)).pow(2).mean()
-    with Log():
-        loss.backward()
-    gates = len(report.memory_efficient)
-    assert gates == 16 and set(_methods(efficient)) == {"selective"}
-    assert sorted(n for op, n in made if op == "addcmul") == [batch] * gates  # BN(z), for SiLU's backward
-    silu = [n for op, n in made if op == "silu"]
-    assert len(silu) == batch * gates and set(silu) == {1}  # SiLU(BN(z)) by rows, for the gate's gradient
-
-
 class _ExpGate(nn.Module):
     """A gate that keeps a map no plan rebuilds: exp keeps its own output."""
 

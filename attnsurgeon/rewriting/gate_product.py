@@ -6,19 +6,22 @@ thing only: ``∂L/∂s = Σ g·x`` over the positions ``s`` is broadcast along 
 every step's backward, and the plain product's own backward writes ``g·x`` in full before summing it.
 :class:`GateProduct` takes the sum without either:
 
-* ``x = BN(z)``, a batch norm's output: with ``x = (z - mean)·a + bias``, ``a = weight·invstd`` (the
-  batch statistics the forward used), ``Σ g·x = a·Σ g·(z - mean) + bias·Σ g``, and ``Σ g·(z - mean)``
-  and ``Σ g`` are what batch norm's own backward reduces: ``aten.native_batch_norm_backward`` over the
-  map viewed as one sample of ``N·C`` channels gives both, per (sample, channel), in one read of ``g``
-  and ``z`` — centred as the norm's, so nothing cancels — and writes nothing the size of the map
-  (:func:`norm_gradient`). That is cheaper than the plain model's backward.
-* any other ``x`` the plan can rebuild row by row (an activation of the norm's output, a product of it
-  with a per-sample scale): ``Σ g·x`` is summed over a few samples at a time (:func:`summed_by_rows`),
-  each block of ``x`` rebuilt from the same rows of what it is made of, or read from the rebuilt ``x``
-  where another op's backward has it already: small blocks, no map-sized write.
+with ``x = BN(z)``, a batch norm's output, ``x = (z - mean)·a + bias``, ``a = weight·invstd`` (the batch
+statistics the forward used), so ``Σ g·x = a·Σ g·(z - mean) + bias·Σ g``; ``Σ g·(z - mean)`` and ``Σ g`` are
+what batch norm's own backward reduces: ``aten.native_batch_norm_backward`` over the map viewed as one
+sample of ``N·C`` channels gives both, per (sample, channel), in one read of ``g`` and ``z`` — centred as
+the norm's, so nothing cancels — and writes nothing the size of the map (:func:`norm_gradient`). That
+is cheaper than the plain model's backward.
 
-Either equals the plain product's gradient up to the order of a float sum. A product takes this path
-where :func:`applies`: ``s`` varies only along the batch and channel axes.
+A gate on a map made *from* the norm's output (SiLU of it, in EfficientNet) keeps the plan's rebuild:
+summing ``g·SiLU(BN(z))`` a few samples at a time, from ``BN(z)`` rebuilt for SiLU's own backward, was
+tried and measured no faster (EfficientNet-B0 112², batch 4: the rebuild path 1.4 % [0.0, 2.0] faster;
+CBAM, whose max pooling needs the map anyway, 0.8 % [−0.2, 1.9]; docs/memory-efficient.md).
+
+The result equals the plain product's gradient up to the order of a float sum. A product takes this
+path where :func:`applies`: ``s`` varies only along the batch and channel axes of a norm's output whose
+input can be read as N·C rows (contiguous) in the statistics' dtype (float32; under autocast, and for
+channels-last maps, the plan rebuilds ``x`` as before).
 """
 
 from __future__ import annotations
@@ -29,16 +32,22 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-ROWS_BYTES = 2 << 20  # how much of x a block of rows holds (cache-sized)
 
-
-def applies(x: torch.Tensor, s: torch.Tensor) -> bool:
-    """Whether ``x * s`` is a gate's product: ``s`` needs a gradient and varies only along ``x``'s batch and
-    channel axes."""
+def applies(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, mean: torch.Tensor) -> bool:
+    """Whether ``x * s``, ``x`` a batch norm's output of ``z`` with batch mean ``mean``, is a gate's product whose
+    gradient :func:`norm_gradient` takes: ``s`` needs a gradient and varies only along ``x``'s batch and channel
+    axes, and ``z`` reads as N·C rows in the statistics' dtype."""
     if not (torch.is_grad_enabled() and s.requires_grad and x.dim() >= 2 and s.dim() <= x.dim()):
         return False
     shape = (1,) * (x.dim() - s.dim()) + tuple(s.shape)
-    return shape[0] in (1, x.shape[0]) and shape[1] in (1, x.shape[1]) and all(d == 1 for d in shape[2:])
+    return (
+        shape[0] in (1, x.shape[0])
+        and shape[1] in (1, x.shape[1])
+        and all(d == 1 for d in shape[2:])
+        and z.shape == x.shape
+        and z.is_contiguous()
+        and x.dtype == s.dtype == z.dtype == mean.dtype
+    )
 
 
 class GateProduct(torch.autograd.Function):
@@ -72,12 +81,9 @@ def norm_gradient(
     invstd: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """``Σ g·BN(z)`` over the axes after the channel one, per (sample, channel), from ``z`` and the batch
-    statistics; None where ``z`` cannot be read as N·C rows (channels-last) or is not in the statistics'
-    dtype (under autocast)."""
-    if not (z.is_contiguous() and z.shape == g.shape and z.dtype == mean.dtype == g.dtype):
-        return None
+    statistics (``z`` contiguous: :func:`applies`)."""
     n, c = z.shape[:2]
     flat = (1, n * c, -1)
     _, centred, total = torch.ops.aten.native_batch_norm_backward(
@@ -89,12 +95,3 @@ def norm_gradient(
     if bias is not None:
         out = out + total.view(n, c) * bias
     return out.view((n, c) + (1,) * (z.dim() - 2))
-
-
-def summed_by_rows(g: torch.Tensor, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """``Σ g·x`` over the axes after the channel one, per (sample, channel), with ``rows(i, j)`` giving
-    ``x[i:j]``: a few samples at a time."""
-    n = g.shape[0]
-    step = max(1, ROWS_BYTES // max(1, g[0].numel() * g.element_size()))
-    axes = tuple(range(2, g.dim()))
-    return torch.cat([(g[i : i + step] * rows(i, min(i + step, n))).sum(axes, keepdim=True) for i in range(0, n, step)])

@@ -71,10 +71,6 @@ ELEMENTWISE_METHODS = {
 }
 """Ops (out of place) whose large output a plan rebuilds from their rebuilt inputs."""
 
-ROW_FUNCTIONS = frozenset(ACTIVATIONS.values()) | ELEMENTWISE_FUNCTIONS
-"""Those whose output's rows are made from the same rows of their inputs (no view among them): a gate's
-gradient sums a map they make a few samples at a time (:mod:`attnsurgeon.rewriting.gate_product`)."""
-
 
 # --------------------------------------------------------------------------- norms
 

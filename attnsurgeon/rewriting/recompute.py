@@ -15,8 +15,8 @@ recorded tensors and small ones (a gate vector, a spatial map). Under
 :func:`torch.autograd.graph.saved_tensors_hooks`, a recorded tensor that an op saves for backward
 is replaced by a handle; in backward the first handle unpacked rebuilds it (and what it is made
 of), the last one lets it go. Nothing else is recomputed: not the pooling, not the gate, not the
-product, not the batch statistics. A gate's product of a recorded map keeps nothing to rebuild at
-all: its gate gradient is taken from the norm's input or by rows (:mod:`.gate_product`). The ops
+product, not the batch statistics. A gate's product of a norm's output keeps nothing to rebuild at
+all: its gate gradient is taken from the norm's input (:mod:`.gate_product`). The ops
 a plan knows, and how each is rebuilt, are in :mod:`.rebuilds`.
 
 Leaf blocks (the zoo's modules are leaves of the model's graph) are traced with fx where that
@@ -46,8 +46,8 @@ from torch.fx import Node
 from torch.fx.node import map_aggregate
 
 from ..core.ops import NORM_FUNCTIONS, NORM_MODULES, PASS_FUNCTIONS, PASS_MODULES
-from .gate_product import GateProduct, applies, norm_gradient, summed_by_rows
-from .rebuilds import ACTIVATIONS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ROW_FUNCTIONS, affine, norm_of
+from .gate_product import GateProduct, applies, norm_gradient
+from .rebuilds import ACTIVATIONS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, affine, norm_of
 
 LARGE = 4  # a tensor whose storage is at least 1/LARGE of the segment input's is large
 
@@ -108,7 +108,6 @@ class _Run:
         self.plan = plan
         self.root_storage = root.untyped_storage().data_ptr()
         self.shape = (root.shape[:1], root.shape[2:])  # batch and spatial axes: an activation map's
-        self.dims = root.dim()
         self.large = root.untyped_storage().nbytes() // LARGE
         self.recipes: dict[tuple, tuple[Callable, tuple, int]] = {}  # key -> (fn, args, version)
         self.pending: dict[tuple, int] = {}
@@ -138,41 +137,17 @@ class _Run:
         return out
 
     def _gate_product(self, fn: Callable, args: tuple, refs: tuple | None) -> torch.Tensor | None:
-        """A recorded map times a gate vector, through :class:`GateProduct` where it applies (its backward
-        then rebuilds nothing map-sized for the gate's gradient); None otherwise."""
+        """A norm's output times a gate vector, through :class:`GateProduct` where it applies (its backward
+        then needs no rebuilt map for the gate's gradient); None otherwise."""
         if refs is None or fn not in (operator.mul, torch.mul) or len(args) != 2:
             return None
         for i, ref in enumerate(refs):
+            recipe = self.recipes.get(ref.key) if isinstance(ref, _Ref) else None
             s = self.expanded.get(_key(args[1 - i]), args[1 - i]) if isinstance(args[1 - i], torch.Tensor) else None
-            if isinstance(ref, _Ref) and isinstance(s, torch.Tensor) and self._by_rows(ref.key) and applies(args[i], s):
-                return GateProduct.apply(args[i], s, i == 0, lambda g, key=ref.key: self._gate_gradient(key, g))
+            if recipe is not None and recipe[0] is affine and s is not None and applies(args[i], s, *recipe[1][:2]):
+                norm = recipe[1]
+                return GateProduct.apply(args[i], s, i == 0, lambda g, norm=norm: norm_gradient(g, *norm))
         return None
-
-    def _gate_gradient(self, key: tuple, g: torch.Tensor) -> torch.Tensor:
-        fn, args, _ = self.recipes[key]
-        out = norm_gradient(g, *args) if fn is affine and key not in self.values else None
-        return summed_by_rows(g, lambda i, j: self._rows(key, i, j)) if out is None else out
-
-    def _by_rows(self, key: tuple) -> bool:
-        """Whether a recorded tensor's rows can be rebuilt from the same rows of what it is made of."""
-        fn, args, _ = self.recipes[key]
-        return (fn is affine or fn in ROW_FUNCTIONS) and all(self._by_rows(a.key) for a in args if isinstance(a, _Ref))
-
-    def _rows(self, key: tuple, i: int, j: int) -> torch.Tensor:
-        """Rows i:j of a recorded tensor: of its whole value where backward has it or will need it (a handle
-        waits for it: rebuilt now, once), else rebuilt from the same rows of what it is made of."""
-        if key in self.values or self.pending.get(key, 0) > 0:
-            return self.value(key)[i:j]
-        fn, args, _ = self.recipes[key]
-        enabled, dtype = self.autocast
-        with torch.no_grad(), torch.autocast(self.device, dtype=dtype, enabled=enabled):
-            return fn(*[self._rows(a.key, i, j) if isinstance(a, _Ref) else self._row_slice(a, i, j) for a in args])
-
-    def _row_slice(self, a: Any, i: int, j: int) -> Any:
-        """A per-sample tensor's rows i:j (the segment's input, a gate vector, a drop path's scale); others whole."""
-        n = self.shape[0][0]
-        per_sample = isinstance(a, torch.Tensor) and a.dim() == self.dims and a.shape[0] == n
-        return a[i:j] if per_sample else a
 
     def _refs(self, args: tuple) -> tuple | None:
         refs, source = [], False
