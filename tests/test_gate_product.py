@@ -47,13 +47,12 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape, gate_shape", SHAPES)
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("x_first", [True, False])
-def test_the_gradients_are_the_products_in_float64(shape, gate_shape, affine, x_first):
+def test_the_gradients_are_the_products_in_float64(shape, gate_shape, affine):
     x, s, norm, grad = _case(shape, gate_shape, torch.float64, affine)
     assert gate_product.applies(x, s, norm[0], norm[1])
-    y = GateProduct.apply(x, s, x_first, lambda g: gate_product.norm_gradient(g, *norm))
-    expected_y = x * s if x_first else s * x
-    assert torch.equal(y, expected_y)
+    y = GateProduct.apply(x, s, lambda g: gate_product.norm_gradient(g, *norm))
+    expected_y = x * s
+    assert torch.equal(y, expected_y) and torch.equal(y, s * x)
     gx, gs = _grads(x, s, y, grad)
     ex, es = _grads(x, s, expected_y, grad)
     assert torch.equal(gx, ex)  # g·s, as the product's own backward
@@ -65,7 +64,7 @@ def test_in_float32_the_gate_gradient_is_as_close_to_exact_as_the_plain_products
     x64, s64 = (t.detach().double().requires_grad_() for t in (x, s))
     exact = _grads(x64, s64, x64 * s64, grad.double())[1]
     plain = _grads(x, s, x * s, grad)[1]
-    fused = _grads(x, s, GateProduct.apply(x, s, True, lambda g: gate_product.norm_gradient(g, *norm)), grad)[1]
+    fused = _grads(x, s, GateProduct.apply(x, s, lambda g: gate_product.norm_gradient(g, *norm)), grad)[1]
     off_plain, off_fused = ((t.double() - exact).abs().max() for t in (plain, fused))
     assert off_fused <= 2 * off_plain
     assert off_fused <= 1e-5 * exact.abs().max()
@@ -99,7 +98,7 @@ def test_what_the_gradient_reads_is_let_go_when_the_backward_has_run():
 
     records = Records()
     alive = weakref.ref(records)
-    y = GateProduct.apply(x, s, True, records.gradient)
+    y = GateProduct.apply(x, s, records.gradient)
     del records
     gc.collect()
     assert alive() is not None  # held for the backward pass

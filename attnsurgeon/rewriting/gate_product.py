@@ -4,9 +4,8 @@ In a selective plan (:mod:`attnsurgeon.rewriting.recompute`) a gate ``y = x * s`
 thing only: ``∂L/∂s = Σ g·x`` over the positions ``s`` is broadcast along (``∂L/∂x = g·s`` needs only
 ``s``). Rebuilding ``x`` for that sum costs a full element-wise pass and a map-sized allocation in
 every step's backward, and the plain product's own backward writes ``g·x`` in full before summing it.
-:class:`GateProduct` takes the sum without either:
-
-with ``x = BN(z)``, a batch norm's output, ``x = (z - mean)·a + bias``, ``a = weight·invstd`` (the batch
+:class:`GateProduct` takes the sum without either. With ``x = BN(z)``, a batch norm's output,
+``x = (z - mean)·a + bias``, ``a = weight·invstd`` (the batch
 statistics the forward used), so ``Σ g·x = a·Σ g·(z - mean) + bias·Σ g``; ``Σ g·(z - mean)`` and ``Σ g`` are
 what batch norm's own backward reduces: ``aten.native_batch_norm_backward`` over the map viewed as one
 sample of ``N·C`` channels gives both, per (sample, channel), in one read of ``g`` and ``z`` — centred as
@@ -32,6 +31,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from .rebuilds import norm_scale
+
 
 def applies(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, mean: torch.Tensor) -> bool:
     """Whether ``x * s``, ``x`` a batch norm's output of ``z`` with batch mean ``mean``, is a gate's product whose
@@ -51,16 +52,16 @@ def applies(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, mean: torch.Tenso
 
 
 class GateProduct(torch.autograd.Function):
-    """``x * s`` (or ``s * x``), differentiated in ``x`` as the product is and in ``s`` by ``gradient(g)``:
-    ``Σ g·x`` per (sample, channel), shaped (N, C, 1, …), taken without ``x``."""
+    """``x * s`` (``s * x`` is the same: a float product commutes exactly), differentiated in ``x`` as the product
+    is and in ``s`` by ``gradient(g)``: ``Σ g·x`` per (sample, channel), shaped (N, C, 1, …), taken without ``x``."""
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, s: torch.Tensor, x_first: bool, gradient: Callable[[torch.Tensor], torch.Tensor]
+        ctx: Any, x: torch.Tensor, s: torch.Tensor, gradient: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         ctx.save_for_backward(s)
         ctx.gradient = gradient
-        return x * s if x_first else s * x
+        return x * s
 
     @staticmethod
     @once_differentiable
@@ -71,7 +72,7 @@ class GateProduct(torch.autograd.Function):
         gradient, ctx.gradient = ctx.gradient, None
         grad_x = g * s if ctx.needs_input_grad[0] else None
         grad_s = gradient(g).sum_to_size(s.shape) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_s, None, None
+        return grad_x, grad_s, None
 
 
 def norm_gradient(
@@ -90,8 +91,7 @@ def norm_gradient(
         g.reshape(flat), z.view(flat), None, None, None, mean.repeat(n), torch.ones_like(mean).repeat(n), True, 0.0,
         [False, True, True],
     )  # fmt: skip
-    scale = invstd if weight is None else invstd * weight
-    out = centred.view(n, c) * scale
+    out = centred.view(n, c) * norm_scale(invstd, weight)
     if bias is not None:
         out = out + total.view(n, c) * bias
     return out.view((n, c) + (1,) * (z.dim() - 2))

@@ -117,12 +117,17 @@ def norm_of(m: nn.Module):  # unannotated: mypy infers NORMS' function type, or 
     return batch_norm if is_timm_norm_act(m) else None
 
 
+def norm_scale(invstd: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """``a`` of a batch norm's output ``(z - mean)·a + bias``: ``weight·invstd``, per channel."""
+    return invstd if weight is None else invstd * weight
+
+
 def affine(
     z: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """The batch norm's output from its input and batch statistics: one fused pass, in the
     statistics' precision, rounded to the input's dtype as the kernel does."""
-    scale = invstd if weight is None else invstd * weight
+    scale = norm_scale(invstd, weight)
     shift = -mean * scale if bias is None else bias - mean * scale
     shape = (-1,) + (1,) * (z.dim() - 2)
     return torch.addcmul(shift.view(shape), z, scale.view(shape)).to(z.dtype)

@@ -141,12 +141,13 @@ class _Run:
         then needs no rebuilt map for the gate's gradient); None otherwise."""
         if refs is None or fn not in (operator.mul, torch.mul) or len(args) != 2:
             return None
-        for i, ref in enumerate(refs):
+        for x, ref, s in ((args[0], refs[0], args[1]), (args[1], refs[1], args[0])):
             recipe = self.recipes.get(ref.key) if isinstance(ref, _Ref) else None
-            s = self.expanded.get(_key(args[1 - i]), args[1 - i]) if isinstance(args[1 - i], torch.Tensor) else None
-            if recipe is not None and recipe[0] is affine and s is not None and applies(args[i], s, *recipe[1][:2]):
-                norm = recipe[1]
-                return GateProduct.apply(args[i], s, i == 0, lambda g, norm=norm: norm_gradient(g, *norm))
+            if recipe is None or recipe[0] is not affine or not isinstance(s, torch.Tensor):
+                continue
+            s, norm = self.expanded.get(_key(s), s), recipe[1]
+            if applies(x, s, norm[0], norm[1]):
+                return GateProduct.apply(x, s, lambda g, norm=norm: norm_gradient(g, *norm))
         return None
 
     def _refs(self, args: tuple) -> tuple | None:
@@ -313,11 +314,10 @@ class SelectivePlan:
             return cast(Callable, n.target)(*a, **kw)  # a call_function's target is the function
         if n.target in ELEMENTWISE_METHODS:  # call_method
             return run.call(_method(n.target, kw), a)
-        if n.target in ("expand", "expand_as") and isinstance(a[0], torch.Tensor) and not kw:
-            out = getattr(a[0], n.target)(*a[1:])
+        out = getattr(a[0], cast(str, n.target))(*a[1:], **kw)  # a call_method's target is the method's name
+        if n.target in ("expand", "expand_as"):
             run.expanded[_key(out)] = a[0]
-            return out
-        return getattr(a[0], cast(str, n.target))(*a[1:], **kw)  # a call_method's target is the method's name
+        return out
 
 
 def _with_kwargs(fn: Callable, kw: dict) -> Callable:
